@@ -1,0 +1,60 @@
+# kfeed — every workflow is one target. `make demo` and `make test` install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv manages the virtual environment from uv.lock; it is bootstrapped with pip when missing.
+UV := $(shell command -v uv 2>/dev/null || echo uv)
+VENV_STAMP := .venv/.kfeed-synced
+NODE_STAMP := node_modules/.kfeed-installed
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test gen check-gen lint buf-lint buf-breaking typecheck bench ci clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
+
+$(VENV_STAMP): pyproject.toml uv.lock clients/python/pyproject.toml
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	uv sync --frozen
+	@touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(VENV_STAMP) $(NODE_STAMP) ## Install Python (uv) and Node (buf) dependencies
+
+demo: $(VENV_STAMP) ## Run the simulator, the server on SQLite (./data) and the ingest, live
+	uv run kfeed demo
+
+test: $(VENV_STAMP) ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:5432)
+	uv run pytest $(PYTEST_ARGS)
+
+gen: $(VENV_STAMP) ## Regenerate all generated code from proto/
+	uv run python scripts/gen.py
+
+GENERATED := clients/python/src/kfeed
+check-gen: gen ## Fail when the committed generated code differs from a fresh `make gen`
+	@git add --intent-to-add $(GENERATED) >/dev/null 2>&1 || true
+	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated code is stale: run 'make gen' and commit"; exit 1; }
+
+buf-lint: $(NODE_STAMP) ## buf lint (STANDARD rules)
+	npx --no-install buf lint
+
+buf-breaking: $(NODE_STAMP) ## buf breaking against the published contract
+	bash scripts/buf-breaking.sh
+
+lint: $(VENV_STAMP) buf-lint ## ruff (lint and format) and buf lint
+	uv run ruff check .
+	uv run ruff format --check .
+
+typecheck: $(VENV_STAMP) ## mypy --strict on hand-written code
+	uv run mypy
+
+bench: $(VENV_STAMP) ## Run the benchmarks (ratios against baselines in the same run)
+	uv run python -m bench
+
+ci: lint typecheck buf-breaking check-gen test ## Everything CI checks
+
+clean: ## Remove build products and caches (keeps ./data)
+	rm -rf .venv node_modules .mypy_cache .ruff_cache .pytest_cache dist build

@@ -1,0 +1,1 @@
+"""The `kfeed` command: one entry point for the server, the ingest, the simulator and the demo."""

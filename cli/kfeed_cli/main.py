@@ -1,0 +1,49 @@
+"""`kfeed <command> [flags]`: dispatches to the command's settings model.
+
+Commands are imported lazily so that `kfeed tail` does not pay for the server's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pydantic_settings import CliApp
+
+from kfeed_cli.settings import CommandSettings
+
+# command name -> (module, settings class, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": ("kfeed_server.cli", "ServeCommand", "run the gRPC server (owns the database)"),
+    "ingest": ("kfeed_ingest.cli", "IngestCommand", "feed the server from Kalshi (or the sim)"),
+    "sim": ("kfeed_sim.cli", "SimCommand", "run the offline Kalshi-compatible exchange"),
+    "demo": ("kfeed_cli.demo", "DemoCommand", "sim + serve (SQLite in ./data) + ingest, live"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    return "usage: kfeed <command> [flags]   (kfeed <command> --help)\n\ncommands:\n" + "\n".join(
+        lines
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"kfeed: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name, class_name, _ = COMMANDS[name]
+    command_class: type[CommandSettings] = getattr(importlib.import_module(module_name), class_name)
+    command_class.model_config["cli_prog_name"] = f"kfeed {name}"
+    CliApp.run(command_class, cli_args=rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""kfeed ingest: reads Kalshi (REST and WebSocket) and feeds the server through IngestService."""

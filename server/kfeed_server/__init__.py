@@ -1,0 +1,8 @@
+"""kfeed serve: the async gRPC server that owns the database."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kfeed")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"

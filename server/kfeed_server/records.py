@@ -1,0 +1,238 @@
+"""Plain, typed records that cross the layers: persistence returns them, the domain and the
+transport consume them. No SQLAlchemy and no protobuf here.
+
+Money is fixed point everywhere: prices and amounts in 1/10,000 USD (``int``), contract counts in
+1/100 contract (``int``). Timestamps are timezone-aware UTC ``datetime`` with microseconds.
+Enum values equal the numbers of the matching ``kfeed.v1`` proto enums, so the transport converts
+with ``int(...)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class DataSource(enum.IntEnum):
+    UNSPECIFIED = 0
+    POLL = 1
+    WEBSOCKET = 2
+    BACKFILL = 3
+
+
+class MarketStatus(enum.IntEnum):
+    UNSPECIFIED = 0
+    UNOPENED = 1
+    OPEN = 2
+    PAUSED = 3
+    CLOSED = 4
+    DETERMINED = 5
+    DISPUTED = 6
+    AMENDED = 7
+    FINALIZED = 8
+
+
+class MarketResult(enum.IntEnum):
+    UNSPECIFIED = 0
+    YES = 1
+    NO = 2
+    SCALAR = 3
+
+
+class Side(enum.IntEnum):
+    UNSPECIFIED = 0
+    YES = 1
+    NO = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecord:
+    ticker: str
+    title: str = ""
+    category: str = ""
+    frequency: str = ""
+    tags: tuple[str, ...] = ()
+    fee_type: str = ""
+    # 1/10,000: 10_000 is a multiplier of 1.0.
+    fee_multiplier_ten_thousandths: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    event_ticker: str
+    series_ticker: str = ""
+    title: str = ""
+    sub_title: str = ""
+    category: str = ""
+    mutually_exclusive: bool = False
+    strike_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MarketRecord:
+    ticker: str
+    event_ticker: str = ""
+    series_ticker: str = ""
+    title: str = ""
+    subtitle: str = ""
+    yes_sub_title: str = ""
+    no_sub_title: str = ""
+    market_type: str = "binary"
+    status: MarketStatus = MarketStatus.UNSPECIFIED
+    result: MarketResult = MarketResult.UNSPECIFIED
+    open_time: datetime | None = None
+    close_time: datetime | None = None
+    expiration_time: datetime | None = None
+    settlement_time: datetime | None = None
+    settlement_value: int | None = None
+    price_level_structure: str = ""
+    fractional_trading_enabled: bool = False
+    rules_primary: str = ""
+    # Set by the repository on every write; None on records not yet stored.
+    update_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """Top of book and activity of one market at one moment. ``None`` = no level / not given."""
+
+    ticker: str
+    exchange_time: datetime
+    receive_time: datetime
+    source: DataSource
+    exchange_sequence: int | None = None
+    yes_bid: int | None = None
+    yes_ask: int | None = None
+    no_bid: int | None = None
+    no_ask: int | None = None
+    yes_bid_size: int | None = None
+    yes_ask_size: int | None = None
+    last_price: int | None = None
+    volume: int | None = None
+    volume_24h: int | None = None
+    open_interest: int | None = None
+    liquidity: int | None = None
+    status: MarketStatus = MarketStatus.UNSPECIFIED
+    # Server-assigned, monotonically increasing; 0 until stored.
+    snapshot_id: int = 0
+
+    def same_market_state(self, other: SnapshotRecord) -> bool:
+        """True when ``other`` shows the same book and activity (times, source and ids aside):
+        such a snapshot is not stored again."""
+        return _state_key(self) == _state_key(other)
+
+
+def _state_key(s: SnapshotRecord) -> tuple[object, ...]:
+    return (
+        s.ticker,
+        s.yes_bid,
+        s.yes_ask,
+        s.no_bid,
+        s.no_ask,
+        s.yes_bid_size,
+        s.yes_ask_size,
+        s.last_price,
+        s.volume,
+        s.volume_24h,
+        s.open_interest,
+        s.liquidity,
+        s.status,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TradeRecord:
+    trade_id: str
+    ticker: str
+    yes_price: int
+    no_price: int
+    count: int
+    taker_side: Side
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FeedGapRecord:
+    channel: str
+    subscription_id: int
+    expected_sequence: int
+    received_sequence: int
+    detect_time: datetime
+    ticker: str = ""
+    recovered: bool = False
+    recover_time: datetime | None = None
+    # Server-assigned; 0 until stored.
+    gap_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a keyset-paginated read. ``next_cursor`` is None on the last page."""
+
+    items: list[T]
+    next_cursor: tuple[object, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCounts:
+    """What an idempotent bulk write newly stored (the rest were already there)."""
+
+    series: int = 0
+    events: int = 0
+    markets: int = 0
+    snapshots: int = 0
+    trades: int = 0
+    feed_gaps: int = 0
+    # Snapshots skipped because they repeated the market's previous state.
+    snapshots_unchanged: int = 0
+
+
+class BacktestState(enum.IntEnum):
+    UNSPECIFIED = 0
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (BacktestState.SUCCEEDED, BacktestState.FAILED, BacktestState.CANCELLED)
+
+
+class OrderAction(enum.IntEnum):
+    UNSPECIFIED = 0
+    BUY = 1
+    SELL = 2
+    # A position paid out at the market's result.
+    SETTLE = 3
+    # A position valued at the bid when the window ended unsettled (no cash moves).
+    MARK = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """One fill or settlement of a backtest: the trade-level audit."""
+
+    sequence: int
+    ticker: str
+    time: datetime
+    snapshot_id: int
+    side: Side
+    action: OrderAction
+    count: int
+    price: int
+    fee: int
+    cash_after: int
+    position_after: int
+    realized_pnl: int
+
+
+@dataclass(frozen=True, slots=True)
+class EquityPointRecord:
+    time: datetime
+    equity: int

@@ -1,0 +1,1 @@
+"""kfeed sim: an offline, Kalshi-compatible exchange for the demo and the tests."""
