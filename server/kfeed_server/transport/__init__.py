@@ -1,0 +1,1 @@
+"""The gRPC transport layer: servicers, conversions and interceptors. No SQL here."""

@@ -1,0 +1,244 @@
+"""Conversions between records (kfeed_server.records) and kfeed.v1 messages.
+
+Enum values are shared with the proto enums by construction, so enums convert with ``int``.
+Optional money fields map to unset sub-messages, never to zero.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from kfeed.v1 import types_pb2
+from kfeed_server.records import (
+    DataSource,
+    EventRecord,
+    FeedGapRecord,
+    MarketRecord,
+    MarketResult,
+    MarketStatus,
+    SeriesRecord,
+    Side,
+    SnapshotRecord,
+    TradeRecord,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """An aware datetime as a Timestamp, exact to the microsecond."""
+    delta = value - _EPOCH
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    seconds, micro = divmod(micros, 1_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micro * 1000)
+
+
+def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
+    """A Timestamp as an aware UTC datetime, truncated to the microsecond (kfeed's precision)."""
+    return datetime.fromtimestamp(value.seconds, UTC).replace(microsecond=value.nanos // 1000)
+
+
+def optional_timestamp(message: Message, field: str) -> datetime | None:
+    """The Timestamp field's datetime when ``message`` has it set, else None."""
+    return from_timestamp(getattr(message, field)) if message.HasField(field) else None
+
+
+def dollars(value: int) -> types_pb2.Dollars:
+    return types_pb2.Dollars(ten_thousandths=value)
+
+
+def contracts(value: int) -> types_pb2.Contracts:
+    return types_pb2.Contracts(hundredths=value)
+
+
+def market_to_proto(record: MarketRecord) -> types_pb2.Market:
+    market = types_pb2.Market(
+        ticker=record.ticker,
+        event_ticker=record.event_ticker,
+        series_ticker=record.series_ticker,
+        title=record.title,
+        subtitle=record.subtitle,
+        yes_sub_title=record.yes_sub_title,
+        no_sub_title=record.no_sub_title,
+        market_type=record.market_type,
+        status=int(record.status),  # type: ignore[arg-type]
+        result=int(record.result),  # type: ignore[arg-type]
+        price_level_structure=record.price_level_structure,
+        fractional_trading_enabled=record.fractional_trading_enabled,
+        rules_primary=record.rules_primary,
+    )
+    for field, value in (
+        ("open_time", record.open_time),
+        ("close_time", record.close_time),
+        ("expiration_time", record.expiration_time),
+        ("settlement_time", record.settlement_time),
+        ("update_time", record.update_time),
+    ):
+        if value is not None:
+            getattr(market, field).CopyFrom(timestamp(value))
+    if record.settlement_value is not None:
+        market.settlement_value.ten_thousandths = record.settlement_value
+    return market
+
+
+def market_from_proto(message: types_pb2.Market) -> MarketRecord:
+    return MarketRecord(
+        ticker=message.ticker,
+        event_ticker=message.event_ticker,
+        series_ticker=message.series_ticker,
+        title=message.title,
+        subtitle=message.subtitle,
+        yes_sub_title=message.yes_sub_title,
+        no_sub_title=message.no_sub_title,
+        market_type=message.market_type or "binary",
+        status=MarketStatus(message.status),
+        result=MarketResult(message.result),
+        open_time=optional_timestamp(message, "open_time"),
+        close_time=optional_timestamp(message, "close_time"),
+        expiration_time=optional_timestamp(message, "expiration_time"),
+        settlement_time=optional_timestamp(message, "settlement_time"),
+        settlement_value=(
+            message.settlement_value.ten_thousandths
+            if message.HasField("settlement_value")
+            else None
+        ),
+        price_level_structure=message.price_level_structure,
+        fractional_trading_enabled=message.fractional_trading_enabled,
+        rules_primary=message.rules_primary,
+    )
+
+
+def series_from_proto(message: types_pb2.Series) -> SeriesRecord:
+    return SeriesRecord(
+        ticker=message.ticker,
+        title=message.title,
+        category=message.category,
+        frequency=message.frequency,
+        tags=tuple(message.tags),
+        fee_type=message.fee_type,
+        fee_multiplier_ten_thousandths=message.fee_multiplier_ten_thousandths,
+    )
+
+
+def event_from_proto(message: types_pb2.Event) -> EventRecord:
+    return EventRecord(
+        event_ticker=message.event_ticker,
+        series_ticker=message.series_ticker,
+        title=message.title,
+        sub_title=message.sub_title,
+        category=message.category,
+        mutually_exclusive=message.mutually_exclusive,
+        strike_time=optional_timestamp(message, "strike_time"),
+    )
+
+
+# Optional fixed-point snapshot fields: same name on the record and the message.
+_SNAPSHOT_DOLLAR_FIELDS = ("yes_bid", "yes_ask", "no_bid", "no_ask", "last_price", "liquidity")
+_SNAPSHOT_CONTRACT_FIELDS = (
+    "yes_bid_size",
+    "yes_ask_size",
+    "volume",
+    "volume_24h",
+    "open_interest",
+)
+
+
+def snapshot_to_proto(record: SnapshotRecord) -> types_pb2.MarketSnapshot:
+    snapshot = types_pb2.MarketSnapshot(
+        snapshot_id=record.snapshot_id,
+        ticker=record.ticker,
+        exchange_time=timestamp(record.exchange_time),
+        receive_time=timestamp(record.receive_time),
+        source=int(record.source),  # type: ignore[arg-type]
+        status=int(record.status),  # type: ignore[arg-type]
+    )
+    if record.exchange_sequence is not None:
+        snapshot.exchange_sequence = record.exchange_sequence
+    for name in _SNAPSHOT_DOLLAR_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            getattr(snapshot, name).ten_thousandths = value
+    for name in _SNAPSHOT_CONTRACT_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            getattr(snapshot, name).hundredths = value
+    return snapshot
+
+
+def snapshot_from_proto(message: types_pb2.MarketSnapshot) -> SnapshotRecord:
+    optional_values: dict[str, int | None] = {}
+    for name in _SNAPSHOT_DOLLAR_FIELDS:
+        optional_values[name] = (
+            getattr(message, name).ten_thousandths if message.HasField(name) else None  # type: ignore[arg-type]
+        )
+    for name in _SNAPSHOT_CONTRACT_FIELDS:
+        optional_values[name] = (
+            getattr(message, name).hundredths if message.HasField(name) else None  # type: ignore[arg-type]
+        )
+    return SnapshotRecord(
+        ticker=message.ticker,
+        exchange_time=from_timestamp(message.exchange_time),
+        receive_time=from_timestamp(message.receive_time),
+        source=DataSource(message.source),
+        exchange_sequence=(
+            message.exchange_sequence if message.HasField("exchange_sequence") else None
+        ),
+        status=MarketStatus(message.status),
+        **optional_values,  # type: ignore[arg-type]
+    )
+
+
+def trade_to_proto(record: TradeRecord) -> types_pb2.Trade:
+    return types_pb2.Trade(
+        trade_id=record.trade_id,
+        ticker=record.ticker,
+        yes_price=dollars(record.yes_price),
+        no_price=dollars(record.no_price),
+        count=contracts(record.count),
+        taker_side=int(record.taker_side),  # type: ignore[arg-type]
+        create_time=timestamp(record.create_time),
+    )
+
+
+def trade_from_proto(message: types_pb2.Trade) -> TradeRecord:
+    return TradeRecord(
+        trade_id=message.trade_id,
+        ticker=message.ticker,
+        yes_price=message.yes_price.ten_thousandths,
+        no_price=message.no_price.ten_thousandths,
+        count=message.count.hundredths,
+        taker_side=Side(message.taker_side),
+        create_time=from_timestamp(message.create_time),
+    )
+
+
+def feed_gap_to_proto(record: FeedGapRecord) -> types_pb2.FeedGap:
+    gap = types_pb2.FeedGap(
+        gap_id=record.gap_id,
+        ticker=record.ticker,
+        channel=record.channel,
+        subscription_id=record.subscription_id,
+        expected_sequence=record.expected_sequence,
+        received_sequence=record.received_sequence,
+        detect_time=timestamp(record.detect_time),
+        recovered=record.recovered,
+    )
+    if record.recover_time is not None:
+        gap.recover_time.CopyFrom(timestamp(record.recover_time))
+    return gap
+
+
+def feed_gap_from_proto(message: types_pb2.FeedGap) -> FeedGapRecord:
+    return FeedGapRecord(
+        ticker=message.ticker,
+        channel=message.channel,
+        subscription_id=message.subscription_id,
+        expected_sequence=message.expected_sequence,
+        received_sequence=message.received_sequence,
+        detect_time=from_timestamp(message.detect_time),
+        recovered=message.recovered,
+        recover_time=optional_timestamp(message, "recover_time"),
+    )
