@@ -1,0 +1,74 @@
+"""Async engines and session factories for PostgreSQL (asyncpg) and SQLite (aiosqlite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///data/kfeed.db"
+
+# Execution option naming the SQLite transaction mode ("IMMEDIATE" takes the write lock at BEGIN,
+# so a read-then-write transaction can never fail to upgrade its lock halfway).
+SQLITE_BEGIN_MODE = "kfeed_sqlite_begin"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An ``AsyncEngine`` for ``url``, configured for kfeed.
+
+    SQLite: creates the database file's folder, turns on WAL, foreign keys and a busy timeout, and
+    lets SQLAlchemy (not the sqlite3 module) emit BEGIN so transactions cover reads too.
+    PostgreSQL (asyncpg): a pre-pinged pool with UTC sessions.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url)
+    options: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        options = {
+            "pool_size": 10,
+            "max_overflow": 10,
+            "pool_pre_ping": True,
+            "pool_recycle": 1800,
+            "connect_args": {"server_settings": {"timezone": "UTC", "application_name": "kfeed"}},
+        }
+    return _create_async_engine(url, **options)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions on ``engine`` whose objects stay readable after commit."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _create_sqlite_engine(url: str) -> AsyncEngine:
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = _create_async_engine(url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+        # The sqlite3 module's own implicit BEGIN skips reads; SQLAlchemy's "begin" event below
+        # replaces it so every transaction starts where SQLAlchemy says it does.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(SQLITE_BEGIN_MODE, "DEFERRED")
+        if mode not in _SQLITE_BEGIN_MODES:
+            raise ValueError(f"unknown SQLite transaction mode {mode!r}")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine

@@ -1,0 +1,57 @@
+"""Repositories: async reads and idempotent writes that speak ``kfeed_server.records`` only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from kfeed_server.db.engine import session_factory
+from kfeed_server.db.repositories.backtests import BacktestRecord, BacktestRepository
+from kfeed_server.db.repositories.ingest import BatchWriteResult, IngestWriter
+from kfeed_server.db.repositories.markets import MarketRepository
+from kfeed_server.db.repositories.snapshots import SnapshotRepository
+from kfeed_server.db.repositories.trades import FeedGapRepository, TradeRepository
+
+
+@dataclass(frozen=True, slots=True)
+class Repositories:
+    """Every repository on one engine; what the servicers are built from."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    markets: MarketRepository
+    snapshots: SnapshotRepository
+    trades: TradeRepository
+    feed_gaps: FeedGapRepository
+    ingest: IngestWriter
+    backtests: BacktestRepository
+
+
+def build_repositories(engine: AsyncEngine) -> Repositories:
+    """All repositories sharing one session factory on ``engine``."""
+    sessions = session_factory(engine)
+    return Repositories(
+        engine=engine,
+        sessions=sessions,
+        markets=MarketRepository(sessions),
+        snapshots=SnapshotRepository(sessions),
+        trades=TradeRepository(sessions),
+        feed_gaps=FeedGapRepository(sessions),
+        ingest=IngestWriter(sessions),
+        backtests=BacktestRepository(sessions),
+    )
+
+
+__all__ = [
+    "BacktestRecord",
+    "BacktestRepository",
+    "BatchWriteResult",
+    "FeedGapRepository",
+    "IngestWriter",
+    "MarketRepository",
+    "Repositories",
+    "SnapshotRepository",
+    "TradeRepository",
+    "build_repositories",
+]

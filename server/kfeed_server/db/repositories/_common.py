@@ -1,0 +1,55 @@
+"""Helpers shared by the repositories: record/column mapping, dialect-specific inserts, chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Column, Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+T = TypeVar("T")
+
+# Below SQLite's 32,766 bound-parameter limit even for the widest IN list or multi-row VALUES.
+MAX_PARAMETERS_PER_STATEMENT = 10_000
+
+
+def record_columns(
+    table: Table, record_type: type[Any], renames: Mapping[str, str] | None = None
+) -> list[Column[Any]]:
+    """``table``'s columns in the order of ``record_type``'s fields, so ``record_type(*row)``
+    builds a record from a row (``renames`` maps a field name to its column name)."""
+    renames = renames or {}
+    return [table.c[renames.get(f.name, f.name)] for f in dataclasses.fields(record_type)]
+
+
+def insert_for(connection: AsyncConnection, table: Table) -> Any:
+    """An INSERT with ``ON CONFLICT`` support for the connection's database."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def is_postgresql(connection: AsyncConnection) -> bool:
+    """True on PostgreSQL, False on SQLite."""
+    return connection.dialect.name == "postgresql"
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def rows_per_statement(column_count: int) -> int:
+    """How many rows of ``column_count`` parameters fit one statement on every database."""
+    return max(1, MAX_PARAMETERS_PER_STATEMENT // max(1, column_count))
+
+
+def require_aware(value: datetime, name: str) -> None:
+    """Refuse naive datetimes before they reach a path that bypasses the column types (COPY)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got {value!r}")

@@ -1,0 +1,203 @@
+"""Backtests: runs, their executions (trade-level audit) and equity curves."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kfeed_server.db.models import backtests_table, equity_points_table, executions_table
+from kfeed_server.db.repositories._common import (
+    chunks,
+    insert_for,
+    record_columns,
+    rows_per_statement,
+)
+from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BacktestRecord:
+    """A stored backtest: configuration, state and progress, data fingerprint, metrics.
+
+    ``config``, ``sweep`` and ``metrics`` are JSON documents. Money is in 1/10,000 USD."""
+
+    backtest_id: str
+    parent_backtest_id: str | None = None
+    strategy: str = ""
+    state: BacktestState = BacktestState.PENDING
+    config: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, Any] | None = None
+    fraction_done: float = 0.0
+    snapshots_processed: int = 0
+    snapshots_total: int = 0
+    interim_pnl: int = 0
+    metrics: dict[str, Any] | None = None
+    # Fingerprint of the data read: shows when a rerun would see different data.
+    row_count: int = 0
+    first_snapshot_id: int = 0
+    last_snapshot_id: int = 0
+    content_hash: str = ""
+    code_version: str = ""
+    create_time: datetime = field(default_factory=_now)
+    run_start_time: datetime | None = None
+    run_end_time: datetime | None = None
+    error_message: str = ""
+    ranked_child_ids: tuple[str, ...] = ()
+
+
+_BACKTEST_FIELDS = frozenset(f.name for f in dataclasses.fields(BacktestRecord))
+_BACKTEST_COLUMNS = record_columns(backtests_table, BacktestRecord)
+_EXECUTION_COLUMNS = record_columns(executions_table, ExecutionRecord)
+_EQUITY_COLUMNS = record_columns(equity_points_table, EquityPointRecord)
+
+
+def _backtest_from_row(row: Row[Any]) -> BacktestRecord:
+    record = BacktestRecord(*row)
+    return dataclasses.replace(record, ranked_child_ids=tuple(record.ranked_child_ids))
+
+
+def _column_values(fields: dict[str, Any]) -> dict[str, Any]:
+    values = dict(fields)
+    if "ranked_child_ids" in values:
+        values["ranked_child_ids"] = list(values["ranked_child_ids"])
+    return values
+
+
+class BacktestRepository:
+    """Backtests, executions and equity points."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def create(self, record: BacktestRecord) -> None:
+        """Store a new backtest (its id must be new)."""
+        values = _column_values({f: getattr(record, f) for f in _BACKTEST_FIELDS})
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            await connection.execute(backtests_table.insert().values(values))
+
+    async def get(self, backtest_id: str) -> BacktestRecord | None:
+        """The backtest ``backtest_id``, or None."""
+        statement = select(*_BACKTEST_COLUMNS).where(backtests_table.c.backtest_id == backtest_id)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            row = (await connection.execute(statement)).first()
+        return None if row is None else _backtest_from_row(row)
+
+    async def list(
+        self,
+        *,
+        limit: int,
+        after: tuple[datetime, str] | None = None,
+        strategy: str | None = None,
+        state: BacktestState | None = None,
+        parent_backtest_id: str | None = None,
+    ) -> Page[BacktestRecord]:
+        """Backtests newest first (by (create_time, backtest_id) descending), after the cursor;
+        ``next_cursor`` is (create_time, backtest_id) of the last row when more rows exist."""
+        c = backtests_table.c
+        statement = (
+            select(*_BACKTEST_COLUMNS)
+            .order_by(c.create_time.desc(), c.backtest_id.desc())
+            .limit(limit + 1)
+        )
+        if after is not None:
+            statement = statement.where(tuple_(c.create_time, c.backtest_id) < tuple_(*after))
+        if strategy is not None:
+            statement = statement.where(c.strategy == strategy)
+        if state is not None:
+            statement = statement.where(c.state == int(state))
+        if parent_backtest_id is not None:
+            statement = statement.where(c.parent_backtest_id == parent_backtest_id)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = [_backtest_from_row(row) for row in await connection.execute(statement)]
+        items = rows[:limit]
+        if len(rows) > limit and items:
+            return Page(items, (items[-1].create_time, items[-1].backtest_id))
+        return Page(items)
+
+    async def update(self, backtest_id: str, **fields: Any) -> BacktestRecord | None:
+        """Set ``fields`` (names of ``BacktestRecord`` fields) and return the updated backtest,
+        or None when it does not exist."""
+        unknown = set(fields) - _BACKTEST_FIELDS | ({"backtest_id"} & set(fields))
+        if unknown:
+            raise TypeError(f"cannot update backtest fields {sorted(unknown)}")
+        if not fields:
+            return await self.get(backtest_id)
+        statement = (
+            update(backtests_table)
+            .where(backtests_table.c.backtest_id == backtest_id)
+            .values(_column_values(fields))
+            .returning(*_BACKTEST_COLUMNS)
+        )
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            row = (await connection.execute(statement)).first()
+        return None if row is None else _backtest_from_row(row)
+
+    async def add_executions(self, backtest_id: str, executions: Sequence[ExecutionRecord]) -> None:
+        """Store executions; one already stored (same sequence) is left as it is."""
+        rows = [{**dataclasses.asdict(e), "backtest_id": backtest_id} for e in executions]
+        if not rows:
+            return
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            statement = insert_for(connection, executions_table).on_conflict_do_nothing(
+                index_elements=[executions_table.c.backtest_id, executions_table.c.sequence]
+            )
+            for chunk in chunks(rows, rows_per_statement(len(rows[0]))):
+                await connection.execute(statement, list(chunk))
+
+    async def list_executions(
+        self, backtest_id: str, *, limit: int, after_sequence: int = -1
+    ) -> Page[ExecutionRecord]:
+        """Executions in sequence order after ``after_sequence``; ``next_cursor`` is
+        ``(last_sequence,)`` when more rows exist."""
+        c = executions_table.c
+        statement = (
+            select(*_EXECUTION_COLUMNS)
+            .where(c.backtest_id == backtest_id, c.sequence > after_sequence)
+            .order_by(c.sequence)
+            .limit(limit + 1)
+        )
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = [ExecutionRecord(*row) for row in await connection.execute(statement)]
+        items = rows[:limit]
+        if len(rows) > limit and items:
+            return Page(items, (items[-1].sequence,))
+        return Page(items)
+
+    async def add_equity_points(
+        self, backtest_id: str, points: Sequence[EquityPointRecord]
+    ) -> None:
+        """Append points to the backtest's equity curve."""
+        rows = [{"backtest_id": backtest_id, "time": p.time, "equity": p.equity} for p in points]
+        if not rows:
+            return
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            for chunk in chunks(rows, rows_per_statement(3)):
+                await connection.execute(equity_points_table.insert(), list(chunk))
+
+    async def equity_curve(self, backtest_id: str) -> builtins.list[EquityPointRecord]:
+        """The backtest's equity curve in time order (insertion order among equal times)."""
+        c = equity_points_table.c
+        statement = (
+            select(*_EQUITY_COLUMNS).where(c.backtest_id == backtest_id).order_by(c.time, c.id)
+        )
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return [EquityPointRecord(*row) for row in await connection.execute(statement)]

@@ -1,0 +1,146 @@
+"""Series, events and markets: metadata upserts and reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+from kfeed_server.db.models import events_table, markets_table, series_table
+from kfeed_server.db.repositories._common import (
+    chunks,
+    insert_for,
+    record_columns,
+    rows_per_statement,
+)
+from kfeed_server.records import EventRecord, MarketRecord, MarketStatus, Page, SeriesRecord
+
+_MARKET_COLUMNS = record_columns(markets_table, MarketRecord)
+
+
+async def upsert_rows(
+    connection: AsyncConnection, table: Table, key: str, rows: Sequence[dict[str, Any]]
+) -> int:
+    """Insert ``rows`` or update the row with the same ``key`` where anything differs (the last
+    of several rows with one key wins). Returns how many rows were inserted or changed, so a
+    resent batch counts 0; ``update_time`` moves only when data changed."""
+    latest_by_key = {row[key]: row for row in rows}
+    if not latest_by_key:
+        return 0
+    now = datetime.now(UTC)
+    deduplicated = [{**row, "update_time": now} for row in latest_by_key.values()]
+    compared = [name for name in deduplicated[0] if name not in (key, "update_time")]
+    statement = insert_for(connection, table)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c[key]],
+        set_={name: excluded[name] for name in [*compared, "update_time"]},
+        where=or_(*(table.c[name].is_distinct_from(excluded[name]) for name in compared)),
+    ).returning(table.c[key])
+    changed = 0
+    for chunk in chunks(deduplicated, rows_per_statement(len(deduplicated[0]))):
+        result = await connection.execute(statement, list(chunk))
+        changed += len(result.all())
+    return changed
+
+
+def series_rows(series: Sequence[SeriesRecord]) -> list[dict[str, Any]]:
+    """Column values of ``series`` (tags as a JSON list)."""
+    return [{**dataclasses.asdict(s), "tags": list(s.tags)} for s in series]
+
+
+def record_rows(records: Sequence[Any], *, exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Column values of dataclass ``records`` whose field names are the column names."""
+    rows = [dataclasses.asdict(r) for r in records]
+    for row in rows:
+        for name in exclude:
+            row.pop(name, None)
+    return rows
+
+
+class MarketRepository:
+    """Series, events and markets. Writes are upserts keyed by ticker: newer data wins."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def upsert_series(self, series: list[SeriesRecord]) -> int:
+        """Insert or update series; returns how many were new or changed."""
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            return await upsert_rows(connection, series_table, "ticker", series_rows(series))
+
+    async def upsert_events(self, events: list[EventRecord]) -> int:
+        """Insert or update events; returns how many were new or changed."""
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            return await upsert_rows(connection, events_table, "event_ticker", record_rows(events))
+
+    async def upsert_markets(self, markets: list[MarketRecord]) -> int:
+        """Insert or update markets; returns how many were new or changed."""
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            rows = record_rows(markets, exclude=("update_time",))
+            return await upsert_rows(connection, markets_table, "ticker", rows)
+
+    async def get_market(self, ticker: str) -> MarketRecord | None:
+        """The market ``ticker``, or None when unknown."""
+        async with self._sessions() as session:
+            connection = await session.connection()
+            statement = select(*_MARKET_COLUMNS).where(markets_table.c.ticker == ticker)
+            row = (await connection.execute(statement)).first()
+        return None if row is None else MarketRecord(*row)
+
+    async def list_markets(
+        self,
+        *,
+        limit: int,
+        after_ticker: str | None = None,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        statuses: Sequence[MarketStatus] = (),
+    ) -> Page[MarketRecord]:
+        """Markets ordered by ticker, after ``after_ticker``, filtered by event, series and any of
+        ``statuses``. ``next_cursor`` is ``(last_ticker,)`` when more rows exist."""
+        statement = select(*_MARKET_COLUMNS).order_by(markets_table.c.ticker).limit(limit + 1)
+        if after_ticker is not None:
+            statement = statement.where(markets_table.c.ticker > after_ticker)
+        if event_ticker is not None:
+            statement = statement.where(markets_table.c.event_ticker == event_ticker)
+        if series_ticker is not None:
+            statement = statement.where(markets_table.c.series_ticker == series_ticker)
+        if statuses:
+            statement = statement.where(markets_table.c.status.in_([int(s) for s in statuses]))
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = (await connection.execute(statement)).all()
+        markets = [MarketRecord(*row) for row in rows[:limit]]
+        more = len(rows) > limit and bool(markets)
+        return Page(items=markets, next_cursor=(markets[-1].ticker,) if more else None)
+
+    async def existing_tickers(self, tickers: Sequence[str]) -> set[str]:
+        """Which of ``tickers`` are known markets."""
+        found: set[str] = set()
+        async with self._sessions() as session:
+            connection = await session.connection()
+            for chunk in chunks(list(dict.fromkeys(tickers)), rows_per_statement(1)):
+                statement = select(markets_table.c.ticker).where(markets_table.c.ticker.in_(chunk))
+                found.update((await connection.scalars(statement)).all())
+        return found
+
+    async def tickers_matching(
+        self, *, event_ticker: str | None, series_ticker: str | None
+    ) -> list[str]:
+        """Tickers of the markets in an event and/or a series, sorted (both None: every market)."""
+        statement = select(markets_table.c.ticker).order_by(markets_table.c.ticker)
+        if event_ticker is not None:
+            statement = statement.where(markets_table.c.event_ticker == event_ticker)
+        if series_ticker is not None:
+            statement = statement.where(markets_table.c.series_ticker == series_ticker)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return list((await connection.scalars(statement)).all())

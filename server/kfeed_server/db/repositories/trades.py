@@ -1,0 +1,77 @@
+"""Public trades and feed gaps: keyset reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kfeed_server.db.models import feed_gaps_table, trades_table
+from kfeed_server.db.repositories._common import record_columns
+from kfeed_server.records import FeedGapRecord, Page, TradeRecord
+
+TRADE_COLUMNS = record_columns(trades_table, TradeRecord)
+FEED_GAP_COLUMNS = record_columns(feed_gaps_table, FeedGapRecord, {"gap_id": "id"})
+
+
+class TradeRepository:
+    """Reads of stored public trades (writes go through ``IngestWriter``)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def list_range(
+        self,
+        ticker: str,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        limit: int,
+        after: tuple[datetime, str] | None = None,
+    ) -> Page[TradeRecord]:
+        """Trades of ``ticker`` with ``start <= create_time < end`` ordered by (create_time,
+        trade_id), after the keyset cursor ``after``; ``next_cursor`` is (create_time, trade_id)
+        of the last row when more rows exist."""
+        c = trades_table.c
+        statement = (
+            select(*TRADE_COLUMNS)
+            .where(c.ticker == ticker)
+            .order_by(c.create_time, c.trade_id)
+            .limit(limit + 1)
+        )
+        if start is not None:
+            statement = statement.where(c.create_time >= start)
+        if end is not None:
+            statement = statement.where(c.create_time < end)
+        if after is not None:
+            statement = statement.where(tuple_(c.create_time, c.trade_id) > tuple_(*after))
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = [TradeRecord(*row) for row in await connection.execute(statement)]
+        items = rows[:limit]
+        if len(rows) > limit and items:
+            return Page(items, (items[-1].create_time, items[-1].trade_id))
+        return Page(items)
+
+
+class FeedGapRepository:
+    """Reads of detected feed gaps (writes go through ``IngestWriter``)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def list_gaps(
+        self, *, tickers: Sequence[str] | None, after_id: int, limit: int
+    ) -> list[FeedGapRecord]:
+        """Gaps with ``gap_id > after_id`` in id order, of ``tickers`` (None: all)."""
+        if tickers is not None and not tickers:
+            return []
+        c = feed_gaps_table.c
+        statement = select(*FEED_GAP_COLUMNS).where(c.id > after_id).order_by(c.id).limit(limit)
+        if tickers is not None:
+            statement = statement.where(c.ticker.in_(list(tickers)))
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return [FeedGapRecord(*row) for row in await connection.execute(statement)]

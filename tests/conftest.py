@@ -1,0 +1,137 @@
+"""Fixtures shared by the whole suite: a fresh, migrated, empty database per test.
+
+``database_url`` runs each test that uses it on SQLite and on PostgreSQL (127.0.0.1:5432, user
+postgres, admin database ``test``). PostgreSQL databases are cloned from a template migrated once
+per schema version (its name carries a hash of the migrations), so a test pays for a
+``CREATE DATABASE … TEMPLATE`` only, and parallel xdist workers never share a database.
+Without a reachable PostgreSQL the PostgreSQL half is skipped, or fails when
+``KFEED_TEST_REQUIRE_POSTGRES=1`` (CI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kfeed_server.db import create_engine, upgrade_to_head
+from kfeed_server.db.migrate import MIGRATIONS_DIR
+from kfeed_server.db.repositories import Repositories, build_repositories
+
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+POSTGRES_URL_TEMPLATE = "postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
+# Any fixed number: the PostgreSQL advisory lock that serialises template creation across workers.
+_TEMPLATE_LOCK_KEY = 0x6B66_6565_64
+
+
+def _schema_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(MIGRATIONS_DIR.rglob("*.py")):
+        digest.update(path.relative_to(MIGRATIONS_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+async def _admin_connection() -> asyncpg.Connection:
+    return await asyncpg.connect(POSTGRES_DSN, timeout=5)
+
+
+async def _ensure_template(name: str) -> None:
+    admin = await _admin_connection()
+    try:
+        await admin.execute("SELECT pg_advisory_lock($1)", _TEMPLATE_LOCK_KEY)
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return
+        stale = await admin.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'kfeed_template_%'"
+        )
+        for row in stale:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+        # Built under a temporary name and renamed when complete, so a crash never leaves a
+        # half-migrated template behind under the real name.
+        building = f"{name}_building"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{building}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{building}"')
+        engine = create_engine(POSTGRES_URL_TEMPLATE.format(database=building))
+        try:
+            await upgrade_to_head(engine)
+        finally:
+            await engine.dispose()
+        await admin.execute(f'ALTER DATABASE "{building}" RENAME TO "{name}"')
+    finally:
+        await admin.execute("SELECT pg_advisory_unlock($1)", _TEMPLATE_LOCK_KEY)
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def postgres_template() -> str | None:
+    """The migrated template database's name, or None when PostgreSQL is unreachable."""
+    name = f"kfeed_template_{_schema_hash()}"
+    try:
+        await _ensure_template(name)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        if os.environ.get("KFEED_TEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required but unusable: {error!r}")
+        return None
+    return name
+
+
+async def _postgres_database(template: str | None) -> AsyncIterator[str]:
+    if template is None:
+        if os.environ.get("KFEED_TEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required but unreachable")
+        pytest.skip("PostgreSQL at 127.0.0.1:5432 is unreachable")
+    name = f"kfeed_t_{secrets.token_hex(6)}"
+    admin = await _admin_connection()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield POSTGRES_URL_TEMPLATE.format(database=name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def _sqlite_database(folder: Path) -> AsyncIterator[str]:
+    url = f"sqlite+aiosqlite:///{folder / 'kfeed-test.db'}"
+    engine = create_engine(url)
+    try:
+        await upgrade_to_head(engine)
+    finally:
+        await engine.dispose()
+    yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
+) -> AsyncIterator[str]:
+    """The URL of a fresh, migrated, empty database for this test (SQLite, then PostgreSQL)."""
+    if request.param == "sqlite":
+        async for url in _sqlite_database(tmp_path):
+            yield url
+    else:
+        async for url in _postgres_database(postgres_template):
+            yield url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An ``AsyncEngine`` on this test's database, disposed afterwards."""
+    engine = create_engine(database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def repositories(engine: AsyncEngine) -> Repositories:
+    """Every repository, on this test's database."""
+    return build_repositories(engine)
