@@ -212,6 +212,11 @@ class KalshiRestClient:
         self._credentials = credentials
         self._limiter = rate_limiter or TokenBucket.for_tier(RateTier.BASIC)
         self._retry = retry or RetryPolicy()
+        self._backoff = wait_exponential_jitter(
+            multiplier=self._retry.initial_backoff,
+            max=self._retry.max_backoff,
+            jitter=self._retry.jitter,
+        )
         self._http = httpx.AsyncClient(
             base_url=self.base_url + "/", timeout=timeout, transport=transport
         )
@@ -231,12 +236,7 @@ class KalshiRestClient:
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, _RetryableStatus) and error.error.retry_after is not None:
             return min(error.error.retry_after, self._retry.max_retry_after)
-        backoff = wait_exponential_jitter(
-            initial=self._retry.initial_backoff,
-            max=self._retry.max_backoff,
-            jitter=self._retry.jitter,
-        )
-        return float(backoff(state))
+        return float(self._backoff(state))
 
     def _log_retry(self, state: RetryCallState) -> None:
         outcome = state.outcome
