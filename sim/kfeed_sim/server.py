@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +163,15 @@ def _truncating(send: Send) -> Send:
     return wrapped
 
 
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the program embedding the sim owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave SIGINT/SIGTERM to the caller (``kfeed sim``, ``kfeed demo``, pytest)."""
+        yield
+
+
 @dataclass
 class SimHandle:
     """A running simulator: its URLs, the live model (for truth) and runtime controls."""
@@ -170,6 +179,7 @@ class SimHandle:
     simulator: Simulator
     base_url: str
     server: uvicorn.Server = field(repr=False)
+    serving: asyncio.Task[None] = field(repr=False)
 
     @property
     def rest_url(self) -> str:
@@ -203,6 +213,10 @@ class SimHandle:
         """Every state and trade published so far, per market ticker."""
         return self.exchange.truth()
 
+    async def wait_closed(self) -> None:
+        """Return when the HTTP server has stopped (it only stops on its own after an error)."""
+        await asyncio.shield(self.serving)
+
 
 @contextlib.asynccontextmanager
 async def running_simulator(
@@ -210,7 +224,7 @@ async def running_simulator(
 ) -> AsyncIterator[SimHandle]:
     """Serve a simulator on ``host:port`` (0 = any free port) for the duration of the block."""
     simulator = Simulator(config)
-    server = uvicorn.Server(
+    server = EmbeddedServer(
         uvicorn.Config(
             simulator.app(),
             host=host,
@@ -232,7 +246,7 @@ async def running_simulator(
     bound_port = server.servers[0].sockets[0].getsockname()[1]
     clock = asyncio.create_task(simulator.run_clock()) if config.auto_step else None
     try:
-        yield SimHandle(simulator, f"http://{host}:{bound_port}", server)
+        yield SimHandle(simulator, f"http://{host}:{bound_port}", server, serving)
     finally:
         if clock is not None:
             clock.cancel()
