@@ -6,6 +6,7 @@ with the request id and answered INTERNAL without internals.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -109,7 +110,11 @@ def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     return unary
 
 
-def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior:
+def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior | UnaryBehavior:
+    if not inspect.isasyncgenfunction(behavior):
+        # A streaming handler that writes with context.write() (e.g. Health.Watch) and returns.
+        return _wrap_unary(cast(UnaryBehavior, behavior), method)
+
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:

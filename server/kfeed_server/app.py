@@ -1,0 +1,155 @@
+"""The kfeed server process: one grpc.aio server with every kfeed service, health and reflection.
+
+Start-up order: listen with health NOT_SERVING, migrate the database, then SERVING. Shutdown
+(SIGTERM/SIGINT): health NOT_SERVING, live streams told to finish, in-flight calls given a grace
+period, database closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kfeed.v1 import (
+    backtest_service_pb2,
+    backtest_service_pb2_grpc,
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    market_service_pb2,
+    market_service_pb2_grpc,
+)
+from kfeed_server.db import create_engine, schema_is_current, upgrade_to_head
+from kfeed_server.db.repositories import build_repositories
+from kfeed_server.streaming.hub import SnapshotHub
+from kfeed_server.transport.ingest_servicer import IngestServicer
+from kfeed_server.transport.interceptors import ErrorMappingInterceptor
+from kfeed_server.transport.market_servicer import MarketServicer
+
+log = logging.getLogger(__name__)
+
+KFEED_SERVICES = (
+    market_service_pb2.DESCRIPTOR.services_by_name["MarketService"].full_name,
+    backtest_service_pb2.DESCRIPTOR.services_by_name["BacktestService"].full_name,
+    ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+)
+# 8 MiB: a full page of snapshots fits with room to spare.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    database_url: str = "sqlite+aiosqlite:///data/kfeed.db"
+    migrate: bool = True
+    # Seconds in-flight calls get to finish on shutdown.
+    grace_period: float = 5.0
+    # Live items a stream subscriber may fall behind by before its overflow policy applies.
+    subscriber_queue_capacity: int = 10_000
+
+
+def is_loopback_address(listen: str) -> bool:
+    """True when ``listen`` (HOST:PORT) binds only to the loopback interface."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class KfeedServer:
+    """Owns the gRPC server, the database engine and the services' shared state."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine = create_engine(config.database_url)
+        self.repositories = build_repositories(self.engine)
+        self.hub = SnapshotHub(config.subscriber_queue_capacity)
+        self.health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        market_service_pb2_grpc.add_MarketServiceServicer_to_server(
+            MarketServicer(self.repositories, self.hub), self._server
+        )
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
+            IngestServicer(self.repositories, self.hub), self._server
+        )
+        # The generated base answers UNIMPLEMENTED (mypy-protobuf marks it abstract) until the
+        # backtest service lands.
+        backtest_service_pb2_grpc.add_BacktestServiceServicer_to_server(
+            backtest_service_pb2_grpc.BacktestServiceServicer(),  # type: ignore[abstract]
+            self._server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*KFEED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = 0
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", *KFEED_SERVICES):
+            await self.health.set(service, status)
+
+    async def start(self) -> int:
+        """Listen, migrate, then report SERVING. Returns the bound port."""
+        self.port = self._server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        if self.config.migrate:
+            await upgrade_to_head(self.engine)
+        if not await schema_is_current(self.engine):
+            log.error("database schema is not at the latest migration; run with --migrate")
+            return self.port
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("kfeed serving on %s", self.listening_on)
+        return self.port
+
+    @property
+    def listening_on(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING first so balancers drain us, streams end, calls finish."""
+        await self.health.enter_graceful_shutdown()
+        self.hub.close()
+        await self._server.stop(self.config.grace_period if grace is None else grace)
+        await self.engine.dispose()
+        log.info("kfeed server stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def run_until_signalled(config: ServerConfig) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    if not is_loopback_address(config.listen):
+        raise SystemExit(
+            f"refusing to listen on {config.listen}: beyond loopback kfeed requires "
+            "authentication, which is not configured"
+        )
+    server = KfeedServer(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await server.start()
+    await stop_requested.wait()
+    log.info("shutting down")
+    await server.stop()

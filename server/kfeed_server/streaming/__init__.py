@@ -1,0 +1,1 @@
+"""Live snapshot feeds: the hub that fans committed data out, and the replay-then-live feed."""

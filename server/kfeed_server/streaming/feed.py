@@ -1,0 +1,219 @@
+"""One subscriber's feed: stored history, one caught-up marker, then live — no gap, no duplicate.
+
+The switch works because the subscription to the hub starts *before* history is read: whatever
+commits while history is being read is either read from the database or waiting in the
+subscription's queue (or both, and then the copy with an id already replayed is skipped). Writes
+are serialised in the server, so snapshot ids are committed in increasing order and "id greater
+than the last one delivered" is exactly "not delivered yet".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from kfeed_server.records import FeedGapRecord, SnapshotRecord
+from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
+
+REPLAY_PAGE_SIZE = 2_000
+
+
+class SnapshotSource(Protocol):
+    """The reads a feed needs from storage."""
+
+    async def list_after_id(
+        self,
+        after_id: int,
+        *,
+        tickers: Sequence[str] | None,
+        limit: int,
+        min_exchange_time: datetime | None = None,
+    ) -> list[SnapshotRecord]: ...
+
+    async def latest_per_market(self, tickers: Sequence[str] | None) -> list[SnapshotRecord]: ...
+
+    async def max_snapshot_id(self) -> int: ...
+
+
+class OverflowPolicy:
+    GAP_MARKER = "gap_marker"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRequest:
+    selector: MarketSelector
+    # Replay snapshots with exchange time at or after this.
+    start_time: datetime | None = None
+    # Continue after this snapshot id (wins over start_time).
+    resume_after_id: int | None = None
+    include_latest: bool = False
+    heartbeat_interval: float = 5.0
+    conflation_interval: float | None = None
+    overflow_policy: str = OverflowPolicy.GAP_MARKER
+    # Tickers the selector resolves to right now (None: all markets), for the history query.
+    history_tickers: Sequence[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEvent:
+    snapshot: SnapshotRecord
+    coalesced_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUpEvent:
+    replayed_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatEvent:
+    server_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberGapEvent:
+    dropped_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedGapEvent:
+    gap: FeedGapRecord
+
+
+FeedEvent = SnapshotEvent | CaughtUpEvent | HeartbeatEvent | SubscriberGapEvent | FeedGapEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An event and the snapshot id to resume after, were the stream to stop right after it."""
+
+    event: FeedEvent
+    resume_after_id: int
+
+
+class SubscriberOverflowError(Exception):
+    """The subscriber fell behind and chose to be disconnected rather than skip."""
+
+    def __init__(self, dropped: int, resume_after_id: int) -> None:
+        super().__init__(f"subscriber fell behind: {dropped} snapshots not delivered")
+        self.dropped = dropped
+        self.resume_after_id = resume_after_id
+
+
+@dataclass(slots=True)
+class _Conflator:
+    """Latest snapshot per market within a window; ``flush`` emits them in id order."""
+
+    pending: dict[str, tuple[SnapshotRecord, int]] = field(default_factory=dict)
+
+    def add(self, snapshot: SnapshotRecord) -> None:
+        previous = self.pending.get(snapshot.ticker)
+        self.pending[snapshot.ticker] = (snapshot, 0 if previous is None else previous[1] + 1)
+
+    def flush(self) -> list[SnapshotEvent]:
+        events = [SnapshotEvent(s, coalesced) for s, coalesced in self.pending.values()]
+        self.pending.clear()
+        events.sort(key=lambda e: e.snapshot.snapshot_id)
+        return events
+
+
+async def _replay(
+    source: SnapshotSource, request: FeedRequest, after_id: int
+) -> AsyncIterator[SnapshotRecord]:
+    min_time = request.start_time if request.resume_after_id is None else None
+    while True:
+        page = await source.list_after_id(
+            after_id, tickers=request.history_tickers, limit=REPLAY_PAGE_SIZE,
+            min_exchange_time=min_time,
+        )  # fmt: skip
+        for snapshot in page:
+            yield snapshot
+        if len(page) < REPLAY_PAGE_SIZE:
+            return
+        after_id = page[-1].snapshot_id
+
+
+async def snapshot_feed(
+    request: FeedRequest, hub: SnapshotHub, source: SnapshotSource
+) -> AsyncGenerator[Delivery, None]:
+    """The events of one subscription, until the hub closes (shutdown) or the caller stops."""
+    subscription = hub.subscribe(request.selector)
+    try:
+        async for delivery in _history_then_live(request, subscription, source):
+            yield delivery
+    finally:
+        hub.unsubscribe(subscription)
+
+
+async def _history_then_live(
+    request: FeedRequest, subscription: Subscription, source: SnapshotSource
+) -> AsyncIterator[Delivery]:
+    last_id = 0
+    replayed = 0
+    if request.resume_after_id is not None or request.start_time is not None:
+        last_id = request.resume_after_id or 0
+        async for snapshot in _replay(source, request, last_id):
+            last_id = snapshot.snapshot_id
+            replayed += 1
+            yield Delivery(SnapshotEvent(snapshot), last_id)
+    else:
+        last_id = await source.max_snapshot_id()
+        if request.include_latest:
+            latest = await source.latest_per_market(request.history_tickers)
+            # Newer ones than last_id committed meanwhile: they are in the live queue.
+            for snapshot in sorted(
+                (s for s in latest if s.snapshot_id <= last_id), key=lambda s: s.snapshot_id
+            ):
+                replayed += 1
+                yield Delivery(SnapshotEvent(snapshot), last_id)
+    yield Delivery(CaughtUpEvent(replayed), last_id)
+    async for delivery in _live(request, subscription, last_id):
+        yield delivery
+
+
+async def _live(
+    request: FeedRequest, subscription: Subscription, last_id: int
+) -> AsyncIterator[Delivery]:
+    loop = asyncio.get_running_loop()
+    conflation = request.conflation_interval
+    conflator = _Conflator() if conflation else None
+    next_flush = loop.time()
+    last_sent = loop.time()
+    while not subscription.closed:
+        deadline = last_sent + request.heartbeat_interval
+        if conflator is not None and conflator.pending:
+            deadline = min(deadline, next_flush)
+        await subscription.wait(max(deadline - loop.time(), 0))
+        ready: list[Delivery] = []
+        if subscription.overflowed:
+            dropped = subscription.take_overflow()
+            if request.overflow_policy == OverflowPolicy.RESOURCE_EXHAUSTED:
+                raise SubscriberOverflowError(dropped, last_id)
+            if conflator is not None:
+                conflator.pending.clear()
+            ready.append(Delivery(SubscriberGapEvent(dropped), last_id))
+        for item in subscription.take_all():
+            if isinstance(item, FeedGapRecord):
+                ready.append(Delivery(FeedGapEvent(item), last_id))
+            elif item.snapshot_id <= last_id:
+                continue  # already delivered from history
+            elif conflator is None:
+                last_id = item.snapshot_id
+                ready.append(Delivery(SnapshotEvent(item), last_id))
+            else:
+                conflator.add(item)
+        if conflator is not None and conflator.pending and loop.time() >= next_flush:
+            for event in conflator.flush():
+                last_id = event.snapshot.snapshot_id
+                ready.append(Delivery(event, last_id))
+            next_flush = loop.time() + (conflation or 0)
+        if not ready and loop.time() >= last_sent + request.heartbeat_interval:
+            ready.append(Delivery(HeartbeatEvent(datetime.now(UTC)), last_id))
+        for delivery in ready:
+            yield delivery
+        if ready:
+            last_sent = loop.time()
