@@ -1,0 +1,80 @@
+"""The backtest engine (domain layer: no gRPC, no SQL): strategies and their registry, the
+execution model with Kalshi fees and settlement, metrics, and parameter sweeps.
+
+The service calls ``validate_config`` (to answer INVALID_ARGUMENT early), then ``run_backtest`` in a
+worker process, and ``sweep_grid`` / ``rank`` for sweeps. See docs/BACKTESTING.md.
+"""
+
+from kfeed_server.backtest import strategies as _builtins  # noqa: F401  (registers the built-ins)
+from kfeed_server.backtest.config import DEFAULT_INITIAL_CASH, EngineConfig, validate_config
+from kfeed_server.backtest.engine import (
+    BacktestCancelled,
+    BacktestResult,
+    DataFingerprint,
+    Fingerprinter,
+    Progress,
+    StrategyError,
+    fingerprint,
+    run_backtest,
+)
+from kfeed_server.backtest.fees import KALSHI_TAKER_FEE_RATE, FeeRounding, taker_fee
+from kfeed_server.backtest.metrics import BacktestMetrics
+from kfeed_server.backtest.params import (
+    ConfigError,
+    Parameters,
+    ParameterSpec,
+    ParameterType,
+    ParamValue,
+)
+from kfeed_server.backtest.strategies import (
+    FavouriteStrategy,
+    MeanReversionStrategy,
+    MomentumStrategy,
+    ThresholdStrategy,
+)
+from kfeed_server.backtest.strategy import (
+    MarketView,
+    Order,
+    PortfolioView,
+    Strategy,
+    StrategyRegistry,
+    default_registry,
+    register_strategy,
+)
+from kfeed_server.backtest.sweep import rank, sweep_grid
+
+__all__ = [
+    "DEFAULT_INITIAL_CASH",
+    "KALSHI_TAKER_FEE_RATE",
+    "BacktestCancelled",
+    "BacktestMetrics",
+    "BacktestResult",
+    "ConfigError",
+    "DataFingerprint",
+    "EngineConfig",
+    "FavouriteStrategy",
+    "FeeRounding",
+    "Fingerprinter",
+    "MarketView",
+    "MeanReversionStrategy",
+    "MomentumStrategy",
+    "Order",
+    "ParamValue",
+    "ParameterSpec",
+    "ParameterType",
+    "Parameters",
+    "PortfolioView",
+    "Progress",
+    "Strategy",
+    "StrategyError",
+    "StrategyRegistry",
+    "ThresholdStrategy",
+    "default_registry",
+    "fingerprint",
+    "rank",
+    "register_strategy",
+    "run_backtest",
+    "sweep_grid",
+    "taker_fee",
+    "validate_config",
+]
