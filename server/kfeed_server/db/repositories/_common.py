@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, ColumnElement, Table, literal, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -53,3 +53,15 @@ def require_aware(value: datetime, name: str) -> None:
     """Refuse naive datetimes before they reach a path that bypasses the column types (COPY)."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got {value!r}")
+
+
+def keyset_after(
+    columns: Sequence[ColumnElement[Any]], cursor: Sequence[Any], *, descending: bool = False
+) -> ColumnElement[bool]:
+    """Rows strictly after ``cursor`` in the order of ``columns`` (a row-value comparison, which
+    both databases answer from a matching index). The cursor's values are bound with the columns'
+    types, so a timestamp is compared in the column's own representation."""
+    bound = tuple_(
+        *(literal(value, column.type) for column, value in zip(columns, cursor, strict=True))
+    )
+    return tuple_(*columns) < bound if descending else tuple_(*columns) > bound

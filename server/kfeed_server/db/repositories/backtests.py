@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, select, tuple_, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import backtests_table, equity_points_table, executions_table
 from kfeed_server.db.repositories._common import (
     chunks,
     insert_for,
+    keyset_after,
     record_columns,
     rows_per_statement,
 )
@@ -113,7 +114,9 @@ class BacktestRepository:
             .limit(limit + 1)
         )
         if after is not None:
-            statement = statement.where(tuple_(c.create_time, c.backtest_id) < tuple_(*after))
+            statement = statement.where(
+                keyset_after((c.create_time, c.backtest_id), after, descending=True)
+            )
         if strategy is not None:
             statement = statement.where(c.strategy == strategy)
         if state is not None:

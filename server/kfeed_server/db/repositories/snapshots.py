@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Text, bindparam, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import snapshots_table
-from kfeed_server.db.repositories._common import is_postgresql, record_columns
+from kfeed_server.db.repositories._common import is_postgresql, keyset_after, record_columns
 from kfeed_server.records import Page, SnapshotRecord
 
 SNAPSHOT_COLUMNS = record_columns(snapshots_table, SnapshotRecord, {"snapshot_id": "id"})
@@ -139,7 +139,7 @@ class SnapshotRepository:
         if end is not None:
             statement = statement.where(_s.exchange_time < end)
         if after is not None:
-            statement = statement.where(tuple_(_s.exchange_time, _s.id) > tuple_(*after))
+            statement = statement.where(keyset_after((_s.exchange_time, _s.id), after))
         rows = await self._all(statement)
         items = rows[:limit]
         if len(rows) > limit and items:
@@ -196,7 +196,7 @@ class SnapshotRepository:
                 .limit(chunk_size)
             )
             if after is not None:
-                statement = statement.where(tuple_(_s.exchange_time, _s.id) > tuple_(*after))
+                statement = statement.where(keyset_after((_s.exchange_time, _s.id), after))
             chunk = await self._all(statement)
             if chunk:
                 yield chunk

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import feed_gaps_table, trades_table
-from kfeed_server.db.repositories._common import record_columns
+from kfeed_server.db.repositories._common import keyset_after, record_columns
 from kfeed_server.records import FeedGapRecord, Page, TradeRecord
 
 TRADE_COLUMNS = record_columns(trades_table, TradeRecord)
@@ -46,7 +46,7 @@ class TradeRepository:
         if end is not None:
             statement = statement.where(c.create_time < end)
         if after is not None:
-            statement = statement.where(tuple_(c.create_time, c.trade_id) > tuple_(*after))
+            statement = statement.where(keyset_after((c.create_time, c.trade_id), after))
         async with self._sessions() as session:
             connection = await session.connection()
             rows = [TradeRecord(*row) for row in await connection.execute(statement)]

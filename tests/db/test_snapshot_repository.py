@@ -1,0 +1,186 @@
+"""SnapshotRepository: latest, ranges with keyset pagination, replay by id, backtest reads."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from kfeed_server.db.repositories import Repositories
+from kfeed_server.records import SnapshotRecord
+from tests.factories import at, make_snapshot
+
+
+async def _store(
+    repositories: Repositories, snapshots: list[SnapshotRecord]
+) -> list[SnapshotRecord]:
+    result = await repositories.ingest.insert_snapshots(snapshots)
+    assert result.counts.snapshots == len(snapshots)
+    return result.stored_snapshots
+
+
+async def test_timestamps_round_trip_to_the_microsecond_in_utc(repositories: Repositories) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    exchange_time = datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC_PLUS_0)
+    receive_time = datetime(2031, 1, 2, 3, 4, 5, 6, tzinfo=plus_two)
+    (stored,) = await _store(
+        repositories,
+        [make_snapshot("A", 0, exchange_time=exchange_time, receive_time=receive_time)],
+    )
+    latest = await repositories.snapshots.latest("A")
+    assert latest == stored
+    assert latest.exchange_time == exchange_time
+    assert latest.receive_time == receive_time
+    assert latest.receive_time.utcoffset() == timedelta(0)
+    assert latest.receive_time.hour == 1
+    assert latest.receive_time.microsecond == 6
+
+
+UTC_PLUS_0 = UTC
+
+
+async def test_latest_takes_highest_exchange_time_then_id(repositories: Repositories) -> None:
+    assert await repositories.snapshots.latest("A") is None
+    stored = await _store(
+        repositories,
+        [
+            make_snapshot("A", 5),
+            make_snapshot("A", 9),
+            make_snapshot("A", 1),
+            make_snapshot("A", 10, exchange_time=at(9), receive_time=at(9.5)),
+        ],
+    )
+    latest = await repositories.snapshots.latest("A")
+    assert latest is not None
+    assert latest.exchange_time == at(9)
+    assert latest.snapshot_id == max(s.snapshot_id for s in stored if s.exchange_time == at(9))
+
+
+async def test_latest_per_market(repositories: Repositories) -> None:
+    await _store(repositories, [make_snapshot(t, i) for t in ("B", "A", "C") for i in range(3)])
+    await _store(repositories, [make_snapshot("A", 7)])
+    everything = await repositories.snapshots.latest_per_market(None)
+    assert [(s.ticker, s.exchange_time) for s in everything] == [
+        ("A", at(7)),
+        ("B", at(2)),
+        ("C", at(2)),
+    ]
+    some = await repositories.snapshots.latest_per_market(["C", "A", "UNKNOWN"])
+    assert [(s.ticker, s.exchange_time) for s in some] == [("A", at(7)), ("C", at(2))]
+    assert await repositories.snapshots.latest_per_market([]) == []
+
+
+async def test_latest_per_market_on_empty_database(repositories: Repositories) -> None:
+    assert await repositories.snapshots.latest_per_market(None) == []
+
+
+async def test_list_range_pages_through_equal_timestamps(repositories: Repositories) -> None:
+    # Ten snapshots, several sharing an exchange time: the id breaks ties.
+    snapshots = [
+        make_snapshot("A", i, exchange_time=at(i // 3), receive_time=at(i)) for i in range(10)
+    ]
+    await _store(repositories, [*snapshots, make_snapshot("B", 0)])
+    seen: list[SnapshotRecord] = []
+    after: tuple[datetime, int] | None = None
+    pages = 0
+    while True:
+        page = await repositories.snapshots.list_range(
+            "A",
+            start=None,
+            end=None,
+            limit=4,
+            after=after,
+        )
+        seen.extend(page.items)
+        pages += 1
+        if page.next_cursor is None:
+            break
+        last = page.items[-1]
+        assert page.next_cursor == (last.exchange_time, last.snapshot_id)
+        after = (last.exchange_time, last.snapshot_id)
+    assert pages == 3
+    assert len(seen) == 10
+    keys = [(s.exchange_time, s.snapshot_id) for s in seen]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == 10
+
+
+async def test_list_range_exact_page_has_no_cursor(repositories: Repositories) -> None:
+    await _store(repositories, [make_snapshot("A", i) for i in range(4)])
+    page = await repositories.snapshots.list_range("A", start=None, end=None, limit=4)
+    assert len(page.items) == 4
+    assert page.next_cursor is None
+    first = await repositories.snapshots.list_range("A", start=None, end=None, limit=3)
+    assert first.next_cursor is not None
+
+
+async def test_list_range_start_inclusive_end_exclusive(repositories: Repositories) -> None:
+    await _store(repositories, [make_snapshot("A", i) for i in range(6)])
+    page = await repositories.snapshots.list_range("A", start=at(2), end=at(4), limit=100)
+    assert [s.exchange_time for s in page.items] == [at(2), at(3)]
+    one_micro = timedelta(microseconds=1)
+    page = await repositories.snapshots.list_range(
+        "A", start=at(2) + one_micro, end=at(4) + one_micro, limit=100
+    )
+    assert [s.exchange_time for s in page.items] == [at(3), at(4)]
+
+
+async def test_list_after_id(repositories: Repositories) -> None:
+    stored = await _store(repositories, [make_snapshot(t, i) for i in range(4) for t in ("A", "B")])
+    ids = [s.snapshot_id for s in stored]
+    after = await repositories.snapshots.list_after_id(ids[2], tickers=None, limit=100)
+    assert [s.snapshot_id for s in after] == ids[3:]
+    only_b = await repositories.snapshots.list_after_id(0, tickers=["B"], limit=2)
+    assert [s.ticker for s in only_b] == ["B", "B"]
+    assert [s.snapshot_id for s in only_b] == [s.snapshot_id for s in stored if s.ticker == "B"][:2]
+    recent = await repositories.snapshots.list_after_id(
+        0, tickers=["A"], limit=100, min_exchange_time=at(2)
+    )
+    assert [s.exchange_time for s in recent] == [at(2), at(3)]
+    assert await repositories.snapshots.list_after_id(0, tickers=[], limit=10) == []
+    assert await repositories.snapshots.list_after_id(ids[-1], tickers=None, limit=10) == []
+
+
+async def test_max_snapshot_id(repositories: Repositories) -> None:
+    assert await repositories.snapshots.max_snapshot_id() == 0
+    stored = await _store(repositories, [make_snapshot("A", i) for i in range(3)])
+    assert await repositories.snapshots.max_snapshot_id() == stored[-1].snapshot_id
+
+
+async def test_backtest_reads_in_chunks_in_time_then_id_order(repositories: Repositories) -> None:
+    await _store(
+        repositories,
+        [make_snapshot(t, i, exchange_time=at(i // 2)) for i in range(25) for t in ("A", "B", "C")],
+    )
+    chunks = [
+        chunk
+        async for chunk in repositories.snapshots.list_for_backtest(
+            ["A", "B"], at(1), at(10), chunk_size=4
+        )
+    ]
+    rows = [s for chunk in chunks for s in chunk]
+    assert all(len(chunk) == 4 for chunk in chunks[:-1])
+    keys = [(s.exchange_time, s.snapshot_id) for s in rows]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == len(keys)
+    assert {s.ticker for s in rows} == {"A", "B"}
+    assert all(at(1) <= s.exchange_time < at(10) for s in rows)
+    assert len(rows) == 2 * 18
+    assert await repositories.snapshots.count_for_backtest(["A", "B"], at(1), at(10)) == 36
+
+
+async def test_backtest_reads_pinned_to_a_max_id(repositories: Repositories) -> None:
+    stored = await _store(repositories, [make_snapshot("A", i) for i in range(5)])
+    pin = stored[2].snapshot_id
+    await _store(repositories, [make_snapshot("A", 10 + i) for i in range(5)])
+    rows = [
+        s
+        async for chunk in repositories.snapshots.list_for_backtest(
+            ["A"], at(0), at(100), max_snapshot_id=pin
+        )
+        for s in chunk
+    ]
+    assert [s.snapshot_id for s in rows] == [s.snapshot_id for s in stored[:3]]
+    assert (
+        await repositories.snapshots.count_for_backtest(["A"], at(0), at(100), max_snapshot_id=pin)
+        == 3
+    )
+    assert await repositories.snapshots.count_for_backtest([], at(0), at(100)) == 0
