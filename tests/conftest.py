@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -98,24 +99,31 @@ async def _postgres_database(template: str | None) -> AsyncIterator[str]:
         await admin.close()
 
 
-async def _sqlite_database(folder: Path) -> AsyncIterator[str]:
-    url = f"sqlite+aiosqlite:///{folder / 'kfeed-test.db'}"
-    engine = create_engine(url)
+@pytest.fixture(scope="session")
+async def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite database file, copied for each test instead of migrating each time."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "kfeed.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
     try:
         await upgrade_to_head(engine)
     finally:
+        # Closing the last connection checkpoints the WAL into the file, so the copy is complete.
         await engine.dispose()
-    yield url
+    return path
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    sqlite_template: Path,
+    postgres_template: str | None,
 ) -> AsyncIterator[str]:
     """The URL of a fresh, migrated, empty database for this test (SQLite, then PostgreSQL)."""
     if request.param == "sqlite":
-        async for url in _sqlite_database(tmp_path):
-            yield url
+        database = tmp_path / "kfeed-test.db"
+        shutil.copyfile(sqlite_template, database)
+        yield f"sqlite+aiosqlite:///{database}"
     else:
         async for url in _postgres_database(postgres_template):
             yield url
