@@ -150,10 +150,6 @@ class MarketState:
     result: str
     settlement_value: int | None
 
-    def same_values(self, other: MarketState) -> bool:
-        """True when only the timestamp differs (such a state is not published again)."""
-        return replace(self, ts_us=other.ts_us) == other
-
     def ticker_fields(self) -> tuple[int, ...]:
         """The fields the ``ticker`` channel carries; a change in any of them sends a message."""
         return (self.last_price, self.yes_bid, self.yes_ask, self.yes_bid_size,
@@ -247,6 +243,7 @@ class Market:
     states: list[MarketState] = field(default_factory=list)
     trades: list[Trade] = field(default_factory=list)
     recent_trades: deque[Trade] = field(default_factory=deque)
+    recent_volume: int = 0
 
     @property
     def state(self) -> MarketState:
@@ -291,6 +288,7 @@ class Exchange:
         self.series: dict[str, SeriesSpec] = {spec.ticker: spec for spec in SERIES}
         self.events: dict[str, Event] = {}
         self.markets: dict[str, Market] = {}
+        self._unsettled: list[Market] = []
         self.trade_seq = 0
         self._event_numbers: dict[str, int] = {}
         self.current_step = -config.history_steps - 1
@@ -312,12 +310,6 @@ class Exchange:
         """Sim time of the last step taken."""
         return self.time_of_step(self.current_step)
 
-    def _step_count_for(self, live_seconds: float, history_seconds: float) -> int:
-        # lifetimes are drawn in steps; past markets get longer steps, so this keeps both sane
-        step_seconds = (self.history_step_us if self.current_step < 0 else self.live_step_us) / 1e6
-        target = history_seconds if self.current_step < 0 else live_seconds
-        return max(2, round(target / step_seconds))
-
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> StepEvents:
@@ -325,25 +317,21 @@ class Exchange:
         self.current_step += 1
         now = self.now_us
         events = StepEvents(step=self.current_step, ts_us=now)
-        self._top_up_markets(events)
-        for market in self.markets.values():
-            if market.status is not MarketStatus.FINALIZED:
-                self._advance_market(market, events)
+        while len(self._unsettled) < self.config.markets:
+            self._create_event(events)
+        for market in self._unsettled:
+            self._advance_market(market, events)
+        self._unsettled = [m for m in self._unsettled if m.status is not MarketStatus.FINALIZED]
         return events
 
-    def _top_up_markets(self, events: StepEvents) -> None:
-        live = sum(1 for m in self.markets.values() if m.status is not MarketStatus.FINALIZED)
-        while live < self.config.markets:
-            live += self._create_event(events)
-
-    def _create_event(self, events: StepEvents) -> int:
+    def _create_event(self, events: StepEvents) -> None:
         rng = self._rng
         spec = self.series[rng.choice(list(self.series))]
         step = self.current_step
         open_step = step + rng.randint(1, 4)
-        close_step = open_step + rng.randint(
-            self._step_count_for(8, 40 * 60), self._step_count_for(30, 4 * 3600)
-        )
+        # lifetimes in steps: live markets live 30–120 ticks, past ones 15–60 (longer) steps
+        shortest, longest = (15, 60) if step < 0 else (30, 120)
+        close_step = open_step + rng.randint(shortest, longest)
         determine_step = close_step + rng.randint(1, 3)
         settle_step = determine_step + rng.randint(1, 3)
         close_us = self.time_of_step(close_step)
@@ -393,9 +381,9 @@ class Exchange:
             )
             market.states.append(self._initial_state())
             self.markets[ticker] = market
+            self._unsettled.append(market)
             event.market_tickers.append(ticker)
             events.lifecycle.append(LifecycleEvent(ticker, "created", self.now_us))
-        return market_count
 
     def _initial_state(self) -> MarketState:
         return MarketState(
@@ -434,9 +422,10 @@ class Exchange:
         elif step == market.settle_step:
             status = MarketStatus.FINALIZED
             events.lifecycle.append(LifecycleEvent(market.ticker, "settled", now))
-        (yes_before, no_before), (yes_after, no_after) = before, market.orderbook()
-        events.book_deltas += _book_diff(market.ticker, "yes", yes_before, yes_after, now)
-        events.book_deltas += _book_diff(market.ticker, "no", no_before, no_after, now)
+        if step >= 0:  # nobody listens to the past: skip the deltas while generating history
+            (yes_before, no_before), (yes_after, no_after) = before, market.orderbook()
+            events.book_deltas += _book_diff(market.ticker, "yes", yes_before, yes_after, now)
+            events.book_deltas += _book_diff(market.ticker, "no", no_before, no_after, now)
         events.trades.extend(new_trades)
         self._publish_state(market, status, result, settlement, new_trades, events)
 
@@ -509,6 +498,7 @@ class Exchange:
             else:
                 market.open_interest = max(0, market.open_interest - count)
             market.recent_trades.append(trade)
+            market.recent_volume += count
         return trades
 
     def _publish_state(
@@ -523,15 +513,16 @@ class Exchange:
         now = self.now_us
         previous = market.state
         while market.recent_trades and market.recent_trades[0].ts_us <= now - DAY_US:
-            market.recent_trades.popleft()
+            market.recent_volume -= market.recent_trades.popleft().count
         yes_bids, no_bids = market.orderbook()
         volume = previous.volume + sum(t.count for t in new_trades)
         last_trade = new_trades[-1] if new_trades else None
         yes_bid = yes_bids[-1][0] if yes_bids else 0
         yes_ask = ONE_DOLLAR - no_bids[-1][0] if no_bids else ONE_DOLLAR
         first_quote = status is MarketStatus.ACTIVE and previous.status is MarketStatus.INITIALIZED
+        # built with the old timestamp so that "nothing changed" is a plain equality test
         state = MarketState(
-            ts_us=now,
+            ts_us=previous.ts_us,
             status=status,
             yes_bid=yes_bid,
             yes_ask=yes_ask,
@@ -545,7 +536,7 @@ class Exchange:
             previous_yes_ask=yes_ask if first_quote else previous.previous_yes_ask,
             previous_price=previous.previous_price,
             volume=volume,
-            volume_24h=sum(t.count for t in market.recent_trades),
+            volume_24h=market.recent_volume,
             open_interest=market.open_interest,
             liquidity=sum(p * c for p, c in yes_bids + no_bids) // COUNT_SCALE,
             dollar_volume=market.notional_traded // (ONE_DOLLAR * COUNT_SCALE),
@@ -553,8 +544,9 @@ class Exchange:
             result=result,
             settlement_value=settlement,
         )
-        if state.same_values(previous):
+        if state == previous:
             return
+        state = replace(state, ts_us=now)
         market.states.append(state)
         if state.ticker_fields() != previous.ticker_fields():
             events.tickers.append(state)
@@ -585,6 +577,8 @@ class Exchange:
 def _book_diff(
     ticker: str, side: Side, old: list[tuple[int, int]], new: list[tuple[int, int]], ts_us: int
 ) -> list[BookDelta]:
+    if old == new:
+        return []
     before, after = dict(old), dict(new)
     prices = sorted(before.keys() | after.keys())
     return [

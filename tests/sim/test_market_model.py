@@ -1,0 +1,125 @@
+"""The market model: deterministic, on the tick grid, bids only, full lifecycles."""
+
+from __future__ import annotations
+
+from kfeed_sim.config import SimConfig
+from kfeed_sim.market_model import (
+    PRICE_STRUCTURES,
+    Exchange,
+    MarketStatus,
+    price_levels,
+)
+
+from .conftest import START
+
+LIFECYCLE = [
+    MarketStatus.INITIALIZED,
+    MarketStatus.ACTIVE,
+    MarketStatus.CLOSED,
+    MarketStatus.DETERMINED,
+    MarketStatus.FINALIZED,
+]
+
+
+def exchange(seed: int = 5, steps: int = 150) -> Exchange:
+    model = Exchange(SimConfig(seed=seed, markets=8, start_time=START, history_steps=80))
+    for _ in range(steps):
+        model.step()
+    return model
+
+
+def test_same_seed_gives_the_same_states_and_trades() -> None:
+    assert exchange(seed=5).truth() == exchange(seed=5).truth()
+
+
+def test_another_seed_gives_other_data() -> None:
+    assert exchange(seed=5).truth() != exchange(seed=6).truth()
+
+
+def test_tickers_follow_kalshi_style() -> None:
+    model = exchange()
+    for ticker, market in model.markets.items():
+        event_ticker, _, strike = ticker.rpartition("-")
+        assert event_ticker == market.event_ticker
+        assert market.event_ticker.startswith(market.series_ticker + "-")
+        assert strike == f"T{market.floor_strike}"
+        assert ticker in model.events[market.event_ticker].market_tickers
+
+
+def test_every_settled_market_went_through_the_whole_lifecycle_in_order() -> None:
+    model = exchange()
+    settled = [m for m in model.markets.values() if m.status is MarketStatus.FINALIZED]
+    assert len(settled) >= 5  # new markets replace settled ones, so the feed never dries up
+    for market in settled:
+        statuses = [s.status for s in market.states]
+        first_seen = sorted(set(statuses), key=statuses.index)
+        assert first_seen == LIFECYCLE
+        assert statuses == sorted(statuses, key=LIFECYCLE.index)
+        final = market.state
+        assert final.result in ("yes", "no")
+        assert final.settlement_value == (10_000 if final.result == "yes" else 0)
+        times = [s.ts_us for s in market.states]
+        assert times == sorted(times) and len(set(times)) == len(times)
+
+
+def test_quotes_and_trades_are_on_the_market_tick_grid() -> None:
+    model = exchange()
+    sub_penny_seen = False
+    for market in model.markets.values():
+        grid = set(market.levels) | {0, 10_000}
+        for state in market.states:
+            assert {state.yes_bid, state.yes_ask, state.no_bid, state.no_ask} <= grid
+        for trade in market.trades:
+            assert trade.yes_price in grid
+            sub_penny_seen |= trade.yes_price % 100 != 0
+    assert sub_penny_seen
+
+
+def test_books_are_bids_only_and_never_crossed() -> None:
+    model = exchange(steps=0)
+    for _ in range(60):
+        model.step()
+        for market in model.markets.values():
+            yes_bids, no_bids = market.orderbook()
+            if not yes_bids:
+                continue
+            best_yes_ask = 10_000 - max(price for price, _ in no_bids)
+            assert max(price for price, _ in yes_bids) < best_yes_ask
+            assert market.state.yes_ask == best_yes_ask
+            assert market.state.no_ask == 10_000 - market.state.yes_bid
+
+
+def test_book_deltas_replay_onto_the_previous_book() -> None:
+    model = exchange(steps=0)
+    books = {
+        ticker: {side: dict(bids) for side, bids in zip("yn", market.orderbook(), strict=True)}
+        for ticker, market in model.markets.items()
+    }
+    for _ in range(40):
+        events = model.step()
+        for delta in events.book_deltas:
+            book = books.setdefault(delta.ticker, {"y": {}, "n": {}})[delta.side[0]]
+            book[delta.price] = book.get(delta.price, 0) + delta.delta
+            if book[delta.price] == 0:
+                del book[delta.price]
+    for ticker, market in model.markets.items():
+        yes_bids, no_bids = market.orderbook()
+        assert sorted(books.get(ticker, {"y": {}})["y"].items()) == yes_bids
+        assert sorted(books.get(ticker, {"n": {}})["n"].items()) == no_bids
+
+
+def test_volume_adds_up_the_trades() -> None:
+    for market in exchange().markets.values():
+        assert market.state.volume == sum(t.count for t in market.trades)
+
+
+def test_tapered_grid_is_fine_at_the_tails_and_coarse_in_the_middle() -> None:
+    levels = price_levels(PRICE_STRUCTURES["tapered_deci_cent"])
+    assert 10 in levels and 9_990 in levels and 5_010 not in levels and 5_000 in levels
+
+
+def test_live_steps_are_tick_interval_apart_and_history_precedes_them() -> None:
+    model = Exchange(SimConfig(tick_interval=0.25, start_time=START, history_steps=10))
+    assert model.time_of_step(1) - model.time_of_step(0) == 250_000
+    assert model.time_of_step(-1) == model.time_of_step(0) - 60_000_000
+    assert model.current_step == -1  # history done, live not started
