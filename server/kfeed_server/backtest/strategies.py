@@ -25,6 +25,10 @@ from kfeed_server.backtest.strategy import (
 from kfeed_server.records import OrderAction, Side, SnapshotRecord
 
 _NO_ORDERS: tuple[Order, ...] = ()
+# Enum members as module constants: attribute access on an Enum class is slow in Python 3.11, and
+# on_snapshot runs for every snapshot.
+_YES, _NO = Side.YES, Side.NO
+_BUY, _SELL = OrderAction.BUY, OrderAction.SELL
 
 COUNT_PARAMETER = ParameterSpec(
     "count",
@@ -52,7 +56,7 @@ def _require_below(values: Mapping[str, ParamValue], low: str, high: str) -> Non
 
 
 def _exit(ticker: str, side: Side, held: int) -> tuple[Order, ...]:
-    return (Order(ticker, side, OrderAction.SELL, held),)
+    return (Order(ticker, side, _SELL, held),)
 
 
 @register_strategy
@@ -101,15 +105,15 @@ class ThresholdStrategy(Strategy):
     ) -> Sequence[Order]:
         """See the class docstring."""
         ticker = snapshot.ticker
-        held = portfolio.position(ticker, Side.YES)
+        held = portfolio.position(ticker, _YES)
         if held:
             bid = snapshot.yes_bid
             if bid is not None and bid >= self.sell_above:
-                return _exit(ticker, Side.YES, held)
+                return _exit(ticker, _YES, held)
         else:
             ask = snapshot.yes_ask
             if ask is not None and ask <= self.buy_below:
-                return (Order(ticker, Side.YES, OrderAction.BUY, self.count),)
+                return (Order(ticker, _YES, _BUY, self.count),)
         return _NO_ORDERS
 
 
@@ -202,16 +206,16 @@ class MeanReversionStrategy(Strategy):
         if z is None:
             return _NO_ORDERS
         ticker = snapshot.ticker
-        long_yes = portfolio.position(ticker, Side.YES)
+        long_yes = portfolio.position(ticker, _YES)
         if long_yes:
-            return _exit(ticker, Side.YES, long_yes) if z >= -self.exit_z else _NO_ORDERS
-        long_no = portfolio.position(ticker, Side.NO)
+            return _exit(ticker, _YES, long_yes) if z >= -self.exit_z else _NO_ORDERS
+        long_no = portfolio.position(ticker, _NO)
         if long_no:
-            return _exit(ticker, Side.NO, long_no) if z <= self.exit_z else _NO_ORDERS
+            return _exit(ticker, _NO, long_no) if z <= self.exit_z else _NO_ORDERS
         if z <= -self.entry_z:
-            return (Order(ticker, Side.YES, OrderAction.BUY, self.count),)
+            return (Order(ticker, _YES, _BUY, self.count),)
         if z >= self.entry_z:
-            return (Order(ticker, Side.NO, OrderAction.BUY, self.count),)
+            return (Order(ticker, _NO, _BUY, self.count),)
         return _NO_ORDERS
 
 
@@ -268,16 +272,16 @@ class MomentumStrategy(Strategy):
         if len(mids) <= self.lookback:
             return _NO_ORDERS
         change = mid - mids[0]
-        long_yes = portfolio.position(ticker, Side.YES)
+        long_yes = portfolio.position(ticker, _YES)
         if long_yes:
-            return _exit(ticker, Side.YES, long_yes) if change < 0 else _NO_ORDERS
-        long_no = portfolio.position(ticker, Side.NO)
+            return _exit(ticker, _YES, long_yes) if change < 0 else _NO_ORDERS
+        long_no = portfolio.position(ticker, _NO)
         if long_no:
-            return _exit(ticker, Side.NO, long_no) if change > 0 else _NO_ORDERS
+            return _exit(ticker, _NO, long_no) if change > 0 else _NO_ORDERS
         if change >= self._threshold_doubled:
-            return (Order(ticker, Side.YES, OrderAction.BUY, self.count),)
+            return (Order(ticker, _YES, _BUY, self.count),)
         if change <= -self._threshold_doubled:
-            return (Order(ticker, Side.NO, OrderAction.BUY, self.count),)
+            return (Order(ticker, _NO, _BUY, self.count),)
         return _NO_ORDERS
 
 
@@ -329,14 +333,14 @@ class FavouriteStrategy(Strategy):
     ) -> Sequence[Order]:
         """See the class docstring."""
         ticker = snapshot.ticker
-        if portfolio.position(ticker, Side.YES) or portfolio.position(ticker, Side.NO):
+        if portfolio.position(ticker, _YES) or portfolio.position(ticker, _NO):
             return _NO_ORDERS
         low, high = self.min_price, self.max_price
         yes_ask, no_ask = snapshot.yes_ask, snapshot.no_ask
         if yes_ask is not None and low <= yes_ask <= high:
             probability = yes_ask / PRICE_SCALE
-            return (Order(ticker, Side.YES, OrderAction.BUY, self.count, probability),)
+            return (Order(ticker, _YES, _BUY, self.count, probability),)
         if no_ask is not None and low <= no_ask <= high:
             probability = 1.0 - no_ask / PRICE_SCALE
-            return (Order(ticker, Side.NO, OrderAction.BUY, self.count, probability),)
+            return (Order(ticker, _NO, _BUY, self.count, probability),)
         return _NO_ORDERS
