@@ -1,0 +1,164 @@
+"""WebSocket: commands and replies, snapshot then deltas, per-sid seq, lifecycle to settlement."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from kfeed_sim.fixed_point import parse_dollars
+from kfeed_sim.market_model import MarketStatus
+from kfeed_sim.server import SimHandle
+
+from .conftest import SimFactory
+from .wsclient import sim_socket
+
+
+def active_tickers(sim: SimHandle, count: int) -> list[str]:
+    return [t for t, m in sim.exchange.markets.items() if m.status is MarketStatus.ACTIVE][:count]
+
+
+def assert_seq_counts_up_by_one(frames: list[dict[str, Any]]) -> None:
+    last: dict[int, int] = {}
+    for frame in frames:
+        if "seq" in frame:
+            assert frame["seq"] == last.get(frame["sid"], 0) + 1, frame
+            last[frame["sid"]] = frame["seq"]
+
+
+def apply_book(frames: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, int]]]:
+    """Rebuild every book from a snapshot and the deltas after it (counts in 1/100)."""
+    books: dict[str, dict[str, dict[int, int]]] = defaultdict(lambda: {"yes": {}, "no": {}})
+    for frame in frames:
+        msg = frame.get("msg", {})
+        if frame["type"] == "orderbook_snapshot":
+            books[msg["market_ticker"]] = {
+                side: {parse_dollars(p): round(float(c) * 100) for p, c in msg[f"{side}_dollars_fp"]}
+                for side in ("yes", "no")
+            }
+        elif frame["type"] == "orderbook_delta":
+            side = books[msg["market_ticker"]][msg["side"]]
+            price = parse_dollars(msg["price_dollars"])
+            side[price] = side.get(price, 0) + round(float(msg["delta_fp"]) * 100)
+            if side[price] == 0:
+                del side[price]
+    return books
+
+
+async def test_orderbook_snapshot_then_deltas_rebuild_the_book(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    async with make_sim() as sim, sim_socket(sim.ws_url, private_key) as socket:
+        sim.advance(10)
+        tickers = active_tickers(sim, 2)
+        await socket.command("subscribe", channels=["orderbook_delta"], market_tickers=tickers)
+        reply = await socket.frame()
+        assert reply == {"id": 1, "type": "subscribed", "msg": {"channel": "orderbook_delta", "sid": 1}}
+        snapshots = [await socket.frame() for _ in tickers]
+        assert [f["type"] for f in snapshots] == ["orderbook_snapshot"] * 2
+        assert snapshots[0]["msg"].keys() >= {"market_ticker", "yes_dollars_fp", "no_dollars_fp"}
+        sim.advance(15)
+        frames = snapshots + await socket.frames_until_quiet()
+        assert_seq_counts_up_by_one(frames)
+        deltas = [f for f in frames if f["type"] == "orderbook_delta"]
+        assert deltas and deltas[0]["msg"].keys() >= {"market_ticker", "price_dollars", "delta_fp", "side", "ts_ms"}
+        books = apply_book(frames)
+        for ticker in tickers:
+            yes, no = sim.exchange.markets[ticker].orderbook()
+            assert sorted(books[ticker]["yes"].items()) == yes
+            assert sorted(books[ticker]["no"].items()) == no
+
+
+async def test_ticker_and_trade_channels_match_the_truth(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    async with make_sim() as sim, sim_socket(sim.ws_url, private_key) as socket:
+        sim.advance(10)
+        await socket.command("subscribe", channels=["ticker", "trade"])
+        replies = [await socket.frame(), await socket.frame()]
+        assert [r["msg"]["sid"] for r in replies] == [1, 2]
+        sim.advance(10)
+        frames = await socket.frames_until_quiet()
+        assert_seq_counts_up_by_one(frames)
+        truth = sim.truth()
+        tickers = [f["msg"] for f in frames if f["type"] == "ticker"]
+        trades = [f["msg"] for f in frames if f["type"] == "trade"]
+        assert tickers and trades
+        for msg in tickers:
+            state = next(s for s in truth[msg["market_ticker"]].states if s.ts_us // 1000 == msg["ts_ms"])
+            assert parse_dollars(msg["yes_bid_dollars"]) == state.yes_bid
+            assert parse_dollars(msg["yes_ask_dollars"]) == state.yes_ask
+            assert parse_dollars(msg["price_dollars"]) == state.last_price
+        for msg in trades:
+            trade = next(t for t in truth[msg["market_ticker"]].trades if t.trade_id == msg["trade_id"])
+            assert parse_dollars(msg["yes_price_dollars"]) == trade.yes_price
+            assert msg["taker_outcome_side"] == trade.taker_outcome_side
+
+
+async def test_unsubscribe_and_update_subscription(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    async with make_sim() as sim, sim_socket(sim.ws_url, private_key) as socket:
+        sim.advance(10)
+        first, second = active_tickers(sim, 2)
+        await socket.command("subscribe", channels=["orderbook_delta"], market_tickers=[first])
+        await socket.frames_until_quiet()
+        await socket.command("update_subscription", sids=[1], market_tickers=[second], action="add_markets")
+        frames = await socket.frames_until_quiet()
+        assert frames[0] == {"id": 2, "sid": 1, "type": "ok", "msg": {"market_tickers": sorted([first, second])}}
+        assert frames[1]["type"] == "orderbook_snapshot" and frames[1]["msg"]["market_ticker"] == second
+        assert frames[1]["seq"] == 2
+        await socket.command("update_subscription", sids=[1], market_tickers=[first], action="get_snapshot")
+        frames = await socket.frames_until_quiet()
+        assert [f["type"] for f in frames] == ["ok", "orderbook_snapshot"] and frames[1]["seq"] == 3
+        await socket.command("update_subscription", sids=[1], market_tickers=[first], action="delete_markets")
+        await socket.frames_until_quiet()
+        sim.advance(5)
+        assert {f["msg"]["market_ticker"] for f in await socket.frames_until_quiet()} == {second}
+        await socket.command("unsubscribe", sids=[1])
+        assert await socket.frame() == {"id": 5, "sid": 1, "type": "unsubscribed"}
+        sim.advance(5)
+        assert await socket.frames_until_quiet() == []
+
+
+async def test_command_errors_use_kalshi_codes(sim: SimHandle, private_key: rsa.RSAPrivateKey) -> None:
+    async with sim_socket(sim.ws_url, private_key) as socket:
+        cases: list[tuple[str, dict[str, Any], int]] = [
+            ("subscribe", {"channels": []}, 3),
+            ("subscribe", {"channels": ["ticker_v2"]}, 8),
+            ("subscribe", {"channels": ["orderbook_delta"]}, 14),
+            ("subscribe", {"channels": ["ticker"], "market_tickers": ["KXNOPE"]}, 16),
+            ("unsubscribe", {"sids": [99]}, 7),
+            ("dance", {}, 5),
+        ]
+        for cmd, params, code in cases:
+            command_id = await socket.command(cmd, **params)
+            reply = await socket.frame()
+            assert reply["id"] == command_id and reply["type"] == "error"
+            assert reply["msg"]["code"] == code, (cmd, params, reply)
+        await socket.command("subscribe", channels=["ticker"])
+        await socket.frame()
+        await socket.command("subscribe", channels=["ticker"])
+        assert (await socket.frame())["msg"]["code"] == 6
+
+
+async def test_lifecycle_channel_follows_a_market_to_settlement(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    async with make_sim(history_steps=0) as sim, sim_socket(sim.ws_url, private_key) as socket:
+        await socket.command("subscribe", channels=["market_lifecycle_v2"])
+        await socket.frame()
+        sim.advance(140)  # longer than the longest live market life
+        frames = await socket.frames_until_quiet()
+        assert_seq_counts_up_by_one(frames)
+        by_market: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for frame in frames:
+            by_market[frame["msg"]["market_ticker"]].append(frame["msg"])
+        settled = [msgs for msgs in by_market.values() if msgs[-1]["event_type"] == "settled"]
+        assert settled
+        for msgs in settled:
+            assert [m["event_type"] for m in msgs] == ["created", "activated", "determined", "settled"]
+            assert msgs[-1]["result"] in ("yes", "no")
+            assert msgs[-1].keys() >= {"open_ts", "close_ts", "determination_ts", "settled_ts", "settlement_value"}
+            assert sim.exchange.markets[msgs[-1]["market_ticker"]].status is MarketStatus.FINALIZED

@@ -1,0 +1,48 @@
+"""A tiny signed WebSocket test client for the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import websockets
+from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.asyncio.client import ClientConnection
+
+from .conftest import signed_headers
+
+
+class SimSocket:
+    """Sends commands and reads frames with a timeout, so a missing frame fails fast."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        self._next_id = 0
+
+    async def command(self, cmd: str, **params: Any) -> int:
+        self._next_id += 1
+        await self.connection.send(json.dumps({"id": self._next_id, "cmd": cmd, "params": params}))
+        return self._next_id
+
+    async def frame(self, timeout: float = 2.0) -> dict[str, Any]:
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.connection.recv(), timeout))
+        return frame
+
+    async def frames_until_quiet(self, quiet: float = 0.2) -> list[dict[str, Any]]:
+        frames: list[dict[str, Any]] = []
+        while True:
+            try:
+                frames.append(await self.frame(quiet))
+            except TimeoutError:
+                return frames
+
+
+@asynccontextmanager
+async def sim_socket(ws_url: str, private_key: rsa.RSAPrivateKey) -> AsyncIterator[SimSocket]:
+    """A signed connection to the simulator's WebSocket."""
+    headers = signed_headers(private_key, "GET", "/trade-api/ws/v2")
+    async with websockets.connect(ws_url, additional_headers=headers) as connection:
+        yield SimSocket(connection)
