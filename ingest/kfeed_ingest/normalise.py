@@ -223,6 +223,16 @@ def complement(price: int | None) -> int | None:
     return None if price is None else ONE_DOLLAR - price
 
 
+def _bid(price: int | None) -> int | None:
+    """Kalshi shows an empty bid side as a bid of 0; kfeed leaves the price absent."""
+    return None if price == 0 else price
+
+
+def _ask(price: int | None) -> int | None:
+    """Kalshi shows an empty ask side as an ask of 1.00; kfeed leaves the price absent."""
+    return None if price == ONE_DOLLAR else price
+
+
 def snapshot_from_market(
     market: KalshiMarket,
     receive_time: datetime,
@@ -230,16 +240,16 @@ def snapshot_from_market(
 ) -> types_pb2.MarketSnapshot:
     """A REST market's quote and activity as a snapshot.
 
-    The REST market carries no quote timestamp (``updated_time`` dates the metadata), so the
-    exchange time is the receive time.
+    The exchange time is the market's ``updated_time`` (when the exchange last changed it), or
+    the receive time when the exchange did not say.
     """
-    yes_bid = price_or_legacy(market.yes_bid_dollars, market.yes_bid)
-    yes_ask = price_or_legacy(market.yes_ask_dollars, market.yes_ask)
-    no_bid = price_or_legacy(market.no_bid_dollars, market.no_bid)
-    no_ask = price_or_legacy(market.no_ask_dollars, market.no_ask)
+    yes_bid = _bid(price_or_legacy(market.yes_bid_dollars, market.yes_bid))
+    yes_ask = _ask(price_or_legacy(market.yes_ask_dollars, market.yes_ask))
+    no_bid = _bid(price_or_legacy(market.no_bid_dollars, market.no_bid))
+    no_ask = _ask(price_or_legacy(market.no_ask_dollars, market.no_ask))
     return types_pb2.MarketSnapshot(
         ticker=market.ticker,
-        exchange_time=timestamp(receive_time),
+        exchange_time=timestamp(market.updated_time or receive_time),
         receive_time=timestamp(receive_time),
         source=source,
         yes_bid=dollars(yes_bid),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,26 +19,16 @@ from dataclasses import dataclass
 import grpc
 
 from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+from kfeed_ingest.backoff import Backoff
 from kfeed_ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Backoff", "PublishStats", "Publisher"]
+
 PublishRequest = ingest_service_pb2.PublishRequest
 PublishResponse = ingest_service_pb2.PublishResponse
 _OK = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential reconnect backoff with full jitter, in seconds."""
-
-    initial: float = 0.2
-    maximum: float = 10.0
-
-    def delay(self, failures: int) -> float:
-        """How long to wait after ``failures`` consecutive failures (≥ 1)."""
-        ceiling = min(self.maximum, self.initial * 2 ** max(0, failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 @dataclass(slots=True)

@@ -262,3 +262,25 @@ def test_deduper_suppresses_only_identical_book_and_activity() -> None:
     assert deduper.admit(other_market)
     assert deduper.admit(changed)
     assert deduper.admit(first)  # back to the earlier book: a change relative to the last one
+
+
+def test_kalshis_empty_side_placeholders_become_absent_prices() -> None:
+    snapshot = snapshot_from_market(
+        _market(
+            yes_bid_dollars="0.0000",
+            yes_ask_dollars="1.0000",
+            no_bid_dollars="0.0000",
+            no_ask_dollars="1.0000",
+        ),
+        RECEIVED,
+    )
+    for name in ("yes_bid", "yes_ask", "no_bid", "no_ask"):
+        assert not snapshot.HasField(name), name
+
+
+def test_rest_snapshot_exchange_time_is_updated_time_when_given() -> None:
+    snapshot = snapshot_from_market(_market(updated_time="2026-11-25T11:59:00Z"), RECEIVED)
+    assert snapshot.exchange_time.ToDatetime(tzinfo=UTC) == datetime(
+        2026, 11, 25, 11, 59, tzinfo=UTC
+    )
+    assert snapshot.receive_time.ToDatetime(tzinfo=UTC) == RECEIVED

@@ -7,7 +7,7 @@ stays a string here; :mod:`kfeed_ingest.normalise` turns it into exact fixed poi
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
@@ -24,6 +24,14 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_epoch_ms(milliseconds: int) -> datetime:
+    """Milliseconds since the epoch as an exact UTC datetime (no float rounding)."""
+    return _EPOCH + timedelta(milliseconds=milliseconds)
 
 
 OptionalTime = Annotated[datetime | None, BeforeValidator(_blank_to_none)]
@@ -145,9 +153,9 @@ class KalshiTrade(KalshiModel):
         if self.created_time is not None:
             return _utc(self.created_time)
         if self.ts_ms is not None:
-            return datetime.fromtimestamp(self.ts_ms / 1000, tz=UTC)
+            return from_epoch_ms(self.ts_ms)
         if self.ts is not None:
-            return datetime.fromtimestamp(self.ts, tz=UTC)
+            return from_epoch_ms(self.ts * 1000)
         return None
 
 
@@ -212,7 +220,7 @@ class KalshiCandlestick(KalshiModel):
     @property
     def end_time(self) -> datetime:
         """The end of the period, in UTC."""
-        return datetime.fromtimestamp(self.end_period_ts, tz=UTC)
+        return from_epoch_ms(self.end_period_ts * 1000)
 
 
 class KalshiCandlesticks(KalshiModel):

@@ -1,0 +1,174 @@
+"""The WebSocket client against the simulator: books, gaps and their recovery, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from kfeed.v1 import types_pb2
+from kfeed_ingest.backoff import Backoff
+from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
+from kfeed_sim.config import FaultConfig
+
+from .sim_support import SignedSim, eventually, signed_simulator
+
+
+@dataclass
+class Collected:
+    """Everything a running client yielded, by kind."""
+
+    client: KalshiWebSocketClient
+    snapshots: list[types_pb2.MarketSnapshot] = field(default_factory=list)
+    trades: list[types_pb2.Trade] = field(default_factory=list)
+    gaps: list[types_pb2.FeedGap] = field(default_factory=list)
+    lifecycle: list[LifecycleEvent] = field(default_factory=list)
+
+    def add(self, item: FeedItem) -> None:
+        if isinstance(item, types_pb2.MarketSnapshot):
+            self.snapshots.append(item)
+        elif isinstance(item, types_pb2.Trade):
+            self.trades.append(item)
+        elif isinstance(item, types_pb2.FeedGap):
+            self.gaps.append(item)
+        else:
+            self.lifecycle.append(item)
+
+    def latest(self, ticker: str) -> types_pb2.MarketSnapshot | None:
+        mine = [s for s in self.snapshots if s.ticker == ticker]
+        return mine[-1] if mine else None
+
+
+@contextlib.asynccontextmanager
+async def collecting(sim: SignedSim, tickers: list[str]) -> AsyncIterator[Collected]:
+    client = KalshiWebSocketClient(
+        sim.handle.ws_url,
+        sim.credentials,
+        tickers,
+        backoff=Backoff(initial=0.01, maximum=0.05),
+        coalesce_seconds=0.02,
+    )
+    collected = Collected(client)
+
+    async def run() -> None:
+        async for item in client.stream():
+            collected.add(item)
+
+    task = asyncio.create_task(run())
+    try:
+        yield collected
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _book_matches_truth(sim: SignedSim, collected: Collected, ticker: str) -> bool:
+    latest = collected.latest(ticker)
+    truth = sim.handle.exchange.markets[ticker].state
+    if latest is None:
+        return False
+    shown = (
+        latest.yes_bid.ten_thousandths if latest.HasField("yes_bid") else 0,
+        latest.yes_ask.ten_thousandths if latest.HasField("yes_ask") else 10_000,
+    )
+    return shown == (truth.yes_bid, truth.yes_ask)
+
+
+def _all_books_match(sim: SignedSim, collected: Collected, tickers: list[str]) -> bool:
+    return all(_book_matches_truth(sim, collected, ticker) for ticker in tickers)
+
+
+async def _step(sim: SignedSim, steps: int) -> None:
+    for _ in range(steps):
+        sim.handle.advance()
+        await asyncio.sleep(0.02)
+
+
+async def test_live_snapshots_follow_the_exchange_exactly() -> None:
+    async with signed_simulator() as sim:
+        tickers = sim.open_tickers()
+        async with collecting(sim, tickers) as collected:
+            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            await _step(sim, 8)
+            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            # Activity too, once the ticker channel has reported each market's last state.
+            await eventually(
+                lambda: all(
+                    (latest := collected.latest(t)) is not None
+                    and latest.volume.hundredths == sim.handle.exchange.markets[t].state.volume
+                    for t in tickers
+                    if sim.handle.exchange.markets[t].state.volume
+                )
+            )
+        assert collected.gaps == []
+        assert {s.source for s in collected.snapshots} == {types_pb2.DATA_SOURCE_WEBSOCKET}
+        assert any(s.HasField("exchange_sequence") for s in collected.snapshots)
+        truth_trades = {
+            t.trade_id for ticker in tickers for t in sim.handle.exchange.markets[ticker].trades
+        }
+        assert {t.trade_id for t in collected.trades} <= truth_trades
+
+
+def _gap_keys(gaps: list[types_pb2.FeedGap], *, recovered: bool) -> set[tuple[int, int]]:
+    return {
+        (g.subscription_id, g.expected_sequence)
+        for g in gaps
+        if g.channel == "orderbook_delta" and g.recovered == recovered
+    }
+
+
+async def test_sequence_gaps_are_recorded_and_the_books_recovered() -> None:
+    async with signed_simulator() as sim:
+        tickers = sim.open_tickers()
+        async with collecting(sim, tickers) as collected:
+            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            sim.handle.set_faults(FaultConfig(sequence_gap_rate=0.3))
+            await _step(sim, 12)
+            sim.handle.set_faults(FaultConfig())
+            await eventually(lambda: bool(_gap_keys(collected.gaps, recovered=False)))
+            await _step(sim, 3)
+            await eventually(
+                lambda: (
+                    _gap_keys(collected.gaps, recovered=False)
+                    <= _gap_keys(collected.gaps, recovered=True)
+                    and _all_books_match(sim, collected, tickers)
+                )
+            )
+        for gap in collected.gaps:
+            assert gap.received_sequence > gap.expected_sequence
+            assert gap.subscription_id > 0
+            assert gap.HasField("recover_time") == gap.recovered
+        assert collected.client.stats.gaps_recovered >= 1
+
+
+async def test_a_dropped_socket_is_reconnected_and_resubscribed() -> None:
+    async with signed_simulator() as sim:
+        tickers = sim.open_tickers()
+        async with collecting(sim, tickers) as collected:
+            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            sim.handle.set_faults(FaultConfig(drop_socket_every=5))
+            await _step(sim, 6)
+            await eventually(lambda: collected.client.stats.connections >= 2)
+            sim.handle.set_faults(FaultConfig())
+            await _step(sim, 4)
+            await eventually(lambda: _all_books_match(sim, collected, tickers))
+
+
+async def test_an_unsigned_or_wrongly_signed_handshake_keeps_retrying(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with signed_simulator() as sim:
+        client = KalshiWebSocketClient(
+            sim.handle.ws_url, None, sim.open_tickers(), backoff=Backoff(0.01, 0.02)
+        )
+        items = client.stream()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await anext(items)
+        await items.aclose()
+        assert client.stats.connections == 0
+        assert "401" in caplog.text
