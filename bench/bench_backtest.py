@@ -87,7 +87,8 @@ def run_engine(snapshots: list[SnapshotRecord], tickers: tuple[str, ...]) -> Tim
 def _cent_fees(prices: np.ndarray) -> np.ndarray:
     # ceil(0.07 × C × P × (1 − P)) to the cent, exact in int64 (see kfeed_server.backtest.fees).
     numerator = FEE_RATE * COUNT * prices * (10_000 - prices)
-    return -(-numerator // 10**12) * 100
+    fees: np.ndarray = -(-numerator // 10**12) * 100
+    return fees
 
 
 def threshold_pnl_numpy(codes: np.ndarray, bids: np.ndarray, asks: np.ndarray, markets: int) -> int:
