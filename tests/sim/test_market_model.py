@@ -59,7 +59,8 @@ def test_every_settled_market_went_through_the_whole_lifecycle_in_order() -> Non
         assert final.result in ("yes", "no")
         assert final.settlement_value == (10_000 if final.result == "yes" else 0)
         times = [s.ts_us for s in market.states]
-        assert times == sorted(times) and len(set(times)) == len(times)
+        assert times == sorted(times)
+        assert len(set(times)) == len(times)
 
 
 def test_quotes_and_trades_are_on_the_market_tick_grid() -> None:
@@ -115,7 +116,10 @@ def test_volume_adds_up_the_trades() -> None:
 
 def test_tapered_grid_is_fine_at_the_tails_and_coarse_in_the_middle() -> None:
     levels = price_levels(PRICE_STRUCTURES["tapered_deci_cent"])
-    assert 10 in levels and 9_990 in levels and 5_010 not in levels and 5_000 in levels
+    assert 10 in levels
+    assert 9_990 in levels
+    assert 5_010 not in levels
+    assert 5_000 in levels
 
 
 def test_live_steps_are_tick_interval_apart_and_history_precedes_them() -> None:

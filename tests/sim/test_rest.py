@@ -54,7 +54,8 @@ async def test_exchange_status_and_schedule(rest: httpx.AsyncClient) -> None:
 async def test_market_shape(rest: httpx.AsyncClient, sim: SimHandle) -> None:
     page = (await rest.get("/markets", params={"status": "open", "limit": 1})).json()
     market = page["markets"][0]
-    assert market["status"] == "active" and market["market_type"] == "binary"
+    assert market["status"] == "active"
+    assert market["market_type"] == "binary"
     assert "series_ticker" not in market  # Kalshi's market object has none
     for key in ("open_time", "close_time", "created_time", "updated_time", "expiration_time"):
         assert RFC3339.match(market[key]), key
@@ -73,7 +74,9 @@ async def test_settled_market_carries_result_and_settlement_value(rest: httpx.As
     market = market["markets"][0]
     assert market["status"] == "finalized"
     assert market["result"] in ("yes", "no")
-    assert market["settlement_value_dollars"] == ("1.0000" if market["result"] == "yes" else "0.0000")
+    assert market["settlement_value_dollars"] == (
+        "1.0000" if market["result"] == "yes" else "0.0000"
+    )
 
 
 async def test_pagination_walks_every_market_once(rest: httpx.AsyncClient, sim: SimHandle) -> None:
@@ -85,13 +88,16 @@ async def test_pagination_walks_every_market_once(rest: httpx.AsyncClient, sim: 
 
 
 async def test_limit_is_capped_server_side(make_sim: SimFactory) -> None:
-    async with make_sim(markets=150, history_steps=300) as sim, httpx.AsyncClient(
-        base_url=sim.rest_url
-    ) as client:
+    async with (
+        make_sim(markets=150, history_steps=300) as sim,
+        httpx.AsyncClient(base_url=sim.rest_url) as client,
+    ):
         trades = (await client.get("/markets/trades", params={"limit": 5000})).json()
-        assert len(trades["trades"]) == 1000 and trades["cursor"]
+        assert len(trades["trades"]) == 1000
+        assert trades["cursor"]
         events = (await client.get("/events", params={"limit": 5000})).json()
-        assert len(events["events"]) == 200 and events["cursor"]
+        assert len(events["events"]) == 200
+        assert events["cursor"]
 
 
 async def test_market_filters(rest: httpx.AsyncClient, sim: SimHandle) -> None:
@@ -103,12 +109,15 @@ async def test_market_filters(rest: httpx.AsyncClient, sim: SimHandle) -> None:
     by_ticker = await all_pages(rest, "/markets", "markets", tickers=f"{some.ticker},NOPE")
     assert [m["ticker"] for m in by_ticker] == [some.ticker]
     close_s = some.close_us // 1_000_000
-    window = await all_pages(rest, "/markets", "markets", min_close_ts=close_s, max_close_ts=close_s)
+    window = await all_pages(
+        rest, "/markets", "markets", min_close_ts=close_s, max_close_ts=close_s
+    )
     assert some.ticker in {m["ticker"] for m in window}
     unopened = await all_pages(rest, "/markets", "markets", status="unopened,open")
     assert {m["status"] for m in unopened} <= {"initialized", "active"}
     bad = await rest.get("/markets", params={"status": "active"})  # field value, not filter
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "bad_request"
 
 
 async def test_unknown_things_are_404_in_kalshi_shape(rest: httpx.AsyncClient) -> None:
@@ -118,7 +127,9 @@ async def test_unknown_things_are_404_in_kalshi_shape(rest: httpx.AsyncClient) -
         assert response.json()["error"]["code"] == "not_found"
 
 
-async def test_orderbook_is_bids_only_and_matches_the_quote(rest: httpx.AsyncClient, sim: SimHandle) -> None:
+async def test_orderbook_is_bids_only_and_matches_the_quote(
+    rest: httpx.AsyncClient, sim: SimHandle
+) -> None:
     for market in sim.exchange.markets.values():
         if market.status is not MarketStatus.ACTIVE:
             continue
@@ -127,7 +138,8 @@ async def test_orderbook_is_bids_only_and_matches_the_quote(rest: httpx.AsyncCli
         assert book.keys() == {"yes_dollars", "no_dollars"}
         yes = [parse_dollars(price) for price, _ in book["yes_dollars"]]
         no = [parse_dollars(price) for price, _ in book["no_dollars"]]
-        assert yes == sorted(yes) and no == sorted(no)
+        assert yes == sorted(yes)
+        assert no == sorted(no)
         quote = (await rest.get(f"/markets/{market.ticker}")).json()["market"]
         assert parse_dollars(quote["yes_ask_dollars"]) == 10_000 - max(no)
         assert parse_dollars(quote["yes_bid_dollars"]) == max(yes)
@@ -136,7 +148,9 @@ async def test_orderbook_is_bids_only_and_matches_the_quote(rest: httpx.AsyncCli
         assert top["orderbook_fp"]["yes_dollars"] == book["yes_dollars"][-1:]
 
 
-async def test_trades_newest_first_with_time_window(rest: httpx.AsyncClient, sim: SimHandle) -> None:
+async def test_trades_newest_first_with_time_window(
+    rest: httpx.AsyncClient, sim: SimHandle
+) -> None:
     cutoff = sim.exchange.historical_cutoff_us
     market = max(
         sim.exchange.markets.values(), key=lambda m: sum(t.ts_us >= cutoff for t in m.trades)
@@ -149,7 +163,10 @@ async def test_trades_newest_first_with_time_window(rest: httpx.AsyncClient, sim
         "trade_id", "ticker", "count_fp", "yes_price_dollars", "no_price_dollars",
         "taker_outcome_side", "taker_book_side", "is_block_trade", "created_time",
     }  # fmt: skip
-    assert parse_dollars(first["yes_price_dollars"]) + parse_dollars(first["no_price_dollars"]) == 10_000
+    assert (
+        parse_dollars(first["yes_price_dollars"]) + parse_dollars(first["no_price_dollars"])
+        == 10_000
+    )
     middle = market.trades[len(market.trades) // 2].ts_us // 1_000_000
     windowed = await all_pages(
         rest, "/markets/trades", "trades", ticker=market.ticker, min_ts=middle, max_ts=middle
@@ -158,11 +175,14 @@ async def test_trades_newest_first_with_time_window(rest: httpx.AsyncClient, sim
     assert [t["trade_id"] for t in windowed] == [t.trade_id for t in reversed(in_window)]
 
 
-async def test_historical_tier_splits_at_the_cutoff(rest: httpx.AsyncClient, sim: SimHandle) -> None:
+async def test_historical_tier_splits_at_the_cutoff(
+    rest: httpx.AsyncClient, sim: SimHandle
+) -> None:
     cutoff = (await rest.get("/historical/cutoff")).json()
     assert cutoff.keys() == {"market_settled_ts", "trades_created_ts", "orders_updated_ts"}
     old = await all_pages(rest, "/historical/markets", "markets", limit=2)
-    assert old and all(m["status"] == "finalized" for m in old)
+    assert old
+    assert all(m["status"] == "finalized" for m in old)
     live = {m["ticker"] for m in await all_pages(rest, "/markets", "markets")}
     assert live.isdisjoint(m["ticker"] for m in old)
     ticker = old[0]["ticker"]
@@ -184,9 +204,11 @@ async def test_events_series_and_nested_markets(rest: httpx.AsyncClient, sim: Si
     single = (await rest.get(f"/events/{event['event_ticker']}")).json()
     assert [m["ticker"] for m in single["markets"]] == [m["ticker"] for m in event["markets"]]
     series = (await rest.get(f"/series/{event['series_ticker']}")).json()["series"]
-    assert series["ticker"] == event["series_ticker"] and "fee_type" in series
+    assert series["ticker"] == event["series_ticker"]
+    assert "fee_type" in series
     open_events = await all_pages(rest, "/events", "events", status="open")
-    assert open_events and len(open_events) < len(events)
+    assert open_events
+    assert len(open_events) < len(events)
 
 
 @pytest.mark.parametrize("historical", [False, True])
@@ -200,28 +222,47 @@ async def test_candlesticks(rest: httpx.AsyncClient, sim: SimHandle, historical:
         if historical
         else f"/series/{market.series_ticker}/markets/{market.ticker}/candlesticks"
     )
-    span = {"start_ts": market.created_us // 1_000_000 - 3600, "end_ts": market.settle_us // 1_000_000 + 3600}
+    span = {
+        "start_ts": market.created_us // 1_000_000 - 3600,
+        "end_ts": market.settle_us // 1_000_000 + 3600,
+    }
     body = (await rest.get(path, params={**span, "period_interval": 1})).json()
     assert body["market_ticker"] == market.ticker
     candles = body["candlesticks"]
     ends = [c["end_period_ts"] for c in candles]
-    assert ends == sorted(ends) and all(end % 60 == 0 for end in ends)
+    assert ends == sorted(ends)
+    assert all(end % 60 == 0 for end in ends)
     assert sum(Decimal(c["volume_fp"]) for c in candles) * 100 == sum(
         t.count for t in market.trades if t.ts_us <= market.close_us
     )
     candle = next(c for c in candles if c["price"]["open_dollars"] is not None)
-    assert candle["price"].keys() >= {"open_dollars", "high_dollars", "low_dollars", "close_dollars", "mean_dollars", "previous_dollars"}
-    assert candle["yes_bid"].keys() >= {"open_dollars", "high_dollars", "low_dollars", "close_dollars"}
+    assert candle["price"].keys() >= {
+        "open_dollars",
+        "high_dollars",
+        "low_dollars",
+        "close_dollars",
+        "mean_dollars",
+        "previous_dollars",
+    }
+    assert candle["yes_bid"].keys() >= {
+        "open_dollars",
+        "high_dollars",
+        "low_dollars",
+        "close_dollars",
+    }
     bad = await rest.get(path, params={**span, "period_interval": 5})
     assert bad.status_code == 400
 
 
 async def test_legacy_integer_fields_can_be_switched_off(make_sim: SimFactory) -> None:
-    async with make_sim(legacy_integer_fields=False) as sim, httpx.AsyncClient(
-        base_url=sim.rest_url
-    ) as client:
+    async with (
+        make_sim(legacy_integer_fields=False) as sim,
+        httpx.AsyncClient(base_url=sim.rest_url) as client,
+    ):
         market = (await client.get("/markets", params={"limit": 1})).json()["markets"][0]
-        assert "yes_bid_dollars" in market and "yes_bid" not in market and "volume" not in market
+        assert "yes_bid_dollars" in market
+        assert "yes_bid" not in market
+        assert "volume" not in market
         book = (await client.get(f"/markets/{market['ticker']}/orderbook")).json()
         assert book.keys() == {"orderbook_fp"}
 

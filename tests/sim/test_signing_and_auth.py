@@ -52,16 +52,23 @@ async def test_signed_rest_request_is_verified(
     response = await rest.get("/exchange/status", headers=bad)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "authentication_error"
-    unknown = await rest.get("/exchange/status", headers=signed_headers(private_key, "GET", path, "x"))
+    unknown = await rest.get(
+        "/exchange/status", headers=signed_headers(private_key, "GET", path, "x")
+    )
     assert unknown.status_code == 401
     stale = signed_headers(private_key, "GET", path)
     old = int(time.time() * 1000) - 3_600_000
-    stale |= {"KALSHI-ACCESS-TIMESTAMP": str(old), "KALSHI-ACCESS-SIGNATURE": sign_request(private_key, old, "GET", path)}
+    stale |= {
+        "KALSHI-ACCESS-TIMESTAMP": str(old),
+        "KALSHI-ACCESS-SIGNATURE": sign_request(private_key, old, "GET", path),
+    }
     assert (await rest.get("/exchange/status", headers=stale)).status_code == 401
     assert (await rest.get("/exchange/status")).status_code == 200  # public calls need no key
 
 
-async def test_websocket_handshake_must_be_signed(sim: SimHandle, private_key: rsa.RSAPrivateKey) -> None:
+async def test_websocket_handshake_must_be_signed(
+    sim: SimHandle, private_key: rsa.RSAPrivateKey
+) -> None:
     with pytest.raises(InvalidStatus) as unsigned:
         await websockets.connect(sim.ws_url)
     assert unsigned.value.response.status_code == 401

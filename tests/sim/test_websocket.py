@@ -34,7 +34,9 @@ def apply_book(frames: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, in
         msg = frame.get("msg", {})
         if frame["type"] == "orderbook_snapshot":
             books[msg["market_ticker"]] = {
-                side: {parse_dollars(p): round(float(c) * 100) for p, c in msg[f"{side}_dollars_fp"]}
+                side: {
+                    parse_dollars(p): round(float(c) * 100) for p, c in msg[f"{side}_dollars_fp"]
+                }
                 for side in ("yes", "no")
             }
         elif frame["type"] == "orderbook_delta":
@@ -54,7 +56,11 @@ async def test_orderbook_snapshot_then_deltas_rebuild_the_book(
         tickers = active_tickers(sim, 2)
         await socket.command("subscribe", channels=["orderbook_delta"], market_tickers=tickers)
         reply = await socket.frame()
-        assert reply == {"id": 1, "type": "subscribed", "msg": {"channel": "orderbook_delta", "sid": 1}}
+        assert reply == {
+            "id": 1,
+            "type": "subscribed",
+            "msg": {"channel": "orderbook_delta", "sid": 1},
+        }
         snapshots = [await socket.frame() for _ in tickers]
         assert [f["type"] for f in snapshots] == ["orderbook_snapshot"] * 2
         assert snapshots[0]["msg"].keys() >= {"market_ticker", "yes_dollars_fp", "no_dollars_fp"}
@@ -62,7 +68,14 @@ async def test_orderbook_snapshot_then_deltas_rebuild_the_book(
         frames = snapshots + await socket.frames_until_quiet()
         assert_seq_counts_up_by_one(frames)
         deltas = [f for f in frames if f["type"] == "orderbook_delta"]
-        assert deltas and deltas[0]["msg"].keys() >= {"market_ticker", "price_dollars", "delta_fp", "side", "ts_ms"}
+        assert deltas
+        assert deltas[0]["msg"].keys() >= {
+            "market_ticker",
+            "price_dollars",
+            "delta_fp",
+            "side",
+            "ts_ms",
+        }
         books = apply_book(frames)
         for ticker in tickers:
             yes, no = sim.exchange.markets[ticker].orderbook()
@@ -84,14 +97,19 @@ async def test_ticker_and_trade_channels_match_the_truth(
         truth = sim.truth()
         tickers = [f["msg"] for f in frames if f["type"] == "ticker"]
         trades = [f["msg"] for f in frames if f["type"] == "trade"]
-        assert tickers and trades
+        assert tickers
+        assert trades
         for msg in tickers:
-            state = next(s for s in truth[msg["market_ticker"]].states if s.ts_us // 1000 == msg["ts_ms"])
+            state = next(
+                s for s in truth[msg["market_ticker"]].states if s.ts_us // 1000 == msg["ts_ms"]
+            )
             assert parse_dollars(msg["yes_bid_dollars"]) == state.yes_bid
             assert parse_dollars(msg["yes_ask_dollars"]) == state.yes_ask
             assert parse_dollars(msg["price_dollars"]) == state.last_price
         for msg in trades:
-            trade = next(t for t in truth[msg["market_ticker"]].trades if t.trade_id == msg["trade_id"])
+            trade = next(
+                t for t in truth[msg["market_ticker"]].trades if t.trade_id == msg["trade_id"]
+            )
             assert parse_dollars(msg["yes_price_dollars"]) == trade.yes_price
             assert msg["taker_outcome_side"] == trade.taker_outcome_side
 
@@ -104,15 +122,28 @@ async def test_unsubscribe_and_update_subscription(
         first, second = active_tickers(sim, 2)
         await socket.command("subscribe", channels=["orderbook_delta"], market_tickers=[first])
         await socket.frames_until_quiet()
-        await socket.command("update_subscription", sids=[1], market_tickers=[second], action="add_markets")
+        await socket.command(
+            "update_subscription", sids=[1], market_tickers=[second], action="add_markets"
+        )
         frames = await socket.frames_until_quiet()
-        assert frames[0] == {"id": 2, "sid": 1, "type": "ok", "msg": {"market_tickers": sorted([first, second])}}
-        assert frames[1]["type"] == "orderbook_snapshot" and frames[1]["msg"]["market_ticker"] == second
+        assert frames[0] == {
+            "id": 2,
+            "sid": 1,
+            "type": "ok",
+            "msg": {"market_tickers": sorted([first, second])},
+        }
+        assert frames[1]["type"] == "orderbook_snapshot"
+        assert frames[1]["msg"]["market_ticker"] == second
         assert frames[1]["seq"] == 2
-        await socket.command("update_subscription", sids=[1], market_tickers=[first], action="get_snapshot")
+        await socket.command(
+            "update_subscription", sids=[1], market_tickers=[first], action="get_snapshot"
+        )
         frames = await socket.frames_until_quiet()
-        assert [f["type"] for f in frames] == ["ok", "orderbook_snapshot"] and frames[1]["seq"] == 3
-        await socket.command("update_subscription", sids=[1], market_tickers=[first], action="delete_markets")
+        assert [f["type"] for f in frames] == ["ok", "orderbook_snapshot"]
+        assert frames[1]["seq"] == 3
+        await socket.command(
+            "update_subscription", sids=[1], market_tickers=[first], action="delete_markets"
+        )
         await socket.frames_until_quiet()
         sim.advance(5)
         assert {f["msg"]["market_ticker"] for f in await socket.frames_until_quiet()} == {second}
@@ -122,7 +153,9 @@ async def test_unsubscribe_and_update_subscription(
         assert await socket.frames_until_quiet() == []
 
 
-async def test_command_errors_use_kalshi_codes(sim: SimHandle, private_key: rsa.RSAPrivateKey) -> None:
+async def test_command_errors_use_kalshi_codes(
+    sim: SimHandle, private_key: rsa.RSAPrivateKey
+) -> None:
     async with sim_socket(sim.ws_url, private_key) as socket:
         cases: list[tuple[str, dict[str, Any], int]] = [
             ("subscribe", {"channels": []}, 3),
@@ -135,7 +168,8 @@ async def test_command_errors_use_kalshi_codes(sim: SimHandle, private_key: rsa.
         for cmd, params, code in cases:
             command_id = await socket.command(cmd, **params)
             reply = await socket.frame()
-            assert reply["id"] == command_id and reply["type"] == "error"
+            assert reply["id"] == command_id
+            assert reply["type"] == "error"
             assert reply["msg"]["code"] == code, (cmd, params, reply)
         await socket.command("subscribe", channels=["ticker"])
         await socket.frame()
@@ -158,7 +192,18 @@ async def test_lifecycle_channel_follows_a_market_to_settlement(
         settled = [msgs for msgs in by_market.values() if msgs[-1]["event_type"] == "settled"]
         assert settled
         for msgs in settled:
-            assert [m["event_type"] for m in msgs] == ["created", "activated", "determined", "settled"]
+            assert [m["event_type"] for m in msgs] == [
+                "created",
+                "activated",
+                "determined",
+                "settled",
+            ]
             assert msgs[-1]["result"] in ("yes", "no")
-            assert msgs[-1].keys() >= {"open_ts", "close_ts", "determination_ts", "settled_ts", "settlement_value"}
+            assert msgs[-1].keys() >= {
+                "open_ts",
+                "close_ts",
+                "determination_ts",
+                "settled_ts",
+                "settlement_value",
+            }
             assert sim.exchange.markets[msgs[-1]["market_ticker"]].status is MarketStatus.FINALIZED

@@ -23,15 +23,19 @@ class SimSocket:
         self._next_id = 0
 
     async def command(self, cmd: str, **params: Any) -> int:
+        """Send a command with the next id; returns the id."""
         self._next_id += 1
         await self.connection.send(json.dumps({"id": self._next_id, "cmd": cmd, "params": params}))
         return self._next_id
 
-    async def frame(self, timeout: float = 2.0) -> dict[str, Any]:
-        frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.connection.recv(), timeout))
+    async def frame(self, wait: float = 2.0) -> dict[str, Any]:
+        """The next frame, or TimeoutError after ``wait`` seconds."""
+        async with asyncio.timeout(wait):
+            frame: dict[str, Any] = json.loads(await self.connection.recv())
         return frame
 
     async def frames_until_quiet(self, quiet: float = 0.2) -> list[dict[str, Any]]:
+        """Every frame until none arrives for ``quiet`` seconds."""
         frames: list[dict[str, Any]] = []
         while True:
             try:
