@@ -7,7 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 from kfeed_server.backtest import Order, PortfolioView, Strategy, StrategyRegistry
 from kfeed_server.backtest.strategy import MarketView
-from kfeed_server.records import DataSource, MarketRecord, MarketResult, MarketStatus, SnapshotRecord
+from kfeed_server.records import (
+    DataSource,
+    MarketRecord,
+    MarketResult,
+    MarketStatus,
+    SnapshotRecord,
+)
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from kfeed_server.backtest import EngineConfig, FeeRounding, Order, run_backtest
 from kfeed_server.records import MarketRecord, MarketResult, OrderAction, Side, SnapshotRecord
-
 from tests.backtest.support import at, quote, scripted_registry, settled
 
 BUY, SELL, SETTLE, MARK = OrderAction.BUY, OrderAction.SELL, OrderAction.SETTLE, OrderAction.MARK
@@ -153,7 +152,12 @@ def test_slippage_is_paid_on_both_sides_and_the_fee_is_on_the_touch() -> None:
     # Buy at 0.40 + 0.01; fee on 0.40: 0.07 × 0.4 × 0.6 = 0.0168 → 200. Cash −4_300.
     assert (buy.price, buy.fee, buy.cash_after) == (4_100, 200, 9_995_700)
     # Sell at 0.50 − 0.01; fee on 0.50: 0.0175 → 200. Net 4_700; realised 4_700 − 4_300 = 400.
-    assert (sell.price, sell.fee, sell.cash_after, sell.realized_pnl) == (4_900, 200, 10_000_400, 400)
+    assert (sell.price, sell.fee, sell.cash_after, sell.realized_pnl) == (
+        4_900,
+        200,
+        10_000_400,
+        400,
+    )
 
 
 def test_buy_is_reduced_to_what_cash_can_pay() -> None:
@@ -199,9 +203,11 @@ def test_fills_are_capped_by_displayed_size_shared_within_a_snapshot() -> None:
 def test_ten_thousandth_rounding_and_custom_rate() -> None:
     script = {1: [Order("A", YES, BUY, 100)]}
     config = EngineConfig(
-        "scripted", ("A",), taker_fee_rate_ten_thousandths=350,
+        "scripted",
+        ("A",),
+        taker_fee_rate_ten_thousandths=350,
         fee_rounding=FeeRounding.TEN_THOUSANDTH,
-    )  # fmt: skip
+    )
     result = run_backtest(
         config, {}, [quote("A", 0, 1, 4_900, 5_000)], registry=scripted_registry(script)
     )
@@ -216,8 +222,10 @@ def test_scalar_settlement_pays_the_settlement_value() -> None:
     )
     snapshots: list[SnapshotRecord] = [quote("S", 0, 1, 4_000, 4_000)]
     result = run_backtest(
-        EngineConfig("scripted", ("S",)), {"S": market}, snapshots,
+        EngineConfig("scripted", ("S",)),
+        {"S": market},
+        snapshots,
         registry=scripted_registry(script),
-    )  # fmt: skip
+    )
     payouts = [(e.side, e.price) for e in result.executions if e.action is SETTLE]
     assert payouts == [(YES, 3_000), (NO, 7_000)]

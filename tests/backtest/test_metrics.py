@@ -12,7 +12,6 @@ import pytest
 from kfeed_server.backtest import BacktestResult, EngineConfig, Order, run_backtest
 from kfeed_server.backtest.metrics import downsample, max_drawdown
 from kfeed_server.records import MarketResult, OrderAction, Side
-
 from tests.backtest.support import T0, quote, scripted_registry, settled
 
 DAY = 24 * 60
@@ -34,7 +33,10 @@ def _multi_day_run() -> BacktestResult:
     ]
     snapshots = [quote(t, m, i + 1, bid, ask) for i, (t, m, bid, ask, _) in enumerate(rows)]
     script = {i + 1: orders for i, (*_, orders) in enumerate(rows)}
-    markets = {"B": settled("B", MarketResult.YES, 3 * DAY), "A": settled("A", MarketResult.NO, 99 * DAY)}
+    markets = {
+        "B": settled("B", MarketResult.YES, 3 * DAY),
+        "A": settled("A", MarketResult.NO, 99 * DAY),
+    }
     # A settles after the window: its NO position is marked, but its result still grades the
     # stated probability.
     config = EngineConfig("scripted", ("A", "B"), end_time=T0 + timedelta(days=7))
@@ -61,7 +63,9 @@ def _daily_closes(times: list[datetime], equity: list[int]) -> list[int]:
 def test_sharpe_and_sortino_match_numpy(run: BacktestResult) -> None:
     times = [p.time for p in run.equity_curve]
     closes = np.array(_daily_closes(times, [p.equity for p in run.equity_curve]), dtype=float)
-    returns = np.diff(np.concatenate(([INITIAL], closes))) / np.concatenate(([INITIAL], closes[:-1]))
+    returns = np.diff(np.concatenate(([INITIAL], closes))) / np.concatenate(
+        ([INITIAL], closes[:-1])
+    )
     assert returns.size == 7  # days 0..6
     expected_sharpe = returns.mean() / returns.std(ddof=1) * math.sqrt(365)
     downside = np.sqrt(np.sum(np.clip(returns, None, 0.0) ** 2) / returns.size)
@@ -104,7 +108,9 @@ def test_round_trip_metrics_match_the_executions(run: BacktestResult) -> None:
     assert run.metrics.win_rate == len(wins) / len(trips)
     assert run.metrics.profit_factor == pytest.approx(sum(wins) / sum(losses))
     assert run.metrics.expectancy == round(sum(trips) / len(trips))
-    assert run.metrics.trade_count == sum(e.action in (BUY, SELL) for e in run.executions) == 6  # 4 buys, 2 sells
+    assert (
+        run.metrics.trade_count == sum(e.action in (BUY, SELL) for e in run.executions) == 6
+    )  # 4 buys, 2 sells
     assert run.metrics.fees_paid == sum(e.fee for e in run.executions)
     assert run.metrics.total_pnl == sum(e.realized_pnl for e in run.executions)
     assert run.metrics.total_pnl == run.equity_curve[-1].equity - INITIAL
@@ -162,8 +168,6 @@ def test_downsample_keeps_the_last_point_of_each_chunk() -> None:
 
 def test_equity_curve_is_bounded() -> None:
     snapshots = [quote("A", k, k + 1, 4_500, 4_600) for k in range(50)]
-    result = run_backtest(
-        EngineConfig("threshold", ("A",)), {}, snapshots, max_equity_points=10
-    )
+    result = run_backtest(EngineConfig("threshold", ("A",)), {}, snapshots, max_equity_points=10)
     assert len(result.equity_curve) == 10
     assert result.equity_curve[-1].time == snapshots[-1].exchange_time

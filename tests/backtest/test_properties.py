@@ -1,0 +1,91 @@
+"""Properties over random books and random orders: the limits keep the account solvent."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kfeed_server.backtest import EngineConfig, FeeRounding, Order, run_backtest
+from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
+from tests.backtest.support import quote, scripted_registry, settled
+
+TICKERS = ("A", "B")
+
+
+@st.composite
+def books(draw: st.DrawFn) -> list[SnapshotRecord]:
+    """Snapshots with any prices (including missing sides and sub-penny levels) and sizes."""
+    count = draw(st.integers(1, 25))
+    snapshots = []
+    for k in range(count):
+        bid = draw(st.one_of(st.none(), st.integers(0, 9_999)))
+        ask = draw(st.one_of(st.none(), st.integers(bid or 1, 10_000)))
+        size = st.one_of(st.none(), st.integers(0, 500))
+        snapshots.append(
+            quote(
+                draw(st.sampled_from(TICKERS)),
+                k,
+                k + 1,
+                bid,
+                ask,
+                yes_bid_size=draw(size),
+                yes_ask_size=draw(size),
+            )
+        )
+    return snapshots
+
+
+orders = st.builds(
+    Order,
+    ticker=st.sampled_from(TICKERS),
+    side=st.sampled_from([Side.YES, Side.NO]),
+    action=st.sampled_from([OrderAction.BUY, OrderAction.SELL]),
+    count=st.integers(1, 5_000),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    snapshots=books(),
+    script=st.dictionaries(st.integers(1, 25), st.lists(orders, max_size=4)),
+    initial_cash=st.integers(1, 100_000),
+    slippage=st.integers(0, 500),
+    max_position=st.integers(0, 1_000),
+    capped=st.booleans(),
+    rounding=st.sampled_from([FeeRounding.CENT, FeeRounding.TEN_THOUSANDTH]),
+    result=st.sampled_from([MarketResult.YES, MarketResult.NO, MarketResult.UNSPECIFIED]),
+)
+def test_account_stays_solvent_and_fees_non_negative(
+    snapshots: list[SnapshotRecord],
+    script: dict[int, list[Order]],
+    initial_cash: int,
+    slippage: int,
+    max_position: int,
+    capped: bool,
+    rounding: FeeRounding,
+    result: MarketResult,
+) -> None:
+    config = EngineConfig(
+        "scripted",
+        TICKERS,
+        initial_cash=initial_cash,
+        slippage=slippage,
+        max_position=max_position,
+        cap_by_displayed_size=capped,
+        fee_rounding=rounding,
+    )
+    markets = {"A": settled("A", result, 12)}
+    run = run_backtest(config, markets, snapshots, registry=scripted_registry(script))
+
+    for execution in run.executions:
+        assert execution.cash_after >= 0
+        assert execution.fee >= 0
+        assert execution.position_after >= 0
+        assert execution.count > 0
+        if max_position and execution.action is OrderAction.BUY:
+            assert execution.position_after <= max_position
+    assert all(point.equity >= 0 for point in run.equity_curve)
+    assert run.metrics.fees_paid >= 0
+    # Every unit of PnL is accounted for by some execution.
+    assert run.metrics.total_pnl == sum(e.realized_pnl for e in run.executions)
+    assert 0.0 <= run.metrics.exposure <= 1.0
