@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord, TradeRecord
+from kfeed_server.transport.convert import (
+    feed_gap_to_proto,
+    market_to_proto,
+    snapshot_to_proto,
+    trade_to_proto,
+)
 
 
 @pytest.fixture
@@ -44,3 +52,52 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
         if detail.Unpack(bad_request):
             fields.extend(v.field for v in bad_request.field_violations)
     return fields
+
+
+class PublishSession:
+    """One open IngestService.Publish stream: send a batch, await its ack."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+        self._call = stub.Publish()
+        self._next_batch_id = 1
+
+    async def publish(
+        self,
+        *,
+        markets: Sequence[MarketRecord] = (),
+        snapshots: Sequence[SnapshotRecord] = (),
+        trades: Sequence[TradeRecord] = (),
+        gaps: Sequence[FeedGapRecord] = (),
+        batch_id: int | None = None,
+    ) -> ingest_service_pb2.PublishResponse:
+        request = ingest_service_pb2.PublishRequest(
+            batch_id=self._next_batch_id if batch_id is None else batch_id,
+            producer="tests",
+            markets=[market_to_proto(m) for m in markets],
+            snapshots=[snapshot_to_proto(s) for s in snapshots],
+            trades=[trade_to_proto(t) for t in trades],
+            feed_gaps=[feed_gap_to_proto(g) for g in gaps],
+        )
+        return await self.send(request)
+
+    async def send(
+        self, request: ingest_service_pb2.PublishRequest
+    ) -> ingest_service_pb2.PublishResponse:
+        self._next_batch_id = max(self._next_batch_id, request.batch_id) + 1
+        await self._call.write(request)
+        ack = await self._call.read()
+        assert isinstance(ack, ingest_service_pb2.PublishResponse), ack
+        return ack
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+
+
+@pytest.fixture
+async def publisher(channel: grpc.aio.Channel) -> AsyncIterator[PublishSession]:
+    session = PublishSession(channel)
+    try:
+        yield session
+    finally:
+        await session.close()

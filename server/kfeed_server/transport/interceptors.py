@@ -96,7 +96,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         request_id = _incoming_request_id(context)
-        token = request_id_var.set(request_id)
+        # Each RPC runs in its own task, so setting the context variable scopes it to the call.
+        request_id_var.set(request_id)
         try:
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             return await behavior(request, context)
@@ -104,8 +105,6 @@ def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
             raise
         except Exception as error:  # every failure gets a status; see _handle_failure
             await _handle_failure(error, context, method, request_id)
-        finally:
-            request_id_var.reset(token)
 
     return unary
 
@@ -119,7 +118,7 @@ def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior | Unar
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         request_id = _incoming_request_id(context)
-        token = request_id_var.set(request_id)
+        request_id_var.set(request_id)
         try:
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             async for response in behavior(request, context):
@@ -128,7 +127,5 @@ def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior | Unar
             raise
         except Exception as error:  # every failure gets a status; see _handle_failure
             await _handle_failure(error, context, method, request_id)
-        finally:
-            request_id_var.reset(token)
 
     return stream

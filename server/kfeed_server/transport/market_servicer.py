@@ -29,6 +29,7 @@ from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
 from kfeed_server.transport.convert import (
     feed_gap_to_proto,
     market_to_proto,
+    optional_timestamp,
     snapshot_to_proto,
     timestamp,
     trade_to_proto,
@@ -163,7 +164,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         resume_after_id = (
             decode_resume_token(request.resume_token) if request.resume_token else None
         )
-        start_time, _ = time_window(request, end_field="start_time")
+        start_time = optional_timestamp(request, "start_time")
         heartbeat = duration_seconds(
             request, "heartbeat_interval", default=5.0, minimum=0.1, maximum=60.0
         )
