@@ -45,6 +45,7 @@ BASE = EngineConfig("threshold", ("A",))
         (replace(BASE, taker_fee_rate_ten_thousandths=-1), "taker_fee_rate_ten_thousandths"),
         (replace(BASE, slippage=-5), "slippage"),
         (replace(BASE, max_position=-1), "max_position"),
+        (replace(BASE, fee_rounding=9), "fee_rounding"),  # type: ignore[arg-type]
     ],
 )
 def test_invalid_config_names_the_field(config: EngineConfig, field: str) -> None:

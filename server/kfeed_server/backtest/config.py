@@ -43,8 +43,8 @@ def validate_config(
     """Returns ``config`` with its parameters checked, coerced and completed with defaults.
 
     Raises ConfigError naming the offending field: ``strategy``, ``parameters.<name>``,
-    ``tickers``, ``end_time``, ``initial_cash``, ``taker_fee_rate_ten_thousandths``,
-    ``slippage`` or ``max_position``.
+    ``tickers``, ``start_time``, ``end_time``, ``initial_cash``,
+    ``taker_fee_rate_ten_thousandths``, ``fee_rounding``, ``slippage`` or ``max_position``.
     """
     cls = registry.get(config.strategy)
     parameters = resolve_parameters(cls.parameters, config.parameters)
@@ -73,7 +73,10 @@ def validate_config(
         raise ConfigError("slippage", "must be in 0..10000")
     if config.max_position < 0:
         raise ConfigError("max_position", "must not be negative")
-    rounding = FeeRounding(config.fee_rounding)
+    try:
+        rounding = FeeRounding(config.fee_rounding)
+    except ValueError:
+        raise ConfigError("fee_rounding", f"unknown fee rounding {config.fee_rounding!r}") from None
     if rounding is FeeRounding.UNSPECIFIED:
         rounding = FeeRounding.CENT
     return replace(
