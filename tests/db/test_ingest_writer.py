@@ -162,7 +162,10 @@ async def test_duplicate_keys_within_one_batch(repositories: Repositories) -> No
         trades=[make_trade("A", 0), make_trade("A", 0)],
         feed_gaps=[make_gap(1), make_gap(1)],
     )
-    assert result.counts == WriteCounts(markets=1, snapshots=1, trades=1, feed_gaps=1)
+    # The repeated snapshot repeats the market's state too.
+    assert result.counts == WriteCounts(
+        markets=1, snapshots=1, trades=1, feed_gaps=1, snapshots_unchanged=1
+    )
     market = await repositories.markets.get_market("A")
     assert market is not None
     assert market.title == "last"
@@ -183,3 +186,29 @@ async def test_gap_recovery_is_an_upsert_that_never_goes_back(repositories: Repo
     assert third.counts.feed_gaps == 0
     gaps = await repositories.feed_gaps.list_gaps(tickers=None, after_id=0, limit=10)
     assert [(g.recovered, g.recover_time) for g in gaps] == [(True, at(5))]
+
+
+async def test_large_batch_with_a_repeated_key_stores_the_first(repositories: Repositories) -> None:
+    """On PostgreSQL the direct COPY hits the unique key and falls back to the staging path."""
+    snapshots = [make_snapshot("A", i) for i in range(COPY_THRESHOLD + 10)]
+    repeated_key = dataclasses.replace(snapshots[-1], yes_bid=1, last_price=99)
+    result = await repositories.ingest.insert_snapshots([*snapshots, repeated_key])
+    assert result.counts.snapshots == len(snapshots)
+    stored_last = await repositories.snapshots.latest("A")
+    assert stored_last is not None
+    assert stored_last == dataclasses.replace(
+        snapshots[-1], snapshot_id=result.stored_snapshots[-1].snapshot_id
+    )
+
+
+async def test_large_backfill_older_than_stored_data(repositories: Repositories) -> None:
+    await repositories.ingest.insert_snapshots([make_snapshot("A", 10_000)])
+    older = [make_snapshot("A", i, source=DataSource.BACKFILL) for i in range(COPY_THRESHOLD)]
+    result = await repositories.ingest.insert_snapshots(older)
+    assert result.counts.snapshots == COPY_THRESHOLD
+    assert [s.exchange_time for s in result.stored_snapshots] == [
+        at(i) for i in range(COPY_THRESHOLD)
+    ]
+    latest = await repositories.snapshots.latest("A")
+    assert latest is not None
+    assert latest.exchange_time == at(10_000)

@@ -6,9 +6,11 @@ import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import starmap
 from operator import attrgetter
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -20,7 +22,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeDecorator
@@ -38,7 +39,6 @@ from kfeed_server.db.repositories._common import (
     chunks,
     insert_for,
     is_postgresql,
-    require_aware,
     rows_per_statement,
 )
 from kfeed_server.db.repositories.markets import record_rows, series_rows, upsert_rows
@@ -96,17 +96,13 @@ class BatchWriteResult:
 def _without_unchanged(
     batch: Sequence[SnapshotRecord], latest_stored: Sequence[SnapshotRecord]
 ) -> tuple[list[SnapshotRecord], int]:
-    """Drop snapshots that repeat their market's previous state (the latest stored one, then the
-    previous one kept in this batch, in exchange-time order) and exact repeats of a unique key."""
+    """Drop snapshots that repeat their market's previous state: the latest stored one, then the
+    previous one kept from this batch, in exchange-time order. (An exact repeat within the batch
+    repeats the state too.)"""
     previous = {s.ticker: s for s in latest_stored}
-    seen_keys: set[tuple[object, ...]] = set()
     kept: list[SnapshotRecord] = []
     unchanged = 0
     for snapshot in sorted(batch, key=attrgetter("exchange_time", "receive_time")):
-        key = (snapshot.ticker, snapshot.source, snapshot.exchange_time, snapshot.receive_time)
-        if key in seen_keys:
-            continue
-        seen_keys.add(key)
         before = previous.get(snapshot.ticker)
         if before is not None and snapshot.same_market_state(before):
             unchanged += 1
@@ -116,52 +112,123 @@ def _without_unchanged(
     return kept, unchanged
 
 
-def _insert_snapshots_statement(connection: AsyncConnection) -> Any:
-    statement = insert_for(connection, snapshots_table)
-    return statement.on_conflict_do_nothing(
-        index_elements=[snapshots_table.c[name] for name in _SNAPSHOT_KEY]
-    ).returning(*SNAPSHOT_COLUMNS)
-
-
 async def _insert_snapshots_by_values(
     connection: AsyncConnection, snapshots: Sequence[SnapshotRecord]
 ) -> list[SnapshotRecord]:
     rows = [dict(zip(_SNAPSHOT_FIELDS, _snapshot_values(s), strict=True)) for s in snapshots]
-    statement = _insert_snapshots_statement(connection)
+    statement = (
+        insert_for(connection, snapshots_table)
+        .on_conflict_do_nothing(index_elements=[snapshots_table.c[n] for n in _SNAPSHOT_KEY])
+        .returning(*SNAPSHOT_COLUMNS)
+    )
     stored: list[SnapshotRecord] = []
     for chunk in chunks(rows, rows_per_statement(len(_SNAPSHOT_FIELDS))):
         result = await connection.execute(statement, list(chunk))
         stored.extend(SnapshotRecord(*row) for row in result)
-    return stored
+    return sorted(stored, key=attrgetter("snapshot_id"))
+
+
+_COLUMN_LIST = ", ".join(_SNAPSHOT_FIELDS)
+_KEY_LIST = ", ".join(_SNAPSHOT_KEY)
+# The CTE's join maps each new id back to its staged row by the unique key, so only two integers
+# a row come back (decoding full rows cost more than the whole INSERT). Of staged rows repeating
+# a key, the first (lowest ordinal) is the one inserted.
+_INSERT_STAGED_SQL = f"""
+WITH inserted AS (
+    INSERT INTO {snapshots_table.name} ({_COLUMN_LIST})
+    SELECT {_COLUMN_LIST} FROM {_staging.name} ORDER BY ordinal
+    ON CONFLICT ({_KEY_LIST}) DO NOTHING
+    RETURNING id, {_KEY_LIST}
+)
+SELECT DISTINCT ON (inserted.id) staged.ordinal, inserted.id
+FROM inserted JOIN {_staging.name} AS staged USING ({_KEY_LIST})
+ORDER BY inserted.id, staged.ordinal
+"""
+
+
+def _all_newer_than_stored(
+    snapshots: Sequence[SnapshotRecord], latest_stored: Sequence[SnapshotRecord]
+) -> bool:
+    """True when every snapshot is newer than its market's latest stored one, so none can share
+    a stored row's unique key (which includes the exchange time)."""
+    newest = {s.ticker: s.exchange_time for s in latest_stored}
+    return all(s.exchange_time > newest[s.ticker] for s in snapshots if s.ticker in newest)
 
 
 async def _insert_snapshots_by_copy(
-    connection: AsyncConnection, snapshots: Sequence[SnapshotRecord]
+    connection: AsyncConnection,
+    snapshots: Sequence[SnapshotRecord],
+    latest_stored: Sequence[SnapshotRecord],
 ) -> list[SnapshotRecord]:
-    """COPY into a per-connection temporary table, then one INSERT … SELECT … ON CONFLICT DO
-    NOTHING RETURNING: binary COPY is several times faster than parameterised INSERTs."""
-    await connection.execute(CreateTable(_staging, if_not_exists=True))
-    records = []
-    for ordinal, snapshot in enumerate(snapshots):
-        require_aware(snapshot.exchange_time, "exchange_time")
-        require_aware(snapshot.receive_time, "receive_time")
-        values = list(_snapshot_values(snapshot))
-        values[3] = int(values[3])  # source
-        values[-1] = int(values[-1])  # status
-        values.append(ordinal)
-        records.append(values)
+    """Bulk insert on PostgreSQL with binary COPY, several times faster than INSERTs.
+
+    New data (every snapshot newer than its market's latest stored one: the live case) is copied
+    straight into the table with ids reserved from its sequence beforehand, inside a savepoint.
+    Older or resent data, or a key repeated within the batch, goes through a temporary staging
+    table and ``INSERT … SELECT … ON CONFLICT DO NOTHING``, which skips rows already stored."""
+    if any(s.exchange_time.tzinfo is None or s.receive_time.tzinfo is None for s in snapshots):
+        # COPY bypasses the column types, which would refuse naive datetimes.
+        raise ValueError("snapshot times must be timezone-aware")
     raw = await connection.get_raw_connection()
-    await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-        _staging.name, records=records, columns=_STAGING_COLUMNS
+    driver = raw.driver_connection
+    assert driver is not None
+    if _all_newer_than_stored(snapshots, latest_stored):
+        stored = await _copy_into_table(driver, snapshots)
+        if stored is not None:
+            return stored
+    values = [_snapshot_values(s) for s in snapshots]
+    await connection.execute(CreateTable(_staging, if_not_exists=True))
+    await driver.copy_records_to_table(
+        _staging.name,
+        records=[(*row, ordinal) for ordinal, row in enumerate(values)],
+        columns=_STAGING_COLUMNS,
     )
-    staged = select(*(_staging.c[name] for name in _SNAPSHOT_FIELDS)).order_by(_staging.c.ordinal)
-    statement = (
-        postgresql.insert(snapshots_table)
-        .from_select(list(_SNAPSHOT_FIELDS), staged)
-        .on_conflict_do_nothing(index_elements=[snapshots_table.c[n] for n in _SNAPSHOT_KEY])
-        .returning(*SNAPSHOT_COLUMNS)
+    new_ids = await driver.fetch(_INSERT_STAGED_SQL)
+    return [
+        SnapshotRecord(*values[ordinal], snapshot_id)  # type: ignore[call-arg]
+        for ordinal, snapshot_id in new_ids
+    ]
+
+
+# Reserves $1 consecutive ids and returns the last. Only IngestWriter inserts snapshots, under
+# the write lock, so nobody draws from the sequence in between; if something did, the COPY would
+# hit the primary key and fall back to the staging path rather than store anything wrong.
+_RESERVE_IDS_SQL = f"""
+SELECT setval(
+    pg_get_serial_sequence('{snapshots_table.name}', 'id'),
+    nextval(pg_get_serial_sequence('{snapshots_table.name}', 'id')) + $1 - 1
+)
+"""
+# Records built between two yields to the event loop, which lets the COPY task send meanwhile.
+_YIELD_EVERY = 5_000
+
+
+async def _copy_into_table(
+    driver: Any, snapshots: Sequence[SnapshotRecord]
+) -> list[SnapshotRecord] | None:
+    """COPY rows with reserved ids straight into the table; None (and nothing stored) when a
+    unique key turns out to repeat. While the server indexes the rows, this process builds the
+    records to return, so both cores work at once."""
+    first_id = await driver.fetchval(_RESERVE_IDS_SQL, len(snapshots)) - len(snapshots) + 1
+    # Field order with the id last: each row is both a COPY record and SnapshotRecord's arguments.
+    rows = [(*_snapshot_values(s), first_id + i) for i, s in enumerate(snapshots)]
+    await driver.execute("SAVEPOINT kfeed_direct_copy")
+    copy = asyncio.ensure_future(
+        driver.copy_records_to_table(
+            snapshots_table.name, records=rows, columns=[*_SNAPSHOT_FIELDS, "id"]
+        )
     )
-    return [SnapshotRecord(*row) for row in await connection.execute(statement)]
+    stored: list[SnapshotRecord] = []
+    for start in range(0, len(rows), _YIELD_EVERY):
+        await asyncio.sleep(0)
+        stored.extend(starmap(SnapshotRecord, rows[start : start + _YIELD_EVERY]))
+    try:
+        await copy
+    except asyncpg.UniqueViolationError:
+        await driver.execute("ROLLBACK TO SAVEPOINT kfeed_direct_copy")
+        return None
+    await driver.execute("RELEASE SAVEPOINT kfeed_direct_copy")
+    return stored
 
 
 async def _insert_trades(connection: AsyncConnection, trades: Sequence[TradeRecord]) -> int:
@@ -254,10 +321,9 @@ class IngestWriter:
                 latest = await latest_per_market(connection, tickers)
                 kept, unchanged = _without_unchanged(snapshots, latest)
                 if is_postgresql(connection) and len(kept) >= COPY_THRESHOLD:
-                    stored_snapshots = await _insert_snapshots_by_copy(connection, kept)
+                    stored_snapshots = await _insert_snapshots_by_copy(connection, kept, latest)
                 else:
                     stored_snapshots = await _insert_snapshots_by_values(connection, kept)
-                stored_snapshots.sort(key=attrgetter("snapshot_id"))
             trades_count = await _insert_trades(connection, trades)
             stored_gaps = await _upsert_gaps(connection, feed_gaps)
         counts = WriteCounts(
