@@ -22,6 +22,7 @@ class SignedSim:
 
     handle: SimHandle
     credentials: KalshiCredentials
+    private_pem: bytes
 
     def open_tickers(self, limit: int = 4) -> list[str]:
         """Tickers of markets that are trading now."""
@@ -47,7 +48,8 @@ async def signed_simulator(
         }
     )
     async with running_simulator(sim_config) as handle:
-        yield SignedSim(handle, KalshiCredentials(KEY_ID, SecretKey.from_pem(private_pem)))
+        credentials = KalshiCredentials(KEY_ID, SecretKey.from_pem(private_pem))
+        yield SignedSim(handle, credentials, private_pem)
 
 
 async def eventually(condition: Callable[[], bool], within: float = 10.0) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -144,6 +144,7 @@ class _Market:
     status: types_pb2.MarketStatus.ValueType = types_pb2.MARKET_STATUS_UNSPECIFIED
     # The pending (not yet emitted) change: its exchange time, receive time and sequence.
     dirty: bool = False
+    dirty_since: float = 0.0  # loop time of the first unemitted change
     exchange_time: datetime | None = None
     receive_time: datetime | None = None
     sequence: int | None = None
@@ -372,7 +373,9 @@ class _Session:
         items: list[FeedItem] = []
         if state.dirty and exchange_time != state.exchange_time:
             items = self.flush(ticker)
-        state.dirty = True
+        if not state.dirty:
+            state.dirty = True
+            state.dirty_since = asyncio.get_running_loop().time()
         state.exchange_time = exchange_time
         state.receive_time = now
         state.sequence = seq
@@ -409,9 +412,17 @@ class _Session:
             items.append(state.snapshot(name))
         return items
 
-    @property
-    def has_pending(self) -> bool:
-        return any(state.dirty for state in self.markets.values())
+    def oldest_pending(self) -> float | None:
+        """Loop time of the oldest unemitted change, if any."""
+        return min((s.dirty_since for s in self.markets.values() if s.dirty), default=None)
+
+    def flush_older_than(self, cutoff: float) -> list[FeedItem]:
+        """Emit every pending change made before loop time ``cutoff``."""
+        items: list[FeedItem] = []
+        for ticker, state in self.markets.items():
+            if state.dirty and state.dirty_since <= cutoff:
+                items += self.flush(ticker)
+        return items
 
 
 class KalshiWebSocketClient:
@@ -428,6 +439,7 @@ class KalshiWebSocketClient:
         ping_interval: float = 10.0,
         ping_timeout: float = 30.0,
         open_timeout: float = 10.0,
+        close_timeout: float = 1.0,
         coalesce_seconds: float = 0.05,
         backoff: Backoff | None = None,
     ) -> None:
@@ -440,6 +452,7 @@ class KalshiWebSocketClient:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._open_timeout = open_timeout
+        self._close_timeout = close_timeout
         self._coalesce = coalesce_seconds
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
 
@@ -448,7 +461,7 @@ class KalshiWebSocketClient:
             return {}
         return self._credentials.headers("GET", self.url)
 
-    async def stream(self) -> AsyncIterator[FeedItem]:
+    async def stream(self) -> AsyncGenerator[FeedItem, None]:
         """Yield live items forever; reconnects (with backoff) whenever the socket is lost."""
         failures = 0
         while True:
@@ -460,6 +473,8 @@ class KalshiWebSocketClient:
                     ping_interval=self._ping_interval,
                     ping_timeout=self._ping_timeout,
                     open_timeout=self._open_timeout,
+                    # Leaving must not hang on a peer that never answers our close frame.
+                    close_timeout=self._close_timeout,
                     max_size=2**24,
                 ) as socket:
                     self.stats.connections += 1
@@ -479,28 +494,35 @@ class KalshiWebSocketClient:
             await asyncio.sleep(self._backoff.delay(failures))
 
     async def _serve(self, socket: ClientConnection, session: _Session) -> AsyncIterator[FeedItem]:
+        loop = asyncio.get_running_loop()
         while True:
             for command in session.outbox:
                 await socket.send(json.dumps(command))
             session.outbox.clear()
+            # A change waits at most `coalesce_seconds` for the rest of its exchange instant,
+            # however busy the socket is with other markets.
+            oldest = session.oldest_pending()
+            wait = None if oldest is None else max(0.0, oldest + self._coalesce - loop.time())
+            raw: str | bytes | None = None
             try:
-                if session.has_pending:
-                    async with asyncio.timeout(self._coalesce):
-                        raw = await socket.recv()
-                else:
+                async with asyncio.timeout(wait):
                     raw = await socket.recv()
             except TimeoutError:
-                for item in session.flush():
+                pass
+            if raw is not None:
+                for item in self._handle_raw(raw, session):
                     yield item
-                continue
-            self.stats.frames += 1
-            try:
-                frame = json.loads(raw)
-            except ValueError:
-                self.stats.bad_frames += 1
-                logger.error("skipping a WebSocket frame that is not JSON (%d bytes)", len(raw))
-                continue
-            if not isinstance(frame, dict):
-                continue
-            for item in session.handle(frame, datetime.now(UTC)):
+            for item in session.flush_older_than(loop.time() - self._coalesce):
                 yield item
+
+    def _handle_raw(self, raw: str | bytes, session: _Session) -> list[FeedItem]:
+        self.stats.frames += 1
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            self.stats.bad_frames += 1
+            logger.error("skipping a WebSocket frame that is not JSON (%d bytes)", len(raw))
+            return []
+        if not isinstance(frame, dict):
+            return []
+        return session.handle(frame, datetime.now(UTC))

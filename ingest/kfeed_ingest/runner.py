@@ -1,0 +1,526 @@
+"""The ingest modes: ``poll``, ``ws`` and ``backfill``, over a selection of markets.
+
+Every mode reads Kalshi through :class:`~kfeed_ingest.kalshi.rest.KalshiRestClient` (and the
+WebSocket client in ``ws`` mode), normalises to ``kfeed.v1`` messages and hands batches to the
+:class:`~kfeed_ingest.publisher.Publisher`. A failed read (after the REST client's retries) is
+logged and skipped; the pass goes on. ``once`` runs a single pass and reports whether everything
+read was acknowledged by the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from kfeed.v1 import ingest_service_pb2, types_pb2
+from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
+from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
+from kfeed_ingest.kalshi.signing import KalshiCredentials
+from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
+from kfeed_ingest.normalise import (
+    FixedPointError,
+    SnapshotDeduper,
+    event_message,
+    market_message,
+    market_status,
+    now_utc,
+    series_message,
+    snapshot_from_candlestick,
+    snapshot_from_market,
+    trade_message,
+)
+from kfeed_ingest.publisher import Publisher
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["poll", "ws", "backfill"]
+_TICKERS_PER_REQUEST = 100  # keeps `?tickers=` well under URL length limits
+_MAX_CANDLES_PER_REQUEST = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class MarketSelection:
+    """Which markets to ingest. Empty everywhere = every open market.
+
+    ``statuses`` use Kalshi's filter vocabulary (``unopened, open, paused, closed, settled``).
+    """
+
+    series: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    tickers: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+
+    @property
+    def is_everything(self) -> bool:
+        """True when no series, event or ticker narrows the selection."""
+        return not (self.series or self.events or self.tickers)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How a mode runs (the CLI fills these from flags)."""
+
+    poll_interval: float = 5.0
+    batch_rows: int = 500
+    linger: float = 0.2
+    discovery_interval: float = 60.0
+    flush_timeout: float = 60.0
+    once_ws_timeout: float = 30.0
+    candle_period_minutes: int = 60
+
+
+@dataclass(slots=True)
+class RunReport:
+    """What a pass read and whether it all got through."""
+
+    read_errors: int = 0
+    rows: int = 0
+    rejected: int = 0
+    unacked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when everything read was acknowledged and nothing failed to read."""
+        return self.read_errors == 0 and self.rejected == 0 and self.unacked == 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    request: ingest_service_pb2.PublishRequest = field(
+        default_factory=ingest_service_pb2.PublishRequest
+    )
+    rows: int = 0
+
+
+class BatchSink:
+    """Collects messages into ``PublishRequest`` batches of at most ``batch_rows`` rows."""
+
+    def __init__(self, publisher: Publisher, batch_rows: int) -> None:
+        self._publisher = publisher
+        self._batch_rows = batch_rows
+        self._batch = _Batch()
+        self.rows = 0
+
+    async def add(
+        self,
+        message: types_pb2.Series
+        | types_pb2.Event
+        | types_pb2.Market
+        | types_pb2.MarketSnapshot
+        | types_pb2.Trade
+        | types_pb2.FeedGap,
+    ) -> None:
+        """Add one message; publishes the batch when it is full."""
+        request = self._batch.request
+        if isinstance(message, types_pb2.Series):
+            request.series.append(message)
+        elif isinstance(message, types_pb2.Event):
+            request.events.append(message)
+        elif isinstance(message, types_pb2.Market):
+            request.markets.append(message)
+        elif isinstance(message, types_pb2.MarketSnapshot):
+            request.snapshots.append(message)
+        elif isinstance(message, types_pb2.Trade):
+            request.trades.append(message)
+        else:
+            request.feed_gaps.append(message)
+        self._batch.rows += 1
+        self.rows += 1
+        if self._batch.rows >= self._batch_rows:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish what has been collected (nothing if empty)."""
+        if self._batch.rows:
+            batch, self._batch = self._batch, _Batch()
+            await self._publisher.publish(batch.request)
+
+
+class _Changed:
+    """Remembers the last version of each metadata record sent, to send only changes."""
+
+    def __init__(self) -> None:
+        self._sent: dict[tuple[str, str], bytes] = {}
+
+    def __call__(
+        self, kind: str, key: str, message: types_pb2.Series | types_pb2.Event | types_pb2.Market
+    ) -> bool:
+        content = message.SerializeToString(deterministic=True)
+        if self._sent.get((kind, key)) == content:
+            return False
+        self._sent[(kind, key)] = content
+        return True
+
+
+def _unix(moment: datetime) -> int:
+    return int(moment.timestamp())
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+class Ingestor:
+    """Runs the modes over one REST client and one publisher."""
+
+    def __init__(
+        self,
+        rest: KalshiRestClient,
+        publisher: Publisher,
+        selection: MarketSelection,
+        options: RunOptions | None = None,
+    ) -> None:
+        self.rest = rest
+        self.publisher = publisher
+        self.selection = selection
+        self.options = options or RunOptions()
+        self.report = RunReport()
+        self.sink = BatchSink(publisher, self.options.batch_rows)
+        self._snapshots = SnapshotDeduper()
+        self._changed = _Changed()
+        self._events: dict[str, KalshiEvent] = {}
+        self._series_seen: set[str] = set()
+
+    # -- reading, with failures logged and skipped --------------------------------------------
+
+    async def _collect(self, source: AsyncIterator[KalshiMarket]) -> list[KalshiMarket]:
+        markets: list[KalshiMarket] = []
+        try:
+            async for market in source:
+                markets.append(market)
+        except KalshiError as exc:
+            self.report.read_errors += 1
+            logger.error("skipping a market listing: %s", exc)
+        return markets
+
+    async def discover(
+        self,
+        *,
+        historical: bool = False,
+        min_close: datetime | None = None,
+        max_close: datetime | None = None,
+        default_status: str | None = "open",
+    ) -> dict[str, KalshiMarket]:
+        """The selected markets, by ticker (one listing per status, event and series)."""
+        selection = self.selection
+        statuses: Sequence[str | None] = selection.statuses or (
+            (default_status,) if selection.is_everything else (None,)
+        )
+        min_ts = _unix(min_close) if min_close else None
+        max_ts = _unix(max_close) if max_close else None
+
+        def listing(
+            status: str | None, *, event: str | None = None, series: str | None = None
+        ) -> AsyncIterator[KalshiMarket]:
+            return self.rest.iter_markets(
+                status=status,
+                event_ticker=event,
+                series_ticker=series,
+                min_close_ts=min_ts,
+                max_close_ts=max_ts,
+                historical=historical,
+            )
+
+        found: dict[str, KalshiMarket] = {}
+        for status in statuses:
+            # Named tickers are wanted whenever they closed, so no close-time bounds for them.
+            listings = [
+                self.rest.iter_markets(status=status, tickers=chunk, historical=historical)
+                for chunk in _chunks(selection.tickers, _TICKERS_PER_REQUEST)
+            ]
+            listings += [listing(status, event=event) for event in selection.events]
+            listings += [listing(status, series=series) for series in selection.series]
+            if selection.is_everything:
+                listings.append(listing(status))
+            for source in listings:
+                found.update((m.ticker, m) for m in await self._collect(source))
+        return found
+
+    async def _series_of(self, market: KalshiMarket) -> str:
+        """The market's series ticker, from its event (fetched once); sends new metadata."""
+        if market.series_ticker:
+            return market.series_ticker
+        event = self._events.get(market.event_ticker)
+        if event is None and market.event_ticker:
+            try:
+                event = await self.rest.get_event(market.event_ticker)
+            except KalshiError as exc:
+                self.report.read_errors += 1
+                logger.error("event %s unavailable: %s", market.event_ticker, exc)
+                return ""
+            self._events[market.event_ticker] = event
+            await self._send_series(event.series_ticker)
+            message = event_message(event)
+            if self._changed("event", event.event_ticker, message):
+                await self.sink.add(message)
+        return event.series_ticker if event is not None else ""
+
+    async def _send_series(self, series_ticker: str) -> None:
+        if not series_ticker or series_ticker in self._series_seen:
+            return
+        self._series_seen.add(series_ticker)
+        try:
+            series = await self.rest.get_series(series_ticker)
+        except KalshiError as exc:
+            self.report.read_errors += 1
+            logger.error("series %s unavailable: %s", series_ticker, exc)
+            return
+        await self.sink.add(series_message(series))
+
+    async def send_market(self, market: KalshiMarket) -> str:
+        """Send the market's metadata (and its event's and series') when changed; its series."""
+        series_ticker = await self._series_of(market)
+        try:
+            message = market_message(market, series_ticker)
+        except FixedPointError as exc:
+            self.report.read_errors += 1
+            logger.error("skipping market %s: %s", market.ticker, exc)
+            return series_ticker
+        if self._changed("market", market.ticker, message):
+            await self.sink.add(message)
+        return series_ticker
+
+    async def send_snapshot(self, snapshot: types_pb2.MarketSnapshot) -> None:
+        """Send ``snapshot`` unless it repeats the last one of its market."""
+        if self._snapshots.admit(snapshot):
+            await self.sink.add(snapshot)
+
+    async def _send_trades(self, trades: AsyncIterator[KalshiTrade], seen: set[str]) -> None:
+        try:
+            async for trade in trades:
+                if trade.trade_id in seen:
+                    continue
+                seen.add(trade.trade_id)
+                try:
+                    await self.sink.add(trade_message(trade))
+                except FixedPointError as exc:
+                    self.report.read_errors += 1
+                    logger.error("skipping trade %s: %s", trade.trade_id, exc)
+        except KalshiError as exc:
+            self.report.read_errors += 1
+            logger.error("skipping a trade listing: %s", exc)
+
+    # -- poll ----------------------------------------------------------------------------------
+
+    async def poll_once(self) -> dict[str, KalshiMarket]:
+        """One pass: every selected market's metadata and a POLL snapshot of each."""
+        markets = await self.discover()
+        received = now_utc()
+        for market in markets.values():
+            await self.send_market(market)
+            try:
+                await self.send_snapshot(snapshot_from_market(market, received))
+            except FixedPointError as exc:
+                self.report.read_errors += 1
+                logger.error("skipping a snapshot of %s: %s", market.ticker, exc)
+        await self.sink.flush()
+        logger.info("poll pass: %d markets", len(markets))
+        return markets
+
+    async def run_poll(self, once: bool) -> None:
+        """Poll every ``poll_interval`` seconds (a pass that overruns starts the next at once)."""
+        while True:
+            started = time.monotonic()
+            await self.poll_once()
+            if once:
+                return
+            await asyncio.sleep(max(0.0, self.options.poll_interval - (time.monotonic() - started)))
+
+    # -- ws ------------------------------------------------------------------------------------
+
+    async def run_ws(self, ws_url: str, credentials: KalshiCredentials | None, once: bool) -> None:
+        """REST discovery and lifecycle, live channels over the WebSocket.
+
+        Discovery (a poll pass: metadata and a starting snapshot) repeats every
+        ``discovery_interval``; when the set of markets changes, the socket is reopened for it.
+        """
+        markets = await self.poll_once()
+        while True:
+            if not markets:
+                logger.warning("no markets selected; looking again later")
+            elif once:
+                await self._live_once(ws_url, credentials, markets)
+                return
+            consumer = (
+                asyncio.create_task(self._consume(self._live(ws_url, credentials, markets), None))
+                if markets
+                else None
+            )
+            try:
+                while True:
+                    await asyncio.sleep(self.options.discovery_interval)
+                    fresh = await self.poll_once()
+                    if set(fresh) != set(markets):
+                        markets = fresh
+                        break
+            finally:
+                if consumer is not None:
+                    consumer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await consumer
+                await self.sink.flush()
+
+    @staticmethod
+    def _live(
+        ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
+    ) -> KalshiWebSocketClient:
+        return KalshiWebSocketClient(
+            ws_url,
+            credentials,
+            sorted(markets),
+            statuses={ticker: market_status(m.status) for ticker, m in markets.items()},
+        )
+
+    async def _live_once(
+        self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
+    ) -> None:
+        """Stream until every market has sent live data once (or ``once_ws_timeout``)."""
+        waiting = set(markets)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.once_ws_timeout):
+                await self._consume(self._live(ws_url, credentials, markets), waiting)
+        await self.sink.flush()
+        if waiting:
+            logger.warning("no live data within the time limit for %s", sorted(waiting))
+            self.report.read_errors += 1
+
+    async def _consume(self, client: KalshiWebSocketClient, waiting: set[str] | None) -> None:
+        """Route live items into batches; with ``waiting``, stop once each market has spoken."""
+        items = client.stream()
+        flusher = asyncio.create_task(self._linger_flush())
+        try:
+            async for item in items:
+                await self._route(item)
+                if waiting is not None and isinstance(item, types_pb2.MarketSnapshot):
+                    waiting.discard(item.ticker)
+                    if not waiting:
+                        return
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await items.aclose()
+
+    async def _linger_flush(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.linger)
+            await self.sink.flush()
+
+    async def _route(self, item: FeedItem) -> None:
+        if isinstance(item, types_pb2.MarketSnapshot):
+            await self.send_snapshot(item)
+        elif isinstance(item, LifecycleEvent):
+            try:
+                market = await self.rest.get_market(item.ticker)
+            except KalshiError as exc:
+                self.report.read_errors += 1
+                logger.error("market %s after %s: %s", item.ticker, item.event_type, exc)
+                return
+            await self.send_market(market)
+        else:
+            await self.sink.add(item)
+
+    # -- backfill ------------------------------------------------------------------------------
+
+    async def backfill(self, start: datetime, end: datetime) -> None:
+        """Settled markets, trades and candlesticks over ``[start, end]``, on both sides of the
+        historical cutoff."""
+        cutoff: datetime | None = None
+        try:
+            cutoff = (await self.rest.get_historical_cutoff()).trades_created_ts
+        except KalshiError as exc:
+            logger.warning("historical cutoff unknown (%s); reading both tiers in full", exc)
+        markets: dict[str, tuple[KalshiMarket, bool]] = {}
+        for historical in (True, False):
+            found = await self.discover(
+                historical=historical, min_close=start, max_close=end, default_status=None
+            )
+            markets.update((t, (m, historical)) for t, m in found.items())
+        seen_trades: set[str] = set()
+        for ticker, (market, historical) in sorted(markets.items()):
+            series_ticker = await self.send_market(market)
+            await self._backfill_trades(ticker, start, end, cutoff, seen_trades)
+            await self._backfill_candles(ticker, series_ticker, start, end, historical)
+        await self.sink.flush()
+        logger.info("backfill: %d markets, %d trades", len(markets), len(seen_trades))
+
+    async def _backfill_trades(
+        self, ticker: str, start: datetime, end: datetime, cutoff: datetime | None, seen: set[str]
+    ) -> None:
+        old_end = min(end, cutoff) if cutoff else end
+        new_start = max(start, cutoff) if cutoff else start
+        if start < old_end:
+            await self._send_trades(
+                self.rest.iter_trades(
+                    ticker=ticker, min_ts=_unix(start), max_ts=_unix(old_end), historical=True
+                ),
+                seen,
+            )
+        if new_start < end:
+            await self._send_trades(
+                self.rest.iter_trades(ticker=ticker, min_ts=_unix(new_start), max_ts=_unix(end)),
+                seen,
+            )
+
+    async def _backfill_candles(
+        self, ticker: str, series_ticker: str, start: datetime, end: datetime, historical: bool
+    ) -> None:
+        period = self.options.candle_period_minutes
+        window = timedelta(minutes=period * _MAX_CANDLES_PER_REQUEST)
+        window_start = start
+        while window_start < end:
+            window_end = min(end, window_start + window)
+            try:
+                candles = await self.rest.get_candlesticks(
+                    series_ticker,
+                    ticker,
+                    _unix(window_start),
+                    _unix(window_end),
+                    period,
+                    historical=historical,
+                )
+            except KalshiError as exc:
+                self.report.read_errors += 1
+                logger.error("candlesticks of %s unavailable: %s", ticker, exc)
+                return
+            received = now_utc()
+            for candle in candles.candlesticks:
+                try:
+                    await self.send_snapshot(snapshot_from_candlestick(ticker, candle, received))
+                except FixedPointError as exc:
+                    self.report.read_errors += 1
+                    logger.error("skipping a candlestick of %s: %s", ticker, exc)
+            window_start = window_end
+
+    # -- finishing -----------------------------------------------------------------------------
+
+    async def finish(self) -> RunReport:
+        """Publish what is left and wait (up to ``flush_timeout``) for every ack."""
+        await self.sink.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.flush_timeout):
+                await self.publisher.flush()
+        self.report.rows = self.sink.rows
+        self.report.rejected = self.publisher.stats.rejected
+        self.report.unacked = self.publisher.pending
+        return self.report
+
+
+def default_backfill_range(
+    start: datetime | None, end: datetime | None, now: datetime | None = None
+) -> tuple[datetime, datetime]:
+    """``[start, end]`` in UTC: ``end`` defaults to now, ``start`` to a day before ``end``."""
+    until = (end or now or datetime.now(UTC)).astimezone(UTC)
+    since = (start or until - timedelta(days=1)).astimezone(UTC)
+    if since >= until:
+        raise ValueError(
+            f"backfill start {since.isoformat()} is not before end {until.isoformat()}"
+        )
+    return since, until

@@ -1,0 +1,238 @@
+"""`kfeed ingest` end to end on the ingest side: sim → IngestCommand → a real Publish peer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from kfeed.v1 import types_pb2
+from kfeed_ingest.cli import IngestCommand, derive_ws_url
+from kfeed_ingest.runner import default_backfill_range
+from kfeed_ingest.spool import Spool
+from kfeed_sim.config import FaultConfig
+from kfeed_sim.market_model import MarketStatus
+
+from .fake_ingest_server import FakeIngestServer
+from .sim_support import KEY_ID, SignedSim, eventually, signed_simulator
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeIngestServer]:
+    fake = FakeIngestServer()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def _command(
+    sim: SignedSim, server: FakeIngestServer, tmp_path: Path, **flags: object
+) -> IngestCommand:
+    key_file = tmp_path / "kalshi.pem"
+    if not key_file.exists():
+        key_file.write_bytes(sim.private_pem)
+    return IngestCommand.model_validate(
+        {
+            "server": server.target,
+            "kalshi_url": sim.handle.rest_url,
+            "spool_dir": tmp_path / "spool",
+            "api_key_id": KEY_ID,
+            "api_private_key_file": key_file,
+            "producer": "ingest-test",
+            "rate_limit": 1000,
+            **flags,
+        }
+    )
+
+
+def _stored_snapshots(server: FakeIngestServer) -> list[types_pb2.MarketSnapshot]:
+    return [s for request in server.service.stored.values() for s in request.snapshots]
+
+
+def _stored_trades(server: FakeIngestServer) -> list[types_pb2.Trade]:
+    return [t for request in server.service.stored.values() for t in request.trades]
+
+
+def _price(snapshot: types_pb2.MarketSnapshot, name: str, empty: int) -> int:
+    field = getattr(snapshot, name)
+    return int(field.ten_thousandths) if snapshot.HasField(name) else empty  # type: ignore[arg-type]
+
+
+async def test_poll_once_stores_exactly_what_the_exchange_shows(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    async with signed_simulator() as sim:
+        assert await _command(sim, server, tmp_path, mode="poll", once=True).run() == 0
+        exchange = sim.handle.exchange
+        open_markets = {t for t, m in exchange.markets.items() if m.status is MarketStatus.ACTIVE}
+
+    snapshots = {s.ticker: s for s in _stored_snapshots(server)}
+    assert set(snapshots) == open_markets
+    for ticker, snapshot in snapshots.items():
+        truth = exchange.markets[ticker].state
+        assert _price(snapshot, "yes_bid", 0) == truth.yes_bid
+        assert _price(snapshot, "yes_ask", 10_000) == truth.yes_ask
+        assert snapshot.volume.hundredths == truth.volume
+        assert snapshot.open_interest.hundredths == truth.open_interest
+        assert snapshot.status == types_pb2.MARKET_STATUS_OPEN
+        exchange_time = snapshot.exchange_time.ToDatetime(tzinfo=UTC)
+        assert exchange_time == datetime.fromtimestamp(0, UTC) + timedelta(microseconds=truth.ts_us)
+    requests = list(server.service.stored.values())
+    markets = {m.ticker: m for r in requests for m in r.markets}
+    assert set(markets) == open_markets
+    assert all(
+        m.series_ticker == exchange.markets[m.ticker].series_ticker for m in markets.values()
+    )
+    assert {e.event_ticker for r in requests for e in r.events} >= {
+        m.event_ticker for m in markets.values()
+    }
+    assert {s.ticker for r in requests for s in r.series}
+    assert len(Spool.open(tmp_path / "spool")) == 0
+
+
+async def test_poll_survives_rest_faults_and_still_gets_everything(
+    server: FakeIngestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    faults = FaultConfig(error_rate=0.15, rate_limit_rate=0.15, malformed_rate=0.15, seed=3)
+    async with signed_simulator(faults=faults) as sim:
+        command = _command(
+            sim, server, tmp_path, mode="poll", once=True, tickers=sim.open_tickers(3)
+        )
+        code = await command.run()
+    assert "retrying" in caplog.text
+    assert code == 0
+    assert {s.ticker for s in _stored_snapshots(server)} == set(command.tickers)
+
+
+async def test_ws_once_stores_live_snapshots(server: FakeIngestServer, tmp_path: Path) -> None:
+    async with signed_simulator(auto_step=True, tick_interval=0.05) as sim:
+        tickers = sim.open_tickers(3)
+        code = await _command(sim, server, tmp_path, mode="ws", once=True, tickers=tickers).run()
+    assert code == 0
+    live = [s for s in _stored_snapshots(server) if s.source == types_pb2.DATA_SOURCE_WEBSOCKET]
+    assert {s.ticker for s in live} == set(tickers)
+
+
+async def test_backfill_reads_settled_markets_trades_and_candles_across_the_cutoff(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    async with signed_simulator(history_steps=120) as sim:
+        exchange = sim.handle.exchange
+        start = (
+            datetime.fromtimestamp(0, UTC)
+            + timedelta(microseconds=exchange.origin_us)
+            - timedelta(days=1)
+        )
+        command = _command(
+            sim, server, tmp_path, mode="backfill", once=True, statuses=["settled"], start=start
+        )
+        assert await command.run() == 0
+        settled = {t for t, m in exchange.markets.items() if m.status is MarketStatus.FINALIZED}
+        historical = {t for t in settled if exchange.is_historical_market(exchange.markets[t])}
+        truth_trades = {tr.trade_id for t in settled for tr in exchange.markets[t].trades}
+
+    requests = list(server.service.stored.values())
+    markets = {m.ticker: m for r in requests for m in r.markets}
+    assert historical, "the sim should have markets beyond the cutoff"
+    assert set(markets) == settled
+    assert all(m.status == types_pb2.MARKET_STATUS_FINALIZED for m in markets.values())
+    assert all(m.result != types_pb2.MARKET_RESULT_UNSPECIFIED for m in markets.values())
+    assert {t.trade_id for t in _stored_trades(server)} == truth_trades
+    backfilled = [
+        s for s in _stored_snapshots(server) if s.source == types_pb2.DATA_SOURCE_BACKFILL
+    ]
+    assert {s.ticker for s in backfilled} & historical
+    assert {s.ticker for s in backfilled} - historical
+
+
+async def test_unacked_batches_of_a_failed_once_run_are_sent_by_the_next_run(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    async with signed_simulator() as sim:
+        await server.stop()
+        first = _command(
+            sim, server, tmp_path, mode="poll", once=True, batch_rows=2, flush_timeout=0.3
+        )
+        assert await first.run() == 1  # nothing could be acknowledged
+        spooled = len(Spool.open(tmp_path / "spool"))
+        assert spooled > 0
+        await server.start()
+        assert await _command(sim, server, tmp_path, mode="poll", once=True).run() == 0
+    assert len(server.service.stored) >= spooled
+    assert len(Spool.open(tmp_path / "spool")) == 0
+
+
+def test_list_flags_take_commas_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KFEED_TICKERS", "A,B")
+    monkeypatch.setenv("KFEED_MODE", "ws")
+    command = IngestCommand()
+    assert command.tickers == ["A", "B"]
+    assert command.mode == "ws"
+    assert IngestCommand(statuses="open, settled").statuses == ["open", "settled"]
+
+
+def test_ws_url_is_derived_from_the_rest_url() -> None:
+    assert (
+        derive_ws_url("http://127.0.0.1:8765/trade-api/v2") == "ws://127.0.0.1:8765/trade-api/ws/v2"
+    )
+    assert (
+        derive_ws_url("https://demo.example/trade-api/v2/") == "wss://demo.example/trade-api/ws/v2"
+    )
+    assert IngestCommand().ws_url == "wss://external-api-ws.kalshi.com/trade-api/ws/v2"
+    assert IngestCommand(kalshi_ws_url="ws://x/y").ws_url == "ws://x/y"
+
+
+def test_backfill_range_defaults_to_the_last_day() -> None:
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    assert default_backfill_range(None, None, now) == (now - timedelta(days=1), now)
+    with pytest.raises(ValueError, match="not before"):
+        default_backfill_range(now, now - timedelta(hours=1))
+
+
+def test_credentials_need_both_halves(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="go together"):
+        IngestCommand(api_key_id="k").credentials()
+
+
+async def test_sigterm_stops_a_running_ingest_cleanly(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    async with signed_simulator(auto_step=True) as sim:
+        key_file = tmp_path / "kalshi.pem"
+        key_file.write_bytes(sim.private_pem)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kfeed_cli.main",
+            "ingest",
+            "--server",
+            server.target,
+            "--kalshi-url",
+            sim.handle.rest_url,
+            "--mode",
+            "ws",
+            "--spool-dir",
+            str(tmp_path / "spool"),
+            "--api-key-id",
+            KEY_ID,
+            "--api-private-key-file",
+            str(key_file),
+            env={**os.environ, "KFEED_POLL_INTERVAL": "0.5"},
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await eventually(lambda: bool(server.service.stored), within=30)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                _, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert b"signal received" in stderr
