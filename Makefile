@@ -33,7 +33,7 @@ test: $(VENV_STAMP) ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:54
 gen: $(VENV_STAMP) ## Regenerate all generated code from proto/
 	uv run python scripts/gen.py
 
-GENERATED := clients/python/src/kfeed
+GENERATED := clients/python/src/kfeed clients/betterproto/src clients/typescript/src/gen
 check-gen: gen ## Fail when the committed generated code differs from a fresh `make gen`
 	@git add --intent-to-add $(GENERATED) >/dev/null 2>&1 || true
 	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated code is stale: run 'make gen' and commit"; exit 1; }
