@@ -87,7 +87,7 @@ async def stub(
         trades=[_trade(i) for i in range(12)],
         feed_gaps=[],
     )
-    return pb_grpc.MarketServiceAsyncStub(channel)
+    return pb_grpc.MarketServiceStub(channel)
 
 
 async def test_get_market_returns_the_stored_market(stub: pb_grpc.MarketServiceAsyncStub) -> None:
