@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -59,9 +60,11 @@ def _stored_trades(server: FakeIngestServer) -> list[types_pb2.Trade]:
     return [t for request in server.service.stored.values() for t in request.trades]
 
 
-def _price(snapshot: types_pb2.MarketSnapshot, name: str, empty: int) -> int:
-    field = getattr(snapshot, name)
-    return int(field.ten_thousandths) if snapshot.HasField(name) else empty  # type: ignore[arg-type]
+def _price(
+    snapshot: types_pb2.MarketSnapshot, name: Literal["yes_bid", "yes_ask"], empty: int
+) -> int:
+    """The price, or the value Kalshi's truth uses for an empty side."""
+    return int(getattr(snapshot, name).ten_thousandths) if snapshot.HasField(name) else empty
 
 
 async def test_poll_once_stores_exactly_what_the_exchange_shows(
