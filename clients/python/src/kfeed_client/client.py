@@ -1,0 +1,237 @@
+"""`connect()` and :class:`KfeedClient`: the generated stubs plus typed helpers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from kfeed.v1 import (
+    backtest_service_pb2_grpc,
+    ingest_service_pb2_grpc,
+    market_service_pb2,
+    market_service_pb2_grpc,
+    types_pb2,
+)
+from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig, open_channel
+from kfeed_client.streaming import DEFAULT_RETRY, RetryPolicy, resumable_stream
+
+_Item = TypeVar("_Item")
+
+
+def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """A Timestamp for a timezone-aware datetime (naive ones are ambiguous and refused)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"datetime must be timezone-aware, got {value!r}")
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def to_duration(value: timedelta) -> duration_pb2.Duration:
+    """A Duration for a timedelta."""
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(value)
+    return duration
+
+
+async def _all_pages(
+    fetch_page: Callable[[str], Awaitable[tuple[Sequence[_Item], str]]],
+) -> AsyncIterator[_Item]:
+    """Items of every page, following ``next_page_token`` until it comes back empty."""
+    page_token = ""
+    while True:
+        items, page_token = await fetch_page(page_token)
+        for item in items:
+            yield item
+        if not page_token:
+            return
+
+
+class KfeedClient:
+    """An async client of one kfeed server.
+
+    The generated stubs are attributes (:attr:`markets`, :attr:`backtests`, :attr:`ingest`) for
+    anything the helpers do not cover; the helpers hide paging and stream resumption. Errors are
+    ``grpc.aio.AioRpcError`` with the server's status (NOT_FOUND, INVALID_ARGUMENT, …).
+    Use as ``async with connect(...) as client:`` or call :meth:`close`.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.markets: market_service_pb2_grpc.MarketServiceAsyncStub = (
+            market_service_pb2_grpc.MarketServiceStub(channel)
+        )
+        self.backtests: backtest_service_pb2_grpc.BacktestServiceAsyncStub = (
+            backtest_service_pb2_grpc.BacktestServiceStub(channel)
+        )
+        self.ingest: ingest_service_pb2_grpc.IngestServiceAsyncStub = (
+            ingest_service_pb2_grpc.IngestServiceStub(channel)
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        await self.channel.close()
+
+    async def list_markets(
+        self,
+        *,
+        event_ticker: str = "",
+        series_ticker: str = "",
+        statuses: Iterable[types_pb2.MarketStatus.ValueType] = (),
+        page_size: int = 0,
+    ) -> AsyncIterator[types_pb2.Market]:
+        """Every market matching the filters, ordered by ticker, across all pages."""
+        wanted_statuses = list(statuses)
+
+        async def fetch_page(page_token: str) -> tuple[Sequence[types_pb2.Market], str]:
+            response = await self.markets.ListMarkets(
+                market_service_pb2.ListMarketsRequest(
+                    page_size=page_size,
+                    page_token=page_token,
+                    event_ticker=event_ticker,
+                    series_ticker=series_ticker,
+                    statuses=wanted_statuses,
+                )
+            )
+            return response.markets, response.next_page_token
+
+        async for market in _all_pages(fetch_page):
+            yield market
+
+    async def get_market(self, ticker: str) -> types_pb2.Market:
+        """One market by ticker (NOT_FOUND when unknown)."""
+        response = await self.markets.GetMarket(market_service_pb2.GetMarketRequest(ticker=ticker))
+        return response.market
+
+    async def latest_snapshot(self, ticker: str) -> types_pb2.MarketSnapshot:
+        """The market's most recent stored snapshot (NOT_FOUND when it has none)."""
+        response = await self.markets.GetLatestSnapshot(
+            market_service_pb2.GetLatestSnapshotRequest(ticker=ticker)
+        )
+        return response.snapshot
+
+    async def iter_snapshots(
+        self,
+        ticker: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        page_size: int = 0,
+    ) -> AsyncIterator[types_pb2.MarketSnapshot]:
+        """The market's snapshots in [start, end), oldest first, across all pages."""
+
+        async def fetch_page(page_token: str) -> tuple[Sequence[types_pb2.MarketSnapshot], str]:
+            request = market_service_pb2.ListSnapshotsRequest(
+                ticker=ticker, page_size=page_size, page_token=page_token
+            )
+            _set_window(request, start, end)
+            response = await self.markets.ListSnapshots(request)
+            return response.snapshots, response.next_page_token
+
+        async for snapshot in _all_pages(fetch_page):
+            yield snapshot
+
+    async def iter_trades(
+        self,
+        ticker: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        page_size: int = 0,
+    ) -> AsyncIterator[types_pb2.Trade]:
+        """The market's public trades in [start, end), oldest first, across all pages."""
+
+        async def fetch_page(page_token: str) -> tuple[Sequence[types_pb2.Trade], str]:
+            request = market_service_pb2.ListTradesRequest(
+                ticker=ticker, page_size=page_size, page_token=page_token
+            )
+            _set_window(request, start, end)
+            response = await self.markets.ListTrades(request)
+            return response.trades, response.next_page_token
+
+        async for trade in _all_pages(fetch_page):
+            yield trade
+
+    def stream_snapshots(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        start_time: datetime | None = None,
+        resume_token: str | None = None,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        include_latest: bool = False,
+        heartbeat_interval: timedelta | None = None,
+        conflation_interval: timedelta | None = None,
+        overflow_policy: market_service_pb2.OverflowPolicy.ValueType = (
+            market_service_pb2.OVERFLOW_POLICY_GAP_MARKER
+        ),
+        retry: RetryPolicy = DEFAULT_RETRY,
+        resume_on_gap: bool = True,
+    ) -> AsyncIterator[market_service_pb2.StreamSnapshotsResponse]:
+        """The live feed of the selected markets (no tickers and no event/series: all markets).
+
+        Starts after ``resume_token``, or at ``start_time`` in the past, or live (preceded by
+        each market's latest snapshot with ``include_latest``); history comes first, then a
+        caught-up marker, then live snapshots. After a disconnect it reconnects with backoff
+        and continues after the last token it saw — no gap, no duplicate — and it ends only on
+        a status that retrying cannot fix (raised as ``grpc.aio.AioRpcError``) or when
+        ``retry.max_attempts`` consecutive attempts failed. See :func:`resumable_stream`.
+        """
+        request = market_service_pb2.StreamSnapshotsRequest(
+            tickers=list(tickers),
+            resume_token=resume_token or "",
+            event_ticker=event_ticker or "",
+            series_ticker=series_ticker or "",
+            include_latest=include_latest,
+            overflow_policy=overflow_policy,
+        )
+        if start_time is not None:
+            request.start_time.CopyFrom(to_timestamp(start_time))
+        if heartbeat_interval is not None:
+            request.heartbeat_interval.CopyFrom(to_duration(heartbeat_interval))
+        if conflation_interval is not None:
+            request.conflation_interval.CopyFrom(to_duration(conflation_interval))
+        return resumable_stream(self.markets, request, retry=retry, resume_on_gap=resume_on_gap)
+
+
+def _set_window(
+    request: market_service_pb2.ListSnapshotsRequest | market_service_pb2.ListTradesRequest,
+    start: datetime | None,
+    end: datetime | None,
+) -> None:
+    if start is not None:
+        request.start_time.CopyFrom(to_timestamp(start))
+    if end is not None:
+        request.end_time.CopyFrom(to_timestamp(end))
+
+
+def connect(
+    address: str = DEFAULT_ADDRESS,
+    *,
+    token: str | None = None,
+    tls: TlsConfig | None = None,
+) -> KfeedClient:
+    """A client of the kfeed server at ``address`` (HOST:PORT).
+
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call; ``tls`` switches the
+    channel to TLS (mutual when it names a client certificate). The channel connects lazily, on
+    the first call. Call from within a running event loop.
+    """
+    return KfeedClient(open_channel(address, token=token, tls=tls))
