@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +27,8 @@ from kfeed.v1 import (
 )
 from kfeed_server.db import create_engine, schema_is_current, upgrade_to_head
 from kfeed_server.db.repositories import build_repositories
+from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
+from kfeed_server.security import SecurityConfig
 from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport.ingest_servicer import IngestServicer
 from kfeed_server.transport.interceptors import ErrorMappingInterceptor
@@ -52,6 +54,11 @@ class ServerConfig:
     grace_period: float = 5.0
     # Live items a stream subscriber may fall behind by before its overflow policy applies.
     subscriber_queue_capacity: int = 10_000
+    # Tokens, TLS and rate limit; all off by default, which run_until_signalled allows on
+    # loopback only.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    # HOST:PORT of the Prometheus scrape endpoint; None: no endpoint.
+    metrics_listen: str | None = None
 
 
 def is_loopback_address(listen: str) -> bool:
@@ -73,9 +80,17 @@ class KfeedServer:
         self.engine = create_engine(config.database_url)
         self.repositories = build_repositories(self.engine)
         self.hub = SnapshotHub(config.subscriber_queue_capacity)
+        watch_hub(self.hub)
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            # Outermost first: request id and error mapping, then metrics and the access log
+            # (so they see refusals too), then authentication, roles and the rate limit.
+            interceptors=[
+                ErrorMappingInterceptor(),
+                ObservabilityInterceptor(),
+                config.security.interceptor(),
+            ],
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -106,9 +121,14 @@ class KfeedServer:
 
     async def start(self) -> int:
         """Listen, migrate, then report SERVING. Returns the bound port."""
-        self.port = self._server.add_insecure_port(self.config.listen)
+        self.port = self.config.security.add_port(self._server, self.config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
+        if self.config.metrics_listen:
+            self.metrics_endpoint = MetricsEndpoint.start(self.config.metrics_listen)
+            log.info(
+                "metrics on %s (port %d)", self.config.metrics_listen, self.metrics_endpoint.port
+            )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         if self.config.migrate:
@@ -130,6 +150,8 @@ class KfeedServer:
         await self.health.enter_graceful_shutdown()
         self.hub.close()
         await self._server.stop(self.config.grace_period if grace is None else grace)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         await self.engine.dispose()
         log.info("kfeed server stopped")
 
@@ -139,10 +161,10 @@ class KfeedServer:
 
 async def run_until_signalled(config: ServerConfig) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    if not is_loopback_address(config.listen):
+    if not is_loopback_address(config.listen) and not config.security.authenticates:
         raise SystemExit(
             f"refusing to listen on {config.listen}: beyond loopback kfeed requires "
-            "authentication, which is not configured"
+            "authentication (--auth-tokens-file), which is not configured"
         )
     server = KfeedServer(config)
     stop_requested = asyncio.Event()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from kfeed_cli.settings import CommandSettings
 from kfeed_server.app import ServerConfig, run_until_signalled
 from kfeed_server.db import DEFAULT_DATABASE_URL
 from kfeed_server.logs import LogFormat, configure_logging
+from kfeed_server.security import SecurityConfig
 
 
 class ServeCommand(CommandSettings):
@@ -19,6 +21,14 @@ class ServeCommand(CommandSettings):
     grace_period: float = 5.0
     log_level: str = "INFO"
     log_format: LogFormat = "text"
+    # Security and metrics: docs/OPERATIONS.md.
+    auth_tokens_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    rate_limit: float | None = None
+    rate_limit_burst: int | None = None
+    metrics_listen: str | None = None
 
     def cli_cmd(self) -> None:
         configure_logging(self.log_level, self.log_format)
@@ -27,5 +37,14 @@ class ServeCommand(CommandSettings):
             database_url=self.database_url,
             migrate=self.migrate,
             grace_period=self.grace_period,
+            security=SecurityConfig(
+                auth_tokens_file=self.auth_tokens_file,
+                tls_cert_file=self.tls_cert_file,
+                tls_key_file=self.tls_key_file,
+                tls_client_ca_file=self.tls_client_ca_file,
+                rate_limit=self.rate_limit,
+                rate_limit_burst=self.rate_limit_burst,
+            ),
+            metrics_listen=self.metrics_listen,
         )
         asyncio.run(run_until_signalled(config))

@@ -142,6 +142,11 @@ class SnapshotHub:
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
 
+    @property
+    def queue_depths(self) -> list[int]:
+        """Items queued per live subscription (read by the metrics at scrape time)."""
+        return [subscription.depth for subscription in self._subscriptions]
+
     def close(self) -> None:
         """Shutdown: every subscription ends; new ones end at once."""
         self.closed = True

@@ -16,6 +16,7 @@ from kfeed.v1 import ingest_service_pb2 as pb
 from kfeed.v1 import ingest_service_pb2_grpc as pb_grpc
 from kfeed.v1 import types_pb2
 from kfeed_server.db.repositories import Repositories
+from kfeed_server.observability.metrics import record_refused_batch, record_stored_batch
 from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side
 from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport.convert import (
@@ -158,6 +159,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if violations:
             summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
             log.warning("batch %d from %r refused: %s", request.batch_id, request.producer, summary)
+            record_refused_batch()
             return _refusal(request.batch_id, violations)
         markets = [market_from_proto(m) for m in request.markets]
         async with self._write_lock:
@@ -171,6 +173,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             )
             self._hub.remember_markets(markets)
             self._hub.publish(result.stored_snapshots, result.stored_gaps)
+        record_stored_batch(result)
         return pb.PublishResponse(
             batch_id=request.batch_id,
             code=code_pb2.OK,

@@ -1,0 +1,49 @@
+"""Rebuilding a gRPC method handler around a new behaviour, for every kind of RPC.
+
+Interceptors that act per call (metrics, auth) wrap the handler's behaviour; this keeps the four
+``grpc.*_rpc_method_handler`` constructors in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import grpc
+
+RpcType = Literal["unary", "server_stream", "client_stream", "bidi_stream"]
+# A grpc.aio behaviour: a coroutine function or an async generator function of
+# (request or request iterator, context). The stubs describe only sync ones, hence Any.
+Behavior = Callable[[Any, Any], Any]
+BehaviorTransform = Callable[[Behavior, RpcType], Behavior]
+
+_CONSTRUCTORS: tuple[tuple[str, RpcType, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...] = (
+    ("unary_unary", "unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", "server_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", "client_stream", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", "bidi_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> RpcType:
+    """The kind of RPC ``handler`` serves."""
+    for attribute, kind, _ in _CONSTRUCTORS:
+        if getattr(handler, attribute) is not None:
+            return kind
+    raise ValueError("handler has no behaviour")
+
+
+def with_behavior(
+    handler: grpc.RpcMethodHandler[Any, Any], transform: BehaviorTransform
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind and (de)serialisers whose behaviour is
+    ``transform(old behaviour, kind)``."""
+    for attribute, kind, constructor in _CONSTRUCTORS:
+        behavior = getattr(handler, attribute)
+        if behavior is not None:
+            return constructor(
+                transform(behavior, kind),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler

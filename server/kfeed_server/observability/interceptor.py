@@ -1,0 +1,130 @@
+"""Per-call metrics and the access log: one line per RPC with method, status, duration and
+request id.
+
+Placed right inside :class:`~kfeed_server.transport.interceptors.ErrorMappingInterceptor`, so the
+request id is already set and an :class:`~kfeed_server.transport.errors.ApiError` (including an
+auth refusal) still carries the code the caller will see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from kfeed_server.observability.handlers import Behavior, RpcType, with_behavior
+from kfeed_server.observability.metrics import (
+    GRPC_HANDLED,
+    GRPC_HANDLING_SECONDS,
+    GRPC_STARTED,
+)
+from kfeed_server.security.policy import split_method
+from kfeed_server.transport.errors import ApiError
+
+access_log = logging.getLogger("kfeed_server.access")
+
+# Probes call these every few seconds; their lines would drown the rest at INFO.
+_QUIET_SERVICES = frozenset({"grpc.health.v1.Health"})
+
+
+def status_code_of(
+    error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]
+) -> grpc.StatusCode:
+    """The status code the caller receives for a call that ended with ``error`` (None: returned)."""
+    if isinstance(error, ApiError):
+        return error.code
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        # Set by context.abort() or context.set_code(); None means the default, OK.
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    # The error-mapping interceptor answers every other exception with INTERNAL.
+    return grpc.StatusCode.INTERNAL
+
+
+class _CallObservation:
+    """One RPC from start to status: started counter now, handled + latency + log at the end."""
+
+    def __init__(self, method: str, kind: RpcType) -> None:
+        self.method = method
+        service, name = split_method(method)
+        self.labels = (kind, service, name)
+        self.quiet = service in _QUIET_SERVICES
+        self.started = time.perf_counter()
+        GRPC_STARTED.labels(*self.labels).inc()
+
+    def finish(
+        self, error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        duration = time.perf_counter() - self.started
+        code = status_code_of(error, context)
+        GRPC_HANDLED.labels(*self.labels, code.name).inc()
+        GRPC_HANDLING_SECONDS.labels(*self.labels).observe(duration)
+        access_log.log(
+            logging.DEBUG if self.quiet else logging.INFO,
+            "%s %s %.1f ms",
+            self.method,
+            code.name,
+            duration * 1000,
+            extra={
+                "fields": {
+                    "method": self.method,
+                    "grpc_code": code.name,
+                    "duration_ms": round(duration * 1000, 3),
+                    "peer": context.peer(),
+                }
+            },
+        )
+
+
+def _observed(method: str) -> Callable[[Behavior, RpcType], Behavior]:
+    def transform(behavior: Behavior, kind: RpcType) -> Behavior:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                observation = _CallObservation(method, kind)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as error:
+                    observation.finish(error, context)
+                    raise
+                observation.finish(None, context)
+
+            return stream
+
+        async def call(request: Any, context: Any) -> Any:
+            observation = _CallObservation(method, kind)
+            try:
+                response = await behavior(request, context)
+            except BaseException as error:
+                observation.finish(error, context)
+                raise
+            observation.finish(None, context)
+            return response
+
+        return call
+
+    return transform
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and access-logs every RPC (see the module docstring for its place)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return with_behavior(handler, _observed(handler_call_details.method))

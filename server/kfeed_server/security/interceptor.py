@@ -1,0 +1,110 @@
+"""The access-control interceptor: bearer token -> caller -> role check -> rate limit.
+
+A refused call never reaches its servicer: its handler is replaced by one that raises the
+refusal, which :class:`~kfeed_server.transport.interceptors.ErrorMappingInterceptor` turns into
+the status (with the request id) like any other API error. Messages name the caller, never the
+token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from kfeed_server.observability.handlers import Behavior, RpcType, with_behavior
+from kfeed_server.security.policy import required_role
+from kfeed_server.security.rate_limit import RateLimited, RateLimiter
+from kfeed_server.security.tokens import ANONYMOUS, Principal, TokenTable
+from kfeed_server.transport.errors import ApiError
+
+AUTHORIZATION_KEY = "authorization"
+_BEARER_PREFIX = "bearer "
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+class Unauthenticated(ApiError):
+    """No valid bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ApiError):
+    """A valid token without the role the method needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def bearer_token(metadata: Metadata | None) -> str | None:
+    """The token of the first ``authorization: Bearer <token>`` entry, if any."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str):
+            if value[: len(_BEARER_PREFIX)].lower() == _BEARER_PREFIX:
+                return value[len(_BEARER_PREFIX) :].strip() or None
+            return None
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, authorises and rate-limits each call before it reaches its servicer.
+
+    With ``tokens`` None authentication is off and every caller is :data:`ANONYMOUS` (the server
+    only allows that on loopback); a ``rate_limiter`` then limits all callers together.
+    """
+
+    def __init__(self, tokens: TokenTable | None, rate_limiter: RateLimiter | None = None):
+        self._tokens = tokens
+        self._rate_limiter = rate_limiter
+
+    def admit(self, method: str, metadata: Metadata | None) -> Principal | None:
+        """The caller of ``method`` (None for open methods); raises the refusal otherwise."""
+        role = required_role(method)
+        if role is None:
+            return None
+        principal = self._authenticate(metadata)
+        if not principal.has_role(role):
+            raise PermissionDenied(f"{principal.name!r} lacks the {role.value!r} role for {method}")
+        if self._rate_limiter is not None:
+            retry_after = self._rate_limiter.acquire(principal.name)
+            if retry_after > 0:
+                raise RateLimited(principal.name, retry_after)
+        return principal
+
+    def _authenticate(self, metadata: Metadata | None) -> Principal:
+        if self._tokens is None:
+            return ANONYMOUS
+        token = bearer_token(metadata)
+        if token is None:
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        principal = self._tokens.authenticate(token)
+        if principal is None:
+            raise Unauthenticated("invalid bearer token")
+        return principal
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        try:
+            self.admit(handler_call_details.method, handler_call_details.invocation_metadata)
+        except ApiError as refusal:
+            return with_behavior(handler, _refusing(refusal))
+        return handler
+
+
+def _refusing(refusal: ApiError) -> Callable[[Behavior, RpcType], Behavior]:
+    def transform(behavior: Behavior, kind: RpcType) -> Behavior:
+        async def refuse(request: Any, context: Any) -> None:
+            raise refusal
+
+        return refuse
+
+    return transform
