@@ -7,6 +7,7 @@ Optional money fields map to unset sub-messages, never to zero.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
@@ -146,26 +147,45 @@ _SNAPSHOT_CONTRACT_FIELDS = (
 )
 
 
+def _timestamp_fields(value: datetime) -> dict[str, int]:
+    delta = value - _EPOCH
+    return {"seconds": delta.days * 86_400 + delta.seconds, "nanos": delta.microseconds * 1000}
+
+
+def snapshot_fields(r: SnapshotRecord) -> dict[str, Any]:
+    """A snapshot as MarketSnapshot constructor arguments.
+
+    This is the hot path of ListSnapshots and of every stream: one constructor call with nested
+    dicts is much cheaper than building and copying sub-messages. ``None`` leaves a field unset.
+    """
+    yes_bid, yes_ask, no_bid, no_ask = r.yes_bid, r.yes_ask, r.no_bid, r.no_ask
+    last_price, liquidity = r.last_price, r.liquidity
+    bid_size, ask_size, volume = r.yes_bid_size, r.yes_ask_size, r.volume
+    volume_24h, open_interest = r.volume_24h, r.open_interest
+    return {
+        "snapshot_id": r.snapshot_id,
+        "ticker": r.ticker,
+        "exchange_time": _timestamp_fields(r.exchange_time),
+        "receive_time": _timestamp_fields(r.receive_time),
+        "source": r.source,
+        "status": r.status,
+        "exchange_sequence": r.exchange_sequence,
+        "yes_bid": None if yes_bid is None else {"ten_thousandths": yes_bid},
+        "yes_ask": None if yes_ask is None else {"ten_thousandths": yes_ask},
+        "no_bid": None if no_bid is None else {"ten_thousandths": no_bid},
+        "no_ask": None if no_ask is None else {"ten_thousandths": no_ask},
+        "last_price": None if last_price is None else {"ten_thousandths": last_price},
+        "liquidity": None if liquidity is None else {"ten_thousandths": liquidity},
+        "yes_bid_size": None if bid_size is None else {"hundredths": bid_size},
+        "yes_ask_size": None if ask_size is None else {"hundredths": ask_size},
+        "volume": None if volume is None else {"hundredths": volume},
+        "volume_24h": None if volume_24h is None else {"hundredths": volume_24h},
+        "open_interest": None if open_interest is None else {"hundredths": open_interest},
+    }
+
+
 def snapshot_to_proto(record: SnapshotRecord) -> types_pb2.MarketSnapshot:
-    snapshot = types_pb2.MarketSnapshot(
-        snapshot_id=record.snapshot_id,
-        ticker=record.ticker,
-        exchange_time=timestamp(record.exchange_time),
-        receive_time=timestamp(record.receive_time),
-        source=int(record.source),  # type: ignore[arg-type]
-        status=int(record.status),  # type: ignore[arg-type]
-    )
-    if record.exchange_sequence is not None:
-        snapshot.exchange_sequence = record.exchange_sequence
-    for name in _SNAPSHOT_DOLLAR_FIELDS:
-        value = getattr(record, name)
-        if value is not None:
-            getattr(snapshot, name).ten_thousandths = value
-    for name in _SNAPSHOT_CONTRACT_FIELDS:
-        value = getattr(record, name)
-        if value is not None:
-            getattr(snapshot, name).hundredths = value
-    return snapshot
+    return types_pb2.MarketSnapshot(**snapshot_fields(record))
 
 
 def snapshot_from_proto(message: types_pb2.MarketSnapshot) -> SnapshotRecord:

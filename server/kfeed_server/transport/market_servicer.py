@@ -30,6 +30,7 @@ from kfeed_server.transport.convert import (
     feed_gap_to_proto,
     market_to_proto,
     optional_timestamp,
+    snapshot_fields,
     snapshot_to_proto,
     timestamp,
     trade_to_proto,
@@ -129,10 +130,13 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
             limit=limit,
             after=(cursor[0], cursor[1]) if cursor else None,  # type: ignore[arg-type]
         )
-        return pb.ListSnapshotsResponse(
-            snapshots=[snapshot_to_proto(s) for s in page.items],
-            next_page_token=encode_page_token(page.next_cursor, query),
+        response = pb.ListSnapshotsResponse(
+            next_page_token=encode_page_token(page.next_cursor, query)
         )
+        add = response.snapshots.add  # built in place: no per-message copy
+        for snapshot in page.items:
+            add(**snapshot_fields(snapshot))
+        return response
 
     async def ListTrades(
         self, request: pb.ListTradesRequest, context: Context
