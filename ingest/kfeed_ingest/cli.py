@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import grpc
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
@@ -65,6 +66,18 @@ class IngestCommand(CommandSettings):
     server: str = Field(default="127.0.0.1:50051", description="kfeed serve HOST:PORT")
     server_token: str | None = Field(
         default=None, description="bearer token with the ingest role", repr=False
+    )
+    server_tls: bool = Field(
+        default=False, description="TLS to the server (implied by any --server-tls-* file)"
+    )
+    server_tls_ca_file: Path | None = Field(
+        default=None, description="PEM CA that signed the server's certificate (default: system)"
+    )
+    server_tls_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate, when the server requires mTLS"
+    )
+    server_tls_key_file: Path | None = Field(
+        default=None, description="PEM key of --server-tls-cert-file"
     )
     kalshi_url: str = Field(default=PRODUCTION_REST_URL, description="Kalshi REST base URL")
     kalshi_ws_url: str | None = Field(
@@ -124,6 +137,16 @@ class IngestCommand(CommandSettings):
             return None
         return KalshiCredentials.from_files(self.api_key_id, self.api_private_key_file)
 
+    def server_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for the server connection; None for plaintext."""
+        files = (self.server_tls_ca_file, self.server_tls_cert_file, self.server_tls_key_file)
+        if not self.server_tls and all(file is None for file in files):
+            return None
+        if (self.server_tls_cert_file is None) != (self.server_tls_key_file is None):
+            raise ValueError("--server-tls-cert-file and --server-tls-key-file go together")
+        ca, cert, key = (file.read_bytes() if file else None for file in files)
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
     def selection(self) -> MarketSelection:
         """The markets the flags select."""
         return MarketSelection(
@@ -157,6 +180,7 @@ class IngestCommand(CommandSettings):
                 producer=self.producer,
                 window=self.window,
                 token=self.server_token,
+                credentials=self.server_credentials(),
             )
             async with rest, publisher:
                 options = RunOptions(

@@ -66,6 +66,7 @@ class Publisher:
         producer: str,
         window: int = 16,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         backoff: Backoff | None = None,
         max_pending: int = 100_000,
     ) -> None:
@@ -75,6 +76,8 @@ class Publisher:
         self._spool = spool
         self._window = window
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        # TLS when set (grpc.ssl_channel_credentials); plaintext otherwise.
+        self._credentials = credentials
         self._backoff = backoff or Backoff()
         self._unacked: OrderedDict[int, PublishRequest] = OrderedDict(
             (request.batch_id, request) for request in spool.pending()
@@ -164,7 +167,12 @@ class Publisher:
 
     async def _stream(self, connection: _Connection) -> bool:
         """Run one stream until it ends; True when at least one ack arrived on it."""
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        channel = (
+            grpc.aio.secure_channel(self.target, self._credentials)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(self.target)
+        )
+        async with channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             call = stub.Publish(metadata=self._metadata)
             self.stats.connections += 1
