@@ -8,11 +8,11 @@ a worker process. The same configuration over the same snapshots gives the same 
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from kfeed_server.backtest.chunks import EncodedChunk, encode_market_data
 from kfeed_server.backtest.config import EngineConfig, validate_config
 from kfeed_server.backtest.fees import COUNT_SCALE, PRICE_SCALE, FeeRounding
 from kfeed_server.backtest.metrics import (
@@ -48,8 +48,8 @@ _YES, _NO = Side.YES, Side.NO
 _BUY, _SELL = OrderAction.BUY, OrderAction.SELL
 _BEFORE_ALL = datetime.min.replace(tzinfo=UTC)
 _AFTER_ALL = datetime.max.replace(tzinfo=UTC)
-# Rows per SHA-256 update of the fingerprint: amortises the serialisation calls.
-_FINGERPRINT_CHUNK = 4_096
+FINGERPRINT_CHUNK = 4_096
+"""Rows per SHA-256 update of the fingerprint (part of its definition)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,20 +104,22 @@ class StrategyError(Exception):
 
 
 class Fingerprinter:
-    """SHA-256 over snapshot rows in replay order.
+    """SHA-256 over snapshot rows in replay order, with their count and id range.
 
-    Each row is the tuple (snapshot_id, ticker, exchange_time as POSIX seconds (float),
-    exchange_sequence, yes_bid, yes_ask, no_bid, no_ask, yes_bid_size, yes_ask_size, last_price,
-    volume, volume_24h, open_interest, liquidity, status as int); rows are pickled (protocol 4) in
-    chunks of 4,096 and the pickles hashed in order. Ingest metadata (receive_time, source) is left
-    out: re-recording the same market data does not change the fingerprint.
+    Rows are hashed in chunks of 4,096 in the canonical encoding of ``chunks.encode_market_data``
+    (snapshot id, ticker, exchange sequence, prices, sizes, activity, exchange time as POSIX
+    seconds, status; ingest metadata such as receive_time and source left out, so re-recording the
+    same market data keeps the fingerprint). ``add`` only keeps a reference; the encoding happens
+    a chunk at a time in C-level maps. ``add_encoded`` takes a chunk encoded elsewhere (the
+    service encodes while it reads), which gives the same hash when the chunks hold the same rows
+    in the same order *and* the same chunk boundaries: the service's chunks are 4,096 rows too.
     """
 
     __slots__ = ("_first_id", "_hash", "_last_id", "_row_count", "_rows")
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._rows: list[tuple[object, ...]] = []
+        self._rows: list[SnapshotRecord] = []
         self._row_count = 0
         self._first_id = 0
         self._last_id = 0
@@ -125,41 +127,29 @@ class Fingerprinter:
     def add(self, s: SnapshotRecord) -> None:
         """Adds one row."""
         rows = self._rows
-        rows.append(
-            (
-                s.snapshot_id,
-                s.ticker,
-                s.exchange_time.timestamp(),
-                s.exchange_sequence,
-                s.yes_bid,
-                s.yes_ask,
-                s.no_bid,
-                s.no_ask,
-                s.yes_bid_size,
-                s.yes_ask_size,
-                s.last_price,
-                s.volume,
-                s.volume_24h,
-                s.open_interest,
-                s.liquidity,
-                s.status._value_,
-            )
-        )
-        if len(rows) >= _FINGERPRINT_CHUNK:
+        rows.append(s)
+        if len(rows) >= FINGERPRINT_CHUNK:
             self._flush()
+
+    def add_encoded(self, chunk: EncodedChunk) -> None:
+        """Adds an already encoded chunk (of at most ``FINGERPRINT_CHUNK`` rows, after any rows
+        given to ``add`` have filled whole chunks)."""
+        self._flush()
+        self._count(chunk.row_count, chunk.first_snapshot_id, chunk.last_snapshot_id)
+        self._hash.update(chunk.market_data)
+
+    def _count(self, rows: int, first_id: int, last_id: int) -> None:
+        if not self._row_count:
+            self._first_id = first_id
+        self._last_id = last_id
+        self._row_count += rows
 
     def _flush(self) -> None:
         rows = self._rows
         if not rows:
             return
-        first_id, last_id = rows[0][0], rows[-1][0]
-        assert isinstance(first_id, int)
-        assert isinstance(last_id, int)
-        if not self._row_count:
-            self._first_id = first_id
-        self._last_id = last_id
-        self._row_count += len(rows)
-        self._hash.update(pickle.dumps(rows, protocol=4))
+        self._count(len(rows), rows[0].snapshot_id, rows[-1].snapshot_id)
+        self._hash.update(encode_market_data(rows))
         rows.clear()
 
     def result(self) -> DataFingerprint:
@@ -507,19 +497,20 @@ class _Run:
         self,
         snapshots: Iterable[SnapshotRecord],
         on_snapshot: Callable[[SnapshotRecord, _Run, _Run], Sequence[Order]],
-        fingerprinter: Fingerprinter,
+        fingerprinter: Fingerprinter | None,
         total: int,
         progress: Callable[[Progress], None] | None,
         should_stop: Callable[[], bool] | None,
         progress_every: int,
     ) -> int:
         """The hot loop; returns the number of snapshots replayed. Per snapshot it only touches
-        what changed, through local names."""
+        what changed, through local names. ``fingerprinter`` None: the caller fingerprints."""
         start = self.config.start_time or _BEFORE_ALL
         end = self.config.end_time or _AFTER_ALL
         tickers = frozenset(self.config.tickers)
         latest = self._latest
-        add_row = fingerprinter.add
+        hashing = fingerprinter is not None
+        add_row = fingerprinter.add if fingerprinter is not None else None
         curve_times = self.curve_times
         curve_equity = self.curve_equity
         last_time: datetime | None = None
@@ -540,7 +531,8 @@ class _Run:
                 self.begin_event(now)
                 assert self.day_end is not None
                 next_day = self.day_end
-            add_row(snapshot)
+            if hashing:
+                add_row(snapshot)  # type: ignore[misc]  # set whenever hashing
             latest[ticker] = snapshot
             self.time = now
             if self._open_holdings:
@@ -634,6 +626,7 @@ def run_backtest(
     registry: StrategyRegistry = default_registry,
     max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS,
     progress_every: int = DEFAULT_PROGRESS_EVERY,
+    fingerprinter: Fingerprinter | None = None,
 ) -> BacktestResult:
     """Runs one backtest.
 
@@ -643,6 +636,11 @@ def run_backtest(
     ``progress`` and ``should_stop`` are called every ``progress_every`` snapshots, so a cancel
     lands within that many; BacktestCancelled is raised then. Raises ConfigError for a bad
     configuration and StrategyError for a malformed order.
+
+    By default the engine fingerprints the rows it replays. A caller that already hashes the rows
+    as it produces them (the service hashes the encoded chunks it ships to the worker) passes its
+    ``fingerprinter`` instead; the run then checks that it replayed exactly as many rows as were
+    fingerprinted (ValueError otherwise), so provenance cannot drift from what ran.
     """
     config = validate_config(config, registry)
     if max_equity_points < 2 or progress_every < 1:
@@ -653,11 +651,12 @@ def run_backtest(
     total_hint = total or 0
     run.report(0, total_hint, None, should_stop)
     strategy.on_start(run, run)
-    fingerprinter = Fingerprinter()
+    caller_hashes = fingerprinter is not None
+    fingerprinter = fingerprinter or Fingerprinter()
     processed = run.replay(
         snapshots,
         strategy.on_snapshot,
-        fingerprinter,
+        None if caller_hashes else fingerprinter,
         total_hint,
         progress,
         should_stop,
@@ -666,6 +665,12 @@ def run_backtest(
     strategy.on_end(run, run)
     run.finish()
     run.report(processed, processed, progress, None, finished=True)
+    data_fingerprint = fingerprinter.result()
+    if data_fingerprint.row_count != processed:
+        raise ValueError(
+            f"{data_fingerprint.row_count} rows were fingerprinted but {processed} replayed: "
+            "the rows given must all lie in the window and belong to the tickers"
+        )
     return BacktestResult(
         config=config,
         metrics=_metrics(run, markets),
@@ -676,7 +681,7 @@ def run_backtest(
                 *downsample(run.curve_times, run.curve_equity, max_equity_points), strict=True
             )
         ],
-        fingerprint=fingerprinter.result(),
+        fingerprint=data_fingerprint,
         rejected_orders=run.rejected_orders,
     )
 

@@ -1,0 +1,143 @@
+"""A compact, canonical byte encoding of snapshot rows: what the fingerprint hashes and what the
+service ships to a worker process.
+
+One encoding serves both purposes, so the rows are serialised once: the service encodes each chunk
+it reads (in the server process, in parallel with the worker replaying the previous chunk), hashes
+the encoded market data as it goes, and the worker decodes the chunk back into records.
+
+A chunk's *market data* is ``marshal`` format version 2 (no object references, so the bytes depend
+only on the values, never on object identity) of the triple ``(rows, times, statuses)``: ``rows``
+the list of tuples (snapshot_id, ticker, exchange_sequence, yes_bid, yes_ask, no_bid, no_ask,
+yes_bid_size, yes_ask_size, last_price, volume, volume_24h, open_interest, liquidity) with None for
+a missing value, ``times`` the exchange times as POSIX seconds (float), ``statuses`` the market
+statuses as ints. Ingest metadata (receive_time, source) travels beside it, unhashed.
+"""
+
+from __future__ import annotations
+
+import marshal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from operator import attrgetter
+
+from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
+
+# Version 2 is the last marshal version without back-references (added in version 3), so equal
+# values always encode to equal bytes.
+MARSHAL_VERSION = 2
+
+_MARKET_VALUES = attrgetter(
+    "snapshot_id",
+    "ticker",
+    "exchange_sequence",
+    "yes_bid",
+    "yes_ask",
+    "no_bid",
+    "no_ask",
+    "yes_bid_size",
+    "yes_ask_size",
+    "last_price",
+    "volume",
+    "volume_24h",
+    "open_interest",
+    "liquidity",
+)
+_EXCHANGE_TIME = attrgetter("exchange_time")
+_RECEIVE_TIME = attrgetter("receive_time")
+_STATUS = attrgetter("status")
+_SOURCE = attrgetter("source")
+_timestamp = datetime.timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedChunk:
+    """Consecutive snapshot rows, encoded (see the module docstring). ``market_data`` is what the
+    fingerprint hashes; ``metadata`` holds (receive times, sources)."""
+
+    market_data: bytes
+    metadata: bytes
+    row_count: int
+    first_snapshot_id: int
+    last_snapshot_id: int
+
+
+def encode_market_data(rows: Sequence[SnapshotRecord]) -> bytes:
+    """The canonical bytes of ``rows``' market data (built by C-level maps, no per-row bytecode)."""
+    return marshal.dumps(
+        (
+            list(map(_MARKET_VALUES, rows)),
+            list(map(_timestamp, map(_EXCHANGE_TIME, rows))),
+            list(map(int, map(_STATUS, rows))),
+        ),
+        MARSHAL_VERSION,
+    )
+
+
+def encode_chunk(rows: Sequence[SnapshotRecord]) -> EncodedChunk:
+    """``rows`` (not empty) as one chunk."""
+    if not rows:
+        raise ValueError("cannot encode an empty chunk")
+    metadata = marshal.dumps(
+        (
+            list(map(_timestamp, map(_RECEIVE_TIME, rows))),
+            list(map(int, map(_SOURCE, rows))),
+        ),
+        MARSHAL_VERSION,
+    )
+    return EncodedChunk(
+        encode_market_data(rows),
+        metadata,
+        len(rows),
+        rows[0].snapshot_id,
+        rows[-1].snapshot_id,
+    )
+
+
+def decode_chunk(chunk: EncodedChunk) -> list[SnapshotRecord]:
+    """The records ``chunk`` was encoded from (equal field by field)."""
+    rows, times, statuses = marshal.loads(chunk.market_data)
+    receive_times, sources = marshal.loads(chunk.metadata)
+    from_timestamp = datetime.fromtimestamp
+    statuses_by_value = {int(s): s for s in MarketStatus}
+    sources_by_value = {int(s): s for s in DataSource}
+    return [
+        SnapshotRecord(
+            ticker,
+            from_timestamp(time, UTC),
+            from_timestamp(received, UTC),
+            sources_by_value[source],
+            sequence,
+            yes_bid,
+            yes_ask,
+            no_bid,
+            no_ask,
+            yes_bid_size,
+            yes_ask_size,
+            last_price,
+            volume,
+            volume_24h,
+            open_interest,
+            liquidity,
+            statuses_by_value[status],
+            snapshot_id,
+        )
+        for (
+            snapshot_id,
+            ticker,
+            sequence,
+            yes_bid,
+            yes_ask,
+            no_bid,
+            no_ask,
+            yes_bid_size,
+            yes_ask_size,
+            last_price,
+            volume,
+            volume_24h,
+            open_interest,
+            liquidity,
+        ), time, status, received, source in zip(
+            rows, times, statuses, receive_times, sources, strict=True
+        )
+    ]
