@@ -1,0 +1,366 @@
+"""The client half of the `kfeed` command: `tail`, `markets` and `snapshots`.
+
+Installed as `kfeed-client <command>`; the root `kfeed` command dispatches the same commands
+through :func:`run_tail`, :func:`run_markets` and :func:`run_snapshots`. Every flag can also
+come from an environment variable ``KFEED_<FLAG>`` (``--server`` → ``KFEED_SERVER``,
+``--ca-file`` → ``KFEED_CA_FILE``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from kfeed.v1 import market_service_pb2, types_pb2
+from kfeed_client.client import KfeedClient, connect
+from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig
+from kfeed_client.money import contracts_to_decimal, dollars_to_decimal
+
+ENV_PREFIX = "KFEED_"
+_TRUE = {"1", "true", "yes", "on"}
+_RELATIVE_TIME = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+Command = Callable[[argparse.Namespace, Console], Awaitable[int]]
+
+
+def env_name(flag: str) -> str:
+    """The environment variable of a flag: ``--ca-file`` → ``KFEED_CA_FILE``."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _add_option(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: Any) -> None:
+    """A ``--flag VALUE`` option whose default comes from ``KFEED_<FLAG>``."""
+    variable = env_name(flag)
+    default = os.environ.get(variable, kwargs.pop("default", None))
+    parser.add_argument(flag, default=default, help=f"{help} (env {variable})", **kwargs)
+
+
+def _add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A boolean ``--flag`` that ``KFEED_<FLAG>=1`` (or true/yes/on) also turns on."""
+    variable = env_name(flag)
+    default = os.environ.get(variable, "").strip().lower() in _TRUE
+    parser.add_argument(flag, action="store_true", default=default, help=f"{help} (env {variable})")
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """An ISO-8601 time (UTC when it names no zone), ``now``, or a span ago such as ``15m``.
+
+    Spans take the units s, m, h and d: ``--from 2h`` means two hours ago.
+    """
+    text = text.strip()
+    reference = now or datetime.now(UTC)
+    if text == "now":
+        return reference
+    relative = _RELATIVE_TIME.match(text)
+    if relative:
+        return reference - timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO-8601 time nor a span like 30s, 15m, 2h, 1d"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _market_status(name: str) -> types_pb2.MarketStatus.ValueType:
+    try:
+        return types_pb2.MarketStatus.Value("MARKET_STATUS_" + name.upper())
+    except ValueError:
+        choices = [
+            n.removeprefix("MARKET_STATUS_").lower()
+            for n, number in types_pb2.MarketStatus.items()
+            if number != types_pb2.MARKET_STATUS_UNSPECIFIED
+        ]
+        raise argparse.ArgumentTypeError(
+            f"unknown status {name!r}; one of {', '.join(choices)}"
+        ) from None
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    _add_option(parser, "--server", "HOST:PORT of kfeed serve", default=DEFAULT_ADDRESS)
+    _add_option(parser, "--token", "bearer token sent as `authorization: Bearer …`")
+    _add_switch(parser, "--tls", "use TLS with the system's root certificates")
+    _add_option(parser, "--ca-file", "PEM CA bundle that verifies the server (implies TLS)")
+    _add_option(parser, "--cert-file", "PEM client certificate for mutual TLS")
+    _add_option(parser, "--key-file", "PEM private key of --cert-file")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    _add_switch(parser, "--json", "print one JSON object (protobuf JSON mapping) per line")
+
+
+def build_parser(prog: str = "kfeed-client") -> argparse.ArgumentParser:
+    """The parser of all three commands, as subcommands."""
+    parser = argparse.ArgumentParser(prog=prog, description="Query and watch a kfeed server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (configure, _, help_text) in COMMANDS.items():
+        configure(commands.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _configure_tail(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tickers", nargs="*", metavar="TICKER", help="markets (none: all)")
+    _add_option(parser, "--event", "markets of this event ticker")
+    _add_option(parser, "--series", "markets of this series ticker")
+    _add_option(
+        parser,
+        "--from",
+        "replay from this time (ISO-8601, or a span ago: 15m)",
+        dest="start",
+        type=parse_time,
+    )
+    _add_option(parser, "--resume", "continue after this resume token from an earlier run")
+    _add_switch(parser, "--include-latest", "start with each market's latest snapshot")
+    _add_option(parser, "--heartbeat", "seconds between heartbeats when idle", type=float)
+    _add_option(parser, "--conflate", "at most one snapshot per market per N ms", type=int)
+    _add_option(parser, "--limit", "exit after this many snapshots", type=int)
+    _add_switch(parser, "--verbose", "also show heartbeats")
+    _add_output_options(parser)
+    _add_connection_options(parser)
+
+
+def _configure_markets(parser: argparse.ArgumentParser) -> None:
+    _add_option(parser, "--event", "only markets of this event ticker", default="")
+    _add_option(parser, "--series", "only markets of this series ticker", default="")
+    parser.add_argument(
+        "--status",
+        action="append",
+        type=_market_status,
+        default=[],
+        help="only markets in this status (repeatable): open, closed, …",
+    )
+    _add_output_options(parser)
+    _add_connection_options(parser)
+
+
+def _configure_snapshots(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ticker", metavar="TICKER", help="the market")
+    _add_option(
+        parser,
+        "--from",
+        "from this time (ISO-8601, or a span ago: 15m)",
+        dest="start",
+        type=parse_time,
+    )
+    _add_option(parser, "--to", "until this time (exclusive)", dest="end", type=parse_time)
+    _add_option(parser, "--limit", "at most this many snapshots", type=int)
+    _add_output_options(parser)
+    _add_connection_options(parser)
+
+
+def _connect(options: argparse.Namespace) -> KfeedClient:
+    tls: TlsConfig | None = None
+    if options.tls or options.ca_file or options.cert_file:
+        tls = TlsConfig(
+            ca_file=options.ca_file, cert_file=options.cert_file, key_file=options.key_file
+        )
+    return connect(options.server, token=options.token or None, tls=tls)
+
+
+def _json(message: Message) -> str:
+    return json_format.MessageToJson(message, indent=None)
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> str:
+    moment = stamp.ToDatetime(tzinfo=UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _dollars(value: types_pb2.Dollars) -> str:
+    return f"{dollars_to_decimal(value):.4f}"
+
+
+def _contracts(value: types_pb2.Contracts) -> str:
+    return f"{contracts_to_decimal(value):,.2f}"
+
+
+def _status(value: types_pb2.MarketStatus.ValueType) -> str:
+    return types_pb2.MarketStatus.Name(value).removeprefix("MARKET_STATUS_").lower()
+
+
+def snapshot_line(snapshot: types_pb2.MarketSnapshot, coalesced: int = 0) -> str:
+    """One snapshot as a line of rich markup: time, ticker, yes/no bid×ask, last, volume."""
+    line = (
+        f"[dim]{_time(snapshot.exchange_time)}[/] [bold]{snapshot.ticker}[/]  "
+        f"yes [green]{_dollars(snapshot.yes_bid)}[/]×[red]{_dollars(snapshot.yes_ask)}[/]  "
+        f"no [green]{_dollars(snapshot.no_bid)}[/]×[red]{_dollars(snapshot.no_ask)}[/]  "
+        f"last {_dollars(snapshot.last_price)}  vol {_contracts(snapshot.volume)}"
+    )
+    if snapshot.status not in (types_pb2.MARKET_STATUS_OPEN, types_pb2.MARKET_STATUS_UNSPECIFIED):
+        line += f"  [yellow]{_status(snapshot.status)}[/]"
+    if coalesced:
+        line += f"  [dim](+{coalesced} conflated)[/]"
+    return line
+
+
+def _feed_gap_line(gap: types_pb2.FeedGap) -> str:
+    where = f"{gap.ticker} " if gap.ticker else ""
+    state = "recovered" if gap.recovered else "not recovered yet"
+    return (
+        f"[yellow]! exchange feed gap {where}on {gap.channel}: expected seq "
+        f"{gap.expected_sequence}, got {gap.received_sequence} ({state})[/]"
+    )
+
+
+def _stream_line(message: market_service_pb2.StreamSnapshotsResponse, verbose: bool) -> str | None:
+    """The human line for a stream message, or None when it is not shown."""
+    kind = message.WhichOneof("event")
+    if kind == "snapshot":
+        return snapshot_line(message.snapshot.snapshot, message.snapshot.coalesced_count)
+    if kind == "caught_up":
+        return f"[cyan]── caught up: {message.caught_up.replayed_count} replayed, now live ──[/]"
+    if kind == "feed_gap":
+        return _feed_gap_line(message.feed_gap)
+    if kind == "subscriber_gap":
+        return (
+            f"[red]! fell behind: {message.subscriber_gap.dropped_count} snapshots skipped "
+            f"(resume token {message.resume_token})[/]"
+        )
+    if kind == "heartbeat" and verbose:
+        return f"[dim]· heartbeat {_time(message.heartbeat.server_time)}[/]"
+    return None
+
+
+async def tail(options: argparse.Namespace, console: Console) -> int:
+    """`tail`: follow the feed until interrupted (or ``--limit`` snapshots)."""
+    last_token = options.resume or ""
+    shown = 0
+    try:
+        async with _connect(options) as client:
+            stream = client.stream_snapshots(
+                options.tickers,
+                start_time=options.start,
+                resume_token=options.resume,
+                event_ticker=options.event,
+                series_ticker=options.series,
+                include_latest=options.include_latest,
+                heartbeat_interval=(
+                    timedelta(seconds=options.heartbeat) if options.heartbeat else None
+                ),
+                conflation_interval=(
+                    timedelta(milliseconds=options.conflate) if options.conflate else None
+                ),
+            )
+            async for message in stream:
+                last_token = message.resume_token or last_token
+                if options.json:
+                    if options.verbose or not message.HasField("heartbeat"):
+                        console.out(_json(message), highlight=False)
+                else:
+                    line = _stream_line(message, options.verbose)
+                    if line is not None:
+                        console.print(line, soft_wrap=True, highlight=False)
+                if message.HasField("snapshot"):
+                    shown += 1
+                    if options.limit is not None and shown >= options.limit:
+                        break
+    finally:
+        # Printed also on Ctrl-C, so the next run can continue exactly here.
+        if last_token and not options.json:
+            print(f"resume with: --resume {last_token}", file=sys.stderr)
+    return 0
+
+
+async def markets(options: argparse.Namespace, console: Console) -> int:
+    """`markets`: list markets, a table or JSON lines."""
+    table = Table("ticker", "status", "event", "close time", "title", box=None)
+    async with _connect(options) as client:
+        async for market in client.list_markets(
+            event_ticker=options.event, series_ticker=options.series, statuses=options.status
+        ):
+            if options.json:
+                console.out(_json(market), highlight=False)
+            else:
+                close = _time(market.close_time) if market.HasField("close_time") else ""
+                table.add_row(
+                    market.ticker, _status(market.status), market.event_ticker, close, market.title
+                )
+    if not options.json:
+        console.print(table, soft_wrap=True)
+    return 0
+
+
+async def snapshots(options: argparse.Namespace, console: Console) -> int:
+    """`snapshots`: a market's stored snapshots in a window, oldest first."""
+    count = 0
+    async with _connect(options) as client:
+        async for snapshot in client.iter_snapshots(options.ticker, options.start, options.end):
+            if options.json:
+                console.out(_json(snapshot), highlight=False)
+            else:
+                console.print(snapshot_line(snapshot), soft_wrap=True, highlight=False)
+            count += 1
+            if options.limit is not None and count >= options.limit:
+                break
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {
+    "tail": (_configure_tail, tail, "follow the live snapshot feed (history first with --from)"),
+    "markets": (_configure_markets, markets, "list markets"),
+    "snapshots": (_configure_snapshots, snapshots, "list a market's stored snapshots"),
+}
+
+
+async def execute(options: argparse.Namespace, console: Console | None = None) -> int:
+    """Run parsed options; gRPC errors become a one-line message and exit status 1."""
+    _, command, _ = COMMANDS[options.command]
+    try:
+        return await command(options, console or Console(soft_wrap=True))
+    except grpc.aio.AioRpcError as error:
+        print(f"kfeed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "kfeed-client") -> int:
+    """`kfeed-client COMMAND [flags]`; returns the exit status."""
+    return _run_to_completion(build_parser(prog).parse_args(argv))
+
+
+def _run_to_completion(options: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(execute(options))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(command: str, argv: Sequence[str], prog: str) -> int:
+    configure, _, help_text = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=prog, description=help_text)
+    configure(parser)
+    options = parser.parse_args(argv)
+    options.command = command
+    return _run_to_completion(options)
+
+
+def run_tail(argv: Sequence[str], prog: str = "kfeed tail") -> int:
+    """`kfeed tail …` for the root command: ``argv`` are the flags after `tail`."""
+    return _run("tail", argv, prog)
+
+
+def run_markets(argv: Sequence[str], prog: str = "kfeed markets") -> int:
+    """`kfeed markets …` for the root command: ``argv`` are the flags after `markets`."""
+    return _run("markets", argv, prog)
+
+
+def run_snapshots(argv: Sequence[str], prog: str = "kfeed snapshots") -> int:
+    """`kfeed snapshots …` for the root command: ``argv`` are the flags after `snapshots`."""
+    return _run("snapshots", argv, prog)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
