@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self, TypeVar
@@ -184,7 +184,7 @@ class KfeedClient:
         ),
         retry: RetryPolicy = DEFAULT_RETRY,
         resume_on_gap: bool = True,
-    ) -> AsyncIterator[market_service_pb2.StreamSnapshotsResponse]:
+    ) -> AsyncGenerator[market_service_pb2.StreamSnapshotsResponse, None]:
         """The live feed of the selected markets (no tickers and no event/series: all markets).
 
         Starts after ``resume_token``, or at ``start_time`` in the past, or live (preceded by

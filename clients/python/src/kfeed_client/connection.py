@@ -48,16 +48,11 @@ class TlsConfig:
         )
 
 
-class _BearerTokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call.
+class _BearerToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata.
 
-    An interceptor rather than call credentials because gRPC only sends call credentials over
-    TLS, and a token on a plain loopback channel is a legitimate setup (local development).
+    Interceptors rather than call credentials because gRPC sends call credentials only over TLS,
+    and a token on a plain loopback channel is a legitimate setup (local development).
     """
 
     def __init__(self, token: str) -> None:
@@ -74,6 +69,9 @@ class _BearerTokenInterceptor(
             details.wait_for_ready,
         )
 
+
+# One class per call kind: grpc.aio files each interceptor under the first kind it matches only.
+class _UnaryUnaryBearerToken(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self,
         continuation: Callable[
@@ -85,6 +83,8 @@ class _BearerTokenInterceptor(
     ) -> grpc.aio.UnaryUnaryCall[_Request, _Response]:
         return await continuation(self._with_token(client_call_details), request)
 
+
+class _UnaryStreamBearerToken(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self,
         continuation: Callable[
@@ -96,6 +96,8 @@ class _BearerTokenInterceptor(
     ) -> grpc.aio.UnaryStreamCall[_Request, _Response]:
         return await continuation(self._with_token(client_call_details), request)
 
+
+class _StreamUnaryBearerToken(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self,
         continuation: Callable[
@@ -107,6 +109,8 @@ class _BearerTokenInterceptor(
     ) -> grpc.aio.StreamUnaryCall[_Request, _Response]:
         return await continuation(self._with_token(client_call_details), request_iterator)
 
+
+class _StreamStreamBearerToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self,
         continuation: Callable[
@@ -117,6 +121,17 @@ class _BearerTokenInterceptor(
         request_iterator: AsyncIterable[_Request] | Iterable[_Request],
     ) -> grpc.aio.StreamStreamCall[_Request, _Response]:
         return await continuation(self._with_token(client_call_details), request_iterator)
+
+
+def bearer_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that send ``token`` on every kind of call."""
+    kinds = (
+        _UnaryUnaryBearerToken,
+        _UnaryStreamBearerToken,
+        _StreamUnaryBearerToken,
+        _StreamStreamBearerToken,
+    )
+    return [kind(token) for kind in kinds]
 
 
 def open_channel(
@@ -130,7 +145,7 @@ def open_channel(
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-    interceptors = [] if token is None else [_BearerTokenInterceptor(token)]
+    interceptors = [] if token is None else bearer_token_interceptors(token)
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     if tls.server_name is not None:

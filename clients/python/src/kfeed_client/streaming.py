@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -107,7 +107,7 @@ async def resumable_stream(
     retry: RetryPolicy = DEFAULT_RETRY,
     resume_on_gap: bool = True,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> AsyncIterator[pb.StreamSnapshotsResponse]:
+) -> AsyncGenerator[pb.StreamSnapshotsResponse, None]:
     """Yield the messages of StreamSnapshots(``request``), reconnecting and resuming as needed.
 
     With ``resume_on_gap`` a subscriber-gap marker (the server dropped live snapshots because
