@@ -1,0 +1,117 @@
+"""The client CLI (`kfeed-client` / `kfeed tail|markets|snapshots`) against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import sys
+from datetime import UTC, datetime
+
+import pytest
+from rich.console import Console
+
+from kfeed_client.cli import build_parser, env_name, execute, parse_time
+from tests.clients.conftest import MARKETS, SNAPSHOT_COUNT, TICKER
+from tests.factories import make_snapshot
+from tests.server.conftest import PublishSession
+
+
+async def run(*argv: str) -> tuple[int, str]:
+    """Run a command in this event loop; its exit status and what it printed."""
+    output = io.StringIO()
+    console = Console(file=output, width=200, color_system=None)
+    status = await asyncio.wait_for(execute(build_parser().parse_args(argv), console), 10)
+    return status, output.getvalue()
+
+
+async def test_markets_lists_every_market(address: str, seeded: PublishSession) -> None:
+    status, table = await run("markets", "--server", address)
+    _, lines = await run("markets", "--server", address, "--json")
+    assert status == 0
+    assert all(m.ticker in table and m.title in table for m in MARKETS)
+    assert [json.loads(line)["ticker"] for line in lines.splitlines()] == [
+        m.ticker for m in MARKETS
+    ]
+
+
+async def test_snapshots_prints_dollars_and_contracts(address: str, seeded: PublishSession) -> None:
+    status, text = await run("snapshots", TICKER, "--server", address, "--limit", "2")
+    lines = text.splitlines()
+    assert status == 0
+    assert len(lines) == 2
+    assert "yes 0.4000×0.4100  no 0.5900×0.6000  last 0.4050  vol 0.00" in lines[0]
+    assert "2025-03-14 15:09:27.535" in lines[1]
+
+
+async def test_tail_json_prints_one_message_per_line(address: str, seeded: PublishSession) -> None:
+    status, text = await run(
+        "tail", TICKER, "--server", address, "--from", "2025-03-14T00:00:00Z", "--json",
+        "--limit", str(SNAPSHOT_COUNT),
+    )  # fmt: skip
+    messages = [json.loads(line) for line in text.splitlines()]
+    assert status == 0
+    assert [m["snapshot"]["snapshot"]["yesBid"]["tenThousandths"] for m in messages] == [
+        str(4_000 + i) for i in range(SNAPSHOT_COUNT)
+    ]
+    assert all(m["resumeToken"] for m in messages)
+
+
+async def test_tail_shows_history_the_caught_up_marker_then_live(
+    address: str, seeded: PublishSession
+) -> None:
+    async def publish_when_caught_up() -> None:
+        await asyncio.sleep(0.3)
+        await seeded.publish(snapshots=[make_snapshot(TICKER, SNAPSHOT_COUNT)])
+
+    publishing = asyncio.create_task(publish_when_caught_up())
+    status, text = await run(
+        "tail", TICKER, "--server", address, "--from", "2025-03-14T15:09:30Z", "--limit", "4"
+    )
+    await publishing
+    lines = text.splitlines()
+    assert status == 0
+    assert "caught up: 3 replayed, now live" in lines[3]
+    assert [line.split()[2] for line in (*lines[:3], lines[4])] == [TICKER] * 4
+    assert "yes 0.4007×0.4107" in lines[4]
+
+
+async def test_an_unknown_market_is_a_one_line_error(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _ = await run("tail", "KXNOPE", "--server", address)
+    assert status == 1
+    assert "kfeed: NOT_FOUND" in capsys.readouterr().err
+
+
+def test_flags_fall_back_to_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KFEED_SERVER", "10.0.0.1:1234")
+    monkeypatch.setenv("KFEED_TOKEN", "from-env")
+    monkeypatch.setenv("KFEED_JSON", "true")
+    monkeypatch.setenv("KFEED_FROM", "2025-01-02T03:04:05")
+    options = build_parser().parse_args(["tail", "KXA"])
+    overridden = build_parser().parse_args(["tail", "--server", "127.0.0.1:1"])
+    assert (options.server, options.token, options.json) == ("10.0.0.1:1234", "from-env", True)
+    assert options.start == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert overridden.server == "127.0.0.1:1"
+    assert env_name("--ca-file") == "KFEED_CA_FILE"
+
+
+def test_times_are_iso_or_a_span_ago() -> None:
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    assert parse_time("15m", now=now) == datetime(2025, 6, 1, 11, 45, tzinfo=UTC)
+    assert parse_time("1d", now=now) == datetime(2025, 5, 31, 12, 0, tzinfo=UTC)
+    assert parse_time("2025-06-01T10:00:00+02:00") == datetime(2025, 6, 1, 8, 0, tzinfo=UTC)
+
+
+async def test_console_script_entry_point(address: str, seeded: PublishSession) -> None:
+    """`python -m kfeed_client.cli` (the `kfeed-client` script's `main`) with env settings."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kfeed_client.cli", "markets",
+        env={**os.environ, "KFEED_SERVER": address, "KFEED_JSON": "1"},
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    assert len(stdout.decode().splitlines()) == len(MARKETS)
