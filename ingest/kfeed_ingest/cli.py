@@ -97,6 +97,9 @@ class IngestCommand(CommandSettings):
         default_factory=list, description="status filters: unopened, open, paused, closed, settled"
     )
     poll_interval: float = Field(default=5.0, gt=0, description="seconds between poll passes")
+    discovery_interval: float = Field(
+        default=60.0, gt=0, description="ws mode: seconds between REST market discovery passes"
+    )
     start: datetime | None = Field(default=None, description="backfill from (default: end - 1 day)")
     end: datetime | None = Field(default=None, description="backfill until (default: now)")
     candle_period: Literal[1, 60, 1440] = Field(default=60, description="backfill candle minutes")
@@ -185,6 +188,7 @@ class IngestCommand(CommandSettings):
             async with rest, publisher:
                 options = RunOptions(
                     poll_interval=self.poll_interval,
+                    discovery_interval=self.discovery_interval,
                     batch_rows=self.batch_rows,
                     candle_period_minutes=self.candle_period,
                     flush_timeout=self.flush_timeout,

@@ -1,0 +1,232 @@
+"""`kfeed demo`: the simulator, the server on SQLite in ./data and the ingest, live, in one go.
+
+Each part runs as its own process, exactly as in production (``kfeed sim``, ``kfeed serve``,
+``kfeed ingest --mode ws``); the demo only starts them in order, signs the ingest's requests with
+a key pair it creates, shows how to watch the feed, and stops everything cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field
+from rich.console import Console
+
+from kfeed.v1 import market_service_pb2, market_service_pb2_grpc, types_pb2
+from kfeed_cli.settings import CommandSettings
+
+DEMO_KEY_ID = "kfeed-demo"
+_STARTUP_TIMEOUT = 60.0
+_STOP_TIMEOUT = 15.0
+
+
+@dataclass
+class _Child:
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+
+async def _start(name: str, args: list[str], logs: Path) -> _Child:
+    log_path = logs / f"{name}.log"
+    log_file: IO[bytes] = log_path.open("ab")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kfeed_cli.main", name, *args,
+        stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    log_file.close()  # the child holds its own descriptor
+    return _Child(name, process, log_path)
+
+
+async def _wait_until_serving(address: str, child: _Child) -> None:
+    deadline = asyncio.get_running_loop().time() + _STARTUP_TIMEOUT
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while asyncio.get_running_loop().time() < deadline:
+            if child.process.returncode is not None:
+                raise RuntimeError(f"kfeed serve exited early; see {child.log_path}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"kfeed serve did not become SERVING; see {child.log_path}")
+
+
+async def _wait_for_port(host: str, port: int, child: _Child) -> None:
+    deadline = asyncio.get_running_loop().time() + _STARTUP_TIMEOUT
+    while asyncio.get_running_loop().time() < deadline:
+        if child.process.returncode is not None:
+            raise RuntimeError(f"kfeed {child.name} exited early; see {child.log_path}")
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        return
+    raise TimeoutError(f"kfeed {child.name} is not listening on {host}:{port}")
+
+
+async def _stop(children: list[_Child]) -> None:
+    """SIGTERM in reverse start order (ingest first, so it can flush into a live server)."""
+    for child in reversed(children):
+        if child.process.returncode is None:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(child.process.wait(), _STOP_TIMEOUT)
+            except TimeoutError:
+                child.process.kill()
+                await child.process.wait()
+
+
+def _ensure_key_pair(data_dir: Path) -> tuple[Path, Path]:
+    # Imported here: only the demo needs the simulator's key helper.
+    from kfeed_sim.signing import generate_key_pair
+
+    private_path, public_path = data_dir / "demo-key.pem", data_dir / "demo-key.pub.pem"
+    if not (private_path.exists() and public_path.exists()):
+        private_pem, public_pem = generate_key_pair()
+        private_path.write_bytes(private_pem)
+        private_path.chmod(0o600)
+        public_path.write_bytes(public_pem)
+    return private_path, public_path
+
+
+class DemoCommand(CommandSettings):
+    """Run sim + serve (SQLite in --data-dir) + ingest, live, until Ctrl-C."""
+
+    data_dir: Path = Field(default=Path("data"), description="database, spool, keys and logs")
+    listen: str = Field(default="127.0.0.1:50051", description="kfeed serve HOST:PORT")
+    sim_listen: str = Field(default="127.0.0.1:8765", description="kfeed sim HOST:PORT")
+    seed: int = Field(default=1, description="the simulator's seed")
+    markets: int = Field(default=12, description="simulated markets open at once")
+    tick_interval: float = Field(default=1.0, description="seconds per simulation step")
+    status_interval: float = Field(default=5.0, description="seconds between status lines")
+
+    def cli_cmd(self) -> None:
+        raise SystemExit(asyncio.run(self.run()))
+
+    async def run(self) -> int:
+        console = Console(highlight=False, soft_wrap=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        private_key, public_key = _ensure_key_pair(self.data_dir)
+        database = (self.data_dir / "kfeed.db").resolve()
+        sim_host, sim_port = self.sim_listen.rsplit(":", 1)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        children: list[_Child] = []
+        try:
+            sim = await _start("sim", [
+                "--listen", self.sim_listen, "--seed", str(self.seed),
+                "--markets", str(self.markets), "--tick-interval", str(self.tick_interval),
+                "--api-key-id", DEMO_KEY_ID, "--api-public-key-file", str(public_key),
+            ], logs)  # fmt: skip
+            children.append(sim)
+            await _wait_for_port(sim_host, int(sim_port), sim)
+            serve = await _start("serve", [
+                "--listen", self.listen, "--database-url", f"sqlite+aiosqlite:///{database}",
+            ], logs)  # fmt: skip
+            children.append(serve)
+            await _wait_until_serving(self.listen, serve)
+            ingest = await _start("ingest", [
+                "--server", self.listen, "--mode", "ws",
+                "--kalshi-url", f"http://{self.sim_listen}/trade-api/v2",
+                "--api-key-id", DEMO_KEY_ID, "--api-private-key-file", str(private_key),
+                "--spool-dir", str(self.data_dir / "spool"),
+                # Simulated markets live about a minute: look for new ones often.
+                "--discovery-interval", "5",
+            ], logs)  # fmt: skip
+            children.append(ingest)
+            self._print_instructions(console, logs)
+            return await self._watch(console, children, stop)
+        except (RuntimeError, TimeoutError) as error:
+            console.print(f"[red]demo failed to start:[/red] {error}")
+            return 1
+        finally:
+            console.print("stopping ingest, server and simulator …")
+            await _stop(children)
+            console.print("stopped.")
+
+    def _print_instructions(self, console: Console, logs: Path) -> None:
+        console.print(f"""
+[bold green]kfeed demo is live[/bold green]
+  simulator  http://{self.sim_listen}/trade-api/v2   (Kalshi-compatible, seed {self.seed})
+  server     {self.listen}   (SQLite: {self.data_dir / "kfeed.db"})
+  ingest     WebSocket mode, spool in {self.data_dir / "spool"}
+  logs       {logs}/{{sim,serve,ingest}}.log
+
+Watch the live feed in another terminal:
+  uv run kfeed tail --server {self.listen}
+  uv run kfeed markets --server {self.listen}
+  grpcurl -plaintext -d '{{"include_latest": true}}' {self.listen} \\
+      kfeed.v1.MarketService/StreamSnapshots
+
+Ctrl-C stops everything.
+""")
+
+    async def _watch(self, console: Console, children: list[_Child], stop: asyncio.Event) -> int:
+        """A status line now and then from a live subscription, until stopped or a child dies."""
+        received = 0
+        latest: market_service_pb2.StreamSnapshotsResponse | None = None
+        async with grpc.aio.insecure_channel(self.listen) as channel:
+            stream = market_service_pb2_grpc.MarketServiceStub(channel).StreamSnapshots(
+                market_service_pb2.StreamSnapshotsRequest()
+            )
+
+            async def count() -> None:
+                nonlocal received, latest
+                async for message in stream:
+                    if message.HasField("snapshot"):
+                        received += 1
+                        latest = message
+
+            counter = asyncio.create_task(count())
+            try:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.status_interval)
+                    dead = [c for c in children if c.process.returncode is not None]
+                    if dead:
+                        for child in dead:
+                            console.print(
+                                f"[red]kfeed {child.name} exited[/red]; see {child.log_path}"
+                            )
+                        return 1
+                    if not stop.is_set():
+                        console.print(self._status_line(received, latest))
+                        received = 0
+            finally:
+                stream.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await counter
+        return 0
+
+    def _status_line(
+        self, received: int, latest: market_service_pb2.StreamSnapshotsResponse | None
+    ) -> str:
+        line = f"live: {received} snapshots in the last {self.status_interval:g} s"
+        if latest is not None:
+            snapshot = latest.snapshot.snapshot
+            bid = _dollars(snapshot.yes_bid) if snapshot.HasField("yes_bid") else "—"
+            ask = _dollars(snapshot.yes_ask) if snapshot.HasField("yes_ask") else "—"
+            line += f" — latest {snapshot.ticker} yes bid {bid} / ask {ask}"
+        return line
+
+
+def _dollars(amount: types_pb2.Dollars) -> str:
+    return f"${Decimal(amount.ten_thousandths).scaleb(-4):.4f}"
