@@ -1,0 +1,160 @@
+"""Test helpers for the secured server: certificates made here, tokens files, a running server.
+
+Shared by tests/security and tests/observability. Certificates are real X.509 (EC P-256, made
+with cryptography), so the TLS tests exercise the same handshake production does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.security.tokens import token_digest
+
+READ_TOKEN = "read-token-0123456789abcdef"
+INGEST_TOKEN = "ingest-token-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+TOKENS_TOML = f"""
+[[token]]
+name = "reader"
+token = "{READ_TOKEN}"
+roles = ["read"]
+
+[[token]]
+name = "ingester"
+token = "{INGEST_TOKEN}"
+roles = ["ingest"]
+
+[[token]]
+name = "operator"
+# sha256 of ADMIN_TOKEN: the file need not hold the secret itself.
+sha256 = "{{admin_sha256}}"
+roles = ["admin"]
+"""
+
+
+def write_tokens_file(directory: Path) -> Path:
+    """A tokens file with a reader, an ingester and an admin (stored as a hash)."""
+    path = directory / "tokens.toml"
+    path.write_text(TOKENS_TOML.replace("{admin_sha256}", token_digest(ADMIN_TOKEN).hex()))
+    return path
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass(frozen=True, slots=True)
+class Pem:
+    """A certificate and its key, as PEM files."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class CertificateAuthority:
+    """A throwaway CA that issues server and client certificates into ``directory``."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+        certificate = (
+            self._builder(self._subject, self._key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert_file = directory / f"{name}-ca.pem"
+        self.cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+    def _builder(
+        self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.CertificateBuilder:
+        now = datetime.now(UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+        )
+
+    def issue(self, common_name: str, *, server: bool) -> Pem:
+        """A leaf certificate: for 127.0.0.1/localhost when ``server``, else a client's."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        builder = self._builder(subject, key.public_key()).add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        certificate = builder.sign(self._key, hashes.SHA256())
+        pem = Pem(self.directory / f"{common_name}.pem", self.directory / f"{common_name}-key.pem")
+        pem.cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        pem.key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return pem
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A fresh migrated SQLite database: auth, TLS and metrics do not depend on the engine."""
+    database = tmp_path / "kfeed-security.db"
+    shutil.copyfile(sqlite_template, database)
+    return f"sqlite+aiosqlite:///{database}"
+
+
+@asynccontextmanager
+async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
+    """``config``'s server on an ephemeral loopback port, stopped afterwards."""
+    server = KfeedServer(dataclasses.replace(config, listen="127.0.0.1:0", migrate=False))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+def plaintext_channel(server: KfeedServer) -> grpc.aio.Channel:
+    """A channel to ``server`` without TLS."""
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for processes that need it on the command line)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
