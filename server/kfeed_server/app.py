@@ -25,11 +25,13 @@ from kfeed.v1 import (
     market_service_pb2,
     market_service_pb2_grpc,
 )
+from kfeed_server.backtest.service import BacktestRunner, RunnerConfig
 from kfeed_server.db import create_engine, schema_is_current, upgrade_to_head
 from kfeed_server.db.repositories import build_repositories
 from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
 from kfeed_server.security import SecurityConfig
 from kfeed_server.streaming.hub import SnapshotHub
+from kfeed_server.transport.backtest_servicer import BacktestServicer
 from kfeed_server.transport.ingest_servicer import IngestServicer
 from kfeed_server.transport.interceptors import ErrorMappingInterceptor
 from kfeed_server.transport.market_servicer import MarketServicer
@@ -54,6 +56,8 @@ class ServerConfig:
     grace_period: float = 5.0
     # Live items a stream subscriber may fall behind by before its overflow policy applies.
     subscriber_queue_capacity: int = 10_000
+    # Backtest worker pool and progress reporting.
+    backtest: RunnerConfig = field(default_factory=RunnerConfig)
     # Tokens, TLS and rate limit; all off by default, which run_until_signalled allows on
     # loopback only.
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -103,11 +107,9 @@ class KfeedServer:
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(self.repositories, self.hub), self._server
         )
-        # The generated base answers UNIMPLEMENTED (mypy-protobuf marks it abstract) until the
-        # backtest service lands.
+        self.backtests = BacktestRunner(self.repositories, config.backtest)
         backtest_service_pb2_grpc.add_BacktestServiceServicer_to_server(
-            backtest_service_pb2_grpc.BacktestServiceServicer(),  # type: ignore[abstract]
-            self._server,
+            BacktestServicer(self.backtests), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -136,6 +138,7 @@ class KfeedServer:
         if not await schema_is_current(self.engine):
             log.error("database schema is not at the latest migration; run with --migrate")
             return self.port
+        await self.backtests.recover()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("kfeed serving on %s", self.listening_on)
         return self.port
@@ -149,6 +152,8 @@ class KfeedServer:
         """Graceful shutdown: NOT_SERVING first so balancers drain us, streams end, calls finish."""
         await self.health.enter_graceful_shutdown()
         self.hub.close()
+        # Running backtests become FAILED and their watchers get that final state.
+        await self.backtests.close()
         await self._server.stop(self.config.grace_period if grace is None else grace)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()

@@ -1,0 +1,85 @@
+"""What a backtest worker process runs, and the messages it exchanges with the server process.
+
+The worker reads no database. It gets two pipe ends with the job:
+
+* ``data`` (server → worker): ``EncodedChunk`` objects of at most 4,096 rows in replay order, then
+  ``None``. The socket buffer bounds what is in flight, so memory stays bounded whatever the
+  window's size: the server reads, encodes and sends the next chunk while the worker replays.
+* ``control`` (both ways): the worker sends ``WorkerStarted`` once, then a ``Progress`` every
+  ``progress_every`` snapshots; any message from the server means "stop" (checked at each
+  progress report, so a cancel lands within ``progress_every`` snapshots).
+
+The result (or the exception: BacktestCancelled, StrategyError, ...) returns through the pool's
+future.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk
+from kfeed_server.backtest.config import EngineConfig
+from kfeed_server.backtest.engine import (
+    DEFAULT_MAX_EQUITY_POINTS,
+    DEFAULT_PROGRESS_EVERY,
+    BacktestResult,
+    Fingerprinter,
+    Progress,
+    run_backtest,
+)
+from kfeed_server.records import MarketRecord, SnapshotRecord
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJob:
+    """One run's inputs apart from the rows, which stream through the data pipe."""
+
+    config: EngineConfig
+    markets: Mapping[str, MarketRecord]
+    snapshots_total: int
+    progress_every: int = DEFAULT_PROGRESS_EVERY
+    max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStarted:
+    """The worker holds its pipe ends: the server may close its copies of them, so that a dead
+    worker shows as a broken pipe."""
+
+
+def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[SnapshotRecord]:
+    while True:
+        chunk = data.recv()
+        if chunk is None:
+            return
+        if not isinstance(chunk, EncodedChunk):
+            raise TypeError(f"unexpected message on the data pipe: {type(chunk).__name__}")
+        fingerprinter.add_encoded(chunk)
+        yield from decode_chunk(chunk)
+
+
+def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> BacktestResult:
+    """Runs ``job`` over the rows arriving on ``data``; see the module docstring."""
+    try:
+        control.send(WorkerStarted())
+        fingerprinter = Fingerprinter()
+
+        def report(progress: Progress) -> None:
+            control.send(progress)
+
+        return run_backtest(
+            job.config,
+            job.markets,
+            _received_rows(data, fingerprinter),
+            total=job.snapshots_total,
+            progress=report,
+            should_stop=control.poll,
+            progress_every=job.progress_every,
+            max_equity_points=job.max_equity_points,
+            fingerprinter=fingerprinter,
+        )
+    finally:
+        data.close()
+        control.close()
