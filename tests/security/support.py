@@ -6,11 +6,14 @@ with cryptography), so the TLS tests exercise the same handshake production does
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 import ipaddress
+import logging
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.logs import JsonFormatter, _RequestIdFilter
 from kfeed_server.security.tokens import token_digest
 
 READ_TOKEN = "read-token-0123456789abcdef"
@@ -158,3 +162,40 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def json_log_lines() -> Iterator[list[str]]:
+    """Every log record of the process, at DEBUG, formatted as the server's JSON lines."""
+
+    class _Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.lines: list[str] = []
+            self.addFilter(_RequestIdFilter())
+            self.setFormatter(JsonFormatter())
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(self.format(record))
+
+    handler = _Lines()
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], within: float = 5.0) -> None:
+    """Wait until ``condition()`` (plain or awaitable) holds, polling; TimeoutError after
+    ``within`` seconds. For effects another task completes with nothing to await on."""
+    async with asyncio.timeout(within):
+        while True:
+            outcome = condition()
+            if await outcome if inspect.isawaitable(outcome) else outcome:
+                return
+            await asyncio.sleep(0.02)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from kfeed.v1 import (
     market_service_pb2_grpc,
 )
 from kfeed_server.app import ServerConfig
-from kfeed_server.logs import JsonFormatter, _RequestIdFilter
 from kfeed_server.security import SecurityConfig
 from kfeed_server.transport.convert import market_to_proto
 from tests.factories import make_market
@@ -147,32 +145,6 @@ async def test_a_refusal_carries_the_request_id(channel: grpc.aio.Channel) -> No
         )
     assert refused.value.code() == Code.UNAUTHENTICATED
     assert ("x-request-id", "req-auth-1") in tuple(refused.value.trailing_metadata() or ())
-
-
-@pytest.fixture
-def json_log_lines() -> Iterator[list[str]]:
-    """Every log record of the process, at DEBUG, formatted as the server's JSON lines."""
-
-    class _Lines(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.DEBUG)
-            self.lines: list[str] = []
-            self.addFilter(_RequestIdFilter())
-            self.setFormatter(JsonFormatter())
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.lines.append(self.format(record))
-
-    handler = _Lines()
-    root = logging.getLogger()
-    previous_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler.lines
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
 
 
 async def test_tokens_never_reach_the_logs(
