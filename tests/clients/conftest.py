@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,28 @@ NODE_BIN = ROOT / "node_modules" / ".bin"
 MARKETS = [make_market(f"KXCLIENT-{letter}") for letter in "ABCDE"]
 TICKER = MARKETS[0].ticker
 SNAPSHOT_COUNT = 7
+
+
+async def run_command(*command: str | Path, cwd: Path, env: Mapping[str, str] | None = None) -> str:
+    """Run a program without blocking the event loop (the server lives in it); its stdout.
+
+    Fails with the program's stderr when it exits non-zero, and kills it after two minutes.
+    """
+    process = await asyncio.create_subprocess_exec(
+        *map(str, command),
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, f"{command} failed:\n{stdout.decode()}{stderr.decode()}"
+    return stdout.decode()
 
 
 @pytest.fixture

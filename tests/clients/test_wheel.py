@@ -7,7 +7,6 @@ makes a unary call and reads a stream from a real server running in this test pr
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.conftest import ROOT, SNAPSHOT_COUNT, TICKER
+from tests.clients.conftest import ROOT, SNAPSHOT_COUNT, TICKER, run_command
 from tests.server.conftest import PublishSession
 
 CLIENT_SCRIPT = """
@@ -41,18 +40,6 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 SERVER_ONLY = ("sqlalchemy", "pydantic", "kfeed_server", "grpc_health", "betterproto2")
 
 
-async def run(*command: str | Path, cwd: Path) -> str:
-    process = await asyncio.create_subprocess_exec(
-        *map(str, command),
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode == 0, f"{command} failed:\n{stderr.decode()}"
-    return stdout.decode()
-
-
 @pytest.fixture(scope="module")
 def uv() -> str:
     path = shutil.which("uv")
@@ -65,26 +52,30 @@ async def test_wheel_installs_alone_and_calls_the_server(
     uv: str, tmp_path: Path, address: str, seeded: PublishSession
 ) -> None:
     dist = tmp_path / "dist"
-    await run(uv, "build", "--package", "kfeed-client", "--wheel", "--out-dir", dist, cwd=ROOT)
+    await run_command(
+        uv, "build", "--package", "kfeed-client", "--wheel", "--out-dir", dist, cwd=ROOT
+    )
     (wheel,) = dist.glob("kfeed_client-*.whl")
     venv = tmp_path / "venv"
-    await run(uv, "venv", "--quiet", "--python", sys.executable, venv, cwd=tmp_path)
+    await run_command(uv, "venv", "--quiet", "--python", sys.executable, venv, cwd=tmp_path)
     python = venv / "bin" / "python"
-    await run(uv, "pip", "install", "--quiet", "--python", python, wheel, cwd=tmp_path)
+    await run_command(uv, "pip", "install", "--quiet", "--python", python, wheel, cwd=tmp_path)
 
     # Run outside the repository, so nothing but the venv's site-packages can be imported.
-    origin = await run(
+    origin = await run_command(
         python, "-c", "import kfeed_client; print(kfeed_client.__file__)", cwd=tmp_path
     )
     assert origin.startswith(str(venv))
     probe = f"import importlib.util as u; print([m for m in {SERVER_ONLY!r} if u.find_spec(m)])"
-    assert await run(python, "-c", probe, cwd=tmp_path) == "[]\n"
+    assert await run_command(python, "-c", probe, cwd=tmp_path) == "[]\n"
 
-    result = json.loads(await run(python, "-c", CLIENT_SCRIPT, address, TICKER, cwd=tmp_path))
+    result = json.loads(
+        await run_command(python, "-c", CLIENT_SCRIPT, address, TICKER, cwd=tmp_path)
+    )
     assert result["title"] == f"Will {TICKER} happen?"
     assert result["bids"] == [f"0.{4000 + i}" for i in range(SNAPSHOT_COUNT)]
 
-    markets = await run(
+    markets = await run_command(
         venv / "bin" / "kfeed-client", "markets", "--server", address, "--json", cwd=tmp_path
     )
     assert TICKER in markets
