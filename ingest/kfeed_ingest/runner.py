@@ -28,7 +28,6 @@ from kfeed_ingest.normalise import (
     SnapshotDeduper,
     event_message,
     market_message,
-    market_status,
     now_utc,
     series_message,
     snapshot_from_candlestick,
@@ -371,12 +370,13 @@ class Ingestor:
     def _live(
         ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
     ) -> KalshiWebSocketClient:
-        return KalshiWebSocketClient(
-            ws_url,
-            credentials,
-            sorted(markets),
-            statuses={ticker: market_status(m.status) for ticker, m in markets.items()},
-        )
+        received = now_utc()
+        known: dict[str, types_pb2.MarketSnapshot] = {}
+        for ticker, market in markets.items():
+            # The starting point of each market's live state: what REST showed just now.
+            with contextlib.suppress(FixedPointError):
+                known[ticker] = snapshot_from_market(market, received)
+        return KalshiWebSocketClient(ws_url, credentials, sorted(markets), known=known)
 
     async def _live_once(
         self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]

@@ -21,6 +21,9 @@ class SimCommand(CommandSettings):
     markets: int = Field(default=12, description="markets kept open or upcoming at once")
     tick_interval: float = Field(default=0.25, description="seconds per simulation step")
     history_steps: int = Field(default=240, description="past steps generated at start")
+    auto_step: bool = Field(
+        default=True, description="advance on a timer; --no-auto-step: only POST /_sim/step"
+    )
     api_key_id: str | None = Field(default=None, description="accept only this signing key id")
     api_public_key_file: Path | None = Field(
         default=None, description="PEM public key of --api-key-id (else any key id is accepted)"
@@ -55,6 +58,7 @@ class SimCommand(CommandSettings):
             seed=self.seed,
             markets=self.markets,
             tick_interval=self.tick_interval,
+            auto_step=self.auto_step,
             history_steps=self.history_steps,
             api_keys=api_keys,
             faults=faults,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sys
@@ -113,13 +114,26 @@ async def test_poll_survives_rest_faults_and_still_gets_everything(
     assert {s.ticker for s in _stored_snapshots(server)} == set(command.tickers)
 
 
+def _state(snapshot: types_pb2.MarketSnapshot) -> bytes:
+    content = types_pb2.MarketSnapshot()
+    content.CopyFrom(snapshot)
+    for name in ("exchange_time", "receive_time", "source", "exchange_sequence"):
+        content.ClearField(name)
+    return content.SerializeToString(deterministic=True)
+
+
 async def test_ws_once_stores_live_snapshots(server: FakeIngestServer, tmp_path: Path) -> None:
     async with signed_simulator(auto_step=True, tick_interval=0.05) as sim:
         tickers = sim.open_tickers(3)
         code = await _command(sim, server, tmp_path, mode="ws", once=True, tickers=tickers).run()
     assert code == 0
-    live = [s for s in _stored_snapshots(server) if s.source == types_pb2.DATA_SOURCE_WEBSOCKET]
-    assert {s.ticker for s in live} == set(tickers)
+    stored = _stored_snapshots(server)
+    assert {s.ticker for s in stored} == set(tickers)
+    # Live state starts from the REST snapshot: the subscription's first book repeats it, so
+    # it is not sent again — every stored snapshot of a market shows a new state.
+    for ticker in tickers:
+        states = [_state(s) for s in stored if s.ticker == ticker]
+        assert all(a != b for a, b in itertools.pairwise(states)), ticker
 
 
 async def test_backfill_reads_settled_markets_trades_and_candles_across_the_cutoff(

@@ -142,6 +142,9 @@ class _Market:
     volume: int | None = None
     open_interest: int | None = None
     status: types_pb2.MarketStatus.ValueType = types_pb2.MARKET_STATUS_UNSPECIFIED
+    # Fields no channel carries (24 h volume, liquidity), as REST last showed them.
+    volume_24h: int | None = None
+    liquidity: int | None = None
     # The pending (not yet emitted) change: its exchange time, receive time and sequence.
     dirty: bool = False
     dirty_since: float = 0.0  # loop time of the first unemitted change
@@ -159,6 +162,8 @@ class _Market:
             last_price=dollars(self.last_price),
             volume=contracts(self.volume),
             open_interest=contracts(self.open_interest),
+            volume_24h=contracts(self.volume_24h),
+            liquidity=dollars(self.liquidity),
             status=self.status,
         )
         if self.yes is not None and self.no is not None:
@@ -166,6 +171,24 @@ class _Market:
         elif self.quote is not None:
             self.quote.apply_to(snapshot)
         return snapshot
+
+
+def _market_from(snapshot: types_pb2.MarketSnapshot | None) -> _Market:
+    """Live state seeded from a REST snapshot (an empty one when there is none)."""
+    if snapshot is None:
+        return _Market()
+
+    def value(field: str, unit: str) -> int | None:
+        return getattr(getattr(snapshot, field), unit) if snapshot.HasField(field) else None  # type: ignore[arg-type]
+
+    return _Market(
+        last_price=value("last_price", "ten_thousandths"),
+        volume=value("volume", "hundredths"),
+        open_interest=value("open_interest", "hundredths"),
+        volume_24h=value("volume_24h", "hundredths"),
+        liquidity=value("liquidity", "ten_thousandths"),
+        status=snapshot.status,
+    )
 
 
 @dataclass(slots=True)
@@ -180,7 +203,9 @@ class _Session:
 
     tickers: list[str] | None
     channels: Sequence[str]
-    statuses: dict[str, types_pb2.MarketStatus.ValueType]
+    # The last REST snapshot of each market: live state starts from it, so a book or ticker
+    # message never shows a market without the fields the other channels carry.
+    known: dict[str, types_pb2.MarketSnapshot]
     stats: WebSocketStats
     outbox: list[dict[str, Any]] = field(default_factory=list)
     markets: dict[str, _Market] = field(default_factory=dict)
@@ -218,9 +243,7 @@ class _Session:
     def market(self, ticker: str) -> _Market:
         state = self.markets.get(ticker)
         if state is None:
-            state = self.markets[ticker] = _Market(
-                status=self.statuses.get(ticker, types_pb2.MARKET_STATUS_UNSPECIFIED)
-            )
+            state = self.markets[ticker] = _market_from(self.known.get(ticker))
         return state
 
     def handle(self, frame: Mapping[str, Any], now: datetime) -> list[FeedItem]:
@@ -361,7 +384,9 @@ class _Session:
         ticker, event_type = str(msg["market_ticker"]), str(msg.get("event_type", ""))
         status = _STATUS_AFTER_EVENT.get(event_type)
         if status is not None:
-            self.statuses[ticker] = self.market(ticker).status = status
+            self.market(ticker).status = status
+            if ticker in self.known:
+                self.known[ticker].status = status
         return [LifecycleEvent(ticker, event_type, now, dict(msg))]
 
     def _touch(
@@ -435,7 +460,7 @@ class KalshiWebSocketClient:
         tickers: Sequence[str] | None = None,
         *,
         channels: Sequence[str] = ALL_CHANNELS,
-        statuses: Mapping[str, types_pb2.MarketStatus.ValueType] | None = None,
+        known: Mapping[str, types_pb2.MarketSnapshot] | None = None,
         ping_interval: float = 10.0,
         ping_timeout: float = 30.0,
         open_timeout: float = 10.0,
@@ -448,7 +473,7 @@ class KalshiWebSocketClient:
         self.channels = tuple(channels)
         self.stats = WebSocketStats()
         self._credentials = credentials
-        self._statuses = dict(statuses or {})
+        self._known = dict(known or {})
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._open_timeout = open_timeout
@@ -479,7 +504,7 @@ class KalshiWebSocketClient:
                 ) as socket:
                     self.stats.connections += 1
                     logger.info("connected to %s", self.url)
-                    session = _Session(self.tickers, self.channels, self._statuses, self.stats)
+                    session = _Session(self.tickers, self.channels, self._known, self.stats)
                     session.subscribe_all()
                     async for item in self._serve(socket, session):
                         received += 1
