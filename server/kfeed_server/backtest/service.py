@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kfeed_server import __version__
-from kfeed_server.backtest.chunks import encode_chunk
+from kfeed_server.backtest.chunks import EncodedChunk, encode_chunk
 from kfeed_server.backtest.config import EngineConfig, validate_config
 from kfeed_server.backtest.engine import (
     DEFAULT_PROGRESS_EVERY,
@@ -507,6 +507,10 @@ class BacktestRunner:
         except BacktestCancelled:
             await self._finish_stopped(tracked, on_change)
         except Exception as error:
+            if tracked.stop_requested.is_set():
+                # Stopping may surface as a broken pipe or an early end of data in the worker.
+                await self._finish_stopped(tracked, on_change)
+                return
             if isinstance(error, BrokenProcessPool):
                 self._shutdown_pool()  # the next run starts a fresh pool
             log.exception("backtest %s failed", tracked.record.backtest_id)
@@ -585,7 +589,8 @@ class BacktestRunner:
         if tracked.stop_requested.is_set():
             control.send("stop")
         feeder = asyncio.create_task(self._feed(data_writer, config, start, end, pinned))
-        watched: set[asyncio.Future[Any]] = {future, feeder}
+        stop_requested = asyncio.ensure_future(tracked.stop_requested.wait())
+        watched: set[asyncio.Future[Any]] = {future, feeder, stop_requested}
         try:
             saved = tracked.record
             while not future.done():
@@ -594,9 +599,15 @@ class BacktestRunner:
                     timeout=self._config.persist_interval,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if feeder.done() and feeder.exception() is not None and not future.done():
-                    tracked.request_stop(by_user=False)
-                    raise feeder.exception()  # type: ignore[misc]
+                if stop_requested.done() and not feeder.done():
+                    # A worker waiting for rows would not see the stop: ending the data stream
+                    # wakes it (and a slow read ends early).
+                    feeder.cancel()
+                if feeder.done() and not feeder.cancelled() and not future.done():
+                    error = feeder.exception()
+                    if error is not None:
+                        tracked.request_stop(by_user=False)
+                        raise error
                 if tracked.record is not saved and not future.done():
                     saved = tracked.record
                     await self._backtests.update(
@@ -605,9 +616,11 @@ class BacktestRunner:
             return future.result()
         finally:
             tracked.control = None
+            stop_requested.cancel()
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(control.fileno())
             feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
             for connection in (control, worker_control, data_reader, data_writer):
                 connection.close()
 
@@ -620,28 +633,28 @@ class BacktestRunner:
         pinned: int,
     ) -> None:
         """Sends the window's rows to the worker in encoded chunks of ``FINGERPRINT_CHUNK`` rows
-        (the fingerprint's chunking), then None. Sending waits in a thread when the pipe is
-        full, which bounds memory to a few chunks."""
+        (the fingerprint's chunking), then None, and closes the pipe (also when cancelled: the
+        worker then sees the end of the data at once). Sending waits in a thread while the pipe
+        is full, which bounds memory to a few chunks; reads are one chunk each, so the event loop
+        never converts more than 4,096 rows at a time."""
         pending: list[SnapshotRecord] = []
         try:
             async for rows in self._snapshots.list_for_backtest(
-                config.tickers,
-                start,
-                end,
-                chunk_size=4 * FINGERPRINT_CHUNK,
-                max_snapshot_id=pinned,
+                config.tickers, start, end, chunk_size=FINGERPRINT_CHUNK, max_snapshot_id=pinned
             ):
                 pending.extend(rows)
                 while len(pending) >= FINGERPRINT_CHUNK:
                     chunk = encode_chunk(pending[:FINGERPRINT_CHUNK])
                     del pending[:FINGERPRINT_CHUNK]
-                    await asyncio.to_thread(writer.send, chunk)
+                    await _send(writer, chunk)
             if pending:
-                await asyncio.to_thread(writer.send, encode_chunk(pending))
-            await asyncio.to_thread(writer.send, None)
+                await _send(writer, encode_chunk(pending))
+            await _send(writer, None)
         except (BrokenPipeError, ConnectionResetError, OSError) as error:
             # The worker stopped reading (cancelled or failed): its future says why.
             log.debug("backtest feed ended early: %r", error)
+        finally:
+            writer.close()
 
     async def _run_sweep(
         self, parent: _Tracked, configs: Sequence[EngineConfig], rank_by: str
@@ -680,6 +693,18 @@ class BacktestRunner:
         except Exception as error:
             log.exception("sweep %s failed", parent.record.backtest_id)
             await self._finish(parent, None, state=BacktestState.FAILED, error_message=f"{error!r}")
+
+
+async def _send(writer: Connection, message: EncodedChunk | None) -> None:
+    """Sends in a thread (a full pipe blocks). When the caller is cancelled the send still
+    completes or fails before this returns, so the pipe is never closed under a running send."""
+    sending = asyncio.ensure_future(asyncio.to_thread(writer.send, message))
+    try:
+        await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await sending
+        raise
 
 
 def _replaced(record: BacktestRecord, values: Mapping[str, Any]) -> BacktestRecord:
