@@ -1,6 +1,9 @@
-"""`kfeed <command> [flags]`: dispatches to the command's settings model.
+"""`kfeed <command> [flags]`: dispatches to the command's implementation.
 
-Commands are imported lazily so that `kfeed tail` does not pay for the server's imports.
+Process commands are pydantic-settings models (flags and KFEED_* variables); the client commands
+(tail, markets, snapshots) come from the kfeed-client package, exactly as an internal service
+would use it. Commands are imported lazily so that `kfeed tail` does not pay for the server's
+imports.
 """
 
 from __future__ import annotations
@@ -19,12 +22,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ingest": ("kfeed_ingest.cli", "IngestCommand", "feed the server from Kalshi (or the sim)"),
     "sim": ("kfeed_sim.cli", "SimCommand", "run the offline Kalshi-compatible exchange"),
     "demo": ("kfeed_cli.demo", "DemoCommand", "sim + serve (SQLite in ./data) + ingest, live"),
+    "backtest": ("kfeed_cli.backtest", "BacktestCommand", "run, list and inspect backtests"),
+}
+# command name -> (function in kfeed_client.cli taking the remaining args, one-line help)
+CLIENT_COMMANDS: dict[str, tuple[str, str]] = {
+    "tail": ("run_tail", "print the live snapshot feed (history first with --from/--resume)"),
+    "markets": ("run_markets", "list markets"),
+    "snapshots": ("run_snapshots", "list a market's stored snapshots"),
 }
 
 
 def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    helps = {name: help_text for name, (_, _, help_text) in COMMANDS.items()}
+    helps |= {name: help_text for name, (_, help_text) in CLIENT_COMMANDS.items()}
+    width = max(len(name) for name in helps)
+    lines = [f"  {name:<{width}}  {help_text}" for name, help_text in helps.items()]
     return "usage: kfeed <command> [flags]   (kfeed <command> --help)\n\ncommands:\n" + "\n".join(
         lines
     )
@@ -36,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(_usage())
         return
     name, rest = args[0], args[1:]
+    if name in CLIENT_COMMANDS:
+        client_cli = importlib.import_module("kfeed_client.cli")
+        raise SystemExit(getattr(client_cli, CLIENT_COMMANDS[name][0])(rest))
     if name not in COMMANDS:
         print(f"kfeed: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)

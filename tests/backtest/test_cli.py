@@ -15,7 +15,7 @@ from tests.backtest.service_support import TICKER
 from tests.factories import at
 
 # Until the lead registers "backtest" in kfeed_cli.main's COMMANDS, the module runs itself.
-COMMAND = (sys.executable, "-m", "kfeed_cli.backtest")
+COMMAND = (sys.executable, "-m", "kfeed_cli.main", "backtest")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -340,7 +340,7 @@ class BacktestConfig(_message.Message):
 
     @_builtins.property
     def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Markets to replay; at least one."""
+        """Markets to replay; at least one. A ticker that is not a known market is NOT_FOUND."""
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -413,7 +413,10 @@ class ParameterSweep(_message.Message):
     GRID_FIELD_NUMBER: _builtins.int
     RANK_BY_FIELD_NUMBER: _builtins.int
     rank_by: _builtins.str
-    """Metric that ranks the children, e.g. "sharpe" or "total_pnl"; higher ranks first."""
+    """Metric that ranks the children: a BacktestMetrics field name, or sharpe, sortino, return,
+    pnl. Higher ranks first, except max_drawdown, max_drawdown_fraction, max_drawdown_duration,
+    fees_paid and brier_score, where lower ranks first. Empty means total_pnl.
+    """
     @_builtins.property
     def grid(self) -> _containers.MessageMap[_builtins.str, Global___ParameterValues]:
         """Values to try, by parameter name."""
@@ -454,7 +457,9 @@ Global___ParameterValues: _TypeAlias = ParameterValues  # noqa: Y015
 
 @_typing.final
 class BacktestProgress(_message.Message):
-    """How far a backtest has got."""
+    """How far a backtest has got. For a sweep parent: the children's mean fraction, summed counts
+    and best interim PnL.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

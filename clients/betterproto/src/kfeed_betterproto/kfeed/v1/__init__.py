@@ -620,7 +620,7 @@ class BacktestConfig(betterproto2.Message):
 
     tickers: "list[str]" = betterproto2.field(3, betterproto2.TYPE_STRING, repeated=True)
     """
-    Markets to replay; at least one.
+    Markets to replay; at least one. A ticker that is not a known market is NOT_FOUND.
     """
 
     start_time: "datetime.datetime | None" = betterproto2.field(
@@ -734,7 +734,8 @@ default_message_pool.register_message("kfeed.v1", "BacktestMetrics", BacktestMet
 @dataclass(eq=False, repr=False)
 class BacktestProgress(betterproto2.Message):
     """
-    How far a backtest has got.
+    How far a backtest has got. For a sweep parent: the children's mean fraction, summed counts
+    and best interim PnL.
     """
 
     fraction_done: "float" = betterproto2.field(1, betterproto2.TYPE_DOUBLE)
@@ -1559,7 +1560,9 @@ class ParameterSweep(betterproto2.Message):
 
     rank_by: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
     """
-    Metric that ranks the children, e.g. "sharpe" or "total_pnl"; higher ranks first.
+    Metric that ranks the children: a BacktestMetrics field name, or sharpe, sortino, return,
+    pnl. Higher ranks first, except max_drawdown, max_drawdown_fraction, max_drawdown_duration,
+    fees_paid and brier_score, where lower ranks first. Empty means total_pnl.
     """
 
 

@@ -195,7 +195,7 @@ export type BacktestConfig = Message<"kfeed.v1.BacktestConfig"> & {
   parameters: { [key: string]: ParameterValue };
 
   /**
-   * Markets to replay; at least one.
+   * Markets to replay; at least one. A ticker that is not a known market is NOT_FOUND.
    *
    * @generated from field: repeated string tickers = 3;
    */
@@ -275,7 +275,9 @@ export type ParameterSweep = Message<"kfeed.v1.ParameterSweep"> & {
   grid: { [key: string]: ParameterValues };
 
   /**
-   * Metric that ranks the children, e.g. "sharpe" or "total_pnl"; higher ranks first.
+   * Metric that ranks the children: a BacktestMetrics field name, or sharpe, sortino, return,
+   * pnl. Higher ranks first, except max_drawdown, max_drawdown_fraction, max_drawdown_duration,
+   * fees_paid and brier_score, where lower ranks first. Empty means total_pnl.
    *
    * @generated from field: string rank_by = 2;
    */
@@ -307,7 +309,8 @@ export const ParameterValuesSchema: GenMessage<ParameterValues> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_backtest_service, 7);
 
 /**
- * How far a backtest has got.
+ * How far a backtest has got. For a sweep parent: the children's mean fraction, summed counts
+ * and best interim PnL.
  *
  * @generated from message kfeed.v1.BacktestProgress
  */
