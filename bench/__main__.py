@@ -29,7 +29,7 @@ def run(module: str) -> dict[str, object]:
     if completed.returncode != 0 or not lines:
         print(completed.stdout + completed.stderr, file=sys.stderr)
         return {"benchmark": module, "error": f"exit status {completed.returncode}"}
-    summary: dict[str, object] = json.loads(lines[-1])
+    summary: dict[str, object] = {"benchmark": module, **json.loads(lines[-1])}
     print(json.dumps(summary, indent=2, sort_keys=True), flush=True)
     return summary
 
