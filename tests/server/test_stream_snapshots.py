@@ -212,20 +212,34 @@ async def test_unknown_ticker_is_not_found_and_bad_token_invalid(
     assert bad_request_fields(bad_heartbeat.value) == ["heartbeat_interval"]
 
 
-async def test_cancelled_streams_free_their_subscriptions(
+async def test_cancelled_streams_free_their_subscriptions_and_tasks(
     stub: pb_grpc.MarketServiceAsyncStub, kfeed_server: KfeedServer, stored_ids: list[int]
 ) -> None:
+    # Warm up once so lazily created, long-lived tasks of grpc and the pools exist before counting.
+    warm_up = stub.StreamSnapshots(pb.StreamSnapshotsRequest())
+    await read_until(warm_up, caught_up)
+    warm_up.cancel()
+    await _settle(lambda: kfeed_server.hub.subscriber_count == 0)
+    tasks_before = len(asyncio.all_tasks())
+
     streams = [stub.StreamSnapshots(pb.StreamSnapshotsRequest()) for _ in range(20)]
     for stream in streams:
         await read_until(stream, caught_up)
     assert kfeed_server.hub.subscriber_count == 20
+    assert len(asyncio.all_tasks()) > tasks_before
     for stream in streams:
         stream.cancel()
-    for _ in range(100):
-        if kfeed_server.hub.subscriber_count == 0:
-            break
-        await asyncio.sleep(0.02)
+    await _settle(lambda: kfeed_server.hub.subscriber_count == 0)
+    await _settle(lambda: len(asyncio.all_tasks()) <= tasks_before)
     assert kfeed_server.hub.subscriber_count == 0
+    assert len(asyncio.all_tasks()) <= tasks_before
+
+
+async def _settle(done: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if done():
+            return
+        await asyncio.sleep(0.01)
 
 
 async def test_server_shutdown_ends_streams_cleanly(
