@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 ANNUALISATION_DAYS = 365
 """Prediction markets trade every calendar day: daily ratios are scaled by sqrt(365)."""
@@ -48,6 +50,8 @@ class Drawdown:
 def daily_returns(initial_equity: int, day_closes: Sequence[int]) -> np.ndarray:
     """Simple returns of consecutive UTC day closes, the first against ``initial_equity``. A day
     that starts from zero equity has return 0 (nothing left to lose or grow)."""
+    import numpy as np  # lazily: the server imports this module, the worker computes
+
     closes = np.asarray(day_closes, dtype=np.float64)
     previous = np.concatenate(([float(initial_equity)], closes[:-1]))
     safe = np.where(previous == 0.0, 1.0, previous)
@@ -57,6 +61,8 @@ def daily_returns(initial_equity: int, day_closes: Sequence[int]) -> np.ndarray:
 def sharpe_ratio(returns: np.ndarray) -> float:
     """mean / sample standard deviation (ddof 1) × sqrt(365); 0 when undefined (fewer than two
     returns or no variation)."""
+    import numpy as np  # lazily: the server imports this module, the worker computes
+
     if returns.size < 2:
         return 0.0
     spread = float(np.std(returns, ddof=1))
@@ -69,6 +75,8 @@ def sortino_ratio(returns: np.ndarray) -> float:
     """mean / downside deviation × sqrt(365), the downside deviation being
     sqrt(mean(min(r, 0)²)) over all periods (target 0); 0 when undefined (fewer than two
     returns or no losing period)."""
+    import numpy as np  # lazily: the server imports this module, the worker computes
+
     if returns.size < 2:
         return 0.0
     downside = math.sqrt(float(np.mean(np.minimum(returns, 0.0) ** 2)))
@@ -79,6 +87,8 @@ def sortino_ratio(returns: np.ndarray) -> float:
 
 def max_drawdown(times: Sequence[datetime], equity: Sequence[int]) -> Drawdown:
     """The drawdown of an equity curve (see ``Drawdown``)."""
+    import numpy as np  # lazily: the server imports this module, the worker computes
+
     if not equity:
         return Drawdown(0, 0.0, timedelta(0))
     values = np.asarray(equity, dtype=np.int64)
