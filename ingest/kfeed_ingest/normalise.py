@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Literal
@@ -271,26 +272,19 @@ _PriceField = Literal["yes_bid", "yes_ask", "no_bid", "no_ask"]
 _SizeField = Literal["yes_bid_size", "yes_ask_size"]
 
 
+@dataclass(frozen=True, slots=True)
 class TopOfBook:
     """Best bid on each side of a bids-only book, with the size resting there.
 
     Kalshi's books hold bids only: a NO bid at X is a YES ask at 1 − X. Best levels are found
-    with ``max`` rather than by trusting the array order.
+    with ``max`` rather than by trusting the array order. An empty side has no price and no size,
+    so two tops compare equal exactly when they show the same quote.
     """
 
-    __slots__ = ("no_bid", "no_bid_size", "yes_bid", "yes_bid_size")
-
-    def __init__(
-        self,
-        yes_bid: int | None,
-        yes_bid_size: int | None,
-        no_bid: int | None,
-        no_bid_size: int | None,
-    ) -> None:
-        self.yes_bid = yes_bid
-        self.yes_bid_size = yes_bid_size
-        self.no_bid = no_bid
-        self.no_bid_size = no_bid_size
+    yes_bid: int | None
+    yes_bid_size: int | None
+    no_bid: int | None
+    no_bid_size: int | None
 
     @classmethod
     def from_levels(cls, yes: dict[int, int], no: dict[int, int]) -> TopOfBook:
@@ -302,6 +296,24 @@ class TopOfBook:
             yes_bid_size=None if yes_bid is None else yes[yes_bid],
             no_bid=no_bid,
             no_bid_size=None if no_bid is None else no[no_bid],
+        )
+
+    @classmethod
+    def from_quote(
+        cls,
+        yes_bid: int | None,
+        yes_bid_size: int | None,
+        yes_ask: int | None,
+        yes_ask_size: int | None,
+    ) -> TopOfBook:
+        """From a YES quote as the ticker channel and REST show it, placeholders included (a bid
+        of 0 or an ask of 1.00 is an empty side)."""
+        bid, ask = _bid(yes_bid), _ask(yes_ask)
+        return cls(
+            yes_bid=bid,
+            yes_bid_size=None if bid is None else yes_bid_size,
+            no_bid=complement(ask),
+            no_bid_size=None if ask is None else yes_ask_size,
         )
 
     @property

@@ -366,9 +366,8 @@ class Ingestor:
                         await consumer
                 await self.sink.flush()
 
-    @staticmethod
     def _live(
-        ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
+        self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
     ) -> KalshiWebSocketClient:
         received = now_utc()
         known: dict[str, types_pb2.MarketSnapshot] = {}
@@ -376,7 +375,9 @@ class Ingestor:
             # The starting point of each market's live state: what REST showed just now.
             with contextlib.suppress(FixedPointError):
                 known[ticker] = snapshot_from_market(market, received)
-        return KalshiWebSocketClient(ws_url, credentials, sorted(markets), known=known)
+        return KalshiWebSocketClient(
+            ws_url, credentials, sorted(markets), rest=self.rest, known=known
+        )
 
     async def _live_once(
         self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
@@ -416,6 +417,8 @@ class Ingestor:
     async def _route(self, item: FeedItem) -> None:
         if isinstance(item, types_pb2.MarketSnapshot):
             await self.send_snapshot(item)
+        elif isinstance(item, KalshiMarket):  # read again over REST after a gap
+            await self.send_market(item)
         elif isinstance(item, LifecycleEvent):
             try:
                 market = await self.rest.get_market(item.ticker)

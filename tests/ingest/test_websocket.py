@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pytest
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.backoff import Backoff
+from kfeed_ingest.kalshi.models import KalshiMarket
+from kfeed_ingest.kalshi.rest import KalshiRestClient, TokenBucket
 from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
+from kfeed_ingest.normalise import snapshot_from_market
 from kfeed_sim.config import FaultConfig
 
 from .sim_support import SignedSim, eventually, signed_simulator
@@ -26,6 +30,7 @@ class Collected:
     trades: list[types_pb2.Trade] = field(default_factory=list)
     gaps: list[types_pb2.FeedGap] = field(default_factory=list)
     lifecycle: list[LifecycleEvent] = field(default_factory=list)
+    markets: list[KalshiMarket] = field(default_factory=list)
 
     def add(self, item: FeedItem) -> None:
         if isinstance(item, types_pb2.MarketSnapshot):
@@ -34,6 +39,8 @@ class Collected:
             self.trades.append(item)
         elif isinstance(item, types_pb2.FeedGap):
             self.gaps.append(item)
+        elif isinstance(item, KalshiMarket):
+            self.markets.append(item)
         else:
             self.lifecycle.append(item)
 
@@ -43,27 +50,44 @@ class Collected:
 
 
 @contextlib.asynccontextmanager
+async def rest_client(sim: SignedSim) -> AsyncIterator[KalshiRestClient]:
+    async with KalshiRestClient(
+        sim.handle.rest_url, credentials=sim.credentials, rate_limiter=TokenBucket(1000)
+    ) as rest:
+        yield rest
+
+
+@contextlib.asynccontextmanager
 async def collecting(sim: SignedSim, tickers: list[str]) -> AsyncIterator[Collected]:
-    client = KalshiWebSocketClient(
-        sim.handle.ws_url,
-        sim.credentials,
-        tickers,
-        backoff=Backoff(initial=0.01, maximum=0.05),
-        coalesce_seconds=0.02,
-    )
-    collected = Collected(client)
+    """A client streaming ``tickers``, its live state seeded from REST as the runner does."""
+    async with rest_client(sim) as rest:
+        now = datetime.now(UTC)
+        known = {
+            m.ticker: snapshot_from_market(m, now) async for m in rest.iter_markets(tickers=tickers)
+        }
+        client = KalshiWebSocketClient(
+            sim.handle.ws_url,
+            sim.credentials,
+            tickers,
+            rest=rest,
+            known=known,
+            backoff=Backoff(initial=0.01, maximum=0.05),
+            coalesce_seconds=0.02,
+            resync_delay=0.05,
+        )
+        collected = Collected(client)
 
-    async def run() -> None:
-        async for item in client.stream():
-            collected.add(item)
+        async def run() -> None:
+            async for item in client.stream():
+                collected.add(item)
 
-    task = asyncio.create_task(run())
-    try:
-        yield collected
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        task = asyncio.create_task(run())
+        try:
+            yield collected
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _book_matches_truth(sim: SignedSim, collected: Collected, ticker: str) -> bool:
@@ -76,6 +100,12 @@ def _book_matches_truth(sim: SignedSim, collected: Collected, ticker: str) -> bo
         latest.yes_ask.ten_thousandths if latest.HasField("yes_ask") else 10_000,
     )
     return shown == (truth.yes_bid, truth.yes_ask)
+
+
+async def _subscribed(collected: Collected, tickers: list[str]) -> None:
+    """Wait for the four subscriptions and the first book of each market (a book alone is no
+    instant: nothing is emitted until the exchange moves)."""
+    await eventually(lambda: collected.client.stats.frames >= 4 + len(tickers))
 
 
 def _all_books_match(sim: SignedSim, collected: Collected, tickers: list[str]) -> bool:
@@ -92,7 +122,7 @@ async def test_live_snapshots_follow_the_exchange_exactly() -> None:
     async with signed_simulator() as sim:
         tickers = sim.open_tickers()
         async with collecting(sim, tickers) as collected:
-            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            await _subscribed(collected, tickers)
             await _step(sim, 8)
             await eventually(lambda: _all_books_match(sim, collected, tickers))
             # Activity too, once the ticker channel has reported each market's last state.
@@ -125,7 +155,7 @@ async def test_sequence_gaps_are_recorded_and_the_books_recovered() -> None:
     async with signed_simulator() as sim:
         tickers = sim.open_tickers()
         async with collecting(sim, tickers) as collected:
-            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            await _subscribed(collected, tickers)
             sim.handle.set_faults(FaultConfig(sequence_gap_rate=0.3))
             await _step(sim, 12)
             sim.handle.set_faults(FaultConfig())
@@ -149,7 +179,7 @@ async def test_a_dropped_socket_is_reconnected_and_resubscribed() -> None:
     async with signed_simulator() as sim:
         tickers = sim.open_tickers()
         async with collecting(sim, tickers) as collected:
-            await eventually(lambda: _all_books_match(sim, collected, tickers))
+            await _subscribed(collected, tickers)
             sim.handle.set_faults(FaultConfig(drop_socket_every=5))
             await _step(sim, 6)
             await eventually(lambda: collected.client.stats.connections >= 2)
@@ -162,13 +192,14 @@ async def test_an_unsigned_or_wrongly_signed_handshake_keeps_retrying(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with signed_simulator() as sim:
-        client = KalshiWebSocketClient(
-            sim.handle.ws_url, None, sim.open_tickers(), backoff=Backoff(0.01, 0.02)
-        )
-        items = client.stream()
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await anext(items)
-        await items.aclose()
+        async with rest_client(sim) as rest:
+            client = KalshiWebSocketClient(
+                sim.handle.ws_url, None, sim.open_tickers(), rest=rest, backoff=Backoff(0.01, 0.02)
+            )
+            items = client.stream()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await anext(items)
+            await items.aclose()
         assert client.stats.connections == 0
         assert "401" in caplog.text

@@ -1,0 +1,673 @@
+"""The protocol core of one Kalshi WebSocket connection, free of I/O.
+
+:class:`LiveSession` takes decoded frames and hands back normalised items (``MarketSnapshot``,
+``Trade``, ``FeedGap``, :class:`LifecycleEvent`, and ``KalshiMarket`` when a market was read again
+over REST), commands for the socket (``outbox``) and requests for REST reads
+(:meth:`LiveSession.take_resync`). The client (:mod:`kfeed_ingest.kalshi.websocket`) does the I/O.
+
+Each market's live state starts from its REST snapshot (``known``). The ``orderbook_delta``
+channel keeps its book, the ``ticker`` channel its quote, last price, volume and open interest,
+lifecycle messages its status. Changes with the same exchange time are one instant, emitted as
+one snapshot when the ``ticker`` frame of that instant arrives, when a frame of a later instant
+arrives, or when the client finds the socket quiet (:meth:`LiveSession.flush`).
+
+A snapshot is emitted only when it is known to be exact: an instant with its ``ticker`` frame
+(the exchange's own summary of that instant), or a book-only instant whose trustworthy top still
+equals the last quote (the ticker channel reports every move of the top, so a moved top without a
+``ticker`` frame means that frame was lost). A market that a sequence gap may have changed is
+held back until it is repaired:
+
+- ``orderbook_delta``: the books are distrusted and fresh snapshots asked for on the socket.
+- ``ticker``: the affected markets' activity is stale until their next ``ticker`` frame or a REST
+  read of the market.
+- ``market_lifecycle_v2``: the affected markets' status is stale until a REST read.
+- ``trade``: the trades since the last one received are read again over REST.
+- A market nothing was read for over REST is read before it is shown.
+
+REST reads are requested, not made: the client collects them into one pass per short window and
+hands the results to :meth:`LiveSession.apply_resync`, which updates the live state, emits the
+REST snapshot (exchange time = the market's ``updated_time``) and marks the gaps recovered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kfeed.v1 import types_pb2
+from kfeed_ingest.kalshi.models import KalshiMarket, KalshiModel, KalshiTrade, from_epoch_ms
+from kfeed_ingest.normalise import (
+    FixedPointError,
+    TopOfBook,
+    book_side,
+    contracts,
+    count_or_legacy,
+    dollars,
+    parse_count,
+    parse_price,
+    price_or_legacy,
+    snapshot_from_market,
+    timestamp,
+    trade_message,
+)
+
+logger = logging.getLogger(__name__)
+
+TICKER, TRADE, ORDERBOOK, LIFECYCLE = "ticker", "trade", "orderbook_delta", "market_lifecycle_v2"
+ALL_CHANNELS: tuple[str, ...] = (TICKER, TRADE, ORDERBOOK, LIFECYCLE)
+
+# Lifecycle events that move a market to a known status (others leave it as it was).
+_STATUS_AFTER_EVENT: Mapping[str, types_pb2.MarketStatus.ValueType] = {
+    "activated": types_pb2.MARKET_STATUS_OPEN,
+    "deactivated": types_pb2.MARKET_STATUS_PAUSED,
+    "closed": types_pb2.MARKET_STATUS_CLOSED,
+    "determined": types_pb2.MARKET_STATUS_DETERMINED,
+    "settled": types_pb2.MARKET_STATUS_FINALIZED,
+}
+
+# Where a trade refetch starts when nothing at all is known about the exchange's clock.
+_BEGINNING = from_epoch_ms(0)
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    """A ``market_lifecycle_v2`` message: the runner refreshes the market over REST."""
+
+    ticker: str
+    event_type: str
+    receive_time: datetime
+    msg: Mapping[str, Any]
+
+
+FeedItem = (
+    types_pb2.MarketSnapshot | types_pb2.Trade | types_pb2.FeedGap | LifecycleEvent | KalshiMarket
+)
+"""What the live feed yields (``KalshiMarket``: a market read again over REST, for its metadata)."""
+
+
+@dataclass(slots=True)
+class WebSocketStats:
+    """Counters since the client was created."""
+
+    connections: int = 0
+    frames: int = 0
+    gaps_detected: int = 0
+    gaps_recovered: int = 0
+    bad_frames: int = 0
+    rest_resyncs: int = 0
+    rest_resync_failures: int = 0
+
+
+@dataclass(slots=True)
+class RestResync:
+    """What the session needs read over REST to repair what the socket lost."""
+
+    tickers: set[str] = field(default_factory=set)  # markets to read again
+    trades_since: datetime | None = None  # lost trades happened at or after this; None: none lost
+    gaps: list[types_pb2.FeedGap] = field(default_factory=list)  # recovered by this read
+    # The session's stale-marking count when the request was taken: a market marked stale after
+    # that may have changed after REST answered, so this read cannot clear it.
+    generation: int = 0
+
+    def merge(self, other: RestResync) -> None:
+        """Add ``other``'s markets, trade window and gaps to this request."""
+        self.tickers |= other.tickers
+        if other.trades_since is not None:
+            self.trades_since = (
+                other.trades_since
+                if self.trades_since is None
+                else min(self.trades_since, other.trades_since)
+            )
+        self.gaps += other.gaps
+
+
+class _TickerMsg(KalshiModel):
+    market_ticker: str
+    price_dollars: str | None = None
+    yes_bid_dollars: str | None = None
+    yes_ask_dollars: str | None = None
+    yes_bid_size_fp: str | None = None
+    yes_ask_size_fp: str | None = None
+    volume_fp: str | None = None
+    open_interest_fp: str | None = None
+    ts_ms: int | None = None
+    ts: int | None = None
+    price: int | None = None
+    yes_bid: int | None = None
+    yes_ask: int | None = None
+    volume: int | None = None
+    open_interest: int | None = None
+
+
+class _BookSnapshotMsg(KalshiModel):
+    market_ticker: str
+    yes_dollars_fp: list[tuple[str, str]] | None = None
+    no_dollars_fp: list[tuple[str, str]] | None = None
+
+
+class _BookDeltaMsg(KalshiModel):
+    market_ticker: str
+    price_dollars: str
+    delta_fp: str
+    side: str
+    ts_ms: int | None = None
+
+
+def _exchange_time(ts_ms: int | None, ts: int | None = None) -> datetime | None:
+    if ts_ms is not None:
+        return from_epoch_ms(ts_ms)
+    return None if ts is None else from_epoch_ms(ts * 1000)
+
+
+def _time_of(snapshot: types_pb2.MarketSnapshot) -> datetime | None:
+    if not snapshot.HasField("exchange_time"):
+        return None
+    return snapshot.exchange_time.ToDatetime(tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class _Market:
+    """What the socket (and REST) told us about one market so far."""
+
+    yes: dict[int, int] | None = None  # YES bids {price: size}; None = no trustworthy book
+    no: dict[int, int] | None = None
+    quote: TopOfBook | None = None  # as of the newest ticker frame or REST read
+    last_price: int | None = None
+    volume: int | None = None
+    open_interest: int | None = None
+    activity_time: datetime | None = None  # exchange time of the quote and activity above
+    status: types_pb2.MarketStatus.ValueType = types_pb2.MARKET_STATUS_UNSPECIFIED
+    # Fields no channel carries (24 h volume, liquidity), as REST last showed them.
+    volume_24h: int | None = None
+    liquidity: int | None = None
+    # What a sequence gap may have hidden (see the module docstring).
+    activity_stale: bool = False
+    status_stale: bool = False
+    stale_mark: int = 0  # the session's stale-marking count when this market was last marked
+    # The newest instant the socket showed; while it is pending (unemitted): its receive time,
+    # sequence and whether its ticker frame has arrived.
+    exchange_time: datetime | None = None
+    receive_time: datetime | None = None
+    sequence: int | None = None
+    ticker_seen: bool = False
+    emitted_time: datetime | None = None  # exchange time of the newest snapshot handed out
+
+    @classmethod
+    def seeded(cls, snapshot: types_pb2.MarketSnapshot) -> _Market:
+        """Live state starting from a snapshot that was already sent."""
+        state = cls()
+        state.take(snapshot)
+        state.exchange_time = state.emitted_time = _time_of(snapshot)
+        return state
+
+    def take(self, snapshot: types_pb2.MarketSnapshot) -> None:
+        """Quote, activity and status from a REST snapshot (the book stays the socket's own)."""
+
+        def value(field: str, unit: str) -> int | None:
+            return getattr(getattr(snapshot, field), unit) if snapshot.HasField(field) else None  # type: ignore[arg-type]
+
+        self.quote = TopOfBook.from_quote(
+            value("yes_bid", "ten_thousandths"),
+            value("yes_bid_size", "hundredths"),
+            value("yes_ask", "ten_thousandths"),
+            value("yes_ask_size", "hundredths"),
+        )
+        self.last_price = value("last_price", "ten_thousandths")
+        self.volume = value("volume", "hundredths")
+        self.open_interest = value("open_interest", "hundredths")
+        self.volume_24h = value("volume_24h", "hundredths")
+        self.liquidity = value("liquidity", "ten_thousandths")
+        self.status = snapshot.status
+        self.activity_time = _time_of(snapshot)
+
+    def book_top(self) -> TopOfBook | None:
+        """The top of the socket's book, or None while it is not trustworthy."""
+        if self.yes is None or self.no is None:
+            return None
+        return TopOfBook.from_levels(self.yes, self.no)
+
+    def snapshot(self, ticker: str, top: TopOfBook) -> types_pb2.MarketSnapshot:
+        snapshot = types_pb2.MarketSnapshot(
+            ticker=ticker,
+            exchange_time=timestamp(self.exchange_time or self.receive_time),
+            receive_time=timestamp(self.receive_time),
+            source=types_pb2.DATA_SOURCE_WEBSOCKET,
+            exchange_sequence=self.sequence,
+            last_price=dollars(self.last_price),
+            volume=contracts(self.volume),
+            open_interest=contracts(self.open_interest),
+            volume_24h=contracts(self.volume_24h),
+            liquidity=dollars(self.liquidity),
+            status=self.status,
+        )
+        top.apply_to(snapshot)
+        return snapshot
+
+
+@dataclass(slots=True)
+class _Subscription:
+    channel: str
+    last_seq: int = 0
+    last_trade_time: datetime | None = None  # of the newest trade frame on this sid
+
+
+@dataclass
+class LiveSession:
+    """The protocol state of one connection, free of I/O: frames in, items and commands out."""
+
+    tickers: list[str] | None
+    channels: Sequence[str]
+    # The last REST snapshot of each market: live state starts from it, so a book or ticker
+    # message never shows a market without the fields the other channels carry.
+    known: dict[str, types_pb2.MarketSnapshot]
+    stats: WebSocketStats
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    markets: dict[str, _Market] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)  # markets with an unemitted instant
+    subscriptions: dict[int, _Subscription] = field(default_factory=dict)
+    commands: dict[int, dict[str, Any]] = field(default_factory=dict)
+    awaiting_books: set[str] = field(default_factory=set)
+    unrecovered_books: list[types_pb2.FeedGap] = field(default_factory=list)
+    resync: RestResync | None = None  # REST reads asked for and not yet taken
+    stale_marks: int = 0
+    next_id: int = 1
+
+    def __post_init__(self) -> None:
+        self._covered = None if self.tickers is None else set(self.tickers)
+        # Anything the socket sends happened after the REST reads that seeded it.
+        self._opened_at = max(
+            (t for s in self.known.values() if (t := _time_of(s)) is not None), default=None
+        )
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def send(self, cmd: str, params: dict[str, Any]) -> None:
+        command = {"id": self.next_id, "cmd": cmd, "params": params}
+        self.commands[self.next_id] = command
+        self.next_id += 1
+        self.outbox.append(command)
+
+    def subscribe(self, channel: str) -> None:
+        params: dict[str, Any] = {"channels": [channel]}
+        if self.tickers:
+            params["market_tickers"] = list(self.tickers)
+        if channel == ORDERBOOK:
+            self.awaiting_books |= set(self.tickers or ())
+        self.send("subscribe", params)
+
+    def subscribe_all(self) -> None:
+        for channel in self.channels:
+            if channel == ORDERBOOK and not self.tickers:
+                logger.info("order books need market tickers; quotes come from the ticker channel")
+                continue
+            self.subscribe(channel)
+
+    # -- REST reads ----------------------------------------------------------------------------
+
+    def resume(self, previous: LiveSession) -> None:
+        """Carry on after ``previous`` lost its socket: everything sent while no socket was open
+        is lost without a sequence gap to show it, so every market is read again over REST with
+        the trades since the last one received, and ``previous``'s unfinished repairs go along."""
+        carried = previous.take_resync() or RestResync()
+        carried.gaps += previous.unrecovered_books
+        newest_trade = max(
+            (s.last_trade_time for s in previous.subscriptions.values() if s.last_trade_time),
+            default=None,
+        )
+        carried.merge(RestResync(trades_since=newest_trade or previous._opened_at or _BEGINNING))
+        self._resync().merge(carried)
+        self._want_markets(previous.markets, status=True)
+
+    def take_resync(self) -> RestResync | None:
+        """The REST reads asked for since the last call, for the client to make."""
+        resync, self.resync = self.resync, None
+        if resync is not None:
+            resync.generation = self.stale_marks
+        return resync
+
+    def retry_resync(self, resync: RestResync) -> None:
+        """A taken request could not be read: ask for it again."""
+        self._resync().merge(resync)
+
+    def apply_resync(
+        self,
+        resync: RestResync,
+        markets: Iterable[KalshiMarket],
+        trades: Iterable[KalshiTrade],
+        now: datetime,
+    ) -> list[FeedItem]:
+        """Apply what REST returned for ``resync``: snapshots, the lost trades, markets (for
+        their metadata) and, once every market is repaired, the recovered gaps."""
+        items: list[FeedItem] = []
+        behind: set[str] = set()
+        for market in markets:
+            if market.ticker not in resync.tickers:
+                continue
+            try:
+                snapshot = snapshot_from_market(market, now)
+            except FixedPointError as exc:
+                logger.error("REST market %s unusable: %s", market.ticker, exc)
+                continue
+            items.append(market)
+            items += self._take_rest(snapshot, resync.generation, behind)
+        for trade in trades:
+            if self._covered is not None and trade.market not in self._covered:
+                continue
+            try:
+                items.append(trade_message(trade))
+            except FixedPointError as exc:
+                logger.error("skipping REST trade %s: %s", trade.trade_id, exc)
+        self.stats.rest_resyncs += 1
+        if behind:
+            # The socket moved on while REST answered: read those markets again.
+            self._resync().merge(RestResync(tickers=behind, gaps=resync.gaps))
+            return items
+        return items + self._recovered(resync.gaps, now)
+
+    def _take_rest(
+        self, snapshot: types_pb2.MarketSnapshot, generation: int, behind: set[str]
+    ) -> list[FeedItem]:
+        state = self.market(snapshot.ticker)
+        rest_time = _time_of(snapshot)
+        if rest_time is None:
+            return []  # without the exchange's time it cannot be placed among the instants
+        if state.exchange_time is not None and state.exchange_time > rest_time:
+            # Older than what the socket has shown: it cannot repair this market.
+            if state.activity_stale or state.status_stale:
+                behind.add(snapshot.ticker)
+            return []
+        state.take(snapshot)
+        state.exchange_time = rest_time
+        self.pending.discard(snapshot.ticker)  # REST shows that instant (or a later one)
+        if state.stale_mark <= generation:
+            state.activity_stale = state.status_stale = False
+        if state.emitted_time is not None and rest_time <= state.emitted_time:
+            return []
+        state.emitted_time = rest_time
+        return [snapshot]
+
+    def _resync(self) -> RestResync:
+        if self.resync is None:
+            self.resync = RestResync()
+        return self.resync
+
+    def _want_markets(
+        self, tickers: Iterable[str], *, status: bool, gap: types_pb2.FeedGap | None = None
+    ) -> None:
+        """Hold these markets back until REST (or, for activity, a ticker frame) repairs them."""
+        self.stale_marks += 1
+        request = self._resync()
+        for ticker in tickers:
+            state = self.market(ticker)
+            state.activity_stale = True
+            state.status_stale = state.status_stale or status
+            state.stale_mark = self.stale_marks
+            request.tickers.add(ticker)
+        if gap is not None:
+            request.gaps.append(gap)
+
+    # -- frames --------------------------------------------------------------------------------
+
+    def market(self, ticker: str) -> _Market:
+        state = self.markets.get(ticker)
+        if state is None:
+            seed = self.known.get(ticker)
+            state = self.markets[ticker] = _Market() if seed is None else _Market.seeded(seed)
+            if seed is None:
+                # Never read over REST: its status and activity are unknown until it is.
+                self._want_markets([ticker], status=True)
+        return state
+
+    def handle(self, frame: Mapping[str, Any], now: datetime) -> list[FeedItem]:
+        """Apply one frame; the items it completes."""
+        kind = frame.get("type")
+        msg = frame.get("msg")
+        if kind == "subscribed" and isinstance(msg, dict):
+            self.subscriptions[int(msg["sid"])] = _Subscription(str(msg["channel"]))
+            return []
+        if kind == "error":
+            self._on_error(frame)
+            return []
+        if kind in ("ok", "unsubscribed") or not isinstance(msg, dict):
+            return []
+        items: list[FeedItem] = []
+        sid, seq = frame.get("sid"), frame.get("seq")
+        subscription: _Subscription | None = None
+        if isinstance(sid, int) and isinstance(seq, int):
+            subscription = self._check_sequence(sid, seq, str(kind), now, items)
+            if subscription is None:
+                return items
+        try:
+            items += self._dispatch(
+                str(kind), msg, seq if isinstance(seq, int) else None, now, subscription
+            )
+        except (ValidationError, FixedPointError, KeyError, TypeError, ValueError) as exc:
+            self.stats.bad_frames += 1
+            logger.error("skipping a %s frame Kalshi sent in an unexpected shape: %s", kind, exc)
+            if kind in ("orderbook_snapshot", "orderbook_delta") and isinstance(sid, int):
+                self._resync_books(sid, [str(msg.get("market_ticker", ""))])
+        return items
+
+    def _check_sequence(
+        self, sid: int, seq: int, kind: str, now: datetime, items: list[FeedItem]
+    ) -> _Subscription | None:
+        """Track ``seq`` on ``sid``; None for a frame already seen (dropped)."""
+        channel = ORDERBOOK if kind.startswith("orderbook") else kind
+        subscription = self.subscriptions.setdefault(sid, _Subscription(channel))
+        expected = subscription.last_seq + 1
+        if seq < expected:
+            logger.debug("dropping repeated frame sid=%d seq=%d", sid, seq)
+            return None
+        subscription.last_seq = seq
+        if seq > expected:
+            items.append(self._on_gap(sid, subscription, expected, seq, now))
+        return subscription
+
+    def _on_gap(
+        self, sid: int, subscription: _Subscription, expected: int, seq: int, now: datetime
+    ) -> types_pb2.FeedGap:
+        # The lost frame's market is known only when the subscription has a single one.
+        only_market = self.tickers[0] if self.tickers and len(self.tickers) == 1 else ""
+        gap = types_pb2.FeedGap(
+            ticker=only_market,
+            channel=subscription.channel,
+            subscription_id=sid,
+            expected_sequence=expected,
+            received_sequence=seq,
+            detect_time=timestamp(now),
+        )
+        self.stats.gaps_detected += 1
+        logger.warning(
+            "sequence gap on %s sid=%d: expected %d, got %d",
+            subscription.channel,
+            sid,
+            expected,
+            seq,
+        )
+        affected = [only_market] if only_market else (self.tickers or list(self.markets))
+        if subscription.channel == ORDERBOOK:
+            self.unrecovered_books.append(gap)
+            self._resync_books(sid, affected)
+        elif subscription.channel == TRADE:
+            # Trades on one sid arrive in order: the lost ones are no older than the last received.
+            since = subscription.last_trade_time or self._opened_at or _BEGINNING
+            self._resync().merge(RestResync(trades_since=since, gaps=[gap]))
+        else:
+            self._want_markets(affected, status=subscription.channel == LIFECYCLE, gap=gap)
+        return gap
+
+    def _resync_books(self, sid: int, tickers: Sequence[str]) -> None:
+        """Distrust these books and ask the exchange for fresh snapshots."""
+        for ticker in tickers:
+            self.market(ticker).yes = self.market(ticker).no = None
+        self.awaiting_books |= set(tickers)
+        self.send("update_subscription", {"sids": [sid], "action": "get_snapshot"})
+
+    def _on_error(self, frame: Mapping[str, Any]) -> None:
+        command = self.commands.get(frame.get("id", -1))
+        logger.error("Kalshi refused %s: %s", command or "a command", frame.get("msg"))
+        if command is None or command["params"].get("action") != "get_snapshot":
+            return
+        # No snapshot on demand: a new subscription starts with one.
+        self.send("unsubscribe", {"sids": command["params"]["sids"]})
+        self.subscribe(ORDERBOOK)
+
+    def _dispatch(
+        self,
+        kind: str,
+        msg: Mapping[str, Any],
+        seq: int | None,
+        now: datetime,
+        subscription: _Subscription | None,
+    ) -> list[FeedItem]:
+        if kind == TRADE:
+            trade = KalshiTrade.model_validate(msg)
+            if subscription is not None:
+                subscription.last_trade_time = trade.time
+            return [trade_message(trade)]
+        if kind == LIFECYCLE:
+            return self._on_lifecycle(msg, now)
+        if kind == "orderbook_snapshot":
+            # A snapshot has no exchange time: it renews the book, the next instant shows it.
+            book = _BookSnapshotMsg.model_validate(msg)
+            state = self.market(book.market_ticker)
+            state.yes = book_side(book.yes_dollars_fp or [])
+            state.no = book_side(book.no_dollars_fp or [])
+            return self._on_fresh_book(book.market_ticker, now)
+        if kind == ORDERBOOK:
+            delta = _BookDeltaMsg.model_validate(msg)
+            items = self._touch(delta.market_ticker, _exchange_time(delta.ts_ms), seq, now)
+            state = self.market(delta.market_ticker)
+            side = state.yes if delta.side == "yes" else state.no
+            if side is not None:  # a stale book waits for its snapshot
+                price = parse_price(delta.price_dollars)
+                side[price] = side.get(price, 0) + parse_count(delta.delta_fp)
+                if side[price] <= 0:
+                    del side[price]
+            return items
+        if kind == TICKER:
+            return self._on_ticker(_TickerMsg.model_validate(msg), seq, now)
+        logger.debug("ignoring a %s frame", kind)
+        return []
+
+    def _on_ticker(self, tick: _TickerMsg, seq: int | None, now: datetime) -> list[FeedItem]:
+        ticker, time = tick.market_ticker, _exchange_time(tick.ts_ms, tick.ts)
+        state = self.market(ticker)
+        if time is not None and state.activity_time is not None and time < state.activity_time:
+            return []  # REST already showed a later state
+        items = self._touch(ticker, time, seq, now)
+        state.quote = TopOfBook.from_quote(
+            price_or_legacy(tick.yes_bid_dollars, tick.yes_bid),
+            count_or_legacy(tick.yes_bid_size_fp, None),
+            price_or_legacy(tick.yes_ask_dollars, tick.yes_ask),
+            count_or_legacy(tick.yes_ask_size_fp, None),
+        )
+        state.last_price = price_or_legacy(tick.price_dollars, tick.price)
+        state.volume = count_or_legacy(tick.volume_fp, tick.volume)
+        state.open_interest = count_or_legacy(tick.open_interest_fp, tick.open_interest)
+        state.activity_time = time
+        # Every field of a ticker frame is a full value and the frame is newer than any lost
+        # on its sid, so the activity is exact again.
+        state.activity_stale = False
+        if ticker in self.pending and state.exchange_time == time:
+            state.ticker_seen = True
+            items += self.flush(ticker)
+        return items
+
+    def _on_lifecycle(self, msg: Mapping[str, Any], now: datetime) -> list[FeedItem]:
+        ticker, event_type = str(msg["market_ticker"]), str(msg.get("event_type", ""))
+        status = _STATUS_AFTER_EVENT.get(event_type)
+        if status is not None:
+            self.market(ticker).status = status
+            if ticker in self.known:
+                self.known[ticker].status = status
+        return [LifecycleEvent(ticker, event_type, now, dict(msg))]
+
+    def _touch(
+        self, ticker: str, exchange_time: datetime | None, seq: int | None, now: datetime
+    ) -> list[FeedItem]:
+        """Mark ``ticker`` changed at ``exchange_time``. Pending instants before it are complete
+        and emitted first, so that one snapshot describes one exchange instant."""
+        state = self.market(ticker)
+        if (
+            exchange_time is not None
+            and state.emitted_time is not None
+            and exchange_time <= state.emitted_time
+        ):
+            return []  # an instant already shown (a REST read can overtake the socket)
+        items: list[FeedItem] = []
+        if exchange_time is not None:
+            earlier = [
+                name
+                for name in self.pending
+                if (pending_time := self.markets[name].exchange_time) is not None
+                and pending_time < exchange_time
+            ]
+            for name in earlier:
+                items += self.flush(name)
+        if ticker in self.pending and exchange_time != state.exchange_time:
+            items += self.flush(ticker)
+        if ticker not in self.pending:
+            self.pending.add(ticker)
+            state.ticker_seen = False
+        state.exchange_time = exchange_time
+        state.receive_time = now
+        state.sequence = seq
+        return items
+
+    def _on_fresh_book(self, ticker: str, now: datetime) -> list[FeedItem]:
+        self.awaiting_books.discard(ticker)
+        if self.awaiting_books or not self.unrecovered_books:
+            return []
+        logger.info("order books re-synchronised after %d gap(s)", len(self.unrecovered_books))
+        recovered = self._recovered(self.unrecovered_books, now)
+        self.unrecovered_books = []
+        return recovered
+
+    def _recovered(self, gaps: Sequence[types_pb2.FeedGap], now: datetime) -> list[FeedItem]:
+        """The gaps again, marked recovered."""
+        recovered: list[FeedItem] = []
+        for gap in gaps:
+            # A new message: the unrecovered one was already handed out and may be in flight.
+            done = types_pb2.FeedGap()
+            done.CopyFrom(gap)
+            done.recovered = True
+            done.recover_time.FromDatetime(now)
+            recovered.append(done)
+        self.stats.gaps_recovered += len(recovered)
+        return recovered
+
+    def _shown_top(self, ticker: str, state: _Market) -> TopOfBook | None:
+        """The quote of ``ticker``'s pending instant, or None when it cannot be shown exactly."""
+        if state.status_stale:
+            return None
+        if state.ticker_seen:
+            return state.quote  # the exchange's own summary of this instant
+        top = state.book_top()
+        if top is None or state.activity_stale:
+            return None
+        if TICKER in self.channels and top != state.quote:
+            # The top moved, so the ticker channel reported this instant: that frame was lost.
+            self._want_markets([ticker], status=False)
+            return None
+        return top
+
+    def flush(self, ticker: str | None = None) -> list[FeedItem]:
+        """Emit the pending instant of ``ticker`` (or of every market) when it is exact."""
+        names = [ticker] if ticker is not None else sorted(self.pending)
+        items: list[FeedItem] = []
+        for name in names:
+            if name not in self.pending:
+                continue
+            self.pending.discard(name)
+            state = self.markets[name]
+            top = self._shown_top(name, state)
+            if top is not None:
+                items.append(state.snapshot(name, top))
+                state.emitted_time = state.exchange_time
+        return items
