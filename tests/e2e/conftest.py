@@ -65,7 +65,7 @@ async def start_kfeed(command: str, args: Sequence[str], log_dir: Path) -> Kfeed
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kfeed_cli.main", command, *args,
             stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         )  # fmt: skip
     return KfeedProcess(command, process, log_path)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from tests.e2e.conftest import Server, Simulator, ingest_args, run_kfeed
+from tests.e2e.conftest import Server, Simulator, free_port, ingest_args, run_kfeed
 from tests.e2e.truth import (
     _micros,
     assert_markets_match_truth,
@@ -52,12 +52,13 @@ async def test_server_killed_mid_ingest_loses_nothing_and_duplicates_nothing(
     simulator: Simulator, server: Server, tmp_path: Path, log_dir: Path
 ) -> None:
     spool = tmp_path / "spool"
-    once = ingest_args(simulator, server, spool, "--mode", "poll", "--once", "--flush-timeout", "3")
     observed: list[dict[str, dict[str, int]]] = []
 
     async def poll_pass(expect_exit: int) -> None:
         truth = await simulator.truth()
         observed.append({t: latest_state(truth, t) for t in open_tickers(truth)})
+        once = ingest_args(simulator, server, spool, "--mode", "poll", "--once")
+        once += ["--flush-timeout", "3"]
         assert await run_kfeed("ingest", once, log_dir) == expect_exit
 
     await simulator.step(2)
@@ -66,7 +67,10 @@ async def test_server_killed_mid_ingest_loses_nothing_and_duplicates_nothing(
     assert await server.stop(signal.SIGKILL) == -signal.SIGKILL
     await poll_pass(1)  # the server is down: the batch stays in the spool
     assert any(spool.iterdir())
-    await server.start()  # same database
+    # Same database; a new port, because the killed server's port may meanwhile have become
+    # the source port of some outgoing connection (they share the ephemeral range).
+    server.address = f"127.0.0.1:{free_port()}"
+    await server.start()
     await simulator.step(2)
     await poll_pass(0)  # resends the spooled batch, then the new pass
 

@@ -51,8 +51,12 @@ def status_code_of(
 class _CallObservation:
     """One RPC from start to status: started counter now, handled + latency + log at the end."""
 
-    def __init__(self, method: str, kind: RpcType) -> None:
+    def __init__(
+        self, method: str, kind: RpcType, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         self.method = method
+        # Read now: grpc's C core can crash (SIGSEGV) on context.peer() once a stream is over.
+        self.peer = context.peer()
         service, name = split_method(method)
         self.labels = (kind, service, name)
         self.quiet = service in _QUIET_SERVICES
@@ -77,7 +81,7 @@ class _CallObservation:
                     "method": self.method,
                     "grpc_code": code.name,
                     "duration_ms": round(duration * 1000, 3),
-                    "peer": context.peer(),
+                    "peer": self.peer,
                 }
             },
         )
@@ -88,7 +92,7 @@ def _observed(method: str) -> Callable[[Behavior, RpcType], Behavior]:
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                observation = _CallObservation(method, kind)
+                observation = _CallObservation(method, kind, context)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -100,7 +104,7 @@ def _observed(method: str) -> Callable[[Behavior, RpcType], Behavior]:
             return stream
 
         async def call(request: Any, context: Any) -> Any:
-            observation = _CallObservation(method, kind)
+            observation = _CallObservation(method, kind, context)
             try:
                 response = await behavior(request, context)
             except BaseException as error:
