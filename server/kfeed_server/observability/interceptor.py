@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 
-from kfeed_server.observability.handlers import Behavior, RpcType, with_behavior
 from kfeed_server.observability.metrics import (
     GRPC_HANDLED,
     GRPC_HANDLING_SECONDS,
@@ -25,6 +24,7 @@ from kfeed_server.observability.metrics import (
 )
 from kfeed_server.security.policy import split_method
 from kfeed_server.transport.errors import ApiError
+from kfeed_server.transport.handlers import Behavior, RpcType, with_behavior
 
 access_log = logging.getLogger("kfeed_server.access")
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 
-from kfeed_server.observability.handlers import Behavior, RpcType, with_behavior
 from kfeed_server.security.policy import required_role
 from kfeed_server.security.rate_limit import RateLimited, RateLimiter
 from kfeed_server.security.tokens import ANONYMOUS, Principal, TokenTable
 from kfeed_server.transport.errors import ApiError
+from kfeed_server.transport.handlers import Behavior, RpcType, with_behavior
 
 AUTHORIZATION_KEY = "authorization"
 _BEARER_PREFIX = "bearer "

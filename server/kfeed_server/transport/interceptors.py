@@ -10,13 +10,14 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.rpc import status_pb2
 
 from kfeed_server.logs import request_id_var
 from kfeed_server.transport.errors import ApiError, internal_status
+from kfeed_server.transport.handlers import Behavior, BehaviorTransform, RpcType, with_behavior
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +68,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # grpc.aio hands us async behaviours; the stubs only describe the sync ones, hence casts.
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(cast(UnaryBehavior, handler.unary_unary), method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(cast(StreamBehavior, handler.unary_stream), method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(cast(StreamBehavior, handler.stream_stream), method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return with_behavior(handler, _error_mapped(handler_call_details.method))
+
+
+def _error_mapped(method: str) -> BehaviorTransform:
+    def transform(behavior: Behavior, kind: RpcType) -> Behavior:
+        if inspect.isasyncgenfunction(behavior):
+            return _wrap_stream(behavior, method)
+        # Unary calls, and streaming ones that write with context.write() (e.g. Health.Watch).
+        return _wrap_unary(behavior, method)
+
+    return transform
 
 
 def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
@@ -109,11 +100,7 @@ def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     return unary
 
 
-def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior | UnaryBehavior:
-    if not inspect.isasyncgenfunction(behavior):
-        # A streaming handler that writes with context.write() (e.g. Health.Watch) and returns.
-        return _wrap_unary(cast(UnaryBehavior, behavior), method)
-
+def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior:
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:

@@ -1,7 +1,7 @@
 """Rebuilding a gRPC method handler around a new behaviour, for every kind of RPC.
 
-Interceptors that act per call (metrics, auth) wrap the handler's behaviour; this keeps the four
-``grpc.*_rpc_method_handler`` constructors in one place.
+Interceptors that act per call (error mapping, metrics, auth) wrap the handler's behaviour; this
+keeps the four ``grpc.*_rpc_method_handler`` constructors in one place.
 """
 
 from __future__ import annotations
