@@ -173,7 +173,7 @@ class DemoCommand(CommandSettings):
 Watch the live feed in another terminal:
   uv run kfeed tail --server {self.listen}
   uv run kfeed markets --server {self.listen}
-  grpcurl -plaintext -d '{{"include_latest": true}}' {self.listen} \\
+  uv run grpcurl -plaintext -d '{{"include_latest": true}}' {self.listen} \\
       kfeed.v1.MarketService/StreamSnapshots
 
 Ctrl-C stops everything.
