@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.db.repositories import Repositories
-from kfeed_server.records import MarketStatus
+from kfeed_server.records import MarketStatus, Page
 from kfeed_server.streaming.feed import (
     CaughtUpEvent,
     Delivery,
@@ -58,6 +58,7 @@ MAX_STREAM_TICKERS = 10_000
 _MESSAGE_CACHE_SIZE = 8192
 
 Context = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
 
 
 class MarketServicer(pb_grpc.MarketServiceServicer):
@@ -114,49 +115,45 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
             raise NotFound("snapshot", ticker)
         return pb.GetLatestSnapshotResponse(snapshot=snapshot_to_proto(snapshot))
 
+    async def _list_time_range(
+        self,
+        method: str,
+        request: pb.ListSnapshotsRequest | pb.ListTradesRequest,
+        limits: PageSizeLimits,
+        id_type: type,
+        list_range: Callable[..., Awaitable[Page[R]]],
+    ) -> tuple[list[R], str]:
+        """One page of a market's rows in the request's time window, keyset-paged by
+        (time, ``id_type``), and the next page token."""
+        ticker = require_ticker(request.ticker)
+        limit = limits.resolve(request.page_size)
+        start, end = time_window(request)
+        query = (method, ticker, start, end)
+        cursor = decode_page_token(request.page_token, query, shape=(datetime, id_type))
+        await self._require_market(ticker)
+        page = await list_range(ticker, start=start, end=end, limit=limit, after=cursor)
+        return page.items, encode_page_token(page.next_cursor, query)
+
     async def ListSnapshots(
         self, request: pb.ListSnapshotsRequest, context: Context
     ) -> pb.ListSnapshotsResponse:
-        ticker = require_ticker(request.ticker)
-        limit = SNAPSHOTS_PAGE.resolve(request.page_size)
-        start, end = time_window(request)
-        query = ("ListSnapshots", ticker, start, end)
-        cursor = decode_page_token(request.page_token, query, shape=(datetime, int))
-        await self._require_market(ticker)
-        page = await self._snapshots.list_range(
-            ticker,
-            start=start,
-            end=end,
-            limit=limit,
-            after=(cursor[0], cursor[1]) if cursor else None,  # type: ignore[arg-type]
+        snapshots, next_page_token = await self._list_time_range(
+            "ListSnapshots", request, SNAPSHOTS_PAGE, int, self._snapshots.list_range
         )
-        response = pb.ListSnapshotsResponse(
-            next_page_token=encode_page_token(page.next_cursor, query)
-        )
+        response = pb.ListSnapshotsResponse(next_page_token=next_page_token)
         add = response.snapshots.add  # built in place: no per-message copy
-        for snapshot in page.items:
+        for snapshot in snapshots:
             add(**snapshot_fields(snapshot))
         return response
 
     async def ListTrades(
         self, request: pb.ListTradesRequest, context: Context
     ) -> pb.ListTradesResponse:
-        ticker = require_ticker(request.ticker)
-        limit = TRADES_PAGE.resolve(request.page_size)
-        start, end = time_window(request)
-        query = ("ListTrades", ticker, start, end)
-        cursor = decode_page_token(request.page_token, query, shape=(datetime, str))
-        await self._require_market(ticker)
-        page = await self._trades.list_range(
-            ticker,
-            start=start,
-            end=end,
-            limit=limit,
-            after=(cursor[0], cursor[1]) if cursor else None,  # type: ignore[arg-type]
+        trades, next_page_token = await self._list_time_range(
+            "ListTrades", request, TRADES_PAGE, str, self._trades.list_range
         )
         return pb.ListTradesResponse(
-            trades=[trade_to_proto(t) for t in page.items],
-            next_page_token=encode_page_token(page.next_cursor, query),
+            trades=[trade_to_proto(t) for t in trades], next_page_token=next_page_token
         )
 
     async def _feed_request(self, request: pb.StreamSnapshotsRequest) -> FeedRequest:
