@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, ColumnElement, Table, literal, tuple_
+from sqlalchemy import Column, ColumnElement, Select, Table, literal, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kfeed_server.records import Page
 
 T = TypeVar("T")
 
@@ -65,3 +67,34 @@ def keyset_after(
         *(literal(value, column.type) for column, value in zip(columns, cursor, strict=True))
     )
     return tuple_(*columns) < bound if descending else tuple_(*columns) > bound
+
+
+def time_range_page_query(
+    statement: Select[Any],
+    time: ColumnElement[datetime],
+    row_id: ColumnElement[Any],
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+    after: Sequence[Any] | None,
+) -> Select[Any]:
+    """``statement`` narrowed to ``start <= time < end``, ordered by (time, row_id), after the
+    keyset cursor ``after``; reads one row over ``limit`` for :func:`page_of`."""
+    statement = statement.order_by(time, row_id).limit(limit + 1)
+    if start is not None:
+        statement = statement.where(time >= start)
+    if end is not None:
+        statement = statement.where(time < end)
+    if after is not None:
+        statement = statement.where(keyset_after((time, row_id), after))
+    return statement
+
+
+def page_of(rows: Sequence[T], limit: int, cursor: Callable[[T], tuple[object, ...]]) -> Page[T]:
+    """The page of the first ``limit`` of ``rows``, read with ``limit + 1`` so that one more row
+    means a next page; its cursor is ``cursor`` of the last item."""
+    items = list(rows[:limit])
+    if len(rows) > limit and items:
+        return Page(items, cursor(items[-1]))
+    return Page(items)

@@ -17,6 +17,7 @@ from kfeed_server.db.repositories._common import (
     chunks,
     insert_for,
     keyset_after,
+    page_of,
     record_columns,
     rows_per_statement,
 )
@@ -126,10 +127,7 @@ class BacktestRepository:
         async with self._sessions() as session:
             connection = await session.connection()
             rows = [_backtest_from_row(row) for row in await connection.execute(statement)]
-        items = rows[:limit]
-        if len(rows) > limit and items:
-            return Page(items, (items[-1].create_time, items[-1].backtest_id))
-        return Page(items)
+        return page_of(rows, limit, lambda last: (last.create_time, last.backtest_id))
 
     async def update(self, backtest_id: str, **fields: Any) -> BacktestRecord | None:
         """Set ``fields`` (names of ``BacktestRecord`` fields) and return the updated backtest,
@@ -178,10 +176,7 @@ class BacktestRepository:
         async with self._sessions() as session:
             connection = await session.connection()
             rows = [ExecutionRecord(*row) for row in await connection.execute(statement)]
-        items = rows[:limit]
-        if len(rows) > limit and items:
-            return Page(items, (items[-1].sequence,))
-        return Page(items)
+        return page_of(rows, limit, lambda last: (last.sequence,))
 
     async def add_equity_points(
         self, backtest_id: str, points: Sequence[EquityPointRecord]

@@ -14,6 +14,7 @@ from kfeed_server.db.models import events_table, markets_table, series_table
 from kfeed_server.db.repositories._common import (
     chunks,
     insert_for,
+    page_of,
     record_columns,
     rows_per_statement,
 )
@@ -117,10 +118,8 @@ class MarketRepository:
             statement = statement.where(markets_table.c.status.in_([int(s) for s in statuses]))
         async with self._sessions() as session:
             connection = await session.connection()
-            rows = (await connection.execute(statement)).all()
-        markets = [MarketRecord(*row) for row in rows[:limit]]
-        more = len(rows) > limit and bool(markets)
-        return Page(items=markets, next_cursor=(markets[-1].ticker,) if more else None)
+            rows = [MarketRecord(*row) for row in await connection.execute(statement)]
+        return page_of(rows, limit, lambda last: (last.ticker,))
 
     async def existing_tickers(self, tickers: Sequence[str]) -> set[str]:
         """Which of ``tickers`` are known markets."""

@@ -12,7 +12,13 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import snapshots_table
-from kfeed_server.db.repositories._common import is_postgresql, keyset_after, record_columns
+from kfeed_server.db.repositories._common import (
+    is_postgresql,
+    keyset_after,
+    page_of,
+    record_columns,
+    time_range_page_query,
+)
 from kfeed_server.records import Page, SnapshotRecord
 
 SNAPSHOT_COLUMNS = record_columns(snapshots_table, SnapshotRecord, {"snapshot_id": "id"})
@@ -128,23 +134,17 @@ class SnapshotRepository:
         """Snapshots of ``ticker`` with ``start <= exchange_time < end``, ordered by
         (exchange_time, snapshot_id), after the keyset cursor ``after``. ``next_cursor`` is
         (exchange_time, snapshot_id) of the last row when more rows exist."""
-        statement = (
-            select(*SNAPSHOT_COLUMNS)
-            .where(_s.ticker == ticker)
-            .order_by(_s.exchange_time, _s.id)
-            .limit(limit + 1)
+        statement = time_range_page_query(
+            select(*SNAPSHOT_COLUMNS).where(_s.ticker == ticker),
+            _s.exchange_time,
+            _s.id,
+            start=start,
+            end=end,
+            limit=limit,
+            after=after,
         )
-        if start is not None:
-            statement = statement.where(_s.exchange_time >= start)
-        if end is not None:
-            statement = statement.where(_s.exchange_time < end)
-        if after is not None:
-            statement = statement.where(keyset_after((_s.exchange_time, _s.id), after))
         rows = await self._all(statement)
-        items = rows[:limit]
-        if len(rows) > limit and items:
-            return Page(items, (items[-1].exchange_time, items[-1].snapshot_id))
-        return Page(items)
+        return page_of(rows, limit, lambda last: (last.exchange_time, last.snapshot_id))
 
     async def list_after_id(
         self,

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import feed_gaps_table, trades_table
-from kfeed_server.db.repositories._common import keyset_after, record_columns
+from kfeed_server.db.repositories._common import page_of, record_columns, time_range_page_query
 from kfeed_server.records import FeedGapRecord, Page, TradeRecord
 
 TRADE_COLUMNS = record_columns(trades_table, TradeRecord)
@@ -35,25 +35,19 @@ class TradeRepository:
         trade_id), after the keyset cursor ``after``; ``next_cursor`` is (create_time, trade_id)
         of the last row when more rows exist."""
         c = trades_table.c
-        statement = (
-            select(*TRADE_COLUMNS)
-            .where(c.ticker == ticker)
-            .order_by(c.create_time, c.trade_id)
-            .limit(limit + 1)
+        statement = time_range_page_query(
+            select(*TRADE_COLUMNS).where(c.ticker == ticker),
+            c.create_time,
+            c.trade_id,
+            start=start,
+            end=end,
+            limit=limit,
+            after=after,
         )
-        if start is not None:
-            statement = statement.where(c.create_time >= start)
-        if end is not None:
-            statement = statement.where(c.create_time < end)
-        if after is not None:
-            statement = statement.where(keyset_after((c.create_time, c.trade_id), after))
         async with self._sessions() as session:
             connection = await session.connection()
             rows = [TradeRecord(*row) for row in await connection.execute(statement)]
-        items = rows[:limit]
-        if len(rows) > limit and items:
-            return Page(items, (items[-1].create_time, items[-1].trade_id))
-        return Page(items)
+        return page_of(rows, limit, lambda last: (last.create_time, last.trade_id))
 
 
 class FeedGapRepository:
