@@ -188,26 +188,43 @@ def snapshot_to_proto(record: SnapshotRecord) -> types_pb2.MarketSnapshot:
     return types_pb2.MarketSnapshot(**snapshot_fields(record))
 
 
-def snapshot_from_proto(message: types_pb2.MarketSnapshot) -> SnapshotRecord:
-    optional_values: dict[str, int | None] = {}
-    for name in _SNAPSHOT_DOLLAR_FIELDS:
-        optional_values[name] = (
-            getattr(message, name).ten_thousandths if message.HasField(name) else None  # type: ignore[arg-type]
+_SOURCES = {int(member): member for member in DataSource}
+_STATUSES = {int(member): member for member in MarketStatus}
+
+
+def snapshot_from_proto(m: types_pb2.MarketSnapshot) -> SnapshotRecord:
+    """A snapshot message as a record. ValueError for an unknown enum value or a Timestamp out of
+    range.
+
+    The ingest hot path (every published snapshot): each field is read once, with dict lookups
+    for enums, which is about twice as fast as a loop over field names."""
+    has = m.HasField
+    try:
+        source, status = _SOURCES[m.source], _STATUSES[m.status]
+        exchange_time, receive_time = (
+            from_timestamp(m.exchange_time),
+            from_timestamp(m.receive_time),
         )
-    for name in _SNAPSHOT_CONTRACT_FIELDS:
-        optional_values[name] = (
-            getattr(message, name).hundredths if message.HasField(name) else None  # type: ignore[arg-type]
-        )
+    except (KeyError, OverflowError, OSError) as error:
+        raise ValueError(f"invalid snapshot of {m.ticker!r}: {error}") from error
     return SnapshotRecord(
-        ticker=message.ticker,
-        exchange_time=from_timestamp(message.exchange_time),
-        receive_time=from_timestamp(message.receive_time),
-        source=DataSource(message.source),
-        exchange_sequence=(
-            message.exchange_sequence if message.HasField("exchange_sequence") else None
-        ),
-        status=MarketStatus(message.status),
-        **optional_values,  # type: ignore[arg-type]
+        m.ticker,
+        exchange_time,
+        receive_time,
+        source,
+        m.exchange_sequence if has("exchange_sequence") else None,
+        m.yes_bid.ten_thousandths if has("yes_bid") else None,
+        m.yes_ask.ten_thousandths if has("yes_ask") else None,
+        m.no_bid.ten_thousandths if has("no_bid") else None,
+        m.no_ask.ten_thousandths if has("no_ask") else None,
+        m.yes_bid_size.hundredths if has("yes_bid_size") else None,
+        m.yes_ask_size.hundredths if has("yes_ask_size") else None,
+        m.last_price.ten_thousandths if has("last_price") else None,
+        m.volume.hundredths if has("volume") else None,
+        m.volume_24h.hundredths if has("volume_24h") else None,
+        m.open_interest.hundredths if has("open_interest") else None,
+        m.liquidity.ten_thousandths if has("liquidity") else None,
+        status,
     )
 
 
