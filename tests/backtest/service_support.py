@@ -16,7 +16,7 @@ from kfeed_server.backtest.service import RunnerConfig
 from kfeed_server.records import MarketRecord, MarketResult, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import dollars, timestamp
 from tests.factories import at, make_market, make_snapshot
-from tests.server.conftest import PublishSession
+from tests.server.conftest import PublishSession, serving
 
 TICKER = "KXTEST-A"
 OTHER_TICKER = "KXTEST-B"
@@ -119,14 +119,9 @@ async def all_executions(
 @pytest.fixture
 async def backtest_server(database_url: str) -> AsyncIterator[KfeedServer]:
     """A server whose backtest pool reports often (see TEST_RUNNER)."""
-    server = KfeedServer(
-        ServerConfig(listen="127.0.0.1:0", database_url=database_url, backtest=TEST_RUNNER)
-    )
-    await server.start()
-    try:
+    config = ServerConfig(listen="127.0.0.1:0", database_url=database_url, backtest=TEST_RUNNER)
+    async with serving(config) as server:
         yield server
-    finally:
-        await server.stop(grace=0)
 
 
 @pytest.fixture
@@ -142,11 +137,8 @@ def stub(backtest_channel: grpc.aio.Channel) -> pb_grpc.BacktestServiceAsyncStub
 
 @pytest.fixture
 async def publisher(backtest_channel: grpc.aio.Channel) -> AsyncIterator[PublishSession]:
-    session = PublishSession(backtest_channel)
-    try:
+    async with PublishSession(backtest_channel) as session:
         yield session
-    finally:
-        await session.close()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from tests.backtest.service_support import (
     wave_snapshots,
 )
 from tests.factories import at, make_market
-from tests.server.conftest import PublishSession, bad_request_fields
+from tests.server.conftest import PublishSession, bad_request_fields, serving
 
 BOTH = (TICKER, OTHER_TICKER)
 ROWS_PAST_ONE_CHUNK = FINGERPRINT_CHUNK + 100
@@ -397,30 +397,26 @@ async def test_shutdown_fails_running_backtests_and_start_fails_stale_ones(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = ServerConfig(listen="127.0.0.1:0", database_url=database_url, backtest=TEST_RUNNER)
-    server = KfeedServer(config)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            publisher = PublishSession(channel)
-            await publisher.publish(markets=[make_market(TICKER)])
-            await publish_snapshots(publisher, wave_snapshots(TICKER, ROWS_PAST_ONE_CHUNK))
-            await publisher.close()
-            gate = asyncio.Event()
-            original = server.repositories.snapshots.list_for_backtest
+    async with (
+        serving(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        publisher = PublishSession(channel)
+        await publisher.publish(markets=[make_market(TICKER)])
+        await publish_snapshots(publisher, wave_snapshots(TICKER, ROWS_PAST_ONE_CHUNK))
+        await publisher.close()
+        gate = asyncio.Event()
+        original = server.repositories.snapshots.list_for_backtest
 
-            async def never_ending(
-                *args: Any, **kwargs: Any
-            ) -> AsyncIterator[list[SnapshotRecord]]:
-                async for chunk in original(*args, **kwargs):
-                    yield chunk
-                await gate.wait()
+        async def never_ending(*args: Any, **kwargs: Any) -> AsyncIterator[list[SnapshotRecord]]:
+            async for chunk in original(*args, **kwargs):
+                yield chunk
+            await gate.wait()
 
-            monkeypatch.setattr(server.repositories.snapshots, "list_for_backtest", never_ending)
-            stub = pb_grpc.BacktestServiceStub(channel)
-            created = await stub.CreateBacktest(pb.CreateBacktestRequest(config=threshold_config()))
-            await _running(stub, created.backtest.backtest_id)
-    finally:
-        await server.stop(grace=0)
+        monkeypatch.setattr(server.repositories.snapshots, "list_for_backtest", never_ending)
+        stub = pb_grpc.BacktestServiceStub(channel)
+        created = await stub.CreateBacktest(pb.CreateBacktestRequest(config=threshold_config()))
+        await _running(stub, created.backtest.backtest_id)
 
     engine = create_engine(database_url)
     try:

@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.logs import JsonFormatter, _RequestIdFilter
 from kfeed_server.security.tokens import token_digest
+from tests.server.conftest import serving
 
 READ_TOKEN = "read-token-0123456789abcdef"
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
@@ -144,12 +145,8 @@ def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
     """``config``'s server on an ephemeral loopback port, stopped afterwards."""
-    server = KfeedServer(dataclasses.replace(config, listen="127.0.0.1:0", migrate=False))
-    await server.start()
-    try:
+    async with serving(dataclasses.replace(config, listen="127.0.0.1:0", migrate=False)) as server:
         yield server
-    finally:
-        await server.stop(grace=0)
 
 
 def plaintext_channel(server: KfeedServer) -> grpc.aio.Channel:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
 
 import grpc
 import pytest
@@ -19,14 +21,21 @@ from kfeed_server.transport.convert import (
 )
 
 
-@pytest.fixture
-async def kfeed_server(database_url: str) -> AsyncIterator[KfeedServer]:
-    server = KfeedServer(ServerConfig(listen="127.0.0.1:0", database_url=database_url))
+@asynccontextmanager
+async def serving(config: ServerConfig) -> AsyncIterator[KfeedServer]:
+    """``config``'s server, started, and stopped without grace afterwards."""
+    server = KfeedServer(config)
     await server.start()
     try:
         yield server
     finally:
         await server.stop(grace=0)
+
+
+@pytest.fixture
+async def kfeed_server(database_url: str) -> AsyncIterator[KfeedServer]:
+    async with serving(ServerConfig(listen="127.0.0.1:0", database_url=database_url)) as server:
+        yield server
 
 
 @pytest.fixture
@@ -93,11 +102,19 @@ class PublishSession:
     async def close(self) -> None:
         await self._call.done_writing()
 
+    async def __aenter__(self) -> PublishSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
 
 @pytest.fixture
 async def publisher(channel: grpc.aio.Channel) -> AsyncIterator[PublishSession]:
-    session = PublishSession(channel)
-    try:
+    async with PublishSession(channel) as session:
         yield session
-    finally:
-        await session.close()

@@ -14,7 +14,7 @@ from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.transport.convert import timestamp
 from tests.factories import at, make_market
-from tests.server.conftest import PublishSession
+from tests.server.conftest import PublishSession, serving
 from tests.server.test_stream_snapshots import (
     Messages,
     Stream,
@@ -73,12 +73,8 @@ async def small_queue_server(database_url: str) -> AsyncIterator[KfeedServer]:
     config = ServerConfig(
         listen="127.0.0.1:0", database_url=database_url, subscriber_queue_capacity=SMALL_QUEUE
     )
-    server = KfeedServer(config)
-    await server.start()
-    try:
+    async with serving(config) as server:
         yield server
-    finally:
-        await server.stop(grace=0)
 
 
 async def _publish_many(
