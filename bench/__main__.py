@@ -16,6 +16,7 @@ BENCHMARKS = (
     "bench.bench_snapshot_insert",
     "bench.bench_fanout",
     "bench.bench_backtest",
+    "bench.bench_backtest_service",
     "bench.bench_ingest",
 )
 RESULTS = Path(__file__).parent / "results" / "latest.json"
