@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,20 +16,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kfeed_sim.signing import generate_key_pair
+from tests.processes import free_port, wait_until_serving
 
 pytestmark = pytest.mark.e2e
 
 KEY_ID = "kfeed-e2e"
 STARTUP_SECONDS = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -92,17 +85,14 @@ async def wait_for_http(url: str, running: KfeedProcess) -> None:
 
 
 async def wait_for_serving(address: str, running: KfeedProcess) -> None:
-    deadline = asyncio.get_running_loop().time() + STARTUP_SECONDS
+    def still_running() -> None:
+        assert running.process.returncode is None, running.log()
+
     async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while asyncio.get_running_loop().time() < deadline:
-            assert running.process.returncode is None, running.log()
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{address} never became SERVING:\n{running.log()}")
+        try:
+            await wait_until_serving(channel, STARTUP_SECONDS, still_running)
+        except TimeoutError:
+            raise TimeoutError(f"{address} never became SERVING:\n{running.log()}") from None
 
 
 @dataclass

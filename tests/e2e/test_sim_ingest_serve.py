@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from tests.e2e.conftest import Server, Simulator, free_port, ingest_args, run_kfeed
+from tests.e2e.conftest import Server, Simulator, ingest_args, run_kfeed
 from tests.e2e.truth import (
     _micros,
     assert_markets_match_truth,
@@ -16,6 +16,7 @@ from tests.e2e.truth import (
     read_everything,
     snapshot_view,
 )
+from tests.processes import free_port
 
 
 async def test_poll_once_stores_the_simulators_truth_exactly(

@@ -12,7 +12,6 @@ import inspect
 import ipaddress
 import logging
 import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -152,13 +151,6 @@ async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
 def plaintext_channel(server: KfeedServer) -> grpc.aio.Channel:
     """A channel to ``server`` without TLS."""
     return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for processes that need it on the command line)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -12,24 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
+from tests.processes import free_port, wait_until_serving
 
-from .support import READ_TOKEN, CertificateAuthority, bearer, free_port, write_tokens_file
-
-
-async def _wait_serving(channel: grpc.aio.Channel, within: float = 30.0) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    async with asyncio.timeout(within):
-        while True:
-            try:
-                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
+from .support import READ_TOKEN, CertificateAuthority, bearer, write_tokens_file
 
 
 async def test_serve_beyond_loopback_with_auth_tls_and_metrics_from_the_environment(
@@ -55,7 +42,7 @@ async def test_serve_beyond_loopback_with_auth_tls_and_metrics_from_the_environm
     try:
         credentials = grpc.ssl_channel_credentials(ca.cert_file.read_bytes())
         async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
-            await _wait_serving(channel)
+            await wait_until_serving(channel)
             stub = market_service_pb2_grpc.MarketServiceStub(channel)
             await stub.ListMarkets(
                 market_service_pb2.ListMarketsRequest(),

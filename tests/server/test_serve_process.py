@@ -5,38 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.processes import free_port, wait_until_serving
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-async def _wait_serving(address: str, within: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
+async def _wait_serving(address: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{address} never became SERVING")
-            await asyncio.sleep(0.1)
+        await wait_until_serving(channel)
 
 
 async def test_serve_on_sqlite_then_sigterm_exits_zero(tmp_path: Path) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     database = tmp_path / "nested" / "kfeed.db"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kfeed_cli.main", "serve",
@@ -71,7 +54,7 @@ async def test_serve_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
 
 
 async def test_serve_reads_flags_from_environment(tmp_path: Path) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     database = tmp_path / "from-env.db"
     environment = {
         "KFEED_LISTEN": address,
