@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 from tests.e2e.conftest import Server, Simulator, ingest_args, run_kfeed
 from tests.e2e.truth import (
+    Stored,
     _micros,
     assert_markets_match_truth,
     assert_snapshots_match_truth,
@@ -19,14 +21,21 @@ from tests.e2e.truth import (
 from tests.processes import free_port
 
 
+async def _poll_once_then_read(
+    simulator: Simulator, server: Server, tmp_path: Path, log_dir: Path
+) -> tuple[dict[str, Any], Stored]:
+    """One successful `kfeed ingest --mode poll --once` pass; then the simulator's truth and
+    everything the server stored."""
+    args = ingest_args(simulator, server, tmp_path / "spool", "--mode", "poll", "--once")
+    assert await run_kfeed("ingest", args, log_dir) == 0
+    return await simulator.truth(), await read_everything(server.address)
+
+
 async def test_poll_once_stores_the_simulators_truth_exactly(
     simulator: Simulator, server: Server, tmp_path: Path, log_dir: Path
 ) -> None:
     await simulator.step(3)
-    args = ingest_args(simulator, server, tmp_path / "spool", "--mode", "poll", "--once")
-    assert await run_kfeed("ingest", args, log_dir) == 0
-    truth = await simulator.truth()
-    stored = await read_everything(server.address)
+    truth, stored = await _poll_once_then_read(simulator, server, tmp_path, log_dir)
     assert open_tickers(truth) <= set(stored.markets)
     assert assert_snapshots_match_truth(stored, truth) >= len(open_tickers(truth))
     assert_markets_match_truth(stored, truth)
@@ -39,10 +48,7 @@ async def test_exchange_faults_are_retried_and_nothing_is_wrong(
 ) -> None:
     await simulator.step(2)
     await simulator.set_faults(error_rate=0.15, rate_limit_rate=0.15, malformed_rate=0.1)
-    args = ingest_args(simulator, server, tmp_path / "spool", "--mode", "poll", "--once")
-    assert await run_kfeed("ingest", args, log_dir) == 0
-    truth = await simulator.truth()
-    stored = await read_everything(server.address)
+    truth, stored = await _poll_once_then_read(simulator, server, tmp_path, log_dir)
     assert open_tickers(truth) <= set(stored.markets)
     assert_snapshots_match_truth(stored, truth)
     for ticker in open_tickers(truth):
