@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ FAST = Backoff(initial=0.02, maximum=0.1)
 
 def _batch(ticker: str) -> ingest_service_pb2.PublishRequest:
     return ingest_service_pb2.PublishRequest(snapshots=[types_pb2.MarketSnapshot(ticker=ticker)])
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeIngestServer]:
-    fake = FakeIngestServer()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def _publisher(target: str, spool: Spool, window: int = 8) -> Publisher:

@@ -7,7 +7,6 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -23,14 +22,6 @@ from kfeed_sim.market_model import MarketStatus
 
 from .fake_ingest_server import FakeIngestServer
 from .sim_support import KEY_ID, SignedSim, eventually, signed_simulator
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeIngestServer]:
-    fake = FakeIngestServer()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def _command(
