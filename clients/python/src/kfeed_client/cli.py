@@ -277,7 +277,11 @@ async def tail(options: argparse.Namespace, console: Console) -> int:
 
 async def markets(options: argparse.Namespace, console: Console) -> int:
     """`markets`: list markets, a table or JSON lines."""
-    table = Table("ticker", "status", "event", "close time", "title", box=None)
+    table = Table(box=None)
+    # Tickers are what users copy into the next command: never cut short, whatever the width.
+    table.add_column("ticker", no_wrap=True, min_width=len("KXXXXXXX-26NOV25-T100000"))
+    for header in ("status", "event", "close time", "title"):
+        table.add_column(header, overflow="fold")
     async with _connect(options) as client:
         async for market in client.list_markets(
             event_ticker=options.event, series_ticker=options.series, statuses=options.status
