@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -24,7 +24,12 @@ from kfeed_server.observability.metrics import (
 )
 from kfeed_server.security.policy import split_method
 from kfeed_server.transport.errors import ApiError
-from kfeed_server.transport.handlers import Behavior, RpcType, with_behavior
+from kfeed_server.transport.handlers import (
+    Behavior,
+    BehaviorInterceptor,
+    BehaviorTransform,
+    RpcType,
+)
 
 access_log = logging.getLogger("kfeed_server.access")
 
@@ -87,7 +92,7 @@ class _CallObservation:
         )
 
 
-def _observed(method: str) -> Callable[[Behavior, RpcType], Behavior]:
+def _observed(method: str) -> BehaviorTransform:
     def transform(behavior: Behavior, kind: RpcType) -> Behavior:
         if inspect.isasyncgenfunction(behavior):
 
@@ -118,17 +123,8 @@ def _observed(method: str) -> Callable[[Behavior, RpcType], Behavior]:
     return transform
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+class ObservabilityInterceptor(BehaviorInterceptor):
     """Counts, times and access-logs every RPC (see the module docstring for its place)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return with_behavior(handler, _observed(handler_call_details.method))
+    def transform_for(self, details: grpc.HandlerCallDetails) -> BehaviorTransform:
+        return _observed(details.method)

@@ -8,7 +8,7 @@ token.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -17,7 +17,12 @@ from kfeed_server.security.policy import required_role
 from kfeed_server.security.rate_limit import RateLimited, RateLimiter
 from kfeed_server.security.tokens import ANONYMOUS, Principal, TokenTable
 from kfeed_server.transport.errors import ApiError
-from kfeed_server.transport.handlers import Behavior, RpcType, with_behavior
+from kfeed_server.transport.handlers import (
+    Behavior,
+    BehaviorInterceptor,
+    BehaviorTransform,
+    RpcType,
+)
 
 AUTHORIZATION_KEY = "authorization"
 _BEARER_PREFIX = "bearer "
@@ -47,7 +52,7 @@ def bearer_token(metadata: Metadata | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(BehaviorInterceptor):
     """Authenticates, authorises and rate-limits each call before it reaches its servicer.
 
     With ``tokens`` None authentication is off and every caller is :data:`ANONYMOUS` (the server
@@ -83,24 +88,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise Unauthenticated("invalid bearer token")
         return principal
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+    def transform_for(self, details: grpc.HandlerCallDetails) -> BehaviorTransform | None:
         try:
-            self.admit(handler_call_details.method, handler_call_details.invocation_metadata)
+            self.admit(details.method, details.invocation_metadata)
         except ApiError as refusal:
-            return with_behavior(handler, _refusing(refusal))
-        return handler
+            return _refusing(refusal)
+        return None
 
 
-def _refusing(refusal: ApiError) -> Callable[[Behavior, RpcType], Behavior]:
+def _refusing(refusal: ApiError) -> BehaviorTransform:
     def transform(behavior: Behavior, kind: RpcType) -> Behavior:
         async def refuse(request: Any, context: Any) -> None:
             raise refusal

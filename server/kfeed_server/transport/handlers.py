@@ -1,12 +1,13 @@
 """Rebuilding a gRPC method handler around a new behaviour, for every kind of RPC.
 
 Interceptors that act per call (error mapping, metrics, auth) wrap the handler's behaviour; this
-keeps the four ``grpc.*_rpc_method_handler`` constructors in one place.
+keeps the four ``grpc.*_rpc_method_handler`` constructors, and the interceptor plumbing, in one
+place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import grpc
@@ -47,3 +48,24 @@ def with_behavior(
                 response_serializer=handler.response_serializer,
             )
     return handler
+
+
+class BehaviorInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that rebuilds each call's handler with :meth:`transform_for`."""
+
+    def transform_for(self, details: grpc.HandlerCallDetails) -> BehaviorTransform | None:
+        """How to wrap the behaviour of the call ``details`` names (None: leave it as it is)."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        transform = self.transform_for(handler_call_details)
+        return handler if transform is None else with_behavior(handler, transform)

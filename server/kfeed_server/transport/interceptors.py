@@ -17,7 +17,12 @@ from google.rpc import status_pb2
 
 from kfeed_server.logs import request_id_var
 from kfeed_server.transport.errors import ApiError, internal_status
-from kfeed_server.transport.handlers import Behavior, BehaviorTransform, RpcType, with_behavior
+from kfeed_server.transport.handlers import (
+    Behavior,
+    BehaviorInterceptor,
+    BehaviorTransform,
+    RpcType,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +63,11 @@ async def _handle_failure(
     await _abort(context, internal_status(request_id), request_id)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(BehaviorInterceptor):
     """Assigns a request id (or takes the caller's ``x-request-id``) and maps exceptions."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return with_behavior(handler, _error_mapped(handler_call_details.method))
+    def transform_for(self, details: grpc.HandlerCallDetails) -> BehaviorTransform:
+        return _error_mapped(details.method)
 
 
 def _error_mapped(method: str) -> BehaviorTransform:
