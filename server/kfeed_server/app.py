@@ -26,7 +26,12 @@ from kfeed.v1 import (
     market_service_pb2_grpc,
 )
 from kfeed_server.backtest.service import BacktestRunner, RunnerConfig
-from kfeed_server.db import create_engine, schema_is_current, upgrade_to_head
+from kfeed_server.db import (
+    DEFAULT_DATABASE_URL,
+    create_engine,
+    schema_is_current,
+    upgrade_to_head,
+)
 from kfeed_server.db.repositories import build_repositories
 from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
 from kfeed_server.security import SecurityConfig
@@ -50,7 +55,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    database_url: str = "sqlite+aiosqlite:///data/kfeed.db"
+    database_url: str = DEFAULT_DATABASE_URL
     migrate: bool = True
     # Seconds in-flight calls get to finish on shutdown.
     grace_period: float = 5.0
@@ -159,9 +164,6 @@ class KfeedServer:
             self.metrics_endpoint.close()
         await self.engine.dispose()
         log.info("kfeed server stopped")
-
-    async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
 
 
 async def run_until_signalled(config: ServerConfig) -> None:
