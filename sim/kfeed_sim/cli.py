@@ -21,6 +21,10 @@ class SimCommand(CommandSettings):
     markets: int = Field(default=12, description="markets kept open or upcoming at once")
     tick_interval: float = Field(default=0.25, description="seconds per simulation step")
     history_steps: int = Field(default=240, description="past steps generated at start")
+    firehose: bool = Field(
+        default=False,
+        description="load tests: long-lived markets, every open market changes every step",
+    )
     auto_step: bool = Field(
         default=True, description="advance on a timer; --no-auto-step: only POST /_sim/step"
     )
@@ -60,6 +64,7 @@ class SimCommand(CommandSettings):
             tick_interval=self.tick_interval,
             auto_step=self.auto_step,
             history_steps=self.history_steps,
+            firehose=self.firehose,
             api_keys=api_keys,
             faults=faults,
             legacy_integer_fields=self.legacy_integer_fields,

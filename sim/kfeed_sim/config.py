@@ -53,6 +53,12 @@ class SimConfig(BaseModel):
     start_time: datetime | None = Field(
         default=None, description="sim time of live step 0 (UTC); None = wall clock at start"
     )
+    firehose: bool = Field(
+        default=False,
+        description="load tests: markets live 100× longer and every open market changes every"
+        " step (one book level and a ticker frame; trades rarer), so the sim sends about"
+        " markets / tick_interval states per second",
+    )
     history_steps: int = Field(default=240, ge=0, description="past steps generated at start")
     history_step_seconds: int = Field(default=60, ge=1, description="sim seconds per past step")
     api_keys: dict[str, str] = Field(

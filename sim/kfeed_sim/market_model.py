@@ -27,6 +27,12 @@ Side = Literal["yes", "no"]
 BookSide = Literal["bid", "ask"]
 
 BOOK_DEPTH = 5
+FIREHOSE_LIFETIME_FACTOR = 100
+"""Firehose markets live this many times longer (a load test wants few market changes)."""
+FIREHOSE_PRICE_MOVE = 0.02
+"""Firehose: chance per step that the fair price walks and the book is rebuilt around it."""
+_TRADE_COUNTS = (0, 0, 1, 1, 2)
+_FIREHOSE_TRADE_COUNTS = (0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
 DAY_US = 86_400 * 1_000_000
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 
@@ -331,6 +337,8 @@ class Exchange:
         open_step = step + rng.randint(1, 4)
         # lifetimes in steps: live markets live 30–120 ticks, past ones 15–60 (longer) steps
         shortest, longest = (15, 60) if step < 0 else (30, 120)
+        if self.config.firehose:
+            shortest, longest = (n * FIREHOSE_LIFETIME_FACTOR for n in (shortest, longest))
         close_step = open_step + rng.randint(shortest, longest)
         determine_step = close_step + rng.randint(1, 3)
         settle_step = determine_step + rng.randint(1, 3)
@@ -397,7 +405,7 @@ class Exchange:
 
     def _advance_market(self, market: Market, events: StepEvents) -> None:
         step, now = self.current_step, self.now_us
-        before = market.orderbook()
+        yes_before, no_before = dict(market.yes_book), dict(market.no_book)
         state = market.state
         status, result, settlement = state.status, state.result, state.settlement_value
         new_trades: list[Trade] = []
@@ -406,9 +414,12 @@ class Exchange:
             self._reshape_book(market)
             events.lifecycle.append(LifecycleEvent(market.ticker, "activated", now))
         elif status is MarketStatus.ACTIVE and step < market.close_step:
-            new_trades = self._trade(market)
-            self._walk(market)
-            self._reshape_book(market)
+            if self.config.firehose:
+                new_trades = self._firehose_move(market)
+            else:
+                new_trades = self._trade(market, _TRADE_COUNTS)
+                self._walk(market)
+                self._reshape_book(market)
         elif step == market.close_step:
             status = MarketStatus.CLOSED
             market.yes_book.clear()  # resting orders are cancelled at close
@@ -423,9 +434,8 @@ class Exchange:
             status = MarketStatus.FINALIZED
             events.lifecycle.append(LifecycleEvent(market.ticker, "settled", now))
         if step >= 0:  # nobody listens to the past: skip the deltas while generating history
-            (yes_before, no_before), (yes_after, no_after) = before, market.orderbook()
-            events.book_deltas += _book_diff(market.ticker, "yes", yes_before, yes_after, now)
-            events.book_deltas += _book_diff(market.ticker, "no", no_before, no_after, now)
+            events.book_deltas += _book_diff(market.ticker, "yes", yes_before, market.yes_book, now)
+            events.book_deltas += _book_diff(market.ticker, "no", no_before, market.no_book, now)
         events.trades.extend(new_trades)
         self._publish_state(market, status, result, settlement, new_trades, events)
 
@@ -457,10 +467,27 @@ class Exchange:
                     size = rng.randint(1, 400) * COUNT_SCALE + rng.choice((0, 0, 0, 50, 25))
                 book[price] = size
 
-    def _trade(self, market: Market) -> list[Trade]:
+    def _firehose_move(self, market: Market) -> list[Trade]:
+        """A cheap change that always shows on the ticker channel: seldom a trade or a price
+        move, always a new size at the best bid of one side (usually the one book delta)."""
+        rng = self._rng
+        trades = self._trade(market, _FIREHOSE_TRADE_COUNTS)
+        if rng.random() < FIREHOSE_PRICE_MOVE:
+            self._walk(market)
+            self._reshape_book(market)
+        elif len(market.yes_book) < BOOK_DEPTH or len(market.no_book) < BOOK_DEPTH:
+            self._reshape_book(market)  # a trade took a whole level: fill the book again
+        yes_side = rng.random() < 0.5
+        book = market.yes_book if yes_side else market.no_book
+        shown = market.state.yes_bid_size if yes_side else market.state.yes_ask_size
+        size = rng.randint(1, 400) * COUNT_SCALE
+        book[max(book)] = size if size != shown else size + COUNT_SCALE
+        return trades
+
+    def _trade(self, market: Market, counts: tuple[int, ...]) -> list[Trade]:
         rng = self._rng
         trades: list[Trade] = []
-        for _ in range(rng.choice((0, 0, 1, 1, 2))):
+        for _ in range(rng.choice(counts)):
             if not market.yes_book or not market.no_book:
                 break
             outcome: Side = rng.choice(("yes", "no"))
@@ -514,11 +541,12 @@ class Exchange:
         previous = market.state
         while market.recent_trades and market.recent_trades[0].ts_us <= now - DAY_US:
             market.recent_volume -= market.recent_trades.popleft().count
-        yes_bids, no_bids = market.orderbook()
+        yes_book, no_book = market.yes_book, market.no_book
+        best_yes, best_no = max(yes_book, default=None), max(no_book, default=None)
         volume = previous.volume + sum(t.count for t in new_trades)
         last_trade = new_trades[-1] if new_trades else None
-        yes_bid = yes_bids[-1][0] if yes_bids else 0
-        yes_ask = ONE_DOLLAR - no_bids[-1][0] if no_bids else ONE_DOLLAR
+        yes_bid = 0 if best_yes is None else best_yes
+        yes_ask = ONE_DOLLAR if best_no is None else ONE_DOLLAR - best_no
         first_quote = status is MarketStatus.ACTIVE and previous.status is MarketStatus.INITIALIZED
         # built with the old timestamp so that "nothing changed" is a plain equality test
         state = MarketState(
@@ -528,8 +556,8 @@ class Exchange:
             yes_ask=yes_ask,
             no_bid=ONE_DOLLAR - yes_ask,
             no_ask=ONE_DOLLAR - yes_bid,
-            yes_bid_size=yes_bids[-1][1] if yes_bids else 0,
-            yes_ask_size=no_bids[-1][1] if no_bids else 0,
+            yes_bid_size=0 if best_yes is None else yes_book[best_yes],
+            yes_ask_size=0 if best_no is None else no_book[best_no],
             last_price=last_trade.yes_price if last_trade else previous.last_price,
             # "previous" = the opening quote (Kalshi: 24 h ago; sim markets live far shorter)
             previous_yes_bid=yes_bid if first_quote else previous.previous_yes_bid,
@@ -538,7 +566,10 @@ class Exchange:
             volume=volume,
             volume_24h=market.recent_volume,
             open_interest=market.open_interest,
-            liquidity=sum(p * c for p, c in yes_bids + no_bids) // COUNT_SCALE,
+            liquidity=(
+                sum(p * c for p, c in yes_book.items()) + sum(p * c for p, c in no_book.items())
+            )
+            // COUNT_SCALE,
             dollar_volume=market.notional_traded // (ONE_DOLLAR * COUNT_SCALE),
             last_trade_size=last_trade.count if last_trade else previous.last_trade_size,
             result=result,
@@ -575,11 +606,11 @@ class Exchange:
 
 
 def _book_diff(
-    ticker: str, side: Side, old: list[tuple[int, int]], new: list[tuple[int, int]], ts_us: int
+    ticker: str, side: Side, before: dict[int, int], after: dict[int, int], ts_us: int
 ) -> list[BookDelta]:
-    if old == new:
+    """The deltas from ``before`` to ``after`` (price → size), ascending by price."""
+    if before == after:
         return []
-    before, after = dict(old), dict(new)
     prices = sorted(before.keys() | after.keys())
     return [
         BookDelta(ticker, side, price, after.get(price, 0) - before.get(price, 0), ts_us)

@@ -230,6 +230,8 @@ async def running_simulator(
             host=host,
             port=port,
             ws="websockets-sansio",
+            # a load test on loopback: compressing every frame would cost both ends CPU for nothing
+            ws_per_message_deflate=not config.firehose,
             ws_ping_interval=config.ping_interval,
             ws_ping_timeout=config.ping_interval * 3,
             lifespan="off",

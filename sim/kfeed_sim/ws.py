@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -61,21 +62,38 @@ class Subscription:
         return self.tickers is None or ticker in self.tickers
 
 
+def encode(value: Any) -> str:
+    """Compact JSON, as every frame goes out."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def data_frame(kind: str, sid: int, seq: int, encoded_msg: str) -> str:
+    """``{"type":…,"sid":…,"seq":…,"msg":…}`` around a ``msg`` encoded once for all sockets
+    (the same text as :func:`encode` of the whole frame)."""
+    return f'{{"type":{encode(kind)},"sid":{sid},"seq":{seq},"msg":{encoded_msg}}}'
+
+
 @dataclass
 class Connection:
-    """One client socket: its subscriptions and its outgoing queue (bounded)."""
+    """One client socket: its subscriptions and its outgoing queue (bounded) of encoded frames,
+    each with whether it is a data frame (one with ``seq``)."""
 
     websocket: WebSocket
-    outbox: asyncio.Queue[JSON]
+    outbox: asyncio.Queue[tuple[str, bool]]
     subscriptions: dict[int, Subscription] = field(default_factory=dict)
     next_sid: int = 1
     data_frames_sent: int = 0
     overflowed: bool = False
 
     def send(self, frame: JSON) -> None:
-        """Queue a frame; a reader too slow to keep up is disconnected rather than stalling us."""
+        """Queue a command reply (not a data frame)."""
+        self.send_text(encode(frame), is_data=False)
+
+    def send_text(self, text: str, is_data: bool) -> None:
+        """Queue an encoded frame; a reader too slow to keep up is disconnected rather than
+        stalling us."""
         try:
-            self.outbox.put_nowait(frame)
+            self.outbox.put_nowait((text, is_data))
         except asyncio.QueueFull:
             self.overflowed = True
 
@@ -127,14 +145,13 @@ class WebSocketHub:
         websocket = connection.websocket
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             while True:
-                frame = await connection.outbox.get()
-                is_data = "seq" in frame
+                text, is_data = await connection.outbox.get()
                 if connection.overflowed or (
                     is_data and self.faults.drop_socket(connection.data_frames_sent)
                 ):
                     await websocket.close(code=1011)
                     return
-                await websocket.send_text(json.dumps(frame, separators=(",", ":")))
+                await websocket.send_text(text)
                 connection.data_frames_sent += is_data
 
     # -- commands ------------------------------------------------------------------------------
@@ -268,13 +285,13 @@ class WebSocketHub:
     # -- data ----------------------------------------------------------------------------------
 
     def _send_data(
-        self, connection: Connection, subscription: Subscription, kind: str, msg: JSON
+        self, connection: Connection, subscription: Subscription, kind: str, encoded_msg: str
     ) -> None:
         subscription.seq += 1
         if self.faults.lose_frame():
             return  # the seq number is spent: the client sees a gap
-        connection.send(
-            {"type": kind, "sid": subscription.sid, "seq": subscription.seq, "msg": msg}
+        connection.send_text(
+            data_frame(kind, subscription.sid, subscription.seq, encoded_msg), is_data=True
         )
 
     def _send_snapshots(
@@ -282,27 +299,50 @@ class WebSocketHub:
     ) -> None:
         for ticker in tickers:
             msg = self.render.orderbook_snapshot_msg(self.exchange.markets[ticker])
-            self._send_data(connection, subscription, "orderbook_snapshot", msg)
+            self._send_data(connection, subscription, "orderbook_snapshot", encode(msg))
 
     def publish(self, events: StepEvents) -> None:
-        """Fan one step's events out to every matching subscription, in step order."""
-        markets = self.exchange.markets
-        rendered: list[tuple[str, str, JSON]] = []
-        rendered += [
-            ("market_lifecycle_v2", e.ticker, self.render.lifecycle_msg(e, markets[e.ticker]))
-            for e in events.lifecycle
-        ]
-        rendered += [
-            ("orderbook_delta", d.ticker, self.render.orderbook_delta_msg(d))
-            for d in events.book_deltas
-        ]
-        rendered += [("trade", t.ticker, self.render.trade_msg(t)) for t in events.trades]
-        rendered += [
-            ("ticker", ticker, self.render.ticker_msg(ticker, state))
-            for ticker, state in zip(events.ticker_markets, events.tickers, strict=True)
-        ]
+        """Fan one step's events out to every matching subscription, in step order.
+
+        A message is rendered and encoded once, and only if some subscription carries it; the
+        frames of different subscriptions then differ only in ``sid`` and ``seq``.
+        """
+        wanted = {s.channel for c in self.connections for s in c.subscriptions.values()}
+        if not wanted:
+            return
+        markets, render = self.exchange.markets, self.render
+        messages: list[tuple[str, str, Callable[[], JSON]]] = []
+        if "market_lifecycle_v2" in wanted:
+            messages += [
+                (
+                    "market_lifecycle_v2",
+                    e.ticker,
+                    partial(render.lifecycle_msg, e, markets[e.ticker]),
+                )
+                for e in events.lifecycle
+            ]
+        if "orderbook_delta" in wanted:
+            messages += [
+                ("orderbook_delta", d.ticker, partial(render.orderbook_delta_msg, d))
+                for d in events.book_deltas
+            ]
+        if "trade" in wanted:
+            messages += [("trade", t.ticker, partial(render.trade_msg, t)) for t in events.trades]
+        if "ticker" in wanted:
+            messages += [
+                ("ticker", ticker, partial(render.ticker_msg, ticker, state))
+                for ticker, state in zip(events.ticker_markets, events.tickers, strict=True)
+            ]
+        encoded: list[str | None] = [None] * len(messages)
         for connection in self.connections:
-            for channel, ticker, msg in rendered:
-                for subscription in list(connection.subscriptions.values()):
+            subscriptions = list(connection.subscriptions.values())
+            channels = {s.channel for s in subscriptions}
+            for index, (channel, ticker, render_msg) in enumerate(messages):
+                if channel not in channels:
+                    continue
+                for subscription in subscriptions:
                     if subscription.channel == channel and subscription.covers(ticker):
-                        self._send_data(connection, subscription, channel, msg)
+                        text = encoded[index]
+                        if text is None:
+                            text = encoded[index] = encode(render_msg())
+                        self._send_data(connection, subscription, channel, text)

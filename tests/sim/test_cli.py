@@ -9,6 +9,8 @@ import sys
 
 import httpx
 
+from kfeed_sim.cli import SimCommand
+
 
 async def test_kfeed_sim_serves_until_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
@@ -30,3 +32,8 @@ async def test_kfeed_sim_serves_until_sigterm() -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+def test_firehose_is_off_unless_asked_for() -> None:
+    assert SimCommand(firehose=True).sim_config().firehose
+    assert not SimCommand().sim_config().firehose

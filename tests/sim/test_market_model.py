@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kfeed_sim.config import SimConfig
 from kfeed_sim.market_model import (
+    FIREHOSE_LIFETIME_FACTOR,
     PRICE_STRUCTURES,
     Exchange,
     MarketStatus,
@@ -21,19 +24,27 @@ LIFECYCLE = [
 ]
 
 
-def exchange(seed: int = 5, steps: int = 150) -> Exchange:
-    model = Exchange(SimConfig(seed=seed, markets=8, start_time=START, history_steps=80))
+def exchange(seed: int = 5, steps: int = 150, firehose: bool = False) -> Exchange:
+    model = Exchange(
+        SimConfig(seed=seed, markets=8, start_time=START, history_steps=80, firehose=firehose)
+    )
     for _ in range(steps):
         model.step()
     return model
 
 
-def test_same_seed_gives_the_same_states_and_trades() -> None:
-    assert exchange(seed=5).truth() == exchange(seed=5).truth()
+@pytest.mark.parametrize("firehose", [False, True])
+def test_same_seed_gives_the_same_states_and_trades(firehose: bool) -> None:
+    assert (
+        exchange(seed=5, firehose=firehose).truth() == exchange(seed=5, firehose=firehose).truth()
+    )
 
 
-def test_another_seed_gives_other_data() -> None:
-    assert exchange(seed=5).truth() != exchange(seed=6).truth()
+@pytest.mark.parametrize("firehose", [False, True])
+def test_another_seed_gives_other_data(firehose: bool) -> None:
+    assert (
+        exchange(seed=5, firehose=firehose).truth() != exchange(seed=6, firehose=firehose).truth()
+    )
 
 
 def test_tickers_follow_kalshi_style() -> None:
@@ -76,8 +87,9 @@ def test_quotes_and_trades_are_on_the_market_tick_grid() -> None:
     assert sub_penny_seen
 
 
-def test_books_are_bids_only_and_never_crossed() -> None:
-    model = exchange(steps=0)
+@pytest.mark.parametrize("firehose", [False, True])
+def test_books_are_bids_only_and_never_crossed(firehose: bool) -> None:
+    model = exchange(steps=0, firehose=firehose)
     for _ in range(60):
         model.step()
         for market in model.markets.values():
@@ -90,8 +102,9 @@ def test_books_are_bids_only_and_never_crossed() -> None:
             assert market.state.no_ask == 10_000 - market.state.yes_bid
 
 
-def test_book_deltas_replay_onto_the_previous_book() -> None:
-    model = exchange(steps=0)
+@pytest.mark.parametrize("firehose", [False, True])
+def test_book_deltas_replay_onto_the_previous_book(firehose: bool) -> None:
+    model = exchange(steps=0, firehose=firehose)
     books = {
         ticker: {side: dict(bids) for side, bids in zip("yn", market.orderbook(), strict=True)}
         for ticker, market in model.markets.items()
@@ -127,3 +140,37 @@ def test_live_steps_are_tick_interval_apart_and_history_precedes_them() -> None:
     assert model.time_of_step(1) - model.time_of_step(0) == 250_000
     assert model.time_of_step(-1) == model.time_of_step(0) - 60_000_000
     assert model.current_step == -1  # history done, live not started
+
+
+def open_markets_changed(model: Exchange, steps: int) -> tuple[list[int], list[int], int]:
+    """Per step: how many markets were open through it and how many of those sent a ticker
+    frame; and the book deltas of all those steps."""
+    open_counts, changed_counts, deltas = [], [], 0
+    for _ in range(steps):
+        before = {t for t, m in model.markets.items() if m.status is MarketStatus.ACTIVE}
+        events = model.step()
+        still_open = {t for t in before if model.markets[t].status is MarketStatus.ACTIVE}
+        open_counts.append(len(still_open))
+        changed_counts.append(len(still_open & set(events.ticker_markets)))
+        deltas += len(events.book_deltas)
+    return open_counts, changed_counts, deltas
+
+
+def test_firehose_changes_every_open_market_at_every_step_with_about_one_delta() -> None:
+    open_counts, changed_counts, deltas = open_markets_changed(exchange(steps=0, firehose=True), 60)
+    assert min(open_counts) >= 8
+    assert changed_counts == open_counts
+    assert deltas < 2 * sum(open_counts)
+
+
+def test_without_firehose_markets_rest_now_and_then_and_books_churn() -> None:
+    open_counts, changed_counts, deltas = open_markets_changed(exchange(steps=0), 60)
+    assert sum(changed_counts) < sum(open_counts)
+    assert deltas > 5 * sum(open_counts)
+
+
+def test_firehose_markets_live_a_hundred_times_longer() -> None:
+    markets = exchange(steps=0, firehose=True).markets.values()
+    assert FIREHOSE_LIFETIME_FACTOR == 100
+    assert min(m.close_step - m.open_step for m in markets) >= 15 * FIREHOSE_LIFETIME_FACTOR
+    assert max(m.close_step - m.open_step for m in exchange(steps=0).markets.values()) <= 120

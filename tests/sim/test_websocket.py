@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from kfeed_sim.fixed_point import parse_dollars
 from kfeed_sim.market_model import MarketStatus
 from kfeed_sim.server import SimHandle
+from kfeed_sim.ws import data_frame, encode
 
 from .conftest import SimFactory
 from .wsclient import sim_socket
@@ -207,3 +209,37 @@ async def test_lifecycle_channel_follows_a_market_to_settlement(
                 "settlement_value",
             }
             assert sim.exchange.markets[msgs[-1]["market_ticker"]].status is MarketStatus.FINALIZED
+
+
+async def test_every_socket_gets_the_same_messages_under_its_own_sid_and_seq(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    async with (
+        make_sim() as sim,
+        sim_socket(sim.ws_url, private_key) as first,
+        sim_socket(sim.ws_url, private_key) as second,
+    ):
+        sim.advance(10)
+        await first.command("subscribe", channels=["trade", "ticker"])
+        await second.command("subscribe", channels=["ticker"])
+        assert [(await first.frame())["msg"]["sid"] for _ in range(2)] == [1, 2]
+        assert (await second.frame())["msg"] == {"channel": "ticker", "sid": 1}
+        sim.advance(5)
+        first_frames = await first.frames_until_quiet()
+        second_frames = await second.frames_until_quiet()
+        assert_seq_counts_up_by_one(first_frames)
+        assert_seq_counts_up_by_one(second_frames)
+        first_tickers = [f for f in first_frames if f["type"] == "ticker"]
+        assert {f["sid"] for f in first_tickers} == {2}
+        assert {f["sid"] for f in second_frames} == {1}
+        assert [f["seq"] for f in second_frames] == [f["seq"] for f in first_tickers]
+        assert [f["msg"] for f in second_frames] == [f["msg"] for f in first_tickers]
+        assert any(f["type"] == "trade" for f in first_frames)
+
+
+def test_a_data_frame_is_the_compact_json_of_the_whole_frame() -> None:
+    msg = {"market_ticker": "KXSIM-T1", "price_dollars": "0.5600", "ts_ms": 1}
+    assert data_frame("ticker", 3, 17, encode(msg)) == encode(
+        {"type": "ticker", "sid": 3, "seq": 17, "msg": msg}
+    )
+    assert encode(msg) == json.dumps(msg, separators=(",", ":"))
