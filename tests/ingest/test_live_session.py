@@ -245,3 +245,25 @@ def test_a_market_never_read_over_rest_is_read_before_it_is_shown() -> None:
     assert resync.tickers == {A}
     (shown,) = snapshots(live.apply_resync(resync, [rest_market(A, at(1))], [], at(2)))
     assert shown.status == types_pb2.MARKET_STATUS_OPEN
+
+
+def test_instants_are_shown_once_a_later_instant_of_any_market_arrives() -> None:
+    live = session(A, B)
+    live.handle(book_frame(1, A), at(0))
+    live.handle(book_frame(2, B), at(0))
+
+    def shown(items: list[FeedItem]) -> list[tuple[str, datetime]]:
+        return sorted((s.ticker, s.exchange_time.ToDatetime(tzinfo=UTC)) for s in snapshots(items))
+
+    # book-only changes below the top: each market's instant waits for a later one
+    assert shown(live.handle(delta_frame(3, A, at(1), "0.4100", "1.00"), at(1))) == []
+    assert shown(live.handle(delta_frame(4, B, at(1), "0.4100", "1.00"), at(1))) == []
+    assert shown(live.handle(delta_frame(5, A, at(2), "0.4100", "1.00"), at(2))) == [
+        (A, at(1)),
+        (B, at(1)),
+    ]
+    assert shown(live.handle(delta_frame(6, B, at(2), "0.4100", "1.00"), at(2))) == []
+    assert shown(live.handle(delta_frame(7, B, at(3), "0.4100", "1.00"), at(3))) == [
+        (A, at(2)),
+        (B, at(2)),
+    ]

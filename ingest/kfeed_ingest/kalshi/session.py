@@ -269,6 +269,9 @@ class LiveSession:
     outbox: list[dict[str, Any]] = field(default_factory=list)
     markets: dict[str, _Market] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)  # markets with an unemitted instant
+    # At most the exchange time of every pending instant (a bound, not the minimum: emitting
+    # leaves it as it was), so a frame of the same instant need not look through ``pending``.
+    oldest_pending: datetime | None = None
     subscriptions: dict[int, _Subscription] = field(default_factory=dict)
     commands: dict[int, dict[str, Any]] = field(default_factory=dict)
     awaiting_books: set[str] = field(default_factory=set)
@@ -601,7 +604,8 @@ class LiveSession:
         ):
             return []  # an instant already shown (a REST read can overtake the socket)
         items: list[FeedItem] = []
-        if exchange_time is not None:
+        oldest = self.oldest_pending
+        if exchange_time is not None and oldest is not None and oldest < exchange_time:
             earlier = [
                 name
                 for name in self.pending
@@ -610,12 +614,20 @@ class LiveSession:
             ]
             for name in earlier:
                 items += self.flush(name)
+            self.oldest_pending = min(
+                (t for name in self.pending if (t := self.markets[name].exchange_time) is not None),
+                default=None,
+            )
         if ticker in self.pending and exchange_time != state.exchange_time:
             items += self.flush(ticker)
         if ticker not in self.pending:
             self.pending.add(ticker)
             state.ticker_seen = False
         state.exchange_time = exchange_time
+        if exchange_time is not None and (
+            self.oldest_pending is None or exchange_time < self.oldest_pending
+        ):
+            self.oldest_pending = exchange_time
         state.receive_time = now
         state.sequence = seq
         return items

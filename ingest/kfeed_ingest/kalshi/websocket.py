@@ -180,27 +180,36 @@ class KalshiWebSocketClient:
                 if reading is None and resync_at is not None:
                     deadlines.append(resync_at)
                 timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
-                if receiving is None:
-                    receiving = asyncio.ensure_future(socket.recv())
-                waiting: set[asyncio.Task[str | bytes] | asyncio.Task[_RestRead | None]] = {
-                    receiving
-                }
-                if reading is not None:
-                    waiting.add(reading)
-                done, _ = await asyncio.wait(
-                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if reading is not None and reading in done and in_flight is not None:
-                    result, reading = reading.result(), None
-                    if result is None:
-                        session.retry_resync(in_flight)
-                    else:
-                        for item in session.apply_resync(
-                            in_flight, result.markets, result.trades, datetime.now(UTC)
-                        ):
-                            yield item
-                if receiving in done:
-                    raw, receiving = receiving.result(), None
+                raw: str | bytes | None = None
+                if reading is None and receiving is None:
+                    # Only the socket to wait for (the usual case): no task per frame. A
+                    # cancelled recv() loses nothing.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            raw = await socket.recv()
+                else:
+                    if receiving is None:
+                        receiving = asyncio.ensure_future(socket.recv())
+                    waiting: set[asyncio.Task[str | bytes] | asyncio.Task[_RestRead | None]] = {
+                        receiving
+                    }
+                    if reading is not None:
+                        waiting.add(reading)
+                    done, _ = await asyncio.wait(
+                        waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if reading is not None and reading in done and in_flight is not None:
+                        result, reading = reading.result(), None
+                        if result is None:
+                            session.retry_resync(in_flight)
+                        else:
+                            for item in session.apply_resync(
+                                in_flight, result.markets, result.trades, datetime.now(UTC)
+                            ):
+                                yield item
+                    if receiving in done:
+                        raw, receiving = receiving.result(), None
+                if raw is not None:
                     last_frame = loop.time()
                     for item in self._handle_raw(raw, session):
                         yield item
