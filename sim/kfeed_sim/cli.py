@@ -34,6 +34,9 @@ class SimCommand(CommandSettings):
     )
     legacy_integer_fields: bool = Field(default=True, description="also send the integer fields")
     ping_interval: float = Field(default=10.0, description="seconds between WebSocket pings")
+    ws_queue_size: int = Field(
+        default=10_000, description="frames buffered per socket before a slow reader is dropped"
+    )
     error_rate: float = Field(default=0.0, description="share of REST answers that are 5xx")
     rate_limit_rate: float = Field(default=0.0, description="share of REST answers that are 429")
     retry_after_seconds: int | None = Field(default=None, description="Retry-After on 429s")
@@ -69,6 +72,7 @@ class SimCommand(CommandSettings):
             faults=faults,
             legacy_integer_fields=self.legacy_integer_fields,
             ping_interval=self.ping_interval,
+            ws_queue_size=self.ws_queue_size,
         )
 
     def cli_cmd(self) -> None:

@@ -29,7 +29,7 @@ BookSide = Literal["bid", "ask"]
 BOOK_DEPTH = 5
 FIREHOSE_LIFETIME_FACTOR = 100
 """Firehose markets live this many times longer (a load test wants few market changes)."""
-FIREHOSE_PRICE_MOVE = 0.02
+FIREHOSE_PRICE_MOVE = 0.01
 """Firehose: chance per step that the fair price walks and the book is rebuilt around it."""
 _TRADE_COUNTS = (0, 0, 1, 1, 2)
 _FIREHOSE_TRADE_COUNTS = (0, 0, 0, 0, 0, 0, 0, 0, 0, 1)

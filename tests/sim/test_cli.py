@@ -35,5 +35,6 @@ async def test_kfeed_sim_serves_until_sigterm() -> None:
 
 
 def test_firehose_is_off_unless_asked_for() -> None:
-    assert SimCommand(firehose=True).sim_config().firehose
+    assert SimCommand(firehose=True, ws_queue_size=7).sim_config().firehose
+    assert SimCommand(ws_queue_size=7).sim_config().ws_queue_size == 7
     assert not SimCommand().sim_config().firehose
