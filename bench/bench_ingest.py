@@ -2,7 +2,8 @@
 
 1. **Publish vs COPY** (one process, one PostgreSQL database made for the run). kfeed: a real
    ``KfeedServer`` in this process; batches of ``--batch`` snapshots (5,000: a busy ingest's
-   batch) go through ``IngestService.Publish``, each awaited until its ack, i.e. until it is
+   batch), sent as ``snapshot_columns`` like ``kfeed ingest`` sends them, go through
+   ``IngestService.Publish``, each awaited until its ack, i.e. until it is
    committed. The requests are serialised before the clock starts, so the figure is the server's
    cost: parsing, validation, proto → records, the dedup query and the COPY into
    ``market_snapshots``. Baseline: asyncpg's ``copy_records_to_table`` of the very same rows,
@@ -47,6 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.support import asyncpg_dsn, print_summary, sqlalchemy_url, temporary_postgres_database
 from kfeed.v1 import ingest_service_pb2 as ingest_pb
+from kfeed_ingest.columns import snapshot_columns
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.records import DataSource, MarketRecord, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
@@ -108,10 +110,11 @@ def _copy_tuple(s: SnapshotRecord) -> tuple[Any, ...]:
 
 
 def _publish_request(batch_id: int, snapshots: Sequence[SnapshotRecord]) -> bytes:
+    """The batch as ``kfeed ingest`` sends it: the snapshots as columns."""
     request = ingest_pb.PublishRequest(
         batch_id=batch_id,
         producer="bench",
-        snapshots=[snapshot_to_proto(s) for s in snapshots],
+        snapshot_columns=snapshot_columns([snapshot_to_proto(s) for s in snapshots]),
     )
     return request.SerializeToString()
 

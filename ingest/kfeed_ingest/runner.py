@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
+from kfeed_ingest.columns import snapshot_columns
 from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
 from kfeed_ingest.kalshi.signing import KalshiCredentials
@@ -94,6 +95,8 @@ class _Batch:
     request: ingest_service_pb2.PublishRequest = field(
         default_factory=ingest_service_pb2.PublishRequest
     )
+    # Sent as the request's snapshot_columns, which the server reads several times faster.
+    snapshots: list[types_pb2.MarketSnapshot] = field(default_factory=list)
     rows: int = 0
 
 
@@ -124,7 +127,7 @@ class BatchSink:
         elif isinstance(message, types_pb2.Market):
             request.markets.append(message)
         elif isinstance(message, types_pb2.MarketSnapshot):
-            request.snapshots.append(message)
+            self._batch.snapshots.append(message)
         elif isinstance(message, types_pb2.Trade):
             request.trades.append(message)
         else:
@@ -138,6 +141,8 @@ class BatchSink:
         """Publish what has been collected (nothing if empty)."""
         if self._batch.rows:
             batch, self._batch = self._batch, _Batch()
+            if batch.snapshots:
+                batch.request.snapshot_columns.CopyFrom(snapshot_columns(batch.snapshots))
             await self._publisher.publish(batch.request)
 
 

@@ -11,18 +11,54 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
+from kfeed_ingest.columns import OPTIONAL_FIELDS
 
 PublishRequest = ingest_service_pb2.PublishRequest
 PublishResponse = ingest_service_pb2.PublishResponse
 INVALID_ARGUMENT = 3
 
 
+def snapshot_messages(
+    columns: ingest_service_pb2.SnapshotColumns,
+) -> list[types_pb2.MarketSnapshot]:
+    """The rows of ``columns`` as the MarketSnapshot messages they stand for."""
+    optional = zip(*(getattr(columns, name) for name, _ in OPTIONAL_FIELDS), strict=True)
+    messages = []
+    for index, exchange_us, receive_us, source, status, present, values in zip(
+        columns.ticker_index,
+        columns.exchange_time_micros,
+        columns.receive_time_micros,
+        columns.source,
+        columns.status,
+        columns.present,
+        optional,
+        strict=True,
+    ):
+        message = types_pb2.MarketSnapshot(
+            ticker=columns.tickers[index], source=source, status=status
+        )
+        message.exchange_time.FromMicroseconds(exchange_us)
+        message.receive_time.FromMicroseconds(receive_us)
+        for bit, ((name, unit), value) in enumerate(zip(OPTIONAL_FIELDS, values, strict=True)):
+            if not present >> bit & 1:
+                continue
+            if unit is None:
+                setattr(message, name, value)
+            else:
+                setattr(getattr(message, name), unit, value)
+        messages.append(message)
+    return messages
+
+
 class FakeIngestService(ingest_service_pb2_grpc.IngestServiceServicer):
     """Stores batches by id and acks after storing."""
 
     def __init__(self) -> None:
+        # Batches as received, except that snapshot columns are turned into `snapshots`.
         self.stored: dict[int, PublishRequest] = {}
+        # Batches that carried snapshot_columns.
+        self.columnar_batches = 0
         self.received_by_stream: list[list[int]] = []
         self.refuse_tickers: set[str] = set()
         self.drop_after: int | None = None
@@ -61,7 +97,13 @@ class FakeIngestService(ingest_service_pb2_grpc.IngestServiceServicer):
         finally:
             reader.cancel()
 
-    def _commit(self, request: PublishRequest) -> PublishResponse:
+    def _commit(self, received: PublishRequest) -> PublishResponse:
+        request = PublishRequest()
+        request.CopyFrom(received)
+        if request.HasField("snapshot_columns"):
+            self.columnar_batches += 1
+            request.ClearField("snapshot_columns")
+            request.snapshots.extend(snapshot_messages(received.snapshot_columns))
         refused = [
             index
             for index, snapshot in enumerate(request.snapshots)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import grpc
 from google.rpc import code_pb2
 
-from kfeed.v1 import ingest_service_pb2, market_service_pb2, market_service_pb2_grpc
+from kfeed.v1 import ingest_service_pb2, market_service_pb2, market_service_pb2_grpc, types_pb2
+from kfeed_ingest.columns import snapshot_columns
 from kfeed_server.app import KfeedServer
-from kfeed_server.transport.convert import snapshot_to_proto
+from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
+from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
 from tests.factories import make_market, make_snapshot, make_trade
 from tests.server.conftest import PublishSession
 
@@ -104,3 +107,145 @@ async def test_market_published_earlier_is_known_to_later_batches(
     assert (await publisher.publish(markets=[MARKET])).code == code_pb2.OK
     ack = await publisher.publish(snapshots=[make_snapshot(MARKET.ticker, 0)])
     assert (ack.code, ack.snapshots_stored) == (code_pb2.OK, 1)
+
+
+# --- snapshot_columns --------------------------------------------------------------------------
+
+OTHER = make_market("KXING-2")
+
+
+def _columns(snapshots: Sequence[SnapshotRecord]) -> ingest_service_pb2.SnapshotColumns:
+    """``snapshots`` as columns, encoded as `kfeed ingest` encodes them."""
+    return snapshot_columns([snapshot_to_proto(s) for s in snapshots])
+
+
+def _stored_view(record: SnapshotRecord) -> SnapshotRecord:
+    """What should not depend on how the row was sent: all but the market and the id."""
+    return replace(record, ticker="", snapshot_id=0)
+
+
+async def _stored(kfeed_server: KfeedServer, ticker: str) -> list[SnapshotRecord]:
+    page = await kfeed_server.repositories.snapshots.list_range(
+        ticker, start=None, end=None, limit=100
+    )
+    return list(page.items)
+
+
+def _rows(ticker: str) -> list[SnapshotRecord]:
+    """Rows with every optional field set, and with some of them unset."""
+    return [
+        make_snapshot(ticker, 0),
+        make_snapshot(ticker, 1, exchange_sequence=None, yes_bid=None, liquidity=None),
+        make_snapshot(
+            ticker, 2, yes_ask=None, no_bid=None, volume=None, status=MarketStatus.PAUSED
+        ),
+        make_snapshot(ticker, 3, source=DataSource.POLL, open_interest=None, last_price=0),
+    ]
+
+
+async def test_columns_are_stored_like_the_same_rows_sent_as_messages(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    as_messages = await publisher.publish(markets=[MARKET, OTHER], snapshots=_rows(MARKET.ticker))
+    as_columns = await publisher.send(
+        ingest_service_pb2.PublishRequest(
+            batch_id=100, snapshot_columns=_columns(_rows(OTHER.ticker))
+        )
+    )
+    assert (as_messages.code, as_columns.code) == (code_pb2.OK, code_pb2.OK)
+    assert as_columns.snapshots_stored == 4
+    from_messages = await _stored(kfeed_server, MARKET.ticker)
+    from_columns = await _stored(kfeed_server, OTHER.ticker)
+    assert [_stored_view(s) for s in from_columns] == [_stored_view(s) for s in from_messages]
+    assert [s.yes_bid for s in from_columns] == [4_000, None, 4_002, 4_003]
+
+
+async def test_resent_columns_are_stored_once(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    batch = ingest_service_pb2.PublishRequest(
+        batch_id=20, snapshot_columns=_columns(_rows(MARKET.ticker))
+    )
+    first = await publisher.send(batch)
+    again = await publisher.send(batch)
+    assert (first.code, first.snapshots_stored) == (code_pb2.OK, 4)
+    assert (again.code, again.snapshots_stored) == (code_pb2.OK, 0)
+    assert len(await _stored(kfeed_server, MARKET.ticker)) == 4
+
+
+async def test_messages_and_columns_in_one_batch_keep_messages_first(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    # Two rows of one market and moment: the first in the batch is stored, the other is a
+    # duplicate. The messages' rows come first, then the columns'.
+    as_message = make_snapshot(MARKET.ticker, 0, yes_bid=1_000)
+    as_column = make_snapshot(MARKET.ticker, 0, yes_bid=2_000)
+    later_as_column = make_snapshot(MARKET.ticker, 1)
+    request = ingest_service_pb2.PublishRequest(
+        batch_id=30,
+        markets=[market_to_proto(MARKET)],
+        snapshots=[snapshot_to_proto(as_message)],
+        snapshot_columns=_columns([later_as_column, as_column]),
+    )
+    ack = await publisher.send(request)
+    assert (ack.code, ack.snapshots_stored) == (code_pb2.OK, 2)
+    stored = await _stored(kfeed_server, MARKET.ticker)
+    assert [_stored_view(s) for s in stored] == [
+        _stored_view(s) for s in (as_message, later_as_column)
+    ]
+
+
+async def test_invalid_column_values_get_an_error_ack_naming_column_and_row(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    columns = _columns(_rows(MARKET.ticker))
+    columns.yes_ask[0] = 10_001
+    columns.volume[2] = -1  # not checked: row 2 has no volume
+    columns.open_interest[1] = -5
+    columns.source[2] = types_pb2.DATA_SOURCE_UNSPECIFIED
+    columns.present[3] |= 1 << 12
+    columns.exchange_time_micros[1] = 2**62
+    columns.ticker_index[3] = 1
+    ack = await publisher.send(ingest_service_pb2.PublishRequest(snapshot_columns=columns))
+    assert ack.code == code_pb2.INVALID_ARGUMENT
+    assert [v.field for v in ack.field_violations] == [
+        "snapshot_columns.ticker_index[3]",
+        "snapshot_columns.exchange_time_micros[1]",
+        "snapshot_columns.source[2]",
+        "snapshot_columns.present[3]",
+        "snapshot_columns.yes_ask[0]",
+        "snapshot_columns.open_interest[1]",
+    ]
+    assert await _stored(kfeed_server, MARKET.ticker) == []
+    ok = await publisher.send(
+        ingest_service_pb2.PublishRequest(snapshot_columns=_columns(_rows(MARKET.ticker)))
+    )
+    assert (ok.code, ok.snapshots_stored) == (code_pb2.OK, 4)
+
+
+async def test_columns_of_different_lengths_get_an_error_ack_naming_them(
+    publisher: PublishSession,
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    columns = _columns(_rows(MARKET.ticker))
+    del columns.yes_bid[-1]
+    columns.receive_time_micros.append(0)
+    columns.tickers.append("")
+    ack = await publisher.send(ingest_service_pb2.PublishRequest(snapshot_columns=columns))
+    assert ack.code == code_pb2.INVALID_ARGUMENT
+    assert [v.field for v in ack.field_violations] == [
+        "snapshot_columns.receive_time_micros",
+        "snapshot_columns.yes_bid",
+        "snapshot_columns.tickers[1]",
+    ]
+    assert "has 3 values" in ack.field_violations[1].description
+
+
+async def test_columns_of_unknown_market_are_refused(publisher: PublishSession) -> None:
+    ack = await publisher.send(
+        ingest_service_pb2.PublishRequest(snapshot_columns=_columns(_rows("KXNOBODY")))
+    )
+    assert ack.code == code_pb2.INVALID_ARGUMENT
+    assert [v.field for v in ack.field_violations] == ["snapshot_columns.tickers[0]"]

@@ -50,7 +50,8 @@ FEED_GAPS = Counter(
 )
 INGEST_LAG_SECONDS = Histogram(
     "kfeed_ingest_lag_seconds",
-    "From a snapshot's receive_time at the ingest to its commit on the server.",
+    "From the earliest receive_time at the ingest of a stored batch's snapshots to the batch's"
+    " commit on the server: one observation per batch with snapshots.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
 BACKTESTS_RUNNING = Gauge("kfeed_backtests_running", "Backtests currently running.")
@@ -62,8 +63,11 @@ def record_stored_batch(result: BatchWriteResult, committed_at: datetime | None 
     INGEST_BATCHES.labels("stored").inc()
     SNAPSHOTS_STORED.inc(result.counts.snapshots)
     TRADES_STORED.inc(result.counts.trades)
-    for snapshot in result.stored_snapshots:
-        INGEST_LAG_SECONDS.observe(max(0.0, (committed_at - snapshot.receive_time).total_seconds()))
+    if result.stored_snapshots:
+        # The batch's worst lag, once: its rows commit together, and an observation per row
+        # cost ≈6 ms of a 5,000-row batch's ≈100 ms on the server.
+        earliest = min(snapshot.receive_time for snapshot in result.stored_snapshots)
+        INGEST_LAG_SECONDS.observe(max(0.0, (committed_at - earliest).total_seconds()))
     for gap in result.stored_gaps:
         FEED_GAPS.labels("true" if gap.recovered else "false").inc()
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kfeed.v1 import types_pb2 as kfeed_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkfeed/v1/ingest_service.proto\x12\x08kfeed.v1\x1a\x14kfeed/v1/types.proto\"\x8e\x02\n\x0ePublishRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x10\n\x08producer\x18\x02 \x01(\t\x12 \n\x06series\x18\x03 \x03(\x0b\x32\x10.kfeed.v1.Series\x12\x1f\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x0f.kfeed.v1.Event\x12!\n\x07markets\x18\x05 \x03(\x0b\x32\x10.kfeed.v1.Market\x12+\n\tsnapshots\x18\x06 \x03(\x0b\x32\x18.kfeed.v1.MarketSnapshot\x12\x1f\n\x06trades\x18\x07 \x03(\x0b\x32\x0f.kfeed.v1.Trade\x12$\n\tfeed_gaps\x18\x08 \x03(\x0b\x32\x11.kfeed.v1.FeedGap\"\xa7\x01\n\x0fPublishResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x32\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x18.kfeed.v1.FieldViolation\x12\x18\n\x10snapshots_stored\x18\x05 \x01(\x03\x12\x15\n\rtrades_stored\x18\x06 \x01(\x03\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2S\n\rIngestService\x12\x42\n\x07Publish\x12\x18.kfeed.v1.PublishRequest\x1a\x19.kfeed.v1.PublishResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkfeed/v1/ingest_service.proto\x12\x08kfeed.v1\x1a\x14kfeed/v1/types.proto\"\xc3\x02\n\x0ePublishRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x10\n\x08producer\x18\x02 \x01(\t\x12 \n\x06series\x18\x03 \x03(\x0b\x32\x10.kfeed.v1.Series\x12\x1f\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x0f.kfeed.v1.Event\x12!\n\x07markets\x18\x05 \x03(\x0b\x32\x10.kfeed.v1.Market\x12+\n\tsnapshots\x18\x06 \x03(\x0b\x32\x18.kfeed.v1.MarketSnapshot\x12\x1f\n\x06trades\x18\x07 \x03(\x0b\x32\x0f.kfeed.v1.Trade\x12$\n\tfeed_gaps\x18\x08 \x03(\x0b\x32\x11.kfeed.v1.FeedGap\x12\x33\n\x10snapshot_columns\x18\t \x01(\x0b\x32\x19.kfeed.v1.SnapshotColumns\"\xbd\x03\n\x0fSnapshotColumns\x12\x0f\n\x07tickers\x18\x01 \x03(\t\x12\x14\n\x0cticker_index\x18\x02 \x03(\r\x12\x1c\n\x14\x65xchange_time_micros\x18\x03 \x03(\x03\x12\x1b\n\x13receive_time_micros\x18\x04 \x03(\x03\x12$\n\x06source\x18\x05 \x03(\x0e\x32\x14.kfeed.v1.DataSource\x12&\n\x06status\x18\x06 \x03(\x0e\x32\x16.kfeed.v1.MarketStatus\x12\x0f\n\x07present\x18\x07 \x03(\r\x12\x19\n\x11\x65xchange_sequence\x18\x08 \x03(\x03\x12\x0f\n\x07yes_bid\x18\t \x03(\x03\x12\x0f\n\x07yes_ask\x18\n \x03(\x03\x12\x0e\n\x06no_bid\x18\x0b \x03(\x03\x12\x0e\n\x06no_ask\x18\x0c \x03(\x03\x12\x14\n\x0cyes_bid_size\x18\r \x03(\x03\x12\x14\n\x0cyes_ask_size\x18\x0e \x03(\x03\x12\x12\n\nlast_price\x18\x0f \x03(\x03\x12\x0e\n\x06volume\x18\x10 \x03(\x03\x12\x12\n\nvolume_24h\x18\x11 \x03(\x03\x12\x15\n\ropen_interest\x18\x12 \x03(\x03\x12\x11\n\tliquidity\x18\x13 \x03(\x03\"\xa7\x01\n\x0fPublishResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x32\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x18.kfeed.v1.FieldViolation\x12\x18\n\x10snapshots_stored\x18\x05 \x01(\x03\x12\x15\n\rtrades_stored\x18\x06 \x01(\x03\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2S\n\rIngestService\x12\x42\n\x07Publish\x12\x18.kfeed.v1.PublishRequest\x1a\x19.kfeed.v1.PublishResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kfeed.v1.ingest_service_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PUBLISHREQUEST']._serialized_start=66
-  _globals['_PUBLISHREQUEST']._serialized_end=336
-  _globals['_PUBLISHRESPONSE']._serialized_start=339
-  _globals['_PUBLISHRESPONSE']._serialized_end=506
-  _globals['_FIELDVIOLATION']._serialized_start=508
-  _globals['_FIELDVIOLATION']._serialized_end=560
-  _globals['_INGESTSERVICE']._serialized_start=562
-  _globals['_INGESTSERVICE']._serialized_end=645
+  _globals['_PUBLISHREQUEST']._serialized_end=389
+  _globals['_SNAPSHOTCOLUMNS']._serialized_start=392
+  _globals['_SNAPSHOTCOLUMNS']._serialized_end=837
+  _globals['_PUBLISHRESPONSE']._serialized_start=840
+  _globals['_PUBLISHRESPONSE']._serialized_end=1007
+  _globals['_FIELDVIOLATION']._serialized_start=1009
+  _globals['_FIELDVIOLATION']._serialized_end=1061
+  _globals['_INGESTSERVICE']._serialized_start=1063
+  _globals['_INGESTSERVICE']._serialized_end=1146
 # @@protoc_insertion_point(module_scope)
