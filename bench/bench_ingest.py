@@ -12,11 +12,15 @@
    tables; the best round of each counts. Target: kfeed ≥ 0.5 × COPY.
 
 2. **Whole path**: ``kfeed sim`` → ``kfeed ingest --mode ws`` → ``kfeed serve`` → PostgreSQL, all
-   real processes on this machine. The simulator runs many markets on a short tick, every market
-   moving every tick (a firehose of ticker frames); the ingest streams them (WebSocket, batches of
-   ``--batch-rows``) to the server. Committed snapshots/s is ``count(*)`` of ``market_snapshots``
-   sampled over a steady window after a warm-up; CPU per process (from /proc) shows what
-   saturates. Target: ≥ 5,000 snapshots/s.
+   real processes on this machine. The simulator runs ``kfeed sim --firehose``: many long-lived
+   markets on a short tick, every open market changing at every step (≈ markets / tick states
+   per second, about one ``orderbook_delta`` and one ``ticker`` frame each), without the legacy
+   integer fields (as Kalshi sends today) and with a deep per-socket buffer so a moment of CPU
+   contention does not get the ingest's socket dropped; the ingest streams them (WebSocket,
+   batches of 2,000 rows: at 500, per-batch costs kept it below the sim's rate) to the server.
+   Committed snapshots/s is ``count(*)`` of ``market_snapshots`` sampled over a steady window
+   after a warm-up; CPU per process (from /proc) shows what saturates. Target: ≥ 5,000
+   snapshots/s.
 
     uv run python -m bench.bench_ingest [--batch N] [--batches N] [--rounds N] [--markets N]
         [--tick S] [--warmup S] [--window S] [--skip-publish] [--skip-whole-path]
@@ -276,7 +280,8 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
                 processes["sim"] = await _kfeed("sim", [
                     "--listen", f"127.0.0.1:{sim_port}", "--seed", "7",
                     "--markets", str(markets), "--tick-interval", str(tick),
-                    "--history-steps", "2", "--api-key-id", "bench",
+                    "--history-steps", "2", "--firehose", "--ws-queue-size", "200000",
+                    "--no-legacy-integer-fields", "--api-key-id", "bench",
                     "--api-public-key-file", str(work / "key.pub.pem"),
                 ], work)  # fmt: skip
                 processes["serve"] = await _kfeed("serve", [
@@ -301,7 +306,7 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
                     "--server", f"127.0.0.1:{server_port}", "--kalshi-url", rest_url,
                     "--api-key-id", "bench", "--api-private-key-file", str(work / "key.pem"),
                     "--spool-dir", str(work / "spool"), "--mode", "ws",
-                    "--rate-limit", "100", "--log-level", "WARNING",
+                    "--rate-limit", "100", "--log-level", "WARNING", "--batch-rows", "2000",
                 ], work)  # fmt: skip
                 raw = await asyncpg.connect(asyncpg_dsn(database))
                 try:
