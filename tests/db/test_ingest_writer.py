@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kfeed_server.db.repositories import Repositories
+from kfeed_server.db.repositories import Repositories, build_repositories
 from kfeed_server.db.repositories.ingest import COPY_THRESHOLD
 from kfeed_server.records import DataSource, WriteCounts
 from tests.factories import (
@@ -101,6 +102,34 @@ async def test_unchanged_state_is_not_stored(repositories: Repositories) -> None
 def _state_of(snapshot: object) -> dict[str, object]:
     fields = ("yes_bid", "yes_ask", "no_bid", "no_ask", "volume", "volume_24h", "exchange_sequence")
     return {name: getattr(snapshot, name) for name in fields}
+
+
+async def test_unchanged_dedup_sees_writes_by_another_writer(
+    repositories: Repositories, engine: AsyncEngine
+) -> None:
+    # The writer remembers each market's latest stored snapshot; another writer on the same
+    # database (say, another process) must make it look again.
+    first = make_snapshot("A", 0)
+    await repositories.ingest.insert_snapshots([first])
+    elsewhere = build_repositories(engine).ingest
+    await elsewhere.insert_snapshots([make_snapshot("A", 1)])
+    back_to_first = make_snapshot("A", 2, **_state_of(first))
+    result = await repositories.ingest.insert_snapshots([back_to_first])
+    assert result.counts.snapshots == 1  # a change from the other writer's state, so stored
+
+
+async def test_unchanged_dedup_survives_a_failed_batch(repositories: Repositories) -> None:
+    first = make_snapshot("A", 0)
+    await repositories.ingest.insert_snapshots([first])
+    changed = make_snapshot("A", 1)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - each driver raises its own type
+        await repositories.ingest.write_batch(
+            snapshots=[changed], trades=[make_trade("A", 0, count=2**63)]
+        )
+    # The rolled-back state never became the latest: a repeat of the first is still unchanged.
+    repeat = make_snapshot("A", 2, **_state_of(first))
+    result = await repositories.ingest.insert_snapshots([repeat])
+    assert result.counts == WriteCounts(snapshots_unchanged=1)
 
 
 async def test_same_state_on_another_market_is_stored(repositories: Repositories) -> None:
