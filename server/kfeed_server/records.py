@@ -123,7 +123,11 @@ class SnapshotRecord:
     def same_market_state(self, other: SnapshotRecord) -> bool:
         """True when ``other`` shows the same book and activity (times, source and ids aside):
         such a snapshot is not stored again."""
-        return _state_key(self) == _state_key(other)
+        return self.market_state() == other.market_state()
+
+    def market_state(self) -> tuple[object, ...]:
+        """The book and activity this snapshot shows: equal for snapshots of the same state."""
+        return _state_key(self)
 
 
 def _state_key(s: SnapshotRecord) -> tuple[object, ...]:

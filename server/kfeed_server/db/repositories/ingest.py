@@ -106,16 +106,17 @@ def _without_unchanged(
     """Drop snapshots that repeat their market's previous state: the latest stored one, then the
     previous one kept from this batch, in exchange-time order. (An exact repeat within the batch
     repeats the state too.)"""
-    previous = {s.ticker: s for s in latest_stored}
+    # Each snapshot's state computed once (this runs for every row of every batch).
+    previous = {s.ticker: s.market_state() for s in latest_stored}
     kept: list[SnapshotRecord] = []
     unchanged = 0
     for snapshot in sorted(batch, key=attrgetter("exchange_time", "receive_time")):
-        before = previous.get(snapshot.ticker)
-        if before is not None and snapshot.same_market_state(before):
+        state = snapshot.market_state()
+        if previous.get(snapshot.ticker) == state:
             unchanged += 1
             continue
         kept.append(snapshot)
-        previous[snapshot.ticker] = snapshot
+        previous[snapshot.ticker] = state
     return kept, unchanged
 
 
