@@ -130,6 +130,24 @@ class SnapshotRecord:
         return _state_key(self)
 
 
+# SnapshotRecord's optional integer fields, in field order (the columnar wire format's
+# presence bits and the backtest chunk encoding both follow it).
+OPTIONAL_SNAPSHOT_FIELDS = (
+    "exchange_sequence",
+    "yes_bid",
+    "yes_ask",
+    "no_bid",
+    "no_ask",
+    "yes_bid_size",
+    "yes_ask_size",
+    "last_price",
+    "volume",
+    "volume_24h",
+    "open_interest",
+    "liquidity",
+)
+
+
 def _state_key(s: SnapshotRecord) -> tuple[object, ...]:
     return (
         s.ticker,

@@ -21,28 +21,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import attrgetter
 
-from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
+from kfeed_server.records import (
+    OPTIONAL_SNAPSHOT_FIELDS,
+    DataSource,
+    MarketStatus,
+    SnapshotRecord,
+)
 
 # Version 2 is the last marshal version without back-references (added in version 3), so equal
 # values always encode to equal bytes.
 MARSHAL_VERSION = 2
 
-_MARKET_VALUES = attrgetter(
-    "snapshot_id",
-    "ticker",
-    "exchange_sequence",
-    "yes_bid",
-    "yes_ask",
-    "no_bid",
-    "no_ask",
-    "yes_bid_size",
-    "yes_ask_size",
-    "last_price",
-    "volume",
-    "volume_24h",
-    "open_interest",
-    "liquidity",
-)
+_MARKET_VALUES = attrgetter("snapshot_id", "ticker", *OPTIONAL_SNAPSHOT_FIELDS)
 _EXCHANGE_TIME = attrgetter("exchange_time")
 _RECEIVE_TIME = attrgetter("receive_time")
 _STATUS = attrgetter("status")

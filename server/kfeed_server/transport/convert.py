@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_server.records import (
+    OPTIONAL_SNAPSHOT_FIELDS,
     DataSource,
     EventRecord,
     FeedGapRecord,
@@ -230,20 +231,7 @@ def snapshot_from_proto(m: types_pb2.MarketSnapshot) -> SnapshotRecord:
 
 # The optional columns of SnapshotColumns, bit i of ``present`` for the i-th (see
 # ingest_service.proto), in SnapshotRecord's order.
-SNAPSHOT_OPTIONAL_COLUMNS = (
-    "exchange_sequence",
-    "yes_bid",
-    "yes_ask",
-    "no_bid",
-    "no_ask",
-    "yes_bid_size",
-    "yes_ask_size",
-    "last_price",
-    "volume",
-    "volume_24h",
-    "open_interest",
-    "liquidity",
-)
+SNAPSHOT_OPTIONAL_COLUMNS = OPTIONAL_SNAPSHOT_FIELDS
 ALL_OPTIONAL_PRESENT = (1 << len(SNAPSHOT_OPTIONAL_COLUMNS)) - 1
 
 
