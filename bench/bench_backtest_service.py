@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import tempfile
 import time
 
@@ -65,9 +64,7 @@ async def run_benchmark(snapshots: int) -> dict[str, object]:
             stored_at = time.perf_counter()
             for first in range(0, snapshots, WRITE_CHUNK):
                 chunk = records[first : first + WRITE_CHUNK]
-                await writer.write_batch(
-                    snapshots=[dataclasses.replace(r, snapshot_id=0) for r in chunk]
-                )
+                await writer.write_batch(snapshots=[r.with_id(0) for r in chunk])
             store_seconds = time.perf_counter() - stored_at
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = pb_grpc.BacktestServiceStub(channel)

@@ -49,7 +49,7 @@ def make_snapshot(ticker: str, i: int, **overrides: Any) -> SnapshotRecord:
         liquidity=1_000_000,
         status=MarketStatus.OPEN,
     )
-    return replace(snapshot, **overrides)
+    return snapshot._replace(**overrides)
 
 
 def make_market(ticker: str, **overrides: Any) -> MarketRecord:

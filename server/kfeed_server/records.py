@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -96,9 +96,12 @@ class MarketRecord:
     update_time: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRecord:
-    """Top of book and activity of one market at one moment. ``None`` = no level / not given."""
+class SnapshotRecord(NamedTuple):
+    """Top of book and activity of one market at one moment. ``None`` = no level / not given.
+
+    A named tuple rather than a frozen dataclass: ingest builds thousands a batch and builds
+    one from a tuple in ≈0.2 µs instead of ≈2 µs, and a stored record (id last) is itself the
+    row that COPY writes (ADR 0009)."""
 
     ticker: str
     exchange_time: datetime
@@ -127,7 +130,16 @@ class SnapshotRecord:
 
     def market_state(self) -> tuple[object, ...]:
         """The book and activity this snapshot shows: equal for snapshots of the same state."""
-        return _state_key(self)
+        return (self.ticker, *self.book_and_activity())
+
+    def book_and_activity(self) -> tuple[object, ...]:
+        """``market_state`` without the ticker, for comparing snapshots of one market."""
+        fields: tuple[object, ...] = self
+        return fields[_BOOK_AND_ACTIVITY]
+
+    def with_id(self, snapshot_id: int) -> SnapshotRecord:
+        """This snapshot as stored under ``snapshot_id``."""
+        return SnapshotRecord._make((*self[:-1], snapshot_id))
 
 
 # SnapshotRecord's optional integer fields, in field order (the columnar wire format's
@@ -146,24 +158,11 @@ OPTIONAL_SNAPSHOT_FIELDS = (
     "open_interest",
     "liquidity",
 )
-
-
-def _state_key(s: SnapshotRecord) -> tuple[object, ...]:
-    return (
-        s.ticker,
-        s.yes_bid,
-        s.yes_ask,
-        s.no_bid,
-        s.no_ask,
-        s.yes_bid_size,
-        s.yes_ask_size,
-        s.last_price,
-        s.volume,
-        s.volume_24h,
-        s.open_interest,
-        s.liquidity,
-        s.status,
-    )
+# The fields that make a market's state: yes_bid … status, adjacent in field order, so a
+# state is one slice (the dedup takes it for every snapshot ingested).
+_BOOK_AND_ACTIVITY = slice(
+    SnapshotRecord._fields.index("yes_bid"), SnapshotRecord._fields.index("status") + 1
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,10 +65,10 @@ def test_fingerprint_tracks_the_data() -> None:
     )
     assert print_ == fingerprint(SNAPSHOTS)
     assert len(print_.content_hash) == 64
-    changed = [*SNAPSHOTS[:-1], replace(SNAPSHOTS[-1], volume=1)]
+    changed = [*SNAPSHOTS[:-1], SNAPSHOTS[-1]._replace(volume=1)]
     assert fingerprint(changed).content_hash != print_.content_hash
     # Ingest metadata is not market data.
-    moved = [*SNAPSHOTS[:-1], replace(SNAPSHOTS[-1], receive_time=SNAPSHOTS[0].receive_time)]
+    moved = [*SNAPSHOTS[:-1], SNAPSHOTS[-1]._replace(receive_time=SNAPSHOTS[0].receive_time)]
     assert fingerprint(moved).content_hash == print_.content_hash
 
 

@@ -38,9 +38,7 @@ async def test_batch_is_stored_and_counted(repositories: Repositories) -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == 4
     assert ids[0] > 0
-    assert {dataclasses.replace(s, snapshot_id=0) for s in result.stored_snapshots} == set(
-        snapshots
-    )
+    assert {s.with_id(0) for s in result.stored_snapshots} == set(snapshots)
     assert [g.gap_id > 0 for g in result.stored_gaps] == [True]
     assert await repositories.snapshots.max_snapshot_id() == ids[-1]
 
@@ -77,7 +75,7 @@ async def test_large_batch_resent_is_stored_once(repositories: Repositories) -> 
     assert [s.snapshot_id for s in first.stored_snapshots] == sorted(
         s.snapshot_id for s in first.stored_snapshots
     )
-    assert {dataclasses.replace(s, snapshot_id=0) for s in first.stored_snapshots} == set(snapshots)
+    assert {s.with_id(0) for s in first.stored_snapshots} == set(snapshots)
 
 
 async def test_unchanged_state_is_not_stored(repositories: Repositories) -> None:
@@ -220,14 +218,12 @@ async def test_gap_recovery_is_an_upsert_that_never_goes_back(repositories: Repo
 async def test_large_batch_with_a_repeated_key_stores_the_first(repositories: Repositories) -> None:
     """On PostgreSQL the direct COPY hits the unique key and falls back to the staging path."""
     snapshots = [make_snapshot("A", i) for i in range(COPY_THRESHOLD + 10)]
-    repeated_key = dataclasses.replace(snapshots[-1], yes_bid=1, last_price=99)
+    repeated_key = snapshots[-1]._replace(yes_bid=1, last_price=99)
     result = await repositories.ingest.insert_snapshots([*snapshots, repeated_key])
     assert result.counts.snapshots == len(snapshots)
     stored_last = await repositories.snapshots.latest("A")
     assert stored_last is not None
-    assert stored_last == dataclasses.replace(
-        snapshots[-1], snapshot_id=result.stored_snapshots[-1].snapshot_id
-    )
+    assert stored_last == snapshots[-1].with_id(result.stored_snapshots[-1].snapshot_id)
 
 
 async def test_large_backfill_older_than_stored_data(repositories: Repositories) -> None:

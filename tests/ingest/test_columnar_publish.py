@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 from kfeed.v1 import types_pb2
@@ -68,5 +67,5 @@ async def test_a_kfeed_server_stores_the_columns_as_the_snapshots_sent(
         page = await kfeed_server.repositories.snapshots.list_range(
             MARKET.ticker, start=None, end=None, limit=10
         )
-    stored = [snapshot_to_proto(replace(record, snapshot_id=0)) for record in page.items]
+    stored = [snapshot_to_proto(record.with_id(0)) for record in page.items]
     assert stored == _snapshots()

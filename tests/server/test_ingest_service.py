@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import grpc
 from google.rpc import code_pb2
@@ -57,8 +56,7 @@ async def test_resent_batch_is_stored_once(
 
 async def test_unchanged_state_is_not_stored_again(publisher: PublishSession) -> None:
     first = make_snapshot(MARKET.ticker, 1)
-    same_state_later = replace(
-        first,
+    same_state_later = first._replace(
         exchange_time=make_snapshot(MARKET.ticker, 2).exchange_time,
         receive_time=make_snapshot(MARKET.ticker, 2).receive_time,
     )
@@ -121,7 +119,7 @@ def _columns(snapshots: Sequence[SnapshotRecord]) -> ingest_service_pb2.Snapshot
 
 def _stored_view(record: SnapshotRecord) -> SnapshotRecord:
     """What should not depend on how the row was sent: all but the market and the id."""
-    return replace(record, ticker="", snapshot_id=0)
+    return record._replace(ticker="", snapshot_id=0)
 
 
 async def _stored(kfeed_server: KfeedServer, ticker: str) -> list[SnapshotRecord]:

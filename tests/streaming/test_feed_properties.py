@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -31,7 +30,7 @@ class CommittingStore:
         self.rows: list[SnapshotRecord] = []
 
     def commit(self, batch: Sequence[SnapshotRecord]) -> list[SnapshotRecord]:
-        stored = [replace(s, snapshot_id=len(self.rows) + i + 1) for i, s in enumerate(batch)]
+        stored = [s.with_id(len(self.rows) + i + 1) for i, s in enumerate(batch)]
         self.rows.extend(stored)
         return stored
 

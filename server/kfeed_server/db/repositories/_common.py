@@ -25,7 +25,14 @@ def record_columns(
     """``table``'s columns in the order of ``record_type``'s fields, so ``record_type(*row)``
     builds a record from a row (``renames`` maps a field name to its column name)."""
     renames = renames or {}
-    return [table.c[renames.get(f.name, f.name)] for f in dataclasses.fields(record_type)]
+    return [table.c[renames.get(name, name)] for name in field_names(record_type)]
+
+
+def field_names(record_type: type[Any]) -> tuple[str, ...]:
+    """The field names of a dataclass or a named tuple, in order."""
+    if dataclasses.is_dataclass(record_type):
+        return tuple(f.name for f in dataclasses.fields(record_type))
+    return tuple(record_type._fields)
 
 
 def insert_for(connection: AsyncConnection, table: Table) -> Any:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import starmap
 from operator import attrgetter
 from typing import Any
 
@@ -63,10 +61,10 @@ _WRITE_LOCK_KEY = 0x6B_66_65_65_64_01
 _TAKE_WRITE_LOCK = select(func.pg_advisory_xact_lock(_WRITE_LOCK_KEY))
 
 _SNAPSHOT_KEY = ("ticker", "source", "exchange_time", "receive_time")
-_SNAPSHOT_FIELDS = tuple(
-    f.name for f in dataclasses.fields(SnapshotRecord) if f.name != "snapshot_id"
-)
-_snapshot_values = attrgetter(*_SNAPSHOT_FIELDS)
+# Every field but the id (the last): the columns an insert gives.
+_SNAPSHOT_FIELDS = SnapshotRecord._fields[:-1]
+# A stored record is its own COPY row: the id column where the record has snapshot_id.
+_STORED_COLUMNS = [*_SNAPSHOT_FIELDS, "id"]
 
 _staging = Table(
     "kfeed_snapshot_staging",
@@ -106,12 +104,13 @@ def _without_unchanged(
     """Drop snapshots that repeat their market's previous state: the latest stored one, then the
     previous one kept from this batch, in exchange-time order. (An exact repeat within the batch
     repeats the state too.)"""
-    # Each snapshot's state computed once (this runs for every row of every batch).
-    previous = {s.ticker: s.market_state() for s in latest_stored}
+    # Each snapshot's state computed once (this runs for every row of every batch); the dict is
+    # keyed by ticker, so the state without the ticker is enough.
+    previous = {s.ticker: s.book_and_activity() for s in latest_stored}
     kept: list[SnapshotRecord] = []
     unchanged = 0
     for snapshot in sorted(batch, key=attrgetter("exchange_time", "receive_time")):
-        state = snapshot.market_state()
+        state = snapshot.book_and_activity()
         if previous.get(snapshot.ticker) == state:
             unchanged += 1
             continue
@@ -123,7 +122,7 @@ def _without_unchanged(
 async def _insert_snapshots_by_values(
     connection: AsyncConnection, snapshots: Sequence[SnapshotRecord]
 ) -> list[SnapshotRecord]:
-    rows = [dict(zip(_SNAPSHOT_FIELDS, _snapshot_values(s), strict=True)) for s in snapshots]
+    rows = [dict(zip(_SNAPSHOT_FIELDS, s[:-1], strict=True)) for s in snapshots]
     statement = (
         insert_for(connection, snapshots_table)
         .on_conflict_do_nothing(index_elements=[snapshots_table.c[n] for n in _SNAPSHOT_KEY])
@@ -132,7 +131,7 @@ async def _insert_snapshots_by_values(
     stored: list[SnapshotRecord] = []
     for chunk in chunks(rows, rows_per_statement(len(_SNAPSHOT_FIELDS))):
         result = await connection.execute(statement, list(chunk))
-        stored.extend(SnapshotRecord(*row) for row in result)
+        stored.extend(map(SnapshotRecord._make, result))
     return sorted(stored, key=attrgetter("snapshot_id"))
 
 
@@ -184,18 +183,15 @@ async def _insert_snapshots_by_copy(
         stored = await _copy_into_table(driver, snapshots)
         if stored is not None:
             return stored
-    values = [_snapshot_values(s) for s in snapshots]
     await connection.execute(CreateTable(_staging, if_not_exists=True))
+    # A record's last field is its id (0 here): the staged row has its ordinal there instead.
     await driver.copy_records_to_table(
         _staging.name,
-        records=[(*row, ordinal) for ordinal, row in enumerate(values)],
+        records=[s.with_id(ordinal) for ordinal, s in enumerate(snapshots)],
         columns=_STAGING_COLUMNS,
     )
     new_ids = await driver.fetch(_INSERT_STAGED_SQL)
-    return [
-        SnapshotRecord(*values[ordinal], snapshot_id)  # type: ignore[call-arg]
-        for ordinal, snapshot_id in new_ids
-    ]
+    return [snapshots[ordinal].with_id(snapshot_id) for ordinal, snapshot_id in new_ids]
 
 
 # Reserves $1 consecutive ids and returns the last. Only IngestWriter inserts snapshots, under
@@ -207,31 +203,20 @@ SELECT setval(
     nextval(pg_get_serial_sequence('{snapshots_table.name}', 'id')) + $1 - 1
 )
 """
-# Records built between two yields to the event loop, which lets the COPY task send meanwhile.
-_YIELD_EVERY = 5_000
 
 
 async def _copy_into_table(
     driver: Any, snapshots: Sequence[SnapshotRecord]
 ) -> list[SnapshotRecord] | None:
-    """COPY rows with reserved ids straight into the table; None (and nothing stored) when a
-    unique key turns out to repeat. While the server indexes the rows, this process builds the
-    records to return, so both cores work at once."""
+    """COPY the snapshots with reserved ids straight into the table; the stored records, or None
+    (and nothing stored) when a unique key turns out to repeat."""
     first_id = await driver.fetchval(_RESERVE_IDS_SQL, len(snapshots)) - len(snapshots) + 1
-    # Field order with the id last: each row is both a COPY record and SnapshotRecord's arguments.
-    rows = [(*_snapshot_values(s), first_id + i) for i, s in enumerate(snapshots)]
+    stored = [s.with_id(snapshot_id) for snapshot_id, s in enumerate(snapshots, first_id)]
     await driver.execute("SAVEPOINT kfeed_direct_copy")
-    copy = asyncio.ensure_future(
-        driver.copy_records_to_table(
-            snapshots_table.name, records=rows, columns=[*_SNAPSHOT_FIELDS, "id"]
-        )
-    )
-    stored: list[SnapshotRecord] = []
-    for start in range(0, len(rows), _YIELD_EVERY):
-        await asyncio.sleep(0)
-        stored.extend(starmap(SnapshotRecord, rows[start : start + _YIELD_EVERY]))
     try:
-        await copy
+        await driver.copy_records_to_table(
+            snapshots_table.name, records=stored, columns=_STORED_COLUMNS
+        )
     except asyncpg.UniqueViolationError:
         await driver.execute("ROLLBACK TO SAVEPOINT kfeed_direct_copy")
         return None
