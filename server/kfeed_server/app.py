@@ -33,6 +33,7 @@ from kfeed_server.db import (
     upgrade_to_head,
 )
 from kfeed_server.db.repositories import build_repositories
+from kfeed_server.gc_tuning import tune_for_throughput
 from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
 from kfeed_server.security import SecurityConfig
 from kfeed_server.streaming.hub import SnapshotHub
@@ -179,6 +180,7 @@ async def run_until_signalled(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     await server.start()
+    tune_for_throughput()
     await stop_requested.wait()
     log.info("shutting down")
     await server.stop()

@@ -6,6 +6,8 @@ Optional money fields map to unset sub-messages, never to zero.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import Any
@@ -236,31 +238,56 @@ SNAPSHOT_OPTIONAL_COLUMNS = OPTIONAL_SNAPSHOT_FIELDS
 ALL_OPTIONAL_PRESENT = (1 << len(SNAPSHOT_OPTIONAL_COLUMNS)) - 1
 
 
-def snapshots_from_columns(columns: ingest_service_pb2.SnapshotColumns) -> list[SnapshotRecord]:
+# SnapshotColumns' integer columns (all but ``tickers``), one value per row each.
+SNAPSHOT_INTEGER_COLUMNS = (
+    "ticker_index", "exchange_time_micros", "receive_time_micros", "source", "status", "present",
+    *SNAPSHOT_OPTIONAL_COLUMNS,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ReadColumns:
+    """A SnapshotColumns message's columns read out once, as lists: the checks and the decoding
+    both walk them (reading a packed column costs, and a list iterates faster than a column)."""
+
+    tickers: list[str]
+    # Every column of SNAPSHOT_INTEGER_COLUMNS by name.
+    integers: dict[str, list[int]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.integers["ticker_index"])
+
+
+def read_columns(columns: ingest_service_pb2.SnapshotColumns) -> ReadColumns:
+    return ReadColumns(
+        list(columns.tickers),
+        {name: getattr(columns, name)[:] for name in SNAPSHOT_INTEGER_COLUMNS},
+    )
+
+
+def snapshots_from_columns(columns: ReadColumns) -> list[SnapshotRecord]:
     """The rows of valid ``columns`` (the servicer validated them) as records.
 
     The ingest hot path for columnar batches, so it works column by column: each column is
-    read in one call and converted in one comprehension, the rows are zipped together in C, and
-    only rows with an optional field unset (rare in a live feed) are visited one by one."""
-    tickers = list(columns.tickers)
+    converted in one comprehension and the rows are zipped together in C. The optional columns
+    are walked only when some row leaves a field unset (rare in a live feed)."""
+    tickers, integers = columns.tickers, columns.integers
     epoch, micros = _EPOCH, timedelta
-    present = columns.present[:]
-    # Columns are sliced into lists first: iterating a list is faster than iterating a column.
-    optional: list[list[int | None]] = [
-        getattr(columns, name)[:] for name in SNAPSHOT_OPTIONAL_COLUMNS
-    ]
-    for row, bits in enumerate(present):
-        if bits != ALL_OPTIONAL_PRESENT:
-            for bit, values in enumerate(optional):
-                if not bits >> bit & 1:
-                    values[row] = None
+    present = integers["present"]
+    optional: list[Sequence[int | None]] = [integers[name] for name in SNAPSHOT_OPTIONAL_COLUMNS]
+    if present.count(ALL_OPTIONAL_PRESENT) != len(present):
+        optional = [
+            [v if bits >> bit & 1 else None for v, bits in zip(values, present, strict=True)]
+            for bit, values in enumerate(optional)
+        ]
     rows = zip(
-        [tickers[index] for index in columns.ticker_index],
-        [epoch + micros(0, 0, us) for us in columns.exchange_time_micros],  # days, s, µs
-        [epoch + micros(0, 0, us) for us in columns.receive_time_micros],
-        [_SOURCES[source] for source in columns.source],
+        [tickers[index] for index in integers["ticker_index"]],
+        [epoch + micros(0, 0, us) for us in integers["exchange_time_micros"]],  # days, s, µs
+        [epoch + micros(0, 0, us) for us in integers["receive_time_micros"]],
+        [_SOURCES[source] for source in integers["source"]],
         *optional,
-        [_STATUSES[status] for status in columns.status],
+        [_STATUSES[status] for status in integers["status"]],
         repeat(0, len(present)),  # snapshot_id: not stored yet
         strict=True,
     )

@@ -22,10 +22,13 @@ from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side, S
 from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport.convert import (
     ALL_OPTIONAL_PRESENT,
+    SNAPSHOT_INTEGER_COLUMNS,
     SNAPSHOT_OPTIONAL_COLUMNS,
+    ReadColumns,
     event_from_proto,
     feed_gap_from_proto,
     market_from_proto,
+    read_columns,
     series_from_proto,
     snapshot_from_proto,
     snapshots_from_columns,
@@ -91,7 +94,7 @@ class _Validator:
 
     def column(
         self,
-        values: Sequence[int],
+        values: list[int],
         name: str,
         low: int,
         high: int,
@@ -103,7 +106,6 @@ class _Validator:
         """Every value of snapshot column ``name`` within ``low``…``high``, ignoring the rows
         where ``present_bit`` is unset. One min/max call over the column when all are in range;
         only a column with a value out of range is walked row by row, to name the rows."""
-        values = values[:]  # a list: min and max run twice as fast over it as over a column
         if not values or (low <= min(values) and max(values) <= high):
             return
         for row, value in enumerate(values):
@@ -124,14 +126,11 @@ class _Validator:
                 f"unknown or unspecified value {value}",
             )
 
-    def snapshot_columns(self, columns: pb.SnapshotColumns) -> None:
-        rows = len(columns.ticker_index)
+    def snapshot_columns(self, columns: ReadColumns) -> None:
+        rows, integers = columns.rows, columns.integers
         lengths_ok = True
-        for name in (
-            "exchange_time_micros", "receive_time_micros", "source", "status", "present",
-            *SNAPSHOT_OPTIONAL_COLUMNS,
-        ):  # fmt: skip
-            length = len(getattr(columns, name))
+        for name in SNAPSHOT_INTEGER_COLUMNS[1:]:  # all but ticker_index, which sets the rows
+            length = len(integers[name])
             self.require(
                 length == rows,
                 f"{_COLUMNS}.{name}",
@@ -143,15 +142,18 @@ class _Validator:
         if not lengths_ok:
             return  # rows cannot be told apart: the length violations say it all
         self.column(
-            columns.ticker_index, "ticker_index", 0, len(columns.tickers) - 1, "must index tickers"
+            integers["ticker_index"],
+            "ticker_index",
+            0,
+            len(columns.tickers) - 1,
+            "must index tickers",
         )
         for name in ("exchange_time_micros", "receive_time_micros"):
-            self.column(getattr(columns, name), name, MIN_MICROS, MAX_MICROS, "is out of range")
-        self.column_enum(columns.source, "source", _enum_values(DataSource) - {0})
-        self.column_enum(columns.status, "status", _enum_values(MarketStatus))
-        self.column(
-            columns.present, "present", 0, ALL_OPTIONAL_PRESENT, "sets an unknown field's bit"
-        )
+            self.column(integers[name], name, MIN_MICROS, MAX_MICROS, "is out of range")
+        self.column_enum(integers["source"], "source", _enum_values(DataSource) - {0})
+        self.column_enum(integers["status"], "status", _enum_values(MarketStatus))
+        present = integers["present"]
+        self.column(present, "present", 0, ALL_OPTIONAL_PRESENT, "sets an unknown field's bit")
         for bit, name in enumerate(SNAPSHOT_OPTIONAL_COLUMNS):
             if name in _PRICE_FIELDS:
                 low, high, description = 0, ONE_DOLLAR, "must be within $0–$1"
@@ -159,24 +161,27 @@ class _Validator:
                 low, high, description = 0, INT64_MAX, "must not be negative"
             else:
                 continue  # any int64 is a valid sequence number or liquidity
-            values = getattr(columns, name)
             self.column(
-                values, name, low, high, description, present_bit=bit, present=columns.present
+                integers[name], name, low, high, description, present_bit=bit, present=present
             )
 
 
 def validate_batch(
-    request: pb.PublishRequest, *, snapshots_checked: bool = False
+    request: pb.PublishRequest,
+    columns: ReadColumns,
+    *,
+    snapshots_checked: bool = False,
 ) -> list[FieldViolation]:
-    """Every problem with ``request``; empty when it can be stored. ``snapshots_checked``: the
-    snapshots are known to be valid already (``snapshot_records`` converted them all)."""
+    """Every problem with ``request`` (whose ``snapshot_columns`` are read into ``columns``);
+    empty when it can be stored. ``snapshots_checked``: the snapshots are known to be valid
+    already (``snapshot_records`` converted them all)."""
     check = _Validator([])
     rows = (
         sum(
             len(rows)
             for rows in (request.series, request.events, request.markets, request.snapshots)
         )
-        + len(request.snapshot_columns.ticker_index)
+        + columns.rows
         + len(request.trades)
         + len(request.feed_gaps)
     )
@@ -201,7 +206,7 @@ def validate_batch(
             check.price(snapshot, name, path)
         for name in _COUNT_FIELDS:
             check.count(snapshot, name, path)
-    check.snapshot_columns(request.snapshot_columns)
+    check.snapshot_columns(columns)
     for i, trade in enumerate(request.trades):
         path = f"trades[{i}]"
         check.require(bool(trade.trade_id), f"{path}.trade_id", "is required")
@@ -265,10 +270,11 @@ class _Checked:
 
 def _check(request: pb.PublishRequest) -> _Checked:
     snapshots = snapshot_records(request)
-    violations = validate_batch(request, snapshots_checked=snapshots is not None)
+    columns = read_columns(request.snapshot_columns)
+    violations = validate_batch(request, columns, snapshots_checked=snapshots is not None)
     if snapshots is not None and not violations:
         # The order the contract gives: `snapshots` first, then `snapshot_columns`.
-        snapshots += snapshots_from_columns(request.snapshot_columns)
+        snapshots += snapshots_from_columns(columns)
     return _Checked(request, snapshots, violations)
 
 
