@@ -7,7 +7,8 @@ ALL`` (same columns, identity, unique key and indexes; no kfeed code in the way)
 against it is the target (>= 0.5). For scale, COPY into a table without any index is reported
 too (``unindexed_copy_rows_per_s``): index maintenance alone costs more than half of the time.
 The repository path also checks times, drops unchanged states, maps ids and returns the stored
-records. Each side runs ``--repeat`` times on an emptied table; the best run counts.
+records. Each side runs ``--repeat`` times on an emptied table; the best run counts. The process
+runs with the garbage-collector settings of ``kfeed serve`` (``kfeed_server.gc_tuning``).
 
     uv run python -m bench.bench_snapshot_insert [--rows N] [--repeat N]
 
@@ -28,6 +29,7 @@ import asyncpg
 
 from kfeed_server.db import create_engine, upgrade_to_head
 from kfeed_server.db.repositories import build_repositories
+from kfeed_server.gc_tuning import tune_for_throughput
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -155,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     arguments = parser.parse_args()
+    tune_for_throughput()  # the garbage-collector settings `kfeed serve` runs the writer with
     summary = asyncio.run(run_benchmark(arguments.rows, arguments.repeat))
     print(f"raw asyncpg COPY, equivalent table:  {summary['copy_rows_per_s']:>10,} rows/s")
     print(
