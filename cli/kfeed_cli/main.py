@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from kfeed_cli.settings import CommandSettings
@@ -57,7 +58,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     module_name, class_name, _ = COMMANDS[name]
     command_class: type[CommandSettings] = getattr(importlib.import_module(module_name), class_name)
     command_class.model_config["cli_prog_name"] = f"kfeed {name}"
-    CliApp.run(command_class, cli_args=rest)
+    try:
+        CliApp.run(command_class, cli_args=rest)
+    except ValidationError as error:
+        if error.title != command_class.__name__:
+            raise  # not the flags: a failure inside the command
+        env_prefix = command_class.model_config.get("env_prefix", "")
+        print(invalid_flags_message(f"kfeed {name}", env_prefix, error), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def invalid_flags_message(program: str, env_prefix: str, error: ValidationError) -> str:
+    """The flags' validation errors, a line each, naming the flag and its environment variable
+    (either may have given the value)."""
+    lines = [f"{program}: invalid flags (see {program} --help)"]
+    for problem in error.errors(include_url=False):
+        name = "_".join(str(part) for part in problem["loc"])
+        flag = f"--{name.replace('_', '-')} ({env_prefix}{name.upper()})"
+        message = problem["msg"].removeprefix("Value error, ")
+        given = problem.get("input")
+        shown = f" (got {given!r})" if problem["loc"] and not isinstance(given, dict) else ""
+        lines.append(f"  {flag}: {message}{shown}" if problem["loc"] else f"  {message}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import grpc
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from kfeed_cli.settings import CommandSettings
@@ -132,10 +132,19 @@ class IngestCommand(CommandSettings):
         """``--kalshi-ws-url``, or the one derived from ``--kalshi-url``."""
         return self.kalshi_ws_url or derive_ws_url(self.kalshi_url)
 
-    def credentials(self) -> KalshiCredentials | None:
-        """The signing credentials, when both the key id and the key file are given."""
+    @model_validator(mode="after")
+    def _signing_flags(self) -> IngestCommand:
         if (self.api_key_id is None) != (self.api_private_key_file is None):
             raise ValueError("--api-key-id and --api-private-key-file go together")
+        if self.mode == "ws" and self.api_key_id is None:
+            raise ValueError(
+                "--mode ws needs --api-key-id and --api-private-key-file: Kalshi accepts only "
+                "signed WebSocket connections"
+            )
+        return self
+
+    def credentials(self) -> KalshiCredentials | None:
+        """The signing credentials, when the key id and the key file are given."""
         if self.api_key_id is None or self.api_private_key_file is None:
             return None
         return KalshiCredentials.from_files(self.api_key_id, self.api_private_key_file)
@@ -165,6 +174,9 @@ class IngestCommand(CommandSettings):
             level=self.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        if logging.getLogger().level > logging.DEBUG:
+            # httpx logs every request at INFO: thousands an hour, drowning what matters.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
         code = asyncio.run(self.run())
         if code:
             raise SystemExit(code)

@@ -6,7 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from kfeed_cli.settings import CommandSettings
 from kfeed_sim.config import FaultConfig, SimConfig
@@ -46,11 +46,29 @@ class SimCommand(CommandSettings):
     drop_socket_rate: float = Field(default=0.0, description="chance to drop before a frame")
     sequence_gap_rate: float = Field(default=0.0, description="share of frames lost (seq gaps)")
 
+    @model_validator(mode="after")
+    def _within_simulator_limits(self) -> SimCommand:
+        """The simulator's own limits, checked with the flags, so a value out of range is a usage
+        error naming its flag (the key file is read later)."""
+        try:
+            self._config(api_keys={})
+        except ValidationError as error:
+            raise ValueError(
+                "; ".join(
+                    f"--{str(problem['loc'][-1]).replace('_', '-')}: {problem['msg']}"
+                    for problem in error.errors(include_url=False)
+                )
+            ) from None
+        return self
+
     def sim_config(self) -> SimConfig:
         """The simulator configuration these flags describe."""
         api_keys: dict[str, str] = {}
         if self.api_key_id and self.api_public_key_file:
             api_keys[self.api_key_id] = self.api_public_key_file.read_text()
+        return self._config(api_keys)
+
+    def _config(self, api_keys: dict[str, str]) -> SimConfig:
         faults = FaultConfig(
             error_rate=self.error_rate,
             rate_limit_rate=self.rate_limit_rate,

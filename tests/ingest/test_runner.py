@@ -178,10 +178,10 @@ async def test_unacked_batches_of_a_failed_once_run_are_sent_by_the_next_run(
 
 def test_list_flags_take_commas_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KFEED_TICKERS", "A,B")
-    monkeypatch.setenv("KFEED_MODE", "ws")
+    monkeypatch.setenv("KFEED_MODE", "backfill")
     command = IngestCommand()
     assert command.tickers == ["A", "B"]
-    assert command.mode == "ws"
+    assert command.mode == "backfill"
     assert IngestCommand(statuses="open, settled").statuses == ["open", "settled"]
 
 

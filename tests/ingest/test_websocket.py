@@ -204,7 +204,7 @@ async def test_an_unsigned_or_wrongly_signed_handshake_keeps_retrying(
                     await anext(items)
             await items.aclose()
         assert client.stats.connections == 0
-        assert "401" in caplog.text
+        assert "refused the WebSocket (HTTP 401): the signature was not accepted" in caplog.text
 
 
 def _shown(snapshot: types_pb2.MarketSnapshot) -> tuple[int, ...]:

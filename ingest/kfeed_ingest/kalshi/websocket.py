@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.backoff import Backoff
@@ -52,6 +52,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRODUCTION_WS_URL = "wss://external-api-ws.kalshi.com/trade-api/ws/v2"
+# What a refused handshake most likely means. Kept retrying all the same: a key may be
+# re-enabled, a clock resynchronised, without restarting the ingest.
+_REFUSED_HINTS = {
+    401: ": the signature was not accepted (check --api-key-id, the private key and the clock)",
+    403: ": the key may not open this connection",
+}
 _TICKERS_PER_REQUEST = 100  # keeps `?tickers=` well under URL length limits
 
 
@@ -133,6 +139,10 @@ class KalshiWebSocketClient:
                         if isinstance(item, types_pb2.MarketSnapshot):
                             self._remember(item)
                         yield item
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                hint = _REFUSED_HINTS.get(status, "")
+                logger.warning("Kalshi refused the WebSocket (HTTP %d)%s; retrying", status, hint)
             except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as exc:
                 logger.warning(
                     "Kalshi WebSocket lost (%s: %s); reconnecting", type(exc).__name__, exc
