@@ -82,7 +82,7 @@ async def latest_per_market(
         .where(_s.id.in_(select(latest_id).select_from(source)))
         .order_by(_s.ticker)
     )
-    return [SnapshotRecord(*row) for row in await connection.execute(statement)]
+    return list(map(SnapshotRecord._make, await connection.execute(statement)))
 
 
 def _backtest_window(
@@ -103,7 +103,7 @@ class SnapshotRepository:
     async def _all(self, statement: Select[Any]) -> list[SnapshotRecord]:
         async with self._sessions() as session:
             connection = await session.connection()
-            return [SnapshotRecord(*row) for row in await connection.execute(statement)]
+            return list(map(SnapshotRecord._make, await connection.execute(statement)))
 
     async def latest(self, ticker: str) -> SnapshotRecord | None:
         """The market's latest snapshot (highest (exchange_time, snapshot_id)), or None."""
