@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta, timezone
 
 from kfeed_server.db.repositories import Repositories
@@ -184,3 +185,33 @@ async def test_backtest_reads_pinned_to_a_max_id(repositories: Repositories) -> 
         == 3
     )
     assert await repositories.snapshots.count_for_backtest([], at(0), at(100)) == 0
+
+
+async def test_backtest_reads_cross_gaps_bursts_and_ties_in_order(
+    repositories: Repositories,
+) -> None:
+    """The read goes by adaptive time slices: data years apart, a burst far denser than a chunk
+    at one instant, and rows sharing a time across markets must all come back, once, in order."""
+    rng = random.Random(5)
+    times = [at(0)] * 40  # a burst: 40 rows at one instant, across markets
+    times += [at(rng.uniform(1, 600)) for _ in range(150)]  # minutes apart
+    times += [at(3 * 365 * 86_400 + rng.uniform(0, 5)) for _ in range(60)]  # years later
+    tickers = ("A", "B", "C")
+    snapshots = [
+        make_snapshot(tickers[i % 3], i, exchange_time=when) for i, when in enumerate(times)
+    ]
+    stored = await _store(repositories, snapshots)
+    window = (at(-10), at(4 * 365 * 86_400))
+    expected = sorted(
+        (s for s in stored if s.ticker in ("A", "C")),
+        key=lambda s: (s.exchange_time, s.snapshot_id),
+    )
+    for chunk_size in (1, 7, 64, 10_000):
+        chunks = [
+            chunk
+            async for chunk in repositories.snapshots.list_for_backtest(
+                ["A", "C"], *window, chunk_size=chunk_size
+            )
+        ]
+        assert [s for chunk in chunks for s in chunk] == expected
+        assert all(len(chunk) == chunk_size for chunk in chunks[:-1])
