@@ -215,3 +215,21 @@ async def test_backtest_reads_cross_gaps_bursts_and_ties_in_order(
         ]
         assert [s for chunk in chunks for s in chunk] == expected
         assert all(len(chunk) == chunk_size for chunk in chunks[:-1])
+
+
+async def test_a_range_page_starts_at_the_later_of_its_start_and_its_cursor(
+    repositories: Repositories,
+) -> None:
+    stored = await _store(
+        repositories, [make_snapshot("A", i, exchange_time=at(i)) for i in range(10)]
+    )
+    list_range = repositories.snapshots.list_range
+
+    def cursor(i: int) -> tuple[datetime, int]:
+        return (stored[i].exchange_time, stored[i].snapshot_id)
+
+    before_start = await list_range("A", start=at(5), end=None, limit=3, after=cursor(2))
+    assert [s.snapshot_id for s in before_start.items] == [s.snapshot_id for s in stored[5:8]]
+    after_start = await list_range("A", start=at(5), end=at(9), limit=10, after=cursor(6))
+    assert [s.snapshot_id for s in after_start.items] == [s.snapshot_id for s in stored[7:9]]
+    assert after_start.next_cursor is None

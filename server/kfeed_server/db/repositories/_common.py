@@ -89,12 +89,14 @@ def time_range_page_query(
     """``statement`` narrowed to ``start <= time < end``, ordered by (time, row_id), after the
     keyset cursor ``after``; reads one row over ``limit`` for :func:`page_of`."""
     statement = statement.order_by(time, row_id).limit(limit + 1)
-    if start is not None:
+    # One lower bound, the tighter: given both, SQLite scans the index from ``start`` and
+    # filters up to the cursor, so page n cost n pages.
+    if after is not None and (start is None or after[0] >= start):
+        statement = statement.where(keyset_after((time, row_id), after))
+    elif start is not None:
         statement = statement.where(time >= start)
     if end is not None:
         statement = statement.where(time < end)
-    if after is not None:
-        statement = statement.where(keyset_after((time, row_id), after))
     return statement
 
 
