@@ -18,6 +18,7 @@ BENCHMARKS = (
     "bench.bench_backtest",
     "bench.bench_backtest_service",
     "bench.bench_ingest",
+    "bench.bench_replicas",
 )
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 

@@ -69,7 +69,7 @@ def _snapshot(i: int, at: datetime) -> SnapshotRecord:
     )
 
 
-async def _run_subscribers(address: str, subscribers: int, expect: int) -> tuple[Any, Any]:
+async def run_subscribers(address: str, subscribers: int, expect: int) -> tuple[Any, Any]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.fanout_clients", "--address", address,
         "--streams", str(subscribers), "--expect", str(expect),
@@ -103,7 +103,7 @@ async def kfeed_run(
             async with grpc.aio.insecure_channel(address) as channel:
                 publisher = PublishSession(channel)
                 await publisher.publish(markets=MARKETS)
-                _, result = await _run_subscribers(address, subscribers, count)
+                _, result = await run_subscribers(address, subscribers, count)
                 for start in range(0, count, batch):
                     ack = await publisher.publish(snapshots=make_snapshots(batch, start))
                     assert ack.snapshots_stored == batch, ack
@@ -147,7 +147,7 @@ async def baseline_run(subscribers: int, count: int) -> dict[str, Any]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        _, result = await _run_subscribers(f"127.0.0.1:{port}", subscribers, count)
+        _, result = await run_subscribers(f"127.0.0.1:{port}", subscribers, count)
         streamer.go.set()
         outcome: dict[str, Any] = await result()
     finally:
@@ -155,7 +155,7 @@ async def baseline_run(subscribers: int, count: int) -> dict[str, Any]:
     return outcome
 
 
-def _percentile(values: list[float], fraction: float) -> float:
+def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
@@ -171,7 +171,7 @@ async def run_benchmark(subscribers: int, snapshots: int) -> dict[str, object]:
     kfeed_rate = kfeed["delivered"] / kfeed["seconds"]
     latencies_ms = [1000 * value for value in paced["latencies"]]
     ratio = kfeed_rate / baseline_rate
-    p99 = _percentile(latencies_ms, 0.99)
+    p99 = percentile(latencies_ms, 0.99)
     return {
         "benchmark": "fanout",
         "subscribers": subscribers,
@@ -179,7 +179,7 @@ async def run_benchmark(subscribers: int, snapshots: int) -> dict[str, object]:
         "kfeed_delivered_per_s": round(kfeed_rate),
         "baseline_delivered_per_s": round(baseline_rate),
         "ratio": round(ratio, 3),
-        "latency_p50_ms": round(_percentile(latencies_ms, 0.50), 2),
+        "latency_p50_ms": round(percentile(latencies_ms, 0.50), 2),
         "latency_p99_ms": round(p99, 2),
         "target": f"ratio >= {TARGET_RATIO}, p99 < {TARGET_P99_MS} ms",
         "meets_target": ratio >= TARGET_RATIO and p99 < TARGET_P99_MS,

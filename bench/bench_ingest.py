@@ -35,12 +35,9 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
-import socket
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,9 +46,18 @@ from typing import Any
 import asyncpg
 import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.support import asyncpg_dsn, print_summary, sqlalchemy_url, temporary_postgres_database
+from bench.support import (
+    asyncpg_dsn,
+    free_port,
+    print_summary,
+    serving,
+    sqlalchemy_url,
+    start_kfeed,
+    stop_processes,
+    temporary_postgres_database,
+    wait_until,
+)
 from kfeed.v1 import ingest_service_pb2 as ingest_pb
 from kfeed_ingest.columns import snapshot_columns
 from kfeed_server.records import DataSource, MarketRecord, MarketStatus, SnapshotRecord
@@ -171,15 +177,15 @@ async def publish_vs_copy(batch: int, batches: int, rounds: int) -> dict[str, ob
         MarketRecord(ticker=f"KXBENCH-{i:04d}", status=MarketStatus.OPEN) for i in range(MARKETS)
     ]
     timed: dict[str, list[float]] = {"copy": [], "publish": []}
-    server_port = _free_port()
+    server_port = free_port()
     async with temporary_postgres_database("kfeed_bench_ingest") as database:
         with tempfile.TemporaryDirectory() as folder:
-            server = await _kfeed("serve", [
+            server = await start_kfeed("serve", [
                 "--listen", f"127.0.0.1:{server_port}",
                 "--database-url", sqlalchemy_url(database),
             ], Path(folder))  # fmt: skip
             try:
-                await _wait_until(lambda: _serving(server_port), "kfeed serve")
+                await wait_until(lambda: serving(server_port), "kfeed serve")
                 raw = await asyncpg.connect(asyncpg_dsn(database))
                 try:
                     await raw.execute(
@@ -229,7 +235,7 @@ async def publish_vs_copy(batch: int, batches: int, rounds: int) -> dict[str, ob
                 finally:
                     await raw.close()
             finally:
-                await _stop(server)
+                await stop_processes(server)
     copy_rate, publish_rate = rows / min(timed["copy"]), rows / min(timed["publish"])
     return {
         "batch": batch,
@@ -244,61 +250,16 @@ async def publish_vs_copy(batch: int, batches: int, rounds: int) -> dict[str, ob
 # --- 2. The whole path: sim → ingest → serve → PostgreSQL, real processes ----------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` so far (/proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _kfeed(command: str, args: Sequence[str], log_dir: Path) -> asyncio.subprocess.Process:
-    with (log_dir / f"{command}.log").open("wb") as log:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kfeed_cli.main", command, *args,
-            stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-
-
-async def _serving(port: int) -> bool:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=1
-        )
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-async def _stop(*processes: asyncio.subprocess.Process) -> None:
-    """SIGTERM each process still running, then wait for all (SIGKILL after 20 s)."""
-    for process in processes:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            await asyncio.wait_for(process.wait(), 20)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
-async def _wait_until(ready: Callable[[], Awaitable[bool]], what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if await ready():
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {seconds} s")
-
-
 async def whole_path(markets: int, tick: float, warmup: float, window: float) -> dict[str, object]:
     """Committed snapshots/s over ``window`` seconds (after ``warmup``) of sim → ingest (ws) →
     serve → PostgreSQL, and the CPU share of each process meanwhile (1.0 = one core)."""
-    sim_port, server_port = _free_port(), _free_port()
+    sim_port, server_port = free_port(), free_port()
     processes: dict[str, asyncio.subprocess.Process] = {}
     async with temporary_postgres_database("kfeed_bench_path") as database:
         with tempfile.TemporaryDirectory() as folder:
@@ -308,14 +269,14 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
             (work / "key.pub.pem").write_bytes(public_pem)
             rest_url = f"http://127.0.0.1:{sim_port}/trade-api/v2"
             try:
-                processes["sim"] = await _kfeed("sim", [
+                processes["sim"] = await start_kfeed("sim", [
                     "--listen", f"127.0.0.1:{sim_port}", "--seed", "7",
                     "--markets", str(markets), "--tick-interval", str(tick),
                     "--history-steps", "2", "--firehose", "--ws-queue-size", "200000",
                     "--no-legacy-integer-fields", "--api-key-id", "bench",
                     "--api-public-key-file", str(work / "key.pub.pem"),
                 ], work)  # fmt: skip
-                processes["serve"] = await _kfeed("serve", [
+                processes["serve"] = await start_kfeed("serve", [
                     "--listen", f"127.0.0.1:{server_port}",
                     "--database-url", sqlalchemy_url(database),
                 ], work)  # fmt: skip
@@ -324,9 +285,9 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
                     async with httpx.AsyncClient() as client:
                         return (await client.get(f"{rest_url}/exchange/status")).is_success
 
-                await _wait_until(sim_up, "kfeed sim")
-                await _wait_until(lambda: _serving(server_port), "kfeed serve")
-                processes["ingest"] = await _kfeed("ingest", [
+                await wait_until(sim_up, "kfeed sim")
+                await wait_until(lambda: serving(server_port), "kfeed serve")
+                processes["ingest"] = await start_kfeed("ingest", [
                     "--server", f"127.0.0.1:{server_port}", "--kalshi-url", rest_url,
                     "--api-key-id", "bench", "--api-private-key-file", str(work / "key.pem"),
                     "--spool-dir", str(work / "spool"), "--mode", "ws",
@@ -348,7 +309,7 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
                 finally:
                     await raw.close()
             finally:
-                await _stop(*processes.values())
+                await stop_processes(*processes.values())
     seconds = ended - started
     cpu = {n: round((cpu_after[n] - cpu_before[n]) / seconds, 2) for n in processes}
     cpu["postgres"] = round((postgres_after - postgres_before) / seconds, 2)

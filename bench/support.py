@@ -1,15 +1,24 @@
-"""What the benchmarks share: a throw-away PostgreSQL database, timing, and the summary line."""
+"""What the benchmarks share: a throw-away PostgreSQL database, timing, the summary line, and
+real kfeed processes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
+import signal
+import socket
 import statistics
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -55,3 +64,53 @@ def median(values: list[float]) -> float:
 def print_summary(summary: dict[str, object]) -> None:
     """The benchmark's last line: one JSON object that `python -m bench` collects."""
     print(json.dumps(summary, sort_keys=True))
+
+
+# --- real kfeed processes -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def start_kfeed(
+    command: str, args: Sequence[str], log_dir: Path
+) -> asyncio.subprocess.Process:
+    with (log_dir / f"{command}.log").open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kfeed_cli.main", command, *args,
+            stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+async def serving(port: int) -> bool:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=1
+        )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def stop_processes(*processes: asyncio.subprocess.Process) -> None:
+    """SIGTERM each process still running, then wait for all (SIGKILL after 20 s)."""
+    for process in processes:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            await asyncio.wait_for(process.wait(), 20)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def wait_until(ready: Callable[[], Awaitable[bool]], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if await ready():
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {seconds} s")

@@ -130,6 +130,13 @@ async def database_url(
 
 
 @pytest.fixture
+async def postgres_url(postgres_template: str | None) -> AsyncIterator[str]:
+    """A fresh, migrated, empty PostgreSQL database, for what only PostgreSQL does."""
+    async for url in _postgres_database(postgres_template):
+        yield url
+
+
+@pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     """An ``AsyncEngine`` on this test's database, disposed afterwards."""
     engine = create_engine(database_url)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 
 from kfeed.v1 import (
     backtest_service_pb2,
@@ -32,10 +33,12 @@ from kfeed_server.db import (
     schema_is_current,
     upgrade_to_head,
 )
+from kfeed_server.db.commits import CommitListener
 from kfeed_server.db.repositories import build_repositories
 from kfeed_server.gc_tuning import tune_for_throughput
 from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
 from kfeed_server.security import SecurityConfig
+from kfeed_server.streaming.follower import CommitFollower, DirectPublisher, LivePublisher
 from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport.backtest_servicer import BacktestServicer
 from kfeed_server.transport.ingest_servicer import IngestServicer
@@ -91,6 +94,19 @@ class KfeedServer:
         self.repositories = build_repositories(self.engine)
         self.hub = SnapshotHub(config.subscriber_queue_capacity)
         watch_hub(self.hub)
+        # PostgreSQL may be shared by several servers: batches reach the hub by commit notice.
+        self._follower: CommitFollower | None = None
+        self._following: asyncio.Task[None] | None = None
+        live: LivePublisher = DirectPublisher(self.hub)
+        if make_url(config.database_url).get_backend_name() == "postgresql":
+            repositories = self.repositories
+            live = self._follower = CommitFollower(
+                self.hub,
+                repositories.snapshots,
+                repositories.feed_gaps,
+                repositories.markets,
+                repositories.ingest.origin,
+            )
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
@@ -111,7 +127,7 @@ class KfeedServer:
             MarketServicer(self.repositories, self.hub), self._server
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(self.repositories, self.hub), self._server
+            IngestServicer(self.repositories, live), self._server
         )
         self.backtests = BacktestRunner(self.repositories, config.backtest)
         backtest_service_pb2_grpc.add_BacktestServiceServicer_to_server(
@@ -145,9 +161,21 @@ class KfeedServer:
             log.error("database schema is not at the latest migration; run with --migrate")
             return self.port
         await self.backtests.recover()
+        await self._follow_commits()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("kfeed serving on %s", self.listening_on)
         return self.port
+
+    async def _follow_commits(self) -> None:
+        """Start following commit notices (PostgreSQL); wait a little for listening to start."""
+        if self._follower is None:
+            return
+        notices = CommitListener(self.config.database_url).notices()
+        self._following = asyncio.ensure_future(self._follower.follow(notices))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._follower.listening.wait()), 10)
+        except TimeoutError:
+            log.warning("not yet listening for commit notices: live streams start when it is")
 
     @property
     def listening_on(self) -> str:
@@ -157,6 +185,9 @@ class KfeedServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING first so balancers drain us, streams end, calls finish."""
         await self.health.enter_graceful_shutdown()
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
         self.hub.close()
         # Running backtests become FAILED and their watchers get that final state.
         await self.backtests.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -10,7 +11,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kfeed_server.db import downgrade_to_base, schema_is_current, upgrade_to_head
+from kfeed_server.db import create_engine, downgrade_to_base, schema_is_current, upgrade_to_head
 from kfeed_server.db.models import Base
 
 KFEED_TABLES = set(Base.metadata.tables)
@@ -47,3 +48,19 @@ async def test_upgrade_downgrade_upgrade(engine: AsyncEngine) -> None:
 async def test_upgrade_is_a_no_op_when_current(engine: AsyncEngine) -> None:
     await upgrade_to_head(engine)
     assert await schema_is_current(engine)
+
+
+async def test_servers_starting_together_migrate_one_after_the_other(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    """Replicas started at once on a new database: every upgrade succeeds, the schema once."""
+    await downgrade_to_base(engine)
+    engines = [create_engine(database_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(upgrade_to_head(e) for e in engines))
+    finally:
+        for other in engines:
+            await other.dispose()
+    assert await schema_is_current(engine)
+    async with engine.connect() as connection:
+        assert await connection.run_sync(_schema_diff) == []

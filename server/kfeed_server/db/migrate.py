@@ -13,15 +13,19 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import inspect, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kfeed_server.db.engine import SQLITE_BEGIN_MODE
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version"
+# Held by the migrating transaction on PostgreSQL.
+_MIGRATION_LOCK_KEY = 0x6B_66_65_65_64_02
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -75,7 +79,11 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
         return
     from alembic import command  # lazily: see the module docstring
 
-    async with engine.begin() as connection:
+    # Servers starting together on one database migrate one after the other (SQLite: the write
+    # lock taken at BEGIN; PostgreSQL: an advisory lock); the later ones find the schema at head.
+    async with engine.execution_options(**{SQLITE_BEGIN_MODE: "IMMEDIATE"}).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
         await connection.run_sync(lambda c: command.upgrade(alembic_config(c), "head"))
 
 

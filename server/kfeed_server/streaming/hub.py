@@ -1,7 +1,7 @@
 """The stream hub: fans committed snapshots and feed gaps out to live subscribers.
 
-The writer calls :meth:`SnapshotHub.publish` right after each commit, in commit order (which is
-snapshot-id order, because the server serialises its writes). Publishing never blocks and never
+Committed batches are published in commit order, which is snapshot-id order (writes are
+serialised), right after each commit (see ``streaming.follower``). Publishing never blocks and never
 waits for a subscriber: each subscription has its own bounded queue, and a subscriber that lets
 it fill up is marked overflowed instead of slowing anyone down.
 """
@@ -102,6 +102,10 @@ class SnapshotHub:
     def remember_markets(self, markets: Iterable[MarketRecord]) -> None:
         for market in markets:
             self._directory[market.ticker] = (market.event_ticker, market.series_ticker)
+
+    def unknown_tickers(self, tickers: Iterable[str]) -> set[str]:
+        """Those of ``tickers`` whose market this hub has not been told of."""
+        return {ticker for ticker in tickers if ticker not in self._directory}
 
     def _acceptor(self, selector: MarketSelector) -> Callable[[str], bool] | None:
         if selector.selects_all:

@@ -19,7 +19,7 @@ from kfeed.v1 import types_pb2
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.observability.metrics import record_refused_batch, record_stored_batch
 from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side, SnapshotRecord
-from kfeed_server.streaming.hub import SnapshotHub
+from kfeed_server.streaming.follower import LivePublisher
 from kfeed_server.transport.convert import (
     ALL_OPTIONAL_PRESENT,
     SNAPSHOT_INTEGER_COLUMNS,
@@ -319,10 +319,10 @@ def _refusal(batch_id: int, violations: list[FieldViolation]) -> pb.PublishRespo
 class IngestServicer(pb_grpc.IngestServiceServicer):
     """Stores batches idempotently, publishes them to live subscribers, acks after commit."""
 
-    def __init__(self, repositories: Repositories, hub: SnapshotHub) -> None:
+    def __init__(self, repositories: Repositories, live: LivePublisher) -> None:
         self._markets = repositories.markets
         self._writer = repositories.ingest
-        self._hub = hub
+        self._live = live
         # Tickers of stored markets. Markets are never deleted, so a ticker once stored stays
         # known, and only tickers new to this process cost a database query (asking for all of
         # a 5,000-row batch's tickers every time cost ≈5–10 ms).
@@ -363,8 +363,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 feed_gaps=[feed_gap_from_proto(g) for g in request.feed_gaps],
             )
             self._known_tickers.update(m.ticker for m in markets)
-            self._hub.remember_markets(markets)
-            self._hub.publish(result.stored_snapshots, result.stored_gaps)
+            self._live.committed(markets, result)
         record_stored_batch(result)
         return pb.PublishResponse(
             batch_id=request.batch_id,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -24,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeDecorator
 
+from kfeed_server.db.commits import CHANNEL, batch_notices
 from kfeed_server.db.engine import SQLITE_BEGIN_MODE
 from kfeed_server.db.models import (
     events_table,
@@ -89,6 +92,8 @@ class BatchWriteResult:
     counts: WriteCounts
     stored_snapshots: list[SnapshotRecord] = field(default_factory=list)
     stored_gaps: list[FeedGapRecord] = field(default_factory=list)
+    # The batch number its commit notices carry (PostgreSQL, when it stored snapshots or gaps).
+    notice_batch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +281,9 @@ class IngestWriter:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
+        # Names this process in its commit notices (see db.commits), so it knows its own.
+        self.origin = secrets.token_hex(8)
+        self._batches = itertools.count(1)
         # One batch at a time per process: SQLite has one writer anyway, and on PostgreSQL the
         # advisory lock would serialise them all the same, holding a pooled connection each.
         self._lock = asyncio.Lock()
@@ -369,6 +377,16 @@ class IngestWriter:
                     stored_snapshots = await _insert_snapshots_by_values(connection, kept)
             trades_count = await _insert_trades(connection, trades)
             stored_gaps = await _upsert_gaps(connection, feed_gaps)
+            notice_batch = None
+            if is_postgresql(connection) and (stored_snapshots or stored_gaps):
+                notice_batch = next(self._batches)
+                for notice in batch_notices(
+                    self.origin,
+                    notice_batch,
+                    [s.snapshot_id for s in stored_snapshots],
+                    [g.gap_id for g in stored_gaps],
+                ):  # delivered at commit, in commit order
+                    await connection.execute(select(func.pg_notify(CHANNEL, notice.payload())))
         counts = WriteCounts(
             series=series_count,
             events=events_count,
@@ -378,7 +396,9 @@ class IngestWriter:
             feed_gaps=len(stored_gaps),
             snapshots_unchanged=unchanged,
         )
-        return _Committed(BatchWriteResult(counts, stored_snapshots, stored_gaps), max_id_before)
+        return _Committed(
+            BatchWriteResult(counts, stored_snapshots, stored_gaps, notice_batch), max_id_before
+        )
 
     async def insert_snapshots(self, snapshots: list[SnapshotRecord]) -> BatchWriteResult:
         """``write_batch`` with snapshots only."""

@@ -121,6 +121,16 @@ class MarketRepository:
             rows = [MarketRecord(*row) for row in await connection.execute(statement)]
         return page_of(rows, limit, lambda last: (last.ticker,))
 
+    async def get_markets(self, tickers: Sequence[str]) -> list[MarketRecord]:
+        """The known markets among ``tickers``, in no particular order."""
+        found: list[MarketRecord] = []
+        async with self._sessions() as session:
+            connection = await session.connection()
+            for chunk in chunks(list(dict.fromkeys(tickers)), rows_per_statement(1)):
+                statement = select(*_MARKET_COLUMNS).where(markets_table.c.ticker.in_(chunk))
+                found.extend(MarketRecord(*row) for row in await connection.execute(statement))
+        return found
+
     async def existing_tickers(self, tickers: Sequence[str]) -> set[str]:
         """Which of ``tickers`` are known markets."""
         found: set[str] = set()

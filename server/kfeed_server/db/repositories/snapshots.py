@@ -175,6 +175,13 @@ class SnapshotRepository:
             statement = statement.where(_s.exchange_time >= min_exchange_time)
         return await self._all(statement)
 
+    async def list_id_range(self, after_id: int, last_id: int) -> list[SnapshotRecord]:
+        """Snapshots with ``after_id < snapshot_id <= last_id``, in id order."""
+        statement = (
+            select(*SNAPSHOT_COLUMNS).where(_s.id > after_id, _s.id <= last_id).order_by(_s.id)
+        )
+        return await self._all(statement)
+
     async def max_snapshot_id(self) -> int:
         """The highest stored snapshot id; 0 when there is none."""
         async with self._sessions() as session:

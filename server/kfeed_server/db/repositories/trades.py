@@ -9,7 +9,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import feed_gaps_table, trades_table
-from kfeed_server.db.repositories._common import page_of, record_columns, time_range_page_query
+from kfeed_server.db.repositories._common import (
+    chunks,
+    page_of,
+    record_columns,
+    rows_per_statement,
+    time_range_page_query,
+)
 from kfeed_server.records import FeedGapRecord, Page, TradeRecord
 
 TRADE_COLUMNS = record_columns(trades_table, TradeRecord)
@@ -69,3 +75,14 @@ class FeedGapRepository:
         async with self._sessions() as session:
             connection = await session.connection()
             return [FeedGapRecord(*row) for row in await connection.execute(statement)]
+
+    async def get_gaps(self, gap_ids: Sequence[int]) -> list[FeedGapRecord]:
+        """The gaps with these ids, in id order (unknown ids are left out)."""
+        c = feed_gaps_table.c
+        found: list[FeedGapRecord] = []
+        async with self._sessions() as session:
+            connection = await session.connection()
+            for chunk in chunks(sorted(set(gap_ids)), rows_per_statement(1)):
+                statement = select(*FEED_GAP_COLUMNS).where(c.id.in_(chunk)).order_by(c.id)
+                found.extend(FeedGapRecord(*row) for row in await connection.execute(statement))
+        return found
