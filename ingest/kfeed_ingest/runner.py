@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["poll", "ws", "backfill"]
 _TICKERS_PER_REQUEST = 100  # keeps `?tickers=` well under URL length limits
+# A market is read again this long after its close time (the exchange has closed it by then).
+CLOSE_READ_DELAY = timedelta(seconds=1)
 _MAX_CANDLES_PER_REQUEST = 5000
 
 
@@ -358,18 +361,48 @@ class Ingestor:
                 else None
             )
             try:
-                while True:
-                    await asyncio.sleep(self.options.discovery_interval)
-                    fresh = await self.poll_once()
-                    if set(fresh) != set(markets):
-                        markets = fresh
-                        break
+                markets = await self._until_markets_change(markets)
             finally:
                 if consumer is not None:
                     consumer.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await consumer
                 await self.sink.flush()
+
+    async def _until_markets_change(
+        self, markets: dict[str, KalshiMarket]
+    ) -> dict[str, KalshiMarket]:
+        """Discovery passes every ``discovery_interval`` until the set of markets changes (the
+        new set is returned). In between, each market is read again over REST just after its
+        close time, so its status changes on time even if no lifecycle frame says so."""
+        loop = asyncio.get_running_loop()
+        next_discovery = loop.time() + self.options.discovery_interval
+        closing = _closing_schedule(markets)
+        while True:
+            until_close = (closing[0][0] - now_utc()).total_seconds() if closing else math.inf
+            until_discovery = next_discovery - loop.time()
+            if until_close < until_discovery:
+                await asyncio.sleep(max(until_close, 0))
+                _, ticker = closing.pop(0)
+                await self._refresh_market(ticker, "its close time")
+                await self.sink.flush()
+                continue
+            await asyncio.sleep(max(until_discovery, 0))
+            next_discovery = loop.time() + self.options.discovery_interval
+            fresh = await self.poll_once()
+            if set(fresh) != set(markets):
+                return fresh
+            markets, closing = fresh, _closing_schedule(fresh)
+
+    async def _refresh_market(self, ticker: str, reason: str) -> None:
+        """Read ``ticker`` again over REST and send it (status, result, times)."""
+        try:
+            market = await self.rest.get_market(ticker)
+        except KalshiError as exc:
+            self.report.read_errors += 1
+            logger.error("market %s after %s: %s", ticker, reason, exc)
+            return
+        await self.send_market(market)
 
     def _live(
         self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
@@ -425,13 +458,7 @@ class Ingestor:
         elif isinstance(item, KalshiMarket):  # read again over REST after a gap
             await self.send_market(item)
         elif isinstance(item, LifecycleEvent):
-            try:
-                market = await self.rest.get_market(item.ticker)
-            except KalshiError as exc:
-                self.report.read_errors += 1
-                logger.error("market %s after %s: %s", item.ticker, item.event_type, exc)
-                return
-            await self.send_market(market)
+            await self._refresh_market(item.ticker, item.event_type)
         else:
             await self.sink.add(item)
 
@@ -519,6 +546,17 @@ class Ingestor:
         self.report.rejected = self.publisher.stats.rejected
         self.report.unacked = self.publisher.pending
         return self.report
+
+
+def _closing_schedule(markets: dict[str, KalshiMarket]) -> list[tuple[datetime, str]]:
+    """When to read each market again for its close: just after its close time, soonest first
+    (markets whose close time has passed are not scheduled)."""
+    now = now_utc()
+    return sorted(
+        (market.close_time + CLOSE_READ_DELAY, ticker)
+        for ticker, market in markets.items()
+        if market.close_time is not None and market.close_time + CLOSE_READ_DELAY > now
+    )
 
 
 def default_backfill_range(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -244,3 +246,41 @@ async def test_sigterm_stops_a_running_ingest_cleanly(
                 process.kill()
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert b"signal received" in stderr
+
+
+async def test_ws_mode_reads_a_market_again_just_after_its_close_time(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    """The exchange closes a market and no lifecycle frame says so (the simulator is not stepping,
+    so it sends none): the ingest reads the market again at its close time, long before the next
+    discovery pass, and sends its new status."""
+    async with signed_simulator(tick_interval=0.2) as sim:  # markets close within seconds
+        markets = sim.handle.exchange.markets.values()
+        soon = time.time() + 1.5  # leaves time to start the ingest before the close
+        ahead = [m for m in markets if m.status is MarketStatus.ACTIVE and m.close_us / 1e6 > soon]
+        closing = min(ahead, key=lambda m: m.close_us)
+        close_in = closing.close_us / 1e6 - time.time()
+        assert close_in < 20, close_in
+
+        def sent() -> list[types_pb2.Market]:
+            return [
+                market
+                for request in server.service.stored.values()
+                for market in request.markets
+                if market.ticker == closing.ticker
+            ]
+
+        command = _command(
+            sim, server, tmp_path, mode="ws", tickers=closing.ticker, discovery_interval=600
+        )
+        running = asyncio.ensure_future(command.run())
+        try:
+            await eventually(lambda: len(sent()) == 1)
+            closing.states.append(
+                dataclasses.replace(closing.states[-1], status=MarketStatus.CLOSED)
+            )
+            await eventually(lambda: len(sent()) == 2, within=close_in + 5)
+            assert sent()[-1].status == types_pb2.MARKET_STATUS_CLOSED
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
