@@ -50,6 +50,7 @@ import httpx
 from bench.support import (
     asyncpg_dsn,
     free_port,
+    kfeed_serve,
     print_summary,
     serving,
     sqlalchemy_url,
@@ -167,75 +168,80 @@ async def _publish_round(call: Any, requests: Sequence[bytes], batch: int, windo
     await sender
 
 
-async def publish_vs_copy(batch: int, batches: int, rounds: int) -> dict[str, object]:
-    """Best-of-``rounds`` snapshots/s of COPY and of Publish (one batch at a time, each awaited
-    until acked). Each round stores new, later
-    rows on top of the previous rounds' (tables are never empty in service; an emptied table
-    also misleads the planner); round 0 is an untimed warm-up."""
-    rows = batch * batches
+async def _publish_stream(channel: grpc.aio.Channel) -> Any:
+    """An open Publish stream that takes requests serialised beforehand (no client-side encoding),
+    after a first batch storing the bench's markets."""
+    call: Any = channel.stream_stream(
+        _PUBLISH,
+        request_serializer=None,
+        response_deserializer=ingest_pb.PublishResponse.FromString,
+    )()
     markets = [
         MarketRecord(ticker=f"KXBENCH-{i:04d}", status=MarketStatus.OPEN) for i in range(MARKETS)
     ]
+    first = ingest_pb.PublishRequest(
+        batch_id=1, producer="bench", markets=[market_to_proto(m) for m in markets]
+    )
+    await call.write(first.SerializeToString())
+    assert (await call.read()).code == 0
+    return call
+
+
+async def _timed_rounds(
+    call: Any, raw: asyncpg.Connection, batch: int, batches: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each timed round of each path; the paths alternate, each on new rows."""
+    rows = batch * batches
     timed: dict[str, list[float]] = {"copy": [], "publish": []}
-    server_port = free_port()
-    async with temporary_postgres_database("kfeed_bench_ingest") as database:
-        with tempfile.TemporaryDirectory() as folder:
-            server = await start_kfeed("serve", [
-                "--listen", f"127.0.0.1:{server_port}",
-                "--database-url", sqlalchemy_url(database),
-            ], Path(folder))  # fmt: skip
-            try:
-                await wait_until(lambda: serving(server_port), "kfeed serve")
-                raw = await asyncpg.connect(asyncpg_dsn(database))
-                try:
-                    await raw.execute(
-                        "CREATE TABLE baseline_snapshots (LIKE market_snapshots INCLUDING ALL)"
+    number = 0
+    for timed_round in range(rounds + 1):
+        seconds = {}
+        for path in timed:
+            prepared = _make_round(number, batch, batches)
+            number += 1
+            started = time.perf_counter()
+            if path == "copy":
+                for start in range(0, rows, batch):
+                    await raw.copy_records_to_table(
+                        "baseline_snapshots",
+                        records=prepared.tuples[start : start + batch],
+                        columns=_COPY_COLUMNS,
                     )
-                    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel:
-                        # Requests go out as the bytes serialised beforehand: no client-side
-                        # encoding.
-                        call: Any = channel.stream_stream(
-                            _PUBLISH,
-                            request_serializer=None,
-                            response_deserializer=ingest_pb.PublishResponse.FromString,
-                        )()
-                        first = ingest_pb.PublishRequest(
-                            batch_id=1,
-                            producer="bench",
-                            markets=[market_to_proto(m) for m in markets],
-                        )
-                        await call.write(first.SerializeToString())
-                        assert (await call.read()).code == 0
-                        number = 0
-                        for timed_round in range(rounds + 1):
-                            seconds = {}
-                            for path in timed:
-                                prepared = _make_round(number, batch, batches)
-                                number += 1
-                                started = time.perf_counter()
-                                if path == "copy":
-                                    for start in range(0, rows, batch):
-                                        await raw.copy_records_to_table(
-                                            "baseline_snapshots",
-                                            records=prepared.tuples[start : start + batch],
-                                            columns=_COPY_COLUMNS,
-                                        )
-                                else:
-                                    await _publish_round(call, prepared.requests, batch, window=1)
-                                seconds[path] = time.perf_counter() - started
-                            if timed_round:
-                                for path, taken in seconds.items():
-                                    timed[path].append(taken)
-                            else:  # statistics as autovacuum would keep them on a live table
-                                await raw.execute("ANALYZE market_snapshots")
-                                await raw.execute("ANALYZE baseline_snapshots")
-                        await call.done_writing()
-                        stored = await raw.fetchval("SELECT count(*) FROM market_snapshots")
-                        assert stored == rows * (rounds + 1), stored
-                finally:
-                    await raw.close()
-            finally:
-                await stop_processes(server)
+            else:
+                await _publish_round(call, prepared.requests, batch, window=1)
+            seconds[path] = time.perf_counter() - started
+        if timed_round:
+            for path, taken in seconds.items():
+                timed[path].append(taken)
+        else:  # statistics as autovacuum would keep them on a live table
+            await raw.execute("ANALYZE market_snapshots")
+            await raw.execute("ANALYZE baseline_snapshots")
+    return timed
+
+
+async def publish_vs_copy(batch: int, batches: int, rounds: int) -> dict[str, object]:
+    """Best-of-``rounds`` snapshots/s of COPY and of Publish (one batch at a time, each awaited
+    until acked). Each round stores new, later rows on top of the previous rounds' (tables are
+    never empty in service; an emptied table also misleads the planner); round 0 is an untimed
+    warm-up."""
+    rows = batch * batches
+    async with (
+        temporary_postgres_database("kfeed_bench_ingest") as database,
+        kfeed_serve(sqlalchemy_url(database)) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        raw = await asyncpg.connect(asyncpg_dsn(database))
+        try:
+            await raw.execute(
+                "CREATE TABLE baseline_snapshots (LIKE market_snapshots INCLUDING ALL)"
+            )
+            call = await _publish_stream(channel)
+            timed = await _timed_rounds(call, raw, batch, batches, rounds)
+            await call.done_writing()
+            stored = await raw.fetchval("SELECT count(*) FROM market_snapshots")
+            assert stored == rows * (rounds + 1), stored
+        finally:
+            await raw.close()
     copy_rate, publish_rate = rows / min(timed["copy"]), rows / min(timed["publish"])
     return {
         "batch": batch,

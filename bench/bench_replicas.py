@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench.bench_fanout import MARKETS, make_snapshots, percentile, run_subscribers
 from bench.support import (
-    free_port,
+    kfeed_serve,
     print_summary,
-    serving,
     sqlalchemy_url,
-    start_kfeed,
-    stop_processes,
     temporary_postgres_database,
-    wait_until,
 )
 from tests.server.conftest import PublishSession
 
@@ -39,37 +32,26 @@ from tests.server.conftest import PublishSession
 async def run_benchmark(
     subscribers: int, snapshots: int, batch: int, pace: float
 ) -> dict[str, object]:
-    ports = {"writer": free_port(), "replica": free_port()}
     async with temporary_postgres_database("kfeed_bench_replicas") as database:
-        with tempfile.TemporaryDirectory() as folder:
-            servers = []
-            for name, port in ports.items():
-                logs = Path(folder) / name
-                logs.mkdir()
-                listen, url = f"127.0.0.1:{port}", sqlalchemy_url(database)
-                servers.append(
-                    await start_kfeed("serve", ["--listen", listen, "--database-url", url], logs)
-                )
-            try:
-                for port in ports.values():
-                    await wait_until(partial(serving, port), "kfeed serve")
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['writer']}") as channel:
-                    publisher = PublishSession(channel)
-                    await publisher.publish(markets=MARKETS)
-                    results = {}
-                    for name, port in ports.items():
-                        address = f"127.0.0.1:{port}"
-                        _, results[name] = await run_subscribers(address, subscribers, snapshots)
-                    started = time.perf_counter()
-                    for start in range(0, snapshots, batch):
-                        ack = await publisher.publish(snapshots=make_snapshots(batch, start))
-                        assert ack.snapshots_stored == batch, ack
-                        await asyncio.sleep(pace)
-                    publish_seconds = time.perf_counter() - started
-                    outcomes: dict[str, Any] = {name: await r() for name, r in results.items()}
-                    await publisher.close()
-            finally:
-                await stop_processes(*servers)
+        url = sqlalchemy_url(database)
+        async with (
+            kfeed_serve(url) as writer,
+            kfeed_serve(url) as replica,
+            grpc.aio.insecure_channel(writer) as channel,
+        ):
+            publisher = PublishSession(channel)
+            await publisher.publish(markets=MARKETS)
+            results = {}
+            for name, address in (("writer", writer), ("replica", replica)):
+                _, results[name] = await run_subscribers(address, subscribers, snapshots)
+            started = time.perf_counter()
+            for start in range(0, snapshots, batch):
+                ack = await publisher.publish(snapshots=make_snapshots(batch, start))
+                assert ack.snapshots_stored == batch, ack
+                await asyncio.sleep(pace)
+            publish_seconds = time.perf_counter() - started
+            outcomes: dict[str, Any] = {name: await r() for name, r in results.items()}
+            await publisher.close()
     summary: dict[str, object] = {
         "benchmark": "replicas",
         "subscribers_per_server": subscribers,

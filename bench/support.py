@@ -11,9 +11,11 @@ import signal
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -114,3 +116,18 @@ async def wait_until(ready: Callable[[], Awaitable[bool]], what: str, seconds: f
                 return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{what} not ready after {seconds} s")
+
+
+@asynccontextmanager
+async def kfeed_serve(database_url: str) -> AsyncIterator[str]:
+    """A `kfeed serve` process on a free loopback port over ``database_url``, serving; yields its
+    address and stops it afterwards."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as logs:
+        args = ["--listen", f"127.0.0.1:{port}", "--database-url", database_url]
+        process = await start_kfeed("serve", args, Path(logs))
+        try:
+            await wait_until(partial(serving, port), "kfeed serve")
+            yield f"127.0.0.1:{port}"
+        finally:
+            await stop_processes(process)
