@@ -91,43 +91,21 @@ def decode_chunk(chunk: EncodedChunk) -> list[SnapshotRecord]:
     from_timestamp = datetime.fromtimestamp
     statuses_by_value = {int(s): s for s in MarketStatus}
     sources_by_value = {int(s): s for s in DataSource}
+    make = SnapshotRecord._make
+    # A row is (snapshot_id, ticker, *the optional fields), see the module docstring.
     return [
-        SnapshotRecord(
-            ticker,
-            from_timestamp(time, UTC),
-            from_timestamp(received, UTC),
-            sources_by_value[source],
-            sequence,
-            yes_bid,
-            yes_ask,
-            no_bid,
-            no_ask,
-            yes_bid_size,
-            yes_ask_size,
-            last_price,
-            volume,
-            volume_24h,
-            open_interest,
-            liquidity,
-            statuses_by_value[status],
-            snapshot_id,
+        make(
+            (
+                row[1],
+                from_timestamp(time, UTC),
+                from_timestamp(received, UTC),
+                sources_by_value[source],
+                *row[2:],
+                statuses_by_value[status],
+                row[0],
+            )
         )
-        for (
-            snapshot_id,
-            ticker,
-            sequence,
-            yes_bid,
-            yes_ask,
-            no_bid,
-            no_ask,
-            yes_bid_size,
-            yes_ask_size,
-            last_price,
-            volume,
-            volume_24h,
-            open_interest,
-            liquidity,
-        ), time, status, received, source in zip(
+        for row, time, status, received, source in zip(
             rows, times, statuses, receive_times, sources, strict=True
         )
     ]
