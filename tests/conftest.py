@@ -50,8 +50,14 @@ async def _ensure_template(name: str) -> None:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if exists:
             return
+        # Templates of other schema versions are dropped once they are a day old: a checkout on
+        # another branch (or a parallel worktree) may still be cloning from a younger one.
         stale = await admin.fetch(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'kfeed_template_%'"
+            "SELECT d.datname FROM pg_database d"
+            " LEFT JOIN pg_shdescription s ON s.objoid = d.oid"
+            " WHERE d.datname LIKE 'kfeed_template_%' AND d.datname NOT LIKE '%_building'"
+            " AND coalesce(s.description, '0')::double precision"
+            " < extract(epoch FROM now()) - 86400"
         )
         for row in stale:
             await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
@@ -66,6 +72,8 @@ async def _ensure_template(name: str) -> None:
         finally:
             await engine.dispose()
         await admin.execute(f'ALTER DATABASE "{building}" RENAME TO "{name}"')
+        created = await admin.fetchval("SELECT extract(epoch FROM now())::text")
+        await admin.execute(f"COMMENT ON DATABASE \"{name}\" IS '{created}'")
     finally:
         await admin.execute("SELECT pg_advisory_unlock($1)", _TEMPLATE_LOCK_KEY)
         await admin.close()

@@ -267,6 +267,7 @@ class StreamSnapshotsRequest(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     CONFLATION_INTERVAL_FIELD_NUMBER: _builtins.int
     OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
     """Continue exactly after the message that carried this token. Wins over `start_time`."""
     event_ticker: _builtins.str
@@ -278,6 +279,10 @@ class StreamSnapshotsRequest(_message.Message):
     stored snapshot, then the caught-up marker.
     """
     overflow_policy: Global___OverflowPolicy.ValueType
+    max_batch_size: _builtins.int
+    """0 or 1: one snapshot per message. Above 1 the server may send up to this many consecutive
+    snapshots in one `snapshot_batch` message (at most 10000).
+    """
     @_builtins.property
     def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`)."""
@@ -306,10 +311,11 @@ class StreamSnapshotsRequest(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         conflation_interval: _duration_pb2.Duration | None = ...,
         overflow_policy: Global___OverflowPolicy.ValueType = ...,
+        max_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conflation_interval", b"conflation_interval", "heartbeat_interval", b"heartbeat_interval", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflation_interval", b"conflation_interval", "event_ticker", b"event_ticker", "heartbeat_interval", b"heartbeat_interval", "include_latest", b"include_latest", "overflow_policy", b"overflow_policy", "resume_token", b"resume_token", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflation_interval", b"conflation_interval", "event_ticker", b"event_ticker", "heartbeat_interval", b"heartbeat_interval", "include_latest", b"include_latest", "max_batch_size", b"max_batch_size", "overflow_policy", b"overflow_policy", "resume_token", b"resume_token", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -325,6 +331,7 @@ class StreamSnapshotsResponse(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     SUBSCRIBER_GAP_FIELD_NUMBER: _builtins.int
     FEED_GAP_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_BATCH_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
     """Resume from here to continue after this message. Present on every message."""
     @_builtins.property
@@ -337,6 +344,10 @@ class StreamSnapshotsResponse(_message.Message):
     def subscriber_gap(self) -> Global___SubscriberGap: ...
     @_builtins.property
     def feed_gap(self) -> _types_pb2.FeedGap: ...
+    @_builtins.property
+    def snapshot_batch(self) -> Global___SnapshotBatch:
+        """Consecutive snapshots in one message; `resume_token` resumes after the last of them."""
+
     def __init__(
         self,
         *,
@@ -346,16 +357,39 @@ class StreamSnapshotsResponse(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         subscriber_gap: Global___SubscriberGap | None = ...,
         feed_gap: _types_pb2.FeedGap | None = ...,
+        snapshot_batch: Global___SnapshotBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "snapshot", b"snapshot", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "snapshot", b"snapshot", "snapshot_batch", b"snapshot_batch", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "snapshot", b"snapshot", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "snapshot", b"snapshot", "snapshot_batch", b"snapshot_batch", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "caught_up", "heartbeat", "subscriber_gap", "feed_gap"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "caught_up", "heartbeat", "subscriber_gap", "feed_gap", "snapshot_batch"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___StreamSnapshotsResponse: _TypeAlias = StreamSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotBatch(_message.Message):
+    """Consecutive snapshots sent in one message (see StreamSnapshotsRequest.max_batch_size)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotUpdate]: ...
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___SnapshotUpdate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotBatch: _TypeAlias = SnapshotBatch  # noqa: Y015
 
 @_typing.final
 class SnapshotUpdate(_message.Message):
@@ -517,3 +551,813 @@ class ListTradesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTradesResponse: _TypeAlias = ListTradesResponse  # noqa: Y015
+
+@_typing.final
+class ExportSnapshotsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    EVENT_TICKER_FIELD_NUMBER: _builtins.int
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    event_ticker: _builtins.str
+    """Only markets of this event, when set."""
+    series_ticker: _builtins.str
+    """Only markets of this series, when set."""
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Markets to export; empty means all (subject to `event_ticker` and `series_ticker`)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive lower bound on exchange time; unset means from the beginning."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive upper bound on exchange time; unset means up to now."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        event_ticker: _builtins.str = ...,
+        series_ticker: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_ticker", b"event_ticker", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSnapshotsRequest: _TypeAlias = ExportSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class ExportSnapshotsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARROW_SCHEMA_FIELD_NUMBER: _builtins.int
+    ARROW_RECORD_BATCH_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    arrow_schema: _builtins.bytes
+    """The Arrow IPC schema message; set on the first response only."""
+    arrow_record_batch: _builtins.bytes
+    """One Arrow IPC record batch (may be empty on the first response)."""
+    row_count: _builtins.int
+    """Rows in `arrow_record_batch`."""
+    def __init__(
+        self,
+        *,
+        arrow_schema: _builtins.bytes = ...,
+        arrow_record_batch: _builtins.bytes = ...,
+        row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_record_batch", b"arrow_record_batch", "arrow_schema", b"arrow_schema", "row_count", b"row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSnapshotsResponse: _TypeAlias = ExportSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class ExportTradesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    EVENT_TICKER_FIELD_NUMBER: _builtins.int
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    event_ticker: _builtins.str
+    """Only markets of this event, when set."""
+    series_ticker: _builtins.str
+    """Only markets of this series, when set."""
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Markets to export; empty means all (subject to `event_ticker` and `series_ticker`)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive lower bound on trade time; unset means from the beginning."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive upper bound on trade time; unset means up to now."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        event_ticker: _builtins.str = ...,
+        series_ticker: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_ticker", b"event_ticker", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportTradesRequest: _TypeAlias = ExportTradesRequest  # noqa: Y015
+
+@_typing.final
+class ExportTradesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARROW_SCHEMA_FIELD_NUMBER: _builtins.int
+    ARROW_RECORD_BATCH_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    arrow_schema: _builtins.bytes
+    """The Arrow IPC schema message; set on the first response only."""
+    arrow_record_batch: _builtins.bytes
+    """One Arrow IPC record batch (may be empty on the first response)."""
+    row_count: _builtins.int
+    """Rows in `arrow_record_batch`."""
+    def __init__(
+        self,
+        *,
+        arrow_schema: _builtins.bytes = ...,
+        arrow_record_batch: _builtins.bytes = ...,
+        row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_record_batch", b"arrow_record_batch", "arrow_schema", b"arrow_schema", "row_count", b"row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportTradesResponse: _TypeAlias = ExportTradesResponse  # noqa: Y015
+
+@_typing.final
+class ExportOrderBookChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    EVENT_TICKER_FIELD_NUMBER: _builtins.int
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    event_ticker: _builtins.str
+    """Only markets of this event, when set."""
+    series_ticker: _builtins.str
+    """Only markets of this series, when set."""
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Markets to export; empty means all (subject to `event_ticker` and `series_ticker`)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive lower bound on exchange time; unset means from the beginning."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive upper bound on exchange time; unset means up to now."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        event_ticker: _builtins.str = ...,
+        series_ticker: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_ticker", b"event_ticker", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportOrderBookChangesRequest: _TypeAlias = ExportOrderBookChangesRequest  # noqa: Y015
+
+@_typing.final
+class ExportOrderBookChangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARROW_SCHEMA_FIELD_NUMBER: _builtins.int
+    ARROW_RECORD_BATCH_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    arrow_schema: _builtins.bytes
+    """The Arrow IPC schema message; set on the first response only."""
+    arrow_record_batch: _builtins.bytes
+    """One Arrow IPC record batch (may be empty on the first response)."""
+    row_count: _builtins.int
+    """Rows in `arrow_record_batch`."""
+    def __init__(
+        self,
+        *,
+        arrow_schema: _builtins.bytes = ...,
+        arrow_record_batch: _builtins.bytes = ...,
+        row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_record_batch", b"arrow_record_batch", "arrow_schema", b"arrow_schema", "row_count", b"row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportOrderBookChangesResponse: _TypeAlias = ExportOrderBookChangesResponse  # noqa: Y015
+
+@_typing.final
+class ListCandlesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ticker: _builtins.str
+    """The market's ticker."""
+    page_size: _builtins.int
+    """Maximum candles to return: 0 means the default (1000); at most 10000."""
+    page_token: _builtins.str
+    """A token from a previous response's `next_page_token`; other fields must match."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive lower bound: the first candle starts here (aligned down to the interval, UTC)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive upper bound on candle start times; unset means up to now."""
+
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Candle length: a whole number of seconds, from 1 s to 1 day."""
+
+    def __init__(
+        self,
+        *,
+        ticker: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "interval", b"interval", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "interval", b"interval", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "ticker", b"ticker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCandlesRequest: _TypeAlias = ListCandlesRequest  # noqa: Y015
+
+@_typing.final
+class ListCandlesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDLES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def candles(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Candle]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        candles: _abc.Iterable[_types_pb2.Candle] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candles", b"candles", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCandlesResponse: _TypeAlias = ListCandlesResponse  # noqa: Y015
+
+@_typing.final
+class GetOrderBookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKER_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    ticker: _builtins.str
+    """The market's ticker."""
+    depth: _builtins.int
+    """Levels per side, best first: 0 means all."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """The instant to rebuild the book at; unset means the latest book."""
+
+    def __init__(
+        self,
+        *,
+        ticker: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        depth: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "ticker", b"ticker", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrderBookRequest: _TypeAlias = GetOrderBookRequest  # noqa: Y015
+
+@_typing.final
+class GetOrderBookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def book(self) -> _types_pb2.OrderBook: ...
+    def __init__(
+        self,
+        *,
+        book: _types_pb2.OrderBook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["book", b"book"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["book", b"book"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrderBookResponse: _TypeAlias = GetOrderBookResponse  # noqa: Y015
+
+@_typing.final
+class StreamOrderBooksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    EVENT_TICKER_FIELD_NUMBER: _builtins.int
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    CONFLATION_INTERVAL_FIELD_NUMBER: _builtins.int
+    OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Continue exactly after the message that carried this token. Wins over `start_time`."""
+    depth: _builtins.int
+    """Levels per side in full books, best first: 0 means all."""
+    event_ticker: _builtins.str
+    """Only markets of this event, when set."""
+    series_ticker: _builtins.str
+    """Only markets of this series, when set."""
+    overflow_policy: Global___OverflowPolicy.ValueType
+    max_batch_size: _builtins.int
+    """0 or 1: one update per message; above 1 up to this many in one `batch` message."""
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start from the books in force at this time, then replay every change; unset means now."""
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How often to send a heartbeat when nothing else is sent: 0 means 5 s; 100 ms to 60 s."""
+
+    @_builtins.property
+    def conflation_interval(self) -> _duration_pb2.Duration:
+        """If set, live changes are conflated: at most one full book per market per interval."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+        depth: _builtins.int = ...,
+        event_ticker: _builtins.str = ...,
+        series_ticker: _builtins.str = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        conflation_interval: _duration_pb2.Duration | None = ...,
+        overflow_policy: Global___OverflowPolicy.ValueType = ...,
+        max_batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conflation_interval", b"conflation_interval", "heartbeat_interval", b"heartbeat_interval", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflation_interval", b"conflation_interval", "depth", b"depth", "event_ticker", b"event_ticker", "heartbeat_interval", b"heartbeat_interval", "max_batch_size", b"max_batch_size", "overflow_policy", b"overflow_policy", "resume_token", b"resume_token", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamOrderBooksRequest: _TypeAlias = StreamOrderBooksRequest  # noqa: Y015
+
+@_typing.final
+class StreamOrderBooksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    BOOK_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    FEED_GAP_FIELD_NUMBER: _builtins.int
+    SUBSCRIBER_GAP_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Resume from here to continue after this message. Present on every message."""
+    @_builtins.property
+    def book(self) -> _types_pb2.OrderBook:
+        """A full book: the first for each market, and again after a feed gap."""
+
+    @_builtins.property
+    def change(self) -> _types_pb2.OrderBookChange:
+        """One level's new size."""
+
+    @_builtins.property
+    def caught_up(self) -> Global___CaughtUp: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def feed_gap(self) -> _types_pb2.FeedGap: ...
+    @_builtins.property
+    def subscriber_gap(self) -> Global___SubscriberGap: ...
+    @_builtins.property
+    def batch(self) -> Global___OrderBookUpdateBatch:
+        """Consecutive books and changes; `resume_token` resumes after the last of them."""
+
+    def __init__(
+        self,
+        *,
+        resume_token: _builtins.str = ...,
+        book: _types_pb2.OrderBook | None = ...,
+        change: _types_pb2.OrderBookChange | None = ...,
+        caught_up: Global___CaughtUp | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        feed_gap: _types_pb2.FeedGap | None = ...,
+        subscriber_gap: Global___SubscriberGap | None = ...,
+        batch: Global___OrderBookUpdateBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "book", b"book", "caught_up", b"caught_up", "change", b"change", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "book", b"book", "caught_up", b"caught_up", "change", b"change", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["book", "change", "caught_up", "heartbeat", "feed_gap", "subscriber_gap", "batch"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___StreamOrderBooksResponse: _TypeAlias = StreamOrderBooksResponse  # noqa: Y015
+
+@_typing.final
+class OrderBookUpdateBatch(_message.Message):
+    """Consecutive order-book updates sent in one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderBookUpdate]: ...
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___OrderBookUpdate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderBookUpdateBatch: _TypeAlias = OrderBookUpdateBatch  # noqa: Y015
+
+@_typing.final
+class OrderBookUpdate(_message.Message):
+    """A full book or one change, as carried in a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOK_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def book(self) -> _types_pb2.OrderBook: ...
+    @_builtins.property
+    def change(self) -> _types_pb2.OrderBookChange: ...
+    def __init__(
+        self,
+        *,
+        book: _types_pb2.OrderBook | None = ...,
+        change: _types_pb2.OrderBookChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["book", b"book", "change", b"change", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["book", b"book", "change", b"change", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["book", "change"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
+
+Global___OrderBookUpdate: _TypeAlias = OrderBookUpdate  # noqa: Y015
+
+@_typing.final
+class StreamTradesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    EVENT_TICKER_FIELD_NUMBER: _builtins.int
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    event_ticker: _builtins.str
+    """Only markets of this event, when set."""
+    series_ticker: _builtins.str
+    """Only markets of this series, when set."""
+    resume_token: _builtins.str
+    """Continue exactly after the message that carried this token. Wins over `start_time`."""
+    overflow_policy: Global___OverflowPolicy.ValueType
+    max_batch_size: _builtins.int
+    """0 or 1: one trade per message; above 1 up to this many in one `trade_batch` message."""
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Replay stored trades created at or after this, then go live."""
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How often to send a heartbeat when nothing else is sent: 0 means 5 s; 100 ms to 60 s."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        event_ticker: _builtins.str = ...,
+        series_ticker: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        overflow_policy: Global___OverflowPolicy.ValueType = ...,
+        max_batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_ticker", b"event_ticker", "heartbeat_interval", b"heartbeat_interval", "max_batch_size", b"max_batch_size", "overflow_policy", b"overflow_policy", "resume_token", b"resume_token", "series_ticker", b"series_ticker", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamTradesRequest: _TypeAlias = StreamTradesRequest  # noqa: Y015
+
+@_typing.final
+class StreamTradesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    TRADE_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    SUBSCRIBER_GAP_FIELD_NUMBER: _builtins.int
+    TRADE_BATCH_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Resume from here to continue after this message. Present on every message."""
+    @_builtins.property
+    def trade(self) -> _types_pb2.Trade: ...
+    @_builtins.property
+    def caught_up(self) -> Global___CaughtUp: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def subscriber_gap(self) -> Global___SubscriberGap: ...
+    @_builtins.property
+    def trade_batch(self) -> Global___TradeBatch:
+        """Consecutive trades; `resume_token` resumes after the last of them."""
+
+    def __init__(
+        self,
+        *,
+        resume_token: _builtins.str = ...,
+        trade: _types_pb2.Trade | None = ...,
+        caught_up: Global___CaughtUp | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        subscriber_gap: Global___SubscriberGap | None = ...,
+        trade_batch: Global___TradeBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "heartbeat", b"heartbeat", "subscriber_gap", b"subscriber_gap", "trade", b"trade", "trade_batch", b"trade_batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "subscriber_gap", b"subscriber_gap", "trade", b"trade", "trade_batch", b"trade_batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["trade", "caught_up", "heartbeat", "subscriber_gap", "trade_batch"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___StreamTradesResponse: _TypeAlias = StreamTradesResponse  # noqa: Y015
+
+@_typing.final
+class TradeBatch(_message.Message):
+    """Consecutive trades sent in one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRADES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def trades(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Trade]: ...
+    def __init__(
+        self,
+        *,
+        trades: _abc.Iterable[_types_pb2.Trade] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trades", b"trades"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TradeBatch: _TypeAlias = TradeBatch  # noqa: Y015
+
+@_typing.final
+class ListEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum events to return: 0 means the default (100); at most 1000."""
+    page_token: _builtins.str
+    """A token from a previous response's `next_page_token`."""
+    series_ticker: _builtins.str
+    """Only events of this series, when set."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        series_ticker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "series_ticker", b"series_ticker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventsRequest: _TypeAlias = ListEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_types_pb2.Event] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetEventRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TICKER_FIELD_NUMBER: _builtins.int
+    event_ticker: _builtins.str
+    """The event's ticker."""
+    def __init__(
+        self,
+        *,
+        event_ticker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_ticker", b"event_ticker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEventRequest: _TypeAlias = GetEventRequest  # noqa: Y015
+
+@_typing.final
+class GetEventResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    MARKETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _types_pb2.Event: ...
+    @_builtins.property
+    def markets(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Market]:
+        """The event's markets, ordered by ticker."""
+
+    def __init__(
+        self,
+        *,
+        event: _types_pb2.Event | None = ...,
+        markets: _abc.Iterable[_types_pb2.Market] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "markets", b"markets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEventResponse: _TypeAlias = GetEventResponse  # noqa: Y015
+
+@_typing.final
+class ListSeriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum series to return: 0 means the default (100); at most 1000."""
+    page_token: _builtins.str
+    """A token from a previous response's `next_page_token`."""
+    category: _builtins.str
+    """Only series in this category, when set."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        category: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSeriesRequest: _TypeAlias = ListSeriesRequest  # noqa: Y015
+
+@_typing.final
+class ListSeriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Series]: ...
+    def __init__(
+        self,
+        *,
+        series: _abc.Iterable[_types_pb2.Series] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSeriesResponse: _TypeAlias = ListSeriesResponse  # noqa: Y015
+
+@_typing.final
+class GetSeriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_TICKER_FIELD_NUMBER: _builtins.int
+    series_ticker: _builtins.str
+    """The series' ticker."""
+    def __init__(
+        self,
+        *,
+        series_ticker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series_ticker", b"series_ticker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSeriesRequest: _TypeAlias = GetSeriesRequest  # noqa: Y015
+
+@_typing.final
+class GetSeriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def series(self) -> _types_pb2.Series: ...
+    def __init__(
+        self,
+        *,
+        series: _types_pb2.Series | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSeriesResponse: _TypeAlias = GetSeriesResponse  # noqa: Y015

@@ -68,6 +68,61 @@ class MarketServiceStub:
                 request_serializer=kfeed_dot_v1_dot_market__service__pb2.ListTradesRequest.SerializeToString,
                 response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListTradesResponse.FromString,
                 _registered_method=True)
+        self.ExportSnapshots = channel.unary_stream(
+                '/kfeed.v1.MarketService/ExportSnapshots',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ExportSnapshotsRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ExportSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.ExportTrades = channel.unary_stream(
+                '/kfeed.v1.MarketService/ExportTrades',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ExportTradesRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ExportTradesResponse.FromString,
+                _registered_method=True)
+        self.ExportOrderBookChanges = channel.unary_stream(
+                '/kfeed.v1.MarketService/ExportOrderBookChanges',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ExportOrderBookChangesRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ExportOrderBookChangesResponse.FromString,
+                _registered_method=True)
+        self.ListCandles = channel.unary_unary(
+                '/kfeed.v1.MarketService/ListCandles',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ListCandlesRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListCandlesResponse.FromString,
+                _registered_method=True)
+        self.GetOrderBook = channel.unary_unary(
+                '/kfeed.v1.MarketService/GetOrderBook',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.GetOrderBookRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetOrderBookResponse.FromString,
+                _registered_method=True)
+        self.StreamOrderBooks = channel.unary_stream(
+                '/kfeed.v1.MarketService/StreamOrderBooks',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.StreamOrderBooksRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.StreamOrderBooksResponse.FromString,
+                _registered_method=True)
+        self.StreamTrades = channel.unary_stream(
+                '/kfeed.v1.MarketService/StreamTrades',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.StreamTradesRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.StreamTradesResponse.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/kfeed.v1.MarketService/ListEvents',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.GetEvent = channel.unary_unary(
+                '/kfeed.v1.MarketService/GetEvent',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.GetEventRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetEventResponse.FromString,
+                _registered_method=True)
+        self.ListSeries = channel.unary_unary(
+                '/kfeed.v1.MarketService/ListSeries',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ListSeriesRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListSeriesResponse.FromString,
+                _registered_method=True)
+        self.GetSeries = channel.unary_unary(
+                '/kfeed.v1.MarketService/GetSeries',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class MarketServiceServicer:
@@ -120,6 +175,85 @@ class MarketServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSnapshots(self, request, context):
+        """Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+        message, then record batches (the BigQuery Storage Read API pattern).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportTrades(self, request, context):
+        """Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportOrderBookChanges(self, request, context):
+        """Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCandles(self, request, context):
+        """Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrderBook(self, request, context):
+        """Gets a market's full order book as it stood at a past instant, or the latest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamOrderBooks(self, request, context):
+        """Streams order books: a full book per market, then every change in order, one caught-up
+        marker, then live changes; a fresh full book after any feed gap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamTrades(self, request, context):
+        """Streams the public trade tape: stored trades first, one caught-up marker, then live trades.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """Lists events, ordered by event ticker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvent(self, request, context):
+        """Gets one event and its markets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSeries(self, request, context):
+        """Lists series, ordered by series ticker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSeries(self, request, context):
+        """Gets one series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MarketServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +286,61 @@ def add_MarketServiceServicer_to_server(servicer, server):
                     servicer.ListTrades,
                     request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListTradesRequest.FromString,
                     response_serializer=kfeed_dot_v1_dot_market__service__pb2.ListTradesResponse.SerializeToString,
+            ),
+            'ExportSnapshots': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSnapshots,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ExportSnapshotsRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ExportSnapshotsResponse.SerializeToString,
+            ),
+            'ExportTrades': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTrades,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ExportTradesRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ExportTradesResponse.SerializeToString,
+            ),
+            'ExportOrderBookChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportOrderBookChanges,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ExportOrderBookChangesRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ExportOrderBookChangesResponse.SerializeToString,
+            ),
+            'ListCandles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCandles,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListCandlesRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ListCandlesResponse.SerializeToString,
+            ),
+            'GetOrderBook': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrderBook,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetOrderBookRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.GetOrderBookResponse.SerializeToString,
+            ),
+            'StreamOrderBooks': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOrderBooks,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.StreamOrderBooksRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.StreamOrderBooksResponse.SerializeToString,
+            ),
+            'StreamTrades': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamTrades,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.StreamTradesRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.StreamTradesResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListEventsRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'GetEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvent,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetEventRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.GetEventResponse.SerializeToString,
+            ),
+            'ListSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSeries,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListSeriesRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ListSeriesResponse.SerializeToString,
+            ),
+            'GetSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSeries,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +509,303 @@ class MarketService:
             '/kfeed.v1.MarketService/ListTrades',
             kfeed_dot_v1_dot_market__service__pb2.ListTradesRequest.SerializeToString,
             kfeed_dot_v1_dot_market__service__pb2.ListTradesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ExportSnapshots',
+            kfeed_dot_v1_dot_market__service__pb2.ExportSnapshotsRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ExportSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTrades(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ExportTrades',
+            kfeed_dot_v1_dot_market__service__pb2.ExportTradesRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ExportTradesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportOrderBookChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ExportOrderBookChanges',
+            kfeed_dot_v1_dot_market__service__pb2.ExportOrderBookChangesRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ExportOrderBookChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCandles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ListCandles',
+            kfeed_dot_v1_dot_market__service__pb2.ListCandlesRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ListCandlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrderBook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/GetOrderBook',
+            kfeed_dot_v1_dot_market__service__pb2.GetOrderBookRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.GetOrderBookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOrderBooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfeed.v1.MarketService/StreamOrderBooks',
+            kfeed_dot_v1_dot_market__service__pb2.StreamOrderBooksRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.StreamOrderBooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamTrades(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfeed.v1.MarketService/StreamTrades',
+            kfeed_dot_v1_dot_market__service__pb2.StreamTradesRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.StreamTradesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ListEvents',
+            kfeed_dot_v1_dot_market__service__pb2.ListEventsRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/GetEvent',
+            kfeed_dot_v1_dot_market__service__pb2.GetEventRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.GetEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ListSeries',
+            kfeed_dot_v1_dot_market__service__pb2.ListSeriesRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ListSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/GetSeries',
+            kfeed_dot_v1_dot_market__service__pb2.GetSeriesRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.GetSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,32 @@ class MarketServiceStub:
     """
     ListTrades: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.ListTradesRequest, _market_service_pb2.ListTradesResponse]
     """Lists a market's public trades in a time window, oldest first."""
+    ExportSnapshots: _grpc.UnaryStreamMultiCallable[_market_service_pb2.ExportSnapshotsRequest, _market_service_pb2.ExportSnapshotsResponse]
+    """Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+    message, then record batches (the BigQuery Storage Read API pattern).
+    """
+    ExportTrades: _grpc.UnaryStreamMultiCallable[_market_service_pb2.ExportTradesRequest, _market_service_pb2.ExportTradesResponse]
+    """Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots."""
+    ExportOrderBookChanges: _grpc.UnaryStreamMultiCallable[_market_service_pb2.ExportOrderBookChangesRequest, _market_service_pb2.ExportOrderBookChangesResponse]
+    """Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots."""
+    ListCandles: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.ListCandlesRequest, _market_service_pb2.ListCandlesResponse]
+    """Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval."""
+    GetOrderBook: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.GetOrderBookRequest, _market_service_pb2.GetOrderBookResponse]
+    """Gets a market's full order book as it stood at a past instant, or the latest."""
+    StreamOrderBooks: _grpc.UnaryStreamMultiCallable[_market_service_pb2.StreamOrderBooksRequest, _market_service_pb2.StreamOrderBooksResponse]
+    """Streams order books: a full book per market, then every change in order, one caught-up
+    marker, then live changes; a fresh full book after any feed gap.
+    """
+    StreamTrades: _grpc.UnaryStreamMultiCallable[_market_service_pb2.StreamTradesRequest, _market_service_pb2.StreamTradesResponse]
+    """Streams the public trade tape: stored trades first, one caught-up marker, then live trades."""
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.ListEventsRequest, _market_service_pb2.ListEventsResponse]
+    """Lists events, ordered by event ticker."""
+    GetEvent: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.GetEventRequest, _market_service_pb2.GetEventResponse]
+    """Gets one event and its markets."""
+    ListSeries: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.ListSeriesRequest, _market_service_pb2.ListSeriesResponse]
+    """Lists series, ordered by series ticker."""
+    GetSeries: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.GetSeriesRequest, _market_service_pb2.GetSeriesResponse]
+    """Gets one series."""
 
 @_typing.type_check_only
 class MarketServiceAsyncStub(MarketServiceStub):
@@ -75,6 +101,32 @@ class MarketServiceAsyncStub(MarketServiceStub):
     """
     ListTrades: _aio.UnaryUnaryMultiCallable[_market_service_pb2.ListTradesRequest, _market_service_pb2.ListTradesResponse]  # type: ignore[assignment]
     """Lists a market's public trades in a time window, oldest first."""
+    ExportSnapshots: _aio.UnaryStreamMultiCallable[_market_service_pb2.ExportSnapshotsRequest, _market_service_pb2.ExportSnapshotsResponse]  # type: ignore[assignment]
+    """Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+    message, then record batches (the BigQuery Storage Read API pattern).
+    """
+    ExportTrades: _aio.UnaryStreamMultiCallable[_market_service_pb2.ExportTradesRequest, _market_service_pb2.ExportTradesResponse]  # type: ignore[assignment]
+    """Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots."""
+    ExportOrderBookChanges: _aio.UnaryStreamMultiCallable[_market_service_pb2.ExportOrderBookChangesRequest, _market_service_pb2.ExportOrderBookChangesResponse]  # type: ignore[assignment]
+    """Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots."""
+    ListCandles: _aio.UnaryUnaryMultiCallable[_market_service_pb2.ListCandlesRequest, _market_service_pb2.ListCandlesResponse]  # type: ignore[assignment]
+    """Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval."""
+    GetOrderBook: _aio.UnaryUnaryMultiCallable[_market_service_pb2.GetOrderBookRequest, _market_service_pb2.GetOrderBookResponse]  # type: ignore[assignment]
+    """Gets a market's full order book as it stood at a past instant, or the latest."""
+    StreamOrderBooks: _aio.UnaryStreamMultiCallable[_market_service_pb2.StreamOrderBooksRequest, _market_service_pb2.StreamOrderBooksResponse]  # type: ignore[assignment]
+    """Streams order books: a full book per market, then every change in order, one caught-up
+    marker, then live changes; a fresh full book after any feed gap.
+    """
+    StreamTrades: _aio.UnaryStreamMultiCallable[_market_service_pb2.StreamTradesRequest, _market_service_pb2.StreamTradesResponse]  # type: ignore[assignment]
+    """Streams the public trade tape: stored trades first, one caught-up marker, then live trades."""
+    ListEvents: _aio.UnaryUnaryMultiCallable[_market_service_pb2.ListEventsRequest, _market_service_pb2.ListEventsResponse]  # type: ignore[assignment]
+    """Lists events, ordered by event ticker."""
+    GetEvent: _aio.UnaryUnaryMultiCallable[_market_service_pb2.GetEventRequest, _market_service_pb2.GetEventResponse]  # type: ignore[assignment]
+    """Gets one event and its markets."""
+    ListSeries: _aio.UnaryUnaryMultiCallable[_market_service_pb2.ListSeriesRequest, _market_service_pb2.ListSeriesResponse]  # type: ignore[assignment]
+    """Lists series, ordered by series ticker."""
+    GetSeries: _aio.UnaryUnaryMultiCallable[_market_service_pb2.GetSeriesRequest, _market_service_pb2.GetSeriesResponse]  # type: ignore[assignment]
+    """Gets one series."""
 
 class MarketServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read access to recorded markets, snapshots and trades, and live snapshot feeds.
@@ -132,5 +184,97 @@ class MarketServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_market_service_pb2.ListTradesResponse, _abc.Awaitable[_market_service_pb2.ListTradesResponse]]:
         """Lists a market's public trades in a time window, oldest first."""
+
+    @_abc_1.abstractmethod
+    def ExportSnapshots(
+        self,
+        request: _market_service_pb2.ExportSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_market_service_pb2.ExportSnapshotsResponse], _abc.AsyncIterator[_market_service_pb2.ExportSnapshotsResponse]]:
+        """Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+        message, then record batches (the BigQuery Storage Read API pattern).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportTrades(
+        self,
+        request: _market_service_pb2.ExportTradesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_market_service_pb2.ExportTradesResponse], _abc.AsyncIterator[_market_service_pb2.ExportTradesResponse]]:
+        """Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots."""
+
+    @_abc_1.abstractmethod
+    def ExportOrderBookChanges(
+        self,
+        request: _market_service_pb2.ExportOrderBookChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_market_service_pb2.ExportOrderBookChangesResponse], _abc.AsyncIterator[_market_service_pb2.ExportOrderBookChangesResponse]]:
+        """Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots."""
+
+    @_abc_1.abstractmethod
+    def ListCandles(
+        self,
+        request: _market_service_pb2.ListCandlesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.ListCandlesResponse, _abc.Awaitable[_market_service_pb2.ListCandlesResponse]]:
+        """Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval."""
+
+    @_abc_1.abstractmethod
+    def GetOrderBook(
+        self,
+        request: _market_service_pb2.GetOrderBookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.GetOrderBookResponse, _abc.Awaitable[_market_service_pb2.GetOrderBookResponse]]:
+        """Gets a market's full order book as it stood at a past instant, or the latest."""
+
+    @_abc_1.abstractmethod
+    def StreamOrderBooks(
+        self,
+        request: _market_service_pb2.StreamOrderBooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_market_service_pb2.StreamOrderBooksResponse], _abc.AsyncIterator[_market_service_pb2.StreamOrderBooksResponse]]:
+        """Streams order books: a full book per market, then every change in order, one caught-up
+        marker, then live changes; a fresh full book after any feed gap.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamTrades(
+        self,
+        request: _market_service_pb2.StreamTradesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_market_service_pb2.StreamTradesResponse], _abc.AsyncIterator[_market_service_pb2.StreamTradesResponse]]:
+        """Streams the public trade tape: stored trades first, one caught-up marker, then live trades."""
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _market_service_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.ListEventsResponse, _abc.Awaitable[_market_service_pb2.ListEventsResponse]]:
+        """Lists events, ordered by event ticker."""
+
+    @_abc_1.abstractmethod
+    def GetEvent(
+        self,
+        request: _market_service_pb2.GetEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.GetEventResponse, _abc.Awaitable[_market_service_pb2.GetEventResponse]]:
+        """Gets one event and its markets."""
+
+    @_abc_1.abstractmethod
+    def ListSeries(
+        self,
+        request: _market_service_pb2.ListSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.ListSeriesResponse, _abc.Awaitable[_market_service_pb2.ListSeriesResponse]]:
+        """Lists series, ordered by series ticker."""
+
+    @_abc_1.abstractmethod
+    def GetSeries(
+        self,
+        request: _market_service_pb2.GetSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.GetSeriesResponse, _abc.Awaitable[_market_service_pb2.GetSeriesResponse]]:
+        """Gets one series."""
 
 def add_MarketServiceServicer_to_server(servicer: MarketServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

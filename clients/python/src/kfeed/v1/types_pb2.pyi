@@ -557,3 +557,241 @@ class FeedGap(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeedGap: _TypeAlias = FeedGap  # noqa: Y015
+
+@_typing.final
+class PriceLevel(_message.Message):
+    """One price level of an order book."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___Dollars: ...
+    @_builtins.property
+    def size(self) -> Global___Contracts:
+        """Resting size at this price."""
+
+    def __init__(
+        self,
+        *,
+        price: Global___Dollars | None = ...,
+        size: Global___Contracts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "size", b"size"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriceLevel: _TypeAlias = PriceLevel  # noqa: Y015
+
+@_typing.final
+class OrderBook(_message.Message):
+    """A market's full order book at one moment. Kalshi books hold bids only: a YES bid at X is a
+    NO ask at 1 - X, so the best YES ask is 1 - the best NO bid.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKER_FIELD_NUMBER: _builtins.int
+    EXCHANGE_TIME_FIELD_NUMBER: _builtins.int
+    YES_BIDS_FIELD_NUMBER: _builtins.int
+    NO_BIDS_FIELD_NUMBER: _builtins.int
+    EXCHANGE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    IN_FEED_GAP_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    ticker: _builtins.str
+    exchange_sequence: _builtins.int
+    """The exchange's sequence number of the last change in this book, when known."""
+    in_feed_gap: _builtins.bool
+    """True when a recorded feed gap overlaps this instant: the book may be incomplete."""
+    @_builtins.property
+    def exchange_time(self) -> _timestamp_pb2.Timestamp:
+        """When the exchange produced the last change in this book."""
+
+    @_builtins.property
+    def yes_bids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceLevel]:
+        """YES bids, best (highest price) first."""
+
+    @_builtins.property
+    def no_bids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceLevel]:
+        """NO bids, best (highest price) first."""
+
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp:
+        """When ingest received the last change in this book."""
+
+    def __init__(
+        self,
+        *,
+        ticker: _builtins.str = ...,
+        exchange_time: _timestamp_pb2.Timestamp | None = ...,
+        yes_bids: _abc.Iterable[Global___PriceLevel] | None = ...,
+        no_bids: _abc.Iterable[Global___PriceLevel] | None = ...,
+        exchange_sequence: _builtins.int | None = ...,
+        in_feed_gap: _builtins.bool = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exchange_sequence", b"_exchange_sequence", "exchange_sequence", b"exchange_sequence", "exchange_time", b"exchange_time", "receive_time", b"receive_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exchange_sequence", b"_exchange_sequence", "exchange_sequence", b"exchange_sequence", "exchange_time", b"exchange_time", "in_feed_gap", b"in_feed_gap", "no_bids", b"no_bids", "receive_time", b"receive_time", "ticker", b"ticker", "yes_bids", b"yes_bids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exchange_sequence: _TypeAlias = _typing.Literal["exchange_sequence"]  # noqa: Y015
+    _WhichOneofArgType__exchange_sequence: _TypeAlias = _typing.Literal["_exchange_sequence", b"_exchange_sequence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exchange_sequence) -> _WhichOneofReturnType__exchange_sequence | None: ...
+
+Global___OrderBook: _TypeAlias = OrderBook  # noqa: Y015
+
+@_typing.final
+class OrderBookChange(_message.Message):
+    """One order-book level's new size (the level is removed when the size is 0)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKER_FIELD_NUMBER: _builtins.int
+    EXCHANGE_TIME_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    EXCHANGE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    SIDE_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ticker: _builtins.str
+    exchange_sequence: _builtins.int
+    """The exchange's sequence number, when known."""
+    side: Global___Side.ValueType
+    """Which book: YES bids or NO bids."""
+    @_builtins.property
+    def exchange_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def price(self) -> Global___Dollars: ...
+    @_builtins.property
+    def size(self) -> Global___Contracts:
+        """The level's size after the change; 0 removes the level."""
+
+    def __init__(
+        self,
+        *,
+        ticker: _builtins.str = ...,
+        exchange_time: _timestamp_pb2.Timestamp | None = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+        exchange_sequence: _builtins.int | None = ...,
+        side: Global___Side.ValueType = ...,
+        price: Global___Dollars | None = ...,
+        size: Global___Contracts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exchange_sequence", b"_exchange_sequence", "exchange_sequence", b"exchange_sequence", "exchange_time", b"exchange_time", "price", b"price", "receive_time", b"receive_time", "size", b"size"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exchange_sequence", b"_exchange_sequence", "exchange_sequence", b"exchange_sequence", "exchange_time", b"exchange_time", "price", b"price", "receive_time", b"receive_time", "side", b"side", "size", b"size", "ticker", b"ticker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exchange_sequence: _TypeAlias = _typing.Literal["exchange_sequence"]  # noqa: Y015
+    _WhichOneofArgType__exchange_sequence: _TypeAlias = _typing.Literal["_exchange_sequence", b"_exchange_sequence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exchange_sequence) -> _WhichOneofReturnType__exchange_sequence | None: ...
+
+Global___OrderBookChange: _TypeAlias = OrderBookChange  # noqa: Y015
+
+@_typing.final
+class PriceOhlc(_message.Message):
+    """Open, high, low and close of a price over one candle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open(self) -> Global___Dollars: ...
+    @_builtins.property
+    def high(self) -> Global___Dollars: ...
+    @_builtins.property
+    def low(self) -> Global___Dollars: ...
+    @_builtins.property
+    def close(self) -> Global___Dollars: ...
+    def __init__(
+        self,
+        *,
+        open: Global___Dollars | None = ...,
+        high: Global___Dollars | None = ...,
+        low: Global___Dollars | None = ...,
+        close: Global___Dollars | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "high", b"high", "low", b"low", "open", b"open"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "high", b"high", "low", b"low", "open", b"open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriceOhlc: _TypeAlias = PriceOhlc  # noqa: Y015
+
+@_typing.final
+class Candle(_message.Message):
+    """One interval of a market's history, with the content of Kalshi's candlesticks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    YES_BID_FIELD_NUMBER: _builtins.int
+    YES_ASK_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    MEAN_PRICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    TRADE_COUNT_FIELD_NUMBER: _builtins.int
+    OPEN_INTEREST_FIELD_NUMBER: _builtins.int
+    trade_count: _builtins.int
+    """Trades in the interval."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The interval is [start_time, end_time)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def yes_bid(self) -> Global___PriceOhlc:
+        """The YES bid over the interval (the bid in force at the start counts as the open);
+        absent when there was no bid at any time in the interval.
+        """
+
+    @_builtins.property
+    def yes_ask(self) -> Global___PriceOhlc:
+        """The YES ask, likewise."""
+
+    @_builtins.property
+    def price(self) -> Global___PriceOhlc:
+        """Trade prices; absent when the interval had no trade (no price is invented)."""
+
+    @_builtins.property
+    def mean_price(self) -> Global___Dollars:
+        """Count-weighted mean trade price; absent when the interval had no trade."""
+
+    @_builtins.property
+    def volume(self) -> Global___Contracts:
+        """Contracts traded in the interval."""
+
+    @_builtins.property
+    def open_interest(self) -> Global___Contracts:
+        """Open interest in force at the interval's end, when known."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        yes_bid: Global___PriceOhlc | None = ...,
+        yes_ask: Global___PriceOhlc | None = ...,
+        price: Global___PriceOhlc | None = ...,
+        mean_price: Global___Dollars | None = ...,
+        volume: Global___Contracts | None = ...,
+        trade_count: _builtins.int = ...,
+        open_interest: Global___Contracts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "mean_price", b"mean_price", "open_interest", b"open_interest", "price", b"price", "start_time", b"start_time", "volume", b"volume", "yes_ask", b"yes_ask", "yes_bid", b"yes_bid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "mean_price", b"mean_price", "open_interest", b"open_interest", "price", b"price", "start_time", b"start_time", "trade_count", b"trade_count", "volume", b"volume", "yes_ask", b"yes_ask", "yes_bid", b"yes_bid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Candle: _TypeAlias = Candle  # noqa: Y015

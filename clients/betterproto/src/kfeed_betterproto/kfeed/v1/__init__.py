@@ -14,6 +14,7 @@ __all__ = (
     "BacktestView",
     "CancelBacktestRequest",
     "CancelBacktestResponse",
+    "Candle",
     "CaughtUp",
     "Contracts",
     "CreateBacktestRequest",
@@ -24,24 +25,42 @@ __all__ = (
     "EquityPoint",
     "Event",
     "Execution",
+    "ExportOrderBookChangesRequest",
+    "ExportOrderBookChangesResponse",
+    "ExportSnapshotsRequest",
+    "ExportSnapshotsResponse",
+    "ExportTradesRequest",
+    "ExportTradesResponse",
     "FeeRounding",
     "FeedGap",
     "FieldViolation",
     "GetBacktestRequest",
     "GetBacktestResponse",
+    "GetEventRequest",
+    "GetEventResponse",
     "GetLatestSnapshotRequest",
     "GetLatestSnapshotResponse",
     "GetMarketRequest",
     "GetMarketResponse",
+    "GetOrderBookRequest",
+    "GetOrderBookResponse",
+    "GetSeriesRequest",
+    "GetSeriesResponse",
     "Heartbeat",
     "IngestServiceAsyncStub",
     "IngestServiceStub",
     "ListBacktestsRequest",
     "ListBacktestsResponse",
+    "ListCandlesRequest",
+    "ListCandlesResponse",
+    "ListEventsRequest",
+    "ListEventsResponse",
     "ListExecutionsRequest",
     "ListExecutionsResponse",
     "ListMarketsRequest",
     "ListMarketsResponse",
+    "ListSeriesRequest",
+    "ListSeriesResponse",
     "ListSnapshotsRequest",
     "ListSnapshotsResponse",
     "ListStrategiesRequest",
@@ -55,23 +74,35 @@ __all__ = (
     "MarketSnapshot",
     "MarketStatus",
     "OrderAction",
+    "OrderBook",
+    "OrderBookChange",
+    "OrderBookUpdate",
+    "OrderBookUpdateBatch",
     "OverflowPolicy",
     "ParameterSpec",
     "ParameterSweep",
     "ParameterType",
     "ParameterValue",
     "ParameterValues",
+    "PriceLevel",
+    "PriceOhlc",
     "PublishRequest",
     "PublishResponse",
     "Series",
     "Side",
+    "SnapshotBatch",
     "SnapshotColumns",
     "SnapshotUpdate",
     "Strategy",
+    "StreamOrderBooksRequest",
+    "StreamOrderBooksResponse",
     "StreamSnapshotsRequest",
     "StreamSnapshotsResponse",
+    "StreamTradesRequest",
+    "StreamTradesResponse",
     "SubscriberGap",
     "Trade",
+    "TradeBatch",
     "WatchBacktestRequest",
     "WatchBacktestResponse",
 )
@@ -774,6 +805,65 @@ default_message_pool.register_message("kfeed.v1", "CancelBacktestResponse", Canc
 
 
 @dataclass(eq=False, repr=False)
+class Candle(betterproto2.Message):
+    """
+    One interval of a market's history, with the content of Kalshi's candlesticks.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    The interval is [start_time, end_time).
+    """
+
+    end_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+
+    yes_bid: "PriceOhlc | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    The YES bid over the interval (the bid in force at the start counts as the open);
+    absent when there was no bid at any time in the interval.
+    """
+
+    yes_ask: "PriceOhlc | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    The YES ask, likewise.
+    """
+
+    price: "PriceOhlc | None" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    Trade prices; absent when the interval had no trade (no price is invented).
+    """
+
+    mean_price: "Dollars | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    Count-weighted mean trade price; absent when the interval had no trade.
+    """
+
+    volume: "Contracts | None" = betterproto2.field(7, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    Contracts traded in the interval.
+    """
+
+    trade_count: "int" = betterproto2.field(8, betterproto2.TYPE_INT64)
+    """
+    Trades in the interval.
+    """
+
+    open_interest: "Contracts | None" = betterproto2.field(
+        9, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    Open interest in force at the interval's end, when known.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "Candle", Candle)
+
+
+@dataclass(eq=False, repr=False)
 class CaughtUp(betterproto2.Message):
     """
     Sent once, after stored history and before the first live snapshot.
@@ -980,6 +1070,180 @@ default_message_pool.register_message("kfeed.v1", "Execution", Execution)
 
 
 @dataclass(eq=False, repr=False)
+class ExportOrderBookChangesRequest(betterproto2.Message):
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Markets to export; empty means all (subject to `event_ticker` and `series_ticker`).
+    """
+
+    event_ticker: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Only markets of this event, when set.
+    """
+
+    series_ticker: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only markets of this series, when set.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Inclusive lower bound on exchange time; unset means from the beginning.
+    """
+
+    end_time: "datetime.datetime | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Exclusive upper bound on exchange time; unset means up to now.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "ExportOrderBookChangesRequest", ExportOrderBookChangesRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class ExportOrderBookChangesResponse(betterproto2.Message):
+    arrow_schema: "bytes" = betterproto2.field(1, betterproto2.TYPE_BYTES)
+    """
+    The Arrow IPC schema message; set on the first response only.
+    """
+
+    arrow_record_batch: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+    """
+    One Arrow IPC record batch (may be empty on the first response).
+    """
+
+    row_count: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    Rows in `arrow_record_batch`.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "ExportOrderBookChangesResponse", ExportOrderBookChangesResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class ExportSnapshotsRequest(betterproto2.Message):
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Markets to export; empty means all (subject to `event_ticker` and `series_ticker`).
+    """
+
+    event_ticker: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Only markets of this event, when set.
+    """
+
+    series_ticker: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only markets of this series, when set.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Inclusive lower bound on exchange time; unset means from the beginning.
+    """
+
+    end_time: "datetime.datetime | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Exclusive upper bound on exchange time; unset means up to now.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ExportSnapshotsRequest", ExportSnapshotsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ExportSnapshotsResponse(betterproto2.Message):
+    arrow_schema: "bytes" = betterproto2.field(1, betterproto2.TYPE_BYTES)
+    """
+    The Arrow IPC schema message; set on the first response only.
+    """
+
+    arrow_record_batch: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+    """
+    One Arrow IPC record batch (may be empty on the first response).
+    """
+
+    row_count: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    Rows in `arrow_record_batch`.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "ExportSnapshotsResponse", ExportSnapshotsResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class ExportTradesRequest(betterproto2.Message):
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Markets to export; empty means all (subject to `event_ticker` and `series_ticker`).
+    """
+
+    event_ticker: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Only markets of this event, when set.
+    """
+
+    series_ticker: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only markets of this series, when set.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Inclusive lower bound on trade time; unset means from the beginning.
+    """
+
+    end_time: "datetime.datetime | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Exclusive upper bound on trade time; unset means up to now.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ExportTradesRequest", ExportTradesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ExportTradesResponse(betterproto2.Message):
+    arrow_schema: "bytes" = betterproto2.field(1, betterproto2.TYPE_BYTES)
+    """
+    The Arrow IPC schema message; set on the first response only.
+    """
+
+    arrow_record_batch: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+    """
+    One Arrow IPC record batch (may be empty on the first response).
+    """
+
+    row_count: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    Rows in `arrow_record_batch`.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ExportTradesResponse", ExportTradesResponse)
+
+
+@dataclass(eq=False, repr=False)
 class FeedGap(betterproto2.Message):
     """
     A break in the exchange's WebSocket sequence numbers that ingest detected.
@@ -1064,6 +1328,30 @@ default_message_pool.register_message("kfeed.v1", "GetBacktestResponse", GetBack
 
 
 @dataclass(eq=False, repr=False)
+class GetEventRequest(betterproto2.Message):
+    event_ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The event's ticker.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "GetEventRequest", GetEventRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetEventResponse(betterproto2.Message):
+    event: "Event | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    markets: "list[Market]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    The event's markets, ordered by ticker.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "GetEventResponse", GetEventResponse)
+
+
+@dataclass(eq=False, repr=False)
 class GetLatestSnapshotRequest(betterproto2.Message):
     ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
@@ -1105,6 +1393,56 @@ class GetMarketResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "GetMarketResponse", GetMarketResponse)
+
+
+@dataclass(eq=False, repr=False)
+class GetOrderBookRequest(betterproto2.Message):
+    ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The market's ticker.
+    """
+
+    time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    The instant to rebuild the book at; unset means the latest book.
+    """
+
+    depth: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
+    """
+    Levels per side, best first: 0 means all.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "GetOrderBookRequest", GetOrderBookRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetOrderBookResponse(betterproto2.Message):
+    book: "OrderBook | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("kfeed.v1", "GetOrderBookResponse", GetOrderBookResponse)
+
+
+@dataclass(eq=False, repr=False)
+class GetSeriesRequest(betterproto2.Message):
+    series_ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The series' ticker.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "GetSeriesRequest", GetSeriesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetSeriesResponse(betterproto2.Message):
+    series: "Series | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("kfeed.v1", "GetSeriesResponse", GetSeriesResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1159,6 +1497,98 @@ class ListBacktestsResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "ListBacktestsResponse", ListBacktestsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListCandlesRequest(betterproto2.Message):
+    ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The market's ticker.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Inclusive lower bound: the first candle starts here (aligned down to the interval, UTC).
+    """
+
+    end_time: "datetime.datetime | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Exclusive upper bound on candle start times; unset means up to now.
+    """
+
+    interval: "datetime.timedelta | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+    """
+    Candle length: a whole number of seconds, from 1 s to 1 day.
+    """
+
+    page_size: "int" = betterproto2.field(5, betterproto2.TYPE_INT32)
+    """
+    Maximum candles to return: 0 means the default (1000); at most 10000.
+    """
+
+    page_token: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    A token from a previous response's `next_page_token`; other fields must match.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListCandlesRequest", ListCandlesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListCandlesResponse(betterproto2.Message):
+    candles: "list[Candle]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Oldest first.
+    """
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Token for the next page; empty on the last page.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListCandlesResponse", ListCandlesResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListEventsRequest(betterproto2.Message):
+    page_size: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    Maximum events to return: 0 means the default (100); at most 1000.
+    """
+
+    page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    A token from a previous response's `next_page_token`.
+    """
+
+    series_ticker: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only events of this series, when set.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListEventsRequest", ListEventsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListEventsResponse(betterproto2.Message):
+    events: "list[Event]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Token for the next page; empty on the last page.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListEventsResponse", ListEventsResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1228,6 +1658,40 @@ class ListMarketsResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "ListMarketsResponse", ListMarketsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListSeriesRequest(betterproto2.Message):
+    page_size: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    Maximum series to return: 0 means the default (100); at most 1000.
+    """
+
+    page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    A token from a previous response's `next_page_token`.
+    """
+
+    category: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only series in this category, when set.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListSeriesRequest", ListSeriesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListSeriesResponse(betterproto2.Message):
+    series: "list[Series]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Token for the next page; empty on the last page.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListSeriesResponse", ListSeriesResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1509,6 +1973,125 @@ default_message_pool.register_message("kfeed.v1", "MarketSnapshot", MarketSnapsh
 
 
 @dataclass(eq=False, repr=False)
+class OrderBook(betterproto2.Message):
+    """
+    A market's full order book at one moment. Kalshi books hold bids only: a YES bid at X is a
+    NO ask at 1 - X, so the best YES ask is 1 - the best NO bid.
+    """
+
+    ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    exchange_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    When the exchange produced the last change in this book.
+    """
+
+    yes_bids: "list[PriceLevel]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    YES bids, best (highest price) first.
+    """
+
+    no_bids: "list[PriceLevel]" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    NO bids, best (highest price) first.
+    """
+
+    exchange_sequence: "int | None" = betterproto2.field(5, betterproto2.TYPE_INT64, optional=True)
+    """
+    The exchange's sequence number of the last change in this book, when known.
+    """
+
+    in_feed_gap: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
+    """
+    True when a recorded feed gap overlaps this instant: the book may be incomplete.
+    """
+
+    receive_time: "datetime.datetime | None" = betterproto2.field(
+        7, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    When ingest received the last change in this book.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "OrderBook", OrderBook)
+
+
+@dataclass(eq=False, repr=False)
+class OrderBookChange(betterproto2.Message):
+    """
+    One order-book level's new size (the level is removed when the size is 0).
+    """
+
+    ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    exchange_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+
+    receive_time: "datetime.datetime | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+
+    exchange_sequence: "int | None" = betterproto2.field(4, betterproto2.TYPE_INT64, optional=True)
+    """
+    The exchange's sequence number, when known.
+    """
+
+    side: "Side" = betterproto2.field(5, betterproto2.TYPE_ENUM, default_factory=lambda: Side(0))
+    """
+    Which book: YES bids or NO bids.
+    """
+
+    price: "Dollars | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
+
+    size: "Contracts | None" = betterproto2.field(7, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    The level's size after the change; 0 removes the level.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "OrderBookChange", OrderBookChange)
+
+
+@dataclass(eq=False, repr=False)
+class OrderBookUpdate(betterproto2.Message):
+    """
+    A full book or one change, as carried in a batch.
+
+    Oneofs:
+        - update:
+    """
+
+    book: "OrderBook | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, optional=True, group="update"
+    )
+
+    change: "OrderBookChange | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, optional=True, group="update"
+    )
+
+
+default_message_pool.register_message("kfeed.v1", "OrderBookUpdate", OrderBookUpdate)
+
+
+@dataclass(eq=False, repr=False)
+class OrderBookUpdateBatch(betterproto2.Message):
+    """
+    Consecutive order-book updates sent in one message.
+    """
+
+    updates: "list[OrderBookUpdate]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("kfeed.v1", "OrderBookUpdateBatch", OrderBookUpdateBatch)
+
+
+@dataclass(eq=False, repr=False)
 class ParameterSpec(betterproto2.Message):
     """
     The schema of one strategy parameter.
@@ -1609,6 +2192,41 @@ class ParameterValues(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "ParameterValues", ParameterValues)
+
+
+@dataclass(eq=False, repr=False)
+class PriceLevel(betterproto2.Message):
+    """
+    One price level of an order book.
+    """
+
+    price: "Dollars | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    size: "Contracts | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    Resting size at this price.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "PriceLevel", PriceLevel)
+
+
+@dataclass(eq=False, repr=False)
+class PriceOhlc(betterproto2.Message):
+    """
+    Open, high, low and close of a price over one candle.
+    """
+
+    open: "Dollars | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    high: "Dollars | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+    low: "Dollars | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
+
+    close: "Dollars | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("kfeed.v1", "PriceOhlc", PriceOhlc)
 
 
 @dataclass(eq=False, repr=False)
@@ -1729,6 +2347,20 @@ class Series(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "Series", Series)
+
+
+@dataclass(eq=False, repr=False)
+class SnapshotBatch(betterproto2.Message):
+    """
+    Consecutive snapshots sent in one message (see StreamSnapshotsRequest.max_batch_size).
+    """
+
+    updates: "list[SnapshotUpdate]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("kfeed.v1", "SnapshotBatch", SnapshotBatch)
 
 
 @dataclass(eq=False, repr=False)
@@ -1865,6 +2497,126 @@ default_message_pool.register_message("kfeed.v1", "Strategy", Strategy)
 
 
 @dataclass(eq=False, repr=False)
+class StreamOrderBooksRequest(betterproto2.Message):
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`).
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Start from the books in force at this time, then replay every change; unset means now.
+    """
+
+    resume_token: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Continue exactly after the message that carried this token. Wins over `start_time`.
+    """
+
+    depth: "int" = betterproto2.field(4, betterproto2.TYPE_INT32)
+    """
+    Levels per side in full books, best first: 0 means all.
+    """
+
+    event_ticker: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    Only markets of this event, when set.
+    """
+
+    series_ticker: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    Only markets of this series, when set.
+    """
+
+    heartbeat_interval: "datetime.timedelta | None" = betterproto2.field(
+        7, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+    """
+    How often to send a heartbeat when nothing else is sent: 0 means 5 s; 100 ms to 60 s.
+    """
+
+    conflation_interval: "datetime.timedelta | None" = betterproto2.field(
+        8, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+    """
+    If set, live changes are conflated: at most one full book per market per interval.
+    """
+
+    overflow_policy: "OverflowPolicy" = betterproto2.field(
+        9, betterproto2.TYPE_ENUM, default_factory=lambda: OverflowPolicy(0)
+    )
+
+    max_batch_size: "int" = betterproto2.field(10, betterproto2.TYPE_INT32)
+    """
+    0 or 1: one update per message; above 1 up to this many in one `batch` message.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "StreamOrderBooksRequest", StreamOrderBooksRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class StreamOrderBooksResponse(betterproto2.Message):
+    """
+
+
+    Oneofs:
+        - event:
+    """
+
+    resume_token: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    Resume from here to continue after this message. Present on every message.
+    """
+
+    book: "OrderBook | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+    """
+    A full book: the first for each market, and again after a feed gap.
+    """
+
+    change: "OrderBookChange | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+    """
+    One level's new size.
+    """
+
+    caught_up: "CaughtUp | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    heartbeat: "Heartbeat | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    feed_gap: "FeedGap | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    subscriber_gap: "SubscriberGap | None" = betterproto2.field(
+        7, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    batch: "OrderBookUpdateBatch | None" = betterproto2.field(
+        8, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+    """
+    Consecutive books and changes; `resume_token` resumes after the last of them.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "StreamOrderBooksResponse", StreamOrderBooksResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class StreamSnapshotsRequest(betterproto2.Message):
     tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
@@ -1917,6 +2669,12 @@ class StreamSnapshotsRequest(betterproto2.Message):
         9, betterproto2.TYPE_ENUM, default_factory=lambda: OverflowPolicy(0)
     )
 
+    max_batch_size: "int" = betterproto2.field(10, betterproto2.TYPE_INT32)
+    """
+    0 or 1: one snapshot per message. Above 1 the server may send up to this many consecutive
+    snapshots in one `snapshot_batch` message (at most 10000).
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "StreamSnapshotsRequest", StreamSnapshotsRequest)
 
@@ -1955,10 +2713,107 @@ class StreamSnapshotsResponse(betterproto2.Message):
         6, betterproto2.TYPE_MESSAGE, optional=True, group="event"
     )
 
+    snapshot_batch: "SnapshotBatch | None" = betterproto2.field(
+        7, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+    """
+    Consecutive snapshots in one message; `resume_token` resumes after the last of them.
+    """
+
 
 default_message_pool.register_message(
     "kfeed.v1", "StreamSnapshotsResponse", StreamSnapshotsResponse
 )
+
+
+@dataclass(eq=False, repr=False)
+class StreamTradesRequest(betterproto2.Message):
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`).
+    """
+
+    event_ticker: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Only markets of this event, when set.
+    """
+
+    series_ticker: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only markets of this series, when set.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Replay stored trades created at or after this, then go live.
+    """
+
+    resume_token: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    Continue exactly after the message that carried this token. Wins over `start_time`.
+    """
+
+    heartbeat_interval: "datetime.timedelta | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+    """
+    How often to send a heartbeat when nothing else is sent: 0 means 5 s; 100 ms to 60 s.
+    """
+
+    overflow_policy: "OverflowPolicy" = betterproto2.field(
+        7, betterproto2.TYPE_ENUM, default_factory=lambda: OverflowPolicy(0)
+    )
+
+    max_batch_size: "int" = betterproto2.field(8, betterproto2.TYPE_INT32)
+    """
+    0 or 1: one trade per message; above 1 up to this many in one `trade_batch` message.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "StreamTradesRequest", StreamTradesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class StreamTradesResponse(betterproto2.Message):
+    """
+
+
+    Oneofs:
+        - event:
+    """
+
+    resume_token: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    Resume from here to continue after this message. Present on every message.
+    """
+
+    trade: "Trade | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    caught_up: "CaughtUp | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    heartbeat: "Heartbeat | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    subscriber_gap: "SubscriberGap | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
+    trade_batch: "TradeBatch | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+    """
+    Consecutive trades; `resume_token` resumes after the last of them.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "StreamTradesResponse", StreamTradesResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -2013,6 +2868,18 @@ class Trade(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "Trade", Trade)
+
+
+@dataclass(eq=False, repr=False)
+class TradeBatch(betterproto2.Message):
+    """
+    Consecutive trades sent in one message.
+    """
+
+    trades: "list[Trade]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("kfeed.v1", "TradeBatch", TradeBatch)
 
 
 @dataclass(eq=False, repr=False)
@@ -2430,6 +3297,135 @@ class MarketServiceStub:
             ListTradesResponse.FromString,
         )(message)
 
+    def export_snapshots(
+        self, message: "ExportSnapshotsRequest"
+    ) -> "Iterator[ExportSnapshotsResponse]":
+        """
+        Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+        message, then record batches (the BigQuery Storage Read API pattern).
+        """
+
+        yield from self._channel.unary_stream(
+            "/kfeed.v1.MarketService/ExportSnapshots",
+            ExportSnapshotsRequest.SerializeToString,
+            ExportSnapshotsResponse.FromString,
+        )(message)
+
+    def export_trades(self, message: "ExportTradesRequest") -> "Iterator[ExportTradesResponse]":
+        """
+        Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots.
+        """
+
+        yield from self._channel.unary_stream(
+            "/kfeed.v1.MarketService/ExportTrades",
+            ExportTradesRequest.SerializeToString,
+            ExportTradesResponse.FromString,
+        )(message)
+
+    def export_order_book_changes(
+        self, message: "ExportOrderBookChangesRequest"
+    ) -> "Iterator[ExportOrderBookChangesResponse]":
+        """
+        Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots.
+        """
+
+        yield from self._channel.unary_stream(
+            "/kfeed.v1.MarketService/ExportOrderBookChanges",
+            ExportOrderBookChangesRequest.SerializeToString,
+            ExportOrderBookChangesResponse.FromString,
+        )(message)
+
+    def list_candles(self, message: "ListCandlesRequest") -> "ListCandlesResponse":
+        """
+        Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/ListCandles",
+            ListCandlesRequest.SerializeToString,
+            ListCandlesResponse.FromString,
+        )(message)
+
+    def get_order_book(self, message: "GetOrderBookRequest") -> "GetOrderBookResponse":
+        """
+        Gets a market's full order book as it stood at a past instant, or the latest.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/GetOrderBook",
+            GetOrderBookRequest.SerializeToString,
+            GetOrderBookResponse.FromString,
+        )(message)
+
+    def stream_order_books(
+        self, message: "StreamOrderBooksRequest"
+    ) -> "Iterator[StreamOrderBooksResponse]":
+        """
+        Streams order books: a full book per market, then every change in order, one caught-up
+        marker, then live changes; a fresh full book after any feed gap.
+        """
+
+        yield from self._channel.unary_stream(
+            "/kfeed.v1.MarketService/StreamOrderBooks",
+            StreamOrderBooksRequest.SerializeToString,
+            StreamOrderBooksResponse.FromString,
+        )(message)
+
+    def stream_trades(self, message: "StreamTradesRequest") -> "Iterator[StreamTradesResponse]":
+        """
+        Streams the public trade tape: stored trades first, one caught-up marker, then live trades.
+        """
+
+        yield from self._channel.unary_stream(
+            "/kfeed.v1.MarketService/StreamTrades",
+            StreamTradesRequest.SerializeToString,
+            StreamTradesResponse.FromString,
+        )(message)
+
+    def list_events(self, message: "ListEventsRequest") -> "ListEventsResponse":
+        """
+        Lists events, ordered by event ticker.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/ListEvents",
+            ListEventsRequest.SerializeToString,
+            ListEventsResponse.FromString,
+        )(message)
+
+    def get_event(self, message: "GetEventRequest") -> "GetEventResponse":
+        """
+        Gets one event and its markets.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/GetEvent",
+            GetEventRequest.SerializeToString,
+            GetEventResponse.FromString,
+        )(message)
+
+    def list_series(self, message: "ListSeriesRequest") -> "ListSeriesResponse":
+        """
+        Lists series, ordered by series ticker.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/ListSeries",
+            ListSeriesRequest.SerializeToString,
+            ListSeriesResponse.FromString,
+        )(message)
+
+    def get_series(self, message: "GetSeriesRequest") -> "GetSeriesResponse":
+        """
+        Gets one series.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/GetSeries",
+            GetSeriesRequest.SerializeToString,
+            GetSeriesResponse.FromString,
+        )(message)
+
 
 class MarketServiceAsyncStub(betterproto2_grpclib.ServiceStub):
     """
@@ -2562,6 +3558,244 @@ class MarketServiceAsyncStub(betterproto2_grpclib.ServiceStub):
             "/kfeed.v1.MarketService/ListTrades",
             message,
             ListTradesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def export_snapshots(
+        self,
+        message: "ExportSnapshotsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[ExportSnapshotsResponse]":
+        """
+        Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+        message, then record batches (the BigQuery Storage Read API pattern).
+        """
+
+        async for response in self._unary_stream(
+            "/kfeed.v1.MarketService/ExportSnapshots",
+            message,
+            ExportSnapshotsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def export_trades(
+        self,
+        message: "ExportTradesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[ExportTradesResponse]":
+        """
+        Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots.
+        """
+
+        async for response in self._unary_stream(
+            "/kfeed.v1.MarketService/ExportTrades",
+            message,
+            ExportTradesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def export_order_book_changes(
+        self,
+        message: "ExportOrderBookChangesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[ExportOrderBookChangesResponse]":
+        """
+        Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots.
+        """
+
+        async for response in self._unary_stream(
+            "/kfeed.v1.MarketService/ExportOrderBookChanges",
+            message,
+            ExportOrderBookChangesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def list_candles(
+        self,
+        message: "ListCandlesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListCandlesResponse":
+        """
+        Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/ListCandles",
+            message,
+            ListCandlesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_order_book(
+        self,
+        message: "GetOrderBookRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetOrderBookResponse":
+        """
+        Gets a market's full order book as it stood at a past instant, or the latest.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/GetOrderBook",
+            message,
+            GetOrderBookResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def stream_order_books(
+        self,
+        message: "StreamOrderBooksRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[StreamOrderBooksResponse]":
+        """
+        Streams order books: a full book per market, then every change in order, one caught-up
+        marker, then live changes; a fresh full book after any feed gap.
+        """
+
+        async for response in self._unary_stream(
+            "/kfeed.v1.MarketService/StreamOrderBooks",
+            message,
+            StreamOrderBooksResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def stream_trades(
+        self,
+        message: "StreamTradesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[StreamTradesResponse]":
+        """
+        Streams the public trade tape: stored trades first, one caught-up marker, then live trades.
+        """
+
+        async for response in self._unary_stream(
+            "/kfeed.v1.MarketService/StreamTrades",
+            message,
+            StreamTradesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def list_events(
+        self,
+        message: "ListEventsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListEventsResponse":
+        """
+        Lists events, ordered by event ticker.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/ListEvents",
+            message,
+            ListEventsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_event(
+        self,
+        message: "GetEventRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetEventResponse":
+        """
+        Gets one event and its markets.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/GetEvent",
+            message,
+            GetEventResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_series(
+        self,
+        message: "ListSeriesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListSeriesResponse":
+        """
+        Lists series, ordered by series ticker.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/ListSeries",
+            message,
+            ListSeriesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_series(
+        self,
+        message: "GetSeriesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetSeriesResponse":
+        """
+        Gets one series.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/GetSeries",
+            message,
+            GetSeriesResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,

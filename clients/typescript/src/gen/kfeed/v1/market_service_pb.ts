@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { FeedGap, Market, MarketSnapshot, MarketStatus, Trade } from "./types_pb.js";
+import type { Candle, Event, FeedGap, Market, MarketSnapshot, MarketStatus, OrderBook, OrderBookChange, Series, Trade } from "./types_pb.js";
 import { file_kfeed_v1_types } from "./types_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/market_service.proto.
  */
 export const file_kfeed_v1_market_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1rZmVlZC92MS9tYXJrZXRfc2VydmljZS5wcm90bxIIa2ZlZWQudjEikgEKEkxpc3RNYXJrZXRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIUCgxldmVudF90aWNrZXIYAyABKAkSFQoNc2VyaWVzX3RpY2tlchgEIAEoCRIoCghzdGF0dXNlcxgFIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cyJRChNMaXN0TWFya2V0c1Jlc3BvbnNlEiEKB21hcmtldHMYASADKAsyEC5rZmVlZC52MS5NYXJrZXQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiIKEEdldE1hcmtldFJlcXVlc3QSDgoGdGlja2VyGAEgASgJIjUKEUdldE1hcmtldFJlc3BvbnNlEiAKBm1hcmtldBgBIAEoCzIQLmtmZWVkLnYxLk1hcmtldCIqChhHZXRMYXRlc3RTbmFwc2hvdFJlcXVlc3QSDgoGdGlja2VyGAEgASgJIkcKGUdldExhdGVzdFNuYXBzaG90UmVzcG9uc2USKgoIc25hcHNob3QYASABKAsyGC5rZmVlZC52MS5NYXJrZXRTbmFwc2hvdCKrAQoUTGlzdFNuYXBzaG90c1JlcXVlc3QSDgoGdGlja2VyGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJdChVMaXN0U25hcHNob3RzUmVzcG9uc2USKwoJc25hcHNob3RzGAEgAygLMhgua2ZlZWQudjEuTWFya2V0U25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJItYCChZTdHJlYW1TbmFwc2hvdHNSZXF1ZXN0Eg8KB3RpY2tlcnMYASADKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMcmVzdW1lX3Rva2VuGAMgASgJEhQKDGV2ZW50X3RpY2tlchgEIAEoCRIVCg1zZXJpZXNfdGlja2VyGAUgASgJEhYKDmluY2x1ZGVfbGF0ZXN0GAYgASgIEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2ChNjb25mbGF0aW9uX2ludGVydmFsGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKD292ZXJmbG93X3BvbGljeRgJIAEoDjIYLmtmZWVkLnYxLk92ZXJmbG93UG9saWN5IpMCChdTdHJlYW1TbmFwc2hvdHNSZXNwb25zZRIUCgxyZXN1bWVfdG9rZW4YASABKAkSLAoIc25hcHNob3QYAiABKAsyGC5rZmVlZC52MS5TbmFwc2hvdFVwZGF0ZUgAEicKCWNhdWdodF91cBgDIAEoCzISLmtmZWVkLnYxLkNhdWdodFVwSAASKAoJaGVhcnRiZWF0GAQgASgLMhMua2ZlZWQudjEuSGVhcnRiZWF0SAASMQoOc3Vic2NyaWJlcl9nYXAYBSABKAsyFy5rZmVlZC52MS5TdWJzY3JpYmVyR2FwSAASJQoIZmVlZF9nYXAYBiABKAsyES5rZmVlZC52MS5GZWVkR2FwSABCBwoFZXZlbnQiVQoOU25hcHNob3RVcGRhdGUSKgoIc25hcHNob3QYASABKAsyGC5rZmVlZC52MS5NYXJrZXRTbmFwc2hvdBIXCg9jb2FsZXNjZWRfY291bnQYAiABKAUiIgoIQ2F1Z2h0VXASFgoOcmVwbGF5ZWRfY291bnQYASABKAMiPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCImCg1TdWJzY3JpYmVyR2FwEhUKDWRyb3BwZWRfY291bnQYASABKAMiqAEKEUxpc3RUcmFkZXNSZXF1ZXN0Eg4KBnRpY2tlchgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiTgoSTGlzdFRyYWRlc1Jlc3BvbnNlEh8KBnRyYWRlcxgBIAMoCzIPLmtmZWVkLnYxLlRyYWRlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSp5Cg5PdmVyZmxvd1BvbGljeRIfChtPVkVSRkxPV19QT0xJQ1lfVU5TUEVDSUZJRUQQABIeChpPVkVSRkxPV19QT0xJQ1lfR0FQX01BUktFUhABEiYKIk9WRVJGTE9XX1BPTElDWV9SRVNPVVJDRV9FWEhBVVNURUQQAjL0AwoNTWFya2V0U2VydmljZRJKCgtMaXN0TWFya2V0cxIcLmtmZWVkLnYxLkxpc3RNYXJrZXRzUmVxdWVzdBodLmtmZWVkLnYxLkxpc3RNYXJrZXRzUmVzcG9uc2USRAoJR2V0TWFya2V0Ehoua2ZlZWQudjEuR2V0TWFya2V0UmVxdWVzdBobLmtmZWVkLnYxLkdldE1hcmtldFJlc3BvbnNlElwKEUdldExhdGVzdFNuYXBzaG90EiIua2ZlZWQudjEuR2V0TGF0ZXN0U25hcHNob3RSZXF1ZXN0GiMua2ZlZWQudjEuR2V0TGF0ZXN0U25hcHNob3RSZXNwb25zZRJQCg1MaXN0U25hcHNob3RzEh4ua2ZlZWQudjEuTGlzdFNuYXBzaG90c1JlcXVlc3QaHy5rZmVlZC52MS5MaXN0U25hcHNob3RzUmVzcG9uc2USWAoPU3RyZWFtU25hcHNob3RzEiAua2ZlZWQudjEuU3RyZWFtU25hcHNob3RzUmVxdWVzdBohLmtmZWVkLnYxLlN0cmVhbVNuYXBzaG90c1Jlc3BvbnNlMAESRwoKTGlzdFRyYWRlcxIbLmtmZWVkLnYxLkxpc3RUcmFkZXNSZXF1ZXN0Ghwua2ZlZWQudjEuTGlzdFRyYWRlc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_kfeed_v1_types]);
+  fileDesc("Ch1rZmVlZC92MS9tYXJrZXRfc2VydmljZS5wcm90bxIIa2ZlZWQudjEikgEKEkxpc3RNYXJrZXRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIUCgxldmVudF90aWNrZXIYAyABKAkSFQoNc2VyaWVzX3RpY2tlchgEIAEoCRIoCghzdGF0dXNlcxgFIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cyJRChNMaXN0TWFya2V0c1Jlc3BvbnNlEiEKB21hcmtldHMYASADKAsyEC5rZmVlZC52MS5NYXJrZXQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiIKEEdldE1hcmtldFJlcXVlc3QSDgoGdGlja2VyGAEgASgJIjUKEUdldE1hcmtldFJlc3BvbnNlEiAKBm1hcmtldBgBIAEoCzIQLmtmZWVkLnYxLk1hcmtldCIqChhHZXRMYXRlc3RTbmFwc2hvdFJlcXVlc3QSDgoGdGlja2VyGAEgASgJIkcKGUdldExhdGVzdFNuYXBzaG90UmVzcG9uc2USKgoIc25hcHNob3QYASABKAsyGC5rZmVlZC52MS5NYXJrZXRTbmFwc2hvdCKrAQoUTGlzdFNuYXBzaG90c1JlcXVlc3QSDgoGdGlja2VyGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJdChVMaXN0U25hcHNob3RzUmVzcG9uc2USKwoJc25hcHNob3RzGAEgAygLMhgua2ZlZWQudjEuTWFya2V0U25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIu4CChZTdHJlYW1TbmFwc2hvdHNSZXF1ZXN0Eg8KB3RpY2tlcnMYASADKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMcmVzdW1lX3Rva2VuGAMgASgJEhQKDGV2ZW50X3RpY2tlchgEIAEoCRIVCg1zZXJpZXNfdGlja2VyGAUgASgJEhYKDmluY2x1ZGVfbGF0ZXN0GAYgASgIEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2ChNjb25mbGF0aW9uX2ludGVydmFsGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKD292ZXJmbG93X3BvbGljeRgJIAEoDjIYLmtmZWVkLnYxLk92ZXJmbG93UG9saWN5EhYKDm1heF9iYXRjaF9zaXplGAogASgFIsYCChdTdHJlYW1TbmFwc2hvdHNSZXNwb25zZRIUCgxyZXN1bWVfdG9rZW4YASABKAkSLAoIc25hcHNob3QYAiABKAsyGC5rZmVlZC52MS5TbmFwc2hvdFVwZGF0ZUgAEicKCWNhdWdodF91cBgDIAEoCzISLmtmZWVkLnYxLkNhdWdodFVwSAASKAoJaGVhcnRiZWF0GAQgASgLMhMua2ZlZWQudjEuSGVhcnRiZWF0SAASMQoOc3Vic2NyaWJlcl9nYXAYBSABKAsyFy5rZmVlZC52MS5TdWJzY3JpYmVyR2FwSAASJQoIZmVlZF9nYXAYBiABKAsyES5rZmVlZC52MS5GZWVkR2FwSAASMQoOc25hcHNob3RfYmF0Y2gYByABKAsyFy5rZmVlZC52MS5TbmFwc2hvdEJhdGNoSABCBwoFZXZlbnQiOgoNU25hcHNob3RCYXRjaBIpCgd1cGRhdGVzGAEgAygLMhgua2ZlZWQudjEuU25hcHNob3RVcGRhdGUiVQoOU25hcHNob3RVcGRhdGUSKgoIc25hcHNob3QYASABKAsyGC5rZmVlZC52MS5NYXJrZXRTbmFwc2hvdBIXCg9jb2FsZXNjZWRfY291bnQYAiABKAUiIgoIQ2F1Z2h0VXASFgoOcmVwbGF5ZWRfY291bnQYASABKAMiPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCImCg1TdWJzY3JpYmVyR2FwEhUKDWRyb3BwZWRfY291bnQYASABKAMiqAEKEUxpc3RUcmFkZXNSZXF1ZXN0Eg4KBnRpY2tlchgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiTgoSTGlzdFRyYWRlc1Jlc3BvbnNlEh8KBnRyYWRlcxgBIAMoCzIPLmtmZWVkLnYxLlRyYWRlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSK0AQoWRXhwb3J0U25hcHNob3RzUmVxdWVzdBIPCgd0aWNrZXJzGAEgAygJEhQKDGV2ZW50X3RpY2tlchgCIAEoCRIVCg1zZXJpZXNfdGlja2VyGAMgASgJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJeChdFeHBvcnRTbmFwc2hvdHNSZXNwb25zZRIUCgxhcnJvd19zY2hlbWEYASABKAwSGgoSYXJyb3dfcmVjb3JkX2JhdGNoGAIgASgMEhEKCXJvd19jb3VudBgDIAEoAyKxAQoTRXhwb3J0VHJhZGVzUmVxdWVzdBIPCgd0aWNrZXJzGAEgAygJEhQKDGV2ZW50X3RpY2tlchgCIAEoCRIVCg1zZXJpZXNfdGlja2VyGAMgASgJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJbChRFeHBvcnRUcmFkZXNSZXNwb25zZRIUCgxhcnJvd19zY2hlbWEYASABKAwSGgoSYXJyb3dfcmVjb3JkX2JhdGNoGAIgASgMEhEKCXJvd19jb3VudBgDIAEoAyK7AQodRXhwb3J0T3JkZXJCb29rQ2hhbmdlc1JlcXVlc3QSDwoHdGlja2VycxgBIAMoCRIUCgxldmVudF90aWNrZXIYAiABKAkSFQoNc2VyaWVzX3RpY2tlchgDIAEoCRIuCgpzdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiZQoeRXhwb3J0T3JkZXJCb29rQ2hhbmdlc1Jlc3BvbnNlEhQKDGFycm93X3NjaGVtYRgBIAEoDBIaChJhcnJvd19yZWNvcmRfYmF0Y2gYAiABKAwSEQoJcm93X2NvdW50GAMgASgDItYBChJMaXN0Q2FuZGxlc1JlcXVlc3QSDgoGdGlja2VyGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCghpbnRlcnZhbBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCSJRChNMaXN0Q2FuZGxlc1Jlc3BvbnNlEiEKB2NhbmRsZXMYASADKAsyEC5rZmVlZC52MS5DYW5kbGUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIl4KE0dldE9yZGVyQm9va1JlcXVlc3QSDgoGdGlja2VyGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWRlcHRoGAMgASgFIjkKFEdldE9yZGVyQm9va1Jlc3BvbnNlEiEKBGJvb2sYASABKAsyEy5rZmVlZC52MS5PcmRlckJvb2si5gIKF1N0cmVhbU9yZGVyQm9va3NSZXF1ZXN0Eg8KB3RpY2tlcnMYASADKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMcmVzdW1lX3Rva2VuGAMgASgJEg0KBWRlcHRoGAQgASgFEhQKDGV2ZW50X3RpY2tlchgFIAEoCRIVCg1zZXJpZXNfdGlja2VyGAYgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2ChNjb25mbGF0aW9uX2ludGVydmFsGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKD292ZXJmbG93X3BvbGljeRgJIAEoDjIYLmtmZWVkLnYxLk92ZXJmbG93UG9saWN5EhYKDm1heF9iYXRjaF9zaXplGAogASgFIukCChhTdHJlYW1PcmRlckJvb2tzUmVzcG9uc2USFAoMcmVzdW1lX3Rva2VuGAEgASgJEiMKBGJvb2sYAiABKAsyEy5rZmVlZC52MS5PcmRlckJvb2tIABIrCgZjaGFuZ2UYAyABKAsyGS5rZmVlZC52MS5PcmRlckJvb2tDaGFuZ2VIABInCgljYXVnaHRfdXAYBCABKAsyEi5rZmVlZC52MS5DYXVnaHRVcEgAEigKCWhlYXJ0YmVhdBgFIAEoCzITLmtmZWVkLnYxLkhlYXJ0YmVhdEgAEiUKCGZlZWRfZ2FwGAYgASgLMhEua2ZlZWQudjEuRmVlZEdhcEgAEjEKDnN1YnNjcmliZXJfZ2FwGAcgASgLMhcua2ZlZWQudjEuU3Vic2NyaWJlckdhcEgAEi8KBWJhdGNoGAggASgLMh4ua2ZlZWQudjEuT3JkZXJCb29rVXBkYXRlQmF0Y2hIAEIHCgVldmVudCJCChRPcmRlckJvb2tVcGRhdGVCYXRjaBIqCgd1cGRhdGVzGAEgAygLMhkua2ZlZWQudjEuT3JkZXJCb29rVXBkYXRlIm0KD09yZGVyQm9va1VwZGF0ZRIjCgRib29rGAEgASgLMhMua2ZlZWQudjEuT3JkZXJCb29rSAASKwoGY2hhbmdlGAIgASgLMhkua2ZlZWQudjEuT3JkZXJCb29rQ2hhbmdlSABCCAoGdXBkYXRlIpsCChNTdHJlYW1UcmFkZXNSZXF1ZXN0Eg8KB3RpY2tlcnMYASADKAkSFAoMZXZlbnRfdGlja2VyGAIgASgJEhUKDXNlcmllc190aWNrZXIYAyABKAkSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMcmVzdW1lX3Rva2VuGAUgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg9vdmVyZmxvd19wb2xpY3kYByABKA4yGC5rZmVlZC52MS5PdmVyZmxvd1BvbGljeRIWCg5tYXhfYmF0Y2hfc2l6ZRgIIAEoBSKKAgoUU3RyZWFtVHJhZGVzUmVzcG9uc2USFAoMcmVzdW1lX3Rva2VuGAEgASgJEiAKBXRyYWRlGAIgASgLMg8ua2ZlZWQudjEuVHJhZGVIABInCgljYXVnaHRfdXAYAyABKAsyEi5rZmVlZC52MS5DYXVnaHRVcEgAEigKCWhlYXJ0YmVhdBgEIAEoCzITLmtmZWVkLnYxLkhlYXJ0YmVhdEgAEjEKDnN1YnNjcmliZXJfZ2FwGAUgASgLMhcua2ZlZWQudjEuU3Vic2NyaWJlckdhcEgAEisKC3RyYWRlX2JhdGNoGAYgASgLMhQua2ZlZWQudjEuVHJhZGVCYXRjaEgAQgcKBWV2ZW50Ii0KClRyYWRlQmF0Y2gSHwoGdHJhZGVzGAEgAygLMg8ua2ZlZWQudjEuVHJhZGUiUQoRTGlzdEV2ZW50c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSFQoNc2VyaWVzX3RpY2tlchgDIAEoCSJOChJMaXN0RXZlbnRzUmVzcG9uc2USHwoGZXZlbnRzGAEgAygLMg8ua2ZlZWQudjEuRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIicKD0dldEV2ZW50UmVxdWVzdBIUCgxldmVudF90aWNrZXIYASABKAkiVQoQR2V0RXZlbnRSZXNwb25zZRIeCgVldmVudBgBIAEoCzIPLmtmZWVkLnYxLkV2ZW50EiEKB21hcmtldHMYAiADKAsyEC5rZmVlZC52MS5NYXJrZXQiTAoRTGlzdFNlcmllc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSEAoIY2F0ZWdvcnkYAyABKAkiTwoSTGlzdFNlcmllc1Jlc3BvbnNlEiAKBnNlcmllcxgBIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKQoQR2V0U2VyaWVzUmVxdWVzdBIVCg1zZXJpZXNfdGlja2VyGAEgASgJIjUKEUdldFNlcmllc1Jlc3BvbnNlEiAKBnNlcmllcxgBIAEoCzIQLmtmZWVkLnYxLlNlcmllcyp5Cg5PdmVyZmxvd1BvbGljeRIfChtPVkVSRkxPV19QT0xJQ1lfVU5TUEVDSUZJRUQQABIeChpPVkVSRkxPV19QT0xJQ1lfR0FQX01BUktFUhABEiYKIk9WRVJGTE9XX1BPTElDWV9SRVNPVVJDRV9FWEhBVVNURUQQAjLyCgoNTWFya2V0U2VydmljZRJKCgtMaXN0TWFya2V0cxIcLmtmZWVkLnYxLkxpc3RNYXJrZXRzUmVxdWVzdBodLmtmZWVkLnYxLkxpc3RNYXJrZXRzUmVzcG9uc2USRAoJR2V0TWFya2V0Ehoua2ZlZWQudjEuR2V0TWFya2V0UmVxdWVzdBobLmtmZWVkLnYxLkdldE1hcmtldFJlc3BvbnNlElwKEUdldExhdGVzdFNuYXBzaG90EiIua2ZlZWQudjEuR2V0TGF0ZXN0U25hcHNob3RSZXF1ZXN0GiMua2ZlZWQudjEuR2V0TGF0ZXN0U25hcHNob3RSZXNwb25zZRJQCg1MaXN0U25hcHNob3RzEh4ua2ZlZWQudjEuTGlzdFNuYXBzaG90c1JlcXVlc3QaHy5rZmVlZC52MS5MaXN0U25hcHNob3RzUmVzcG9uc2USWAoPU3RyZWFtU25hcHNob3RzEiAua2ZlZWQudjEuU3RyZWFtU25hcHNob3RzUmVxdWVzdBohLmtmZWVkLnYxLlN0cmVhbVNuYXBzaG90c1Jlc3BvbnNlMAESRwoKTGlzdFRyYWRlcxIbLmtmZWVkLnYxLkxpc3RUcmFkZXNSZXF1ZXN0Ghwua2ZlZWQudjEuTGlzdFRyYWRlc1Jlc3BvbnNlElgKD0V4cG9ydFNuYXBzaG90cxIgLmtmZWVkLnYxLkV4cG9ydFNuYXBzaG90c1JlcXVlc3QaIS5rZmVlZC52MS5FeHBvcnRTbmFwc2hvdHNSZXNwb25zZTABEk8KDEV4cG9ydFRyYWRlcxIdLmtmZWVkLnYxLkV4cG9ydFRyYWRlc1JlcXVlc3QaHi5rZmVlZC52MS5FeHBvcnRUcmFkZXNSZXNwb25zZTABEm0KFkV4cG9ydE9yZGVyQm9va0NoYW5nZXMSJy5rZmVlZC52MS5FeHBvcnRPcmRlckJvb2tDaGFuZ2VzUmVxdWVzdBooLmtmZWVkLnYxLkV4cG9ydE9yZGVyQm9va0NoYW5nZXNSZXNwb25zZTABEkoKC0xpc3RDYW5kbGVzEhwua2ZlZWQudjEuTGlzdENhbmRsZXNSZXF1ZXN0Gh0ua2ZlZWQudjEuTGlzdENhbmRsZXNSZXNwb25zZRJNCgxHZXRPcmRlckJvb2sSHS5rZmVlZC52MS5HZXRPcmRlckJvb2tSZXF1ZXN0Gh4ua2ZlZWQudjEuR2V0T3JkZXJCb29rUmVzcG9uc2USWwoQU3RyZWFtT3JkZXJCb29rcxIhLmtmZWVkLnYxLlN0cmVhbU9yZGVyQm9va3NSZXF1ZXN0GiIua2ZlZWQudjEuU3RyZWFtT3JkZXJCb29rc1Jlc3BvbnNlMAESTwoMU3RyZWFtVHJhZGVzEh0ua2ZlZWQudjEuU3RyZWFtVHJhZGVzUmVxdWVzdBoeLmtmZWVkLnYxLlN0cmVhbVRyYWRlc1Jlc3BvbnNlMAESRwoKTGlzdEV2ZW50cxIbLmtmZWVkLnYxLkxpc3RFdmVudHNSZXF1ZXN0Ghwua2ZlZWQudjEuTGlzdEV2ZW50c1Jlc3BvbnNlEkEKCEdldEV2ZW50Ehkua2ZlZWQudjEuR2V0RXZlbnRSZXF1ZXN0Ghoua2ZlZWQudjEuR2V0RXZlbnRSZXNwb25zZRJHCgpMaXN0U2VyaWVzEhsua2ZlZWQudjEuTGlzdFNlcmllc1JlcXVlc3QaHC5rZmVlZC52MS5MaXN0U2VyaWVzUmVzcG9uc2USRAoJR2V0U2VyaWVzEhoua2ZlZWQudjEuR2V0U2VyaWVzUmVxdWVzdBobLmtmZWVkLnYxLkdldFNlcmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_kfeed_v1_types]);
 
 /**
  * @generated from message kfeed.v1.ListMarketsRequest
@@ -297,6 +297,14 @@ export type StreamSnapshotsRequest = Message<"kfeed.v1.StreamSnapshotsRequest"> 
    * @generated from field: kfeed.v1.OverflowPolicy overflow_policy = 9;
    */
   overflowPolicy: OverflowPolicy;
+
+  /**
+   * 0 or 1: one snapshot per message. Above 1 the server may send up to this many consecutive
+   * snapshots in one `snapshot_batch` message (at most 10000).
+   *
+   * @generated from field: int32 max_batch_size = 10;
+   */
+  maxBatchSize: number;
 };
 
 /**
@@ -350,6 +358,14 @@ export type StreamSnapshotsResponse = Message<"kfeed.v1.StreamSnapshotsResponse"
      */
     value: FeedGap;
     case: "feedGap";
+  } | {
+    /**
+     * Consecutive snapshots in one message; `resume_token` resumes after the last of them.
+     *
+     * @generated from field: kfeed.v1.SnapshotBatch snapshot_batch = 7;
+     */
+    value: SnapshotBatch;
+    case: "snapshotBatch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -359,6 +375,25 @@ export type StreamSnapshotsResponse = Message<"kfeed.v1.StreamSnapshotsResponse"
  */
 export const StreamSnapshotsResponseSchema: GenMessage<StreamSnapshotsResponse> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_market_service, 9);
+
+/**
+ * Consecutive snapshots sent in one message (see StreamSnapshotsRequest.max_batch_size).
+ *
+ * @generated from message kfeed.v1.SnapshotBatch
+ */
+export type SnapshotBatch = Message<"kfeed.v1.SnapshotBatch"> & {
+  /**
+   * @generated from field: repeated kfeed.v1.SnapshotUpdate updates = 1;
+   */
+  updates: SnapshotUpdate[];
+};
+
+/**
+ * Describes the message kfeed.v1.SnapshotBatch.
+ * Use `create(SnapshotBatchSchema)` to create a new message.
+ */
+export const SnapshotBatchSchema: GenMessage<SnapshotBatch> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 10);
 
 /**
  * One snapshot on the stream.
@@ -384,7 +419,7 @@ export type SnapshotUpdate = Message<"kfeed.v1.SnapshotUpdate"> & {
  * Use `create(SnapshotUpdateSchema)` to create a new message.
  */
 export const SnapshotUpdateSchema: GenMessage<SnapshotUpdate> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_market_service, 10);
+  messageDesc(file_kfeed_v1_market_service, 11);
 
 /**
  * Sent once, after stored history and before the first live snapshot.
@@ -405,7 +440,7 @@ export type CaughtUp = Message<"kfeed.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_market_service, 11);
+  messageDesc(file_kfeed_v1_market_service, 12);
 
 /**
  * Sent when the stream has been quiet for the heartbeat interval.
@@ -424,7 +459,7 @@ export type Heartbeat = Message<"kfeed.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_market_service, 12);
+  messageDesc(file_kfeed_v1_market_service, 13);
 
 /**
  * The subscriber fell behind and the server dropped snapshots instead of slowing down. The
@@ -447,7 +482,7 @@ export type SubscriberGap = Message<"kfeed.v1.SubscriberGap"> & {
  * Use `create(SubscriberGapSchema)` to create a new message.
  */
 export const SubscriberGapSchema: GenMessage<SubscriberGap> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_market_service, 13);
+  messageDesc(file_kfeed_v1_market_service, 14);
 
 /**
  * @generated from message kfeed.v1.ListTradesRequest
@@ -494,7 +529,7 @@ export type ListTradesRequest = Message<"kfeed.v1.ListTradesRequest"> & {
  * Use `create(ListTradesRequestSchema)` to create a new message.
  */
 export const ListTradesRequestSchema: GenMessage<ListTradesRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_market_service, 14);
+  messageDesc(file_kfeed_v1_market_service, 15);
 
 /**
  * @generated from message kfeed.v1.ListTradesResponse
@@ -520,7 +555,913 @@ export type ListTradesResponse = Message<"kfeed.v1.ListTradesResponse"> & {
  * Use `create(ListTradesResponseSchema)` to create a new message.
  */
 export const ListTradesResponseSchema: GenMessage<ListTradesResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_market_service, 15);
+  messageDesc(file_kfeed_v1_market_service, 16);
+
+/**
+ * @generated from message kfeed.v1.ExportSnapshotsRequest
+ */
+export type ExportSnapshotsRequest = Message<"kfeed.v1.ExportSnapshotsRequest"> & {
+  /**
+   * Markets to export; empty means all (subject to `event_ticker` and `series_ticker`).
+   *
+   * @generated from field: repeated string tickers = 1;
+   */
+  tickers: string[];
+
+  /**
+   * Only markets of this event, when set.
+   *
+   * @generated from field: string event_ticker = 2;
+   */
+  eventTicker: string;
+
+  /**
+   * Only markets of this series, when set.
+   *
+   * @generated from field: string series_ticker = 3;
+   */
+  seriesTicker: string;
+
+  /**
+   * Inclusive lower bound on exchange time; unset means from the beginning.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 4;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Exclusive upper bound on exchange time; unset means up to now.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 5;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.ExportSnapshotsRequest.
+ * Use `create(ExportSnapshotsRequestSchema)` to create a new message.
+ */
+export const ExportSnapshotsRequestSchema: GenMessage<ExportSnapshotsRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 17);
+
+/**
+ * @generated from message kfeed.v1.ExportSnapshotsResponse
+ */
+export type ExportSnapshotsResponse = Message<"kfeed.v1.ExportSnapshotsResponse"> & {
+  /**
+   * The Arrow IPC schema message; set on the first response only.
+   *
+   * @generated from field: bytes arrow_schema = 1;
+   */
+  arrowSchema: Uint8Array;
+
+  /**
+   * One Arrow IPC record batch (may be empty on the first response).
+   *
+   * @generated from field: bytes arrow_record_batch = 2;
+   */
+  arrowRecordBatch: Uint8Array;
+
+  /**
+   * Rows in `arrow_record_batch`.
+   *
+   * @generated from field: int64 row_count = 3;
+   */
+  rowCount: bigint;
+};
+
+/**
+ * Describes the message kfeed.v1.ExportSnapshotsResponse.
+ * Use `create(ExportSnapshotsResponseSchema)` to create a new message.
+ */
+export const ExportSnapshotsResponseSchema: GenMessage<ExportSnapshotsResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 18);
+
+/**
+ * @generated from message kfeed.v1.ExportTradesRequest
+ */
+export type ExportTradesRequest = Message<"kfeed.v1.ExportTradesRequest"> & {
+  /**
+   * Markets to export; empty means all (subject to `event_ticker` and `series_ticker`).
+   *
+   * @generated from field: repeated string tickers = 1;
+   */
+  tickers: string[];
+
+  /**
+   * Only markets of this event, when set.
+   *
+   * @generated from field: string event_ticker = 2;
+   */
+  eventTicker: string;
+
+  /**
+   * Only markets of this series, when set.
+   *
+   * @generated from field: string series_ticker = 3;
+   */
+  seriesTicker: string;
+
+  /**
+   * Inclusive lower bound on trade time; unset means from the beginning.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 4;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Exclusive upper bound on trade time; unset means up to now.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 5;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.ExportTradesRequest.
+ * Use `create(ExportTradesRequestSchema)` to create a new message.
+ */
+export const ExportTradesRequestSchema: GenMessage<ExportTradesRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 19);
+
+/**
+ * @generated from message kfeed.v1.ExportTradesResponse
+ */
+export type ExportTradesResponse = Message<"kfeed.v1.ExportTradesResponse"> & {
+  /**
+   * The Arrow IPC schema message; set on the first response only.
+   *
+   * @generated from field: bytes arrow_schema = 1;
+   */
+  arrowSchema: Uint8Array;
+
+  /**
+   * One Arrow IPC record batch (may be empty on the first response).
+   *
+   * @generated from field: bytes arrow_record_batch = 2;
+   */
+  arrowRecordBatch: Uint8Array;
+
+  /**
+   * Rows in `arrow_record_batch`.
+   *
+   * @generated from field: int64 row_count = 3;
+   */
+  rowCount: bigint;
+};
+
+/**
+ * Describes the message kfeed.v1.ExportTradesResponse.
+ * Use `create(ExportTradesResponseSchema)` to create a new message.
+ */
+export const ExportTradesResponseSchema: GenMessage<ExportTradesResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 20);
+
+/**
+ * @generated from message kfeed.v1.ExportOrderBookChangesRequest
+ */
+export type ExportOrderBookChangesRequest = Message<"kfeed.v1.ExportOrderBookChangesRequest"> & {
+  /**
+   * Markets to export; empty means all (subject to `event_ticker` and `series_ticker`).
+   *
+   * @generated from field: repeated string tickers = 1;
+   */
+  tickers: string[];
+
+  /**
+   * Only markets of this event, when set.
+   *
+   * @generated from field: string event_ticker = 2;
+   */
+  eventTicker: string;
+
+  /**
+   * Only markets of this series, when set.
+   *
+   * @generated from field: string series_ticker = 3;
+   */
+  seriesTicker: string;
+
+  /**
+   * Inclusive lower bound on exchange time; unset means from the beginning.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 4;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Exclusive upper bound on exchange time; unset means up to now.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 5;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.ExportOrderBookChangesRequest.
+ * Use `create(ExportOrderBookChangesRequestSchema)` to create a new message.
+ */
+export const ExportOrderBookChangesRequestSchema: GenMessage<ExportOrderBookChangesRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 21);
+
+/**
+ * @generated from message kfeed.v1.ExportOrderBookChangesResponse
+ */
+export type ExportOrderBookChangesResponse = Message<"kfeed.v1.ExportOrderBookChangesResponse"> & {
+  /**
+   * The Arrow IPC schema message; set on the first response only.
+   *
+   * @generated from field: bytes arrow_schema = 1;
+   */
+  arrowSchema: Uint8Array;
+
+  /**
+   * One Arrow IPC record batch (may be empty on the first response).
+   *
+   * @generated from field: bytes arrow_record_batch = 2;
+   */
+  arrowRecordBatch: Uint8Array;
+
+  /**
+   * Rows in `arrow_record_batch`.
+   *
+   * @generated from field: int64 row_count = 3;
+   */
+  rowCount: bigint;
+};
+
+/**
+ * Describes the message kfeed.v1.ExportOrderBookChangesResponse.
+ * Use `create(ExportOrderBookChangesResponseSchema)` to create a new message.
+ */
+export const ExportOrderBookChangesResponseSchema: GenMessage<ExportOrderBookChangesResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 22);
+
+/**
+ * @generated from message kfeed.v1.ListCandlesRequest
+ */
+export type ListCandlesRequest = Message<"kfeed.v1.ListCandlesRequest"> & {
+  /**
+   * The market's ticker.
+   *
+   * @generated from field: string ticker = 1;
+   */
+  ticker: string;
+
+  /**
+   * Inclusive lower bound: the first candle starts here (aligned down to the interval, UTC).
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Exclusive upper bound on candle start times; unset means up to now.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 3;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * Candle length: a whole number of seconds, from 1 s to 1 day.
+   *
+   * @generated from field: google.protobuf.Duration interval = 4;
+   */
+  interval?: Duration | undefined;
+
+  /**
+   * Maximum candles to return: 0 means the default (1000); at most 10000.
+   *
+   * @generated from field: int32 page_size = 5;
+   */
+  pageSize: number;
+
+  /**
+   * A token from a previous response's `next_page_token`; other fields must match.
+   *
+   * @generated from field: string page_token = 6;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListCandlesRequest.
+ * Use `create(ListCandlesRequestSchema)` to create a new message.
+ */
+export const ListCandlesRequestSchema: GenMessage<ListCandlesRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 23);
+
+/**
+ * @generated from message kfeed.v1.ListCandlesResponse
+ */
+export type ListCandlesResponse = Message<"kfeed.v1.ListCandlesResponse"> & {
+  /**
+   * Oldest first.
+   *
+   * @generated from field: repeated kfeed.v1.Candle candles = 1;
+   */
+  candles: Candle[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListCandlesResponse.
+ * Use `create(ListCandlesResponseSchema)` to create a new message.
+ */
+export const ListCandlesResponseSchema: GenMessage<ListCandlesResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 24);
+
+/**
+ * @generated from message kfeed.v1.GetOrderBookRequest
+ */
+export type GetOrderBookRequest = Message<"kfeed.v1.GetOrderBookRequest"> & {
+  /**
+   * The market's ticker.
+   *
+   * @generated from field: string ticker = 1;
+   */
+  ticker: string;
+
+  /**
+   * The instant to rebuild the book at; unset means the latest book.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 2;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * Levels per side, best first: 0 means all.
+   *
+   * @generated from field: int32 depth = 3;
+   */
+  depth: number;
+};
+
+/**
+ * Describes the message kfeed.v1.GetOrderBookRequest.
+ * Use `create(GetOrderBookRequestSchema)` to create a new message.
+ */
+export const GetOrderBookRequestSchema: GenMessage<GetOrderBookRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 25);
+
+/**
+ * @generated from message kfeed.v1.GetOrderBookResponse
+ */
+export type GetOrderBookResponse = Message<"kfeed.v1.GetOrderBookResponse"> & {
+  /**
+   * @generated from field: kfeed.v1.OrderBook book = 1;
+   */
+  book?: OrderBook | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.GetOrderBookResponse.
+ * Use `create(GetOrderBookResponseSchema)` to create a new message.
+ */
+export const GetOrderBookResponseSchema: GenMessage<GetOrderBookResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 26);
+
+/**
+ * @generated from message kfeed.v1.StreamOrderBooksRequest
+ */
+export type StreamOrderBooksRequest = Message<"kfeed.v1.StreamOrderBooksRequest"> & {
+  /**
+   * Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`).
+   *
+   * @generated from field: repeated string tickers = 1;
+   */
+  tickers: string[];
+
+  /**
+   * Start from the books in force at this time, then replay every change; unset means now.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Continue exactly after the message that carried this token. Wins over `start_time`.
+   *
+   * @generated from field: string resume_token = 3;
+   */
+  resumeToken: string;
+
+  /**
+   * Levels per side in full books, best first: 0 means all.
+   *
+   * @generated from field: int32 depth = 4;
+   */
+  depth: number;
+
+  /**
+   * Only markets of this event, when set.
+   *
+   * @generated from field: string event_ticker = 5;
+   */
+  eventTicker: string;
+
+  /**
+   * Only markets of this series, when set.
+   *
+   * @generated from field: string series_ticker = 6;
+   */
+  seriesTicker: string;
+
+  /**
+   * How often to send a heartbeat when nothing else is sent: 0 means 5 s; 100 ms to 60 s.
+   *
+   * @generated from field: google.protobuf.Duration heartbeat_interval = 7;
+   */
+  heartbeatInterval?: Duration | undefined;
+
+  /**
+   * If set, live changes are conflated: at most one full book per market per interval.
+   *
+   * @generated from field: google.protobuf.Duration conflation_interval = 8;
+   */
+  conflationInterval?: Duration | undefined;
+
+  /**
+   * @generated from field: kfeed.v1.OverflowPolicy overflow_policy = 9;
+   */
+  overflowPolicy: OverflowPolicy;
+
+  /**
+   * 0 or 1: one update per message; above 1 up to this many in one `batch` message.
+   *
+   * @generated from field: int32 max_batch_size = 10;
+   */
+  maxBatchSize: number;
+};
+
+/**
+ * Describes the message kfeed.v1.StreamOrderBooksRequest.
+ * Use `create(StreamOrderBooksRequestSchema)` to create a new message.
+ */
+export const StreamOrderBooksRequestSchema: GenMessage<StreamOrderBooksRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 27);
+
+/**
+ * @generated from message kfeed.v1.StreamOrderBooksResponse
+ */
+export type StreamOrderBooksResponse = Message<"kfeed.v1.StreamOrderBooksResponse"> & {
+  /**
+   * Resume from here to continue after this message. Present on every message.
+   *
+   * @generated from field: string resume_token = 1;
+   */
+  resumeToken: string;
+
+  /**
+   * @generated from oneof kfeed.v1.StreamOrderBooksResponse.event
+   */
+  event: {
+    /**
+     * A full book: the first for each market, and again after a feed gap.
+     *
+     * @generated from field: kfeed.v1.OrderBook book = 2;
+     */
+    value: OrderBook;
+    case: "book";
+  } | {
+    /**
+     * One level's new size.
+     *
+     * @generated from field: kfeed.v1.OrderBookChange change = 3;
+     */
+    value: OrderBookChange;
+    case: "change";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.CaughtUp caught_up = 4;
+     */
+    value: CaughtUp;
+    case: "caughtUp";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.Heartbeat heartbeat = 5;
+     */
+    value: Heartbeat;
+    case: "heartbeat";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.FeedGap feed_gap = 6;
+     */
+    value: FeedGap;
+    case: "feedGap";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.SubscriberGap subscriber_gap = 7;
+     */
+    value: SubscriberGap;
+    case: "subscriberGap";
+  } | {
+    /**
+     * Consecutive books and changes; `resume_token` resumes after the last of them.
+     *
+     * @generated from field: kfeed.v1.OrderBookUpdateBatch batch = 8;
+     */
+    value: OrderBookUpdateBatch;
+    case: "batch";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message kfeed.v1.StreamOrderBooksResponse.
+ * Use `create(StreamOrderBooksResponseSchema)` to create a new message.
+ */
+export const StreamOrderBooksResponseSchema: GenMessage<StreamOrderBooksResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 28);
+
+/**
+ * Consecutive order-book updates sent in one message.
+ *
+ * @generated from message kfeed.v1.OrderBookUpdateBatch
+ */
+export type OrderBookUpdateBatch = Message<"kfeed.v1.OrderBookUpdateBatch"> & {
+  /**
+   * @generated from field: repeated kfeed.v1.OrderBookUpdate updates = 1;
+   */
+  updates: OrderBookUpdate[];
+};
+
+/**
+ * Describes the message kfeed.v1.OrderBookUpdateBatch.
+ * Use `create(OrderBookUpdateBatchSchema)` to create a new message.
+ */
+export const OrderBookUpdateBatchSchema: GenMessage<OrderBookUpdateBatch> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 29);
+
+/**
+ * A full book or one change, as carried in a batch.
+ *
+ * @generated from message kfeed.v1.OrderBookUpdate
+ */
+export type OrderBookUpdate = Message<"kfeed.v1.OrderBookUpdate"> & {
+  /**
+   * @generated from oneof kfeed.v1.OrderBookUpdate.update
+   */
+  update: {
+    /**
+     * @generated from field: kfeed.v1.OrderBook book = 1;
+     */
+    value: OrderBook;
+    case: "book";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.OrderBookChange change = 2;
+     */
+    value: OrderBookChange;
+    case: "change";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message kfeed.v1.OrderBookUpdate.
+ * Use `create(OrderBookUpdateSchema)` to create a new message.
+ */
+export const OrderBookUpdateSchema: GenMessage<OrderBookUpdate> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 30);
+
+/**
+ * @generated from message kfeed.v1.StreamTradesRequest
+ */
+export type StreamTradesRequest = Message<"kfeed.v1.StreamTradesRequest"> & {
+  /**
+   * Markets to follow; empty means all (subject to `event_ticker` and `series_ticker`).
+   *
+   * @generated from field: repeated string tickers = 1;
+   */
+  tickers: string[];
+
+  /**
+   * Only markets of this event, when set.
+   *
+   * @generated from field: string event_ticker = 2;
+   */
+  eventTicker: string;
+
+  /**
+   * Only markets of this series, when set.
+   *
+   * @generated from field: string series_ticker = 3;
+   */
+  seriesTicker: string;
+
+  /**
+   * Replay stored trades created at or after this, then go live.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 4;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Continue exactly after the message that carried this token. Wins over `start_time`.
+   *
+   * @generated from field: string resume_token = 5;
+   */
+  resumeToken: string;
+
+  /**
+   * How often to send a heartbeat when nothing else is sent: 0 means 5 s; 100 ms to 60 s.
+   *
+   * @generated from field: google.protobuf.Duration heartbeat_interval = 6;
+   */
+  heartbeatInterval?: Duration | undefined;
+
+  /**
+   * @generated from field: kfeed.v1.OverflowPolicy overflow_policy = 7;
+   */
+  overflowPolicy: OverflowPolicy;
+
+  /**
+   * 0 or 1: one trade per message; above 1 up to this many in one `trade_batch` message.
+   *
+   * @generated from field: int32 max_batch_size = 8;
+   */
+  maxBatchSize: number;
+};
+
+/**
+ * Describes the message kfeed.v1.StreamTradesRequest.
+ * Use `create(StreamTradesRequestSchema)` to create a new message.
+ */
+export const StreamTradesRequestSchema: GenMessage<StreamTradesRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 31);
+
+/**
+ * @generated from message kfeed.v1.StreamTradesResponse
+ */
+export type StreamTradesResponse = Message<"kfeed.v1.StreamTradesResponse"> & {
+  /**
+   * Resume from here to continue after this message. Present on every message.
+   *
+   * @generated from field: string resume_token = 1;
+   */
+  resumeToken: string;
+
+  /**
+   * @generated from oneof kfeed.v1.StreamTradesResponse.event
+   */
+  event: {
+    /**
+     * @generated from field: kfeed.v1.Trade trade = 2;
+     */
+    value: Trade;
+    case: "trade";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.CaughtUp caught_up = 3;
+     */
+    value: CaughtUp;
+    case: "caughtUp";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.Heartbeat heartbeat = 4;
+     */
+    value: Heartbeat;
+    case: "heartbeat";
+  } | {
+    /**
+     * @generated from field: kfeed.v1.SubscriberGap subscriber_gap = 5;
+     */
+    value: SubscriberGap;
+    case: "subscriberGap";
+  } | {
+    /**
+     * Consecutive trades; `resume_token` resumes after the last of them.
+     *
+     * @generated from field: kfeed.v1.TradeBatch trade_batch = 6;
+     */
+    value: TradeBatch;
+    case: "tradeBatch";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message kfeed.v1.StreamTradesResponse.
+ * Use `create(StreamTradesResponseSchema)` to create a new message.
+ */
+export const StreamTradesResponseSchema: GenMessage<StreamTradesResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 32);
+
+/**
+ * Consecutive trades sent in one message.
+ *
+ * @generated from message kfeed.v1.TradeBatch
+ */
+export type TradeBatch = Message<"kfeed.v1.TradeBatch"> & {
+  /**
+   * @generated from field: repeated kfeed.v1.Trade trades = 1;
+   */
+  trades: Trade[];
+};
+
+/**
+ * Describes the message kfeed.v1.TradeBatch.
+ * Use `create(TradeBatchSchema)` to create a new message.
+ */
+export const TradeBatchSchema: GenMessage<TradeBatch> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 33);
+
+/**
+ * @generated from message kfeed.v1.ListEventsRequest
+ */
+export type ListEventsRequest = Message<"kfeed.v1.ListEventsRequest"> & {
+  /**
+   * Maximum events to return: 0 means the default (100); at most 1000.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * A token from a previous response's `next_page_token`.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only events of this series, when set.
+   *
+   * @generated from field: string series_ticker = 3;
+   */
+  seriesTicker: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListEventsRequest.
+ * Use `create(ListEventsRequestSchema)` to create a new message.
+ */
+export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 34);
+
+/**
+ * @generated from message kfeed.v1.ListEventsResponse
+ */
+export type ListEventsResponse = Message<"kfeed.v1.ListEventsResponse"> & {
+  /**
+   * @generated from field: repeated kfeed.v1.Event events = 1;
+   */
+  events: Event[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListEventsResponse.
+ * Use `create(ListEventsResponseSchema)` to create a new message.
+ */
+export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 35);
+
+/**
+ * @generated from message kfeed.v1.GetEventRequest
+ */
+export type GetEventRequest = Message<"kfeed.v1.GetEventRequest"> & {
+  /**
+   * The event's ticker.
+   *
+   * @generated from field: string event_ticker = 1;
+   */
+  eventTicker: string;
+};
+
+/**
+ * Describes the message kfeed.v1.GetEventRequest.
+ * Use `create(GetEventRequestSchema)` to create a new message.
+ */
+export const GetEventRequestSchema: GenMessage<GetEventRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 36);
+
+/**
+ * @generated from message kfeed.v1.GetEventResponse
+ */
+export type GetEventResponse = Message<"kfeed.v1.GetEventResponse"> & {
+  /**
+   * @generated from field: kfeed.v1.Event event = 1;
+   */
+  event?: Event | undefined;
+
+  /**
+   * The event's markets, ordered by ticker.
+   *
+   * @generated from field: repeated kfeed.v1.Market markets = 2;
+   */
+  markets: Market[];
+};
+
+/**
+ * Describes the message kfeed.v1.GetEventResponse.
+ * Use `create(GetEventResponseSchema)` to create a new message.
+ */
+export const GetEventResponseSchema: GenMessage<GetEventResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 37);
+
+/**
+ * @generated from message kfeed.v1.ListSeriesRequest
+ */
+export type ListSeriesRequest = Message<"kfeed.v1.ListSeriesRequest"> & {
+  /**
+   * Maximum series to return: 0 means the default (100); at most 1000.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * A token from a previous response's `next_page_token`.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only series in this category, when set.
+   *
+   * @generated from field: string category = 3;
+   */
+  category: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListSeriesRequest.
+ * Use `create(ListSeriesRequestSchema)` to create a new message.
+ */
+export const ListSeriesRequestSchema: GenMessage<ListSeriesRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 38);
+
+/**
+ * @generated from message kfeed.v1.ListSeriesResponse
+ */
+export type ListSeriesResponse = Message<"kfeed.v1.ListSeriesResponse"> & {
+  /**
+   * @generated from field: repeated kfeed.v1.Series series = 1;
+   */
+  series: Series[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListSeriesResponse.
+ * Use `create(ListSeriesResponseSchema)` to create a new message.
+ */
+export const ListSeriesResponseSchema: GenMessage<ListSeriesResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 39);
+
+/**
+ * @generated from message kfeed.v1.GetSeriesRequest
+ */
+export type GetSeriesRequest = Message<"kfeed.v1.GetSeriesRequest"> & {
+  /**
+   * The series' ticker.
+   *
+   * @generated from field: string series_ticker = 1;
+   */
+  seriesTicker: string;
+};
+
+/**
+ * Describes the message kfeed.v1.GetSeriesRequest.
+ * Use `create(GetSeriesRequestSchema)` to create a new message.
+ */
+export const GetSeriesRequestSchema: GenMessage<GetSeriesRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 40);
+
+/**
+ * @generated from message kfeed.v1.GetSeriesResponse
+ */
+export type GetSeriesResponse = Message<"kfeed.v1.GetSeriesResponse"> & {
+  /**
+   * @generated from field: kfeed.v1.Series series = 1;
+   */
+  series?: Series | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.GetSeriesResponse.
+ * Use `create(GetSeriesResponseSchema)` to create a new message.
+ */
+export const GetSeriesResponseSchema: GenMessage<GetSeriesResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_market_service, 41);
 
 /**
  * What the server does when a subscriber falls too far behind.
@@ -625,6 +1566,118 @@ export const MarketService: GenService<{
     methodKind: "unary";
     input: typeof ListTradesRequestSchema;
     output: typeof ListTradesResponseSchema;
+  },
+  /**
+   * Streams stored snapshots as Apache Arrow IPC record batches: the schema in the first
+   * message, then record batches (the BigQuery Storage Read API pattern).
+   *
+   * @generated from rpc kfeed.v1.MarketService.ExportSnapshots
+   */
+  exportSnapshots: {
+    methodKind: "server_streaming";
+    input: typeof ExportSnapshotsRequestSchema;
+    output: typeof ExportSnapshotsResponseSchema;
+  },
+  /**
+   * Streams stored public trades as Apache Arrow IPC record batches, like ExportSnapshots.
+   *
+   * @generated from rpc kfeed.v1.MarketService.ExportTrades
+   */
+  exportTrades: {
+    methodKind: "server_streaming";
+    input: typeof ExportTradesRequestSchema;
+    output: typeof ExportTradesResponseSchema;
+  },
+  /**
+   * Streams stored order-book changes as Apache Arrow IPC record batches, like ExportSnapshots.
+   *
+   * @generated from rpc kfeed.v1.MarketService.ExportOrderBookChanges
+   */
+  exportOrderBookChanges: {
+    methodKind: "server_streaming";
+    input: typeof ExportOrderBookChangesRequestSchema;
+    output: typeof ExportOrderBookChangesResponseSchema;
+  },
+  /**
+   * Lists a market's candles (OHLC of the top of book and of trades) at a chosen interval.
+   *
+   * @generated from rpc kfeed.v1.MarketService.ListCandles
+   */
+  listCandles: {
+    methodKind: "unary";
+    input: typeof ListCandlesRequestSchema;
+    output: typeof ListCandlesResponseSchema;
+  },
+  /**
+   * Gets a market's full order book as it stood at a past instant, or the latest.
+   *
+   * @generated from rpc kfeed.v1.MarketService.GetOrderBook
+   */
+  getOrderBook: {
+    methodKind: "unary";
+    input: typeof GetOrderBookRequestSchema;
+    output: typeof GetOrderBookResponseSchema;
+  },
+  /**
+   * Streams order books: a full book per market, then every change in order, one caught-up
+   * marker, then live changes; a fresh full book after any feed gap.
+   *
+   * @generated from rpc kfeed.v1.MarketService.StreamOrderBooks
+   */
+  streamOrderBooks: {
+    methodKind: "server_streaming";
+    input: typeof StreamOrderBooksRequestSchema;
+    output: typeof StreamOrderBooksResponseSchema;
+  },
+  /**
+   * Streams the public trade tape: stored trades first, one caught-up marker, then live trades.
+   *
+   * @generated from rpc kfeed.v1.MarketService.StreamTrades
+   */
+  streamTrades: {
+    methodKind: "server_streaming";
+    input: typeof StreamTradesRequestSchema;
+    output: typeof StreamTradesResponseSchema;
+  },
+  /**
+   * Lists events, ordered by event ticker.
+   *
+   * @generated from rpc kfeed.v1.MarketService.ListEvents
+   */
+  listEvents: {
+    methodKind: "unary";
+    input: typeof ListEventsRequestSchema;
+    output: typeof ListEventsResponseSchema;
+  },
+  /**
+   * Gets one event and its markets.
+   *
+   * @generated from rpc kfeed.v1.MarketService.GetEvent
+   */
+  getEvent: {
+    methodKind: "unary";
+    input: typeof GetEventRequestSchema;
+    output: typeof GetEventResponseSchema;
+  },
+  /**
+   * Lists series, ordered by series ticker.
+   *
+   * @generated from rpc kfeed.v1.MarketService.ListSeries
+   */
+  listSeries: {
+    methodKind: "unary";
+    input: typeof ListSeriesRequestSchema;
+    output: typeof ListSeriesResponseSchema;
+  },
+  /**
+   * Gets one series.
+   *
+   * @generated from rpc kfeed.v1.MarketService.GetSeries
+   */
+  getSeries: {
+    methodKind: "unary";
+    input: typeof GetSeriesRequestSchema;
+    output: typeof GetSeriesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kfeed_v1_market_service, 0);

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/types.proto.
  */
 export const file_kfeed_v1_types: GenFile = /*@__PURE__*/
-  fileDesc("ChRrZmVlZC92MS90eXBlcy5wcm90bxIIa2ZlZWQudjEiIgoHRG9sbGFycxIXCg90ZW5fdGhvdXNhbmR0aHMYASABKAMiHwoJQ29udHJhY3RzEhIKCmh1bmRyZWR0aHMYASABKAMilAEKBlNlcmllcxIOCgZ0aWNrZXIYASABKAkSDQoFdGl0bGUYAiABKAkSEAoIY2F0ZWdvcnkYAyABKAkSEQoJZnJlcXVlbmN5GAQgASgJEgwKBHRhZ3MYBSADKAkSEAoIZmVlX3R5cGUYBiABKAkSJgoeZmVlX211bHRpcGxpZXJfdGVuX3Rob3VzYW5kdGhzGAcgASgDIrUBCgVFdmVudBIUCgxldmVudF90aWNrZXIYASABKAkSFQoNc2VyaWVzX3RpY2tlchgCIAEoCRINCgV0aXRsZRgDIAEoCRIRCglzdWJfdGl0bGUYBCABKAkSEAoIY2F0ZWdvcnkYBSABKAkSGgoSbXV0dWFsbHlfZXhjbHVzaXZlGAYgASgIEi8KC3N0cmlrZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCL5BAoGTWFya2V0Eg4KBnRpY2tlchgBIAEoCRIUCgxldmVudF90aWNrZXIYAiABKAkSFQoNc2VyaWVzX3RpY2tlchgDIAEoCRINCgV0aXRsZRgEIAEoCRIQCghzdWJ0aXRsZRgFIAEoCRIVCg15ZXNfc3ViX3RpdGxlGAYgASgJEhQKDG5vX3N1Yl90aXRsZRgHIAEoCRITCgttYXJrZXRfdHlwZRgIIAEoCRImCgZzdGF0dXMYCSABKA4yFi5rZmVlZC52MS5NYXJrZXRTdGF0dXMSJgoGcmVzdWx0GAogASgOMhYua2ZlZWQudjEuTWFya2V0UmVzdWx0Ei0KCW9wZW5fdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY2xvc2VfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPZXhwaXJhdGlvbl90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9zZXR0bGVtZW50X3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKEHNldHRsZW1lbnRfdmFsdWUYDyABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh0KFXByaWNlX2xldmVsX3N0cnVjdHVyZRgQIAEoCRIiChpmcmFjdGlvbmFsX3RyYWRpbmdfZW5hYmxlZBgRIAEoCBIVCg1ydWxlc19wcmltYXJ5GBIgASgJEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJBQoOTWFya2V0U25hcHNob3QSEwoLc25hcHNob3RfaWQYASABKAMSDgoGdGlja2VyGAIgASgJEjEKDWV4Y2hhbmdlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDHJlY2VpdmVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc291cmNlGAUgASgOMhQua2ZlZWQudjEuRGF0YVNvdXJjZRIeChFleGNoYW5nZV9zZXF1ZW5jZRgGIAEoA0gAiAEBEiIKB3llc19iaWQYByABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiIKB3llc19hc2sYCCABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiEKBm5vX2JpZBgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSIQoGbm9fYXNrGAogASgLMhEua2ZlZWQudjEuRG9sbGFycxIpCgx5ZXNfYmlkX3NpemUYCyABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSKQoMeWVzX2Fza19zaXplGAwgASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEiUKCmxhc3RfcHJpY2UYDSABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiMKBnZvbHVtZRgOIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxInCgp2b2x1bWVfMjRoGA8gASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEioKDW9wZW5faW50ZXJlc3QYECABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSJAoJbGlxdWlkaXR5GBEgASgLMhEua2ZlZWQudjEuRG9sbGFycxImCgZzdGF0dXMYEiABKA4yFi5rZmVlZC52MS5NYXJrZXRTdGF0dXNCFAoSX2V4Y2hhbmdlX3NlcXVlbmNlIu0BCgVUcmFkZRIQCgh0cmFkZV9pZBgBIAEoCRIOCgZ0aWNrZXIYAiABKAkSJAoJeWVzX3ByaWNlGAMgASgLMhEua2ZlZWQudjEuRG9sbGFycxIjCghub19wcmljZRgEIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSIgoFY291bnQYBSABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSIgoKdGFrZXJfc2lkZRgGIAEoDjIOLmtmZWVkLnYxLlNpZGUSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIv8BCgdGZWVkR2FwEg4KBmdhcF9pZBgBIAEoAxIOCgZ0aWNrZXIYAiABKAkSDwoHY2hhbm5lbBgDIAEoCRIXCg9zdWJzY3JpcHRpb25faWQYBCABKAMSGQoRZXhwZWN0ZWRfc2VxdWVuY2UYBSABKAMSGQoRcmVjZWl2ZWRfc2VxdWVuY2UYBiABKAMSLwoLZGV0ZWN0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXJlY292ZXJlZBgIIAEoCBIwCgxyZWNvdmVyX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKnQKCkRhdGFTb3VyY2USGwoXREFUQV9TT1VSQ0VfVU5TUEVDSUZJRUQQABIUChBEQVRBX1NPVVJDRV9QT0xMEAESGQoVREFUQV9TT1VSQ0VfV0VCU09DS0VUEAISGAoUREFUQV9TT1VSQ0VfQkFDS0ZJTEwQAyqHAgoMTWFya2V0U3RhdHVzEh0KGU1BUktFVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZNQVJLRVRfU1RBVFVTX1VOT1BFTkVEEAESFgoSTUFSS0VUX1NUQVRVU19PUEVOEAISGAoUTUFSS0VUX1NUQVRVU19QQVVTRUQQAxIYChRNQVJLRVRfU1RBVFVTX0NMT1NFRBAEEhwKGE1BUktFVF9TVEFUVVNfREVURVJNSU5FRBAFEhoKFk1BUktFVF9TVEFUVVNfRElTUFVURUQQBhIZChVNQVJLRVRfU1RBVFVTX0FNRU5ERUQQBxIbChdNQVJLRVRfU1RBVFVTX0ZJTkFMSVpFRBAIKnQKDE1hcmtldFJlc3VsdBIdChlNQVJLRVRfUkVTVUxUX1VOU1BFQ0lGSUVEEAASFQoRTUFSS0VUX1JFU1VMVF9ZRVMQARIUChBNQVJLRVRfUkVTVUxUX05PEAISGAoUTUFSS0VUX1JFU1VMVF9TQ0FMQVIQAyo3CgRTaWRlEhQKEFNJREVfVU5TUEVDSUZJRUQQABIMCghTSURFX1lFUxABEgsKB1NJREVfTk8QAmIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChRrZmVlZC92MS90eXBlcy5wcm90bxIIa2ZlZWQudjEiIgoHRG9sbGFycxIXCg90ZW5fdGhvdXNhbmR0aHMYASABKAMiHwoJQ29udHJhY3RzEhIKCmh1bmRyZWR0aHMYASABKAMilAEKBlNlcmllcxIOCgZ0aWNrZXIYASABKAkSDQoFdGl0bGUYAiABKAkSEAoIY2F0ZWdvcnkYAyABKAkSEQoJZnJlcXVlbmN5GAQgASgJEgwKBHRhZ3MYBSADKAkSEAoIZmVlX3R5cGUYBiABKAkSJgoeZmVlX211bHRpcGxpZXJfdGVuX3Rob3VzYW5kdGhzGAcgASgDIrUBCgVFdmVudBIUCgxldmVudF90aWNrZXIYASABKAkSFQoNc2VyaWVzX3RpY2tlchgCIAEoCRINCgV0aXRsZRgDIAEoCRIRCglzdWJfdGl0bGUYBCABKAkSEAoIY2F0ZWdvcnkYBSABKAkSGgoSbXV0dWFsbHlfZXhjbHVzaXZlGAYgASgIEi8KC3N0cmlrZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCL5BAoGTWFya2V0Eg4KBnRpY2tlchgBIAEoCRIUCgxldmVudF90aWNrZXIYAiABKAkSFQoNc2VyaWVzX3RpY2tlchgDIAEoCRINCgV0aXRsZRgEIAEoCRIQCghzdWJ0aXRsZRgFIAEoCRIVCg15ZXNfc3ViX3RpdGxlGAYgASgJEhQKDG5vX3N1Yl90aXRsZRgHIAEoCRITCgttYXJrZXRfdHlwZRgIIAEoCRImCgZzdGF0dXMYCSABKA4yFi5rZmVlZC52MS5NYXJrZXRTdGF0dXMSJgoGcmVzdWx0GAogASgOMhYua2ZlZWQudjEuTWFya2V0UmVzdWx0Ei0KCW9wZW5fdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY2xvc2VfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPZXhwaXJhdGlvbl90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9zZXR0bGVtZW50X3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKEHNldHRsZW1lbnRfdmFsdWUYDyABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh0KFXByaWNlX2xldmVsX3N0cnVjdHVyZRgQIAEoCRIiChpmcmFjdGlvbmFsX3RyYWRpbmdfZW5hYmxlZBgRIAEoCBIVCg1ydWxlc19wcmltYXJ5GBIgASgJEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJBQoOTWFya2V0U25hcHNob3QSEwoLc25hcHNob3RfaWQYASABKAMSDgoGdGlja2VyGAIgASgJEjEKDWV4Y2hhbmdlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDHJlY2VpdmVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc291cmNlGAUgASgOMhQua2ZlZWQudjEuRGF0YVNvdXJjZRIeChFleGNoYW5nZV9zZXF1ZW5jZRgGIAEoA0gAiAEBEiIKB3llc19iaWQYByABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiIKB3llc19hc2sYCCABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiEKBm5vX2JpZBgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSIQoGbm9fYXNrGAogASgLMhEua2ZlZWQudjEuRG9sbGFycxIpCgx5ZXNfYmlkX3NpemUYCyABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSKQoMeWVzX2Fza19zaXplGAwgASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEiUKCmxhc3RfcHJpY2UYDSABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiMKBnZvbHVtZRgOIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxInCgp2b2x1bWVfMjRoGA8gASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEioKDW9wZW5faW50ZXJlc3QYECABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSJAoJbGlxdWlkaXR5GBEgASgLMhEua2ZlZWQudjEuRG9sbGFycxImCgZzdGF0dXMYEiABKA4yFi5rZmVlZC52MS5NYXJrZXRTdGF0dXNCFAoSX2V4Y2hhbmdlX3NlcXVlbmNlIu0BCgVUcmFkZRIQCgh0cmFkZV9pZBgBIAEoCRIOCgZ0aWNrZXIYAiABKAkSJAoJeWVzX3ByaWNlGAMgASgLMhEua2ZlZWQudjEuRG9sbGFycxIjCghub19wcmljZRgEIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSIgoFY291bnQYBSABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSIgoKdGFrZXJfc2lkZRgGIAEoDjIOLmtmZWVkLnYxLlNpZGUSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIv8BCgdGZWVkR2FwEg4KBmdhcF9pZBgBIAEoAxIOCgZ0aWNrZXIYAiABKAkSDwoHY2hhbm5lbBgDIAEoCRIXCg9zdWJzY3JpcHRpb25faWQYBCABKAMSGQoRZXhwZWN0ZWRfc2VxdWVuY2UYBSABKAMSGQoRcmVjZWl2ZWRfc2VxdWVuY2UYBiABKAMSLwoLZGV0ZWN0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXJlY292ZXJlZBgIIAEoCBIwCgxyZWNvdmVyX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlEKClByaWNlTGV2ZWwSIAoFcHJpY2UYASABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiEKBHNpemUYAiABKAsyEy5rZmVlZC52MS5Db250cmFjdHMimgIKCU9yZGVyQm9vaxIOCgZ0aWNrZXIYASABKAkSMQoNZXhjaGFuZ2VfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoIeWVzX2JpZHMYAyADKAsyFC5rZmVlZC52MS5QcmljZUxldmVsEiUKB25vX2JpZHMYBCADKAsyFC5rZmVlZC52MS5QcmljZUxldmVsEh4KEWV4Y2hhbmdlX3NlcXVlbmNlGAUgASgDSACIAQESEwoLaW5fZmVlZF9nYXAYBiABKAgSMAoMcmVjZWl2ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIUChJfZXhjaGFuZ2Vfc2VxdWVuY2UinwIKD09yZGVyQm9va0NoYW5nZRIOCgZ0aWNrZXIYASABKAkSMQoNZXhjaGFuZ2VfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMcmVjZWl2ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIeChFleGNoYW5nZV9zZXF1ZW5jZRgEIAEoA0gAiAEBEhwKBHNpZGUYBSABKA4yDi5rZmVlZC52MS5TaWRlEiAKBXByaWNlGAYgASgLMhEua2ZlZWQudjEuRG9sbGFycxIhCgRzaXplGAcgASgLMhMua2ZlZWQudjEuQ29udHJhY3RzQhQKEl9leGNoYW5nZV9zZXF1ZW5jZSKPAQoJUHJpY2VPaGxjEh8KBG9wZW4YASABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh8KBGhpZ2gYAiABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh4KA2xvdxgDIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSIAoFY2xvc2UYBCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIuMCCgZDYW5kbGUSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKB3llc19iaWQYAyABKAsyEy5rZmVlZC52MS5QcmljZU9obGMSJAoHeWVzX2FzaxgEIAEoCzITLmtmZWVkLnYxLlByaWNlT2hsYxIiCgVwcmljZRgFIAEoCzITLmtmZWVkLnYxLlByaWNlT2hsYxIlCgptZWFuX3ByaWNlGAYgASgLMhEua2ZlZWQudjEuRG9sbGFycxIjCgZ2b2x1bWUYByABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSEwoLdHJhZGVfY291bnQYCCABKAMSKgoNb3Blbl9pbnRlcmVzdBgJIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cyp0CgpEYXRhU291cmNlEhsKF0RBVEFfU09VUkNFX1VOU1BFQ0lGSUVEEAASFAoQREFUQV9TT1VSQ0VfUE9MTBABEhkKFURBVEFfU09VUkNFX1dFQlNPQ0tFVBACEhgKFERBVEFfU09VUkNFX0JBQ0tGSUxMEAMqhwIKDE1hcmtldFN0YXR1cxIdChlNQVJLRVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWTUFSS0VUX1NUQVRVU19VTk9QRU5FRBABEhYKEk1BUktFVF9TVEFUVVNfT1BFThACEhgKFE1BUktFVF9TVEFUVVNfUEFVU0VEEAMSGAoUTUFSS0VUX1NUQVRVU19DTE9TRUQQBBIcChhNQVJLRVRfU1RBVFVTX0RFVEVSTUlORUQQBRIaChZNQVJLRVRfU1RBVFVTX0RJU1BVVEVEEAYSGQoVTUFSS0VUX1NUQVRVU19BTUVOREVEEAcSGwoXTUFSS0VUX1NUQVRVU19GSU5BTElaRUQQCCp0CgxNYXJrZXRSZXN1bHQSHQoZTUFSS0VUX1JFU1VMVF9VTlNQRUNJRklFRBAAEhUKEU1BUktFVF9SRVNVTFRfWUVTEAESFAoQTUFSS0VUX1JFU1VMVF9OTxACEhgKFE1BUktFVF9SRVNVTFRfU0NBTEFSEAMqNwoEU2lkZRIUChBTSURFX1VOU1BFQ0lGSUVEEAASDAoIU0lERV9ZRVMQARILCgdTSURFX05PEAJiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * Fixed-point amount of US dollars in units of 1/10,000 USD: 4200 is $0.42.
@@ -531,6 +531,259 @@ export type FeedGap = Message<"kfeed.v1.FeedGap"> & {
  */
 export const FeedGapSchema: GenMessage<FeedGap> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_types, 7);
+
+/**
+ * One price level of an order book.
+ *
+ * @generated from message kfeed.v1.PriceLevel
+ */
+export type PriceLevel = Message<"kfeed.v1.PriceLevel"> & {
+  /**
+   * @generated from field: kfeed.v1.Dollars price = 1;
+   */
+  price?: Dollars | undefined;
+
+  /**
+   * Resting size at this price.
+   *
+   * @generated from field: kfeed.v1.Contracts size = 2;
+   */
+  size?: Contracts | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.PriceLevel.
+ * Use `create(PriceLevelSchema)` to create a new message.
+ */
+export const PriceLevelSchema: GenMessage<PriceLevel> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_types, 8);
+
+/**
+ * A market's full order book at one moment. Kalshi books hold bids only: a YES bid at X is a
+ * NO ask at 1 - X, so the best YES ask is 1 - the best NO bid.
+ *
+ * @generated from message kfeed.v1.OrderBook
+ */
+export type OrderBook = Message<"kfeed.v1.OrderBook"> & {
+  /**
+   * @generated from field: string ticker = 1;
+   */
+  ticker: string;
+
+  /**
+   * When the exchange produced the last change in this book.
+   *
+   * @generated from field: google.protobuf.Timestamp exchange_time = 2;
+   */
+  exchangeTime?: Timestamp | undefined;
+
+  /**
+   * YES bids, best (highest price) first.
+   *
+   * @generated from field: repeated kfeed.v1.PriceLevel yes_bids = 3;
+   */
+  yesBids: PriceLevel[];
+
+  /**
+   * NO bids, best (highest price) first.
+   *
+   * @generated from field: repeated kfeed.v1.PriceLevel no_bids = 4;
+   */
+  noBids: PriceLevel[];
+
+  /**
+   * The exchange's sequence number of the last change in this book, when known.
+   *
+   * @generated from field: optional int64 exchange_sequence = 5;
+   */
+  exchangeSequence?: bigint | undefined;
+
+  /**
+   * True when a recorded feed gap overlaps this instant: the book may be incomplete.
+   *
+   * @generated from field: bool in_feed_gap = 6;
+   */
+  inFeedGap: boolean;
+
+  /**
+   * When ingest received the last change in this book.
+   *
+   * @generated from field: google.protobuf.Timestamp receive_time = 7;
+   */
+  receiveTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.OrderBook.
+ * Use `create(OrderBookSchema)` to create a new message.
+ */
+export const OrderBookSchema: GenMessage<OrderBook> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_types, 9);
+
+/**
+ * One order-book level's new size (the level is removed when the size is 0).
+ *
+ * @generated from message kfeed.v1.OrderBookChange
+ */
+export type OrderBookChange = Message<"kfeed.v1.OrderBookChange"> & {
+  /**
+   * @generated from field: string ticker = 1;
+   */
+  ticker: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp exchange_time = 2;
+   */
+  exchangeTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp receive_time = 3;
+   */
+  receiveTime?: Timestamp | undefined;
+
+  /**
+   * The exchange's sequence number, when known.
+   *
+   * @generated from field: optional int64 exchange_sequence = 4;
+   */
+  exchangeSequence?: bigint | undefined;
+
+  /**
+   * Which book: YES bids or NO bids.
+   *
+   * @generated from field: kfeed.v1.Side side = 5;
+   */
+  side: Side;
+
+  /**
+   * @generated from field: kfeed.v1.Dollars price = 6;
+   */
+  price?: Dollars | undefined;
+
+  /**
+   * The level's size after the change; 0 removes the level.
+   *
+   * @generated from field: kfeed.v1.Contracts size = 7;
+   */
+  size?: Contracts | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.OrderBookChange.
+ * Use `create(OrderBookChangeSchema)` to create a new message.
+ */
+export const OrderBookChangeSchema: GenMessage<OrderBookChange> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_types, 10);
+
+/**
+ * Open, high, low and close of a price over one candle.
+ *
+ * @generated from message kfeed.v1.PriceOhlc
+ */
+export type PriceOhlc = Message<"kfeed.v1.PriceOhlc"> & {
+  /**
+   * @generated from field: kfeed.v1.Dollars open = 1;
+   */
+  open?: Dollars | undefined;
+
+  /**
+   * @generated from field: kfeed.v1.Dollars high = 2;
+   */
+  high?: Dollars | undefined;
+
+  /**
+   * @generated from field: kfeed.v1.Dollars low = 3;
+   */
+  low?: Dollars | undefined;
+
+  /**
+   * @generated from field: kfeed.v1.Dollars close = 4;
+   */
+  close?: Dollars | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.PriceOhlc.
+ * Use `create(PriceOhlcSchema)` to create a new message.
+ */
+export const PriceOhlcSchema: GenMessage<PriceOhlc> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_types, 11);
+
+/**
+ * One interval of a market's history, with the content of Kalshi's candlesticks.
+ *
+ * @generated from message kfeed.v1.Candle
+ */
+export type Candle = Message<"kfeed.v1.Candle"> & {
+  /**
+   * The interval is [start_time, end_time).
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 2;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * The YES bid over the interval (the bid in force at the start counts as the open);
+   * absent when there was no bid at any time in the interval.
+   *
+   * @generated from field: kfeed.v1.PriceOhlc yes_bid = 3;
+   */
+  yesBid?: PriceOhlc | undefined;
+
+  /**
+   * The YES ask, likewise.
+   *
+   * @generated from field: kfeed.v1.PriceOhlc yes_ask = 4;
+   */
+  yesAsk?: PriceOhlc | undefined;
+
+  /**
+   * Trade prices; absent when the interval had no trade (no price is invented).
+   *
+   * @generated from field: kfeed.v1.PriceOhlc price = 5;
+   */
+  price?: PriceOhlc | undefined;
+
+  /**
+   * Count-weighted mean trade price; absent when the interval had no trade.
+   *
+   * @generated from field: kfeed.v1.Dollars mean_price = 6;
+   */
+  meanPrice?: Dollars | undefined;
+
+  /**
+   * Contracts traded in the interval.
+   *
+   * @generated from field: kfeed.v1.Contracts volume = 7;
+   */
+  volume?: Contracts | undefined;
+
+  /**
+   * Trades in the interval.
+   *
+   * @generated from field: int64 trade_count = 8;
+   */
+  tradeCount: bigint;
+
+  /**
+   * Open interest in force at the interval's end, when known.
+   *
+   * @generated from field: kfeed.v1.Contracts open_interest = 9;
+   */
+  openInterest?: Contracts | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.Candle.
+ * Use `create(CandleSchema)` to create a new message.
+ */
+export const CandleSchema: GenMessage<Candle> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_types, 12);
 
 /**
  * Where a snapshot came from.
