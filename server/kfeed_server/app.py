@@ -123,8 +123,11 @@ class KfeedServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        # The RPCs of this round's contract additions answer UNIMPLEMENTED (the generated base
+        # class) until issues #12 and #13 build them; the ignore goes with the last of them.
         market_service_pb2_grpc.add_MarketServiceServicer_to_server(
-            MarketServicer(self.repositories, self.hub), self._server
+            MarketServicer(self.repositories, self.hub),  # type: ignore[abstract]
+            self._server,
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(self.repositories, live), self._server
