@@ -116,6 +116,32 @@ def market_from_proto(message: types_pb2.Market) -> MarketRecord:
     )
 
 
+def series_to_proto(record: SeriesRecord) -> types_pb2.Series:
+    return types_pb2.Series(
+        ticker=record.ticker,
+        title=record.title,
+        category=record.category,
+        frequency=record.frequency,
+        tags=list(record.tags),
+        fee_type=record.fee_type,
+        fee_multiplier_ten_thousandths=record.fee_multiplier_ten_thousandths,
+    )
+
+
+def event_to_proto(record: EventRecord) -> types_pb2.Event:
+    event = types_pb2.Event(
+        event_ticker=record.event_ticker,
+        series_ticker=record.series_ticker,
+        title=record.title,
+        sub_title=record.sub_title,
+        category=record.category,
+        mutually_exclusive=record.mutually_exclusive,
+    )
+    if record.strike_time is not None:
+        event.strike_time.CopyFrom(timestamp(record.strike_time))
+    return event
+
+
 def series_from_proto(message: types_pb2.Series) -> SeriesRecord:
     return SeriesRecord(
         ticker=message.ticker,

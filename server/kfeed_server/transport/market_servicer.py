@@ -26,6 +26,7 @@ from kfeed_server.streaming.feed import (
     snapshot_feed,
 )
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
+from kfeed_server.transport import market_structure
 from kfeed_server.transport.convert import (
     feed_gap_to_proto,
     market_to_proto,
@@ -260,3 +261,21 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         finally:
             # Frees the subscription at once, also when the client cancels.
             await feed.aclose()
+
+    async def ListEvents(
+        self, request: pb.ListEventsRequest, context: Context
+    ) -> pb.ListEventsResponse:
+        return await market_structure.list_events(self._markets, request)
+
+    async def GetEvent(self, request: pb.GetEventRequest, context: Context) -> pb.GetEventResponse:
+        return await market_structure.get_event(self._markets, request)
+
+    async def ListSeries(
+        self, request: pb.ListSeriesRequest, context: Context
+    ) -> pb.ListSeriesResponse:
+        return await market_structure.list_series(self._markets, request)
+
+    async def GetSeries(
+        self, request: pb.GetSeriesRequest, context: Context
+    ) -> pb.GetSeriesResponse:
+        return await market_structure.get_series(self._markets, request)

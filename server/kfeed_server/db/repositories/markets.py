@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from kfeed_server.db.models import events_table, markets_table, series_table
 from kfeed_server.db.repositories._common import (
     chunks,
+    field_names,
     insert_for,
     page_of,
     record_columns,
@@ -21,6 +22,16 @@ from kfeed_server.db.repositories._common import (
 from kfeed_server.records import EventRecord, MarketRecord, MarketStatus, Page, SeriesRecord
 
 _MARKET_COLUMNS = record_columns(markets_table, MarketRecord)
+_EVENT_COLUMNS = record_columns(events_table, EventRecord)
+_SERIES_COLUMNS = record_columns(series_table, SeriesRecord)
+_SERIES_TAGS = field_names(SeriesRecord).index("tags")
+
+
+def _series_record(row: Sequence[Any]) -> SeriesRecord:
+    """A series row as a record (tags come back as a JSON list)."""
+    values = list(row)
+    values[_SERIES_TAGS] = tuple(values[_SERIES_TAGS] or ())
+    return SeriesRecord(*values)
 
 
 async def upsert_rows(
@@ -119,6 +130,64 @@ class MarketRepository:
         async with self._sessions() as session:
             connection = await session.connection()
             rows = [MarketRecord(*row) for row in await connection.execute(statement)]
+        return page_of(rows, limit, lambda last: (last.ticker,))
+
+    async def get_event(self, event_ticker: str) -> EventRecord | None:
+        """The event ``event_ticker``, or None when unknown."""
+        statement = select(*_EVENT_COLUMNS).where(events_table.c.event_ticker == event_ticker)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            row = (await connection.execute(statement)).first()
+        return None if row is None else EventRecord(*row)
+
+    async def list_events(
+        self, *, limit: int, after_event_ticker: str | None = None, series_ticker: str | None = None
+    ) -> Page[EventRecord]:
+        """Events ordered by event ticker, after ``after_event_ticker``, of ``series_ticker``
+        when given. ``next_cursor`` is ``(last_event_ticker,)`` when more rows exist."""
+        c = events_table.c
+        statement = select(*_EVENT_COLUMNS).order_by(c.event_ticker).limit(limit + 1)
+        if after_event_ticker is not None:
+            statement = statement.where(c.event_ticker > after_event_ticker)
+        if series_ticker is not None:
+            statement = statement.where(c.series_ticker == series_ticker)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = [EventRecord(*row) for row in await connection.execute(statement)]
+        return page_of(rows, limit, lambda last: (last.event_ticker,))
+
+    async def markets_of_event(self, event_ticker: str) -> list[MarketRecord]:
+        """Every market of the event, ordered by ticker."""
+        c = markets_table.c
+        statement = (
+            select(*_MARKET_COLUMNS).where(c.event_ticker == event_ticker).order_by(c.ticker)
+        )
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return [MarketRecord(*row) for row in await connection.execute(statement)]
+
+    async def get_series(self, ticker: str) -> SeriesRecord | None:
+        """The series ``ticker``, or None when unknown."""
+        statement = select(*_SERIES_COLUMNS).where(series_table.c.ticker == ticker)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            row = (await connection.execute(statement)).first()
+        return None if row is None else _series_record(row)
+
+    async def list_series(
+        self, *, limit: int, after_ticker: str | None = None, category: str | None = None
+    ) -> Page[SeriesRecord]:
+        """Series ordered by ticker, after ``after_ticker``, in ``category`` when given.
+        ``next_cursor`` is ``(last_ticker,)`` when more rows exist."""
+        c = series_table.c
+        statement = select(*_SERIES_COLUMNS).order_by(c.ticker).limit(limit + 1)
+        if after_ticker is not None:
+            statement = statement.where(c.ticker > after_ticker)
+        if category is not None:
+            statement = statement.where(c.category == category)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = [_series_record(row) for row in await connection.execute(statement)]
         return page_of(rows, limit, lambda last: (last.ticker,))
 
     async def get_markets(self, tickers: Sequence[str]) -> list[MarketRecord]:
