@@ -23,7 +23,7 @@ import numpy as np
 
 from kfeed_server.backtest import EngineConfig, Fingerprinter, fingerprint, run_backtest
 from kfeed_server.backtest.chunks import encode_chunk
-from kfeed_server.backtest.engine import FINGERPRINT_CHUNK
+from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
 
 BUY_BELOW = 4_000

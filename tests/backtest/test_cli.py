@@ -68,7 +68,7 @@ async def test_run_plots_and_show_list_strategies_print(
     backtests = await backtest_server.backtests.list(limit=10)
     (backtest,) = backtests.items
     assert backtest.metrics is not None
-    assert f"{backtest.metrics['trade_count']:,}" in output
+    assert f"{backtest.metrics.trade_count:,}" in output
 
     shown = await _kfeed_backtest(backtest_server, "show", backtest.backtest_id)
     assert backtest.content_hash in shown

@@ -16,12 +16,9 @@ from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
 from kfeed_server import __version__
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.backtest import EngineConfig, run_backtest
-from kfeed_server.backtest.engine import FINGERPRINT_CHUNK
-from kfeed_server.backtest.service import (
-    RESTART_MESSAGE,
-    SHUTDOWN_MESSAGE,
-    metrics_document,
-)
+from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.service import RESTART_MESSAGE
+from kfeed_server.backtest.tracking import SHUTDOWN_MESSAGE
 from kfeed_server.db import create_engine
 from kfeed_server.db.repositories import BacktestRecord, build_repositories
 from kfeed_server.records import BacktestState, MarketRecord, SnapshotRecord
@@ -89,7 +86,7 @@ async def test_a_backtest_runs_to_success_with_the_engine_results(
 
     expected = await _engine_result_on_stored_rows(backtest_server, BOTH)
     assert backtest.state == pb.BACKTEST_STATE_SUCCEEDED
-    assert backtest.metrics == metrics_to_proto(metrics_document(expected.metrics))
+    assert backtest.metrics == metrics_to_proto(expected.metrics)
     assert backtest.metrics.trade_count > 10
     executions = await all_executions(stub, backtest.backtest_id, page_size=7)
     assert executions == [execution_to_proto(e) for e in expected.executions]
@@ -425,7 +422,11 @@ async def test_shutdown_fails_running_backtests_and_start_fails_stale_ones(
         assert stopped is not None
         assert (stopped.state, stopped.error_message) == (BacktestState.FAILED, SHUTDOWN_MESSAGE)
         await backtests.create(
-            BacktestRecord(backtest_id="stale", strategy="threshold", state=BacktestState.RUNNING)
+            BacktestRecord(
+                backtest_id="stale",
+                config=EngineConfig(strategy="threshold", tickers=(TICKER,)),
+                state=BacktestState.RUNNING,
+            )
         )
     finally:
         await engine.dispose()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
+from kfeed_server.backtest import BacktestMetrics, EngineConfig, FeeRounding
+from kfeed_server.backtest.sweep import SweepSpec
 from kfeed_server.db.repositories import BacktestRecord, Repositories
 from kfeed_server.records import (
     BacktestState,
@@ -18,15 +20,47 @@ from kfeed_server.records import (
 from tests.factories import at
 
 
-def _backtest(i: int, **fields: object) -> BacktestRecord:
+def _config(strategy: str = "momentum") -> EngineConfig:
+    return EngineConfig(
+        strategy=strategy,
+        tickers=("A", "B"),
+        parameters={"threshold": 250, "z": 0.25, "flag": True, "name": "x"},
+        start_time=at(0),
+        end_time=None,
+        initial_cash=5_000_000,
+        fee_rounding=FeeRounding.TEN_THOUSANDTH,
+        slippage=3,
+        max_position=1_000,
+        cap_by_displayed_size=True,
+    )
+
+
+def _backtest(i: int, strategy: str = "momentum", **fields: object) -> BacktestRecord:
     values: dict[str, object] = {
         "backtest_id": str(uuid.UUID(int=i)),
-        "strategy": "momentum",
-        "config": {"tickers": ["A"], "threshold": 0.25, "nested": {"n": 3}},
+        "config": _config(strategy),
         "create_time": at(i),
         **fields,
     }
     return BacktestRecord(**values)  # type: ignore[arg-type]
+
+
+METRICS = BacktestMetrics(
+    total_pnl=12_345,
+    total_return=0.0123,
+    sharpe_ratio=1.5,
+    sortino_ratio=2.25,
+    max_drawdown=700,
+    max_drawdown_fraction=0.01,
+    max_drawdown_duration=timedelta(hours=3, microseconds=7),
+    win_rate=0.5,
+    profit_factor=1.75,
+    expectancy=-3,
+    trade_count=4,
+    fees_paid=200,
+    exposure=0.3,
+    brier_score=None,
+)
 
 
 def _execution(sequence: int) -> ExecutionRecord:
@@ -48,7 +82,11 @@ def _execution(sequence: int) -> ExecutionRecord:
 
 async def test_create_get_update(repositories: Repositories) -> None:
     backtests = repositories.backtests
-    record = _backtest(1, sweep={"threshold": [0.1, 0.2]}, ranked_child_ids=("c1", "c2"))
+    record = _backtest(
+        1,
+        sweep=SweepSpec(grid={"threshold": [100, 200], "z": [0.5]}, rank_by="sharpe"),
+        ranked_child_ids=("c1", "c2"),
+    )
     await backtests.create(record)
     assert await backtests.get(record.backtest_id) == record
     assert await backtests.get("missing") is None
@@ -57,13 +95,13 @@ async def test_create_get_update(repositories: Repositories) -> None:
         record.backtest_id,
         state=BacktestState.SUCCEEDED,
         fraction_done=1.0,
-        metrics={"pnl": 12_345, "sharpe": 1.5},
+        metrics=METRICS,
         run_end_time=at(50),
         ranked_child_ids=("c2", "c1"),
     )
     assert updated is not None
     assert updated.state is BacktestState.SUCCEEDED
-    assert updated.metrics == {"pnl": 12_345, "sharpe": 1.5}
+    assert updated.metrics == METRICS
     assert updated.ranked_child_ids == ("c2", "c1")
     assert updated.run_end_time == at(50)
     assert await backtests.get(record.backtest_id) == updated

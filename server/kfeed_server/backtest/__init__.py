@@ -10,14 +10,12 @@ from kfeed_server.backtest.config import DEFAULT_INITIAL_CASH, EngineConfig, val
 from kfeed_server.backtest.engine import (
     BacktestCancelled,
     BacktestResult,
-    DataFingerprint,
-    Fingerprinter,
     Progress,
     StrategyError,
-    fingerprint,
     run_backtest,
 )
 from kfeed_server.backtest.fees import KALSHI_TAKER_FEE_RATE, FeeRounding, taker_fee
+from kfeed_server.backtest.fingerprint import DataFingerprint, Fingerprinter, fingerprint
 from kfeed_server.backtest.metrics import BacktestMetrics
 from kfeed_server.backtest.params import (
     ConfigError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 
 from kfeed_server.backtest.config import EngineConfig, validate_config
@@ -12,6 +12,18 @@ from kfeed_server.backtest.engine import BacktestResult
 from kfeed_server.backtest.metrics import BacktestMetrics
 from kfeed_server.backtest.params import ConfigError, ParamValue
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
+
+DEFAULT_RANK_BY = "total_pnl"
+"""What a sweep ranks by when the request names no metric."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSpec:
+    """A parameter grid (one child run per point) and the metric ranking the children."""
+
+    grid: Mapping[str, Sequence[ParamValue]]
+    rank_by: str = DEFAULT_RANK_BY
+
 
 METRIC_ALIASES = {
     "sharpe": "sharpe_ratio",

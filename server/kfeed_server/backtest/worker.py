@@ -25,10 +25,10 @@ from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     DEFAULT_PROGRESS_EVERY,
     BacktestResult,
-    Fingerprinter,
     Progress,
     run_backtest,
 )
+from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.records import MarketRecord, SnapshotRecord
 
 

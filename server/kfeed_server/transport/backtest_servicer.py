@@ -29,16 +29,10 @@ from kfeed_server.backtest import (
     StrategyRegistry,
     default_registry,
 )
-from kfeed_server.backtest.service import (
-    DEFAULT_RANK_BY,
-    BacktestRunner,
-    SweepSpec,
-    UnknownMarkets,
-    config_from_document,
-    metrics_from_document,
-    sweep_from_document,
-)
-from kfeed_server.db.repositories import BacktestRecord
+from kfeed_server.backtest.metrics import BacktestMetrics
+from kfeed_server.backtest.record import BacktestRecord
+from kfeed_server.backtest.service import BacktestRunner, UnknownMarkets
+from kfeed_server.backtest.sweep import DEFAULT_RANK_BY, SweepSpec
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord
 from kfeed_server.transport.convert import contracts, dollars, optional_timestamp, timestamp
 from kfeed_server.transport.errors import InvalidArgument, NotFound
@@ -132,9 +126,8 @@ def _parameter_types(strategy: str, registry: StrategyRegistry) -> dict[str, Par
     return {spec.name: spec.type for spec in registry.get(strategy).parameters}
 
 
-def config_to_proto(document: dict[str, Any], registry: StrategyRegistry) -> pb.BacktestConfig:
+def config_to_proto(config: EngineConfig, registry: StrategyRegistry) -> pb.BacktestConfig:
     """A stored configuration as a ``BacktestConfig`` (every default spelled out)."""
-    config = config_from_document(document)
     types = _parameter_types(config.strategy, registry)
     message = pb.BacktestConfig(
         strategy=config.strategy,
@@ -158,9 +151,8 @@ def config_to_proto(document: dict[str, Any], registry: StrategyRegistry) -> pb.
 
 
 def _sweep_to_proto(
-    document: dict[str, Any], strategy: str, registry: StrategyRegistry
+    sweep: SweepSpec, strategy: str, registry: StrategyRegistry
 ) -> pb.ParameterSweep:
-    sweep = sweep_from_document(document)
     types = _parameter_types(strategy, registry)
     return pb.ParameterSweep(
         grid={
@@ -173,9 +165,8 @@ def _sweep_to_proto(
     )
 
 
-def metrics_to_proto(document: dict[str, Any]) -> pb.BacktestMetrics:
-    """Stored metrics as a ``BacktestMetrics``."""
-    metrics = metrics_from_document(document)
+def metrics_to_proto(metrics: BacktestMetrics) -> pb.BacktestMetrics:
+    """Metrics as a ``BacktestMetrics``."""
     duration = duration_pb2.Duration()
     duration.FromTimedelta(metrics.max_drawdown_duration)
     message = pb.BacktestMetrics(

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.db.engine import session_factory
-from kfeed_server.db.repositories.backtests import BacktestRecord, BacktestRepository
+from kfeed_server.db.repositories.backtests import BacktestRepository
 from kfeed_server.db.repositories.ingest import BatchWriteResult, IngestWriter
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository

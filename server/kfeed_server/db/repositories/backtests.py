@@ -5,13 +5,13 @@ from __future__ import annotations
 import builtins
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.db.models import backtests_table, equity_points_table, executions_table
 from kfeed_server.db.repositories._common import (
     chunks,
@@ -21,59 +21,56 @@ from kfeed_server.db.repositories._common import (
     record_columns,
     rows_per_statement,
 )
+from kfeed_server.db.repositories.backtest_documents import (
+    config_document,
+    config_from_document,
+    metrics_document,
+    metrics_from_document,
+    sweep_document,
+    sweep_from_document,
+)
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class BacktestRecord:
-    """A stored backtest: configuration, state and progress, data fingerprint, metrics.
-
-    ``config``, ``sweep`` and ``metrics`` are JSON documents. Money is in 1/10,000 USD."""
-
-    backtest_id: str
-    parent_backtest_id: str | None = None
-    strategy: str = ""
-    state: BacktestState = BacktestState.PENDING
-    config: dict[str, Any] = field(default_factory=dict)
-    sweep: dict[str, Any] | None = None
-    fraction_done: float = 0.0
-    snapshots_processed: int = 0
-    snapshots_total: int = 0
-    interim_pnl: int = 0
-    metrics: dict[str, Any] | None = None
-    # Fingerprint of the data read: shows when a rerun would see different data.
-    row_count: int = 0
-    first_snapshot_id: int = 0
-    last_snapshot_id: int = 0
-    content_hash: str = ""
-    code_version: str = ""
-    create_time: datetime = field(default_factory=_now)
-    run_start_time: datetime | None = None
-    run_end_time: datetime | None = None
-    error_message: str = ""
-    ranked_child_ids: tuple[str, ...] = ()
-
-
+# Fields stored as JSON documents (the strategy column is written from the configuration).
+_DOCUMENT_FIELDS = ("config", "sweep", "metrics", "ranked_child_ids")
 _BACKTEST_FIELDS = frozenset(f.name for f in dataclasses.fields(BacktestRecord))
-_BACKTEST_COLUMNS = record_columns(backtests_table, BacktestRecord)
+_PLAIN_FIELDS = tuple(
+    f.name for f in dataclasses.fields(BacktestRecord) if f.name not in _DOCUMENT_FIELDS
+)
+_BACKTEST_COLUMNS = [backtests_table.c[name] for name in (*_PLAIN_FIELDS, *_DOCUMENT_FIELDS)]
 _EXECUTION_COLUMNS = record_columns(executions_table, ExecutionRecord)
 _EQUITY_COLUMNS = record_columns(equity_points_table, EquityPointRecord)
+_PLAIN_COUNT = len(_PLAIN_FIELDS)
 
 
 def _backtest_from_row(row: Row[Any]) -> BacktestRecord:
-    record = BacktestRecord(*row)
-    return dataclasses.replace(record, ranked_child_ids=tuple(record.ranked_child_ids))
+    plain = dict(zip(_PLAIN_FIELDS, row[:_PLAIN_COUNT], strict=True))
+    config, sweep, metrics, ranked = row[_PLAIN_COUNT:]
+    return BacktestRecord(
+        **plain,
+        config=config_from_document(config),
+        sweep=None if sweep is None else sweep_from_document(sweep),
+        metrics=None if metrics is None else metrics_from_document(metrics),
+        ranked_child_ids=tuple(ranked),
+    )
 
 
-def _column_values(fields: dict[str, Any]) -> dict[str, Any]:
-    values = dict(fields)
-    if "ranked_child_ids" in values:
-        values["ranked_child_ids"] = list(values["ranked_child_ids"])
-    return values
+def _column_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Record field values as column values (the typed fields as their documents)."""
+    columns = dict(values)
+    if "config" in columns:
+        config = columns["config"]
+        columns["config"] = config_document(config)
+        columns["strategy"] = config.strategy
+    if "sweep" in columns:
+        sweep = columns["sweep"]
+        columns["sweep"] = None if sweep is None else sweep_document(sweep)
+    if "metrics" in columns:
+        metrics = columns["metrics"]
+        columns["metrics"] = None if metrics is None else metrics_document(metrics)
+    if "ranked_child_ids" in columns:
+        columns["ranked_child_ids"] = list(columns["ranked_child_ids"])
+    return columns
 
 
 class BacktestRepository:

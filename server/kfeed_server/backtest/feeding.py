@@ -1,0 +1,190 @@
+"""Replay feeding: runs one configuration in a worker process and feeds it the window's rows.
+
+The server pins the data set (the highest snapshot id at the start), counts the window, sends the
+rows to the worker in encoded chunks through a pipe while the worker replays the previous chunk,
+relays the worker's progress to the ``TrackedRun`` and its stop requests to the worker. The worker
+(``worker.py``) reads no database. See docs/BACKTESTING.md ("The service").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kfeed_server.backtest.chunks import EncodedChunk, encode_chunk
+from kfeed_server.backtest.config import EngineConfig
+from kfeed_server.backtest.engine import BacktestResult, Progress
+from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.record import BacktestRecord
+from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
+from kfeed_server.backtest.worker import WorkerJob, WorkerStarted, replay_in_worker
+from kfeed_server.db.repositories.markets import MarketRepository
+from kfeed_server.db.repositories.snapshots import SnapshotRepository
+from kfeed_server.records import SnapshotRecord
+
+log = logging.getLogger(__name__)
+
+# An open window side is read as these bounds.
+OPEN_START = datetime(1, 1, 2, tzinfo=UTC)
+OPEN_END = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSettings:
+    """How often progress travels: worker → server every ``progress_every`` snapshots, server →
+    database every ``persist_interval`` seconds."""
+
+    progress_every: int
+    persist_interval: float
+
+
+class ReplayFeeder:
+    """Runs configurations in a pool's workers over the stored rows they need."""
+
+    def __init__(
+        self,
+        snapshots: SnapshotRepository,
+        markets: MarketRepository,
+        settings: FeedSettings,
+    ) -> None:
+        self._snapshots = snapshots
+        self._markets = markets
+        self._settings = settings
+
+    async def replay(
+        self,
+        pool: Executor,
+        tracked: TrackedRun,
+        config: EngineConfig,
+        persist_progress: Callable[[BacktestRecord], Awaitable[None]],
+        on_change: Callable[[], None] | None,
+    ) -> BacktestResult:
+        """Runs ``config`` in a worker, feeding it the window's rows; raises what the run
+        raised (BacktestCancelled when stopped). ``persist_progress`` stores the live record at
+        most every ``persist_interval``; ``on_change`` is called on every progress report."""
+        start = config.start_time or OPEN_START
+        end = config.end_time or OPEN_END
+        # Pins the data set: ingest may go on, the run reads exactly what it counted.
+        pinned = await self._snapshots.max_snapshot_id()
+        total = await self._snapshots.count_for_backtest(
+            config.tickers, start, end, max_snapshot_id=pinned
+        )
+        markets = {}
+        for ticker in config.tickers:
+            market = await self._markets.get_market(ticker)
+            if market is not None:
+                markets[ticker] = market
+        tracked.publish(replaced(tracked.record, {"snapshots_total": total}))
+        job = WorkerJob(config, markets, total, self._settings.progress_every)
+        data_reader, data_writer = multiprocessing.Pipe(duplex=False)
+        control, worker_control = multiprocessing.Pipe()
+        loop = asyncio.get_running_loop()
+        future = asyncio.wrap_future(
+            pool.submit(replay_in_worker, job, data_reader, worker_control)
+        )
+
+        def on_message() -> None:
+            try:
+                while control.poll():
+                    message = control.recv()
+                    if isinstance(message, WorkerStarted):
+                        # The worker holds its ends now: without our copies, a dead worker
+                        # shows as a broken pipe.
+                        data_reader.close()
+                        worker_control.close()
+                    elif isinstance(message, Progress):
+                        tracked.publish(with_progress(tracked.record, message))
+                        if on_change is not None:
+                            on_change()
+            except (EOFError, OSError):
+                loop.remove_reader(control.fileno())
+
+        tracked.control = control
+        loop.add_reader(control.fileno(), on_message)
+        if tracked.stop_requested.is_set():
+            control.send("stop")
+        feeder = asyncio.create_task(self._feed(data_writer, config, start, end, pinned))
+        stop_requested = asyncio.ensure_future(tracked.stop_requested.wait())
+        watched: set[asyncio.Future[Any]] = {future, feeder, stop_requested}
+        try:
+            saved = tracked.record
+            while not future.done():
+                await asyncio.wait(
+                    watched,
+                    timeout=self._settings.persist_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if stop_requested.done() and not feeder.done():
+                    # A worker waiting for rows would not see the stop: ending the data stream
+                    # wakes it (and a slow read ends early).
+                    feeder.cancel()
+                if feeder.done() and not feeder.cancelled() and not future.done():
+                    error = feeder.exception()
+                    if error is not None:
+                        tracked.request_stop(by_user=False)
+                        raise error
+                if tracked.record is not saved and not future.done():
+                    saved = tracked.record
+                    await persist_progress(saved)
+            return future.result()
+        finally:
+            tracked.control = None
+            stop_requested.cancel()
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(control.fileno())
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            for connection in (control, worker_control, data_reader, data_writer):
+                connection.close()
+
+    async def _feed(
+        self,
+        writer: Connection,
+        config: EngineConfig,
+        start: datetime,
+        end: datetime,
+        pinned: int,
+    ) -> None:
+        """Sends the window's rows to the worker in encoded chunks of ``FINGERPRINT_CHUNK`` rows
+        (the fingerprint's chunking), then None, and closes the pipe (also when cancelled: the
+        worker then sees the end of the data at once). Sending waits in a thread while the pipe
+        is full, which bounds memory to a few chunks; reads are one chunk each, so the event loop
+        never converts more than 4,096 rows at a time."""
+        pending: list[SnapshotRecord] = []
+        try:
+            async for rows in self._snapshots.list_for_backtest(
+                config.tickers, start, end, chunk_size=FINGERPRINT_CHUNK, max_snapshot_id=pinned
+            ):
+                pending.extend(rows)
+                while len(pending) >= FINGERPRINT_CHUNK:
+                    chunk = encode_chunk(pending[:FINGERPRINT_CHUNK])
+                    del pending[:FINGERPRINT_CHUNK]
+                    await _send(writer, chunk)
+            if pending:
+                await _send(writer, encode_chunk(pending))
+            await _send(writer, None)
+        except (BrokenPipeError, ConnectionResetError, OSError) as error:
+            # The worker stopped reading (cancelled or failed): its future says why.
+            log.debug("backtest feed ended early: %r", error)
+        finally:
+            writer.close()
+
+
+async def _send(writer: Connection, message: EncodedChunk | None) -> None:
+    """Sends in a thread (a full pipe blocks). When the caller is cancelled the send still
+    completes or fails before this returns, so the pipe is never closed under a running send."""
+    sending = asyncio.ensure_future(asyncio.to_thread(writer.send, message))
+    try:
+        await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await sending
+        raise
