@@ -32,7 +32,7 @@ from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.records import DataSource, MarketRecord, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import snapshot_to_proto
 from kfeed_server.transport.requests import encode_resume_token
-from tests.server.conftest import PublishSession
+from tests.support.servers import PublishSession
 
 TARGET_RATIO = 0.7
 TARGET_P99_MS = 50.0

@@ -26,7 +26,7 @@ from bench.support import (
     sqlalchemy_url,
     temporary_postgres_database,
 )
-from tests.server.conftest import PublishSession
+from tests.support.servers import PublishSession
 
 
 async def run_benchmark(

@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: a fresh, migrated, empty database per test.
+"""Fixtures shared by the whole suite: a fresh, migrated, empty database per test, a real kfeed
+server on it, and the server's log lines. (Helpers that are not fixtures live in tests/support/.)
 
 ``database_url`` runs each test that uses it on SQLite and on PostgreSQL (127.0.0.1:5432, user
 postgres, admin database ``test``). PostgreSQL databases are cloned from a template migrated once
@@ -11,19 +12,24 @@ Without a reachable PostgreSQL the PostgreSQL half is skipped, or fails when
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.db import create_engine, upgrade_to_head
 from kfeed_server.db.migrate import MIGRATIONS_DIR
 from kfeed_server.db.repositories import Repositories, build_repositories
+from kfeed_server.logs import JsonFormatter, _RequestIdFilter
+from tests.support.servers import PublishSession, serving
 
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 POSTGRES_URL_TEMPLATE = "postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
@@ -158,3 +164,59 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 def repositories(engine: AsyncEngine) -> Repositories:
     """Every repository, on this test's database."""
     return build_repositories(engine)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A fresh migrated SQLite database, for what does not depend on the engine (auth, TLS,
+    metrics, clients)."""
+    database = tmp_path / "kfeed-sqlite.db"
+    shutil.copyfile(sqlite_template, database)
+    return f"sqlite+aiosqlite:///{database}"
+
+
+@pytest.fixture
+async def kfeed_server(database_url: str) -> AsyncIterator[KfeedServer]:
+    """A real server on ``database_url``, on an ephemeral loopback port."""
+    async with serving(ServerConfig(listen="127.0.0.1:0", database_url=database_url)) as server:
+        yield server
+
+
+@pytest.fixture
+async def channel(kfeed_server: KfeedServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A plaintext channel to ``kfeed_server``."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{kfeed_server.port}") as open_channel:
+        yield open_channel
+
+
+@pytest.fixture
+async def publisher(channel: grpc.aio.Channel) -> AsyncIterator[PublishSession]:
+    """An open IngestService.Publish stream to ``kfeed_server``."""
+    async with PublishSession(channel) as session:
+        yield session
+
+
+@pytest.fixture
+def json_log_lines() -> Iterator[list[str]]:
+    """Every log record of the process, at DEBUG, formatted as the server's JSON lines."""
+
+    class _Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.lines: list[str] = []
+            self.addFilter(_RequestIdFilter())
+            self.setFormatter(JsonFormatter())
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(self.format(record))
+
+    handler = _Lines()
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)

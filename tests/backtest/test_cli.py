@@ -11,8 +11,8 @@ import pytest
 
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import SnapshotRecord
-from tests.backtest.service_support import TICKER
-from tests.factories import at
+from tests.support.backtest_service import TICKER
+from tests.support.factories import at
 
 # Until the lead registers "backtest" in kfeed_cli.main's COMMANDS, the module runs itself.
 COMMAND = (sys.executable, "-m", "kfeed_cli.main", "backtest")

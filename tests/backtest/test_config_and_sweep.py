@@ -19,7 +19,7 @@ from kfeed_server.backtest import (
     validate_config,
 )
 from kfeed_server.backtest.params import ParamValue
-from tests.backtest.support import T0, quote
+from tests.support.backtest import T0, quote
 
 BASE = EngineConfig("threshold", ("A",))
 

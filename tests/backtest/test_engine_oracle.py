@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kfeed_server.backtest import EngineConfig, FeeRounding, Order, run_backtest
 from kfeed_server.records import MarketRecord, MarketResult, OrderAction, Side, SnapshotRecord
-from tests.backtest.support import at, quote, scripted_registry, settled
+from tests.support.backtest import at, quote, scripted_registry, settled
 
 BUY, SELL, SETTLE, MARK = OrderAction.BUY, OrderAction.SELL, OrderAction.SETTLE, OrderAction.MARK
 YES, NO = Side.YES, Side.NO

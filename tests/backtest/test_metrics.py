@@ -12,7 +12,7 @@ import pytest
 from kfeed_server.backtest import BacktestResult, EngineConfig, Order, run_backtest
 from kfeed_server.backtest.metrics import downsample, max_drawdown
 from kfeed_server.records import MarketResult, OrderAction, Side
-from tests.backtest.support import T0, quote, scripted_registry, settled
+from tests.support.backtest import T0, quote, scripted_registry, settled
 
 DAY = 24 * 60
 BUY, SELL = OrderAction.BUY, OrderAction.SELL

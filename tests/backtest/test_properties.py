@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from kfeed_server.backtest import EngineConfig, FeeRounding, Order, run_backtest
 from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
-from tests.backtest.support import quote, scripted_registry, settled
+from tests.support.backtest import quote, scripted_registry, settled
 
 TICKERS = ("A", "B")
 

@@ -20,7 +20,7 @@ from kfeed_server.backtest import (
     run_backtest,
 )
 from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
-from tests.backtest.support import quote, scripted_registry, settled
+from tests.support.backtest import quote, scripted_registry, settled
 
 
 def _random_walk(count: int, seed: int) -> list[SnapshotRecord]:

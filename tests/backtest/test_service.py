@@ -24,7 +24,7 @@ from kfeed_server.db.repositories import BacktestRecord, build_repositories
 from kfeed_server.records import BacktestState, MarketRecord, SnapshotRecord
 from kfeed_server.transport.backtest_servicer import execution_to_proto, metrics_to_proto
 from kfeed_server.transport.convert import dollars
-from tests.backtest.service_support import (
+from tests.support.backtest_service import (
     OTHER_TICKER,
     TEST_RUNNER,
     TICKER,
@@ -35,8 +35,8 @@ from tests.backtest.service_support import (
     watch_to_end,
     wave_snapshots,
 )
-from tests.factories import at, make_market
-from tests.server.conftest import PublishSession, bad_request_fields, serving
+from tests.support.factories import at, make_market
+from tests.support.servers import PublishSession, bad_request_fields, serving
 
 BOTH = (TICKER, OTHER_TICKER)
 ROWS_PAST_ONE_CHUNK = FINGERPRINT_CHUNK + 100

@@ -19,7 +19,7 @@ from kfeed_server.backtest import (
     run_backtest,
 )
 from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
-from tests.backtest.support import quote, settled
+from tests.support.backtest import quote, settled
 
 BUY, SELL = OrderAction.BUY, OrderAction.SELL
 YES, NO = Side.YES, Side.NO

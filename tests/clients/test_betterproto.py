@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.clients.conftest import ROOT, SNAPSHOT_COUNT, TICKER
-from tests.server.conftest import PublishSession
+from tests.support.clients import ROOT, SNAPSHOT_COUNT, TICKER
+from tests.support.servers import PublishSession
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 

@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 from kfeed_client.cli import build_parser, env_name, execute, parse_time
-from tests.clients.conftest import MARKETS, SNAPSHOT_COUNT, TICKER
-from tests.factories import make_snapshot
-from tests.server.conftest import PublishSession
+from tests.support.clients import MARKETS, SNAPSHOT_COUNT, TICKER
+from tests.support.factories import make_snapshot
+from tests.support.servers import PublishSession
 
 
 async def run(*argv: str) -> tuple[int, str]:

@@ -25,7 +25,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import types_pb2
 from kfeed_client import RetryPolicy, TlsConfig, connect, resumable_stream
-from tests.factories import at
+from tests.support.factories import at
 
 Step = pb.StreamSnapshotsResponse | grpc.StatusCode
 Metadata = tuple[tuple[str, str | bytes], ...]

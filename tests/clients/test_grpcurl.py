@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.clients.conftest import NODE_BIN, ROOT, TICKER, run_command
-from tests.server.conftest import PublishSession
+from tests.support.clients import NODE_BIN, ROOT, TICKER, run_command
+from tests.support.servers import PublishSession
 
 KFEED_SERVICES = {"kfeed.v1.MarketService", "kfeed.v1.BacktestService", "kfeed.v1.IngestService"}
 STREAM_BODY = {"tickers": [TICKER], "startTime": "2025-03-14T15:09:30Z"}

@@ -10,9 +10,9 @@ import pytest
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed_client import KfeedClient, RetryPolicy, connect
-from tests.clients.conftest import MARKETS, SNAPSHOT_COUNT, TICKER, TcpProxy
-from tests.factories import at, make_snapshot
-from tests.server.conftest import PublishSession
+from tests.support.clients import MARKETS, SNAPSHOT_COUNT, TICKER, TcpProxy
+from tests.support.factories import at, make_snapshot
+from tests.support.servers import PublishSession
 
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05)
 Messages = list[pb.StreamSnapshotsResponse]

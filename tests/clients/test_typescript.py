@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from tests.clients.conftest import NODE_BIN, ROOT, SNAPSHOT_COUNT, TICKER, run_command
-from tests.server.conftest import PublishSession
+from tests.support.clients import NODE_BIN, ROOT, SNAPSHOT_COUNT, TICKER, run_command
+from tests.support.servers import PublishSession
 
 TYPESCRIPT = ROOT / "clients" / "typescript"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.conftest import ROOT, SNAPSHOT_COUNT, TICKER, run_command
-from tests.server.conftest import PublishSession
+from tests.support.clients import ROOT, SNAPSHOT_COUNT, TICKER, run_command
+from tests.support.servers import PublishSession
 
 CLIENT_SCRIPT = """
 import asyncio, json, sys

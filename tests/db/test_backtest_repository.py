@@ -17,7 +17,7 @@ from kfeed_server.records import (
     OrderAction,
     Side,
 )
-from tests.factories import at
+from tests.support.factories import at
 
 
 def _config(strategy: str = "momentum") -> EngineConfig:

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kfeed_server.db.repositories import Repositories, build_repositories
 from kfeed_server.db.repositories.ingest import COPY_THRESHOLD
 from kfeed_server.records import DataSource, WriteCounts
-from tests.factories import (
+from tests.support.factories import (
     at,
     make_event,
     make_gap,

@@ -6,7 +6,7 @@ import dataclasses
 
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import MarketResult, MarketStatus
-from tests.factories import at, make_event, make_market, make_series
+from tests.support.factories import at, make_event, make_market, make_series
 
 
 async def test_upserts_count_new_or_changed_rows(repositories: Repositories) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
-from tests.factories import make_snapshot
+from tests.support.factories import make_snapshot
 
 BASE = make_snapshot("KXSTATE-A", 1)
 STATE_FIELDS = (

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import SnapshotRecord
-from tests.factories import at, make_snapshot
+from tests.support.factories import at, make_snapshot
 
 
 async def _store(

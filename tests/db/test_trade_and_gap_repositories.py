@@ -6,7 +6,7 @@ from datetime import datetime
 
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import Side, TradeRecord
-from tests.factories import at, make_gap, make_trade
+from tests.support.factories import at, make_gap, make_trade
 
 
 async def test_trades_page_by_time_then_trade_id(repositories: Repositories) -> None:

@@ -12,7 +12,7 @@ import grpc
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
-from tests.processes import free_port
+from tests.support.processes import free_port
 
 
 async def _read_until(stream: asyncio.StreamReader, marker: bytes, within: float) -> bytes:

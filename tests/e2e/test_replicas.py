@@ -13,9 +13,8 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.db import create_engine
 from kfeed_server.db.repositories import build_repositories
-from tests.e2e.conftest import Server, Simulator, ingest_args, run_kfeed
-from tests.processes import free_port
 from tests.server.test_stream_snapshots import read
+from tests.support.processes import Server, Simulator, free_port, ingest_args, run_kfeed
 
 
 async def _stored_ids(database_url: str) -> list[int]:

@@ -7,8 +7,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import Server, Simulator, ingest_args, run_kfeed
-from tests.e2e.truth import (
+from tests.support.processes import Server, Simulator, free_port, ingest_args, run_kfeed
+from tests.support.truth import (
     Stored,
     _micros,
     assert_markets_match_truth,
@@ -18,7 +18,6 @@ from tests.e2e.truth import (
     read_everything,
     snapshot_view,
 )
-from tests.processes import free_port
 
 
 async def _poll_once_then_read(

@@ -9,8 +9,8 @@ from pathlib import Path
 from kfeed.v1 import types_pb2
 from kfeed_server.db import create_engine
 from kfeed_server.db.repositories import build_repositories
-from tests.e2e.conftest import Server, Simulator, ingest_args, start_kfeed
-from tests.e2e.truth import (
+from tests.support.processes import Server, Simulator, ingest_args, start_kfeed
+from tests.support.truth import (
     assert_snapshots_match_truth,
     latest_state,
     open_tickers,

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from .fake_ingest_server import FakeIngestServer
+from tests.support.fake_ingest_server import FakeIngestServer
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ from kfeed_ingest.spool import Spool
 from kfeed_server.app import ServerConfig
 from kfeed_server.records import DataSource
 from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
-from tests.factories import make_market, make_snapshot
-from tests.server.conftest import serving
-
-from .fake_ingest_server import FakeIngestServer
+from tests.support.factories import make_market, make_snapshot
+from tests.support.fake_ingest_server import FakeIngestServer
+from tests.support.servers import serving
 
 MARKET = make_market("KXCOL-1")
 

@@ -11,8 +11,7 @@ import pytest
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_ingest.publisher import Backoff, Publisher
 from kfeed_ingest.spool import Spool
-
-from .fake_ingest_server import FakeIngestServer
+from tests.support.fake_ingest_server import FakeIngestServer
 
 FAST = Backoff(initial=0.02, maximum=0.1)
 

@@ -21,9 +21,9 @@ from kfeed_ingest.runner import default_backfill_range
 from kfeed_ingest.spool import Spool
 from kfeed_sim.config import FaultConfig
 from kfeed_sim.market_model import MarketStatus
-
-from .fake_ingest_server import FakeIngestServer
-from .sim_support import KEY_ID, SignedSim, eventually, signed_simulator
+from tests.support.fake_ingest_server import FakeIngestServer
+from tests.support.sim import KEY_ID, SignedSim, signed_simulator
+from tests.support.waiting import eventually
 
 
 def _command(

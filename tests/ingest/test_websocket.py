@@ -18,9 +18,9 @@ from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, Lifec
 from kfeed_ingest.normalise import snapshot_from_market
 from kfeed_sim.config import FaultConfig
 from kfeed_sim.market_model import MarketState
-from tests.e2e.truth import STATUS
-
-from .sim_support import SignedSim, eventually, signed_simulator
+from tests.support.sim import SignedSim, signed_simulator
+from tests.support.truth import STATUS
+from tests.support.waiting import eventually
 
 
 @dataclass

@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
 from kfeed_server.app import ServerConfig
-from tests.security.support import eventually, plaintext_channel, running_server
+from tests.support.servers import plaintext_channel, running_server
+from tests.support.waiting import eventually
 
 
 @pytest.fixture

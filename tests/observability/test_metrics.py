@@ -20,9 +20,9 @@ from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.observability import MetricsEndpoint, running_backtest
 from kfeed_server.streaming.hub import MarketSelector
-from tests.factories import make_gap, make_market, make_snapshot
-from tests.security.support import eventually, plaintext_channel, running_server
-from tests.server.conftest import PublishSession
+from tests.support.factories import make_gap, make_market, make_snapshot
+from tests.support.servers import PublishSession, plaintext_channel, running_server
+from tests.support.waiting import eventually
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 

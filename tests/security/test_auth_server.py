@@ -23,17 +23,15 @@ from kfeed.v1 import (
 from kfeed_server.app import ServerConfig
 from kfeed_server.security import SecurityConfig
 from kfeed_server.transport.convert import market_to_proto
-from tests.factories import make_market
-
-from .support import (
+from tests.support.factories import make_market
+from tests.support.security import (
     ADMIN_TOKEN,
     INGEST_TOKEN,
     READ_TOKEN,
     bearer,
-    plaintext_channel,
-    running_server,
     write_tokens_file,
 )
+from tests.support.servers import plaintext_channel, running_server
 
 Code = grpc.StatusCode
 

@@ -13,16 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
 from kfeed_server.app import ServerConfig
 from kfeed_server.security import SecurityConfig
-from tests.server.conftest import status_details
-
-from .support import (
+from tests.support.security import (
     ADMIN_TOKEN,
     READ_TOKEN,
     bearer,
-    plaintext_channel,
-    running_server,
     write_tokens_file,
 )
+from tests.support.servers import plaintext_channel, running_server, status_details
 
 BURST = 3
 

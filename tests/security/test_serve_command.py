@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
-from tests.processes import free_port, wait_until_serving
-
-from .support import READ_TOKEN, CertificateAuthority, bearer, write_tokens_file
+from tests.support.processes import free_port
+from tests.support.security import READ_TOKEN, CertificateAuthority, bearer, write_tokens_file
+from tests.support.waiting import wait_until_serving
 
 
 async def test_serve_beyond_loopback_with_auth_tls_and_metrics_from_the_environment(

@@ -19,16 +19,14 @@ from kfeed_ingest.spool import Spool
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import SecurityConfig
 from kfeed_server.transport.convert import market_to_proto
-from tests.factories import make_market
-
-from .support import (
+from tests.support.factories import make_market
+from tests.support.security import (
     INGEST_TOKEN,
     CertificateAuthority,
     Pem,
-    plaintext_channel,
-    running_server,
     write_tokens_file,
 )
+from tests.support.servers import plaintext_channel, running_server
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,7 @@ from kfeed.v1 import backtest_service_pb2, ingest_service_pb2, market_service_pb
 from kfeed_server.security.interceptor import bearer_token
 from kfeed_server.security.policy import required_role
 from kfeed_server.security.tokens import Role, TokensFileError, TokenTable, token_digest
-
-from .support import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, write_tokens_file
+from tests.support.security import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, write_tokens_file
 
 
 def test_plain_and_hashed_tokens_authenticate_as_their_names(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from kfeed_ingest.columns import snapshot_columns
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
-from tests.factories import make_market, make_snapshot, make_trade
-from tests.server.conftest import PublishSession
+from tests.support.factories import make_market, make_snapshot, make_trade
+from tests.support.servers import PublishSession
 
 MARKET = make_market("KXING-1")
 

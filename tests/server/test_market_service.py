@@ -21,7 +21,7 @@ from kfeed_server.records import (
     SnapshotRecord,
     TradeRecord,
 )
-from tests.server.conftest import bad_request_fields, status_details
+from tests.support.servers import bad_request_fields, status_details
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

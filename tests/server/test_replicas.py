@@ -14,8 +14,6 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.db.commits import asyncpg_dsn
-from tests.factories import make_gap, make_market
-from tests.server.conftest import PublishSession, serving
 from tests.server.test_stream_snapshots import (
     caught_up,
     has_snapshots,
@@ -23,6 +21,8 @@ from tests.server.test_stream_snapshots import (
     snapshot_ids,
     snapshots,
 )
+from tests.support.factories import make_gap, make_market
+from tests.support.servers import PublishSession, serving
 
 A = make_market("KXREPLICA-A")
 LATER = make_market("KXREPLICA-LATER", event_ticker="EV-REPLICA", series_ticker="SER-REPLICA")

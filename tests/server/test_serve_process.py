@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from tests.processes import free_port, wait_until_serving
+from tests.support.processes import free_port
+from tests.support.waiting import wait_until_serving
 
 
 async def _wait_serving(address: str) -> None:

@@ -13,8 +13,6 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.transport.convert import timestamp
-from tests.factories import at, make_market
-from tests.server.conftest import PublishSession, serving
 from tests.server.test_stream_snapshots import (
     Messages,
     Stream,
@@ -25,6 +23,8 @@ from tests.server.test_stream_snapshots import (
     snapshot_ids,
     snapshots,
 )
+from tests.support.factories import at, make_market
+from tests.support.servers import PublishSession, serving
 
 MARKETS = [make_market(f"KXFAN-{i}") for i in range(3)]
 # Larger than one published batch (250), far smaller than what a stalled reader falls behind.

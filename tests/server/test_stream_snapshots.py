@@ -17,8 +17,8 @@ from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import SnapshotRecord
 from kfeed_server.transport.convert import timestamp
-from tests.factories import at, make_gap, make_market, make_snapshot
-from tests.server.conftest import PublishSession, bad_request_fields
+from tests.support.factories import at, make_gap, make_market, make_snapshot
+from tests.support.servers import PublishSession, bad_request_fields
 
 A = make_market("KXSTREAM-A")
 B = make_market("KXSTREAM-B", event_ticker="EV-OTHER", series_ticker="SER-OTHER")

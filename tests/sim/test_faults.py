@@ -14,9 +14,8 @@ from websockets.exceptions import ConnectionClosed
 
 from kfeed_sim.config import FaultConfig
 from kfeed_sim.server import SimHandle
-
-from .conftest import SimFactory
-from .wsclient import sim_socket
+from tests.support.sim import SimFactory
+from tests.support.wsclient import sim_socket
 
 
 async def statuses(client: httpx.AsyncClient, count: int = 40) -> list[int]:

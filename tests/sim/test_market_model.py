@@ -12,8 +12,7 @@ from kfeed_sim.market_model import (
     MarketStatus,
     price_levels,
 )
-
-from .conftest import START
+from tests.support.sim import START
 
 LIFECYCLE = [
     MarketStatus.INITIALIZED,

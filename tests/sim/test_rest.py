@@ -12,8 +12,7 @@ import pytest
 from kfeed_sim.fixed_point import parse_dollars
 from kfeed_sim.market_model import MarketStatus
 from kfeed_sim.server import SimHandle
-
-from .conftest import SimFactory
+from tests.support.sim import SimFactory
 
 DOLLARS = re.compile(r"^-?\d+\.\d{4}$")
 FP = re.compile(r"^-?\d+\.\d{2}$")

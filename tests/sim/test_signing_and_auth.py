@@ -14,8 +14,7 @@ from websockets.exceptions import InvalidStatus
 
 from kfeed_sim.server import SimHandle
 from kfeed_sim.signing import generate_key_pair, load_private_key, sign_request, verify_signature
-
-from .conftest import KEY_ID, SimFactory, signed_headers
+from tests.support.sim import KEY_ID, SimFactory, signed_headers
 
 WS_PATH = "/trade-api/ws/v2"
 

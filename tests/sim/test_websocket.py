@@ -12,9 +12,8 @@ from kfeed_sim.fixed_point import parse_dollars
 from kfeed_sim.market_model import MarketStatus
 from kfeed_sim.server import SimHandle
 from kfeed_sim.ws import data_frame, encode
-
-from .conftest import SimFactory
-from .wsclient import sim_socket
+from tests.support.sim import SimFactory
+from tests.support.wsclient import sim_socket
 
 
 def active_tickers(sim: SimHandle, count: int) -> list[str]:

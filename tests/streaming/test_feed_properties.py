@@ -17,7 +17,7 @@ from kfeed_server.records import SnapshotRecord
 from kfeed_server.streaming import feed as feed_module
 from kfeed_server.streaming.feed import CaughtUpEvent, FeedRequest, SnapshotEvent, snapshot_feed
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
-from tests.factories import at, make_snapshot
+from tests.support.factories import at, make_snapshot
 
 TICKERS = ("KX-A", "KX-B", "KX-C")
 

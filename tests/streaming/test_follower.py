@@ -13,8 +13,8 @@ from kfeed_server.db.commits import CommitNotice, Resync
 from kfeed_server.db.repositories import Repositories, build_repositories
 from kfeed_server.streaming.follower import CommitFollower
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
-from tests.factories import make_gap, make_market, make_snapshot
-from tests.security.support import eventually
+from tests.support.factories import make_gap, make_market, make_snapshot
+from tests.support.waiting import eventually
 
 MARKET = make_market("KXFOLLOW-A", event_ticker="EV-FOLLOW")
 

@@ -1,13 +1,14 @@
-"""A real kfeed server on an ephemeral loopback port, on each database, and stubs to call it."""
+"""An in-process kfeed server on an ephemeral loopback port, a publisher to feed it over
+IngestService, and readers of the error details it returns."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 
 import grpc
-import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc
@@ -30,18 +31,6 @@ async def serving(config: ServerConfig) -> AsyncIterator[KfeedServer]:
         yield server
     finally:
         await server.stop(grace=0)
-
-
-@pytest.fixture
-async def kfeed_server(database_url: str) -> AsyncIterator[KfeedServer]:
-    async with serving(ServerConfig(listen="127.0.0.1:0", database_url=database_url)) as server:
-        yield server
-
-
-@pytest.fixture
-async def channel(kfeed_server: KfeedServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{kfeed_server.port}") as open_channel:
-        yield open_channel
 
 
 def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -114,7 +103,14 @@ class PublishSession:
         await self.close()
 
 
-@pytest.fixture
-async def publisher(channel: grpc.aio.Channel) -> AsyncIterator[PublishSession]:
-    async with PublishSession(channel) as session:
-        yield session
+@asynccontextmanager
+async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
+    """``config``'s server on an ephemeral loopback port without migrating (the test database
+    is migrated already), stopped afterwards."""
+    async with serving(dataclasses.replace(config, listen="127.0.0.1:0", migrate=False)) as server:
+        yield server
+
+
+def plaintext_channel(server: KfeedServer) -> grpc.aio.Channel:
+    """A channel to ``server`` without TLS."""
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

@@ -1,22 +1,17 @@
-"""A real kfeed server with a backtest pool, stubs to call it, and recorded data to backtest."""
+"""Recorded data to backtest, configurations, and calls that follow a backtest to its end."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from datetime import timedelta
-
-import grpc
-import pytest
 
 from kfeed.v1 import backtest_service_pb2 as pb
 from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
-from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.backtest.service import RunnerConfig
 from kfeed_server.records import MarketRecord, MarketResult, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import dollars, timestamp
-from tests.factories import at, make_market, make_snapshot
-from tests.server.conftest import PublishSession, serving
+from tests.support.factories import at, make_market, make_snapshot
+from tests.support.servers import PublishSession
 
 TICKER = "KXTEST-A"
 OTHER_TICKER = "KXTEST-B"
@@ -114,40 +109,3 @@ async def all_executions(
         token = page.next_page_token
         if not token:
             return executions
-
-
-@pytest.fixture
-async def backtest_server(database_url: str) -> AsyncIterator[KfeedServer]:
-    """A server whose backtest pool reports often (see TEST_RUNNER)."""
-    config = ServerConfig(listen="127.0.0.1:0", database_url=database_url, backtest=TEST_RUNNER)
-    async with serving(config) as server:
-        yield server
-
-
-@pytest.fixture
-async def backtest_channel(backtest_server: KfeedServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{backtest_server.port}") as channel:
-        yield channel
-
-
-@pytest.fixture
-def stub(backtest_channel: grpc.aio.Channel) -> pb_grpc.BacktestServiceAsyncStub:
-    return pb_grpc.BacktestServiceStub(backtest_channel)
-
-
-@pytest.fixture
-async def publisher(backtest_channel: grpc.aio.Channel) -> AsyncIterator[PublishSession]:
-    async with PublishSession(backtest_channel) as session:
-        yield session
-
-
-@pytest.fixture
-async def recorded(publisher: PublishSession) -> list[SnapshotRecord]:
-    """Two markets (A settles NO after the data, B stays open) with 600 snapshots each,
-    interleaved in time."""
-    await publisher.publish(
-        markets=[settled_market(TICKER, MarketResult.NO, 3_000), make_market(OTHER_TICKER)]
-    )
-    snapshots = wave_snapshots(TICKER, 600) + wave_snapshots(OTHER_TICKER, 600)
-    await publish_snapshots(publisher, snapshots)
-    return snapshots

@@ -1,34 +1,22 @@
-"""Test helpers for the secured server: certificates made here, tokens files, a running server.
+"""Test helpers for the secured server: certificates made here, and tokens files.
 
-Shared by tests/security and tests/observability. Certificates are real X.509 (EC P-256, made
-with cryptography), so the TLS tests exercise the same handshake production does.
+Certificates are real X.509 (EC P-256, made with cryptography), so the TLS tests exercise the
+same handshake production does.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import inspect
 import ipaddress
-import logging
-import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kfeed_server.app import KfeedServer, ServerConfig
-from kfeed_server.logs import JsonFormatter, _RequestIdFilter
 from kfeed_server.security.tokens import token_digest
-from tests.server.conftest import serving
 
 READ_TOKEN = "read-token-0123456789abcdef"
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
@@ -131,60 +119,3 @@ class CertificateAuthority:
             )
         )
         return pem
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
-    """A fresh migrated SQLite database: auth, TLS and metrics do not depend on the engine."""
-    database = tmp_path / "kfeed-security.db"
-    shutil.copyfile(sqlite_template, database)
-    return f"sqlite+aiosqlite:///{database}"
-
-
-@asynccontextmanager
-async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
-    """``config``'s server on an ephemeral loopback port, stopped afterwards."""
-    async with serving(dataclasses.replace(config, listen="127.0.0.1:0", migrate=False)) as server:
-        yield server
-
-
-def plaintext_channel(server: KfeedServer) -> grpc.aio.Channel:
-    """A channel to ``server`` without TLS."""
-    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-
-
-@pytest.fixture
-def json_log_lines() -> Iterator[list[str]]:
-    """Every log record of the process, at DEBUG, formatted as the server's JSON lines."""
-
-    class _Lines(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.DEBUG)
-            self.lines: list[str] = []
-            self.addFilter(_RequestIdFilter())
-            self.setFormatter(JsonFormatter())
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.lines.append(self.format(record))
-
-    handler = _Lines()
-    root = logging.getLogger()
-    previous_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler.lines
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], within: float = 5.0) -> None:
-    """Wait until ``condition()`` (plain or awaitable) holds, polling; TimeoutError after
-    ``within`` seconds. For effects another task completes with nothing to await on."""
-    async with asyncio.timeout(within):
-        while True:
-            outcome = condition()
-            if await outcome if inspect.isawaitable(outcome) else outcome:
-                return
-            await asyncio.sleep(0.02)

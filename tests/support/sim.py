@@ -1,19 +1,27 @@
-"""Helpers to run the ingest side against the real simulator (kfeed_sim) in-process."""
+"""The simulator (kfeed_sim) in-process: small manually stepped configurations, signed request
+headers, and a simulator that knows a key, with the ingest's credentials to reach it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kfeed_ingest.kalshi.signing import KalshiCredentials, SecretKey
 from kfeed_sim.config import FaultConfig, SimConfig
 from kfeed_sim.market_model import MarketStatus
 from kfeed_sim.server import SimHandle, running_simulator
-from kfeed_sim.signing import generate_key_pair
+from kfeed_sim.signing import generate_key_pair, sign_request
 
-KEY_ID = "ingest-test-key"
+KEY_ID = "test-key"
+START = datetime(2026, 3, 12, 15, 0, tzinfo=UTC)
+
+SimFactory = Callable[..., AbstractAsyncContextManager[SimHandle]]
 
 
 @dataclass
@@ -52,11 +60,27 @@ async def signed_simulator(
         yield SignedSim(handle, credentials, private_pem)
 
 
-async def eventually(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait until ``condition()`` holds, or fail with ``TimeoutError`` after ``within`` seconds.
+def sim_config(public_pem: bytes, **overrides: object) -> SimConfig:
+    """A small, fast, manually stepped sim that knows ``KEY_ID``."""
+    settings: dict[str, object] = {
+        "seed": 3,
+        "markets": 6,
+        "tick_interval": 0.25,
+        "auto_step": False,
+        "start_time": START,
+        "history_steps": 120,
+        "api_keys": {KEY_ID: public_pem.decode()},
+    }
+    return SimConfig.model_validate(settings | overrides)
 
-    Polling is the point here: the condition reads state that no event announces.
-    """
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+
+def signed_headers(
+    private_key: rsa.RSAPrivateKey, method: str, path: str, key_id: str = KEY_ID
+) -> dict[str, str]:
+    """The three ``KALSHI-ACCESS-*`` headers for one request signed now."""
+    timestamp = int(time.time() * 1_000)
+    return {
+        "KALSHI-ACCESS-KEY": key_id,
+        "KALSHI-ACCESS-TIMESTAMP": str(timestamp),
+        "KALSHI-ACCESS-SIGNATURE": sign_request(private_key, timestamp, method, path),
+    }

@@ -12,7 +12,7 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection
 
-from .conftest import signed_headers
+from tests.support.sim import signed_headers
 
 
 class SimSocket:
