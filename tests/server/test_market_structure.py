@@ -13,8 +13,8 @@ from kfeed.v1 import ingest_service_pb2
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.transport.convert import event_to_proto, market_to_proto, series_to_proto
-from tests.factories import BASE_TIME, make_event, make_market, make_series
-from tests.server.conftest import PublishSession, bad_request_fields
+from tests.support.factories import BASE_TIME, make_event, make_market, make_series
+from tests.support.servers import PublishSession, bad_request_fields
 
 SERIES = [
     make_series("KXHIGHNY", title="NYC high", category="Climate", tags=("weather", "nyc")),
