@@ -2,7 +2,8 @@
 
 Three outputs, all wiped and rebuilt on every run:
 
-- grpcio stubs with mypy-protobuf `.pyi` → clients/python/src/kfeed/v1 (the main Python client);
+- grpcio stubs with mypy-protobuf `.pyi` and connectrpc (Connect/gRPC-Web) stubs
+  → clients/python/src/kfeed/v1 (the main Python client; the server's web listener);
 - betterproto2 dataclasses with sync (grpcio) and async (grpclib) stubs
   → clients/betterproto/src/kfeed_betterproto;
 - TypeScript (protobuf-es v2, used by Connect) → clients/typescript/src/gen, via `buf generate`.
@@ -59,7 +60,7 @@ def _protoc(*plugin_args: str) -> None:
 
 
 def generate_python() -> None:
-    """grpcio stubs with mypy-protobuf `.pyi` into the client package."""
+    """grpcio stubs with mypy-protobuf `.pyi`, and connectrpc stubs, into the client package."""
     shutil.rmtree(PYTHON_OUT / "kfeed", ignore_errors=True)
     GENERATED_PACKAGE.mkdir(parents=True)
     _protoc(
@@ -69,6 +70,11 @@ def generate_python() -> None:
         f"--grpc_python_out={PYTHON_OUT}",
         f"--mypy_out={PYTHON_OUT}",
         f"--mypy_grpc_out={PYTHON_OUT}",
+        # Connect (and gRPC-Web) server and client stubs over the same google.protobuf messages,
+        # for the browser-facing web listener (docs/adr/0011-browser-transport.md).
+        f"--plugin=protoc-gen-connectrpc={_venv_bin('protoc-gen-connectrpc')}",
+        f"--connectrpc_out={PYTHON_OUT}",
+        "--connectrpc_opt=protobuf=google",
     )
     # Regular packages (not namespace packages) keep mypy and wheel builds simple.
     for package in (PYTHON_OUT / "kfeed", GENERATED_PACKAGE):

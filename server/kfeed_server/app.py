@@ -44,6 +44,7 @@ from kfeed_server.transport.backtest_servicer import BacktestServicer
 from kfeed_server.transport.ingest_servicer import IngestServicer
 from kfeed_server.transport.interceptors import ErrorMappingInterceptor
 from kfeed_server.transport.market_servicer import MarketServicer
+from kfeed_server.web import WebConfig, WebListener, build_web_app
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class ServerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # HOST:PORT of the Prometheus scrape endpoint; None: no endpoint.
     metrics_listen: str | None = None
+    # The browser dashboard and Connect/gRPC-Web (--web-listen); None: not served.
+    web: WebConfig | None = None
 
 
 def is_loopback_address(listen: str) -> bool:
@@ -109,13 +112,15 @@ class KfeedServer:
             )
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
+        # One instance for both listeners: same tokens, and one rate limit per caller.
+        auth = config.security.interceptor()
         self._server = grpc.aio.server(
             # Outermost first: request id and error mapping, then metrics and the access log
             # (so they see refusals too), then authentication, roles and the rate limit.
             interceptors=[
                 ErrorMappingInterceptor(),
                 ObservabilityInterceptor(),
-                config.security.interceptor(),
+                auth,
             ],
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -125,17 +130,25 @@ class KfeedServer:
         )
         # The RPCs of this round's contract additions answer UNIMPLEMENTED (the generated base
         # class) until issues #12 and #13 build them; the ignore goes with the last of them.
-        market_service_pb2_grpc.add_MarketServiceServicer_to_server(
-            MarketServicer(self.repositories, self.hub),  # type: ignore[abstract]
-            self._server,
-        )
+        market_servicer = MarketServicer(self.repositories, self.hub)  # type: ignore[abstract]
+        market_service_pb2_grpc.add_MarketServiceServicer_to_server(market_servicer, self._server)
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(self.repositories, live), self._server
         )
         self.backtests = BacktestRunner(self.repositories, config.backtest)
+        backtest_servicer = BacktestServicer(self.backtests)
         backtest_service_pb2_grpc.add_BacktestServiceServicer_to_server(
-            BacktestServicer(self.backtests), self._server
+            backtest_servicer, self._server
         )
+        # The same servicers over Connect and gRPC-Web for browsers (docs/adr/0011).
+        self.web: WebListener | None = None
+        if config.web is not None:
+            self.web = WebListener(
+                build_web_app(config.web, market_servicer, backtest_servicer, auth),
+                config.web.listen,
+                config.security.tls,
+                config.grace_period,
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*KFEED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -165,6 +178,8 @@ class KfeedServer:
             return self.port
         await self.backtests.recover()
         await self._follow_commits()
+        if self.web is not None:
+            await self.web.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("kfeed serving on %s", self.listening_on)
         return self.port
@@ -195,6 +210,8 @@ class KfeedServer:
         # Running backtests become FAILED and their watchers get that final state.
         await self.backtests.close()
         await self._server.stop(self.config.grace_period if grace is None else grace)
+        if self.web is not None:
+            await self.web.stop()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         await self.engine.dispose()
@@ -207,6 +224,15 @@ async def run_until_signalled(config: ServerConfig) -> None:
         raise SystemExit(
             f"refusing to listen on {config.listen}: beyond loopback kfeed requires "
             "authentication (--auth-tokens-file), which is not configured"
+        )
+    if (
+        config.web is not None
+        and not is_loopback_address(config.web.listen)
+        and not config.security.authenticates
+    ):
+        raise SystemExit(
+            f"refusing to serve the dashboard on {config.web.listen}: beyond loopback kfeed "
+            "requires authentication (--auth-tokens-file), which is not configured"
         )
     server = KfeedServer(config)
     stop_requested = asyncio.Event()

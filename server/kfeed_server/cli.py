@@ -10,6 +10,8 @@ from kfeed_server.app import ServerConfig, run_until_signalled
 from kfeed_server.db import DEFAULT_DATABASE_URL
 from kfeed_server.logs import LogFormat, configure_logging
 from kfeed_server.security import SecurityConfig
+from kfeed_server.web import WebConfig
+from kfeed_server.web.app import DEFAULT_WEB_ROOT
 
 
 class ServeCommand(CommandSettings):
@@ -29,6 +31,11 @@ class ServeCommand(CommandSettings):
     rate_limit: float | None = None
     rate_limit_burst: int | None = None
     metrics_listen: str | None = None
+    # The browser dashboard and Connect/gRPC-Web on HOST:PORT (off unless given); the origins
+    # allowed to call it from other pages (default: loopback ones only); the built dashboard.
+    web_listen: str | None = None
+    web_cors_origins: tuple[str, ...] = ()
+    web_root: Path = DEFAULT_WEB_ROOT
 
     def cli_cmd(self) -> None:
         configure_logging(self.log_level, self.log_format)
@@ -46,5 +53,10 @@ class ServeCommand(CommandSettings):
                 rate_limit_burst=self.rate_limit_burst,
             ),
             metrics_listen=self.metrics_listen,
+            web=(
+                WebConfig(self.web_listen, self.web_cors_origins, self.web_root)
+                if self.web_listen
+                else None
+            ),
         )
         asyncio.run(run_until_signalled(config))

@@ -53,26 +53,24 @@ def status_code_of(
     return grpc.StatusCode.INTERNAL
 
 
-class _CallObservation:
-    """One RPC from start to status: started counter now, handled + latency + log at the end."""
+class CallObservation:
+    """One RPC from start to status: started counter now, handled + latency + log at the end.
 
-    def __init__(
-        self, method: str, kind: RpcType, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    Transport-neutral: the gRPC interceptor below and the web (Connect) listener both use it, so
+    a call counts and logs the same whichever way it came in.
+    """
+
+    def __init__(self, method: str, kind: RpcType, peer: str) -> None:
         self.method = method
-        # Read now: grpc's C core can crash (SIGSEGV) on context.peer() once a stream is over.
-        self.peer = context.peer()
+        self.peer = peer
         service, name = split_method(method)
         self.labels = (kind, service, name)
         self.quiet = service in _QUIET_SERVICES
         self.started = time.perf_counter()
         GRPC_STARTED.labels(*self.labels).inc()
 
-    def finish(
-        self, error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    def finish(self, code: grpc.StatusCode) -> None:
         duration = time.perf_counter() - self.started
-        code = status_code_of(error, context)
         GRPC_HANDLED.labels(*self.labels, code.name).inc()
         GRPC_HANDLING_SECONDS.labels(*self.labels).observe(duration)
         access_log.log(
@@ -92,30 +90,38 @@ class _CallObservation:
         )
 
 
+def _observe(
+    method: str, kind: RpcType, context: grpc.aio.ServicerContext[Any, Any]
+) -> CallObservation:
+    # The peer is read now: grpc's C core can crash (SIGSEGV) on context.peer() once a stream
+    # is over.
+    return CallObservation(method, kind, context.peer())
+
+
 def _observed(method: str) -> BehaviorTransform:
     def transform(behavior: Behavior, kind: RpcType) -> Behavior:
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                observation = _CallObservation(method, kind, context)
+                observation = _observe(method, kind, context)
                 try:
                     async for response in behavior(request, context):
                         yield response
                 except BaseException as error:
-                    observation.finish(error, context)
+                    observation.finish(status_code_of(error, context))
                     raise
-                observation.finish(None, context)
+                observation.finish(status_code_of(None, context))
 
             return stream
 
         async def call(request: Any, context: Any) -> Any:
-            observation = _CallObservation(method, kind, context)
+            observation = _observe(method, kind, context)
             try:
                 response = await behavior(request, context)
             except BaseException as error:
-                observation.finish(error, context)
+                observation.finish(status_code_of(error, context))
                 raise
-            observation.finish(None, context)
+            observation.finish(status_code_of(None, context))
             return response
 
         return call

@@ -1,0 +1,252 @@
+"""kfeed.v1 over Connect and gRPC-Web: a real `kfeed serve` web listener over real HTTP.
+
+The client is connectrpc's generated one (the same runtime a Python service would use), speaking
+either protocol to the same servicers the gRPC listener serves, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import httpx
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
+from google.rpc import error_details_pb2
+
+from kfeed.v1 import backtest_service_pb2_grpc, market_service_pb2_grpc
+from kfeed.v1 import market_service_pb2 as pb
+from kfeed.v1.backtest_service_connect import BacktestServiceClient
+from kfeed.v1.backtest_service_pb2 import ListStrategiesRequest
+from kfeed.v1.market_service_connect import MarketServiceClient
+from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.security import AuthInterceptor, SecurityConfig
+from kfeed_server.web import WebConfig, WebListener, build_web_app
+from tests.factories import make_market, make_snapshot
+from tests.security.support import READ_TOKEN, eventually, write_tokens_file
+from tests.server.conftest import PublishSession, serving
+
+PROTOCOLS = [ProtocolType.CONNECT, ProtocolType.GRPC_WEB]
+MARKETS = [make_market(f"KXWEB-26DEC05-T{i}") for i in range(3)]
+
+
+def _web(server: KfeedServer) -> str:
+    assert server.web is not None
+    return server.web.url.rstrip("/")
+
+
+@pytest.fixture
+async def web_server(database_url: str, tmp_path: Path) -> AsyncIterator[KfeedServer]:
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=database_url,
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path / "no-dashboard"),
+    )
+    async with serving(config) as server:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+            PublishSession(channel) as publisher,
+        ):
+            await publisher.publish(
+                markets=MARKETS, snapshots=[make_snapshot(MARKETS[0].ticker, i) for i in range(3)]
+            )
+        yield server
+
+
+M = TypeVar("M", error_details_pb2.BadRequest, error_details_pb2.ResourceInfo)
+
+
+def _detail(error: ConnectError, message_type: type[M]) -> M:
+    for detail in error.details:
+        if detail.type_name == message_type.DESCRIPTOR.full_name:
+            return message_type.FromString(detail.message_bytes)
+    raise AssertionError(f"no {message_type.__name__} in {error.details}")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_unary_calls_answer_like_grpc(
+    web_server: KfeedServer, protocol: ProtocolType
+) -> None:
+    async with MarketServiceClient(_web(web_server), protocol=protocol) as client:
+        listed = await client.list_markets(pb.ListMarketsRequest())
+        assert [m.ticker for m in listed.markets] == [m.ticker for m in MARKETS]
+
+        latest = await client.get_latest_snapshot(
+            pb.GetLatestSnapshotRequest(ticker=MARKETS[0].ticker)
+        )
+        newest = make_snapshot(MARKETS[0].ticker, 2)
+        assert latest.snapshot.yes_bid.ten_thousandths == newest.yes_bid
+
+        with pytest.raises(ConnectError) as missing:
+            await client.get_market(pb.GetMarketRequest(ticker="KXNOPE-1"))
+        assert missing.value.code == Code.NOT_FOUND
+        info = _detail(missing.value, error_details_pb2.ResourceInfo)
+        assert info.resource_name == "KXNOPE-1"
+
+        with pytest.raises(ConnectError) as invalid:
+            await client.list_markets(pb.ListMarketsRequest(page_size=-5, event_ticker="A\x00B"))
+        assert invalid.value.code == Code.INVALID_ARGUMENT
+        bad = _detail(invalid.value, error_details_pb2.BadRequest)
+        assert {v.field for v in bad.field_violations} & {"page_size", "event_ticker"}
+
+    async with BacktestServiceClient(_web(web_server), protocol=protocol) as backtests:
+        strategies = await backtests.list_strategies(ListStrategiesRequest())
+        assert strategies.strategies, "the built-in strategies are listed"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_server_stream_replays_then_goes_live(
+    web_server: KfeedServer, protocol: ProtocolType
+) -> None:
+    ticker = MARKETS[0].ticker
+    received: list[pb.StreamSnapshotsResponse] = []
+    caught_up = asyncio.Event()
+    live_seen = asyncio.Event()
+
+    async def read() -> None:
+        async with MarketServiceClient(_web(web_server), protocol=protocol) as client:
+            request = pb.StreamSnapshotsRequest(tickers=[ticker])
+            request.start_time.FromDatetime(make_snapshot(ticker, 0).exchange_time)
+            async for message in client.stream_snapshots(request):
+                received.append(message)
+                if message.HasField("caught_up"):
+                    caught_up.set()
+                if message.HasField("snapshot") and caught_up.is_set():
+                    live_seen.set()
+                    return
+
+    reader = asyncio.create_task(read())
+    await asyncio.wait_for(caught_up.wait(), 20)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{web_server.port}") as channel,
+        PublishSession(channel) as publisher,
+    ):
+        await publisher.publish(snapshots=[make_snapshot(ticker, 10)])
+    await asyncio.wait_for(reader, 20)
+    kinds = [m.WhichOneof("event") for m in received]
+    assert kinds == ["snapshot"] * 3 + ["caught_up", "snapshot"], kinds
+    live = received[-1].snapshot.snapshot
+    assert live.yes_bid.ten_thousandths == make_snapshot(ticker, 10).yes_bid
+    assert all(m.resume_token for m in received)
+    # The client hung up: the server notices the disconnect and frees the subscription.
+    await eventually(lambda: web_server.hub.subscriber_count == 0, within=20)
+
+
+async def test_unbuilt_rpcs_answer_unimplemented(tmp_path: Path) -> None:
+    """An RPC the servicer leaves to the generated base class: UNIMPLEMENTED, as over gRPC."""
+    app = build_web_app(
+        WebConfig("127.0.0.1:0", web_root=tmp_path),
+        # The generated base classes: every RPC is left unimplemented.
+        market_service_pb2_grpc.MarketServiceServicer(),  # type: ignore[abstract]
+        backtest_service_pb2_grpc.BacktestServiceServicer(),  # type: ignore[abstract]
+        AuthInterceptor(None),
+    )
+    listener = WebListener(app, "127.0.0.1:0", None, grace=0)
+    await listener.start()
+    try:
+        for protocol in PROTOCOLS:
+            async with MarketServiceClient(listener.url.rstrip("/"), protocol=protocol) as client:
+                with pytest.raises(ConnectError) as unary:
+                    await client.list_candles(pb.ListCandlesRequest(ticker="KXA-1"))
+                assert unary.value.code == Code.UNIMPLEMENTED
+                with pytest.raises(ConnectError) as stream:
+                    async for _ in client.stream_trades(pb.StreamTradesRequest()):
+                        pass
+                assert stream.value.code == Code.UNIMPLEMENTED
+    finally:
+        await listener.stop()
+
+
+async def test_same_tokens_and_roles_as_grpc(sqlite_url: str, tmp_path: Path) -> None:
+    security = SecurityConfig(auth_tokens_file=write_tokens_file(tmp_path))
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=sqlite_url,
+        migrate=False,
+        security=security,
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path),
+    )
+    async with serving(config) as server:
+        base = _web(server)
+        async with MarketServiceClient(base) as client:
+            with pytest.raises(ConnectError) as anonymous:
+                await client.list_markets(pb.ListMarketsRequest())
+            assert anonymous.value.code == Code.UNAUTHENTICATED
+            with pytest.raises(ConnectError) as tampered:
+                await client.list_markets(
+                    pb.ListMarketsRequest(), headers={"authorization": f"Bearer {READ_TOKEN}x"}
+                )
+            assert tampered.value.code == Code.UNAUTHENTICATED
+            assert "token" in tampered.value.message
+            assert READ_TOKEN not in tampered.value.message
+            listed = await client.list_markets(
+                pb.ListMarketsRequest(), headers={"authorization": f"Bearer {READ_TOKEN}"}
+            )
+            assert list(listed.markets) == []
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{base}/metrics")).status_code == 401
+            scraped = await http.get(
+                f"{base}/metrics", headers={"authorization": f"Bearer {READ_TOKEN}"}
+            )
+            assert scraped.status_code == 200
+            # Web calls count in the same metrics as gRPC ones.
+            refused = [
+                line
+                for line in scraped.text.splitlines()
+                if line.startswith("grpc_server_handled_total")
+                and 'grpc_method="ListMarkets"' in line
+                and 'grpc_code="UNAUTHENTICATED"' in line
+            ]
+            assert refused
+            assert float(refused[0].rsplit(" ", 1)[1]) >= 2
+
+
+async def test_dashboard_and_cors(sqlite_url: str, tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><title>kfeed dashboard</title>")
+    base_config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=sqlite_url,
+        migrate=False,
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path),
+    )
+    preflight = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type,authorization,connect-protocol-version",
+    }
+    method_url = "/kfeed.v1.MarketService/ListMarkets"
+    async with serving(base_config) as server, httpx.AsyncClient() as http:
+        base = _web(server)
+        page = await http.get(f"{base}/")
+        assert page.status_code == 200
+        assert "kfeed dashboard" in page.text
+        local = await http.options(
+            base + method_url, headers={**preflight, "origin": "http://127.0.0.1:5173"}
+        )
+        assert local.headers.get("access-control-allow-origin") == "http://127.0.0.1:5173"
+        foreign = await http.options(
+            base + method_url, headers={**preflight, "origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in foreign.headers
+
+    listed = dataclasses.replace(
+        base_config,
+        web=WebConfig("127.0.0.1:0", ("https://dash.example",), tmp_path / "missing"),
+    )
+    async with serving(listed) as server, httpx.AsyncClient() as http:
+        base = _web(server)
+        allowed = await http.options(
+            base + method_url, headers={**preflight, "origin": "https://dash.example"}
+        )
+        assert allowed.headers.get("access-control-allow-origin") == "https://dash.example"
+        loopback = await http.options(
+            base + method_url, headers={**preflight, "origin": "http://127.0.0.1:5173"}
+        )
+        assert "access-control-allow-origin" not in loopback.headers
+        not_built = await http.get(f"{base}/")
+        assert "make web" in not_built.text
