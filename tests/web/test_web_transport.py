@@ -28,9 +28,10 @@ from kfeed.v1.market_service_connect import MarketServiceClient
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import AuthInterceptor, SecurityConfig
 from kfeed_server.web import WebConfig, WebListener, build_web_app
-from tests.factories import make_market, make_snapshot
-from tests.security.support import READ_TOKEN, eventually, write_tokens_file
-from tests.server.conftest import PublishSession, serving
+from tests.support.factories import make_market, make_snapshot
+from tests.support.security import READ_TOKEN, write_tokens_file
+from tests.support.servers import PublishSession, serving
+from tests.support.waiting import eventually
 
 PROTOCOLS = [ProtocolType.CONNECT, ProtocolType.GRPC_WEB]
 MARKETS = [make_market(f"KXWEB-26DEC05-T{i}") for i in range(3)]
