@@ -1,9 +1,9 @@
 """`kfeed <command> [flags]`: dispatches to the command's implementation.
 
 Process commands are pydantic-settings models (flags and KFEED_* variables); the client commands
-(tail, markets, snapshots) come from the kfeed-client package, exactly as an internal service
-would use it. Commands are imported lazily so that `kfeed tail` does not pay for the server's
-imports.
+(tail, markets, snapshots, backtest) come from the kfeed-client package, exactly as an internal
+service would use it. Commands are imported lazily so that `kfeed tail` does not pay for the
+server's imports.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ingest": ("kfeed_ingest.cli", "IngestCommand", "feed the server from Kalshi (or the sim)"),
     "sim": ("kfeed_sim.cli", "SimCommand", "run the offline Kalshi-compatible exchange"),
     "demo": ("kfeed_cli.demo", "DemoCommand", "sim + serve (SQLite in ./data) + ingest, live"),
-    "backtest": ("kfeed_cli.backtest", "BacktestCommand", "run, list and inspect backtests"),
 }
 # command name -> (function in kfeed_client.cli taking the remaining args, one-line help)
 CLIENT_COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("run_tail", "print the live snapshot feed (history first with --from/--resume)"),
     "markets": ("run_markets", "list markets"),
     "snapshots": ("run_snapshots", "list a market's stored snapshots"),
+    "backtest": ("run_backtest", "run, list and inspect backtests"),
 }
 
 

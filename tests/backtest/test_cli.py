@@ -9,17 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from kfeed_server.app import KfeedServer
+from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.records import SnapshotRecord
+from kfeed_server.security import SecurityConfig
 from tests.support.backtest_service import TICKER
 from tests.support.factories import at
+from tests.support.security import READ_TOKEN, write_tokens_file
+from tests.support.servers import running_server
 
-# Until the lead registers "backtest" in kfeed_cli.main's COMMANDS, the module runs itself.
 COMMAND = (sys.executable, "-m", "kfeed_cli.main", "backtest")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-async def _kfeed_backtest(server: KfeedServer, *args: str) -> str:
+async def _run(
+    server: KfeedServer, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         *COMMAND,
         *args,
@@ -27,11 +31,16 @@ async def _kfeed_backtest(server: KfeedServer, *args: str) -> str:
         f"127.0.0.1:{server.port}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-    text = output.decode()
-    assert process.returncode == 0, text
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def _kfeed_backtest(server: KfeedServer, *args: str) -> str:
+    code, text = await _run(server, *args)
+    assert code == 0, text
     return text
 
 
@@ -77,3 +86,29 @@ async def test_run_plots_and_show_list_strategies_print(
     assert backtest.backtest_id in listed
     strategies = await _kfeed_backtest(backtest_server, "strategies")
     assert "mean_reversion" in strategies
+
+
+@pytest.mark.e2e
+async def test_the_token_comes_from_the_flag_or_kfeed_token(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    security = SecurityConfig(auth_tokens_file=write_tokens_file(tmp_path))
+    async with running_server(ServerConfig(database_url=sqlite_url, security=security)) as server:
+        code, refused = await _run(server, "strategies")
+        assert code == 1
+        assert "UNAUTHENTICATED" in refused
+        assert "threshold" in await _kfeed_backtest(server, "strategies", "--token", READ_TOKEN)
+        code, listed = await _run(server, "strategies", env={"KFEED_TOKEN": READ_TOKEN})
+        assert code == 0, listed
+        assert "favourite_hold" in listed
+        code, bad = await _run(
+            server,
+            "run",
+            "--strategy",
+            "threshold",
+            "--initial-cash",
+            "0.00001",
+            env={"KFEED_TOKEN": READ_TOKEN},
+        )
+        assert code == 2, bad
+        assert "at most four decimals" in bad
