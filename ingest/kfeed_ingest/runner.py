@@ -30,6 +30,7 @@ from kfeed_ingest.normalise import (
     SnapshotDeduper,
     event_message,
     market_message,
+    market_status,
     now_utc,
     series_message,
     snapshot_from_candlestick,
@@ -194,6 +195,9 @@ class Ingestor:
         self._changed = _Changed()
         self._events: dict[str, KalshiEvent] = {}
         self._series_seen: set[str] = set()
+        # Every market seen and not finalized yet, as last read: each pass reads it again, listed
+        # or not, until it is finalized (with its result, settlement value and time).
+        self.followed: dict[str, KalshiMarket] = {}
 
     # -- reading, with failures logged and skipped --------------------------------------------
 
@@ -282,7 +286,13 @@ class Ingestor:
         await self.sink.add(series_message(series))
 
     async def send_market(self, market: KalshiMarket) -> str:
-        """Send the market's metadata (and its event's and series') when changed; its series."""
+        """Send the market's metadata (and its event's and series') when changed; its series.
+
+        The market is followed until it is finalized."""
+        if market_status(market.status) == types_pb2.MARKET_STATUS_FINALIZED:
+            self.followed.pop(market.ticker, None)
+        else:
+            self.followed[market.ticker] = market
         series_ticker = await self._series_of(market)
         try:
             message = market_message(market, series_ticker)
@@ -316,9 +326,25 @@ class Ingestor:
 
     # -- poll ----------------------------------------------------------------------------------
 
+    async def _read_followed(self, listed: Iterable[str]) -> dict[str, KalshiMarket]:
+        """The followed markets a listing no longer shows (closed, determined: not final yet),
+        read by ticker on the live tier, then the historical one for those it lacks."""
+        missing = sorted(set(self.followed) - set(listed))
+        found: dict[str, KalshiMarket] = {}
+        for historical in (False, True):
+            for chunk in _chunks([t for t in missing if t not in found], _TICKERS_PER_REQUEST):
+                source = self.rest.iter_markets(tickers=chunk, historical=historical)
+                found.update((m.ticker, m) for m in await self._collect(source))
+        for ticker in set(missing) - set(found):
+            logger.warning("followed market %s is no longer served; stop following it", ticker)
+            self.followed.pop(ticker, None)
+        return found
+
     async def poll_once(self) -> dict[str, KalshiMarket]:
-        """One pass: every selected market's metadata and a POLL snapshot of each."""
+        """One pass: every selected market's and every followed market's metadata and a POLL
+        snapshot of each."""
         markets = await self.discover()
+        markets.update(await self._read_followed(markets))
         received = now_utc()
         for market in markets.values():
             await self.send_market(market)
@@ -343,42 +369,39 @@ class Ingestor:
     # -- ws ------------------------------------------------------------------------------------
 
     async def run_ws(self, ws_url: str, credentials: KalshiCredentials | None, once: bool) -> None:
-        """REST discovery and lifecycle, live channels over the WebSocket.
+        """REST discovery and lifecycle, live channels over one WebSocket.
 
-        Discovery (a poll pass: metadata and a starting snapshot) repeats every
-        ``discovery_interval``; when the set of markets changes, the socket is reopened for it.
+        Discovery (a poll pass: metadata and a starting snapshot of every selected or followed
+        market) repeats every ``discovery_interval``; the socket's subscriptions follow the
+        followed markets in place (no reconnect), until each is finalized.
         """
-        markets = await self.poll_once()
-        while True:
-            if not markets:
-                logger.warning("no markets selected; looking again later")
-            elif once:
-                await self._live_once(ws_url, credentials, markets)
-                return
-            consumer = (
-                asyncio.create_task(self._consume(self._live(ws_url, credentials, markets), None))
-                if markets
-                else None
-            )
-            try:
-                markets = await self._until_markets_change(markets)
-            finally:
-                if consumer is not None:
-                    consumer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await consumer
-                await self.sink.flush()
+        await self.poll_once()
+        if once:
+            if self.followed:
+                await self._live_once(ws_url, credentials, self.followed)
+            else:
+                logger.warning("no markets selected")
+            return
+        client = self._live(ws_url, credentials, self.followed)
+        consumer = asyncio.create_task(self._consume(client, None))
+        try:
+            await self._follow(client)
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await self.sink.flush()
 
-    async def _until_markets_change(
-        self, markets: dict[str, KalshiMarket]
-    ) -> dict[str, KalshiMarket]:
-        """Discovery passes every ``discovery_interval`` until the set of markets changes (the
-        new set is returned). In between, each market is read again over REST just after its
-        close time, so its status changes on time even if no lifecycle frame says so."""
+    async def _follow(self, client: KalshiWebSocketClient) -> None:
+        """Discovery passes every ``discovery_interval``, each telling the socket which markets
+        to follow. In between, each market is read again over REST just after its close time,
+        so its status changes on time even though no lifecycle frame says so."""
         loop = asyncio.get_running_loop()
         next_discovery = loop.time() + self.options.discovery_interval
-        closing = _closing_schedule(markets)
+        closing = _closing_schedule(self.followed)
         while True:
+            if not self.followed:
+                logger.warning("no markets selected; looking again later")
             until_close = (closing[0][0] - now_utc()).total_seconds() if closing else math.inf
             until_discovery = next_discovery - loop.time()
             if until_close < until_discovery:
@@ -389,10 +412,9 @@ class Ingestor:
                 continue
             await asyncio.sleep(max(until_discovery, 0))
             next_discovery = loop.time() + self.options.discovery_interval
-            fresh = await self.poll_once()
-            if set(fresh) != set(markets):
-                return fresh
-            markets, closing = fresh, _closing_schedule(fresh)
+            await self.poll_once()
+            await client.follow(self._seeds(self.followed))
+            closing = _closing_schedule(self.followed)
 
     async def _refresh_market(self, ticker: str, reason: str) -> None:
         """Read ``ticker`` again over REST and send it (status, result, times)."""
@@ -404,17 +426,21 @@ class Ingestor:
             return
         await self.send_market(market)
 
-    def _live(
-        self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
-    ) -> KalshiWebSocketClient:
+    @staticmethod
+    def _seeds(markets: dict[str, KalshiMarket]) -> dict[str, types_pb2.MarketSnapshot]:
+        """The starting point of each market's live state: what REST showed just now."""
         received = now_utc()
         known: dict[str, types_pb2.MarketSnapshot] = {}
         for ticker, market in markets.items():
-            # The starting point of each market's live state: what REST showed just now.
             with contextlib.suppress(FixedPointError):
                 known[ticker] = snapshot_from_market(market, received)
+        return known
+
+    def _live(
+        self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
+    ) -> KalshiWebSocketClient:
         return KalshiWebSocketClient(
-            ws_url, credentials, sorted(markets), rest=self.rest, known=known
+            ws_url, credentials, sorted(markets), rest=self.rest, known=self._seeds(markets)
         )
 
     async def _live_once(
@@ -458,7 +484,8 @@ class Ingestor:
         elif isinstance(item, KalshiMarket):  # read again over REST after a gap
             await self.send_market(item)
         elif isinstance(item, LifecycleEvent):
-            await self._refresh_market(item.ticker, item.event_type)
+            if item.ticker in self.followed:
+                await self._refresh_market(item.ticker, item.event_type)
         else:
             await self.sink.add(item)
 

@@ -297,6 +297,9 @@ class Exchange:
         self._unsettled: list[Market] = []
         self.trade_seq = 0
         self._event_numbers: dict[str, int] = {}
+        # Tickers carry the run's start time, so two runs against one database never share a
+        # ticker (a restarted demo's markets would otherwise mix into the old run's).
+        self.run_code = run_code(self.origin_us)
         self.current_step = -config.history_steps - 1
         self.historical_cutoff_us = (
             self.time_of_step(-(config.history_steps // 2)) if config.history_steps else 0
@@ -348,7 +351,7 @@ class Exchange:
         day = datetime.fromtimestamp(close_us / 1e6, UTC)
         date_code = f"{day.year % 100:02d}{_MONTHS[day.month - 1]}{day.day:02d}"
         event = Event(
-            event_ticker=f"{spec.ticker}-{date_code}E{number}",
+            event_ticker=f"{spec.ticker}-{date_code}{self.run_code}E{number}",
             series_ticker=spec.ticker,
             title=f"{spec.title} on {day:%b %d, %Y} (#{number})",
             sub_title=f"On {day:%b %d, %Y}",
@@ -603,6 +606,16 @@ class Exchange:
             )
             for ticker, market in self.markets.items()
         }
+
+
+def run_code(origin_us: int) -> str:
+    """``R`` and the run's start second in base 36 (``R`` + 6 characters until the year 2038)."""
+    seconds, digits = max(origin_us // 1_000_000, 0), ""
+    while True:
+        seconds, digit = divmod(seconds, 36)
+        digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[digit] + digits
+        if not seconds:
+            return "R" + digits
 
 
 def _book_diff(

@@ -115,6 +115,7 @@ class WebSocketHub:
         self.verifier = verifier
         self.queue_size = queue_size
         self.connections: list[Connection] = []
+        self.accepted = 0  # sockets accepted since start (a client that reconnects adds one)
 
     # -- the socket ----------------------------------------------------------------------------
 
@@ -126,6 +127,7 @@ class WebSocketHub:
             await websocket.send_denial_response(JSONResponse(body, status_code=401))
             return
         await websocket.accept()
+        self.accepted += 1
         connection = Connection(websocket, asyncio.Queue(self.queue_size))
         self.connections.append(connection)
         writer = asyncio.create_task(self._write(connection))

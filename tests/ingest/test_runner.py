@@ -284,3 +284,68 @@ async def test_ws_mode_reads_a_market_again_just_after_its_close_time(
         finally:
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
+
+
+def _sent_markets(server: FakeIngestServer) -> dict[str, types_pb2.Market]:
+    """The last version of each market sent (batches are numbered in the order they were read)."""
+    latest: dict[str, types_pb2.Market] = {}
+    for _, request in sorted(server.service.stored.items()):
+        latest.update((m.ticker, m) for m in request.markets)
+    return latest
+
+
+async def test_ws_mode_follows_every_market_to_finalization_on_one_socket(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    """Markets close, are determined and finalized after they left the open listing; new ones
+    open. Each market seen is followed until its final state (result, settlement value and
+    time) is sent, new markets are added to the live subscriptions, and the socket is never
+    reopened for it."""
+    async with signed_simulator(tick_interval=0.2, markets=4) as sim:
+        exchange = sim.handle.exchange
+        command = _command(sim, server, tmp_path, mode="ws", discovery_interval=0.3)
+        running = asyncio.ensure_future(command.run())
+        try:
+            await eventually(lambda: bool(_sent_markets(server)))
+            first = set(_sent_markets(server))
+            # Step until every market seen at first is finalized on the exchange.
+            async with asyncio.timeout(60):
+                while any(exchange.markets[t].status is not MarketStatus.FINALIZED for t in first):
+                    sim.handle.advance()
+                    await asyncio.sleep(0.03)
+            await eventually(
+                lambda: all(
+                    _sent_markets(server)[t].status == types_pb2.MARKET_STATUS_FINALIZED
+                    for t in first
+                ),
+                within=10,
+            )
+
+            def live() -> set[str]:
+                return {
+                    s.ticker
+                    for s in _stored_snapshots(server)
+                    if s.source == types_pb2.DATA_SOURCE_WEBSOCKET
+                }
+
+            # Markets that opened while the socket was open are added to it and stream live.
+            async with asyncio.timeout(30):
+                while not live() - first:
+                    sim.handle.advance()
+                    await asyncio.sleep(0.05)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        assert sim.handle.simulator.hub.accepted == 1
+
+    sent = _sent_markets(server)
+    for ticker in first:
+        truth = exchange.markets[ticker]
+        market = sent[ticker]
+        assert market.result == STATUS_RESULT[truth.state.result], ticker
+        assert market.settlement_value.ten_thousandths == truth.state.settlement_value, ticker
+        settled = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=truth.settle_us)
+        assert market.settlement_time.ToDatetime(tzinfo=UTC) == settled, ticker
+
+
+STATUS_RESULT = {"yes": types_pb2.MARKET_RESULT_YES, "no": types_pb2.MARKET_RESULT_NO}

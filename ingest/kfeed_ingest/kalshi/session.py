@@ -252,6 +252,7 @@ class _Market:
 @dataclass(slots=True)
 class _Subscription:
     channel: str
+    tickers: set[str] | None = None  # the markets it carries; None = all
     last_seq: int = 0
     last_trade_time: datetime | None = None  # of the newest trade frame on this sid
 
@@ -279,6 +280,7 @@ class LiveSession:
     resync: RestResync | None = None  # REST reads asked for and not yet taken
     stale_marks: int = 0
     next_id: int = 1
+    subscribing: set[str] = field(default_factory=set)  # channels subscribed, not yet confirmed
 
     def __post_init__(self) -> None:
         self._covered = None if self.tickers is None else set(self.tickers)
@@ -297,18 +299,74 @@ class LiveSession:
 
     def subscribe(self, channel: str) -> None:
         params: dict[str, Any] = {"channels": [channel]}
-        if self.tickers:
+        # market_lifecycle_v2 takes no market filter: it always carries every market.
+        if self.tickers is not None and channel != LIFECYCLE:
             params["market_tickers"] = list(self.tickers)
         if channel == ORDERBOOK:
             self.awaiting_books |= set(self.tickers or ())
+        self.subscribing.add(channel)
         self.send("subscribe", params)
 
     def subscribe_all(self) -> None:
         for channel in self.channels:
-            if channel == ORDERBOOK and not self.tickers:
+            if channel == ORDERBOOK and self.tickers is None:
                 logger.info("order books need market tickers; quotes come from the ticker channel")
                 continue
+            if self.tickers == [] and channel != LIFECYCLE:
+                continue  # no market yet: subscribed when the first is added
             self.subscribe(channel)
+
+    def update_markets(
+        self, added: Mapping[str, types_pb2.MarketSnapshot], removed: Iterable[str]
+    ) -> None:
+        """Follow the ``added`` markets too (their live state starts from these REST snapshots)
+        and stop following ``removed``. The subscriptions are edited in place
+        (``update_subscription``), so nothing is lost to a reconnect."""
+        if self.tickers is None:
+            return  # subscribed to every market already
+        gone = set(removed) & set(self.tickers)
+        new = {ticker: seed for ticker, seed in added.items() if ticker not in self.tickers}
+        self.tickers = sorted((set(self.tickers) - gone) | set(new))
+        self._covered = set(self.tickers)
+        for ticker, seed in new.items():
+            self.known[ticker] = seed
+            self.markets.pop(ticker, None)
+        for ticker in gone:
+            self.known.pop(ticker, None)
+            self.markets.pop(ticker, None)
+            self.pending.discard(ticker)
+            self.awaiting_books.discard(ticker)
+            if self.resync is not None:
+                self.resync.tickers.discard(ticker)
+        self._sync_subscriptions()
+
+    def _sync_subscriptions(self) -> None:
+        """Make every confirmed subscription carry exactly the followed markets; subscribe the
+        channels that have none yet."""
+        wanted = set(self.tickers or ())
+        for sid, subscription in self.subscriptions.items():
+            if subscription.tickers is None:
+                continue
+            for action, tickers in (
+                ("add_markets", wanted - subscription.tickers),
+                ("delete_markets", subscription.tickers - wanted),
+            ):
+                if not tickers:
+                    continue
+                params = {"sids": [sid], "market_tickers": sorted(tickers), "action": action}
+                self.send("update_subscription", params)
+                if action == "add_markets":
+                    subscription.tickers |= tickers
+                    if subscription.channel == ORDERBOOK:
+                        self.awaiting_books |= tickers  # a snapshot comes for each added market
+                else:
+                    subscription.tickers -= tickers
+        if not wanted:
+            return
+        carried = {s.channel for s in self.subscriptions.values()} | self.subscribing
+        for channel in self.channels:
+            if channel not in carried:
+                self.subscribe(channel)
 
     # -- REST reads ----------------------------------------------------------------------------
 
@@ -431,10 +489,13 @@ class LiveSession:
         kind = frame.get("type")
         msg = frame.get("msg")
         if kind == "subscribed" and isinstance(msg, dict):
-            self.subscriptions[int(msg["sid"])] = _Subscription(str(msg["channel"]))
+            self._on_subscribed(frame.get("id"), int(msg["sid"]), str(msg["channel"]))
             return []
         if kind == "error":
             self._on_error(frame)
+            return []
+        if kind == "unsubscribed" and isinstance(frame.get("sid"), int):
+            self.subscriptions.pop(frame["sid"], None)
             return []
         if kind in ("ok", "unsubscribed") or not isinstance(msg, dict):
             return []
@@ -445,6 +506,8 @@ class LiveSession:
             subscription = self._check_sequence(sid, seq, str(kind), now, items)
             if subscription is None:
                 return items
+        if kind != LIFECYCLE and not self._follows(msg.get("market_ticker")):
+            return items  # in flight when the market was deleted from the subscription
         try:
             items += self._dispatch(
                 str(kind), msg, seq if isinstance(seq, int) else None, now, subscription
@@ -455,6 +518,17 @@ class LiveSession:
             if kind in ("orderbook_snapshot", "orderbook_delta") and isinstance(sid, int):
                 self._resync_books(sid, [str(msg.get("market_ticker", ""))])
         return items
+
+    def _follows(self, ticker: object) -> bool:
+        return self._covered is None or ticker in self._covered
+
+    def _on_subscribed(self, command_id: Any, sid: int, channel: str) -> None:
+        command = self.commands.get(command_id) if isinstance(command_id, int) else None
+        tickers = command["params"].get("market_tickers") if command is not None else None
+        self.subscriptions[sid] = _Subscription(channel, None if tickers is None else set(tickers))
+        self.subscribing.discard(channel)
+        if tickers is not None and set(tickers) != set(self.tickers or ()):
+            self._sync_subscriptions()  # the markets changed while the command was on its way
 
     def _check_sequence(
         self, sid: int, seq: int, kind: str, now: datetime, items: list[FeedItem]
@@ -514,11 +588,22 @@ class LiveSession:
     def _on_error(self, frame: Mapping[str, Any]) -> None:
         command = self.commands.get(frame.get("id", -1))
         logger.error("Kalshi refused %s: %s", command or "a command", frame.get("msg"))
-        if command is None or command["params"].get("action") != "get_snapshot":
+        if command is None or command["params"].get("action") not in (
+            "get_snapshot",
+            "add_markets",
+            "delete_markets",
+        ):
             return
-        # No snapshot on demand: a new subscription starts with one.
-        self.send("unsubscribe", {"sids": command["params"]["sids"]})
-        self.subscribe(ORDERBOOK)
+        # No snapshot on demand, or no editing of the market list: a new subscription of the
+        # followed markets starts with fresh snapshots.
+        sids = command["params"]["sids"]
+        channels = {self.subscriptions[sid].channel for sid in sids if sid in self.subscriptions}
+        for sid in sids:
+            if sid in self.subscriptions:
+                self.subscriptions[sid].tickers = None  # leaving: no more edits
+        self.send("unsubscribe", {"sids": sids})
+        for channel in channels or {ORDERBOOK}:
+            self.subscribe(channel)
 
     def _dispatch(
         self,
@@ -584,6 +669,8 @@ class LiveSession:
 
     def _on_lifecycle(self, msg: Mapping[str, Any], now: datetime) -> list[FeedItem]:
         ticker, event_type = str(msg["market_ticker"]), str(msg.get("event_type", ""))
+        if self._covered is not None and ticker not in self._covered:
+            return []  # the channel carries every market; this one is not followed
         status = _STATUS_AFTER_EVENT.get(event_type)
         if status is not None:
             self.market(ticker).status = status

@@ -90,7 +90,8 @@ class KalshiWebSocketClient:
         backoff: Backoff | None = None,
     ) -> None:
         self.url = url
-        self.tickers = list(tickers) if tickers else None
+        # None: every market (no order books); a list, even empty: these markets only.
+        self.tickers = list(tickers) if tickers is not None else None
         self.channels = tuple(channels)
         self.stats = WebSocketStats()
         self._credentials = credentials
@@ -104,6 +105,9 @@ class KalshiWebSocketClient:
         self._coalesce = coalesce_seconds
         self._resync_delay = resync_delay
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        # The open connection and its session, while there is one.
+        self._socket: ClientConnection | None = None
+        self._session: LiveSession | None = None
 
     def _headers(self) -> dict[str, str]:
         if self._credentials is None:
@@ -134,6 +138,7 @@ class KalshiWebSocketClient:
                         session.resume(previous)
                     previous = session
                     session.subscribe_all()
+                    self._socket, self._session = socket, session
                     async for item in self._serve(socket, session):
                         received += 1
                         if isinstance(item, types_pb2.MarketSnapshot):
@@ -149,14 +154,39 @@ class KalshiWebSocketClient:
                 )
             except InvalidURI:
                 raise
+            finally:
+                self._socket = self._session = None
             failures = 1 if received else failures + 1
             await asyncio.sleep(self._backoff.delay(failures))
 
+    async def follow(self, markets: Mapping[str, types_pb2.MarketSnapshot]) -> None:
+        """Follow exactly these markets from now on. New ones (whose live state starts from the
+        given REST snapshot) are added to the open subscriptions and gone ones deleted from
+        them with ``update_subscription``: the socket stays open, so nothing is lost."""
+        if self.tickers is None:
+            return  # every market already
+        current = set(self.tickers)
+        added = {t: _copy(s) for t, s in markets.items() if t not in current}
+        removed = current - set(markets)
+        if not added and not removed:
+            return
+        self.tickers = sorted(set(markets))
+        for ticker in removed:
+            self._known.pop(ticker, None)
+        self._known.update(added)
+        session, socket = self._session, self._socket
+        if session is None or socket is None:
+            return  # the next connection subscribes to the new set
+        session.update_markets(added, removed)
+        commands, session.outbox[:] = list(session.outbox), []
+        with contextlib.suppress(ConnectionClosed):  # the reconnect subscribes the new set
+            for command in commands:
+                await socket.send(json.dumps(command))
+        logger.info("following %d markets (+%d, -%d)", len(markets), len(added), len(removed))
+
     def _remember(self, snapshot: types_pb2.MarketSnapshot) -> None:
         # A copy: the session updates its seeds' status, and the handed-out message is not ours.
-        seed = types_pb2.MarketSnapshot()
-        seed.CopyFrom(snapshot)
-        self._known[snapshot.ticker] = seed
+        self._known[snapshot.ticker] = _copy(snapshot)
 
     async def _serve(
         self, socket: ClientConnection, session: LiveSession
@@ -267,3 +297,9 @@ class KalshiWebSocketClient:
         if not isinstance(frame, dict):
             return []
         return session.handle(frame, datetime.now(UTC))
+
+
+def _copy(snapshot: types_pb2.MarketSnapshot) -> types_pb2.MarketSnapshot:
+    seed = types_pb2.MarketSnapshot()
+    seed.CopyFrom(snapshot)
+    return seed
