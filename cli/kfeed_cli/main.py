@@ -1,9 +1,9 @@
 """`kfeed <command> [flags]`: dispatches to the command's implementation.
 
 Process commands are pydantic-settings models (flags and KFEED_* variables); the client commands
-(tail, markets, snapshots, backtest) come from the kfeed-client package, exactly as an internal
-service would use it. Commands are imported lazily so that `kfeed tail` does not pay for the
-server's imports.
+(tail, markets, snapshots, candles, backtest) come from the kfeed-client package, exactly as an
+internal service would use it. Commands are imported lazily so that `kfeed tail` does not pay for
+the server's imports.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ CLIENT_COMMANDS: dict[str, tuple[str, str]] = {
     "markets": ("run_markets", "list markets"),
     "snapshots": ("run_snapshots", "list a market's stored snapshots"),
     "backtest": ("run_backtest", "run, list and inspect backtests"),
+    "candles": ("run_candles", "print a market's candles: kfeed candles TICKER --interval 1h"),
 }
 
 

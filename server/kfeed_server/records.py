@@ -257,3 +257,52 @@ class ExecutionRecord:
 class EquityPointRecord:
     time: datetime
     equity: int
+
+
+class BookPoint(NamedTuple):
+    """What candles read of a stored snapshot: its place in (exchange_time, id) order, the YES
+    bid and ask, and the open interest (``None`` = no level / not given)."""
+
+    exchange_time: datetime
+    snapshot_id: int
+    yes_bid: int | None
+    yes_ask: int | None
+    open_interest: int | None
+
+
+class TradePoint(NamedTuple):
+    """What candles read of a stored trade: its place in (create_time, trade_id) order, its YES
+    price (1/10,000 USD) and size (its ``count``, 1/100 contract; named apart from
+    ``tuple.count``)."""
+
+    create_time: datetime
+    trade_id: str
+    yes_price: int
+    size: int
+
+
+class PriceOhlc(NamedTuple):
+    """Open, high, low and close of a price over one candle, in 1/10,000 USD."""
+
+    open: int
+    high: int
+    low: int
+    close: int
+
+
+@dataclass(frozen=True, slots=True)
+class CandleRecord:
+    """One interval [start_time, end_time) of a market's history (docs/CANDLES.md)."""
+
+    start_time: datetime
+    end_time: datetime
+    # None: no bid (ask) in force at any time in the interval.
+    yes_bid: PriceOhlc | None
+    yes_ask: PriceOhlc | None
+    # None: no trade in the interval (no price is invented).
+    price: PriceOhlc | None
+    mean_price: int | None
+    volume: int
+    trade_count: int
+    # Of the state in force at the interval's end; None when unknown.
+    open_interest: int | None

@@ -115,3 +115,35 @@ async def test_console_script_entry_point(address: str, seeded: PublishSession) 
     stdout, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0
     assert len(stdout.decode().splitlines()) == len(MARKETS)
+
+
+async def test_candles_prints_ohlc_of_book_and_trades(address: str, seeded: PublishSession) -> None:
+    # Seven snapshots (yes bid 0.4000 … 0.4006) and three trades (0.4000 … 0.4002, one contract
+    # each) in the minute 15:09 of 2025-03-14.
+    status, text = await run(
+        "candles", TICKER, "--server", address, "--interval", "1m",
+        "--from", "2025-03-14T15:08:30Z", "--to", "2025-03-14T15:10:00Z",
+    )  # fmt: skip
+    rows = [line.split() for line in text.splitlines()[1:]]
+    assert status == 0
+    assert [row[:2] for row in rows] == [["2025-03-14", "15:08:00"], ["2025-03-14", "15:09:00"]]
+    assert len(rows[0]) == 4  # before any snapshot: no book, no trade, volume 0, 0 trades
+    assert rows[1][2:] == [
+        "0.4000", "0.4006", "0.4000", "0.4006",  # yes bid open, high, low, close
+        "0.4100", "0.4106", "0.4100", "0.4106",  # yes ask
+        "0.4000", "0.4002", "0.4000", "0.4002",  # trades
+        "0.4001", "3.00", "3", "50.00",  # mean, volume, trade count, open interest
+    ]  # fmt: skip
+    _, lines = await run(
+        "candles", TICKER, "--server", address, "--interval", "60",
+        "--from", "2025-03-14T15:09:00Z", "--to", "2025-03-14T15:10:00Z", "--json",
+    )  # fmt: skip
+    (candle,) = [json.loads(line) for line in lines.splitlines()]
+    assert candle["meanPrice"] == {"tenThousandths": "4001"}
+    assert candle["tradeCount"] == "3"
+
+
+@pytest.mark.parametrize("interval", ["1.5m", "abc", "-1h", "1w"])
+def test_candles_interval_must_be_whole(interval: str) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["candles", "T", "--interval", interval])

@@ -18,12 +18,14 @@ from google.protobuf.message import Message
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_server.records import (
     OPTIONAL_SNAPSHOT_FIELDS,
+    CandleRecord,
     DataSource,
     EventRecord,
     FeedGapRecord,
     MarketRecord,
     MarketResult,
     MarketStatus,
+    PriceOhlc,
     SeriesRecord,
     Side,
     SnapshotRecord,
@@ -342,6 +344,35 @@ def trade_from_proto(message: types_pb2.Trade) -> TradeRecord:
         taker_side=Side(message.taker_side),
         create_time=from_timestamp(message.create_time),
     )
+
+
+def _price_ohlc(value: PriceOhlc) -> types_pb2.PriceOhlc:
+    return types_pb2.PriceOhlc(
+        open=dollars(value.open),
+        high=dollars(value.high),
+        low=dollars(value.low),
+        close=dollars(value.close),
+    )
+
+
+def candle_to_proto(record: CandleRecord) -> types_pb2.Candle:
+    candle = types_pb2.Candle(
+        start_time=timestamp(record.start_time),
+        end_time=timestamp(record.end_time),
+        volume=contracts(record.volume),
+        trade_count=record.trade_count,
+    )
+    if record.yes_bid is not None:
+        candle.yes_bid.CopyFrom(_price_ohlc(record.yes_bid))
+    if record.yes_ask is not None:
+        candle.yes_ask.CopyFrom(_price_ohlc(record.yes_ask))
+    if record.price is not None:
+        candle.price.CopyFrom(_price_ohlc(record.price))
+    if record.mean_price is not None:
+        candle.mean_price.ten_thousandths = record.mean_price
+    if record.open_interest is not None:
+        candle.open_interest.hundredths = record.open_interest
+    return candle
 
 
 def feed_gap_to_proto(record: FeedGapRecord) -> types_pb2.FeedGap:

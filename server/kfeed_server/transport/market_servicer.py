@@ -26,7 +26,7 @@ from kfeed_server.streaming.feed import (
     snapshot_feed,
 )
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
-from kfeed_server.transport import market_structure
+from kfeed_server.transport import candles, market_structure
 from kfeed_server.transport.convert import (
     feed_gap_to_proto,
     market_to_proto,
@@ -69,6 +69,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self._markets = repositories.markets
         self._snapshots = repositories.snapshots
         self._trades = repositories.trades
+        self._candle_sources = repositories.candle_sources
         self._hub = hub
         self._snapshot_messages: OrderedDict[int, pb.StreamSnapshotsResponse] = OrderedDict()
 
@@ -279,3 +280,8 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self, request: pb.GetSeriesRequest, context: Context
     ) -> pb.GetSeriesResponse:
         return await market_structure.get_series(self._markets, request)
+
+    async def ListCandles(
+        self, request: pb.ListCandlesRequest, context: Context
+    ) -> pb.ListCandlesResponse:
+        return await candles.list_candles(self._markets, self._candle_sources, request)

@@ -1,9 +1,9 @@
-"""The client half of the `kfeed` command: `tail`, `markets` and `snapshots`.
+"""The client half of the `kfeed` command: `tail`, `markets`, `snapshots` and `candles`.
 
 Installed as `kfeed-client <command>`; the root `kfeed` command dispatches the same commands
-through :func:`run_tail`, :func:`run_markets` and :func:`run_snapshots`. Every flag can also
-come from an environment variable ``KFEED_<FLAG>`` (``--server`` → ``KFEED_SERVER``,
-``--ca-file`` → ``KFEED_CA_FILE``); a flag on the command line wins.
+through :func:`run_tail`, :func:`run_markets`, :func:`run_snapshots` and :func:`run_candles`.
+Every flag can also come from an environment variable ``KFEED_<FLAG>`` (``--server`` →
+``KFEED_SERVER``, ``--ca-file`` → ``KFEED_CA_FILE``); a flag on the command line wins.
 """
 
 from __future__ import annotations
@@ -74,6 +74,20 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
             f"{text!r} is neither an ISO-8601 time nor a span like 30s, 15m, 2h, 1d"
         ) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+_INTERVAL = re.compile(r"^(\d+)([smhd]?)$")
+
+
+def parse_interval(text: str) -> timedelta:
+    """A candle interval: whole seconds, or a whole number of s, m, h or d (``90``, ``15m``,
+    ``1h``, ``1d``)."""
+    match = _INTERVAL.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an interval: a whole number of seconds or of s, m, h, d (15m, 1h)"
+        )
+    return timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2] or "s"])
 
 
 def _market_status(name: str) -> types_pb2.MarketStatus.ValueType:
@@ -158,6 +172,33 @@ def _configure_snapshots(parser: argparse.ArgumentParser) -> None:
     )
     _add_option(parser, "--to", "until this time (exclusive)", dest="end", type=parse_time)
     _add_option(parser, "--limit", "at most this many snapshots", type=int)
+    _add_output_options(parser)
+    _add_connection_options(parser)
+
+
+def _configure_candles(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ticker", metavar="TICKER", help="the market")
+    _add_option(
+        parser,
+        "--interval",
+        "candle length: 1s to 1d, e.g. 30s, 15m, 1h, 1d",
+        default="1h",
+        type=parse_interval,
+    )
+    _add_option(
+        parser,
+        "--from",
+        "first candle: the one containing this time (default: 24 intervals ago)",
+        dest="start",
+        type=parse_time,
+    )
+    _add_option(
+        parser,
+        "--to",
+        "candles starting before this time (default: now)",
+        dest="end",
+        type=parse_time,
+    )
     _add_output_options(parser)
     _add_connection_options(parser)
 
@@ -313,10 +354,47 @@ async def snapshots(options: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _ohlc_cells(ohlc: types_pb2.PriceOhlc | None) -> list[str]:
+    if ohlc is None:
+        return ["", "", "", ""]
+    return [_dollars(ohlc.open), _dollars(ohlc.high), _dollars(ohlc.low), _dollars(ohlc.close)]
+
+
+async def candles(options: argparse.Namespace, console: Console) -> int:
+    """`candles`: a market's candles, a table or JSON lines."""
+    interval: timedelta = options.interval
+    start = options.start or datetime.now(UTC) - 24 * interval
+    table = Table(box=None)
+    headers = ["start (UTC)", "bid open", "high", "low", "close", "ask open", "high", "low"]
+    headers += ["close", "trade open", "high", "low", "close", "mean", "volume", "trades", "OI"]
+    for header in headers:
+        table.add_column(header, justify="left" if header.startswith("start") else "right")
+    async with _connect(options) as client:
+        async for candle in client.iter_candles(options.ticker, interval, start, options.end):
+            if options.json:
+                console.out(_json(candle), highlight=False)
+                continue
+            has = candle.HasField
+            table.add_row(
+                _time(candle.start_time)[:-4],
+                *_ohlc_cells(candle.yes_bid if has("yes_bid") else None),
+                *_ohlc_cells(candle.yes_ask if has("yes_ask") else None),
+                *_ohlc_cells(candle.price if has("price") else None),
+                _dollars(candle.mean_price) if has("mean_price") else "",
+                _contracts(candle.volume),
+                str(candle.trade_count),
+                _contracts(candle.open_interest) if has("open_interest") else "",
+            )
+    if not options.json:
+        console.print(table, soft_wrap=True)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {
     "tail": (_configure_tail, tail, "follow the live snapshot feed (history first with --from)"),
     "markets": (_configure_markets, markets, "list markets"),
     "snapshots": (_configure_snapshots, snapshots, "list a market's stored snapshots"),
+    "candles": (_configure_candles, candles, "print a market's candles (OHLC) at an interval"),
 }
 
 
@@ -375,6 +453,11 @@ def run_backtest(argv: Sequence[str], prog: str = "kfeed backtest") -> int:
         return asyncio.run(backtest_cli.execute(options))
     except KeyboardInterrupt:
         return 130
+
+
+def run_candles(argv: Sequence[str], prog: str = "kfeed candles") -> int:
+    """`kfeed candles …` for the root command: ``argv`` are the flags after `candles`."""
+    return _run("candles", argv, prog)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,33 @@ class KfeedClient:
         async for trade in _all_pages(fetch_page):
             yield trade
 
+    async def iter_candles(
+        self,
+        ticker: str,
+        interval: timedelta,
+        start: datetime,
+        end: datetime | None = None,
+        *,
+        page_size: int = 0,
+    ) -> AsyncIterator[types_pb2.Candle]:
+        """The market's candles of ``interval`` (whole seconds, 1 s to 1 day) whose start lies in
+        [start aligned down to the interval, end), oldest first, across all pages. ``end`` None:
+        up to now."""
+
+        async def fetch_page(page_token: str) -> tuple[Sequence[types_pb2.Candle], str]:
+            request = market_service_pb2.ListCandlesRequest(
+                ticker=ticker,
+                interval=to_duration(interval),
+                page_size=page_size,
+                page_token=page_token,
+            )
+            _set_window(request, start, end)
+            response = await self.markets.ListCandles(request)
+            return response.candles, response.next_page_token
+
+        async for candle in _all_pages(fetch_page):
+            yield candle
+
     def stream_snapshots(
         self,
         tickers: Iterable[str] = (),
@@ -212,7 +239,11 @@ class KfeedClient:
 
 
 def _set_window(
-    request: market_service_pb2.ListSnapshotsRequest | market_service_pb2.ListTradesRequest,
+    request: (
+        market_service_pb2.ListSnapshotsRequest
+        | market_service_pb2.ListTradesRequest
+        | market_service_pb2.ListCandlesRequest
+    ),
     start: datetime | None,
     end: datetime | None,
 ) -> None:

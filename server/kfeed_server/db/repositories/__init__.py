@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.db.engine import session_factory
 from kfeed_server.db.repositories.backtests import BacktestRepository
+from kfeed_server.db.repositories.candles import CandleSourceRepository
 from kfeed_server.db.repositories.ingest import BatchWriteResult, IngestWriter
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
@@ -27,6 +28,7 @@ class Repositories:
     feed_gaps: FeedGapRepository
     ingest: IngestWriter
     backtests: BacktestRepository
+    candle_sources: CandleSourceRepository
 
 
 def build_repositories(engine: AsyncEngine) -> Repositories:
@@ -41,6 +43,7 @@ def build_repositories(engine: AsyncEngine) -> Repositories:
         feed_gaps=FeedGapRepository(sessions),
         ingest=IngestWriter(sessions),
         backtests=BacktestRepository(sessions),
+        candle_sources=CandleSourceRepository(sessions),
     )
 
 
@@ -48,6 +51,7 @@ __all__ = [
     "BacktestRecord",
     "BacktestRepository",
     "BatchWriteResult",
+    "CandleSourceRepository",
     "FeedGapRepository",
     "IngestWriter",
     "MarketRepository",
