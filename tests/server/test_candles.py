@@ -24,8 +24,8 @@ from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed.v1 import types_pb2
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import SnapshotRecord, TradeRecord
-from tests.factories import make_market, make_snapshot, make_trade
-from tests.server.conftest import bad_request_fields
+from tests.support.factories import make_market, make_snapshot, make_trade
+from tests.support.servers import bad_request_fields
 
 TICKER = "KXCANDLE-26NOV01-T50"
 # A whole hour: candle boundaries of 1 s … 1 h fall on whole seconds of this clock.
