@@ -27,7 +27,7 @@ install: $(VENV_STAMP) $(NODE_STAMP) ## Install Python (uv) and Node (buf) depen
 demo: $(VENV_STAMP) ## Run the simulator, the server on SQLite (./data) and the ingest, live
 	uv run kfeed demo
 
-test: $(VENV_STAMP) ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:5432)
+test: $(VENV_STAMP) $(NODE_STAMP) ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:5432)
 	uv run pytest $(PYTEST_ARGS)
 
 gen: $(VENV_STAMP) ## Regenerate all generated code from proto/
@@ -44,9 +44,11 @@ buf-lint: $(NODE_STAMP) ## buf lint (STANDARD rules)
 buf-breaking: $(NODE_STAMP) ## buf breaking against the published contract
 	bash scripts/buf-breaking.sh
 
-lint: $(VENV_STAMP) buf-lint ## ruff (lint and format) and buf lint
+lint: $(VENV_STAMP) buf-lint ## ruff (lint, format), import-linter layer contracts, vulture, buf lint
 	uv run ruff check .
 	uv run ruff format --check .
+	uv run lint-imports
+	uv run vulture
 
 typecheck: $(VENV_STAMP) ## mypy --strict on hand-written code
 	uv run mypy

@@ -22,7 +22,7 @@ from pydantic import Field
 from rich.console import Console
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc, types_pb2
-from kfeed_cli.settings import CommandSettings
+from kfeed_settings import CommandSettings
 
 DEMO_KEY_ID = "kfeed-demo"
 _STARTUP_TIMEOUT = 60.0

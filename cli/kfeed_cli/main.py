@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from kfeed_cli.settings import CommandSettings
+from kfeed_settings import CommandSettings
 
 # command name -> (module, settings class, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -24,13 +24,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sim": ("kfeed_sim.cli", "SimCommand", "run the offline Kalshi-compatible exchange"),
     "demo": ("kfeed_cli.demo", "DemoCommand", "sim + serve (SQLite in ./data) + ingest, live"),
 }
-# command name -> (function in kfeed_client.cli taking the remaining args, one-line help)
+# command name -> (MODULE.FUNCTION in kfeed_client taking the remaining args, one-line help)
 CLIENT_COMMANDS: dict[str, tuple[str, str]] = {
-    "tail": ("run_tail", "print the live snapshot feed (history first with --from/--resume)"),
-    "markets": ("run_markets", "list markets"),
-    "snapshots": ("run_snapshots", "list a market's stored snapshots"),
-    "backtest": ("run_backtest", "run, list and inspect backtests"),
-    "candles": ("run_candles", "print a market's candles: kfeed candles TICKER --interval 1h"),
+    "tail": ("cli.run_tail", "print the live snapshot feed (history first with --from/--resume)"),
+    "markets": ("cli.run_markets", "list markets"),
+    "snapshots": ("cli.run_snapshots", "list a market's stored snapshots"),
+    "backtest": ("backtest_cli.run_backtest", "run, list and inspect backtests"),
+    "candles": ("cli.run_candles", "print a market's candles: kfeed candles TICKER --interval 1h"),
 }
 
 
@@ -51,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     name, rest = args[0], args[1:]
     if name in CLIENT_COMMANDS:
-        client_cli = importlib.import_module("kfeed_client.cli")
-        raise SystemExit(getattr(client_cli, CLIENT_COMMANDS[name][0])(rest))
+        module_name, function_name = CLIENT_COMMANDS[name][0].rsplit(".", 1)
+        client_cli = importlib.import_module(f"kfeed_client.{module_name}")
+        raise SystemExit(getattr(client_cli, function_name)(rest))
     if name not in COMMANDS:
         print(f"kfeed: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)

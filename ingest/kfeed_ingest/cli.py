@@ -20,7 +20,6 @@ import grpc
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from kfeed_cli.settings import CommandSettings
 from kfeed_ingest.kalshi.rest import (
     PRODUCTION_REST_URL,
     READS_PER_SECOND,
@@ -38,6 +37,7 @@ from kfeed_ingest.runner import (
     default_backfill_range,
 )
 from kfeed_ingest.spool import Spool
+from kfeed_settings import CommandSettings
 
 logger = logging.getLogger("kfeed_ingest")
 

@@ -22,10 +22,7 @@ from typing import Literal
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_ingest.columns import snapshot_columns
 from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
-from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
-from kfeed_ingest.kalshi.signing import KalshiCredentials
-from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
-from kfeed_ingest.normalise import (
+from kfeed_ingest.kalshi.normalise import (
     FixedPointError,
     SnapshotDeduper,
     event_message,
@@ -37,6 +34,9 @@ from kfeed_ingest.normalise import (
     snapshot_from_market,
     trade_message,
 )
+from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
+from kfeed_ingest.kalshi.signing import KalshiCredentials
+from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
 from kfeed_ingest.publisher import Publisher
 
 logger = logging.getLogger(__name__)

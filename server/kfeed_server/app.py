@@ -37,6 +37,7 @@ from kfeed_server.db.commits import CommitListener
 from kfeed_server.db.repositories import build_repositories
 from kfeed_server.gc_tuning import tune_for_throughput
 from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
+from kfeed_server.observability.metrics import record_refused_batch, record_stored_batch
 from kfeed_server.security import SecurityConfig
 from kfeed_server.streaming.follower import CommitFollower, DirectPublisher, LivePublisher
 from kfeed_server.streaming.hub import SnapshotHub
@@ -133,7 +134,13 @@ class KfeedServer:
         market_servicer = MarketServicer(self.repositories, self.hub)  # type: ignore[abstract]
         market_service_pb2_grpc.add_MarketServiceServicer_to_server(market_servicer, self._server)
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(self.repositories, live), self._server
+            IngestServicer(
+                self.repositories,
+                live,
+                on_stored=record_stored_batch,
+                on_refused=record_refused_batch,
+            ),
+            self._server,
         )
         self.backtests = BacktestRunner(self.repositories, config.backtest)
         backtest_servicer = BacktestServicer(self.backtests)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from kfeed_cli.settings import CommandSettings
 from kfeed_server.app import ServerConfig, run_until_signalled
 from kfeed_server.db import DEFAULT_DATABASE_URL
 from kfeed_server.logs import LogFormat, configure_logging
 from kfeed_server.security import SecurityConfig
 from kfeed_server.web import WebConfig
 from kfeed_server.web.app import DEFAULT_WEB_ROOT
+from kfeed_settings import CommandSettings
 
 
 class ServeCommand(CommandSettings):

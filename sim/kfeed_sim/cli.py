@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, model_validator
 
-from kfeed_cli.settings import CommandSettings
+from kfeed_settings import CommandSettings
 from kfeed_sim.config import FaultConfig, SimConfig
 from kfeed_sim.server import running_simulator
 

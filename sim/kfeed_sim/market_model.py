@@ -231,7 +231,6 @@ class Market:
     price_level_structure: str
     price_ranges: tuple[PriceRange, ...]
     levels: list[int]
-    created_step: int
     open_step: int
     close_step: int
     determine_step: int
@@ -377,7 +376,6 @@ class Exchange:
                 price_level_structure=spec.price_level_structure,
                 price_ranges=ranges,
                 levels=levels,
-                created_step=step,
                 open_step=open_step,
                 close_step=close_step,
                 determine_step=determine_step,

@@ -164,11 +164,11 @@ async def _running(stub: pb_grpc.BacktestServiceAsyncStub, backtest_id: str) -> 
     raise AssertionError("the backtest ended before it made progress")
 
 
+@pytest.mark.usefixtures("gated_reads")
 async def test_cancel_stops_running_and_pending_backtests(
     stub: pb_grpc.BacktestServiceAsyncStub,
     publisher: PublishSession,
     recorded: list[SnapshotRecord],
-    gated_reads: asyncio.Event,
 ) -> None:
     # More than one 4,096-row chunk, so the worker gets rows before the gated read ends.
     await publish_snapshots(publisher, wave_snapshots(TICKER, ROWS_PAST_ONE_CHUNK, offset=600))

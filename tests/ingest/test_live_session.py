@@ -8,8 +8,8 @@ from typing import Any
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiTrade
+from kfeed_ingest.kalshi.normalise import snapshot_from_market
 from kfeed_ingest.kalshi.session import ALL_CHANNELS, FeedItem, LiveSession, WebSocketStats
-from kfeed_ingest.normalise import snapshot_from_market
 
 A, B = "KXSIM-26MAR01-A", "KXSIM-26MAR01-B"
 TICKER_SID, TRADE_SID, BOOK_SID, LIFECYCLE_SID = 1, 2, 3, 4  # subscribed in ALL_CHANNELS order

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.kalshi.models import KalshiCandlestick, KalshiMarket, KalshiSeries, KalshiTrade
-from kfeed_ingest.normalise import (
+from kfeed_ingest.kalshi.normalise import (
     FixedPointError,
     SnapshotDeduper,
     TopOfBook,

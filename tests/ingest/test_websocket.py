@@ -13,9 +13,9 @@ import pytest
 from kfeed.v1 import types_pb2
 from kfeed_ingest.backoff import Backoff
 from kfeed_ingest.kalshi.models import KalshiMarket
+from kfeed_ingest.kalshi.normalise import snapshot_from_market
 from kfeed_ingest.kalshi.rest import KalshiRestClient, TokenBucket
 from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
-from kfeed_ingest.normalise import snapshot_from_market
 from kfeed_sim.config import FaultConfig
 from kfeed_sim.market_model import MarketState
 from tests.support.sim import SignedSim, signed_simulator

@@ -22,7 +22,6 @@ STATUS = {
     "determined": types_pb2.MARKET_STATUS_DETERMINED,
     "finalized": types_pb2.MARKET_STATUS_FINALIZED,
 }
-RESULT = {"yes": types_pb2.MARKET_RESULT_YES, "no": types_pb2.MARKET_RESULT_NO}
 NO_BID, NO_ASK = 0, 10_000  # how the truth writes an empty side; kfeed leaves it unset
 ONE_DOLLAR = 10_000
 

@@ -2,7 +2,7 @@
 
 Every model ignores unknown fields and treats every field it does not strictly need as optional:
 Kalshi adds and removes fields often (the integer-cent fields went away on 2026-03-12). Money
-stays a string here; :mod:`kfeed_ingest.normalise` turns it into exact fixed point.
+stays a string here; :mod:`kfeed_ingest.kalshi.normalise` turns it into exact fixed point.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiModel, KalshiTrade, from_epoch_ms
-from kfeed_ingest.normalise import (
+from kfeed_ingest.kalshi.normalise import (
     FixedPointError,
     TopOfBook,
     book_side,

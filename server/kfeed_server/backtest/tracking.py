@@ -26,7 +26,6 @@ class TrackedRun:
         self.children = tuple(children)
         self.stop_reason: str | None = None  # None, or the message a FAILED stop carries
         self.stop_requested = asyncio.Event()
-        self.user_cancelled = False
         self.control: Connection | None = None  # the worker's control pipe while it runs
         self._changed = asyncio.Event()
 
@@ -46,7 +45,6 @@ class TrackedRun:
         """Asks the run (and a sweep's children) to stop: CANCELLED when a user asked, else
         FAILED with ``reason``."""
         if not self.stop_requested.is_set():
-            self.user_cancelled = by_user
             self.stop_reason = None if by_user else reason
             self.stop_requested.set()
             if self.control is not None:

@@ -168,17 +168,6 @@ def event_from_proto(message: types_pb2.Event) -> EventRecord:
     )
 
 
-# Optional fixed-point snapshot fields: same name on the record and the message.
-_SNAPSHOT_DOLLAR_FIELDS = ("yes_bid", "yes_ask", "no_bid", "no_ask", "last_price", "liquidity")
-_SNAPSHOT_CONTRACT_FIELDS = (
-    "yes_bid_size",
-    "yes_ask_size",
-    "volume",
-    "volume_24h",
-    "open_interest",
-)
-
-
 def _timestamp_fields(value: datetime) -> dict[str, int]:
     delta = value - _EPOCH
     return {"seconds": delta.days * 86_400 + delta.seconds, "nanos": delta.microseconds * 1000}

@@ -97,10 +97,6 @@ class ResourceExhausted(ApiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unavailable(ApiError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
 def internal_status(request_id: str) -> status_pb2.Status:
     """What the caller sees for an unexpected failure: no internals, just the id to quote."""
     return status_pb2.Status(

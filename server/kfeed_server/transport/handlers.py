@@ -26,14 +26,6 @@ _CONSTRUCTORS: tuple[tuple[str, RpcType, Callable[..., grpc.RpcMethodHandler[Any
 )
 
 
-def rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> RpcType:
-    """The kind of RPC ``handler`` serves."""
-    for attribute, kind, _ in _CONSTRUCTORS:
-        if getattr(handler, attribute) is not None:
-            return kind
-    raise ValueError("handler has no behaviour")
-
-
 def with_behavior(
     handler: grpc.RpcMethodHandler[Any, Any], transform: BehaviorTransform
 ) -> grpc.RpcMethodHandler[Any, Any]:

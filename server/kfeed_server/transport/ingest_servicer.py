@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,8 +16,7 @@ from google.rpc import code_pb2
 from kfeed.v1 import ingest_service_pb2 as pb
 from kfeed.v1 import ingest_service_pb2_grpc as pb_grpc
 from kfeed.v1 import types_pb2
-from kfeed_server.db.repositories import Repositories
-from kfeed_server.observability.metrics import record_refused_batch, record_stored_batch
+from kfeed_server.db.repositories import BatchWriteResult, Repositories
 from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side, SnapshotRecord
 from kfeed_server.streaming.follower import LivePublisher
 from kfeed_server.transport.convert import (
@@ -316,10 +315,31 @@ def _refusal(batch_id: int, violations: list[FieldViolation]) -> pb.PublishRespo
     )
 
 
-class IngestServicer(pb_grpc.IngestServiceServicer):
-    """Stores batches idempotently, publishes them to live subscribers, acks after commit."""
+def _ignore_stored(result: BatchWriteResult) -> None:
+    del result
 
-    def __init__(self, repositories: Repositories, live: LivePublisher) -> None:
+
+def _ignore_refused() -> None:
+    pass
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):
+    """Stores batches idempotently, publishes them to live subscribers, acks after commit.
+
+    ``on_stored`` (right after a batch's commit) and ``on_refused`` are hooks the app points at
+    the metrics, so the transport does not depend on observability.
+    """
+
+    def __init__(
+        self,
+        repositories: Repositories,
+        live: LivePublisher,
+        *,
+        on_stored: Callable[[BatchWriteResult], None] = _ignore_stored,
+        on_refused: Callable[[], None] = _ignore_refused,
+    ) -> None:
+        self._on_stored = on_stored
+        self._on_refused = on_refused
         self._markets = repositories.markets
         self._writer = repositories.ingest
         self._live = live
@@ -346,7 +366,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if violations:
             summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
             log.warning("batch %d from %r refused: %s", request.batch_id, request.producer, summary)
-            record_refused_batch()
+            self._on_refused()
             return _refusal(request.batch_id, violations)
         markets = [market_from_proto(m) for m in request.markets]
         async with self._write_lock:
@@ -364,7 +384,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             )
             self._known_tickers.update(m.ticker for m in markets)
             self._live.committed(markets, result)
-        record_stored_batch(result)
+        self._on_stored(result)
         return pb.PublishResponse(
             batch_id=request.batch_id,
             code=code_pb2.OK,

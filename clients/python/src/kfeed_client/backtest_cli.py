@@ -10,6 +10,7 @@ needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC
@@ -419,3 +420,12 @@ async def execute(options: argparse.Namespace, console: Console | None = None) -
     except UsageError as error:
         print(f"kfeed backtest: {error}", file=sys.stderr)
         return 2
+
+
+def run_backtest(argv: Sequence[str], prog: str = "kfeed backtest") -> int:
+    """`kfeed backtest run|list|show|strategies …` for the root command."""
+    options = build_parser(prog).parse_args(argv)
+    try:
+        return asyncio.run(execute(options))
+    except KeyboardInterrupt:
+        return 130

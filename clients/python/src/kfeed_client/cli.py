@@ -444,17 +444,6 @@ def run_snapshots(argv: Sequence[str], prog: str = "kfeed snapshots") -> int:
     return _run("snapshots", argv, prog)
 
 
-def run_backtest(argv: Sequence[str], prog: str = "kfeed backtest") -> int:
-    """`kfeed backtest run|list|show|strategies …` (see ``kfeed_client.backtest_cli``)."""
-    from kfeed_client import backtest_cli
-
-    options = backtest_cli.build_parser(prog).parse_args(argv)
-    try:
-        return asyncio.run(backtest_cli.execute(options))
-    except KeyboardInterrupt:
-        return 130
-
-
 def run_candles(argv: Sequence[str], prog: str = "kfeed candles") -> int:
     """`kfeed candles …` for the root command: ``argv`` are the flags after `candles`."""
     return _run("candles", argv, prog)

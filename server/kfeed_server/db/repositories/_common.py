@@ -58,12 +58,6 @@ def rows_per_statement(column_count: int) -> int:
     return max(1, MAX_PARAMETERS_PER_STATEMENT // max(1, column_count))
 
 
-def require_aware(value: datetime, name: str) -> None:
-    """Refuse naive datetimes before they reach a path that bypasses the column types (COPY)."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got {value!r}")
-
-
 def keyset_after(
     columns: Sequence[ColumnElement[Any]], cursor: Sequence[Any], *, descending: bool = False
 ) -> ColumnElement[bool]:

@@ -61,8 +61,6 @@ COPY_THRESHOLD = 500
 # order they are assigned, so a reader tailing by id never skips a row committed late.
 _WRITE_LOCK_KEY = 0x6B_66_65_65_64_01
 
-_TAKE_WRITE_LOCK = select(func.pg_advisory_xact_lock(_WRITE_LOCK_KEY))
-
 _SNAPSHOT_KEY = ("ticker", "source", "exchange_time", "receive_time")
 # Every field but the id (the last): the columns an insert gives.
 _SNAPSHOT_FIELDS = SnapshotRecord._fields[:-1]

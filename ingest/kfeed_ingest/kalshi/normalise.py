@@ -449,7 +449,3 @@ class SnapshotDeduper:
             return False
         self._last[snapshot.ticker] = content
         return True
-
-    def forget(self, ticker: str) -> None:
-        """Let the next snapshot of ``ticker`` through whatever it holds."""
-        self._last.pop(ticker, None)
