@@ -112,6 +112,11 @@ class IngestCommand(CommandSettings):
         description="this process's name on the server",
     )
     batch_rows: int = Field(default=500, ge=1, description="rows per published batch")
+    linger: float = Field(
+        default=0.2,
+        gt=0,
+        description="seconds a batch collects rows before it is sent (rows are spooled at once)",
+    )
     window: int = Field(default=16, ge=1, description="batches in flight before waiting for acks")
     flush_timeout: float = Field(
         default=60.0, gt=0, description="--once: seconds to wait for the last acks"
@@ -202,6 +207,7 @@ class IngestCommand(CommandSettings):
                     poll_interval=self.poll_interval,
                     discovery_interval=self.discovery_interval,
                     batch_rows=self.batch_rows,
+                    linger=self.linger,
                     candle_period_minutes=self.candle_period,
                     flush_timeout=self.flush_timeout,
                 )

@@ -110,6 +110,11 @@ class Publisher:
             self._task = None
 
     @property
+    def spool(self) -> Spool:
+        """The journal batches are spooled to (a batch's rows may be recorded there early)."""
+        return self._spool
+
+    @property
     def pending(self) -> int:
         """Batches spooled and not yet acked."""
         return len(self._unacked)

@@ -94,8 +94,34 @@ class RunReport:
         return self.read_errors == 0 and self.rejected == 0 and self.unacked == 0
 
 
+Row = (
+    types_pb2.Series
+    | types_pb2.Event
+    | types_pb2.Market
+    | types_pb2.MarketSnapshot
+    | types_pb2.Trade
+    | types_pb2.FeedGap
+)
+
+
+def _add_row(request: ingest_service_pb2.PublishRequest, message: Row) -> None:
+    if isinstance(message, types_pb2.Series):
+        request.series.append(message)
+    elif isinstance(message, types_pb2.Event):
+        request.events.append(message)
+    elif isinstance(message, types_pb2.Market):
+        request.markets.append(message)
+    elif isinstance(message, types_pb2.MarketSnapshot):
+        request.snapshots.append(message)
+    elif isinstance(message, types_pb2.Trade):
+        request.trades.append(message)
+    else:
+        request.feed_gaps.append(message)
+
+
 @dataclass(slots=True)
 class _Batch:
+    batch_id: int
     request: ingest_service_pb2.PublishRequest = field(
         default_factory=ingest_service_pb2.PublishRequest
     )
@@ -105,48 +131,51 @@ class _Batch:
 
 
 class BatchSink:
-    """Collects messages into ``PublishRequest`` batches of at most ``batch_rows`` rows."""
+    """Collects messages into ``PublishRequest`` batches of at most ``batch_rows`` rows.
+
+    Each row is recorded in the spool the moment it is added (see :meth:`Spool.record_rows`),
+    so a process killed while a batch is being collected loses none of it: the next run sends
+    the batch. Batches are published one at a time, in the order they were collected.
+    """
 
     def __init__(self, publisher: Publisher, batch_rows: int) -> None:
         self._publisher = publisher
+        self._spool = publisher.spool
         self._batch_rows = batch_rows
-        self._batch = _Batch()
+        self._batch: _Batch | None = None
+        self._publishing = asyncio.Lock()
         self.rows = 0
 
-    async def add(
-        self,
-        message: types_pb2.Series
-        | types_pb2.Event
-        | types_pb2.Market
-        | types_pb2.MarketSnapshot
-        | types_pb2.Trade
-        | types_pb2.FeedGap,
-    ) -> None:
-        """Add one message; publishes the batch when it is full."""
-        request = self._batch.request
-        if isinstance(message, types_pb2.Series):
-            request.series.append(message)
-        elif isinstance(message, types_pb2.Event):
-            request.events.append(message)
-        elif isinstance(message, types_pb2.Market):
-            request.markets.append(message)
-        elif isinstance(message, types_pb2.MarketSnapshot):
-            self._batch.snapshots.append(message)
-        elif isinstance(message, types_pb2.Trade):
-            request.trades.append(message)
+    async def add(self, message: Row) -> None:
+        """Add one message (recorded in the spool at once); publishes the batch when full."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(self._spool.reserve_batch_id())
+            batch.request.producer = self._publisher.producer
+        row = ingest_service_pb2.PublishRequest()
+        if batch.rows == 0:
+            row.producer = self._publisher.producer
+        _add_row(row, message)
+        self._spool.record_rows(batch.batch_id, row)
+        if isinstance(message, types_pb2.MarketSnapshot):
+            batch.snapshots.append(message)
         else:
-            request.feed_gaps.append(message)
-        self._batch.rows += 1
+            _add_row(batch.request, message)
+        batch.rows += 1
         self.rows += 1
-        if self._batch.rows >= self._batch_rows:
+        if batch.rows >= self._batch_rows:
             await self.flush()
 
     async def flush(self) -> None:
         """Publish what has been collected (nothing if empty)."""
-        if self._batch.rows:
-            batch, self._batch = self._batch, _Batch()
-            if batch.snapshots:
-                batch.request.snapshot_columns.CopyFrom(snapshot_columns(batch.snapshots))
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        if batch.snapshots:
+            batch.request.snapshot_columns.CopyFrom(snapshot_columns(batch.snapshots))
+        batch.request.batch_id = batch.batch_id
+        # One at a time: a later batch must not reach the spool (and the server) first.
+        async with self._publishing:
             await self._publisher.publish(batch.request)
 
 

@@ -6,10 +6,16 @@ One append-only file, ``journal.log``, holds framed records::
     payload = b"B" + serialized PublishRequest                 a batch to deliver
             | b"A" + batch_id:u64be                             that batch was acked
             | b"N" + next_batch_id:u64be                        numbering high-water mark
+            | b"R" + batch_id:u64be + serialized PublishRequest rows of a batch being collected
 
 A batch is fsynced before it may be sent, so a crash between append and ack loses nothing: on
 start every batch without an ack record is pending again, in append order. Ack records are only
 flushed, not fsynced: losing one merely resends a batch, which the server stores once.
+
+Rows are recorded (``R``) the moment they are read, while their batch is still being collected:
+written to the operating system at once (no fsync), so killing the process loses none of them.
+The batch's ``B`` record supersedes its ``R`` records; on start, ``R`` records without their
+``B`` are merged into that batch, which is then pending like any other.
 
 On open the journal is read front to back; the first record that is short or fails its checksum
 marks a torn write, and the file is truncated there. Compaction rewrites the pending batches into a
@@ -35,7 +41,7 @@ logger = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.log"
 _HEADER = struct.Struct(">II")
 _BATCH_ID = struct.Struct(">Q")
-_BATCH, _ACK, _NEXT_ID = b"B", b"A", b"N"
+_BATCH, _ACK, _NEXT_ID, _ROWS = b"B", b"A", b"N", b"R"
 # A frame longer than this is not something we wrote: treat it as corruption, not a huge read.
 _MAX_RECORD = 256 * 1024 * 1024
 
@@ -73,6 +79,9 @@ class Spool:
         self._compact_after_bytes = compact_after_bytes
         self._lock = threading.Lock()
         self._pending: OrderedDict[int, ingest_service_pb2.PublishRequest] = OrderedDict()
+        # Rows recorded for batches being collected (no B record yet): their serialized
+        # PublishRequests by batch id.
+        self._collecting: OrderedDict[int, list[bytes]] = OrderedDict()
         self._next_batch_id = 1
         self._handle: BinaryIO | None = None
         self._size = 0
@@ -105,6 +114,17 @@ class Spool:
                 os.fsync(handle.fileno())
         self._size = good_end
         self._handle = self.path.open("ab")
+        collected, self._collecting = self._collecting, OrderedDict()
+        for batch_id, parts in collected.items():
+            # The process stopped while collecting this batch: it is complete now.
+            request = ingest_service_pb2.PublishRequest()
+            for part in parts:
+                request.MergeFromString(part)
+            request.batch_id = batch_id
+            self._write(_BATCH + request.SerializeToString(), durable=True)
+            self._pending[batch_id] = request
+        if collected:
+            logger.info("spool %s: %d batches being collected recovered", self.path, len(collected))
         if self._pending:
             logger.info("spool %s: %d unacked batches to resend", self.path, len(self._pending))
 
@@ -113,7 +133,13 @@ class Spool:
         if kind == _BATCH:
             request = ingest_service_pb2.PublishRequest.FromString(body)
             self._pending[request.batch_id] = request
+            self._collecting.pop(request.batch_id, None)
             self._next_batch_id = max(self._next_batch_id, request.batch_id + 1)
+        elif kind == _ROWS:
+            batch_id = _BATCH_ID.unpack(body[: _BATCH_ID.size])[0]
+            if batch_id not in self._pending:
+                self._collecting.setdefault(batch_id, []).append(body[_BATCH_ID.size :])
+            self._next_batch_id = max(self._next_batch_id, batch_id + 1)
         elif kind == _ACK:
             self._pending.pop(_BATCH_ID.unpack(body)[0], None)
         elif kind == _NEXT_ID:
@@ -135,18 +161,44 @@ class Spool:
         """The id the next appended batch will get (ids never repeat, even across compaction)."""
         return self._next_batch_id
 
+    def reserve_batch_id(self) -> int:
+        """A new batch id, for a batch whose rows are recorded while it is being collected."""
+        with self._lock:
+            batch_id = self._next_batch_id
+            self._next_batch_id += 1
+            return batch_id
+
+    def record_rows(self, batch_id: int, rows: ingest_service_pb2.PublishRequest) -> None:
+        """Record rows of the batch ``batch_id`` (reserved) before it is complete: written to the
+        operating system at once, so they outlive the process; not fsynced."""
+        payload = rows.SerializeToString()
+        with self._lock:
+            self._write(_ROWS + _BATCH_ID.pack(batch_id) + payload, durable=False)
+            self._collecting.setdefault(batch_id, []).append(payload)
+
     def append(
         self, request: ingest_service_pb2.PublishRequest
     ) -> ingest_service_pb2.PublishRequest:
-        """Number ``request``, write it durably (fsync) and return the numbered copy."""
+        """Number ``request`` (keeping a reserved ``batch_id``), write it durably (fsync) and
+        return the numbered copy. It supersedes the rows recorded for its id."""
         with self._lock:
             numbered = ingest_service_pb2.PublishRequest()
             numbered.CopyFrom(request)
-            numbered.batch_id = self._next_batch_id
-            self._write(_BATCH + numbered.SerializeToString(), durable=True)
-            self._next_batch_id += 1
+            if not numbered.batch_id:
+                numbered.batch_id = self._next_batch_id
+                self._next_batch_id += 1
+            self._write(_BATCH + numbered.SerializeToString(), durable=False)
+            self._collecting.pop(numbered.batch_id, None)
             self._pending[numbered.batch_id] = numbered
-            return numbered
+            assert self._handle is not None
+            # fsync outside the lock, so rows recorded meanwhile do not wait for the disk. A
+            # compaction meanwhile fsyncs its own copy of the batch.
+            descriptor = os.dup(self._handle.fileno())
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        return numbered
 
     def mark_acked(self, batch_id: int) -> None:
         """Forget batch ``batch_id`` (acked, or refused for good); compacts when worthwhile."""
@@ -177,6 +229,9 @@ class Spool:
             handle.write(_frame(_NEXT_ID + _BATCH_ID.pack(self._next_batch_id)))
             for request in self._pending.values():
                 handle.write(_frame(_BATCH + request.SerializeToString()))
+            for batch_id, parts in self._collecting.items():
+                for part in parts:
+                    handle.write(_frame(_ROWS + _BATCH_ID.pack(batch_id) + part))
             handle.flush()
             os.fsync(handle.fileno())
         self._handle.close()

@@ -22,6 +22,7 @@ from kfeed_ingest.spool import Spool
 from kfeed_sim.config import FaultConfig
 from kfeed_sim.market_model import MarketStatus
 from tests.support.fake_ingest_server import FakeIngestServer
+from tests.support.processes import free_port
 from tests.support.sim import KEY_ID, SignedSim, signed_simulator
 from tests.support.waiting import eventually
 
@@ -349,3 +350,52 @@ async def test_ws_mode_follows_every_market_to_finalization_on_one_socket(
 
 
 STATUS_RESULT = {"yes": types_pb2.MARKET_RESULT_YES, "no": types_pb2.MARKET_RESULT_NO}
+
+
+async def test_sigkill_loses_no_trade_that_was_read_although_no_batch_was_complete(
+    tmp_path: Path,
+) -> None:
+    """The bound on what a SIGKILL loses: rows reach the spool as they are read, not when their
+    batch is complete. No server answers, and batches complete only after a minute; the ingest
+    is killed; every trade the exchange published on its followed markets from its subscription
+    until shortly before the kill is in the spool."""
+    async with signed_simulator(auto_step=True, tick_interval=0.1) as sim:
+        exchange = sim.handle.exchange
+        key_file = tmp_path / "kalshi.pem"
+        key_file.write_bytes(sim.private_pem)
+        log = tmp_path / "ingest.log"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kfeed_cli.main", "ingest",
+            "--server", f"127.0.0.1:{free_port()}",  # nobody listens: nothing is ever acked
+            "--kalshi-url", sim.handle.rest_url, "--mode", "ws",
+            "--linger", "60", "--batch-rows", "1000000", "--discovery-interval", "3600",
+            "--spool-dir", str(tmp_path / "spool"),
+            "--api-key-id", KEY_ID, "--api-private-key-file", str(key_file),
+            stderr=log.open("wb"),
+        )  # fmt: skip
+        try:
+            await eventually(lambda: sim.handle.simulator.hub.connections != [], within=30)
+            subscribed_us = exchange.now_us
+
+            await eventually(lambda: exchange.now_us > subscribed_us + 3_000_000, within=30)
+            killed_us = exchange.now_us
+            process.kill()
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        trades = [t for m in exchange.markets.values() for t in m.trades]
+    with Spool.open(tmp_path / "spool") as spool:
+        pending = spool.pending()
+    followed = {m.ticker for request in pending for m in request.markets}
+    # Allow for the subscription being confirmed, and for frames in flight at the kill.
+    margin = 500_000
+    expected = {
+        t.trade_id
+        for t in trades
+        if t.ticker in followed and subscribed_us + margin < t.ts_us < killed_us - margin
+    }
+    assert len(expected) >= 5
+    spooled = {t.trade_id for request in pending for t in request.trades}
+    assert expected <= spooled, sorted(expected - spooled)

@@ -117,3 +117,54 @@ def test_compaction_happens_on_its_own_past_the_size_threshold(tmp_path: Path) -
             spool.mark_acked(spool.append(_batch(f"M{index}")).batch_id)
         assert (tmp_path / JOURNAL_NAME).stat().st_size < 2_000
         assert not any(name.endswith(".compacting") for name in os.listdir(tmp_path))
+
+
+def _rows(*tickers: str) -> ingest_service_pb2.PublishRequest:
+    return ingest_service_pb2.PublishRequest(
+        trades=[types_pb2.Trade(trade_id=f"t-{ticker}", ticker=ticker) for ticker in tickers]
+    )
+
+
+def test_rows_recorded_by_a_killed_process_become_their_batch(tmp_path: Path) -> None:
+    """Rows recorded while their batch is being collected outlive a kill (os._exit: no close,
+    no flush by Python): the next open makes them a pending batch with the reserved id. A batch
+    whose B record was written is not duplicated by its rows."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        from kfeed.v1 import ingest_service_pb2, types_pb2
+        from kfeed_ingest.spool import Spool
+        def rows(ticker):
+            trade = types_pb2.Trade(trade_id="t-" + ticker, ticker=ticker)
+            return ingest_service_pb2.PublishRequest(producer="p", trades=[trade])
+        spool = Spool.open({str(tmp_path)!r})
+        done = spool.reserve_batch_id()
+        spool.record_rows(done, rows("A"))
+        spool.append(ingest_service_pb2.PublishRequest(batch_id=done, trades=rows("A").trades))
+        collecting = spool.reserve_batch_id()
+        for ticker in ("B", "C"):
+            spool.record_rows(collecting, rows(ticker))
+        os._exit(9)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert result.returncode == 9
+    with Spool.open(tmp_path) as spool:
+        pending = spool.pending()
+        assert [r.batch_id for r in pending] == [1, 2]
+        assert [[t.ticker for t in r.trades] for r in pending] == [["A"], ["B", "C"]]
+        assert pending[1].producer == "p"
+        assert spool.reserve_batch_id() == 3
+    with Spool.open(tmp_path) as spool:  # recovered once, not again
+        assert [r.batch_id for r in spool.pending()] == [1, 2]
+
+
+def test_compaction_keeps_rows_of_the_batch_being_collected(tmp_path: Path) -> None:
+    with Spool.open(tmp_path) as spool:
+        spool.mark_acked(spool.append(_batch("A")).batch_id)
+        collecting = spool.reserve_batch_id()
+        spool.record_rows(collecting, _rows("B"))
+        spool.compact()
+        spool.record_rows(collecting, _rows("C"))
+    with Spool.open(tmp_path) as spool:
+        assert [[t.ticker for t in r.trades] for r in spool.pending()] == [["B", "C"]]
