@@ -31,7 +31,7 @@ from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.records import DataSource, MarketRecord, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import snapshot_to_proto
-from kfeed_server.transport.requests import encode_resume_token
+from kfeed_server.transport.requests import RequestTokens, new_token_key
 from tests.support.servers import PublishSession
 
 TARGET_RATIO = 0.7
@@ -134,9 +134,10 @@ class _BareStreamer(pb_grpc.MarketServiceServicer):
 
 async def baseline_run(subscribers: int, count: int) -> dict[str, Any]:
     records = make_snapshots(count)
+    tokens = RequestTokens(new_token_key())
     messages = [
         pb.StreamSnapshotsResponse(
-            resume_token=encode_resume_token(i + 1),
+            resume_token=tokens.encode_resume_token(i + 1),
             snapshot=pb.SnapshotUpdate(snapshot=snapshot_to_proto(record)),
         )
         for i, record in enumerate(records)

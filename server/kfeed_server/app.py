@@ -45,6 +45,7 @@ from kfeed_server.transport.backtest_servicer import BacktestServicer
 from kfeed_server.transport.ingest_servicer import IngestServicer
 from kfeed_server.transport.interceptors import ErrorMappingInterceptor
 from kfeed_server.transport.market_servicer import MarketServicer
+from kfeed_server.transport.requests import RequestTokens, new_token_key
 from kfeed_server.web import WebConfig, WebListener, build_web_app
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ KFEED_SERVICES = (
     backtest_service_pb2.DESCRIPTOR.services_by_name["BacktestService"].full_name,
     ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
 )
+# The name of the token key in the database's server secrets.
+TOKEN_KEY = "request_token_key"
 # 8 MiB: a full page of snapshots fits with room to spare.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -112,6 +115,8 @@ class KfeedServer:
                 repositories.ingest.origin,
             )
         self.metrics_endpoint: MetricsEndpoint | None = None
+        # Page and resume tokens; keyed from the database in start() unless configured.
+        self.tokens = RequestTokens(config.security.token_key())
         self.health = health.aio.HealthServicer()
         # One instance for both listeners: same tokens, and one rate limit per caller.
         auth = config.security.interceptor()
@@ -131,7 +136,9 @@ class KfeedServer:
         )
         # The RPCs of this round's contract additions answer UNIMPLEMENTED (the generated base
         # class) until issues #12 and #13 build them; the ignore goes with the last of them.
-        market_servicer = MarketServicer(self.repositories, self.hub)  # type: ignore[abstract]
+        market_servicer = MarketServicer(  # type: ignore[abstract]
+            self.repositories, self.hub, self.tokens
+        )
         market_service_pb2_grpc.add_MarketServiceServicer_to_server(market_servicer, self._server)
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(
@@ -143,7 +150,7 @@ class KfeedServer:
             self._server,
         )
         self.backtests = BacktestRunner(self.repositories, config.backtest)
-        backtest_servicer = BacktestServicer(self.backtests)
+        backtest_servicer = BacktestServicer(self.backtests, self.tokens)
         backtest_service_pb2_grpc.add_BacktestServiceServicer_to_server(
             backtest_servicer, self._server
         )
@@ -183,6 +190,10 @@ class KfeedServer:
         if not await schema_is_current(self.engine):
             log.error("database schema is not at the latest migration; run with --migrate")
             return self.port
+        if not self.tokens.has_key:
+            self.tokens.set_key(
+                await self.repositories.secrets.get_or_create(TOKEN_KEY, new_token_key)
+            )
         await self.backtests.recover()
         await self._follow_commits()
         if self.web is not None:

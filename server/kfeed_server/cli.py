@@ -36,6 +36,7 @@ class ServeCommand(CommandSettings):
     web_listen: str | None = None
     web_cors_origins: tuple[str, ...] = ()
     web_root: Path = DEFAULT_WEB_ROOT
+    token_key_file: Path | None = None
 
     def cli_cmd(self) -> None:
         configure_logging(self.log_level, self.log_format)
@@ -51,6 +52,7 @@ class ServeCommand(CommandSettings):
                 tls_client_ca_file=self.tls_client_ca_file,
                 rate_limit=self.rate_limit,
                 rate_limit_burst=self.rate_limit_burst,
+                token_key_file=self.token_key_file,
             ),
             metrics_listen=self.metrics_listen,
             web=(

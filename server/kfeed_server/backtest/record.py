@@ -46,6 +46,8 @@ class BacktestRecord:
     run_end_time: datetime | None = None
     error_message: str = ""
     ranked_child_ids: tuple[str, ...] = ()
+    # The name of the token that created it (only it or an admin may cancel it).
+    created_by: str = ""
 
     @property
     def strategy(self) -> str:

@@ -148,7 +148,9 @@ class BacktestRunner:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def create(self, config: EngineConfig, sweep: SweepSpec | None = None) -> BacktestRecord:
+    async def create(
+        self, config: EngineConfig, sweep: SweepSpec | None = None, *, created_by: str = ""
+    ) -> BacktestRecord:
         """Validates and stores a backtest (a sweep: its parent and one child per grid point)
         PENDING, starts it, and returns the stored record at once.
 
@@ -169,6 +171,7 @@ class BacktestRunner:
             sweep=sweep,
             code_version=self._code_version,
             create_time=now,
+            created_by=created_by,
         )
         await self._backtests.create(parent)
         if point_configs is None:
@@ -185,6 +188,7 @@ class BacktestRunner:
                 code_version=self._code_version,
                 # Strictly after the parent, in grid order, so listings are stable.
                 create_time=now + timedelta(microseconds=index + 1),
+                created_by=created_by,
             )
             await self._backtests.create(child)
             children.append(self._track(child))

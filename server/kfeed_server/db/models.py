@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -233,6 +234,9 @@ class Backtest(Base):
     run_end_time: Mapped[datetime | None]
     error_message: Mapped[str]
     ranked_child_ids: Mapped[list[str]] = mapped_column(JsonDocument)
+    # The name of the token that created the run ("anonymous" without authentication; "" for
+    # runs older than the column): only it or an admin may cancel the run.
+    created_by: Mapped[str] = mapped_column(server_default="")
 
 
 class BacktestExecution(Base):
@@ -275,6 +279,15 @@ class BacktestEquityPoint(Base):
 
 
 # The tables, typed as ``Table`` for Core statements.
+class ServerSecret(Base):
+    """A secret every replica of this database shares, by name (e.g. the token key)."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 series_table: Table = Base.metadata.tables["series"]
 events_table: Table = Base.metadata.tables["events"]
 markets_table: Table = Base.metadata.tables["markets"]
@@ -284,3 +297,4 @@ feed_gaps_table: Table = Base.metadata.tables["feed_gaps"]
 backtests_table: Table = Base.metadata.tables["backtests"]
 executions_table: Table = Base.metadata.tables["backtest_executions"]
 equity_points_table: Table = Base.metadata.tables["backtest_equity_points"]
+server_secrets_table: Table = Base.metadata.tables["server_secrets"]

@@ -1,7 +1,13 @@
 """Who may call kfeed: bearer tokens with roles, TLS (optionally mutual), per-token rate limits."""
 
 from kfeed_server.security.config import SecurityConfig
-from kfeed_server.security.interceptor import AuthInterceptor, PermissionDenied, Unauthenticated
+from kfeed_server.security.interceptor import (
+    AuthInterceptor,
+    PermissionDenied,
+    Unauthenticated,
+    current_caller,
+    set_current_caller,
+)
 from kfeed_server.security.rate_limit import RateLimited, RateLimiter
 from kfeed_server.security.tls import TlsFiles
 from kfeed_server.security.tokens import Principal, Role, TokensFileError, TokenTable
@@ -18,4 +24,6 @@ __all__ = [
     "TokenTable",
     "TokensFileError",
     "Unauthenticated",
+    "current_caller",
+    "set_current_caller",
 ]

@@ -31,6 +31,10 @@ class SecurityConfig:
     # Calls per second per token (None: unlimited), and the burst allowed above that rate.
     rate_limit: float | None = None
     rate_limit_burst: int | None = None
+    # A file holding the key that authenticates page and resume tokens (at least 16 bytes);
+    # None: a key kept in the database, shared by every replica
+    # (docs/adr/0012-request-tokens-and-hostile-input.md).
+    token_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -49,6 +53,15 @@ class SecurityConfig:
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
         return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+    def token_key(self) -> bytes | None:
+        """The configured token key (None: use the database's)."""
+        if self.token_key_file is None:
+            return None
+        key = self.token_key_file.read_bytes().strip()
+        if len(key) < 16:
+            raise ValueError(f"{self.token_key_file}: a token key needs at least 16 bytes")
+        return key
 
     def interceptor(self) -> AuthInterceptor:
         """The access-control interceptor (the tokens file is read here, once)."""

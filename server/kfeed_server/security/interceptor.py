@@ -8,6 +8,7 @@ token.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,19 @@ AUTHORIZATION_KEY = "authorization"
 _BEARER_PREFIX = "bearer "
 
 Metadata = Sequence[tuple[str, str | bytes]]
+
+_caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("caller", default=None)
+
+
+def set_current_caller(principal: Principal | None) -> None:
+    """Make ``principal`` the caller for the rest of this task (one RPC)."""
+    _caller.set(principal)
+
+
+def current_caller() -> Principal | None:
+    """The authenticated caller of the unary RPC being served (None outside one, and in
+    streaming RPCs, which need no caller today: setting it there would cost every message)."""
+    return _caller.get()
 
 
 class Unauthenticated(ApiError):
@@ -90,10 +104,27 @@ class AuthInterceptor(BehaviorInterceptor):
 
     def transform_for(self, details: grpc.HandlerCallDetails) -> BehaviorTransform | None:
         try:
-            self.admit(details.method, details.invocation_metadata)
+            principal = self.admit(details.method, details.invocation_metadata)
         except ApiError as refusal:
             return _refusing(refusal)
-        return None
+        return None if principal is None else _as_caller(principal)
+
+
+def _as_caller(principal: Principal) -> BehaviorTransform:
+    """Unary behaviours run with :func:`current_caller` returning ``principal``."""
+
+    def transform(behavior: Behavior, kind: RpcType) -> Behavior:
+        if kind != "unary":
+            return behavior
+
+        async def unary(request: Any, context: Any) -> Any:
+            # Each RPC runs in its own task: the value is scoped to this call.
+            set_current_caller(principal)
+            return await behavior(request, context)
+
+        return unary
+
+    return transform
 
 
 def _refusing(refusal: ApiError) -> BehaviorTransform:

@@ -34,13 +34,19 @@ from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.service import BacktestRunner, UnknownMarkets
 from kfeed_server.backtest.sweep import DEFAULT_RANK_BY, SweepSpec
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord
-from kfeed_server.transport.convert import contracts, dollars, optional_timestamp, timestamp
+from kfeed_server.security import PermissionDenied, Principal, Role, current_caller
+from kfeed_server.transport.convert import contracts, dollars, timestamp
 from kfeed_server.transport.errors import InvalidArgument, NotFound
 from kfeed_server.transport.requests import (
+    MAX_ID_LENGTH,
     PageSizeLimits,
-    decode_page_token,
+    RequestTokens,
+    check_text,
     duration_seconds,
-    encode_page_token,
+    optional_name,
+    optional_time,
+    require_id,
+    require_ticker,
 )
 
 BACKTESTS_PAGE = PageSizeLimits(default=50, maximum=500)
@@ -61,6 +67,8 @@ def parameter_from_proto(value: pb.ParameterValue, field: str) -> ParamValue:
     if kind == "dollars_value":
         return value.dollars_value.ten_thousandths
     result: ParamValue = getattr(value, kind)
+    if isinstance(result, str):
+        check_text(result, field)
     return result
 
 
@@ -89,14 +97,19 @@ def config_from_proto(config: pb.BacktestConfig) -> EngineConfig:
     except ValueError:
         raise InvalidArgument.field("config.fee_rounding", "unknown fee rounding") from None
     return EngineConfig(
-        strategy=config.strategy,
-        tickers=tuple(config.tickers),
+        strategy=optional_name(config.strategy, "config.strategy"),
+        tickers=tuple(
+            require_ticker(ticker, f"config.tickers[{i}]")
+            for i, ticker in enumerate(config.tickers)
+        ),
         parameters={
-            name: parameter_from_proto(value, f"config.parameters.{name}")
+            _parameter_name(name, "config.parameters"): parameter_from_proto(
+                value, f"config.parameters.{name}"
+            )
             for name, value in sorted(config.parameters.items())
         },
-        start_time=optional_timestamp(config, "start_time"),
-        end_time=optional_timestamp(config, "end_time"),
+        start_time=optional_time(config, "start_time", "config.start_time"),
+        end_time=optional_time(config, "end_time", "config.end_time"),
         initial_cash=config.initial_cash.ten_thousandths or DEFAULT_INITIAL_CASH,
         taker_fee_rate_ten_thousandths=(
             config.taker_fee_rate_ten_thousandths or KALSHI_TAKER_FEE_RATE
@@ -108,10 +121,18 @@ def config_from_proto(config: pb.BacktestConfig) -> EngineConfig:
     )
 
 
+def _parameter_name(name: str, path: str) -> str:
+    """A parameter name (a map key); a bad one is reported on the map, ``path``."""
+    return optional_name(name, path)
+
+
 def sweep_from_proto(sweep: pb.ParameterSweep) -> SweepSpec:
     """A request's sweep; an empty ``rank_by`` ranks by ``DEFAULT_RANK_BY``."""
+    optional_name(sweep.rank_by, "sweep.rank_by")
     grid = {
-        name: [parameter_from_proto(value, f"sweep.grid.{name}") for value in values.values]
+        _parameter_name(name, "sweep.grid"): [
+            parameter_from_proto(value, f"sweep.grid.{name}") for value in values.values
+        ]
         for name, values in sorted(sweep.grid.items())
     }
     return SweepSpec(grid=grid, rank_by=sweep.rank_by or DEFAULT_RANK_BY)
@@ -267,18 +288,28 @@ def _spec_to_proto(spec: ParameterSpec) -> pb.ParameterSpec:
 
 
 def _require_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument.field("backtest_id", "is required")
-    return value
+    return require_id(value, "backtest_id")
+
+
+def _caller() -> Principal:
+    """Who is calling (every BacktestService RPC passes the access-control interceptor)."""
+    caller = current_caller()
+    if caller is None:  # a bug: refuse rather than act for nobody
+        raise PermissionDenied("the caller is unknown")
+    return caller
 
 
 class BacktestServicer(pb_grpc.BacktestServiceServicer):
     """Serves BacktestService from a ``BacktestRunner``. Holds no SQL and runs nothing itself."""
 
     def __init__(
-        self, runner: BacktestRunner, registry: StrategyRegistry = default_registry
+        self,
+        runner: BacktestRunner,
+        tokens: RequestTokens,
+        registry: StrategyRegistry = default_registry,
     ) -> None:
         self._runner = runner
+        self._tokens = tokens
         self._registry = registry
 
     def _to_proto(
@@ -306,7 +337,7 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
         config = config_from_proto(request.config)
         sweep = sweep_from_proto(request.sweep) if request.HasField("sweep") else None
         try:
-            record = await self._runner.create(config, sweep)
+            record = await self._runner.create(config, sweep, created_by=_caller().name)
         except ConfigError as error:
             raise InvalidArgument.field(_request_field(error.field), error.message) from None
         except UnknownMarkets as error:
@@ -333,10 +364,12 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
             state = BacktestState(request.state) if request.state else None
         except ValueError:
             raise InvalidArgument.field("state", f"unknown value {request.state}") from None
-        strategy = request.strategy or None
-        parent = request.parent_backtest_id or None
+        strategy = optional_name(request.strategy, "strategy") or None
+        parent = (
+            optional_name(request.parent_backtest_id, "parent_backtest_id", MAX_ID_LENGTH) or None
+        )
         query = ("ListBacktests", strategy, int(state or 0), parent)
-        cursor = decode_page_token(request.page_token, query, shape=(datetime, str))
+        cursor = self._tokens.decode_page_token(request.page_token, query, shape=(datetime, str))
         page = await self._runner.list(
             limit=limit,
             after=(cursor[0], cursor[1]) if cursor else None,  # type: ignore[arg-type]
@@ -346,7 +379,7 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
         )
         return pb.ListBacktestsResponse(
             backtests=[self._to_proto(r) for r in page.items],
-            next_page_token=encode_page_token(page.next_cursor, query),
+            next_page_token=self._tokens.encode_page_token(page.next_cursor, query),
         )
 
     async def ListExecutions(
@@ -355,7 +388,7 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
         backtest_id = _require_id(request.backtest_id)
         limit = EXECUTIONS_PAGE.resolve(request.page_size)
         query = ("ListExecutions", backtest_id)
-        cursor = decode_page_token(request.page_token, query, shape=(int,))
+        cursor = self._tokens.decode_page_token(request.page_token, query, shape=(int,))
         after_sequence = cursor[0] if cursor else -1
         assert isinstance(after_sequence, int)  # decode_page_token checked the shape
         page = await self._runner.list_executions(
@@ -365,7 +398,7 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
             raise NotFound("backtest", backtest_id)
         return pb.ListExecutionsResponse(
             executions=[execution_to_proto(e) for e in page.items],
-            next_page_token=encode_page_token(page.next_cursor, query),
+            next_page_token=self._tokens.encode_page_token(page.next_cursor, query),
         )
 
     async def WatchBacktest(
@@ -393,6 +426,15 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
         self, request: pb.CancelBacktestRequest, context: Context
     ) -> pb.CancelBacktestResponse:
         backtest_id = _require_id(request.backtest_id)
+        record = await self._runner.get(backtest_id)
+        if record is None:
+            raise NotFound("backtest", backtest_id)
+        caller = _caller()
+        if record.created_by != caller.name and not caller.has_role(Role.ADMIN):
+            raise PermissionDenied(
+                f"backtest {backtest_id!r} belongs to another caller: cancelling it needs the "
+                "'admin' role"
+            )
         record = await self._runner.cancel(backtest_id)
         if record is None:
             raise NotFound("backtest", backtest_id)

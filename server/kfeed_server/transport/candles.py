@@ -23,8 +23,7 @@ from kfeed_server.transport.convert import candle_to_proto
 from kfeed_server.transport.errors import InvalidArgument, NotFound
 from kfeed_server.transport.requests import (
     PageSizeLimits,
-    decode_page_token,
-    encode_page_token,
+    RequestTokens,
     require_ticker,
     time_window,
 )
@@ -63,7 +62,10 @@ def _grid(
 
 
 async def list_candles(
-    markets: MarketRepository, sources: CandleSourceRepository, request: pb.ListCandlesRequest
+    markets: MarketRepository,
+    sources: CandleSourceRepository,
+    tokens: RequestTokens,
+    request: pb.ListCandlesRequest,
 ) -> pb.ListCandlesResponse:
     ticker = require_ticker(request.ticker)
     interval = candle_interval(request)
@@ -76,7 +78,7 @@ async def list_candles(
     except OverflowError:
         raise InvalidArgument.field("start_time", "is too early for this interval") from None
     query = ("ListCandles", ticker, start, end, int(interval.total_seconds()))
-    cursor = decode_page_token(request.page_token, query, shape=(datetime,))
+    cursor = tokens.decode_page_token(request.page_token, query, shape=(datetime,))
     if cursor is not None:
         after = cursor[0]
         assert isinstance(after, datetime)
@@ -89,5 +91,5 @@ async def list_candles(
     candles = await build_candles(sources, ticker, grid) if grid.count else []
     return pb.ListCandlesResponse(
         candles=[candle_to_proto(c) for c in candles],
-        next_page_token=encode_page_token((grid.end,) if more else None, query),
+        next_page_token=tokens.encode_page_token((grid.end,) if more else None, query),
     )

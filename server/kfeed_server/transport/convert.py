@@ -43,9 +43,26 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=micro * 1000)
 
 
+# The range google.protobuf.Timestamp allows (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z),
+# which is also the range of a Python datetime.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
+class TimestampOutOfRange(ValueError):
+    """A Timestamp outside 0001-01-01..9999-12-31, or with nanos outside 0..999,999,999."""
+
+
 def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
-    """A Timestamp as an aware UTC datetime, truncated to the microsecond (kfeed's precision)."""
-    return datetime.fromtimestamp(value.seconds, UTC).replace(microsecond=value.nanos // 1000)
+    """A Timestamp as an aware UTC datetime, truncated to the microsecond (kfeed's precision).
+
+    Raises TimestampOutOfRange for a Timestamp the proto documentation calls invalid."""
+    seconds, nanos = value.seconds, value.nanos
+    if not (
+        MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS and 0 <= nanos < 1_000_000_000
+    ):
+        raise TimestampOutOfRange(f"Timestamp out of range: seconds={seconds} nanos={nanos}")
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def optional_timestamp(message: Message, field: str) -> datetime | None:
@@ -226,7 +243,7 @@ def snapshot_from_proto(m: types_pb2.MarketSnapshot) -> SnapshotRecord:
             from_timestamp(m.exchange_time),
             from_timestamp(m.receive_time),
         )
-    except (KeyError, OverflowError, OSError) as error:
+    except (KeyError, TimestampOutOfRange) as error:
         raise ValueError(f"invalid snapshot of {m.ticker!r}: {error}") from error
     return SnapshotRecord(
         m.ticker,

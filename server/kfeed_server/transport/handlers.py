@@ -26,17 +26,23 @@ _CONSTRUCTORS: tuple[tuple[str, RpcType, Callable[..., grpc.RpcMethodHandler[Any
 )
 
 
+Deserializer = Callable[[bytes], Any]
+
+
 def with_behavior(
-    handler: grpc.RpcMethodHandler[Any, Any], transform: BehaviorTransform
+    handler: grpc.RpcMethodHandler[Any, Any],
+    transform: BehaviorTransform,
+    request_deserializer: Deserializer | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind and (de)serialisers whose behaviour is
-    ``transform(old behaviour, kind)``."""
+    ``transform(old behaviour, kind)`` (and whose request deserialiser is
+    ``request_deserializer`` when given)."""
     for attribute, kind, constructor in _CONSTRUCTORS:
         behavior = getattr(handler, attribute)
         if behavior is not None:
             return constructor(
                 transform(behavior, kind),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     return handler
@@ -49,6 +55,12 @@ class BehaviorInterceptor(grpc.aio.ServerInterceptor):
         """How to wrap the behaviour of the call ``details`` names (None: leave it as it is)."""
         raise NotImplementedError
 
+    def request_deserializer_for(
+        self, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> Deserializer | None:
+        """A replacement for ``handler``'s request deserialiser (None: keep it)."""
+        return None
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -60,4 +72,11 @@ class BehaviorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         transform = self.transform_for(handler_call_details)
-        return handler if transform is None else with_behavior(handler, transform)
+        deserializer = self.request_deserializer_for(handler)
+        if transform is None and deserializer is None:
+            return handler
+        return with_behavior(handler, transform or _unchanged, deserializer)
+
+
+def _unchanged(behavior: Behavior, kind: RpcType) -> Behavior:
+    return behavior

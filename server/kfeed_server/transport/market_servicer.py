@@ -30,7 +30,6 @@ from kfeed_server.transport import candles, market_structure
 from kfeed_server.transport.convert import (
     feed_gap_to_proto,
     market_to_proto,
-    optional_timestamp,
     snapshot_fields,
     snapshot_to_proto,
     timestamp,
@@ -39,13 +38,11 @@ from kfeed_server.transport.convert import (
 from kfeed_server.transport.errors import InvalidArgument, NotFound, ResourceExhausted
 from kfeed_server.transport.requests import (
     PageSizeLimits,
-    decode_page_token,
-    decode_resume_token,
+    RequestTokens,
     duration_seconds,
-    encode_page_token,
-    encode_resume_token,
     enum_values,
     optional_ticker,
+    optional_time,
     require_ticker,
     time_window,
 )
@@ -65,12 +62,13 @@ R = TypeVar("R")
 class MarketServicer(pb_grpc.MarketServiceServicer):
     """Serves MarketService from the repositories. Holds no SQL."""
 
-    def __init__(self, repositories: Repositories, hub: SnapshotHub) -> None:
+    def __init__(self, repositories: Repositories, hub: SnapshotHub, tokens: RequestTokens) -> None:
         self._markets = repositories.markets
         self._snapshots = repositories.snapshots
         self._trades = repositories.trades
         self._candle_sources = repositories.candle_sources
         self._hub = hub
+        self._tokens = tokens
         self._snapshot_messages: OrderedDict[int, pb.StreamSnapshotsResponse] = OrderedDict()
 
     async def _require_market(self, ticker: str) -> None:
@@ -85,7 +83,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         series_ticker = optional_ticker(request.series_ticker, "series_ticker")
         statuses = enum_values(request.statuses, MarketStatus, "statuses")
         query = ("ListMarkets", event_ticker, series_ticker, tuple(sorted(statuses)))
-        cursor = decode_page_token(request.page_token, query, shape=(str,))
+        cursor = self._tokens.decode_page_token(request.page_token, query, shape=(str,))
         page = await self._markets.list_markets(
             limit=limit,
             after_ticker=str(cursor[0]) if cursor else None,
@@ -95,7 +93,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         )
         return pb.ListMarketsResponse(
             markets=[market_to_proto(m) for m in page.items],
-            next_page_token=encode_page_token(page.next_cursor, query),
+            next_page_token=self._tokens.encode_page_token(page.next_cursor, query),
         )
 
     async def GetMarket(
@@ -131,10 +129,12 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         limit = limits.resolve(request.page_size)
         start, end = time_window(request)
         query = (method, ticker, start, end)
-        cursor = decode_page_token(request.page_token, query, shape=(datetime, id_type))
+        cursor = self._tokens.decode_page_token(
+            request.page_token, query, shape=(datetime, id_type)
+        )
         await self._require_market(ticker)
         page = await list_range(ticker, start=start, end=end, limit=limit, after=cursor)
-        return page.items, encode_page_token(page.next_cursor, query)
+        return page.items, self._tokens.encode_page_token(page.next_cursor, query)
 
     async def ListSnapshots(
         self, request: pb.ListSnapshotsRequest, context: Context
@@ -165,9 +165,9 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         event_ticker = optional_ticker(request.event_ticker, "event_ticker")
         series_ticker = optional_ticker(request.series_ticker, "series_ticker")
         resume_after_id = (
-            decode_resume_token(request.resume_token) if request.resume_token else None
+            self._tokens.decode_resume_token(request.resume_token) if request.resume_token else None
         )
-        start_time = optional_timestamp(request, "start_time")
+        start_time = optional_time(request, "start_time")
         heartbeat = duration_seconds(
             request, "heartbeat_interval", default=5.0, minimum=0.1, maximum=60.0
         )
@@ -225,7 +225,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         return message
 
     def _to_message(self, delivery: Delivery) -> pb.StreamSnapshotsResponse:
-        token = encode_resume_token(delivery.resume_after_id)
+        token = self._tokens.encode_resume_token(delivery.resume_after_id)
         event = delivery.event
         if isinstance(event, SnapshotEvent):
             return self._snapshot_message(event, token)
@@ -257,7 +257,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         except SubscriberOverflowError as overflow:
             raise ResourceExhausted(
                 f"{overflow}; resume with resume_token "
-                f"{encode_resume_token(overflow.resume_after_id)!r}"
+                f"{self._tokens.encode_resume_token(overflow.resume_after_id)!r}"
             ) from None
         finally:
             # Frees the subscription at once, also when the client cancels.
@@ -266,7 +266,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: Context
     ) -> pb.ListEventsResponse:
-        return await market_structure.list_events(self._markets, request)
+        return await market_structure.list_events(self._markets, self._tokens, request)
 
     async def GetEvent(self, request: pb.GetEventRequest, context: Context) -> pb.GetEventResponse:
         return await market_structure.get_event(self._markets, request)
@@ -274,7 +274,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
     async def ListSeries(
         self, request: pb.ListSeriesRequest, context: Context
     ) -> pb.ListSeriesResponse:
-        return await market_structure.list_series(self._markets, request)
+        return await market_structure.list_series(self._markets, self._tokens, request)
 
     async def GetSeries(
         self, request: pb.GetSeriesRequest, context: Context
@@ -284,4 +284,6 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
     async def ListCandles(
         self, request: pb.ListCandlesRequest, context: Context
     ) -> pb.ListCandlesResponse:
-        return await candles.list_candles(self._markets, self._candle_sources, request)
+        return await candles.list_candles(
+            self._markets, self._candle_sources, self._tokens, request
+        )

@@ -12,8 +12,7 @@ from kfeed_server.transport.convert import event_to_proto, market_to_proto, seri
 from kfeed_server.transport.errors import InvalidArgument, NotFound
 from kfeed_server.transport.requests import (
     PageSizeLimits,
-    decode_page_token,
-    encode_page_token,
+    RequestTokens,
     optional_ticker,
     require_ticker,
 )
@@ -32,12 +31,12 @@ def _optional_category(value: str) -> str | None:
 
 
 async def list_events(
-    markets: MarketRepository, request: pb.ListEventsRequest
+    markets: MarketRepository, tokens: RequestTokens, request: pb.ListEventsRequest
 ) -> pb.ListEventsResponse:
     limit = EVENTS_PAGE.resolve(request.page_size)
     series_ticker = optional_ticker(request.series_ticker, "series_ticker")
     query = ("ListEvents", series_ticker)
-    cursor = decode_page_token(request.page_token, query, shape=(str,))
+    cursor = tokens.decode_page_token(request.page_token, query, shape=(str,))
     page = await markets.list_events(
         limit=limit,
         after_event_ticker=str(cursor[0]) if cursor else None,
@@ -45,7 +44,7 @@ async def list_events(
     )
     return pb.ListEventsResponse(
         events=[event_to_proto(e) for e in page.items],
-        next_page_token=encode_page_token(page.next_cursor, query),
+        next_page_token=tokens.encode_page_token(page.next_cursor, query),
     )
 
 
@@ -61,18 +60,18 @@ async def get_event(markets: MarketRepository, request: pb.GetEventRequest) -> p
 
 
 async def list_series(
-    markets: MarketRepository, request: pb.ListSeriesRequest
+    markets: MarketRepository, tokens: RequestTokens, request: pb.ListSeriesRequest
 ) -> pb.ListSeriesResponse:
     limit = SERIES_PAGE.resolve(request.page_size)
     category = _optional_category(request.category)
     query = ("ListSeries", category)
-    cursor = decode_page_token(request.page_token, query, shape=(str,))
+    cursor = tokens.decode_page_token(request.page_token, query, shape=(str,))
     page = await markets.list_series(
         limit=limit, after_ticker=str(cursor[0]) if cursor else None, category=category
     )
     return pb.ListSeriesResponse(
         series=[series_to_proto(s) for s in page.items],
-        next_page_token=encode_page_token(page.next_cursor, query),
+        next_page_token=tokens.encode_page_token(page.next_cursor, query),
     )
 
 

@@ -12,6 +12,7 @@ from kfeed_server.db.repositories.backtests import BacktestRepository
 from kfeed_server.db.repositories.candles import CandleSourceRepository
 from kfeed_server.db.repositories.ingest import BatchWriteResult, IngestWriter
 from kfeed_server.db.repositories.markets import MarketRepository
+from kfeed_server.db.repositories.secrets import SecretRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
 from kfeed_server.db.repositories.trades import FeedGapRepository, TradeRepository
 
@@ -29,6 +30,7 @@ class Repositories:
     ingest: IngestWriter
     backtests: BacktestRepository
     candle_sources: CandleSourceRepository
+    secrets: SecretRepository
 
 
 def build_repositories(engine: AsyncEngine) -> Repositories:
@@ -44,6 +46,7 @@ def build_repositories(engine: AsyncEngine) -> Repositories:
         ingest=IngestWriter(sessions),
         backtests=BacktestRepository(sessions),
         candle_sources=CandleSourceRepository(sessions),
+        secrets=SecretRepository(sessions),
     )
 
 
@@ -56,6 +59,7 @@ __all__ = [
     "IngestWriter",
     "MarketRepository",
     "Repositories",
+    "SecretRepository",
     "SnapshotRepository",
     "TradeRepository",
     "build_repositories",
