@@ -3,14 +3,13 @@
 from kfeed_server.security.config import SecurityConfig
 from kfeed_server.security.interceptor import (
     AuthInterceptor,
-    PermissionDenied,
     Unauthenticated,
-    current_caller,
-    set_current_caller,
+    as_caller,
 )
 from kfeed_server.security.rate_limit import RateLimited, RateLimiter
 from kfeed_server.security.tls import TlsFiles
 from kfeed_server.security.tokens import Principal, Role, TokensFileError, TokenTable
+from kfeed_server.transport.errors import PermissionDenied
 
 __all__ = [
     "AuthInterceptor",
@@ -24,6 +23,5 @@ __all__ = [
     "TokenTable",
     "TokensFileError",
     "Unauthenticated",
-    "current_caller",
-    "set_current_caller",
+    "as_caller",
 ]

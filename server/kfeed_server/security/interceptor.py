@@ -8,7 +8,6 @@ token.
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,8 +15,9 @@ import grpc
 
 from kfeed_server.security.policy import required_role
 from kfeed_server.security.rate_limit import RateLimited, RateLimiter
-from kfeed_server.security.tokens import ANONYMOUS, Principal, TokenTable
-from kfeed_server.transport.errors import ApiError
+from kfeed_server.security.tokens import ANONYMOUS, Principal, Role, TokenTable
+from kfeed_server.transport.caller import Caller, set_current_caller
+from kfeed_server.transport.errors import ApiError, PermissionDenied
 from kfeed_server.transport.handlers import (
     Behavior,
     BehaviorInterceptor,
@@ -30,30 +30,11 @@ _BEARER_PREFIX = "bearer "
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
-_caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("caller", default=None)
-
-
-def set_current_caller(principal: Principal | None) -> None:
-    """Make ``principal`` the caller for the rest of this task (one RPC)."""
-    _caller.set(principal)
-
-
-def current_caller() -> Principal | None:
-    """The authenticated caller of the unary RPC being served (None outside one, and in
-    streaming RPCs, which need no caller today: setting it there would cost every message)."""
-    return _caller.get()
-
 
 class Unauthenticated(ApiError):
     """No valid bearer token."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(ApiError):
-    """A valid token without the role the method needs."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 def bearer_token(metadata: Metadata | None) -> str | None:
@@ -110,8 +91,14 @@ class AuthInterceptor(BehaviorInterceptor):
         return None if principal is None else _as_caller(principal)
 
 
+def as_caller(principal: Principal) -> Caller:
+    """The transport's view of ``principal``: its name, and whether it is an admin."""
+    return Caller(principal.name, principal.has_role(Role.ADMIN))
+
+
 def _as_caller(principal: Principal) -> BehaviorTransform:
-    """Unary behaviours run with :func:`current_caller` returning ``principal``."""
+    """Unary behaviours run with ``current_caller()`` returning ``principal``."""
+    caller = as_caller(principal)
 
     def transform(behavior: Behavior, kind: RpcType) -> Behavior:
         if kind != "unary":
@@ -119,7 +106,7 @@ def _as_caller(principal: Principal) -> BehaviorTransform:
 
         async def unary(request: Any, context: Any) -> Any:
             # Each RPC runs in its own task: the value is scoped to this call.
-            set_current_caller(principal)
+            set_current_caller(caller)
             return await behavior(request, context)
 
         return unary

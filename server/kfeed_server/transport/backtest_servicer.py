@@ -34,9 +34,9 @@ from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.service import BacktestRunner, UnknownMarkets
 from kfeed_server.backtest.sweep import DEFAULT_RANK_BY, SweepSpec
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord
-from kfeed_server.security import PermissionDenied, Principal, Role, current_caller
+from kfeed_server.transport.caller import Caller, current_caller
 from kfeed_server.transport.convert import contracts, dollars, timestamp
-from kfeed_server.transport.errors import InvalidArgument, NotFound
+from kfeed_server.transport.errors import InvalidArgument, NotFound, PermissionDenied
 from kfeed_server.transport.requests import (
     MAX_ID_LENGTH,
     PageSizeLimits,
@@ -291,7 +291,7 @@ def _require_id(value: str) -> str:
     return require_id(value, "backtest_id")
 
 
-def _caller() -> Principal:
+def _caller() -> Caller:
     """Who is calling (every BacktestService RPC passes the access-control interceptor)."""
     caller = current_caller()
     if caller is None:  # a bug: refuse rather than act for nobody
@@ -430,7 +430,7 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
         if record is None:
             raise NotFound("backtest", backtest_id)
         caller = _caller()
-        if record.created_by != caller.name and not caller.has_role(Role.ADMIN):
+        if record.created_by != caller.name and not caller.is_admin:
             raise PermissionDenied(
                 f"backtest {backtest_id!r} belongs to another caller: cancelling it needs the "
                 "'admin' role"

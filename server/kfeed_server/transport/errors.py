@@ -97,6 +97,18 @@ class ResourceExhausted(ApiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class PermissionDenied(ApiError):
+    """The caller may not do this (e.g. a token without the method's role)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unavailable(ApiError):
+    """Try again shortly (e.g. the server is still starting)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 def internal_status(request_id: str) -> status_pb2.Status:
     """What the caller sees for an unexpected failure: no internals, just the id to quote."""
     return status_pb2.Status(

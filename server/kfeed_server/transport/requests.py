@@ -142,13 +142,6 @@ def optional_time(message: Message, name: str, field: str | None = None) -> date
         raise InvalidArgument.field(field or name, _TIME_RANGE) from None
 
 
-def require_time(message: Message, name: str, field: str | None = None) -> datetime:
-    value = optional_time(message, name, field)
-    if value is None:
-        raise InvalidArgument.field(field or name, "is required")
-    return value
-
-
 def time_window(
     message: Message, start_field: str = "start_time", end_field: str = "end_time"
 ) -> tuple[datetime | None, datetime | None]:

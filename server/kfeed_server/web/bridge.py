@@ -36,7 +36,8 @@ from protobuf.wkt import Any as ConnectAny
 
 from kfeed_server.logs import request_id_var
 from kfeed_server.observability import CallObservation
-from kfeed_server.security import AuthInterceptor, set_current_caller
+from kfeed_server.security import AuthInterceptor, as_caller
+from kfeed_server.transport.caller import set_current_caller
 from kfeed_server.transport.errors import ApiError, internal_status
 from kfeed_server.transport.handlers import RpcType
 from kfeed_server.transport.interceptors import REQUEST_ID_KEY
@@ -99,7 +100,8 @@ class _Call:
         self._auth = auth
 
     def admit(self) -> None:
-        set_current_caller(self._auth.admit(self.method, self.context.invocation_metadata()))
+        principal = self._auth.admit(self.method, self.context.invocation_metadata())
+        set_current_caller(None if principal is None else as_caller(principal))
 
     def failed(self, error: BaseException) -> BaseException:
         """Record the failed call; the exception to raise in its place."""
