@@ -11,8 +11,10 @@ microseconds since the epoch (whole milliseconds, so ``ts_ms`` on the WebSocket 
 
 from __future__ import annotations
 
+import bisect
 import random
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -192,6 +194,54 @@ class BookDelta:
     ts_us: int
 
 
+class BookHistory:
+    """Every change of one market's book: the level's new size after each change, columnar
+    (arrays of machine integers: a firehose run records millions of changes).
+
+    Changes of one step share its time and are in the order the WebSocket sends them, so the book
+    in force at an instant is the replay of every change at or before it."""
+
+    __slots__ = ("prices", "sides", "sizes", "times")
+
+    def __init__(self) -> None:
+        self.times = array("q")
+        self.sides = array("b")  # 1 = YES bids, 0 = NO bids
+        self.prices = array("q")
+        self.sizes = array("q")
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def record(self, delta: BookDelta, new_size: int) -> None:
+        """Remember that ``delta`` left its level at ``new_size`` (0: the level is gone)."""
+        self.times.append(delta.ts_us)
+        self.sides.append(1 if delta.side == "yes" else 0)
+        self.prices.append(delta.price)
+        self.sizes.append(new_size)
+
+    def book_at(self, ts_us: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(YES bids, NO bids) in force at ``ts_us`` as ``(price, size)``, best (highest) first."""
+        end = bisect.bisect_right(self.times, ts_us)
+        books: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        for index in range(end):
+            book = books[0] if self.sides[index] else books[1]
+            if self.sizes[index]:
+                book[self.prices[index]] = self.sizes[index]
+            else:
+                book.pop(self.prices[index], None)
+        yes, no = books
+        return sorted(yes.items(), reverse=True), sorted(no.items(), reverse=True)
+
+    def rows(self) -> list[tuple[int, str, int, int]]:
+        """Every change as ``(ts_us, side, price, new size)``, in order."""
+        return [
+            (t, "yes" if side else "no", price, size)
+            for t, side, price, size in zip(
+                self.times, self.sides, self.prices, self.sizes, strict=True
+            )
+        ]
+
+
 LifecycleType = Literal["created", "activated", "determined", "settled"]
 
 
@@ -249,6 +299,7 @@ class Market:
     trades: list[Trade] = field(default_factory=list)
     recent_trades: deque[Trade] = field(default_factory=deque)
     recent_volume: int = 0
+    book_history: BookHistory = field(default_factory=BookHistory)
 
     @property
     def state(self) -> MarketState:
@@ -274,6 +325,8 @@ class MarketTruth:
     series_ticker: str
     states: tuple[MarketState, ...]
     trades: tuple[Trade, ...]
+    book_changes: tuple[tuple[int, str, int, int], ...] = ()
+    """Every change of the book: ``(ts_us, side, price, new size)`` (see :class:`BookHistory`)."""
 
 
 class Exchange:
@@ -434,9 +487,13 @@ class Exchange:
         elif step == market.settle_step:
             status = MarketStatus.FINALIZED
             events.lifecycle.append(LifecycleEvent(market.ticker, "settled", now))
+        deltas = _book_diff(market.ticker, "yes", yes_before, market.yes_book, now)
+        deltas += _book_diff(market.ticker, "no", no_before, market.no_book, now)
+        for delta in deltas:
+            book = market.yes_book if delta.side == "yes" else market.no_book
+            market.book_history.record(delta, book.get(delta.price, 0))
         if step >= 0:  # nobody listens to the past: skip the deltas while generating history
-            events.book_deltas += _book_diff(market.ticker, "yes", yes_before, market.yes_book, now)
-            events.book_deltas += _book_diff(market.ticker, "no", no_before, market.no_book, now)
+            events.book_deltas += deltas
         events.trades.extend(new_trades)
         self._publish_state(market, status, result, settlement, new_trades, events)
 
@@ -592,8 +649,9 @@ class Exchange:
             market.status is MarketStatus.FINALIZED and market.settle_us < self.historical_cutoff_us
         )
 
-    def truth(self) -> dict[str, MarketTruth]:
-        """Every state and trade published so far, per market (a consistent copy)."""
+    def truth(self, books: bool = False) -> dict[str, MarketTruth]:
+        """Every state and trade published so far, per market (a consistent copy); with
+        ``books``, every change of every book too."""
         return {
             ticker: MarketTruth(
                 ticker=ticker,
@@ -601,6 +659,7 @@ class Exchange:
                 series_ticker=market.series_ticker,
                 states=tuple(market.states),
                 trades=tuple(market.trades),
+                book_changes=tuple(market.book_history.rows()) if books else (),
             )
             for ticker, market in self.markets.items()
         }

@@ -91,7 +91,8 @@ class Simulator:
     async def _truth(self, request: Request) -> Response:
         raw = request.query_params.get("tickers") or request.query_params.get("ticker")
         tickers = set(raw.split(",")) if raw else None
-        return JSONResponse(truth_json(self.exchange, tickers))
+        books = request.query_params.get("books", "").lower() in ("1", "true", "yes")
+        return JSONResponse(truth_json(self.exchange, tickers, books))
 
     async def _step(self, request: Request) -> Response:
         count = int(request.query_params.get("count", "1"))
@@ -209,9 +210,9 @@ class SimHandle:
         """Take steps now (for ``auto_step=False`` runs) and publish them to the sockets."""
         self.simulator.advance(steps)
 
-    def truth(self) -> dict[str, MarketTruth]:
-        """Every state and trade published so far, per market ticker."""
-        return self.exchange.truth()
+    def truth(self, books: bool = False) -> dict[str, MarketTruth]:
+        """Every state and trade (and with ``books`` book change) published so far, per market."""
+        return self.exchange.truth(books)
 
     async def wait_closed(self) -> None:
         """Return when the HTTP server has stopped (it only stops on its own after an error)."""

@@ -36,20 +36,26 @@ def trade_json(trade: Trade) -> dict[str, Any]:
     return body
 
 
-def market_truth_json(truth: MarketTruth) -> dict[str, Any]:
-    """A market's states and trades."""
-    return {
+def market_truth_json(truth: MarketTruth, books: bool = False) -> dict[str, Any]:
+    """A market's states and trades (and with ``books`` every change of its book, as
+    ``[ts_us, side, price, new size]``: replayed up to an instant they give the book then)."""
+    body = {
         "ticker": truth.ticker,
         "event_ticker": truth.event_ticker,
         "series_ticker": truth.series_ticker,
         "states": [state_json(s) for s in truth.states],
         "trades": [trade_json(t) for t in truth.trades],
     }
+    if books:
+        body["book_changes"] = [list(change) for change in truth.book_changes]
+    return body
 
 
-def truth_json(exchange: Exchange, tickers: set[str] | None = None) -> dict[str, Any]:
-    """The whole truth document (optionally for some tickers only)."""
-    markets = exchange.truth()
+def truth_json(
+    exchange: Exchange, tickers: set[str] | None = None, books: bool = False
+) -> dict[str, Any]:
+    """The whole truth document (optionally for some tickers only, optionally with books)."""
+    markets = exchange.truth(books)
     return {
         "seed": exchange.config.seed,
         "step": exchange.current_step,
@@ -57,7 +63,7 @@ def truth_json(exchange: Exchange, tickers: set[str] | None = None) -> dict[str,
         "historical_cutoff": rfc3339(exchange.historical_cutoff_us),
         "units": UNITS,
         "markets": [
-            market_truth_json(truth)
+            market_truth_json(truth, books)
             for ticker, truth in markets.items()
             if tickers is None or ticker in tickers
         ],

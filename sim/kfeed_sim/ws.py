@@ -37,7 +37,7 @@ PARAMS_REQUIRED = CommandError(2, "Params required")
 CHANNELS_REQUIRED = CommandError(3, "Channels required")
 SIDS_REQUIRED = CommandError(4, "Subscription IDs required")
 UNKNOWN_COMMAND = CommandError(5, "Unknown command")
-ALREADY_SUBSCRIBED = CommandError(6, "Already subscribed")
+ALREADY_SUBSCRIBED = CommandError(6, "Already subscribed")  # documented, no longer sent
 UNKNOWN_SID = CommandError(7, "Unknown subscription ID")
 UNKNOWN_CHANNEL = CommandError(8, "Unknown channel name")
 INVALID_PARAMETER = CommandError(11, "Invalid parameter")
@@ -210,12 +210,13 @@ class WebSocketHub:
         tickers = self._tickers_param(params)
         if tickers is None and NEEDS_TICKERS & set(channels):
             raise TICKER_REQUIRED
-        for existing in connection.subscriptions.values():
-            if existing.channel in channels and (
-                existing.tickers is None or tickers is None or existing.tickers & tickers
-            ):
-                raise ALREADY_SUBSCRIBED
         for channel in channels:
+            existing = next(
+                (s for s in connection.subscriptions.values() if s.channel == channel), None
+            )
+            if existing is not None:
+                self._resubscribe(connection, command_id, existing, tickers)
+                continue
             subscription = Subscription(connection.next_sid, channel, tickers)
             connection.next_sid += 1
             connection.subscriptions[subscription.sid] = subscription
@@ -228,6 +229,36 @@ class WebSocketHub:
             )
             if channel == "orderbook_delta":
                 self._send_snapshots(connection, subscription, sorted(tickers or ()))
+
+    def _resubscribe(
+        self,
+        connection: Connection,
+        command_id: Any,
+        subscription: Subscription,
+        tickers: set[str] | None,
+    ) -> None:
+        """Subscribing again to a subscribed channel: a no-op since 2025-10-01 except that new
+        tickers join the subscription (with their books on the order-book channel). It does not
+        send a fresh book of the markets already subscribed; error 6 is no longer sent. The reply
+        (not documented) is an ``ok`` with the subscription's sid and markets."""
+        added: list[str] = []
+        if subscription.tickers is not None:
+            if tickers is None:
+                added = sorted(set(self.exchange.markets) - subscription.tickers)
+                subscription.tickers = None
+            else:
+                added = sorted(tickers - subscription.tickers)
+                subscription.tickers |= tickers
+        connection.send(
+            {
+                "id": command_id,
+                "sid": subscription.sid,
+                "type": "ok",
+                "msg": {"market_tickers": sorted(subscription.tickers or ())},
+            }
+        )
+        if subscription.channel == "orderbook_delta":
+            self._send_snapshots(connection, subscription, added)
 
     def _sids_param(self, connection: Connection, params: dict[str, Any]) -> list[Subscription]:
         sids = params.get("sids")
@@ -259,11 +290,14 @@ class WebSocketHub:
         tickers = self._tickers_param(params)
         snapshot_tickers: Iterable[str] = ()
         if action == "get_snapshot":
+            # order-book channel only, and it names the markets to refresh (since 2026-04-20)
             if subscription.channel != "orderbook_delta":
                 raise UNSUPPORTED_ACTION
-            snapshot_tickers = sorted(
-                tickers if tickers is not None else subscription.tickers or ()
-            )
+            if tickers is None:
+                raise TICKER_REQUIRED
+            if subscription.tickers is not None and not tickers <= subscription.tickers:
+                raise INVALID_PARAMETER
+            snapshot_tickers = sorted(tickers)
         elif tickers is None:
             raise TICKER_REQUIRED
         elif subscription.tickers is None:

@@ -173,3 +173,33 @@ def test_firehose_markets_live_a_hundred_times_longer() -> None:
     assert FIREHOSE_LIFETIME_FACTOR == 100
     assert min(m.close_step - m.open_step for m in markets) >= 15 * FIREHOSE_LIFETIME_FACTOR
     assert max(m.close_step - m.open_step for m in exchange(steps=0).markets.values()) <= 120
+
+
+@pytest.mark.parametrize("firehose", [False, True])
+def test_book_history_gives_the_book_at_every_step(firehose: bool) -> None:
+    """The truth's book history, replayed to any past step, is the book the sim held then."""
+    model = exchange(steps=0, firehose=firehose)
+    held: list[tuple[int, dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]]] = []
+    for _ in range(30):
+        model.step()
+        held.append(
+            (
+                model.now_us,
+                {
+                    ticker: tuple(sorted(side, reverse=True) for side in market.orderbook())  # type: ignore[misc]
+                    for ticker, market in model.markets.items()
+                },
+            )
+        )
+    truth = model.truth(books=True)
+    changed = 0
+    for now_us, books in held:
+        for ticker, book in books.items():
+            assert model.markets[ticker].book_history.book_at(now_us) == book
+            changed += bool(book[0])
+    assert changed
+    # sub-penny levels and fractional sizes occur, and the truth lists every change
+    rows = [row for t in truth.values() for row in t.book_changes]
+    assert any(price % 100 for _, _, price, _ in rows)
+    assert any(size % 100 for _, _, _, size in rows)
+    assert any(size == 0 for _, _, _, size in rows)  # levels empty

@@ -6,6 +6,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
+import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kfeed_sim.fixed_point import parse_dollars
@@ -172,10 +173,20 @@ async def test_command_errors_use_kalshi_codes(
             assert reply["id"] == command_id
             assert reply["type"] == "error"
             assert reply["msg"]["code"] == code, (cmd, params, reply)
+        await socket.command(
+            "update_subscription", sids=[1], market_tickers=[], action="get_snapshot"
+        )
+        assert (await socket.frame())["msg"]["code"] == 7  # no subscription yet
         await socket.command("subscribe", channels=["ticker"])
         await socket.frame()
-        await socket.command("subscribe", channels=["ticker"])
-        assert (await socket.frame())["msg"]["code"] == 6
+        # subscribing again is a no-op since 2025-10-01 (error 6 is no longer sent)
+        command_id = await socket.command("subscribe", channels=["ticker"])
+        assert await socket.frame() == {
+            "id": command_id,
+            "sid": 1,
+            "type": "ok",
+            "msg": {"market_tickers": []},
+        }
 
 
 async def test_lifecycle_channel_follows_a_market_to_settlement(
@@ -242,3 +253,76 @@ def test_a_data_frame_is_the_compact_json_of_the_whole_frame() -> None:
         {"type": "ticker", "sid": 3, "seq": 17, "msg": msg}
     )
     assert encode(msg) == json.dumps(msg, separators=(",", ":"))
+
+
+async def test_get_snapshot_names_markets_and_resubscribing_sends_no_book(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    """get_snapshot needs market_tickers (one sid); subscribing again only adds new markets."""
+    async with make_sim() as sim, sim_socket(sim.ws_url, private_key) as socket:
+        sim.advance(10)
+        first, second = active_tickers(sim, 2)
+        await socket.command("subscribe", channels=["orderbook_delta"], market_tickers=[first])
+        await socket.frames_until_quiet()
+        await socket.command("update_subscription", sids=[1], action="get_snapshot")
+        assert (await socket.frame())["msg"]["code"] == 14
+        await socket.command(
+            "update_subscription", sids=[1], market_tickers=[second], action="get_snapshot"
+        )
+        assert (await socket.frame())["msg"]["code"] == 11  # not a market of this sid
+        command_id = await socket.command(
+            "subscribe", channels=["orderbook_delta"], market_tickers=[first, second]
+        )
+        frames = await socket.frames_until_quiet()
+        assert frames[0] == {
+            "id": command_id,
+            "sid": 1,
+            "type": "ok",
+            "msg": {"market_tickers": sorted([first, second])},
+        }
+        # only the newly added market's book: the subscribed one is not refreshed
+        assert [(f["type"], f["msg"]["market_ticker"]) for f in frames[1:]] == [
+            ("orderbook_snapshot", second)
+        ]
+
+
+async def test_truth_endpoint_serves_every_book_change(
+    make_sim: SimFactory, private_key: rsa.RSAPrivateKey
+) -> None:
+    """``/_sim/truth?books=1``: the changes replayed to a delta's time give the book the
+    snapshot and deltas on the socket rebuild at that time."""
+    async with make_sim() as sim, sim_socket(sim.ws_url, private_key) as socket:
+        sim.advance(10)
+        tickers = active_tickers(sim, 2)
+        await socket.command("subscribe", channels=["orderbook_delta"], market_tickers=tickers)
+        frames = await socket.frames_until_quiet()
+        sim.advance(8)
+        frames += await socket.frames_until_quiet()
+        async with httpx.AsyncClient() as http:
+            body = (
+                await http.get(
+                    f"{sim.base_url}/_sim/truth", params={"tickers": ",".join(tickers), "books": 1}
+                )
+            ).json()
+        changes = {m["ticker"]: m["book_changes"] for m in body["markets"]}
+        data = [f for f in frames if "seq" in f]
+        checked = 0
+        for index, frame in enumerate(data):
+            if frame["type"] != "orderbook_delta":
+                continue
+            ts_us = frame["msg"]["ts_ms"] * 1_000
+            if index + 1 < len(data) and data[index + 1]["msg"].get("ts_ms") == ts_ms_of(frame):
+                continue  # not the instant's last change
+            ticker = frame["msg"]["market_ticker"]
+            rebuilt = apply_book(data[: index + 1])[ticker]
+            truth: dict[str, dict[int, int]] = {"yes": {}, "no": {}}
+            for t, side, price, size in changes[ticker]:
+                if t <= ts_us:
+                    truth[side][price] = size
+            assert rebuilt == {s: {p: c for p, c in b.items() if c} for s, b in truth.items()}
+            checked += 1
+        assert checked
+
+
+def ts_ms_of(frame: dict[str, Any]) -> int:
+    return int(frame["msg"]["ts_ms"])
