@@ -39,7 +39,7 @@ def trade_json(trade: Trade) -> dict[str, Any]:
 def market_truth_json(truth: MarketTruth, books: bool = False) -> dict[str, Any]:
     """A market's states and trades (and with ``books`` every change of its book, as
     ``[ts_us, side, price, new size]``: replayed up to an instant they give the book then)."""
-    body = {
+    body: dict[str, Any] = {
         "ticker": truth.ticker,
         "event_ticker": truth.event_ticker,
         "series_ticker": truth.series_ticker,
