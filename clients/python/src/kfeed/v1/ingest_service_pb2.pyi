@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from kfeed.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,50 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OrderBookCheckpointKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OrderBookCheckpointKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderBookCheckpointKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED: _OrderBookCheckpointKind.ValueType  # 0
+    ORDER_BOOK_CHECKPOINT_KIND_START: _OrderBookCheckpointKind.ValueType  # 1
+    """The first book of a market on a connection: the recorded book restarts here; what happened
+    between the market's previous recorded change and this instant was not seen.
+    """
+    ORDER_BOOK_CHECKPOINT_KIND_RESYNC: _OrderBookCheckpointKind.ValueType  # 2
+    """A fresh book after a feed gap (Kalshi's get_snapshot)."""
+    ORDER_BOOK_CHECKPOINT_KIND_PERIODIC: _OrderBookCheckpointKind.ValueType  # 3
+    """The book as the changes built it, every N changes or T seconds, so that rebuilding a book
+    reads one checkpoint and a bounded run of changes.
+    """
+    ORDER_BOOK_CHECKPOINT_KIND_LOST: _OrderBookCheckpointKind.ValueType  # 4
+    """Not a new book: ingest stopped seeing this market's changes after `book.exchange_time` (a
+    feed gap or a lost connection); `book` is the last one known, and the book is unknown from
+    then until the next START or RESYNC.
+    """
+
+class OrderBookCheckpointKind(_OrderBookCheckpointKind, metaclass=_OrderBookCheckpointKindEnumTypeWrapper):
+    """Why a full book was recorded."""
+
+ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED: OrderBookCheckpointKind.ValueType  # 0
+ORDER_BOOK_CHECKPOINT_KIND_START: OrderBookCheckpointKind.ValueType  # 1
+"""The first book of a market on a connection: the recorded book restarts here; what happened
+between the market's previous recorded change and this instant was not seen.
+"""
+ORDER_BOOK_CHECKPOINT_KIND_RESYNC: OrderBookCheckpointKind.ValueType  # 2
+"""A fresh book after a feed gap (Kalshi's get_snapshot)."""
+ORDER_BOOK_CHECKPOINT_KIND_PERIODIC: OrderBookCheckpointKind.ValueType  # 3
+"""The book as the changes built it, every N changes or T seconds, so that rebuilding a book
+reads one checkpoint and a bounded run of changes.
+"""
+ORDER_BOOK_CHECKPOINT_KIND_LOST: OrderBookCheckpointKind.ValueType  # 4
+"""Not a new book: ingest stopped seeing this market's changes after `book.exchange_time` (a
+feed gap or a lost connection); `book` is the last one known, and the book is unknown from
+then until the next START or RESYNC.
+"""
+Global___OrderBookCheckpointKind: _TypeAlias = OrderBookCheckpointKind  # noqa: Y015
 
 @_typing.final
 class PublishRequest(_message.Message):
@@ -34,6 +79,8 @@ class PublishRequest(_message.Message):
     TRADES_FIELD_NUMBER: _builtins.int
     FEED_GAPS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_COLUMNS_FIELD_NUMBER: _builtins.int
+    BOOK_CHANGES_FIELD_NUMBER: _builtins.int
+    BOOK_CHECKPOINTS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     """The producer's number for this batch, unique per producer; echoed in the ack."""
     producer: _builtins.str
@@ -61,6 +108,16 @@ class PublishRequest(_message.Message):
         A server older than this field ignores it and acks with nothing stored: upgrade servers first.
         """
 
+    @_builtins.property
+    def book_changes(self) -> Global___OrderBookChangeColumns:
+        """Order-book changes, column by column (one row per level whose size changed)."""
+
+    @_builtins.property
+    def book_checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderBookCheckpoint]:
+        """Full books: where a market's recorded book (re)starts, periodic checkpoints, and markers
+        where ingest stopped seeing a book (see OrderBookCheckpoint).
+        """
+
     def __init__(
         self,
         *,
@@ -73,14 +130,113 @@ class PublishRequest(_message.Message):
         trades: _abc.Iterable[_types_pb2.Trade] | None = ...,
         feed_gaps: _abc.Iterable[_types_pb2.FeedGap] | None = ...,
         snapshot_columns: Global___SnapshotColumns | None = ...,
+        book_changes: Global___OrderBookChangeColumns | None = ...,
+        book_checkpoints: _abc.Iterable[Global___OrderBookCheckpoint] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot_columns", b"snapshot_columns"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["book_changes", b"book_changes", "snapshot_columns", b"snapshot_columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "events", b"events", "feed_gaps", b"feed_gaps", "markets", b"markets", "producer", b"producer", "series", b"series", "snapshot_columns", b"snapshot_columns", "snapshots", b"snapshots", "trades", b"trades"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "book_changes", b"book_changes", "book_checkpoints", b"book_checkpoints", "events", b"events", "feed_gaps", b"feed_gaps", "markets", b"markets", "producer", b"producer", "series", b"series", "snapshot_columns", b"snapshot_columns", "snapshots", b"snapshots", "trades", b"trades"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
+
+@_typing.final
+class OrderBookChangeColumns(_message.Message):
+    """Order-book changes as columns: row i is the i-th value of every column, and every column has
+    one value per row (`ticker_index` included); a batch whose columns differ in length is
+    refused. A row says that a level's size became `size` (0: the level is gone) at
+    `exchange_time_micros`. Errors name the column and row, e.g. "book_changes.price[3]".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    TICKER_INDEX_FIELD_NUMBER: _builtins.int
+    EXCHANGE_TIME_MICROS_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_MICROS_FIELD_NUMBER: _builtins.int
+    EXCHANGE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    SIDE_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The distinct tickers of the batch; each must be a known market."""
+
+    @_builtins.property
+    def ticker_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Row i's ticker is tickers[ticker_index[i]]."""
+
+    @_builtins.property
+    def exchange_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """OrderBookChange.exchange_time, in microseconds since the Unix epoch (UTC)."""
+
+    @_builtins.property
+    def receive_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """OrderBookChange.receive_time, in microseconds since the Unix epoch (UTC)."""
+
+    @_builtins.property
+    def exchange_sequence(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The exchange's sequence number of the frame (Kalshi's per-subscription `seq`); 0 = unknown."""
+
+    @_builtins.property
+    def side(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Side.ValueType]:
+        """SIDE_YES (YES bids) or SIDE_NO (NO bids)."""
+
+    @_builtins.property
+    def price(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Prices in 1/10,000 USD, strictly between 0 and 10,000."""
+
+    @_builtins.property
+    def size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The level's new size in 1/100 contract, never negative."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        ticker_index: _abc.Iterable[_builtins.int] | None = ...,
+        exchange_time_micros: _abc.Iterable[_builtins.int] | None = ...,
+        receive_time_micros: _abc.Iterable[_builtins.int] | None = ...,
+        exchange_sequence: _abc.Iterable[_builtins.int] | None = ...,
+        side: _abc.Iterable[_types_pb2.Side.ValueType] | None = ...,
+        price: _abc.Iterable[_builtins.int] | None = ...,
+        size: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exchange_sequence", b"exchange_sequence", "exchange_time_micros", b"exchange_time_micros", "price", b"price", "receive_time_micros", b"receive_time_micros", "side", b"side", "size", b"size", "ticker_index", b"ticker_index", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderBookChangeColumns: _TypeAlias = OrderBookChangeColumns  # noqa: Y015
+
+@_typing.final
+class OrderBookCheckpoint(_message.Message):
+    """A market's full book at an instant: it holds every change at or before `book.exchange_time`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOK_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    kind: Global___OrderBookCheckpointKind.ValueType
+    @_builtins.property
+    def book(self) -> _types_pb2.OrderBook:
+        """ticker, exchange_time, receive_time, exchange_sequence and the levels, best first."""
+
+    def __init__(
+        self,
+        *,
+        book: _types_pb2.OrderBook | None = ...,
+        kind: Global___OrderBookCheckpointKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["book", b"book"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["book", b"book", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderBookCheckpoint: _TypeAlias = OrderBookCheckpoint  # noqa: Y015
 
 @_typing.final
 class SnapshotColumns(_message.Message):
@@ -221,6 +377,8 @@ class PublishResponse(_message.Message):
     FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_STORED_FIELD_NUMBER: _builtins.int
     TRADES_STORED_FIELD_NUMBER: _builtins.int
+    BOOK_CHANGES_STORED_FIELD_NUMBER: _builtins.int
+    BOOK_CHECKPOINTS_STORED_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     code: _builtins.int
     """A google.rpc.Code: 0 (OK) when committed; otherwise why the batch was refused, usually
@@ -231,6 +389,9 @@ class PublishResponse(_message.Message):
     snapshots_stored: _builtins.int
     """Rows newly stored; the rest were duplicates of stored rows."""
     trades_stored: _builtins.int
+    book_changes_stored: _builtins.int
+    """Order-book changes and checkpoints newly stored."""
+    book_checkpoints_stored: _builtins.int
     @_builtins.property
     def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
         """The offending fields of a refused batch, e.g. "snapshots[3].ticker"."""
@@ -244,10 +405,12 @@ class PublishResponse(_message.Message):
         field_violations: _abc.Iterable[Global___FieldViolation] | None = ...,
         snapshots_stored: _builtins.int = ...,
         trades_stored: _builtins.int = ...,
+        book_changes_stored: _builtins.int = ...,
+        book_checkpoints_stored: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "code", b"code", "field_violations", b"field_violations", "message", b"message", "snapshots_stored", b"snapshots_stored", "trades_stored", b"trades_stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "book_changes_stored", b"book_changes_stored", "book_checkpoints_stored", b"book_checkpoints_stored", "code", b"code", "field_violations", b"field_violations", "message", b"message", "snapshots_stored", b"snapshots_stored", "trades_stored", b"trades_stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

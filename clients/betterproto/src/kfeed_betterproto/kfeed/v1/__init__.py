@@ -76,6 +76,9 @@ __all__ = (
     "OrderAction",
     "OrderBook",
     "OrderBookChange",
+    "OrderBookChangeColumns",
+    "OrderBookCheckpoint",
+    "OrderBookCheckpointKind",
     "OrderBookUpdate",
     "OrderBookUpdateBatch",
     "OverflowPolicy",
@@ -435,6 +438,58 @@ class OrderAction(betterproto2.Enum):
             "ORDER_ACTION_SELL": 2,
             "ORDER_ACTION_SETTLE": 3,
             "ORDER_ACTION_MARK": 4,
+        }
+
+
+class OrderBookCheckpointKind(betterproto2.Enum):
+    """
+    Why a full book was recorded.
+    """
+
+    UNSPECIFIED = 0
+
+    START = 1
+    """
+    The first book of a market on a connection: the recorded book restarts here; what happened
+    between the market's previous recorded change and this instant was not seen.
+    """
+
+    RESYNC = 2
+    """
+    A fresh book after a feed gap (Kalshi's get_snapshot).
+    """
+
+    PERIODIC = 3
+    """
+    The book as the changes built it, every N changes or T seconds, so that rebuilding a book
+    reads one checkpoint and a bounded run of changes.
+    """
+
+    LOST = 4
+    """
+    Not a new book: ingest stopped seeing this market's changes after `book.exchange_time` (a
+    feed gap or a lost connection); `book` is the last one known, and the book is unknown from
+    then until the next START or RESYNC.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED",
+            1: "ORDER_BOOK_CHECKPOINT_KIND_START",
+            2: "ORDER_BOOK_CHECKPOINT_KIND_RESYNC",
+            3: "ORDER_BOOK_CHECKPOINT_KIND_PERIODIC",
+            4: "ORDER_BOOK_CHECKPOINT_KIND_LOST",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED": 0,
+            "ORDER_BOOK_CHECKPOINT_KIND_START": 1,
+            "ORDER_BOOK_CHECKPOINT_KIND_RESYNC": 2,
+            "ORDER_BOOK_CHECKPOINT_KIND_PERIODIC": 3,
+            "ORDER_BOOK_CHECKPOINT_KIND_LOST": 4,
         }
 
 
@@ -2057,6 +2112,80 @@ default_message_pool.register_message("kfeed.v1", "OrderBookChange", OrderBookCh
 
 
 @dataclass(eq=False, repr=False)
+class OrderBookChangeColumns(betterproto2.Message):
+    """
+    Order-book changes as columns: row i is the i-th value of every column, and every column has
+    one value per row (`ticker_index` included); a batch whose columns differ in length is
+    refused. A row says that a level's size became `size` (0: the level is gone) at
+    `exchange_time_micros`. Errors name the column and row, e.g. "book_changes.price[3]".
+    """
+
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    The distinct tickers of the batch; each must be a known market.
+    """
+
+    ticker_index: "list[int]" = betterproto2.field(2, betterproto2.TYPE_UINT32, repeated=True)
+    """
+    Row i's ticker is tickers[ticker_index[i]].
+    """
+
+    exchange_time_micros: "list[int]" = betterproto2.field(
+        3, betterproto2.TYPE_INT64, repeated=True
+    )
+    """
+    OrderBookChange.exchange_time, in microseconds since the Unix epoch (UTC).
+    """
+
+    receive_time_micros: "list[int]" = betterproto2.field(4, betterproto2.TYPE_INT64, repeated=True)
+    """
+    OrderBookChange.receive_time, in microseconds since the Unix epoch (UTC).
+    """
+
+    exchange_sequence: "list[int]" = betterproto2.field(5, betterproto2.TYPE_INT64, repeated=True)
+    """
+    The exchange's sequence number of the frame (Kalshi's per-subscription `seq`); 0 = unknown.
+    """
+
+    side: "list[Side]" = betterproto2.field(6, betterproto2.TYPE_ENUM, repeated=True)
+    """
+    SIDE_YES (YES bids) or SIDE_NO (NO bids).
+    """
+
+    price: "list[int]" = betterproto2.field(7, betterproto2.TYPE_INT64, repeated=True)
+    """
+    Prices in 1/10,000 USD, strictly between 0 and 10,000.
+    """
+
+    size: "list[int]" = betterproto2.field(8, betterproto2.TYPE_INT64, repeated=True)
+    """
+    The level's new size in 1/100 contract, never negative.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "OrderBookChangeColumns", OrderBookChangeColumns)
+
+
+@dataclass(eq=False, repr=False)
+class OrderBookCheckpoint(betterproto2.Message):
+    """
+    A market's full book at an instant: it holds every change at or before `book.exchange_time`.
+    """
+
+    book: "OrderBook | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    ticker, exchange_time, receive_time, exchange_sequence and the levels, best first.
+    """
+
+    kind: "OrderBookCheckpointKind" = betterproto2.field(
+        2, betterproto2.TYPE_ENUM, default_factory=lambda: OrderBookCheckpointKind(0)
+    )
+
+
+default_message_pool.register_message("kfeed.v1", "OrderBookCheckpoint", OrderBookCheckpoint)
+
+
+@dataclass(eq=False, repr=False)
 class OrderBookUpdate(betterproto2.Message):
     """
     A full book or one change, as carried in a batch.
@@ -2272,6 +2401,21 @@ class PublishRequest(betterproto2.Message):
     A server older than this field ignores it and acks with nothing stored: upgrade servers first.
     """
 
+    book_changes: "OrderBookChangeColumns | None" = betterproto2.field(
+        10, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    Order-book changes, column by column (one row per level whose size changed).
+    """
+
+    book_checkpoints: "list[OrderBookCheckpoint]" = betterproto2.field(
+        11, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Full books: where a market's recorded book (re)starts, periodic checkpoints, and markers
+    where ingest stopped seeing a book (see OrderBookCheckpoint).
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "PublishRequest", PublishRequest)
 
@@ -2308,6 +2452,13 @@ class PublishResponse(betterproto2.Message):
     """
 
     trades_stored: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
+
+    book_changes_stored: "int" = betterproto2.field(7, betterproto2.TYPE_INT64)
+    """
+    Order-book changes and checkpoints newly stored.
+    """
+
+    book_checkpoints_stored: "int" = betterproto2.field(8, betterproto2.TYPE_INT64)
 
 
 default_message_pool.register_message("kfeed.v1", "PublishResponse", PublishResponse)

@@ -2,9 +2,9 @@
 // @generated from file kfeed/v1/ingest_service.proto (package kfeed.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { DataSource, Event, FeedGap, Market, MarketSnapshot, MarketStatus, Series, Trade } from "./types_pb.js";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { DataSource, Event, FeedGap, Market, MarketSnapshot, MarketStatus, OrderBook, Series, Side, Trade } from "./types_pb.js";
 import { file_kfeed_v1_types } from "./types_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/ingest_service.proto.
  */
 export const file_kfeed_v1_ingest_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1rZmVlZC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIIa2ZlZWQudjEiwwIKDlB1Ymxpc2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgEEhAKCHByb2R1Y2VyGAIgASgJEiAKBnNlcmllcxgDIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIfCgZldmVudHMYBCADKAsyDy5rZmVlZC52MS5FdmVudBIhCgdtYXJrZXRzGAUgAygLMhAua2ZlZWQudjEuTWFya2V0EisKCXNuYXBzaG90cxgGIAMoCzIYLmtmZWVkLnYxLk1hcmtldFNuYXBzaG90Eh8KBnRyYWRlcxgHIAMoCzIPLmtmZWVkLnYxLlRyYWRlEiQKCWZlZWRfZ2FwcxgIIAMoCzIRLmtmZWVkLnYxLkZlZWRHYXASMwoQc25hcHNob3RfY29sdW1ucxgJIAEoCzIZLmtmZWVkLnYxLlNuYXBzaG90Q29sdW1ucyK9AwoPU25hcHNob3RDb2x1bW5zEg8KB3RpY2tlcnMYASADKAkSFAoMdGlja2VyX2luZGV4GAIgAygNEhwKFGV4Y2hhbmdlX3RpbWVfbWljcm9zGAMgAygDEhsKE3JlY2VpdmVfdGltZV9taWNyb3MYBCADKAMSJAoGc291cmNlGAUgAygOMhQua2ZlZWQudjEuRGF0YVNvdXJjZRImCgZzdGF0dXMYBiADKA4yFi5rZmVlZC52MS5NYXJrZXRTdGF0dXMSDwoHcHJlc2VudBgHIAMoDRIZChFleGNoYW5nZV9zZXF1ZW5jZRgIIAMoAxIPCgd5ZXNfYmlkGAkgAygDEg8KB3llc19hc2sYCiADKAMSDgoGbm9fYmlkGAsgAygDEg4KBm5vX2FzaxgMIAMoAxIUCgx5ZXNfYmlkX3NpemUYDSADKAMSFAoMeWVzX2Fza19zaXplGA4gAygDEhIKCmxhc3RfcHJpY2UYDyADKAMSDgoGdm9sdW1lGBAgAygDEhIKCnZvbHVtZV8yNGgYESADKAMSFQoNb3Blbl9pbnRlcmVzdBgSIAMoAxIRCglsaXF1aWRpdHkYEyADKAMipwEKD1B1Ymxpc2hSZXNwb25zZRIQCghiYXRjaF9pZBgBIAEoBBIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSMgoQZmllbGRfdmlvbGF0aW9ucxgEIAMoCzIYLmtmZWVkLnYxLkZpZWxkVmlvbGF0aW9uEhgKEHNuYXBzaG90c19zdG9yZWQYBSABKAMSFQoNdHJhZGVzX3N0b3JlZBgGIAEoAyI0Cg5GaWVsZFZpb2xhdGlvbhINCgVmaWVsZBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCTJTCg1Jbmdlc3RTZXJ2aWNlEkIKB1B1Ymxpc2gSGC5rZmVlZC52MS5QdWJsaXNoUmVxdWVzdBoZLmtmZWVkLnYxLlB1Ymxpc2hSZXNwb25zZSgBMAFiBnByb3RvMw", [file_kfeed_v1_types]);
+  fileDesc("Ch1rZmVlZC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIIa2ZlZWQudjEitAMKDlB1Ymxpc2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgEEhAKCHByb2R1Y2VyGAIgASgJEiAKBnNlcmllcxgDIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIfCgZldmVudHMYBCADKAsyDy5rZmVlZC52MS5FdmVudBIhCgdtYXJrZXRzGAUgAygLMhAua2ZlZWQudjEuTWFya2V0EisKCXNuYXBzaG90cxgGIAMoCzIYLmtmZWVkLnYxLk1hcmtldFNuYXBzaG90Eh8KBnRyYWRlcxgHIAMoCzIPLmtmZWVkLnYxLlRyYWRlEiQKCWZlZWRfZ2FwcxgIIAMoCzIRLmtmZWVkLnYxLkZlZWRHYXASMwoQc25hcHNob3RfY29sdW1ucxgJIAEoCzIZLmtmZWVkLnYxLlNuYXBzaG90Q29sdW1ucxI2Cgxib29rX2NoYW5nZXMYCiABKAsyIC5rZmVlZC52MS5PcmRlckJvb2tDaGFuZ2VDb2x1bW5zEjcKEGJvb2tfY2hlY2twb2ludHMYCyADKAsyHS5rZmVlZC52MS5PcmRlckJvb2tDaGVja3BvaW50ItABChZPcmRlckJvb2tDaGFuZ2VDb2x1bW5zEg8KB3RpY2tlcnMYASADKAkSFAoMdGlja2VyX2luZGV4GAIgAygNEhwKFGV4Y2hhbmdlX3RpbWVfbWljcm9zGAMgAygDEhsKE3JlY2VpdmVfdGltZV9taWNyb3MYBCADKAMSGQoRZXhjaGFuZ2Vfc2VxdWVuY2UYBSADKAMSHAoEc2lkZRgGIAMoDjIOLmtmZWVkLnYxLlNpZGUSDQoFcHJpY2UYByADKAMSDAoEc2l6ZRgIIAMoAyJpChNPcmRlckJvb2tDaGVja3BvaW50EiEKBGJvb2sYASABKAsyEy5rZmVlZC52MS5PcmRlckJvb2sSLwoEa2luZBgCIAEoDjIhLmtmZWVkLnYxLk9yZGVyQm9va0NoZWNrcG9pbnRLaW5kIr0DCg9TbmFwc2hvdENvbHVtbnMSDwoHdGlja2VycxgBIAMoCRIUCgx0aWNrZXJfaW5kZXgYAiADKA0SHAoUZXhjaGFuZ2VfdGltZV9taWNyb3MYAyADKAMSGwoTcmVjZWl2ZV90aW1lX21pY3JvcxgEIAMoAxIkCgZzb3VyY2UYBSADKA4yFC5rZmVlZC52MS5EYXRhU291cmNlEiYKBnN0YXR1cxgGIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cxIPCgdwcmVzZW50GAcgAygNEhkKEWV4Y2hhbmdlX3NlcXVlbmNlGAggAygDEg8KB3llc19iaWQYCSADKAMSDwoHeWVzX2FzaxgKIAMoAxIOCgZub19iaWQYCyADKAMSDgoGbm9fYXNrGAwgAygDEhQKDHllc19iaWRfc2l6ZRgNIAMoAxIUCgx5ZXNfYXNrX3NpemUYDiADKAMSEgoKbGFzdF9wcmljZRgPIAMoAxIOCgZ2b2x1bWUYECADKAMSEgoKdm9sdW1lXzI0aBgRIAMoAxIVCg1vcGVuX2ludGVyZXN0GBIgAygDEhEKCWxpcXVpZGl0eRgTIAMoAyLlAQoPUHVibGlzaFJlc3BvbnNlEhAKCGJhdGNoX2lkGAEgASgEEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIyChBmaWVsZF92aW9sYXRpb25zGAQgAygLMhgua2ZlZWQudjEuRmllbGRWaW9sYXRpb24SGAoQc25hcHNob3RzX3N0b3JlZBgFIAEoAxIVCg10cmFkZXNfc3RvcmVkGAYgASgDEhsKE2Jvb2tfY2hhbmdlc19zdG9yZWQYByABKAMSHwoXYm9va19jaGVja3BvaW50c19zdG9yZWQYCCABKAMiNAoORmllbGRWaW9sYXRpb24SDQoFZmllbGQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkq4AEKF09yZGVyQm9va0NoZWNrcG9pbnRLaW5kEioKJk9SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1VOU1BFQ0lGSUVEEAASJAogT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfU1RBUlQQARIlCiFPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9SRVNZTkMQAhInCiNPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9QRVJJT0RJQxADEiMKH09SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX0xPU1QQBDJTCg1Jbmdlc3RTZXJ2aWNlEkIKB1B1Ymxpc2gSGC5rZmVlZC52MS5QdWJsaXNoUmVxdWVzdBoZLmtmZWVkLnYxLlB1Ymxpc2hSZXNwb25zZSgBMAFiBnByb3RvMw", [file_kfeed_v1_types]);
 
 /**
  * One batch of normalised exchange data.
@@ -75,6 +75,21 @@ export type PublishRequest = Message<"kfeed.v1.PublishRequest"> & {
    * @generated from field: kfeed.v1.SnapshotColumns snapshot_columns = 9;
    */
   snapshotColumns?: SnapshotColumns | undefined;
+
+  /**
+   * Order-book changes, column by column (one row per level whose size changed).
+   *
+   * @generated from field: kfeed.v1.OrderBookChangeColumns book_changes = 10;
+   */
+  bookChanges?: OrderBookChangeColumns | undefined;
+
+  /**
+   * Full books: where a market's recorded book (re)starts, periodic checkpoints, and markers
+   * where ingest stopped seeing a book (see OrderBookCheckpoint).
+   *
+   * @generated from field: repeated kfeed.v1.OrderBookCheckpoint book_checkpoints = 11;
+   */
+  bookCheckpoints: OrderBookCheckpoint[];
 };
 
 /**
@@ -83,6 +98,105 @@ export type PublishRequest = Message<"kfeed.v1.PublishRequest"> & {
  */
 export const PublishRequestSchema: GenMessage<PublishRequest> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_ingest_service, 0);
+
+/**
+ * Order-book changes as columns: row i is the i-th value of every column, and every column has
+ * one value per row (`ticker_index` included); a batch whose columns differ in length is
+ * refused. A row says that a level's size became `size` (0: the level is gone) at
+ * `exchange_time_micros`. Errors name the column and row, e.g. "book_changes.price[3]".
+ *
+ * @generated from message kfeed.v1.OrderBookChangeColumns
+ */
+export type OrderBookChangeColumns = Message<"kfeed.v1.OrderBookChangeColumns"> & {
+  /**
+   * The distinct tickers of the batch; each must be a known market.
+   *
+   * @generated from field: repeated string tickers = 1;
+   */
+  tickers: string[];
+
+  /**
+   * Row i's ticker is tickers[ticker_index[i]].
+   *
+   * @generated from field: repeated uint32 ticker_index = 2;
+   */
+  tickerIndex: number[];
+
+  /**
+   * OrderBookChange.exchange_time, in microseconds since the Unix epoch (UTC).
+   *
+   * @generated from field: repeated int64 exchange_time_micros = 3;
+   */
+  exchangeTimeMicros: bigint[];
+
+  /**
+   * OrderBookChange.receive_time, in microseconds since the Unix epoch (UTC).
+   *
+   * @generated from field: repeated int64 receive_time_micros = 4;
+   */
+  receiveTimeMicros: bigint[];
+
+  /**
+   * The exchange's sequence number of the frame (Kalshi's per-subscription `seq`); 0 = unknown.
+   *
+   * @generated from field: repeated int64 exchange_sequence = 5;
+   */
+  exchangeSequence: bigint[];
+
+  /**
+   * SIDE_YES (YES bids) or SIDE_NO (NO bids).
+   *
+   * @generated from field: repeated kfeed.v1.Side side = 6;
+   */
+  side: Side[];
+
+  /**
+   * Prices in 1/10,000 USD, strictly between 0 and 10,000.
+   *
+   * @generated from field: repeated int64 price = 7;
+   */
+  price: bigint[];
+
+  /**
+   * The level's new size in 1/100 contract, never negative.
+   *
+   * @generated from field: repeated int64 size = 8;
+   */
+  size: bigint[];
+};
+
+/**
+ * Describes the message kfeed.v1.OrderBookChangeColumns.
+ * Use `create(OrderBookChangeColumnsSchema)` to create a new message.
+ */
+export const OrderBookChangeColumnsSchema: GenMessage<OrderBookChangeColumns> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_ingest_service, 1);
+
+/**
+ * A market's full book at an instant: it holds every change at or before `book.exchange_time`.
+ *
+ * @generated from message kfeed.v1.OrderBookCheckpoint
+ */
+export type OrderBookCheckpoint = Message<"kfeed.v1.OrderBookCheckpoint"> & {
+  /**
+   * ticker, exchange_time, receive_time, exchange_sequence and the levels, best first.
+   *
+   * @generated from field: kfeed.v1.OrderBook book = 1;
+   */
+  book?: OrderBook | undefined;
+
+  /**
+   * @generated from field: kfeed.v1.OrderBookCheckpointKind kind = 2;
+   */
+  kind: OrderBookCheckpointKind;
+};
+
+/**
+ * Describes the message kfeed.v1.OrderBookCheckpoint.
+ * Use `create(OrderBookCheckpointSchema)` to create a new message.
+ */
+export const OrderBookCheckpointSchema: GenMessage<OrderBookCheckpoint> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_ingest_service, 2);
 
 /**
  * Snapshots (MarketSnapshot without snapshot_id) as columns: row i is the i-th value of every
@@ -223,7 +337,7 @@ export type SnapshotColumns = Message<"kfeed.v1.SnapshotColumns"> & {
  * Use `create(SnapshotColumnsSchema)` to create a new message.
  */
 export const SnapshotColumnsSchema: GenMessage<SnapshotColumns> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 1);
+  messageDesc(file_kfeed_v1_ingest_service, 3);
 
 /**
  * The outcome of one batch.
@@ -269,6 +383,18 @@ export type PublishResponse = Message<"kfeed.v1.PublishResponse"> & {
    * @generated from field: int64 trades_stored = 6;
    */
   tradesStored: bigint;
+
+  /**
+   * Order-book changes and checkpoints newly stored.
+   *
+   * @generated from field: int64 book_changes_stored = 7;
+   */
+  bookChangesStored: bigint;
+
+  /**
+   * @generated from field: int64 book_checkpoints_stored = 8;
+   */
+  bookCheckpointsStored: bigint;
 };
 
 /**
@@ -276,7 +402,7 @@ export type PublishResponse = Message<"kfeed.v1.PublishResponse"> & {
  * Use `create(PublishResponseSchema)` to create a new message.
  */
 export const PublishResponseSchema: GenMessage<PublishResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 2);
+  messageDesc(file_kfeed_v1_ingest_service, 4);
 
 /**
  * One invalid field of a refused batch (the shape of google.rpc.BadRequest.FieldViolation).
@@ -300,7 +426,57 @@ export type FieldViolation = Message<"kfeed.v1.FieldViolation"> & {
  * Use `create(FieldViolationSchema)` to create a new message.
  */
 export const FieldViolationSchema: GenMessage<FieldViolation> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 3);
+  messageDesc(file_kfeed_v1_ingest_service, 5);
+
+/**
+ * Why a full book was recorded.
+ *
+ * @generated from enum kfeed.v1.OrderBookCheckpointKind
+ */
+export enum OrderBookCheckpointKind {
+  /**
+   * @generated from enum value: ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The first book of a market on a connection: the recorded book restarts here; what happened
+   * between the market's previous recorded change and this instant was not seen.
+   *
+   * @generated from enum value: ORDER_BOOK_CHECKPOINT_KIND_START = 1;
+   */
+  START = 1,
+
+  /**
+   * A fresh book after a feed gap (Kalshi's get_snapshot).
+   *
+   * @generated from enum value: ORDER_BOOK_CHECKPOINT_KIND_RESYNC = 2;
+   */
+  RESYNC = 2,
+
+  /**
+   * The book as the changes built it, every N changes or T seconds, so that rebuilding a book
+   * reads one checkpoint and a bounded run of changes.
+   *
+   * @generated from enum value: ORDER_BOOK_CHECKPOINT_KIND_PERIODIC = 3;
+   */
+  PERIODIC = 3,
+
+  /**
+   * Not a new book: ingest stopped seeing this market's changes after `book.exchange_time` (a
+   * feed gap or a lost connection); `book` is the last one known, and the book is unknown from
+   * then until the next START or RESYNC.
+   *
+   * @generated from enum value: ORDER_BOOK_CHECKPOINT_KIND_LOST = 4;
+   */
+  LOST = 4,
+}
+
+/**
+ * Describes the enum kfeed.v1.OrderBookCheckpointKind.
+ */
+export const OrderBookCheckpointKindSchema: GenEnum<OrderBookCheckpointKind> = /*@__PURE__*/
+  enumDesc(file_kfeed_v1_ingest_service, 0);
 
 /**
  * How `kfeed ingest` delivers data to the server.
