@@ -20,6 +20,7 @@ import grpc
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from kfeed_ingest.books import CheckpointPolicy
 from kfeed_ingest.kalshi.rest import (
     PRODUCTION_REST_URL,
     READS_PER_SECOND,
@@ -117,6 +118,12 @@ class IngestCommand(CommandSettings):
         gt=0,
         description="seconds a batch collects rows before it is sent (rows are spooled at once)",
     )
+    book_checkpoint_changes: int = Field(
+        default=1000, ge=1, description="a full order book every N changes of a market"
+    )
+    book_checkpoint_seconds: float = Field(
+        default=60.0, gt=0, description="... or every T seconds of its changes, if sooner"
+    )
     window: int = Field(default=16, ge=1, description="batches in flight before waiting for acks")
     flush_timeout: float = Field(
         default=60.0, gt=0, description="--once: seconds to wait for the last acks"
@@ -210,6 +217,9 @@ class IngestCommand(CommandSettings):
                     linger=self.linger,
                     candle_period_minutes=self.candle_period,
                     flush_timeout=self.flush_timeout,
+                    book_checkpoints=CheckpointPolicy(
+                        self.book_checkpoint_changes, self.book_checkpoint_seconds
+                    ),
                 )
                 ingestor = Ingestor(rest, publisher, self.selection(), options)
                 finished = await self._until_signal(self._mode(ingestor, credentials))

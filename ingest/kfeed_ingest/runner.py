@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
+from kfeed_ingest.books import BookChange, CheckpointPolicy, append_change, change_columns
 from kfeed_ingest.columns import snapshot_columns
 from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.normalise import (
@@ -77,6 +78,7 @@ class RunOptions:
     flush_timeout: float = 60.0
     once_ws_timeout: float = 30.0
     candle_period_minutes: int = 60
+    book_checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
 
 
 @dataclass(slots=True)
@@ -101,6 +103,8 @@ Row = (
     | types_pb2.MarketSnapshot
     | types_pb2.Trade
     | types_pb2.FeedGap
+    | BookChange
+    | ingest_service_pb2.OrderBookCheckpoint
 )
 
 
@@ -115,6 +119,10 @@ def _add_row(request: ingest_service_pb2.PublishRequest, message: Row) -> None:
         request.snapshots.append(message)
     elif isinstance(message, types_pb2.Trade):
         request.trades.append(message)
+    elif isinstance(message, BookChange):
+        append_change(request.book_changes, message)
+    elif isinstance(message, ingest_service_pb2.OrderBookCheckpoint):
+        request.book_checkpoints.append(message)
     else:
         request.feed_gaps.append(message)
 
@@ -127,6 +135,8 @@ class _Batch:
     )
     # Sent as the request's snapshot_columns, which the server reads several times faster.
     snapshots: list[types_pb2.MarketSnapshot] = field(default_factory=list)
+    # Sent as the request's book_changes columns.
+    book_changes: list[BookChange] = field(default_factory=list)
     rows: int = 0
 
 
@@ -159,6 +169,8 @@ class BatchSink:
         self._spool.record_rows(batch.batch_id, row)
         if isinstance(message, types_pb2.MarketSnapshot):
             batch.snapshots.append(message)
+        elif isinstance(message, BookChange):
+            batch.book_changes.append(message)
         else:
             _add_row(batch.request, message)
         batch.rows += 1
@@ -173,6 +185,8 @@ class BatchSink:
             return
         if batch.snapshots:
             batch.request.snapshot_columns.CopyFrom(snapshot_columns(batch.snapshots))
+        if batch.book_changes:
+            batch.request.book_changes.CopyFrom(change_columns(batch.book_changes))
         batch.request.batch_id = batch.batch_id
         # One at a time: a later batch must not reach the spool (and the server) first.
         async with self._publishing:
@@ -419,6 +433,8 @@ class Ingestor:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
+            for marker in client.lost_books():  # the books stop being recorded here
+                await self._route(marker)
             await self.sink.flush()
 
     async def _follow(self, client: KalshiWebSocketClient) -> None:
@@ -442,7 +458,8 @@ class Ingestor:
             await asyncio.sleep(max(until_discovery, 0))
             next_discovery = loop.time() + self.options.discovery_interval
             await self.poll_once()
-            await client.follow(self._seeds(self.followed))
+            for marker in await client.follow(self._seeds(self.followed)):
+                await self._route(marker)
             closing = _closing_schedule(self.followed)
 
     async def _refresh_market(self, ticker: str, reason: str) -> None:
@@ -469,7 +486,12 @@ class Ingestor:
         self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
     ) -> KalshiWebSocketClient:
         return KalshiWebSocketClient(
-            ws_url, credentials, sorted(markets), rest=self.rest, known=self._seeds(markets)
+            ws_url,
+            credentials,
+            sorted(markets),
+            rest=self.rest,
+            known=self._seeds(markets),
+            checkpoints=self.options.book_checkpoints,
         )
 
     async def _live_once(
@@ -477,9 +499,12 @@ class Ingestor:
     ) -> None:
         """Stream until every market has sent live data once (or ``once_ws_timeout``)."""
         waiting = set(markets)
+        client = self._live(ws_url, credentials, markets)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.once_ws_timeout):
-                await self._consume(self._live(ws_url, credentials, markets), waiting)
+                await self._consume(client, waiting)
+        for marker in client.lost_books():
+            await self._route(marker)
         await self.sink.flush()
         if waiting:
             logger.warning("no live data within the time limit for %s", sorted(waiting))

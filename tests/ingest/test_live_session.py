@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kfeed.v1 import types_pb2
+from kfeed.v1 import ingest_service_pb2, types_pb2
+from kfeed_ingest.books import BookChange, CheckpointPolicy, micros
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.normalise import snapshot_from_market
 from kfeed_ingest.kalshi.session import ALL_CHANNELS, FeedItem, LiveSession, WebSocketStats
@@ -267,3 +268,71 @@ def test_instants_are_shown_once_a_later_instant_of_any_market_arrives() -> None
         (A, at(2)),
         (B, at(2)),
     ]
+
+
+def book_records(
+    items: list[FeedItem],
+) -> list[BookChange | ingest_service_pb2.OrderBookCheckpoint]:
+    return [i for i in items if isinstance(i, BookChange | ingest_service_pb2.OrderBookCheckpoint)]
+
+
+def test_a_book_is_recorded_from_the_frame_after_it_then_change_by_change() -> None:
+    live = session(A)
+    assert book_records(live.handle(book_frame(1, A), at(0.5))) == []  # not placed in time yet
+    items = live.handle(delta_frame(2, A, at(1), "0.4200", "-4.00"), at(1))
+    start, change = book_records(items)
+    assert isinstance(start, ingest_service_pb2.OrderBookCheckpoint)
+    assert start.kind == ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_START
+    # just before the first timed frame after it, holding the book as the exchange sent it
+    assert start.book.exchange_time.ToDatetime(tzinfo=UTC) == at(1) - timedelta(microseconds=1)
+    assert [(lv.price.ten_thousandths, lv.size.hundredths) for lv in start.book.yes_bids] == [
+        (4200, 1000),
+        (4100, 500),
+    ]
+    assert start.book.exchange_sequence == 1
+    # the change carries the level's new size, not the delta
+    assert change == BookChange(A, micros(at(1)), micros(at(1)), 2, types_pb2.SIDE_YES, 4200, 600)
+
+
+def test_a_book_gap_marks_the_book_lost_and_asks_for_it_by_market() -> None:
+    live = session(A, B)
+    live.handle(book_frame(1, A), at(0.5))
+    live.handle(delta_frame(2, A, at(1), "0.4200", "-4.00"), at(1))
+    live.outbox.clear()
+    items = live.handle(delta_frame(4, A, at(2), "0.4100", "1.00"), at(2))
+    (lost,) = book_records(items)  # the change after the gap is not recorded
+    assert isinstance(lost, ingest_service_pb2.OrderBookCheckpoint)
+    assert lost.kind == ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_LOST
+    # the lost frame came after the last change received on the sid
+    assert lost.book.exchange_time.ToDatetime(tzinfo=UTC) == at(1)
+    assert live.outbox == [
+        {
+            "id": live.next_id - 1,
+            "cmd": "update_subscription",
+            "params": {"sids": [BOOK_SID], "market_tickers": [A, B], "action": "get_snapshot"},
+        }
+    ]
+    live.handle(book_frame(5, A), at(2.5))
+    (resync,) = book_records(live.handle(ticker_frame(1, A, at(3)), at(3)))
+    assert isinstance(resync, ingest_service_pb2.OrderBookCheckpoint)
+    assert resync.kind == ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_RESYNC
+
+
+def test_periodic_checkpoints_come_between_instants() -> None:
+    live = session(A)
+    live.checkpoints = CheckpointPolicy(every_changes=2, every_seconds=3600)
+    live.handle(book_frame(1, A), at(0.5))
+    records: list[BookChange | ingest_service_pb2.OrderBookCheckpoint] = []
+    for seq, (when, delta) in enumerate([(1, "1.00"), (1, "1.00"), (1, "1.00"), (2, "1.00")], 2):
+        records += book_records(live.handle(delta_frame(seq, A, at(when), "0.4200", delta), at(2)))
+    kinds = [
+        r.kind if isinstance(r, ingest_service_pb2.OrderBookCheckpoint) else "change"
+        for r in records
+    ]
+    periodic = ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_PERIODIC
+    # three changes of one instant, then the checkpoint, then the next instant's change
+    assert kinds[1:] == ["change", "change", "change", periodic, "change"]
+    checkpoint = records[4]
+    assert isinstance(checkpoint, ingest_service_pb2.OrderBookCheckpoint)
+    assert checkpoint.book.exchange_time.ToDatetime(tzinfo=UTC) == at(1)
+    assert checkpoint.book.yes_bids[0].size.hundredths == 1300

@@ -34,12 +34,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from kfeed.v1 import types_pb2
+from kfeed.v1 import ingest_service_pb2, types_pb2
+from kfeed_ingest.books import (
+    LOST,
+    PERIODIC,
+    RESYNC,
+    START,
+    BookChange,
+    CheckpointPolicy,
+    checkpoint,
+    micros,
+)
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiModel, KalshiTrade, from_epoch_ms
 from kfeed_ingest.kalshi.normalise import (
     FixedPointError,
@@ -72,6 +82,7 @@ _STATUS_AFTER_EVENT: Mapping[str, types_pb2.MarketStatus.ValueType] = {
 
 # Where a trade refetch starts when nothing at all is known about the exchange's clock.
 _BEGINNING = from_epoch_ms(0)
+_JUST_BEFORE = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +96,16 @@ class LifecycleEvent:
 
 
 FeedItem = (
-    types_pb2.MarketSnapshot | types_pb2.Trade | types_pb2.FeedGap | LifecycleEvent | KalshiMarket
+    types_pb2.MarketSnapshot
+    | types_pb2.Trade
+    | types_pb2.FeedGap
+    | LifecycleEvent
+    | KalshiMarket
+    | BookChange
+    | ingest_service_pb2.OrderBookCheckpoint
 )
-"""What the live feed yields (``KalshiMarket``: a market read again over REST, for its metadata)."""
+"""What the live feed yields (``KalshiMarket``: a market read again over REST, for its metadata;
+``BookChange`` and ``OrderBookCheckpoint``: the order book, see :mod:`kfeed_ingest.books`)."""
 
 
 @dataclass(slots=True)
@@ -196,6 +214,15 @@ class _Market:
     sequence: int | None = None
     ticker_seen: bool = False
     emitted_time: datetime | None = None  # exchange time of the newest snapshot handed out
+    # The recorded book: whether its changes are being recorded (from a full book received with
+    # no frame lost just before it, until a gap), whether this connection published its first
+    # full book, the exchange time of its newest change or checkpoint, and what makes the next
+    # periodic checkpoint due.
+    recording: bool = False
+    book_started: bool = False
+    book_time: datetime | None = None
+    checkpoint_time: datetime | None = None
+    changes_since_checkpoint: int = 0
 
     @classmethod
     def seeded(cls, snapshot: types_pb2.MarketSnapshot) -> _Market:
@@ -249,12 +276,22 @@ class _Market:
         return snapshot
 
 
+@dataclass(frozen=True, slots=True)
+class _UnplacedBook:
+    kind: ingest_service_pb2.OrderBookCheckpointKind.ValueType
+    yes: dict[int, int]
+    no: dict[int, int]
+    sequence: int | None
+    receive_time: datetime
+
+
 @dataclass(slots=True)
 class _Subscription:
     channel: str
     tickers: set[str] | None = None  # the markets it carries; None = all
     last_seq: int = 0
     last_trade_time: datetime | None = None  # of the newest trade frame on this sid
+    last_book_time: datetime | None = None  # of the newest order-book change on this sid
 
 
 @dataclass
@@ -281,6 +318,11 @@ class LiveSession:
     stale_marks: int = 0
     next_id: int = 1
     subscribing: set[str] = field(default_factory=set)  # channels subscribed, not yet confirmed
+    # Full books received and not yet placed in time (see _on_book_snapshot): ticker → book.
+    unplaced_books: dict[str, _UnplacedBook] = field(default_factory=dict)
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    # The newest exchange time this connection (or an earlier one of the client) showed.
+    clock: datetime | None = None
 
     def __post_init__(self) -> None:
         self._covered = None if self.tickers is None else set(self.tickers)
@@ -288,6 +330,11 @@ class LiveSession:
         self._opened_at = max(
             (t for s in self.known.values() if (t := _time_of(s)) is not None), default=None
         )
+        self._advance_clock(self._opened_at)
+
+    def _advance_clock(self, moment: datetime | None) -> None:
+        if moment is not None and (self.clock is None or moment > self.clock):
+            self.clock = moment
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -318,12 +365,13 @@ class LiveSession:
 
     def update_markets(
         self, added: Mapping[str, types_pb2.MarketSnapshot], removed: Iterable[str]
-    ) -> None:
+    ) -> list[ingest_service_pb2.OrderBookCheckpoint]:
         """Follow the ``added`` markets too (their live state starts from these REST snapshots)
         and stop following ``removed``. The subscriptions are edited in place
-        (``update_subscription``), so nothing is lost to a reconnect."""
+        (``update_subscription``), so nothing is lost to a reconnect. The LOST markers of the
+        removed markets' books, which stop being recorded."""
         if self.tickers is None:
-            return  # subscribed to every market already
+            return []  # subscribed to every market already
         gone = set(removed) & set(self.tickers)
         new = {ticker: seed for ticker, seed in added.items() if ticker not in self.tickers}
         self.tickers = sorted((set(self.tickers) - gone) | set(new))
@@ -331,6 +379,7 @@ class LiveSession:
         for ticker, seed in new.items():
             self.known[ticker] = seed
             self.markets.pop(ticker, None)
+        stopped = self.lost_books(sorted(gone), datetime.now(UTC))
         for ticker in gone:
             self.known.pop(ticker, None)
             self.markets.pop(ticker, None)
@@ -339,6 +388,7 @@ class LiveSession:
             if self.resync is not None:
                 self.resync.tickers.discard(ticker)
         self._sync_subscriptions()
+        return stopped
 
     def _sync_subscriptions(self) -> None:
         """Make every confirmed subscription carry exactly the followed markets; subscribe the
@@ -383,6 +433,7 @@ class LiveSession:
         carried.merge(RestResync(trades_since=newest_trade or previous._opened_at or _BEGINNING))
         self._resync().merge(carried)
         self._want_markets(previous.markets, status=True)
+        self._advance_clock(previous.clock)
 
     def take_resync(self) -> RestResync | None:
         """The REST reads asked for since the last call, for the client to make."""
@@ -516,7 +567,7 @@ class LiveSession:
             self.stats.bad_frames += 1
             logger.error("skipping a %s frame Kalshi sent in an unexpected shape: %s", kind, exc)
             if kind in ("orderbook_snapshot", "orderbook_delta") and isinstance(sid, int):
-                self._resync_books(sid, [str(msg.get("market_ticker", ""))])
+                items += self._resync_books(sid, [str(msg.get("market_ticker", ""))], now)
         return items
 
     def _follows(self, ticker: object) -> bool:
@@ -542,12 +593,19 @@ class LiveSession:
             return None
         subscription.last_seq = seq
         if seq > expected:
-            items.append(self._on_gap(sid, subscription, expected, seq, now))
+            items.append(self._on_gap(sid, subscription, expected, seq, now, items))
         return subscription
 
     def _on_gap(
-        self, sid: int, subscription: _Subscription, expected: int, seq: int, now: datetime
+        self,
+        sid: int,
+        subscription: _Subscription,
+        expected: int,
+        seq: int,
+        now: datetime,
+        items: list[FeedItem],
     ) -> types_pb2.FeedGap:
+        """Record the gap and start its repair (``items`` gets the books it makes unknown)."""
         # The lost frame's market is known only when the subscription has a single one.
         only_market = self.tickers[0] if self.tickers and len(self.tickers) == 1 else ""
         gap = types_pb2.FeedGap(
@@ -569,7 +627,8 @@ class LiveSession:
         affected = [only_market] if only_market else (self.tickers or list(self.markets))
         if subscription.channel == ORDERBOOK:
             self.unrecovered_books.append(gap)
-            self._resync_books(sid, affected)
+            # the lost frame came after the last one received on this sid
+            items += self._resync_books(sid, affected, now, subscription.last_book_time)
         elif subscription.channel == TRADE:
             # Trades on one sid arrive in order: the lost ones are no older than the last received.
             since = subscription.last_trade_time or self._opened_at or _BEGINNING
@@ -578,12 +637,40 @@ class LiveSession:
             self._want_markets(affected, status=subscription.channel == LIFECYCLE, gap=gap)
         return gap
 
-    def _resync_books(self, sid: int, tickers: Sequence[str]) -> None:
-        """Distrust these books and ask the exchange for fresh snapshots."""
-        for ticker in tickers:
-            self.market(ticker).yes = self.market(ticker).no = None
+    def _resync_books(
+        self, sid: int, tickers: Sequence[str], now: datetime, seen_until: datetime | None = None
+    ) -> list[FeedItem]:
+        """Distrust these books and ask the exchange for fresh snapshots of them (Kalshi's
+        ``get_snapshot`` takes one sid and the markets to refresh); the LOST markers of the
+        books that were being recorded."""
+        # (a book received before the lost frame is out of date: lost_books drops it too)
+        lost: list[FeedItem] = [*self.lost_books(tickers, now, seen_until)]
         self.awaiting_books |= set(tickers)
-        self.send("update_subscription", {"sids": [sid], "action": "get_snapshot"})
+        self.send(
+            "update_subscription",
+            {"sids": [sid], "market_tickers": sorted(tickers), "action": "get_snapshot"},
+        )
+        return lost
+
+    def lost_books(
+        self, tickers: Iterable[str] | None, now: datetime, seen_until: datetime | None = None
+    ) -> list[ingest_service_pb2.OrderBookCheckpoint]:
+        """Stop trusting these books (None: every book): a LOST marker for each that was being
+        recorded, at ``seen_until`` (default: the newest exchange time the connection showed),
+        after which a change may have been missed."""
+        markers: list[ingest_service_pb2.OrderBookCheckpoint] = []
+        for ticker in list(self.markets) if tickers is None else tickers:
+            self.unplaced_books.pop(ticker, None)
+            state = self.market(ticker)
+            if state.recording and state.yes is not None and state.no is not None:
+                at = seen_until or self.clock or now
+                if state.book_time is not None and state.book_time > at:
+                    at = state.book_time
+                markers.append(checkpoint(ticker, LOST, at, now, None, state.yes, state.no))
+                state.book_time = at
+            state.yes = state.no = None
+            state.recording = False
+        return markers
 
     def _on_error(self, frame: Mapping[str, Any]) -> None:
         command = self.commands.get(frame.get("id", -1))
@@ -617,31 +704,139 @@ class LiveSession:
             trade = KalshiTrade.model_validate(msg)
             if subscription is not None:
                 subscription.last_trade_time = trade.time
+            self._advance_clock(trade.time)
             return [trade_message(trade)]
         if kind == LIFECYCLE:
             return self._on_lifecycle(msg, now)
         if kind == "orderbook_snapshot":
-            # A snapshot has no exchange time: it renews the book, the next instant shows it.
-            book = _BookSnapshotMsg.model_validate(msg)
-            state = self.market(book.market_ticker)
-            state.yes = book_side(book.yes_dollars_fp or [])
-            state.no = book_side(book.no_dollars_fp or [])
-            return self._on_fresh_book(book.market_ticker, now)
+            return self._on_book_snapshot(_BookSnapshotMsg.model_validate(msg), seq, now)
         if kind == ORDERBOOK:
-            delta = _BookDeltaMsg.model_validate(msg)
-            items = self._touch(delta.market_ticker, _exchange_time(delta.ts_ms), seq, now)
-            state = self.market(delta.market_ticker)
-            side = state.yes if delta.side == "yes" else state.no
-            if side is not None:  # a stale book waits for its snapshot
-                price = parse_price(delta.price_dollars)
-                side[price] = side.get(price, 0) + parse_count(delta.delta_fp)
-                if side[price] <= 0:
-                    del side[price]
-            return items
+            return self._on_book_delta(_BookDeltaMsg.model_validate(msg), seq, now, subscription)
         if kind == TICKER:
             return self._on_ticker(_TickerMsg.model_validate(msg), seq, now)
         logger.debug("ignoring a %s frame", kind)
         return []
+
+    def _on_book_snapshot(
+        self, book: _BookSnapshotMsg, seq: int | None, now: datetime
+    ) -> list[FeedItem]:
+        """A full book. It carries no exchange time but holds every change the socket sent
+        before it, so it is recorded at the connection's clock (the newest exchange time seen);
+        the next instant shows it in a snapshot."""
+        yes, no = book_side(book.yes_dollars_fp or []), book_side(book.no_dollars_fp or [])
+        ticker = book.market_ticker
+        state = self.market(ticker)
+        state.yes, state.no = yes, no
+        kind = RESYNC if state.book_started else START
+        state.book_started = True
+        # When the exchange took it is unknown: after every change the socket sent before it
+        # (some of which a gap or a reconnection may have lost), before the next timed frame.
+        # It is placed just before that frame's time (see _place_books); until then the book
+        # is used for quotes but not recorded.
+        state.recording = False
+        self.unplaced_books[ticker] = _UnplacedBook(kind, dict(yes), dict(no), seq, now)
+        return self._on_fresh_book(ticker, now)
+
+    def _place_books(self, exchange_time: datetime) -> list[FeedItem]:
+        """Record the unplaced full books 1 µs before ``exchange_time``, the time of the first
+        frame after them (Kalshi's times are whole milliseconds, so no change is in between);
+        the changes since (none, with a time) are applied to them already."""
+        items: list[FeedItem] = []
+        at = exchange_time - _JUST_BEFORE
+        for ticker, book in self.unplaced_books.items():
+            state = self.market(ticker)
+            if state.yes is None or state.no is None:
+                continue
+            if state.book_time is not None and state.book_time > at:
+                at_market = state.book_time
+            else:
+                at_market = at
+            items.append(
+                checkpoint(
+                    ticker,
+                    book.kind,
+                    at_market,
+                    book.receive_time,
+                    book.sequence,
+                    book.yes,
+                    book.no,
+                )
+            )
+            state.recording = True
+            state.book_time = state.checkpoint_time = at_market
+            state.changes_since_checkpoint = 0
+        self.unplaced_books.clear()
+        return items
+
+    def _on_book_delta(
+        self,
+        delta: _BookDeltaMsg,
+        seq: int | None,
+        now: datetime,
+        subscription: _Subscription | None,
+    ) -> list[FeedItem]:
+        """A level moved: the new size is recorded (a periodic checkpoint first when due)."""
+        exchange_time = _exchange_time(delta.ts_ms)
+        if subscription is not None and exchange_time is not None:
+            subscription.last_book_time = exchange_time
+        ticker = delta.market_ticker
+        items = self._touch(ticker, exchange_time, seq, now)
+        state = self.market(ticker)
+        yes, no = state.yes, state.no
+        if yes is None or no is None:
+            return items  # a stale book waits for its snapshot
+        side = yes if delta.side == "yes" else no
+        at = exchange_time or self.clock or now
+        if state.book_time is not None and at < state.book_time:
+            at = state.book_time  # never before the checkpoint it follows
+        if state.recording:
+            items += self._periodic_checkpoint(ticker, state, yes, no, at, now)
+        price = parse_price(delta.price_dollars)
+        size = max(0, side.get(price, 0) + parse_count(delta.delta_fp))
+        if size:
+            side[price] = size
+        else:
+            side.pop(price, None)
+        if not state.recording:
+            return items
+        state.book_time = at
+        state.changes_since_checkpoint += 1
+        items.append(
+            BookChange(
+                ticker,
+                micros(at),
+                micros(now),
+                seq or 0,
+                types_pb2.SIDE_YES if delta.side == "yes" else types_pb2.SIDE_NO,
+                price,
+                size,
+            )
+        )
+        return items
+
+    def _periodic_checkpoint(
+        self,
+        ticker: str,
+        state: _Market,
+        yes: dict[int, int],
+        no: dict[int, int],
+        at: datetime,
+        now: datetime,
+    ) -> list[FeedItem]:
+        """The book as the changes built it, when one is due and ``at`` starts a new instant
+        (a checkpoint holds every change at or before its time, so never mid-instant)."""
+        book_time, since = state.book_time, state.checkpoint_time
+        if book_time is None or since is None or at <= book_time:
+            return []
+        policy = self.checkpoints
+        if (
+            state.changes_since_checkpoint < policy.every_changes
+            and (book_time - since).total_seconds() < policy.every_seconds
+        ):
+            return []
+        state.checkpoint_time = book_time
+        state.changes_since_checkpoint = 0
+        return [checkpoint(ticker, PERIODIC, book_time, now, None, yes, no)]
 
     def _on_ticker(self, tick: _TickerMsg, seq: int | None, now: datetime) -> list[FeedItem]:
         ticker, time = tick.market_ticker, _exchange_time(tick.ts_ms, tick.ts)
@@ -682,15 +877,21 @@ class LiveSession:
         self, ticker: str, exchange_time: datetime | None, seq: int | None, now: datetime
     ) -> list[FeedItem]:
         """Mark ``ticker`` changed at ``exchange_time``. Pending instants before it are complete
-        and emitted first, so that one snapshot describes one exchange instant."""
+        and emitted first, so that one snapshot describes one exchange instant. Full books
+        waiting for a time are placed before it."""
+        placed = (
+            self._place_books(exchange_time)
+            if self.unplaced_books and exchange_time is not None
+            else []
+        )
         state = self.market(ticker)
         if (
             exchange_time is not None
             and state.emitted_time is not None
             and exchange_time <= state.emitted_time
         ):
-            return []  # an instant already shown (a REST read can overtake the socket)
-        items: list[FeedItem] = []
+            return placed  # an instant already shown (a REST read can overtake the socket)
+        items: list[FeedItem] = placed
         oldest = self.oldest_pending
         if exchange_time is not None and oldest is not None and oldest < exchange_time:
             earlier = [
@@ -717,6 +918,7 @@ class LiveSession:
             self.oldest_pending = exchange_time
         state.receive_time = now
         state.sequence = seq
+        self._advance_clock(exchange_time)
         return items
 
     def _on_fresh_book(self, ticker: str, now: datetime) -> list[FeedItem]:

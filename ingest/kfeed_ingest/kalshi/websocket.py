@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.backoff import Backoff
+from kfeed_ingest.books import CheckpointPolicy
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
 from kfeed_ingest.kalshi.session import (
@@ -88,6 +89,7 @@ class KalshiWebSocketClient:
         coalesce_seconds: float = 0.05,
         resync_delay: float = 0.25,
         backoff: Backoff | None = None,
+        checkpoints: CheckpointPolicy | None = None,
     ) -> None:
         self.url = url
         # None: every market (no order books); a list, even empty: these markets only.
@@ -107,6 +109,10 @@ class KalshiWebSocketClient:
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         # The open connection and its session, while there is one.
         self._socket: ClientConnection | None = None
+        self._checkpoints = checkpoints or CheckpointPolicy()
+        # The newest exchange time a connection showed: a new connection's first books are
+        # never placed before what the old one recorded.
+        self.clock: datetime | None = None
         self._session: LiveSession | None = None
 
     def _headers(self) -> dict[str, str]:
@@ -133,10 +139,17 @@ class KalshiWebSocketClient:
                 ) as socket:
                     self.stats.connections += 1
                     logger.info("connected to %s", self.url)
-                    session = LiveSession(self.tickers, self.channels, self._known, self.stats)
+                    session = LiveSession(
+                        self.tickers,
+                        self.channels,
+                        self._known,
+                        self.stats,
+                        checkpoints=self._checkpoints,
+                        clock=self.clock,
+                    )
                     if previous is not None:
                         session.resume(previous)
-                    previous = session
+                    previous = self._session = session
                     session.subscribe_all()
                     self._socket, self._session = socket, session
                     async for item in self._serve(socket, session):
@@ -155,34 +168,48 @@ class KalshiWebSocketClient:
             except InvalidURI:
                 raise
             finally:
-                self._socket = self._session = None
+                self._socket = None
+            for marker in self.lost_books():  # what the socket may have sent since is lost
+                yield marker
+            self._session = None
             failures = 1 if received else failures + 1
             await asyncio.sleep(self._backoff.delay(failures))
 
-    async def follow(self, markets: Mapping[str, types_pb2.MarketSnapshot]) -> None:
+    async def follow(self, markets: Mapping[str, types_pb2.MarketSnapshot]) -> list[FeedItem]:
         """Follow exactly these markets from now on. New ones (whose live state starts from the
         given REST snapshot) are added to the open subscriptions and gone ones deleted from
-        them with ``update_subscription``: the socket stays open, so nothing is lost."""
+        them with ``update_subscription``: the socket stays open, so nothing is lost. The LOST
+        markers of the books no longer recorded."""
         if self.tickers is None:
-            return  # every market already
+            return []  # every market already
         current = set(self.tickers)
         added = {t: _copy(s) for t, s in markets.items() if t not in current}
         removed = current - set(markets)
         if not added and not removed:
-            return
+            return []
         self.tickers = sorted(set(markets))
         for ticker in removed:
             self._known.pop(ticker, None)
         self._known.update(added)
         session, socket = self._session, self._socket
         if session is None or socket is None:
-            return  # the next connection subscribes to the new set
-        session.update_markets(added, removed)
+            return []  # the next connection subscribes to the new set
+        stopped: list[FeedItem] = [*session.update_markets(added, removed)]
         commands, session.outbox[:] = list(session.outbox), []
         with contextlib.suppress(ConnectionClosed):  # the reconnect subscribes the new set
             for command in commands:
                 await socket.send(json.dumps(command))
         logger.info("following %d markets (+%d, -%d)", len(markets), len(added), len(removed))
+        return stopped
+
+    def lost_books(self) -> list[FeedItem]:
+        """The current connection's books stop being recorded (it was lost, or is being left):
+        a LOST marker for each (see :meth:`LiveSession.lost_books`)."""
+        session = self._session
+        if session is None:
+            return []
+        self.clock = session.clock
+        return [*session.lost_books(None, datetime.now(UTC))]
 
     def _remember(self, snapshot: types_pb2.MarketSnapshot) -> None:
         # A copy: the session updates its seeds' status, and the handed-out message is not ours.
