@@ -335,7 +335,7 @@ async def test_recorded_books_equal_the_exchange_at_every_step_despite_gaps_and_
         async with collecting(sim, tickers) as collected:
             await _subscribed(collected, tickers)
             first_step = sim.handle.exchange.current_step
-            sim.handle.set_faults(FaultConfig(sequence_gap_rate=0.02, seed=3))
+            sim.handle.set_faults(FaultConfig(sequence_gap_rate=0.01, seed=3))
             await _step(sim, 10)
             sim.handle.set_faults(FaultConfig(drop_socket_every=25))
             await _step(sim, 6)
