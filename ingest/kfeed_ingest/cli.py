@@ -20,7 +20,7 @@ import grpc
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from kfeed_ingest.books import CheckpointPolicy
+from kfeed_ingest.kalshi.books import CheckpointPolicy
 from kfeed_ingest.kalshi.rest import (
     PRODUCTION_REST_URL,
     READS_PER_SECOND,

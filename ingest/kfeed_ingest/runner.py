@@ -20,8 +20,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
-from kfeed_ingest.books import BookChange, CheckpointPolicy, append_change, change_columns
 from kfeed_ingest.columns import snapshot_columns
+from kfeed_ingest.kalshi.books import (
+    BookChange,
+    CheckpointPolicy,
+    append_change,
+    change_columns,
+)
 from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.normalise import (
     FixedPointError,

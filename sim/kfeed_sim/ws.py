@@ -37,7 +37,7 @@ PARAMS_REQUIRED = CommandError(2, "Params required")
 CHANNELS_REQUIRED = CommandError(3, "Channels required")
 SIDS_REQUIRED = CommandError(4, "Subscription IDs required")
 UNKNOWN_COMMAND = CommandError(5, "Unknown command")
-ALREADY_SUBSCRIBED = CommandError(6, "Already subscribed")  # documented, no longer sent
+# 6 "Already subscribed" is documented but no longer sent (see _resubscribe)
 UNKNOWN_SID = CommandError(7, "Unknown subscription ID")
 UNKNOWN_CHANNEL = CommandError(8, "Unknown channel name")
 INVALID_PARAMETER = CommandError(11, "Invalid parameter")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
-from kfeed_ingest.books import BookChange, CheckpointPolicy, micros
+from kfeed_ingest.kalshi.books import BookChange, CheckpointPolicy, micros
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.normalise import snapshot_from_market
 from kfeed_ingest.kalshi.session import ALL_CHANNELS, FeedItem, LiveSession, WebSocketStats

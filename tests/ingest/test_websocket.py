@@ -12,7 +12,7 @@ import pytest
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_ingest.backoff import Backoff
-from kfeed_ingest.books import BookChange
+from kfeed_ingest.kalshi.books import BookChange
 from kfeed_ingest.kalshi.models import KalshiMarket
 from kfeed_ingest.kalshi.normalise import snapshot_from_market
 from kfeed_ingest.kalshi.rest import KalshiRestClient, TokenBucket

@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
-from kfeed_ingest.books import (
+from kfeed_ingest.kalshi.books import (
     LOST,
     PERIODIC,
     RESYNC,
@@ -105,7 +105,7 @@ FeedItem = (
     | ingest_service_pb2.OrderBookCheckpoint
 )
 """What the live feed yields (``KalshiMarket``: a market read again over REST, for its metadata;
-``BookChange`` and ``OrderBookCheckpoint``: the order book, see :mod:`kfeed_ingest.books`)."""
+``BookChange`` and ``OrderBookCheckpoint``: the order book, see :mod:`.books`)."""
 
 
 @dataclass(slots=True)

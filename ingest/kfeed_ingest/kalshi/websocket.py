@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from kfeed.v1 import types_pb2
 from kfeed_ingest.backoff import Backoff
-from kfeed_ingest.books import CheckpointPolicy
+from kfeed_ingest.kalshi.books import CheckpointPolicy
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
 from kfeed_ingest.kalshi.session import (

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
-from kfeed_ingest.normalise import timestamp
+from kfeed_ingest.kalshi.normalise import timestamp
 
 START = ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_START
 RESYNC = ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_RESYNC
