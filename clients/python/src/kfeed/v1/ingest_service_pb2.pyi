@@ -144,8 +144,8 @@ Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
 @_typing.final
 class OrderBookChangeColumns(_message.Message):
     """Order-book changes as columns: row i is the i-th value of every column, and every column has
-    one value per row (`ticker_index` included); a batch whose columns differ in length is
-    refused. A row says that a level's size became `size` (0: the level is gone) at
+    one value per row (`ticker_index` included, unless empty); a batch whose columns differ in
+    length is refused. A row says that a level's size became `size` (0: the level is gone) at
     `exchange_time_micros`. Errors name the column and row, e.g. "book_changes.price[3]".
     """
 
@@ -161,11 +161,13 @@ class OrderBookChangeColumns(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The distinct tickers of the batch; each must be a known market."""
+        """The distinct tickers of the batch; each must be a known market. Or, when `ticker_index` is
+        empty, one ticker per row (a form that stays valid when messages are merged).
+        """
 
     @_builtins.property
     def ticker_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Row i's ticker is tickers[ticker_index[i]]."""
+        """Row i's ticker is tickers[ticker_index[i]]; or empty (see `tickers`)."""
 
     @_builtins.property
     def exchange_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -2115,19 +2115,20 @@ default_message_pool.register_message("kfeed.v1", "OrderBookChange", OrderBookCh
 class OrderBookChangeColumns(betterproto2.Message):
     """
     Order-book changes as columns: row i is the i-th value of every column, and every column has
-    one value per row (`ticker_index` included); a batch whose columns differ in length is
-    refused. A row says that a level's size became `size` (0: the level is gone) at
+    one value per row (`ticker_index` included, unless empty); a batch whose columns differ in
+    length is refused. A row says that a level's size became `size` (0: the level is gone) at
     `exchange_time_micros`. Errors name the column and row, e.g. "book_changes.price[3]".
     """
 
     tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
-    The distinct tickers of the batch; each must be a known market.
+    The distinct tickers of the batch; each must be a known market. Or, when `ticker_index` is
+    empty, one ticker per row (a form that stays valid when messages are merged).
     """
 
     ticker_index: "list[int]" = betterproto2.field(2, betterproto2.TYPE_UINT32, repeated=True)
     """
-    Row i's ticker is tickers[ticker_index[i]].
+    Row i's ticker is tickers[ticker_index[i]]; or empty (see `tickers`).
     """
 
     exchange_time_micros: "list[int]" = betterproto2.field(

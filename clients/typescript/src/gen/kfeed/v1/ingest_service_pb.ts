@@ -101,22 +101,23 @@ export const PublishRequestSchema: GenMessage<PublishRequest> = /*@__PURE__*/
 
 /**
  * Order-book changes as columns: row i is the i-th value of every column, and every column has
- * one value per row (`ticker_index` included); a batch whose columns differ in length is
- * refused. A row says that a level's size became `size` (0: the level is gone) at
+ * one value per row (`ticker_index` included, unless empty); a batch whose columns differ in
+ * length is refused. A row says that a level's size became `size` (0: the level is gone) at
  * `exchange_time_micros`. Errors name the column and row, e.g. "book_changes.price[3]".
  *
  * @generated from message kfeed.v1.OrderBookChangeColumns
  */
 export type OrderBookChangeColumns = Message<"kfeed.v1.OrderBookChangeColumns"> & {
   /**
-   * The distinct tickers of the batch; each must be a known market.
+   * The distinct tickers of the batch; each must be a known market. Or, when `ticker_index` is
+   * empty, one ticker per row (a form that stays valid when messages are merged).
    *
    * @generated from field: repeated string tickers = 1;
    */
   tickers: string[];
 
   /**
-   * Row i's ticker is tickers[ticker_index[i]].
+   * Row i's ticker is tickers[ticker_index[i]]; or empty (see `tickers`).
    *
    * @generated from field: repeated uint32 ticker_index = 2;
    */
