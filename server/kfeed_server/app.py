@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from kfeed.v1 import (
@@ -45,6 +44,7 @@ from kfeed_server.transport.backtest_servicer import BacktestServicer
 from kfeed_server.transport.ingest_servicer import IngestServicer
 from kfeed_server.transport.interceptors import ErrorMappingInterceptor
 from kfeed_server.transport.market_servicer import MarketServicer
+from kfeed_server.transport.reflection import enable_reflection
 from kfeed_server.transport.requests import RequestTokens, new_token_key
 from kfeed_server.web import WebConfig, WebListener, build_web_app
 
@@ -164,9 +164,7 @@ class KfeedServer:
                 config.grace_period,
             )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (*KFEED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        enable_reflection((*KFEED_SERVICES, health.SERVICE_NAME), self._server)
         self.port = 0
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

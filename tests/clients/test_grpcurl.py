@@ -91,3 +91,23 @@ async def test_stream_replays_then_marks_caught_up(
     caught_up = next(i for i, m in enumerate(messages) if "caughtUp" in m or "caught_up" in m)
     assert [m["snapshot"]["snapshot"]["ticker"] for m in messages[:caught_up]] == [TICKER] * 3
     assert all(m.get("resumeToken") or m.get("resume_token") for m in messages)
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+async def test_both_reflection_versions_answer(protocol: str, address: str) -> None:
+    """docs/OPERATIONS.md promises both; buf curl asks for exactly the version it is told."""
+    command = [str(NODE_BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
+               "--reflect-protocol", protocol, "--list-services", f"http://{address}"]  # fmt: skip
+    listed = set((await run_command(*command, cwd=ROOT)).split())
+    assert (
+        KFEED_SERVICES
+        | {
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        <= listed
+    )
+    describe = [str(NODE_BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
+                "--reflect-protocol", protocol, "-d", "{}",
+                f"http://{address}/kfeed.v1.MarketService/ListMarkets"]  # fmt: skip
+    assert json_documents(await run_command(*describe, cwd=ROOT)) == [{}]

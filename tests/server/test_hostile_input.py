@@ -82,7 +82,7 @@ async def test_out_of_range_timestamps_are_invalid_argument(
     assert await _refused_fields(market_stub.ListTrades(trades)) == ["end_time"]
     stream = market_stub.StreamSnapshots(pb.StreamSnapshotsRequest(start_time=stamp))
     assert bad_request_fields(await _first_stream_error(stream)) == ["start_time"]
-    config = bpb.BacktestConfig(strategy="buy_and_hold", tickers=[TICKER], end_time=stamp)
+    config = bpb.BacktestConfig(strategy="threshold", tickers=[TICKER], end_time=stamp)
     create = backtest_stub.CreateBacktest(bpb.CreateBacktestRequest(config=config))
     assert await _refused_fields(create) == ["config.end_time"]
 
@@ -119,7 +119,7 @@ async def test_hostile_strings_are_invalid_argument(
         (
             backtest_stub.CreateBacktest(
                 bpb.CreateBacktestRequest(
-                    config=bpb.BacktestConfig(strategy="buy_and_hold", tickers=[hostile])
+                    config=bpb.BacktestConfig(strategy="threshold", tickers=[hostile])
                 )
             ),
             "config.tickers[0]",

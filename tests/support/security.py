@@ -21,11 +21,17 @@ from kfeed_server.security.tokens import token_digest
 READ_TOKEN = "read-token-0123456789abcdef"
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
+OTHER_READ_TOKEN = "other-read-token-0123456789abcdef"
 
 TOKENS_TOML = f"""
 [[token]]
 name = "reader"
 token = "{READ_TOKEN}"
+roles = ["read"]
+
+[[token]]
+name = "other-reader"
+token = "{OTHER_READ_TOKEN}"
 roles = ["read"]
 
 [[token]]
@@ -42,7 +48,7 @@ roles = ["admin"]
 
 
 def write_tokens_file(directory: Path) -> Path:
-    """A tokens file with a reader, an ingester and an admin (stored as a hash)."""
+    """A tokens file with two readers, an ingester and an admin (stored as a hash)."""
     path = directory / "tokens.toml"
     path.write_text(TOKENS_TOML.replace("{admin_sha256}", token_digest(ADMIN_TOKEN).hex()))
     return path

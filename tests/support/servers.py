@@ -55,9 +55,11 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
 class PublishSession:
     """One open IngestService.Publish stream: send a batch, await its ack."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] | None = None
+    ) -> None:
         stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
-        self._call = stub.Publish()
+        self._call = stub.Publish(metadata=metadata)
         self._next_batch_id = 1
 
     async def publish(
