@@ -62,13 +62,10 @@ def test_threshold_round_trip_then_marked_at_the_bid() -> None:
 
 
 def test_settlement_pays_the_result_for_yes_and_no_positions() -> None:
-    script = {
-        1: [Order("WIN", YES, BUY, 200), Order("WIN", NO, BUY, 100)],
-        2: [Order("LOSE", YES, BUY, 100), Order("LOSE", NO, BUY, 100)],
-    }
+    script = {1: [Order("WIN", YES, BUY, 200)], 2: [Order("LOSE", NO, BUY, 100)]}
     snapshots = [
-        quote("WIN", 0, 1, 5_500, 6_000),  # YES ask 0.60, NO ask 1 − 0.55 = 0.45
-        quote("LOSE", 1, 2, 2_800, 3_000),  # YES ask 0.30, NO ask 1 − 0.28 = 0.72
+        quote("WIN", 0, 1, 5_500, 6_000),  # YES ask 0.60
+        quote("LOSE", 1, 2, 2_800, 3_000),  # NO ask 1 − 0.28 = 0.72
         quote("WIN", 10, 3, 9_000, 9_500),
     ]
     markets = {
@@ -85,25 +82,93 @@ def test_settlement_pays_the_result_for_yes_and_no_positions() -> None:
     ]
     # LOSE settles NO at minute 5 (before the snapshot at minute 10), WIN settles YES at 20.
     # WIN YES 2 @ 0.60: cost 12_000 + fee 0.07 × 2 × 0.6 × 0.4 = 0.0336 → 400; pays 2 × 1.00.
-    # WIN NO 1 @ 0.45: 4_500 + fee 0.07 × 0.45 × 0.55 = 0.017325 → 200; pays 0.
-    # LOSE YES 1 @ 0.30: 3_000 + fee 0.0147 → 200; pays 0.
     # LOSE NO 1 @ 0.72: 7_200 + fee 0.07 × 0.72 × 0.28 = 0.014112 → 200; pays 1.00.
     assert settlements == [
-        ("LOSE", YES, 100, 10_000 - 10_000, -3_200, at(5)),
         ("LOSE", NO, 100, 10_000, 10_000 - 7_400, at(5)),
         ("WIN", YES, 200, 10_000, 20_000 - 12_400, at(20)),
-        ("WIN", NO, 100, 0, -4_700, at(20)),
     ]
-    # 7_600 − 4_700 − 3_200 + 2_600
-    assert result.metrics.total_pnl == 2_300
-    assert result.metrics.fees_paid == 1_000
-    assert result.executions[-1].cash_after == 10_002_300
+    assert result.metrics.total_pnl == 7_600 + 2_600
+    assert result.metrics.fees_paid == 600
+    # 10_000_000 − 12_400 − 7_400 + 20_000 + 10_000
+    assert result.executions[-1].cash_after == 10_010_200
     assert all(e.action is not MARK for e in result.executions)
-    # Two of four round trips won: +7_600 and +2_600 against −4_700 and −3_200.
+    assert result.metrics.win_rate == 1.0
+    assert result.metrics.expectancy == 5_100  # (7_600 + 2_600) / 2
+    assert result.equity_curve[-1].equity == 10_010_200
+
+
+def test_buying_no_while_holding_yes_closes_yes_as_on_kalshi() -> None:
+    script = {
+        1: [Order("WIN", YES, BUY, 200), Order("WIN", NO, BUY, 100)],
+        2: [Order("LOSE", YES, BUY, 100), Order("LOSE", NO, BUY, 100)],
+    }
+    snapshots = [
+        quote("WIN", 0, 1, 5_500, 6_000),  # YES ask 0.60, NO ask 1 − 0.55 = 0.45
+        quote("LOSE", 1, 2, 2_800, 3_000),  # YES ask 0.30, NO ask 1 − 0.28 = 0.72
+        quote("WIN", 10, 3, 9_000, 9_500),
+    ]
+    markets = {
+        "WIN": settled("WIN", MarketResult.YES, 20),
+        "LOSE": settled("LOSE", MarketResult.NO, 5),
+    }
+    config = EngineConfig("scripted", ("WIN", "LOSE"), end_time=at(60))
+    result = run_backtest(config, markets, snapshots, registry=scripted_registry(script))
+
+    # WIN BUY YES 2 @ 0.60: 12_000 + fee 0.0336 → 400 = 12_400; cash 9_987_600; +2 YES.
+    # WIN BUY NO 1 @ 0.45: 4_500 + fee 0.017325 → 200. It closes 1 YES: the YES+NO pair pays
+    #   $1 = 10_000; released cost 12_400 × 1/2 = 6_200; realised 10_000 − 4_700 − 6_200 = −900
+    #   (the same as selling 1 YES at 1 − 0.45 = 0.55 = the YES bid); cash +5_300 = 9_992_900.
+    # LOSE BUY YES 1 @ 0.30: 3_000 + fee 0.0147 → 200; cash 9_989_700.
+    # LOSE BUY NO 1 @ 0.72: 7_200 + fee 0.014112 → 200 closes it: 10_000 − 7_400 − 3_200 = −600;
+    #   cash +2_600 = 9_992_300; LOSE is flat, so its NO settlement pays nothing.
+    # WIN settles YES: 1 YES pays 10_000; realised 10_000 − 6_200 = 3_800; cash 10_002_300.
+    observed = [
+        (e.ticker, e.action, e.side, e.count, e.price, e.fee, e.cash_after, e.position_after,
+         e.realized_pnl)
+        for e in result.executions
+    ]  # fmt: skip
+    assert observed == [
+        ("WIN", BUY, YES, 200, 6_000, 400, 9_987_600, 200, 0),
+        ("WIN", BUY, NO, 100, 4_500, 200, 9_992_900, 100, -900),
+        ("LOSE", BUY, YES, 100, 3_000, 200, 9_989_700, 100, 0),
+        ("LOSE", BUY, NO, 100, 7_200, 200, 9_992_300, 0, -600),
+        ("WIN", SETTLE, YES, 100, 10_000, 0, 10_002_300, 0, 3_800),
+    ]
+    assert result.metrics.total_pnl == 2_300  # −900 − 600 + 3_800
+    assert result.metrics.fees_paid == 1_000
+    # Round trips: WIN −900 + 3_800 = 2_900, LOSE −600.
     assert result.metrics.win_rate == 0.5
-    assert result.metrics.profit_factor == (7_600 + 2_600) / (4_700 + 3_200)
-    assert result.metrics.expectancy == 575  # 2_300 / 4
-    assert result.equity_curve[-1].equity == 10_002_300
+    assert result.metrics.profit_factor == 2_900 / 600
+    assert result.metrics.expectancy == 1_150
+
+
+def test_buying_more_no_than_the_yes_held_flips_the_position() -> None:
+    script = {
+        1: [Order("F", YES, BUY, 100)],
+        2: [Order("F", NO, BUY, 300), Order("F", YES, SELL, 100)],
+    }
+    snapshots = [quote("F", 0, 1, 4_000, 4_200), quote("F", 1, 2, 4_000, 4_200)]
+    result = run_backtest(
+        EngineConfig("scripted", ("F",)), {}, snapshots, registry=scripted_registry(script)
+    )
+    # BUY YES 1 @ 0.42: 4_200 + fee 0.07 × 0.42 × 0.58 = 0.017052 → 200; cash 9_995_600.
+    # BUY NO 3 @ 0.60 (1 − 0.40): 18_000, fee 0.07 × 3 × 0.6 × 0.4 = 0.0504 → 600. One contract
+    #   closes the YES: its share 6_000 + 200, the pair pays 10_000, released 4_400, realised
+    #   10_000 − 6_200 − 4_400 = −600. Two open NO at 12_000 + 400 = 12_400.
+    #   Cash 9_995_600 + 10_000 − 18_600 = 9_987_000; position −200 (2 NO).
+    # SELL YES 1: nothing YES is held any more, so it is rejected.
+    # Marked at the NO bid 1 − 0.42 = 0.58: 2 × 5_800 = 11_600; unrealised 11_600 − 12_400.
+    observed = [
+        (e.action, e.side, e.count, e.price, e.fee, e.cash_after, e.position_after, e.realized_pnl)
+        for e in result.executions
+    ]
+    assert observed == [
+        (BUY, YES, 100, 4_200, 200, 9_995_600, 100, 0),
+        (BUY, NO, 300, 6_000, 600, 9_987_000, -200, -600),
+        (MARK, NO, 200, 5_800, 0, 9_987_000, -200, -800),
+    ]
+    assert result.rejected_orders == 1
+    assert result.metrics.total_pnl == -1_400  # 9_987_000 + 11_600 − 10_000_000
 
 
 def test_settlement_after_the_window_is_marked_at_the_bid_instead() -> None:
@@ -176,7 +241,7 @@ def test_buy_is_reduced_to_what_cash_can_pay() -> None:
 def test_sell_is_capped_by_the_position_and_buys_by_max_position() -> None:
     script = {
         1: [Order("A", YES, BUY, 300)],  # max_position 150: fills 150
-        2: [Order("A", NO, BUY, 100)],  # YES 150 + NO counts against the same limit: rejected
+        2: [Order("A", YES, BUY, 100)],  # already at the limit: rejected
         3: [Order("A", YES, SELL, 1_000)],  # only 150 held: sells 150
     }
     snapshots = [quote("A", k, k + 1, 4_000, 4_200) for k in range(3)]
@@ -216,16 +281,26 @@ def test_ten_thousandth_rounding_and_custom_rate() -> None:
 
 
 def test_scalar_settlement_pays_the_settlement_value() -> None:
-    script = {1: [Order("S", YES, BUY, 100), Order("S", NO, BUY, 100)]}
-    market = MarketRecord(
-        ticker="S", result=MarketResult.SCALAR, settlement_value=3_000, settlement_time=at(5)
-    )
-    snapshots: list[SnapshotRecord] = [quote("S", 0, 1, 4_000, 4_000)]
+    script = {1: [Order("S", YES, BUY, 100)], 2: [Order("T", NO, BUY, 100)]}
+    markets = {
+        ticker: MarketRecord(
+            ticker=ticker,
+            result=MarketResult.SCALAR,
+            settlement_value=3_000,
+            settlement_time=at(5),
+        )
+        for ticker in ("S", "T")
+    }
+    snapshots: list[SnapshotRecord] = [
+        quote("S", 0, 1, 4_000, 4_000),
+        quote("T", 0, 2, 4_000, 4_000),
+    ]
     result = run_backtest(
-        EngineConfig("scripted", ("S",)),
-        {"S": market},
+        EngineConfig("scripted", ("S", "T")),
+        markets,
         snapshots,
         registry=scripted_registry(script),
     )
+    # YES is paid the settlement value $0.30, NO the rest, $0.70.
     payouts = [(e.side, e.price) for e in result.executions if e.action is SETTLE]
     assert payouts == [(YES, 3_000), (NO, 7_000)]

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kfeed_server.backtest import FeeRounding, taker_fee
+from kfeed_server.backtest import EngineConfig, FeeRounding, taker_fee, validate_config
+from kfeed_server.backtest.fees import (
+    FEE_SCHEDULE_VERSION,
+    FeeModel,
+    FeeType,
+    MarketFees,
+    market_fees,
+)
+from kfeed_server.records import SeriesRecord
 
 
 @pytest.mark.parametrize(
@@ -72,3 +80,50 @@ def test_fee_is_never_negative_and_rounds_up(
 def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="bad fee inputs"):
         taker_fee(100, 10_001)
+
+
+# --- the fee schedule: series fee types, multipliers, event overrides, maker fees -------------
+
+
+@pytest.mark.parametrize(
+    ("terms", "count", "price", "maker", "cent", "ten_thousandth"),
+    [
+        # Quadratic × 1, taker, 10 @ $0.50: 0.07 × 10 × 0.25 = $0.175 → $0.18 / $0.1750.
+        (MarketFees(FeeType.QUADRATIC, 10_000), 1_000, 5_000, False, 1_800, 1_750),
+        # Multiplier 0.5: 0.07 × 0.5 × 10 × 0.25 = $0.0875 → $0.09 / $0.0875.
+        (MarketFees(FeeType.QUADRATIC, 5_000), 1_000, 5_000, False, 900, 875),
+        # Makers pay nothing in a quadratic series.
+        (MarketFees(FeeType.QUADRATIC, 10_000), 1_000, 5_000, True, 0, 0),
+        # Maker in a series with maker fees: 0.0175 × 10 × 0.25 = $0.04375 → $0.05 / $0.0438.
+        (MarketFees(FeeType.QUADRATIC_WITH_MAKER_FEES, 10_000), 1_000, 5_000, True, 500, 438),
+        # Its takers pay the usual 0.07 × 3 × 0.37 × 0.63 = $0.048951 → $0.05 / $0.0490.
+        (MarketFees(FeeType.QUADRATIC_WITH_MAKER_FEES, 10_000), 300, 3_700, False, 500, 490),
+        # Flat: charged at P = 0.50 whatever the price: 10 @ $0.10 pays like 10 @ $0.50.
+        (MarketFees(FeeType.FLAT, 10_000), 1_000, 1_000, False, 1_800, 1_750),
+        # Multiplier 2, 1 @ $0.30: 0.07 × 2 × 0.3 × 0.7 = $0.0294 → $0.03 / $0.0294.
+        (MarketFees(FeeType.QUADRATIC, 20_000), 100, 3_000, False, 300, 294),
+    ],
+)
+def test_fee_schedule_matches_hand_computed_values(
+    terms: MarketFees, count: int, price: int, maker: bool, cent: int, ten_thousandth: int
+) -> None:
+    assert FeeModel(rounding=FeeRounding.CENT).fee(terms, count, price, maker=maker) == cent
+    tenth = FeeModel(rounding=FeeRounding.TEN_THOUSANDTH)
+    assert tenth.fee(terms, count, price, maker=maker) == ten_thousandth
+
+
+def test_a_series_gives_its_terms_and_an_event_override_wins() -> None:
+    series = SeriesRecord(
+        "KXS", fee_type="quadratic_with_maker_fees", fee_multiplier_ten_thousandths=5_000
+    )
+    assert market_fees(series) == MarketFees(FeeType.QUADRATIC_WITH_MAKER_FEES, 5_000)
+    assert market_fees(series, "flat", 20_000) == MarketFees(FeeType.FLAT, 20_000)
+    assert market_fees(series, "", 15_000) == MarketFees(FeeType.QUADRATIC_WITH_MAKER_FEES, 15_000)
+    # No series known, or a fee type this schedule does not know: quadratic × 1.
+    assert market_fees(None) == MarketFees(FeeType.QUADRATIC, 10_000)
+    assert market_fees(SeriesRecord("KXT", fee_type="surcharge")).fee_type is FeeType.QUADRATIC
+
+
+def test_the_run_records_the_fee_schedule_version() -> None:
+    config = validate_config(EngineConfig("threshold", ("A",)))
+    assert config.fee_schedule_version == FEE_SCHEDULE_VERSION

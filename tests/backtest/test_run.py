@@ -19,6 +19,7 @@ from kfeed_server.backtest import (
     fingerprint,
     run_backtest,
 )
+from kfeed_server.backtest.fees import FeeType, MarketFees
 from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
 from tests.support.backtest import quote, scripted_registry, settled
 
@@ -63,13 +64,30 @@ def test_fingerprint_tracks_the_data() -> None:
         1,
         3_000,
     )
-    assert print_ == fingerprint(SNAPSHOTS)
+    assert print_ == fingerprint(SNAPSHOTS, tickers=CONFIG.tickers, markets=MARKETS)
     assert len(print_.content_hash) == 64
     changed = [*SNAPSHOTS[:-1], SNAPSHOTS[-1]._replace(volume=1)]
-    assert fingerprint(changed).content_hash != print_.content_hash
+    changed_print = fingerprint(changed, tickers=CONFIG.tickers, markets=MARKETS)
+    assert changed_print.content_hash != print_.content_hash
     # Ingest metadata is not market data.
     moved = [*SNAPSHOTS[:-1], SNAPSHOTS[-1]._replace(receive_time=SNAPSHOTS[0].receive_time)]
-    assert fingerprint(moved).content_hash == print_.content_hash
+    moved_print = fingerprint(moved, tickers=CONFIG.tickers, markets=MARKETS)
+    assert moved_print.content_hash == print_.content_hash
+
+
+def test_the_fingerprint_changes_when_a_market_settles_after_the_run() -> None:
+    unsettled = {t: replace(m, result=MarketResult.UNSPECIFIED, settlement_time=None)
+                 for t, m in MARKETS.items()}  # fmt: skip
+    before = run_backtest(CONFIG, unsettled, SNAPSHOTS)
+    after = run_backtest(CONFIG, MARKETS, SNAPSHOTS)
+    # The same rows, but a market's result, settlement time and value are now known.
+    assert before.fingerprint.row_count == after.fingerprint.row_count
+    assert before.fingerprint.content_hash != after.fingerprint.content_hash
+    value_changed = {**MARKETS, "A": replace(MARKETS["A"], settlement_value=1)}
+    assert run_backtest(CONFIG, value_changed, SNAPSHOTS).fingerprint != after.fingerprint
+    # And the fee terms used are part of it too.
+    fees = {"A": MarketFees(FeeType.QUADRATIC, 5_000)}
+    assert run_backtest(CONFIG, MARKETS, SNAPSHOTS, fees=fees).fingerprint != after.fingerprint
 
 
 def test_only_the_window_and_tickers_are_replayed_and_fingerprinted() -> None:

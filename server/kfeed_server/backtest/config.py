@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from kfeed_server.backtest.fees import KALSHI_TAKER_FEE_RATE, PRICE_SCALE, FeeRounding
+from kfeed_server.backtest.fees import (
+    FEE_SCHEDULE_VERSION,
+    KALSHI_MAKER_FEE_RATE,
+    KALSHI_TAKER_FEE_RATE,
+    PRICE_SCALE,
+    FeeRounding,
+)
+from kfeed_server.backtest.orders import FillModel
 from kfeed_server.backtest.params import ConfigError, ParamValue, resolve_parameters
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
 
 DEFAULT_INITIAL_CASH = 10_000_000
 """$1,000 in 1/10,000 USD."""
+MAX_LATENCY = timedelta(hours=1)
+"""The longest decision-to-arrival delay accepted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +44,16 @@ class EngineConfig:
     # Largest position per market (YES plus NO), in 1/100 contract; 0 means unlimited.
     max_position: int = 0
     cap_by_displayed_size: bool = False
+    fill_model: FillModel = FillModel.TOUCH
+    # Kalshi's maker coefficient (1/10,000), charged only in series with maker fees.
+    maker_fee_rate_ten_thousandths: int = KALSHI_MAKER_FEE_RATE
+    # Delay between a strategy's decision and its arrival at the exchange.
+    latency: timedelta = timedelta(0)
+    # Share (1/10,000) of a level's cancellations taken as being ahead of a resting order: 0 is
+    # the risk-averse queue (cancellations are all behind you), 10,000 the optimistic one.
+    queue_cancel_share: int = 0
+    # The fee rules' version (``fees.FEE_SCHEDULE_VERSION``); validation sets it.
+    fee_schedule_version: str = FEE_SCHEDULE_VERSION
 
 
 def validate_config(
@@ -44,7 +63,8 @@ def validate_config(
 
     Raises ConfigError naming the offending field: ``strategy``, ``parameters.<name>``,
     ``tickers``, ``start_time``, ``end_time``, ``initial_cash``,
-    ``taker_fee_rate_ten_thousandths``, ``fee_rounding``, ``slippage`` or ``max_position``.
+    ``taker_fee_rate_ten_thousandths``, ``fee_rounding``, ``slippage``, ``max_position``,
+    ``maker_fee_rate_ten_thousandths``, ``latency``, ``queue_cancel_share`` or ``fill_model``.
     """
     cls = registry.get(config.strategy)
     parameters = resolve_parameters(cls.parameters, config.parameters)
@@ -73,6 +93,18 @@ def validate_config(
         raise ConfigError("slippage", "must be in 0..10000")
     if config.max_position < 0:
         raise ConfigError("max_position", "must not be negative")
+    if not 0 <= config.maker_fee_rate_ten_thousandths <= PRICE_SCALE:
+        raise ConfigError("maker_fee_rate_ten_thousandths", "must be in 0..10000")
+    if not timedelta(0) <= config.latency <= MAX_LATENCY:
+        raise ConfigError("latency", f"must be in 0..{MAX_LATENCY.total_seconds():g} s")
+    if not 0 <= config.queue_cancel_share <= PRICE_SCALE:
+        raise ConfigError("queue_cancel_share", "must be in 0..10000")
+    try:
+        fill_model = FillModel(config.fill_model)
+    except ValueError:
+        raise ConfigError("fill_model", f"unknown fill model {config.fill_model!r}") from None
+    if fill_model is FillModel.UNSPECIFIED:
+        fill_model = FillModel.TOUCH
     try:
         rounding = FeeRounding(config.fee_rounding)
     except ValueError:
@@ -80,5 +112,10 @@ def validate_config(
     if rounding is FeeRounding.UNSPECIFIED:
         rounding = FeeRounding.CENT
     return replace(
-        config, parameters=parameters, tickers=tuple(config.tickers), fee_rounding=rounding
+        config,
+        parameters=parameters,
+        tickers=tuple(config.tickers),
+        fee_rounding=rounding,
+        fill_model=fill_model,
+        fee_schedule_version=FEE_SCHEDULE_VERSION,
     )

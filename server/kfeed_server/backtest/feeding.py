@@ -22,13 +22,14 @@ from typing import Any
 from kfeed_server.backtest.chunks import EncodedChunk, encode_chunk
 from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.engine import BacktestResult, Progress
+from kfeed_server.backtest.fees import MarketFees, market_fees
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
 from kfeed_server.backtest.worker import WorkerJob, WorkerStarted, replay_in_worker
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
-from kfeed_server.records import SnapshotRecord
+from kfeed_server.records import MarketRecord, SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,15 @@ class ReplayFeeder:
         total = await self._snapshots.count_for_backtest(
             config.tickers, start, end, max_snapshot_id=pinned
         )
-        markets = {}
+        markets: dict[str, MarketRecord] = {}
+        fees: dict[str, MarketFees] = {}
         for ticker in config.tickers:
             market = await self._markets.get_market(ticker)
             if market is not None:
                 markets[ticker] = market
+                fees[ticker] = await self._market_fees(market)
         tracked.publish(replaced(tracked.record, {"snapshots_total": total}))
-        job = WorkerJob(config, markets, total, self._settings.progress_every)
+        job = WorkerJob(config, markets, total, self._settings.progress_every, fees=fees)
         data_reader, data_writer = multiprocessing.Pipe(duplex=False)
         control, worker_control = multiprocessing.Pipe()
         loop = asyncio.get_running_loop()
@@ -144,6 +147,13 @@ class ReplayFeeder:
             await asyncio.gather(feeder, return_exceptions=True)
             for connection in (control, worker_control, data_reader, data_writer):
                 connection.close()
+
+    async def _market_fees(self, market: MarketRecord) -> MarketFees:
+        """The market's fee terms from its series (stored events carry no fee overrides yet)."""
+        series = (
+            await self._markets.get_series(market.series_ticker) if market.series_ticker else None
+        )
+        return market_fees(series)
 
     async def _feed(
         self,

@@ -2,35 +2,27 @@
 
 A strategy is a class. The engine builds one instance per run from the validated parameters, calls
 ``on_start`` once, ``on_snapshot`` for every replayed snapshot in (exchange time, snapshot id)
-order, and ``on_end`` once after the last snapshot (before end-of-window settlement and marking).
-See docs/BACKTESTING.md for a worked example.
+order, ``on_book`` / ``on_trade`` for replayed books and public trades, ``on_fill`` for each fill
+of its own orders, and ``on_end`` once after the last event (before end-of-window settlement and
+marking). Every hook but ``on_start``/``on_end`` returns instructions (orders and cancels). See
+docs/BACKTESTING.md for the API and a worked example.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
+from kfeed_server.backtest.books import BookState
+from kfeed_server.backtest.orders import Fill, Instruction, Order
 from kfeed_server.backtest.params import ConfigError, Parameters, ParameterSpec, ParamValue
-from kfeed_server.records import MarketRecord, OrderAction, Side, SnapshotRecord
+from kfeed_server.records import MarketRecord, Side, SnapshotRecord, TradeRecord
 
+if TYPE_CHECKING:
+    from kfeed_server.backtest.engine import RestingOrderView
 
-@dataclass(frozen=True, slots=True)
-class Order:
-    """A market (taker) order: it fills at once at the touch or not at all.
-
-    ``count`` is in 1/100 contract and must be positive; ``side`` YES or NO; ``action`` BUY or
-    SELL. ``probability``, when given, is the strategy's stated probability (0..1) that the market
-    settles YES, whatever side it trades; it feeds the Brier score.
-    """
-
-    ticker: str
-    side: Side
-    action: OrderAction
-    count: int
-    probability: float | None = None
+__all__ = ["Order"]  # re-exported: strategies import it from here or from the package
 
 
 class MarketView(Protocol):
@@ -45,11 +37,13 @@ class MarketView(Protocol):
         """The most recent replayed snapshot of ``ticker`` (None before its first one)."""
         ...
 
-    def market(self, ticker: str) -> MarketRecord | None:
-        """The market's metadata, when the engine was given it.
+    def book(self, ticker: str) -> BookState | None:
+        """The most recent replayed book of ``ticker`` (None without books)."""
+        ...
 
-        It may carry the final result: a strategy that reads ``result`` looks into the future.
-        """
+    def market(self, ticker: str) -> MarketRecord | None:
+        """The market's metadata, when the engine was given it. Before the market's settlement
+        time its result, settlement time and value and status are blank: no look-ahead."""
         ...
 
 
@@ -72,7 +66,16 @@ class PortfolioView(Protocol):
         ...
 
     def position(self, ticker: str, side: Side) -> int:
-        """Contracts held (1/100 contract) in ``ticker`` on ``side``; 0 when flat."""
+        """Contracts held (1/100 contract) in ``ticker`` on ``side``; 0 when flat or holding the
+        other side (YES and NO net into one position)."""
+        ...
+
+    def net_position(self, ticker: str) -> int:
+        """The market's position: YES contracts positive, NO contracts negative."""
+        ...
+
+    def open_orders(self, ticker: str) -> tuple[RestingOrderView, ...]:
+        """The strategy's resting limit orders in ``ticker``, oldest first."""
         ...
 
 
@@ -102,9 +105,27 @@ class Strategy:
 
     def on_snapshot(
         self, snapshot: SnapshotRecord, market: MarketView, portfolio: PortfolioView
-    ) -> Sequence[Order]:
-        """Returns the orders to place at this snapshot (usually an empty tuple)."""
+    ) -> Sequence[Instruction]:
+        """Returns the orders (and cancels) to send at this snapshot (usually an empty tuple)."""
         raise NotImplementedError
+
+    def on_book(
+        self, book: BookState, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        """Called for each replayed book (runs given books only)."""
+        return ()
+
+    def on_trade(
+        self, trade: TradeRecord, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        """Called for each replayed public trade (runs given trades only)."""
+        return ()
+
+    def on_fill(
+        self, fill: Fill, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        """Called for each fill of the strategy's own orders, right after it."""
+        return ()
 
     def on_end(self, market: MarketView, portfolio: PortfolioView) -> None:
         """Called once after the last snapshot."""

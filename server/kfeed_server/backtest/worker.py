@@ -16,7 +16,7 @@ future.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk
@@ -28,6 +28,7 @@ from kfeed_server.backtest.engine import (
     Progress,
     run_backtest,
 )
+from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.records import MarketRecord, SnapshotRecord
 
@@ -41,6 +42,8 @@ class WorkerJob:
     snapshots_total: int
     progress_every: int = DEFAULT_PROGRESS_EVERY
     max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS
+    # Each market's fee terms (series fee type and multiplier).
+    fees: Mapping[str, MarketFees] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> B
             job.config,
             job.markets,
             _received_rows(data, fingerprinter),
+            fees=job.fees,
             total=job.snapshots_total,
             progress=report,
             should_stop=control.poll,
