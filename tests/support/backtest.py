@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
-from kfeed_server.backtest import Order, PortfolioView, Strategy, StrategyRegistry
+from kfeed_server.backtest import PortfolioView, Strategy, StrategyRegistry
+from kfeed_server.backtest.orders import Instruction
 from kfeed_server.backtest.strategy import MarketView
 from kfeed_server.records import (
     DataSource,
@@ -60,7 +61,7 @@ def settled(ticker: str, result: MarketResult, minutes: float) -> MarketRecord:
     )
 
 
-def scripted_registry(script: Mapping[int, Sequence[Order]]) -> StrategyRegistry:
+def scripted_registry(script: Mapping[int, Sequence[Instruction]]) -> StrategyRegistry:
     """A registry with one strategy, "scripted", that places ``script[snapshot_id]`` at each
     snapshot: fills are then fixed by the test, not by a strategy's logic."""
 
@@ -70,7 +71,7 @@ def scripted_registry(script: Mapping[int, Sequence[Order]]) -> StrategyRegistry
 
         def on_snapshot(
             self, snapshot: SnapshotRecord, market: MarketView, portfolio: PortfolioView
-        ) -> Sequence[Order]:
+        ) -> Sequence[Instruction]:
             return script.get(snapshot.snapshot_id, ())
 
     registry = StrategyRegistry()

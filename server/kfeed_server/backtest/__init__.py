@@ -6,6 +6,7 @@ worker process, and ``sweep_grid`` / ``rank`` for sweeps. See docs/BACKTESTING.m
 """
 
 from kfeed_server.backtest import strategies as _builtins  # noqa: F401  (registers the built-ins)
+from kfeed_server.backtest.books import BookState
 from kfeed_server.backtest.config import DEFAULT_INITIAL_CASH, EngineConfig, validate_config
 from kfeed_server.backtest.engine import (
     BacktestCancelled,
@@ -14,9 +15,20 @@ from kfeed_server.backtest.engine import (
     StrategyError,
     run_backtest,
 )
-from kfeed_server.backtest.fees import KALSHI_TAKER_FEE_RATE, FeeRounding, taker_fee
+from kfeed_server.backtest.fees import (
+    FEE_SCHEDULE_VERSION,
+    KALSHI_MAKER_FEE_RATE,
+    KALSHI_TAKER_FEE_RATE,
+    FeeModel,
+    FeeRounding,
+    FeeType,
+    MarketFees,
+    market_fees,
+    taker_fee,
+)
 from kfeed_server.backtest.fingerprint import DataFingerprint, Fingerprinter, fingerprint
 from kfeed_server.backtest.metrics import BacktestMetrics
+from kfeed_server.backtest.orders import Cancel, Fill, FillModel, Instruction
 from kfeed_server.backtest.params import (
     ConfigError,
     Parameters,
@@ -43,16 +55,26 @@ from kfeed_server.backtest.sweep import rank, sweep_grid
 
 __all__ = [
     "DEFAULT_INITIAL_CASH",
+    "FEE_SCHEDULE_VERSION",
+    "KALSHI_MAKER_FEE_RATE",
     "KALSHI_TAKER_FEE_RATE",
     "BacktestCancelled",
     "BacktestMetrics",
     "BacktestResult",
+    "BookState",
+    "Cancel",
     "ConfigError",
     "DataFingerprint",
     "EngineConfig",
     "FavouriteStrategy",
+    "FeeModel",
     "FeeRounding",
+    "FeeType",
+    "Fill",
+    "FillModel",
     "Fingerprinter",
+    "Instruction",
+    "MarketFees",
     "MarketView",
     "MeanReversionStrategy",
     "MomentumStrategy",
@@ -69,6 +91,7 @@ __all__ = [
     "ThresholdStrategy",
     "default_registry",
     "fingerprint",
+    "market_fees",
     "rank",
     "register_strategy",
     "run_backtest",
