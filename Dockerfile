@@ -1,4 +1,14 @@
 # kfeed: one image for `kfeed serve`, `kfeed ingest` and `kfeed sim` (the command picks).
+
+# The dashboard, built by Vite from web/ and the generated TypeScript (served by --web-listen).
+FROM node:20-slim AS web
+WORKDIR /src
+COPY web/package.json web/package-lock.json web/
+RUN cd web && npm ci --no-audit --no-fund --loglevel=error
+COPY web web
+COPY clients/typescript/src/gen clients/typescript/src/gen
+RUN cd web && npm run build
+
 FROM python:3.11-slim
 
 # uv from PyPI (the project's pinned uv.lock does the rest); no Python downloads: use the image's.
@@ -17,6 +27,7 @@ RUN uv sync --frozen --no-dev --no-install-project --no-install-workspace
 
 COPY . .
 RUN uv sync --frozen --no-dev
+COPY --from=web /src/web/dist /app/web/dist
 
 # Run unprivileged; /data holds the ingest spool (and SQLite, when used).
 RUN useradd --system --uid 10001 --home-dir /data --create-home kfeed

@@ -8,7 +8,7 @@ VENV_STAMP := .venv/.kfeed-synced
 NODE_STAMP := node_modules/.kfeed-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test gen check-gen lint buf-lint buf-breaking typecheck bench ci clean
+.PHONY: help install demo test web browser gen check-gen lint buf-lint buf-breaking typecheck bench ci clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -24,10 +24,30 @@ $(NODE_STAMP): package.json package-lock.json
 
 install: $(VENV_STAMP) $(NODE_STAMP) ## Install Python (uv) and Node (buf) dependencies
 
-demo: $(VENV_STAMP) ## Run the simulator, the server on SQLite (./data) and the ingest, live
+# The dashboard (web/): its own npm dependencies, built by Vite into web/dist (not committed),
+# rebuilt when its sources or the generated TypeScript change.
+WEB_STAMP := web/node_modules/.kfeed-installed
+WEB_SOURCES := $(shell find web/src -type f 2>/dev/null) web/index.html web/vite.config.ts \
+	web/tsconfig.json $(wildcard clients/typescript/src/gen/kfeed/v1/*.ts)
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+web/dist/index.html: $(WEB_STAMP) $(WEB_SOURCES)
+	cd web && npm run --silent build
+
+web: web/dist/index.html ## Build the dashboard into web/dist (served by kfeed serve --web-listen)
+
+browser: ## Debian's Chromium for the browser tests (apt-get as root; never a downloaded browser)
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null 2>&1 || echo "no chromium: the browser tests will skip (apt-get install chromium)"
+
+demo: $(VENV_STAMP) web/dist/index.html ## Run the simulator, the server on SQLite (./data), the ingest and the dashboard, live
 	uv run kfeed demo
 
-test: $(VENV_STAMP) $(NODE_STAMP) ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:5432)
+test: $(VENV_STAMP) $(NODE_STAMP) web/dist/index.html browser ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:5432; browser tests in Chromium)
 	uv run pytest $(PYTEST_ARGS)
 
 gen: $(VENV_STAMP) ## Regenerate all generated code from proto/

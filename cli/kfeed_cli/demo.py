@@ -1,4 +1,5 @@
-"""`kfeed demo`: the simulator, the server on SQLite in ./data and the ingest, live, in one go.
+"""`kfeed demo`: the simulator, the server on SQLite in ./data (with the dashboard) and the ingest,
+live, in one go.
 
 Each part runs as its own process, exactly as in production (``kfeed sim``, ``kfeed serve``,
 ``kfeed ingest --mode ws``); the demo only starts them in order, signs the ingest's requests with
@@ -108,6 +109,9 @@ class DemoCommand(CommandSettings):
     data_dir: Path = Field(default=Path("data"), description="database, spool, keys and logs")
     listen: str = Field(default="127.0.0.1:50051", description="kfeed serve HOST:PORT")
     sim_listen: str = Field(default="127.0.0.1:8765", description="kfeed sim HOST:PORT")
+    web_listen: str = Field(
+        default="127.0.0.1:8080", description="dashboard and Connect/gRPC-Web HOST:PORT"
+    )
     seed: int = Field(default=1, description="the simulator's seed")
     markets: int = Field(default=12, description="simulated markets open at once")
     tick_interval: float = Field(default=1.0, description="seconds per simulation step")
@@ -140,6 +144,7 @@ class DemoCommand(CommandSettings):
             await _wait_for_port(sim_host, int(sim_port), sim)
             serve = await _start("serve", [
                 "--listen", self.listen, "--database-url", f"sqlite+aiosqlite:///{database}",
+                "--web-listen", self.web_listen,
             ], logs)  # fmt: skip
             children.append(serve)
             await _wait_until_serving(self.listen, serve)
@@ -167,6 +172,7 @@ class DemoCommand(CommandSettings):
 [bold green]kfeed demo is live[/bold green]
   simulator  http://{self.sim_listen}/trade-api/v2   (Kalshi-compatible, seed {self.seed})
   server     {self.listen}   (SQLite: {self.data_dir / "kfeed.db"})
+  dashboard  http://{self.web_listen}/   (open it in a browser; built by `make web`)
   ingest     WebSocket mode, spool in {self.data_dir / "spool"}
   logs       {logs}/{{sim,serve,ingest}}.log
 

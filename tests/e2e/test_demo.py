@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import httpx
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
@@ -35,11 +36,12 @@ async def _port_closed(port: int) -> bool:
 
 
 async def test_demo_runs_live_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    server_port, sim_port = free_port(), free_port()
+    server_port, sim_port, web_port = free_port(), free_port(), free_port()
     demo = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kfeed_cli.main", "demo",
         "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{server_port}",
-        "--sim-listen", f"127.0.0.1:{sim_port}", "--tick-interval", "0.2",
+        "--sim-listen", f"127.0.0.1:{sim_port}", "--web-listen", f"127.0.0.1:{web_port}",
+        "--tick-interval", "0.2",
         "--status-interval", "1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -49,6 +51,10 @@ async def test_demo_runs_live_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
         intro = await _read_until(demo.stdout, b"Ctrl-C stops everything", within=90)
         assert b"kfeed tail" in intro
         assert b"grpcurl" in intro
+        # The dashboard's address is printed, and it answers there.
+        assert f"http://127.0.0.1:{web_port}/".encode() in intro
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"http://127.0.0.1:{web_port}/")).status_code == 200
         # A subscriber sees live snapshots from the simulator, through ingest and the server.
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel:
             stream = pb_grpc.MarketServiceStub(channel).StreamSnapshots(pb.StreamSnapshotsRequest())
@@ -71,3 +77,4 @@ async def test_demo_runs_live_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
     assert (tmp_path / "data" / "kfeed.db").exists()
     assert await _port_closed(server_port)
     assert await _port_closed(sim_port)
+    assert await _port_closed(web_port)
