@@ -110,13 +110,13 @@ class Dashboard:
 
 
 async def start_dashboard(
-    log_dir: Path, database: Path, *extra_serve_args: str
+    log_dir: Path, database: Path, web_root: Path, *extra_serve_args: str
 ) -> tuple[str, str, KfeedProcess]:
     grpc_address = f"127.0.0.1:{free_port()}"
     web_port = free_port()
     serve = await start_kfeed("serve", [
         "--listen", grpc_address, "--database-url", f"sqlite+aiosqlite:///{database}",
-        "--web-listen", f"127.0.0.1:{web_port}", *extra_serve_args,
+        "--web-listen", f"127.0.0.1:{web_port}", "--web-root", str(web_root), *extra_serve_args,
     ], log_dir)  # fmt: skip
     await wait_for_serving(grpc_address, serve)
     url = f"http://127.0.0.1:{web_port}/"
@@ -165,7 +165,9 @@ async def live_stack(
         ], log_dir)  # fmt: skip
         processes.append(sim)
         await wait_for_http(f"http://127.0.0.1:{sim_port}/trade-api/v2/exchange/status", sim)
-        url, grpc_address, serve = await start_dashboard(log_dir, directory / "kfeed.db")
+        url, grpc_address, serve = await start_dashboard(
+            log_dir, directory / "kfeed.db", dashboard_built
+        )
         processes.append(serve)
         ingest = await start_kfeed("ingest", [
             "--server", grpc_address, "--mode", "ws",
