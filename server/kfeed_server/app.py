@@ -46,6 +46,8 @@ from kfeed_server.transport.interceptors import ErrorMappingInterceptor
 from kfeed_server.transport.market_servicer import MarketServicer
 from kfeed_server.transport.reflection import enable_reflection
 from kfeed_server.transport.requests import RequestTokens, new_token_key
+from kfeed_server.transport.snapshot_stream import StreamLimits
+from kfeed_server.transport.stream_writer import BoundedStreamWrites
 from kfeed_server.web import WebConfig, WebListener, build_web_app
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ class ServerConfig:
     grace_period: float = 5.0
     # Live items a stream subscriber may fall behind by before its overflow policy applies.
     subscriber_queue_capacity: int = 10_000
+    # Seconds a stream response may wait for its subscriber to read before the stream is ended.
+    subscriber_idle_timeout: float = 60.0
+    # Open streams one peer address may hold.
+    max_streams_per_peer: int = 1_000
     # Backtest worker pool and progress reporting.
     backtest: RunnerConfig = field(default_factory=RunnerConfig)
     # Tokens, TLS and rate limit; all off by default, which run_until_signalled allows on
@@ -122,11 +128,13 @@ class KfeedServer:
         auth = config.security.interceptor()
         self._server = grpc.aio.server(
             # Outermost first: request id and error mapping, then metrics and the access log
-            # (so they see refusals too), then authentication, roles and the rate limit.
+            # (so they see refusals too), then authentication, roles and the rate limit, then
+            # the bounded writes of streamed responses.
             interceptors=[
                 ErrorMappingInterceptor(),
                 ObservabilityInterceptor(),
                 auth,
+                BoundedStreamWrites(config.subscriber_idle_timeout),
             ],
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -137,7 +145,7 @@ class KfeedServer:
         # The RPCs of this round's contract additions answer UNIMPLEMENTED (the generated base
         # class) until issues #12 and #13 build them; the ignore goes with the last of them.
         market_servicer = MarketServicer(  # type: ignore[abstract]
-            self.repositories, self.hub, self.tokens
+            self.repositories, self.hub, self.tokens, StreamLimits(config.max_streams_per_peer)
         )
         market_service_pb2_grpc.add_MarketServiceServicer_to_server(market_servicer, self._server)
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(

@@ -37,6 +37,10 @@ class ServeCommand(CommandSettings):
     web_cors_origins: tuple[str, ...] = ()
     web_root: Path = DEFAULT_WEB_ROOT
     token_key_file: Path | None = None
+    # Live streams: docs/OPERATIONS.md.
+    subscriber_queue_capacity: int = 10_000
+    subscriber_idle_timeout: float = 60.0
+    max_streams_per_peer: int = 1_000
 
     def cli_cmd(self) -> None:
         configure_logging(self.log_level, self.log_format)
@@ -60,5 +64,8 @@ class ServeCommand(CommandSettings):
                 if self.web_listen
                 else None
             ),
+            subscriber_queue_capacity=self.subscriber_queue_capacity,
+            subscriber_idle_timeout=self.subscriber_idle_timeout,
+            max_streams_per_peer=self.max_streams_per_peer,
         )
         asyncio.run(run_until_signalled(config))

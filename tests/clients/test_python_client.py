@@ -123,3 +123,18 @@ async def test_stream_gives_up_after_max_attempts(unused_tcp_port: int) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await next_messages(stream, 1)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_batched_history_is_yielded_one_snapshot_each_with_its_own_token(
+    client: KfeedClient, seeded: PublishSession
+) -> None:
+    stream = client.stream_snapshots([TICKER], start_time=at(0), max_batch_size=4)
+    first_three = await next_messages(stream, 3)  # stops inside the first batch of four
+    await stream.aclose()
+    assert [m.WhichOneof("event") for m in first_three] == ["snapshot"] * 3
+    assert all(m.resume_token for m in first_three)
+    resumed = client.stream_snapshots([TICKER], resume_token=first_three[-1].resume_token)
+    rest = await next_messages(resumed, SNAPSHOT_COUNT - 3 + 1)  # the rest + caught up
+    await resumed.aclose()
+    assert yes_bids([*first_three, *rest]) == [4_000 + i for i in range(SNAPSHOT_COUNT)]
+    assert rest[-1].caught_up.replayed_count == SNAPSHOT_COUNT - 3

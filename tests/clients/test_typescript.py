@@ -29,5 +29,5 @@ async def test_node_client_calls_the_server(address: str, seeded: PublishSession
         "KFEED_EXPECTED_BIDS": expected_bids,
     }
     report = await run_command(node, "--test", "dist/test/", cwd=TYPESCRIPT, env=env)
-    assert "# pass 3" in report
+    assert "# pass 4" in report
     assert "# fail 0" in report

@@ -1,7 +1,9 @@
 """Property tests of the replay→live switch (domain layer: the real hub and feed, an in-memory
-store that commits in id order like the server). Hypothesis draws the interleavings: how the
+store that commits in id order like the server; the feed's items are turned into the wire
+responses a subscriber would get, batched or not). Hypothesis draws the interleavings: how the
 writer's commits fall between the feed's history reads, batch sizes, markets, where the
-subscriber starts. Whatever the schedule: no gap, no duplicate, one caught-up marker."""
+subscriber starts, max_batch_size. Whatever the schedule: no gap, no duplicate, one caught-up
+marker, and every response's token resumes after the last snapshot it carried."""
 
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.records import SnapshotRecord
 from kfeed_server.streaming import feed as feed_module
-from kfeed_server.streaming.feed import CaughtUpEvent, FeedRequest, SnapshotEvent, snapshot_feed
+from kfeed_server.streaming.feed import FeedRequest, feed_items
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
+from kfeed_server.transport.requests import RequestTokens, new_token_key
+from kfeed_server.transport.stream_frames import SnapshotFrames
 from tests.support.factories import at, make_snapshot
 
 TICKERS = ("KX-A", "KX-B", "KX-C")
+
+TOKENS = RequestTokens(new_token_key())
 
 
 class CommittingStore:
@@ -83,18 +90,30 @@ def small_replay_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     schedule=batches,
     start=st.sampled_from(["time", "resume", "live"]),
     followed=st.sets(st.sampled_from(TICKERS), max_size=2),
+    max_batch_size=st.sampled_from([0, 1, 2, 5, 500]),
 )
 def test_no_gap_and_no_duplicate_across_the_switch(
     before: int,
     schedule: list[tuple[int, int, str]],
     start: str,
     followed: set[str],
+    max_batch_size: int,
 ) -> None:
-    asyncio.run(_run(before, schedule, start, frozenset(followed)))
+    asyncio.run(_run(before, schedule, start, frozenset(followed), max_batch_size))
+
+
+def _snapshot_ids(message: pb.StreamSnapshotsResponse) -> list[int]:
+    if message.HasField("snapshot"):
+        return [message.snapshot.snapshot.snapshot_id]
+    return [u.snapshot.snapshot_id for u in message.snapshot_batch.updates]
 
 
 async def _run(
-    before: int, schedule: list[tuple[int, int, str]], start: str, followed: frozenset[str]
+    before: int,
+    schedule: list[tuple[int, int, str]],
+    start: str,
+    followed: frozenset[str],
+    max_batch_size: int,
 ) -> None:
     store, hub = CommittingStore(), SnapshotHub()
     counter = iter(range(1_000_000))
@@ -113,7 +132,8 @@ async def _run(
         heartbeat_interval=0.005,  # keeps events coming, so the loop below re-checks
         history_tickers=sorted(followed) or None,
     )
-    feed = snapshot_feed(request, hub, store)
+    feed = feed_items(request, hub, store)
+    frames = SnapshotFrames(TOKENS)
 
     async def writer() -> None:
         for size, pauses, ticker in schedule:
@@ -127,13 +147,18 @@ async def _run(
     first_after = 0 if start == "time" else (resume_after or 0)
     try:
         async with asyncio.timeout(2):
-            async for delivery in feed:
-                if isinstance(delivery.event, CaughtUpEvent):
-                    caught_up += 1
-                    if start == "live":
-                        first_after = delivery.resume_after_id
-                elif isinstance(delivery.event, SnapshotEvent):
-                    received.append(delivery.event.snapshot.snapshot_id)
+            async for item in feed:
+                for frame, _ in frames.frames(item, max_batch_size):
+                    message = pb.StreamSnapshotsResponse.FromString(frame)
+                    if message.HasField("caught_up"):
+                        caught_up += 1
+                        if start == "live":
+                            first_after = TOKENS.decode_resume_token(message.resume_token)
+                    ids = _snapshot_ids(message)
+                    received.extend(ids)
+                    if ids:  # the token resumes right after the last snapshot it carried
+                        assert TOKENS.decode_resume_token(message.resume_token) == ids[-1]
+                    assert len(ids) <= max(max_batch_size, 1)
                 expected = _expected(store, first_after, followed)
                 settled = writing.done() and caught_up and received == expected
                 if settled or len(received) > len(expected):  # done, or a duplicate: stop

@@ -1,11 +1,17 @@
 // A kfeed client for Node: Connect clients of the generated service descriptors over gRPC
 // (HTTP/2), with an optional bearer token. The messages and descriptors in ./gen are generated
 // by `make gen` (buf generate with protoc-gen-es v2); this file is the only hand-written part.
-import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 import { BacktestService } from "./gen/kfeed/v1/backtest_service_pb.js";
 import { IngestService } from "./gen/kfeed/v1/ingest_service_pb.js";
-import { MarketService } from "./gen/kfeed/v1/market_service_pb.js";
+import {
+  MarketService,
+  StreamSnapshotsRequestSchema,
+  StreamSnapshotsResponseSchema,
+  type StreamSnapshotsResponse,
+} from "./gen/kfeed/v1/market_service_pb.js";
 
 export * from "./gen/kfeed/v1/backtest_service_pb.js";
 export * from "./gen/kfeed/v1/ingest_service_pb.js";
@@ -56,4 +62,34 @@ export function dollarsText(tenThousandths: bigint): string {
   const sign = tenThousandths < 0n ? "-" : "";
   const units = tenThousandths < 0n ? -tenThousandths : tenThousandths;
   return `${sign}${units / 10_000n}.${(units % 10_000n).toString().padStart(4, "0")}`;
+}
+
+/** Snapshots per message `streamSnapshots` asks for: the server batches what is ready together. */
+export const DEFAULT_MAX_BATCH_SIZE = 500;
+
+/**
+ * StreamSnapshots with batched frames, handed out one message per snapshot: a `snapshot_batch`
+ * is split into `snapshot` messages, each carrying the resume token of its own update (resuming
+ * from it continues right after that snapshot). Other messages pass through unchanged. Asks for
+ * batches of `DEFAULT_MAX_BATCH_SIZE` unless the request sets `maxBatchSize`.
+ */
+export async function* streamSnapshots(
+  markets: Client<typeof MarketService>,
+  request: MessageInitShape<typeof StreamSnapshotsRequestSchema>,
+  options?: CallOptions,
+): AsyncGenerator<StreamSnapshotsResponse> {
+  const batched = create(StreamSnapshotsRequestSchema, request);
+  if (!batched.maxBatchSize) batched.maxBatchSize = DEFAULT_MAX_BATCH_SIZE;
+  for await (const message of markets.streamSnapshots(batched, options)) {
+    if (message.event.case !== "snapshotBatch") {
+      yield message;
+      continue;
+    }
+    for (const update of message.event.value.updates) {
+      yield create(StreamSnapshotsResponseSchema, {
+        resumeToken: update.resumeToken,
+        event: { case: "snapshot", value: { ...update, resumeToken: "" } },
+      });
+    }
+  }
 }

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { connectKfeed, dollarsText } from "../src/index.js";
+import { connectKfeed, dollarsText, streamSnapshots } from "../src/index.js";
 
 const address = process.env.KFEED_ADDRESS ?? "127.0.0.1:50051";
 const ticker = process.env.KFEED_TICKER ?? "";
@@ -45,6 +45,47 @@ test("StreamSnapshots replays history then marks caught-up (server streaming)", 
   }
   assert.ok(caughtUp, "the caught-up marker arrived");
   assert.deepEqual(bids, expectedBids);
+});
+
+test("streamSnapshots hides batches: one message per snapshot, each resumable", async () => {
+  const kfeed = connectKfeed(address);
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), 10_000);
+  const history = { tickers: [ticker], startTime: timestampFromDate(new Date("2000-01-01Z")) };
+  const bids: string[] = [];
+  const tokens: string[] = [];
+  try {
+    for await (const message of streamSnapshots(
+      kfeed.markets,
+      { ...history, maxBatchSize: 3 },
+      { signal: abort.signal },
+    )) {
+      assert.ok(message.resumeToken, "every message carries a resume token");
+      if (message.event.case === "caughtUp") break;
+      assert.equal(message.event.case, "snapshot");
+      if (message.event.case === "snapshot") {
+        bids.push(dollarsText(message.event.value.snapshot?.yesBid?.tenThousandths ?? 0n));
+        tokens.push(message.resumeToken);
+      }
+    }
+    assert.deepEqual(bids, expectedBids);
+    // Resuming from the second snapshot's token (inside the first batch) continues after it.
+    const rest: string[] = [];
+    for await (const message of streamSnapshots(
+      kfeed.markets,
+      { tickers: [ticker], resumeToken: tokens[1] },
+      { signal: abort.signal },
+    )) {
+      if (message.event.case === "caughtUp") break;
+      if (message.event.case === "snapshot") {
+        rest.push(dollarsText(message.event.value.snapshot?.yesBid?.tenThousandths ?? 0n));
+      }
+    }
+    assert.deepEqual(rest, expectedBids.slice(2));
+  } finally {
+    clearTimeout(timer);
+    kfeed.close();
+  }
 });
 
 test("dollarsText is exact", () => {

@@ -18,7 +18,8 @@ from typing import Protocol
 from kfeed_server.records import FeedGapRecord, SnapshotRecord
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
 
-REPLAY_PAGE_SIZE = 2_000
+# History is read in ordered chunks of this many rows; each becomes one run of snapshots.
+REPLAY_PAGE_SIZE = 10_000
 
 
 class SnapshotSource(Protocol):
@@ -95,6 +96,32 @@ class Delivery:
     resume_after_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotRun:
+    """Consecutive snapshots that are ready together — a chunk of history, or what one live
+    wake-up found — so that transport can send several in one message."""
+
+    snapshots: Sequence[SnapshotRecord]
+    # With conflation: how many snapshots each one replaced (None: none was conflated).
+    coalesced_counts: Sequence[int] | None = None
+    # The position after each of them when it is not the snapshot's own id: the latest-snapshot
+    # preamble, sent out of id order, resumes after the id the stream went live at.
+    fixed_resume_after_id: int | None = None
+
+    def resume_after_id(self, index: int) -> int:
+        """Where to resume after the snapshot at ``index`` of this run."""
+        if self.fixed_resume_after_id is not None:
+            return self.fixed_resume_after_id
+        return self.snapshots[index].snapshot_id
+
+    def coalesced_count(self, index: int) -> int:
+        return 0 if self.coalesced_counts is None else self.coalesced_counts[index]
+
+
+# What a feed yields: runs of snapshots, and the other events one by one.
+FeedItem = SnapshotRun | Delivery
+
+
 class SubscriberOverflowError(Exception):
     """The subscriber fell behind and chose to be disconnected rather than skip."""
 
@@ -123,61 +150,92 @@ class _Conflator:
 
 async def _replay(
     source: SnapshotSource, request: FeedRequest, after_id: int
-) -> AsyncIterator[SnapshotRecord]:
+) -> AsyncIterator[list[SnapshotRecord]]:
+    """Stored history after ``after_id`` in id order, a chunk at a time."""
     min_time = request.start_time if request.resume_after_id is None else None
     while True:
         page = await source.list_after_id(
             after_id, tickers=request.history_tickers, limit=REPLAY_PAGE_SIZE,
             min_exchange_time=min_time,
         )  # fmt: skip
-        for snapshot in page:
-            yield snapshot
+        if page:
+            yield page
         if len(page) < REPLAY_PAGE_SIZE:
             return
         after_id = page[-1].snapshot_id
 
 
-async def snapshot_feed(
+async def feed_items(
     request: FeedRequest, hub: SnapshotHub, source: SnapshotSource
-) -> AsyncGenerator[Delivery, None]:
-    """The events of one subscription, until the hub closes (shutdown) or the caller stops."""
+) -> AsyncGenerator[FeedItem, None]:
+    """The events of one subscription, snapshots in runs, until the hub closes (shutdown), the
+    hub ends the subscription, or the caller stops."""
     subscription = hub.subscribe(request.selector)
     try:
-        async for delivery in _history_then_live(request, subscription, source):
-            yield delivery
+        async for item in _history_then_live(request, subscription, source):
+            yield item
     finally:
         hub.unsubscribe(subscription)
 
 
 async def _history_then_live(
     request: FeedRequest, subscription: Subscription, source: SnapshotSource
-) -> AsyncIterator[Delivery]:
+) -> AsyncIterator[FeedItem]:
     last_id = 0
     replayed = 0
     if request.resume_after_id is not None or request.start_time is not None:
         last_id = request.resume_after_id or 0
-        async for snapshot in _replay(source, request, last_id):
-            last_id = snapshot.snapshot_id
-            replayed += 1
-            yield Delivery(SnapshotEvent(snapshot), last_id)
+        async for page in _replay(source, request, last_id):
+            last_id = page[-1].snapshot_id
+            replayed += len(page)
+            yield SnapshotRun(page)
     else:
         last_id = await source.max_snapshot_id()
         if request.include_latest:
             latest = await source.latest_per_market(request.history_tickers)
             # Newer ones than last_id committed meanwhile: they are in the live queue.
-            for snapshot in sorted(
+            preamble = sorted(
                 (s for s in latest if s.snapshot_id <= last_id), key=lambda s: s.snapshot_id
-            ):
-                replayed += 1
-                yield Delivery(SnapshotEvent(snapshot), last_id)
+            )
+            if preamble:
+                replayed += len(preamble)
+                yield SnapshotRun(preamble, fixed_resume_after_id=last_id)
     yield Delivery(CaughtUpEvent(replayed), last_id)
-    async for delivery in _live(request, subscription, last_id):
-        yield delivery
+    async for item in _live(request, subscription, last_id):
+        yield item
+
+
+class _ReadyItems:
+    """What one live wake-up sends, in order: consecutive snapshots grouped into runs."""
+
+    def __init__(self) -> None:
+        self.items: list[FeedItem] = []
+        self._snapshots: list[SnapshotRecord] = []
+        self._coalesced: list[int] = []
+
+    def snapshot(self, snapshot: SnapshotRecord, coalesced_count: int = 0) -> None:
+        self._snapshots.append(snapshot)
+        self._coalesced.append(coalesced_count)
+
+    def event(self, delivery: Delivery) -> None:
+        self._close_run()
+        self.items.append(delivery)
+
+    def _close_run(self) -> None:
+        if self._snapshots:
+            coalesced = self._coalesced if any(self._coalesced) else None
+            self.items.append(SnapshotRun(self._snapshots, coalesced))
+            self._snapshots, self._coalesced = [], []
+
+    def take(self) -> list[FeedItem]:
+        self._close_run()
+        items, self.items = self.items, []
+        return items
 
 
 async def _live(
     request: FeedRequest, subscription: Subscription, last_id: int
-) -> AsyncIterator[Delivery]:
+) -> AsyncIterator[FeedItem]:
     loop = asyncio.get_running_loop()
     conflation = request.conflation_interval
     conflator = _Conflator() if conflation else None
@@ -188,32 +246,33 @@ async def _live(
         if conflator is not None and conflator.pending:
             deadline = min(deadline, next_flush)
         await subscription.wait(max(deadline - loop.time(), 0))
-        ready: list[Delivery] = []
+        ready = _ReadyItems()
         if subscription.overflowed:
             dropped = subscription.take_overflow()
             if request.overflow_policy == OverflowPolicy.RESOURCE_EXHAUSTED:
                 raise SubscriberOverflowError(dropped, last_id)
             if conflator is not None:
                 conflator.pending.clear()
-            ready.append(Delivery(SubscriberGapEvent(dropped), last_id))
+            ready.event(Delivery(SubscriberGapEvent(dropped), last_id))
         for item in subscription.take_all():
             if isinstance(item, FeedGapRecord):
-                ready.append(Delivery(FeedGapEvent(item), last_id))
+                ready.event(Delivery(FeedGapEvent(item), last_id))
             elif item.snapshot_id <= last_id:
                 continue  # already delivered from history
             elif conflator is None:
                 last_id = item.snapshot_id
-                ready.append(Delivery(SnapshotEvent(item), last_id))
+                ready.snapshot(item)
             else:
                 conflator.add(item)
         if conflator is not None and conflator.pending and loop.time() >= next_flush:
             for event in conflator.flush():
                 last_id = event.snapshot.snapshot_id
-                ready.append(Delivery(event, last_id))
+                ready.snapshot(event.snapshot, event.coalesced_count)
             next_flush = loop.time() + (conflation or 0)
-        if not ready and loop.time() >= last_sent + request.heartbeat_interval:
-            ready.append(Delivery(HeartbeatEvent(datetime.now(UTC)), last_id))
-        for delivery in ready:
-            yield delivery
-        if ready:
+        to_send = ready.take()
+        if not to_send and loop.time() >= last_sent + request.heartbeat_interval:
+            to_send.append(Delivery(HeartbeatEvent(datetime.now(UTC)), last_id))
+        for feed_item in to_send:
+            yield feed_item
+        if to_send:
             last_sent = loop.time()

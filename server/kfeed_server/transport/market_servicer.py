@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -13,47 +12,28 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import MarketStatus, Page
-from kfeed_server.streaming.feed import (
-    CaughtUpEvent,
-    Delivery,
-    FeedGapEvent,
-    FeedRequest,
-    HeartbeatEvent,
-    OverflowPolicy,
-    SnapshotEvent,
-    SubscriberGapEvent,
-    SubscriberOverflowError,
-    snapshot_feed,
-)
-from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
+from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport import candles, market_structure
 from kfeed_server.transport.convert import (
-    feed_gap_to_proto,
     market_to_proto,
     snapshot_fields,
     snapshot_to_proto,
-    timestamp,
     trade_to_proto,
 )
-from kfeed_server.transport.errors import InvalidArgument, NotFound, ResourceExhausted
+from kfeed_server.transport.errors import NotFound
 from kfeed_server.transport.requests import (
     PageSizeLimits,
     RequestTokens,
-    duration_seconds,
     enum_values,
     optional_ticker,
-    optional_time,
     require_ticker,
     time_window,
 )
+from kfeed_server.transport.snapshot_stream import SnapshotStreams, StreamLimits
 
 MARKETS_PAGE = PageSizeLimits(default=100, maximum=1000)
 SNAPSHOTS_PAGE = PageSizeLimits(default=1000, maximum=10_000)
 TRADES_PAGE = PageSizeLimits(default=1000, maximum=10_000)
-
-MAX_STREAM_TICKERS = 10_000
-# Streamed snapshot messages are identical for every subscriber: build each once.
-_MESSAGE_CACHE_SIZE = 8192
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
@@ -62,14 +42,25 @@ R = TypeVar("R")
 class MarketServicer(pb_grpc.MarketServiceServicer):
     """Serves MarketService from the repositories. Holds no SQL."""
 
-    def __init__(self, repositories: Repositories, hub: SnapshotHub, tokens: RequestTokens) -> None:
+    def __init__(
+        self,
+        repositories: Repositories,
+        hub: SnapshotHub,
+        tokens: RequestTokens,
+        stream_limits: StreamLimits | None = None,
+    ) -> None:
         self._markets = repositories.markets
         self._snapshots = repositories.snapshots
         self._trades = repositories.trades
         self._candle_sources = repositories.candle_sources
-        self._hub = hub
         self._tokens = tokens
-        self._snapshot_messages: OrderedDict[int, pb.StreamSnapshotsResponse] = OrderedDict()
+        self._streams = SnapshotStreams(
+            repositories.markets,
+            repositories.snapshots,
+            hub,
+            tokens,
+            stream_limits or StreamLimits(),
+        )
 
     async def _require_market(self, ticker: str) -> None:
         if await self._markets.get_market(ticker) is None:
@@ -158,110 +149,13 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
             trades=[trade_to_proto(t) for t in trades], next_page_token=next_page_token
         )
 
-    async def _feed_request(self, request: pb.StreamSnapshotsRequest) -> FeedRequest:
-        if len(request.tickers) > MAX_STREAM_TICKERS:
-            raise InvalidArgument.field("tickers", f"at most {MAX_STREAM_TICKERS} tickers")
-        tickers = [require_ticker(t, f"tickers[{i}]") for i, t in enumerate(request.tickers)]
-        event_ticker = optional_ticker(request.event_ticker, "event_ticker")
-        series_ticker = optional_ticker(request.series_ticker, "series_ticker")
-        resume_after_id = (
-            self._tokens.decode_resume_token(request.resume_token) if request.resume_token else None
-        )
-        start_time = optional_time(request, "start_time")
-        heartbeat = duration_seconds(
-            request, "heartbeat_interval", default=5.0, minimum=0.1, maximum=60.0
-        )
-        conflation = duration_seconds(
-            request, "conflation_interval", default=None, minimum=0.01, maximum=60.0
-        )
-        policy = (
-            OverflowPolicy.RESOURCE_EXHAUSTED
-            if request.overflow_policy == pb.OVERFLOW_POLICY_RESOURCE_EXHAUSTED
-            else OverflowPolicy.GAP_MARKER
-        )
-        known = await self._markets.existing_tickers(tickers)
-        for ticker in tickers:
-            if ticker not in known:
-                raise NotFound("market", ticker)
-        selected = set(tickers)
-        if event_ticker or series_ticker:
-            # Markets that exist now; ones created later match through the hub's directory.
-            selected.update(
-                await self._markets.tickers_matching(
-                    event_ticker=event_ticker, series_ticker=series_ticker
-                )
-            )
-        selector = MarketSelector(frozenset(selected), event_ticker, series_ticker)
-        return FeedRequest(
-            selector=selector,
-            start_time=start_time,
-            resume_after_id=resume_after_id,
-            include_latest=request.include_latest,
-            heartbeat_interval=heartbeat or 5.0,
-            conflation_interval=conflation,
-            overflow_policy=policy,
-            history_tickers=None if selector.selects_all else sorted(selected),
-        )
-
-    def _snapshot_message(self, event: SnapshotEvent, token: str) -> pb.StreamSnapshotsResponse:
-        if event.coalesced_count:
-            return pb.StreamSnapshotsResponse(
-                resume_token=token,
-                snapshot=pb.SnapshotUpdate(
-                    snapshot=snapshot_to_proto(event.snapshot),
-                    coalesced_count=event.coalesced_count,
-                ),
-            )
-        cache = self._snapshot_messages
-        message = cache.get(event.snapshot.snapshot_id)
-        if message is None or message.resume_token != token:
-            message = pb.StreamSnapshotsResponse(
-                resume_token=token,
-                snapshot=pb.SnapshotUpdate(snapshot=snapshot_to_proto(event.snapshot)),
-            )
-            cache[event.snapshot.snapshot_id] = message
-            if len(cache) > _MESSAGE_CACHE_SIZE:
-                cache.popitem(last=False)
-        return message
-
-    def _to_message(self, delivery: Delivery) -> pb.StreamSnapshotsResponse:
-        token = self._tokens.encode_resume_token(delivery.resume_after_id)
-        event = delivery.event
-        if isinstance(event, SnapshotEvent):
-            return self._snapshot_message(event, token)
-        if isinstance(event, CaughtUpEvent):
-            return pb.StreamSnapshotsResponse(
-                resume_token=token, caught_up=pb.CaughtUp(replayed_count=event.replayed_count)
-            )
-        if isinstance(event, HeartbeatEvent):
-            return pb.StreamSnapshotsResponse(
-                resume_token=token,
-                heartbeat=pb.Heartbeat(server_time=timestamp(event.server_time)),
-            )
-        if isinstance(event, SubscriberGapEvent):
-            return pb.StreamSnapshotsResponse(
-                resume_token=token,
-                subscriber_gap=pb.SubscriberGap(dropped_count=event.dropped_count),
-            )
-        assert isinstance(event, FeedGapEvent)
-        return pb.StreamSnapshotsResponse(resume_token=token, feed_gap=feed_gap_to_proto(event.gap))
-
-    async def StreamSnapshots(
+    # Yields responses encoded once and shared by subscribers (bytes, see stream_frames) rather
+    # than the messages the stubs describe.
+    async def StreamSnapshots(  # type: ignore[override]
         self, request: pb.StreamSnapshotsRequest, context: Context
-    ) -> AsyncIterator[pb.StreamSnapshotsResponse]:
-        feed_request = await self._feed_request(request)
-        feed = snapshot_feed(feed_request, self._hub, self._snapshots)
-        try:
-            async for delivery in feed:
-                yield self._to_message(delivery)
-        except SubscriberOverflowError as overflow:
-            raise ResourceExhausted(
-                f"{overflow}; resume with resume_token "
-                f"{self._tokens.encode_resume_token(overflow.resume_after_id)!r}"
-            ) from None
-        finally:
-            # Frees the subscription at once, also when the client cancels.
-            await feed.aclose()
+    ) -> AsyncIterator[bytes]:
+        async for response in self._streams.responses(request, context):
+            yield response
 
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: Context

@@ -31,6 +31,8 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError, ErrorDetail
 from connectrpc.request import RequestContext
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 from google.rpc import status_pb2
 from protobuf.wkt import Any as ConnectAny
 
@@ -149,6 +151,7 @@ def _server_stream(
     method: str,
     behavior: Callable[[Any, Any], AsyncGenerator[Any, None]] | None,
     auth: AuthInterceptor,
+    response_type: type[Message],
 ) -> Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]]:
     async def stream(request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
         this = _Call(method, "server_stream", ctx, auth)
@@ -159,7 +162,10 @@ def _server_stream(
             # aclosing: the servicer's own clean-up (its finally) runs as soon as the client goes.
             async with contextlib.aclosing(behavior(request, this.context)) as responses:
                 async for response in responses:
-                    yield response
+                    # Responses a servicer encoded itself (bytes) become messages for the codecs.
+                    yield (
+                        response_type.FromString(response) if type(response) is bytes else response
+                    )
         except BaseException as error:
             raise this.failed(error) from None
         this.observation.finish(grpc.StatusCode.OK)
@@ -199,7 +205,7 @@ def _delegate(
     implemented = getattr(type(servicer), rpc.name) is not getattr(generated_base, rpc.name)
     behavior = getattr(servicer, rpc.name) if implemented else None
     function = (
-        _server_stream(full_method, behavior, auth)
+        _server_stream(full_method, behavior, auth, GetMessageClass(rpc.output_type))
         if rpc.server_streaming
         else _unary(full_method, behavior, auth)
     )

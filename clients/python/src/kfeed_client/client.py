@@ -18,7 +18,12 @@ from kfeed.v1 import (
     types_pb2,
 )
 from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig, open_channel
-from kfeed_client.streaming import DEFAULT_RETRY, RetryPolicy, resumable_stream
+from kfeed_client.streaming import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_RETRY,
+    RetryPolicy,
+    resumable_stream,
+)
 
 _Item = TypeVar("_Item")
 
@@ -211,6 +216,7 @@ class KfeedClient:
         ),
         retry: RetryPolicy = DEFAULT_RETRY,
         resume_on_gap: bool = True,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ) -> AsyncGenerator[market_service_pb2.StreamSnapshotsResponse, None]:
         """The live feed of the selected markets (no tickers and no event/series: all markets).
 
@@ -220,6 +226,9 @@ class KfeedClient:
         and continues after the last token it saw — no gap, no duplicate — and it ends only on
         a status that retrying cannot fix (raised as ``grpc.aio.AioRpcError``) or when
         ``retry.max_attempts`` consecutive attempts failed. See :func:`resumable_stream`.
+
+        Snapshots travel in batches of up to ``max_batch_size`` when several are ready (1: one
+        per message); either way each is yielded as its own message with its own resume token.
         """
         request = market_service_pb2.StreamSnapshotsRequest(
             tickers=list(tickers),
@@ -228,6 +237,7 @@ class KfeedClient:
             series_ticker=series_ticker or "",
             include_latest=include_latest,
             overflow_policy=overflow_policy,
+            max_batch_size=max_batch_size,
         )
         if start_time is not None:
             request.start_time.CopyFrom(to_timestamp(start_time))

@@ -5,6 +5,10 @@ The subscriber remembers the last token it saw; when the stream breaks it reconn
 exponential backoff and jitter) asking to continue after that token, so the server replays
 exactly what was missed and then goes live again. A status that retrying cannot fix
 (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, …) ends the iteration with that error.
+
+Snapshots may arrive batched (``max_batch_size``: many per message, far cheaper to send and to
+read); the iterator hands them out one message per snapshot all the same, each with the token
+that resumes right after it.
 """
 
 from __future__ import annotations
@@ -84,6 +88,27 @@ def server_retry_delay(error: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+DEFAULT_MAX_BATCH_SIZE = 500
+"""Snapshots per message the client asks for: the server batches whatever is ready together."""
+
+
+def unbatched(message: pb.StreamSnapshotsResponse) -> list[pb.StreamSnapshotsResponse]:
+    """``message`` as one message per snapshot (a ``snapshot_batch`` split, anything else as is).
+
+    Each snapshot of a batch becomes a ``snapshot`` message with the update's own resume token,
+    so a caller that stops in the middle of a batch can still resume exactly after the last
+    snapshot it took."""
+    if not message.HasField("snapshot_batch"):
+        return [message]
+    split: list[pb.StreamSnapshotsResponse] = []
+    for update in message.snapshot_batch.updates:
+        single = pb.StreamSnapshotsResponse(resume_token=update.resume_token)
+        single.snapshot.CopyFrom(update)
+        single.snapshot.ClearField("resume_token")
+        split.append(single)
+    return split
+
+
 def resumed_request(
     request: pb.StreamSnapshotsRequest, resume_token: str
 ) -> pb.StreamSnapshotsRequest:
@@ -133,7 +158,8 @@ async def resumable_stream(
                     )
                     fell_behind = True
                     break
-                yield message
+                for single in unbatched(message):
+                    yield single
         except grpc.aio.AioRpcError as error:
             if error.code() not in retry.retryable_codes:
                 raise

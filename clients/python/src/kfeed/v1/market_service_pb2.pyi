@@ -399,8 +399,13 @@ class SnapshotUpdate(_message.Message):
 
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     COALESCED_COUNT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     coalesced_count: _builtins.int
     """With conflation: how many snapshots this one replaced (0 when not conflated)."""
+    resume_token: _builtins.str
+    """Inside a `snapshot_batch` only: resume from here to continue right after this snapshot
+    (the batch message's own `resume_token` equals its last update's). Empty otherwise.
+    """
     @_builtins.property
     def snapshot(self) -> _types_pb2.MarketSnapshot: ...
     def __init__(
@@ -408,10 +413,11 @@ class SnapshotUpdate(_message.Message):
         *,
         snapshot: _types_pb2.MarketSnapshot | None = ...,
         coalesced_count: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced_count", b"coalesced_count", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced_count", b"coalesced_count", "resume_token", b"resume_token", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

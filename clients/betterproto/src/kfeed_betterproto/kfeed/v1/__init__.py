@@ -2623,6 +2623,12 @@ class SnapshotUpdate(betterproto2.Message):
     With conflation: how many snapshots this one replaced (0 when not conflated).
     """
 
+    resume_token: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Inside a `snapshot_batch` only: resume from here to continue right after this snapshot
+    (the batch message's own `resume_token` equals its last update's). Empty otherwise.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "SnapshotUpdate", SnapshotUpdate)
 

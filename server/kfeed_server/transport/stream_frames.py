@@ -1,0 +1,169 @@
+"""StreamSnapshots responses built as wire bytes, each snapshot encoded once.
+
+A streamed snapshot is the same for every subscriber; only the message around it (its resume
+token, and whether it travels alone or in a ``snapshot_batch``) differs. So each snapshot is
+encoded once into its ``SnapshotUpdate`` bytes (kept by id while live subscribers need them), and
+a response is put together by concatenation, following the protobuf wire format: a
+length-delimited field is its tag, the varint length and the payload, and a message is its fields
+one after another. Building the same response with the protobuf API copies every sub-message
+into it (≈3 µs a snapshot, per subscriber) instead of joining bytes (≈0.1 µs).
+
+The gRPC server sends these bytes as they are (``stream_writer``); the web listener decodes them
+for its codecs. Tests parse the bytes back and compare them with messages built the ordinary
+way.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from kfeed.v1 import market_service_pb2 as pb
+from kfeed.v1 import types_pb2
+from kfeed_server.records import SnapshotRecord
+from kfeed_server.streaming.feed import (
+    CaughtUpEvent,
+    Delivery,
+    FeedGapEvent,
+    FeedItem,
+    HeartbeatEvent,
+    SnapshotEvent,
+    SnapshotRun,
+    SubscriberGapEvent,
+)
+from kfeed_server.transport.convert import feed_gap_to_proto, snapshot_fields, timestamp
+from kfeed_server.transport.requests import RequestTokens
+
+# Wire tags (field number << 3 | wire type 2, length-delimited; 0 for a varint).
+_TAG_RESUME_TOKEN = b"\x0a"  # StreamSnapshotsResponse.resume_token = 1
+_TAG_SNAPSHOT = b"\x12"  # StreamSnapshotsResponse.snapshot = 2
+_TAG_SNAPSHOT_BATCH = b"\x3a"  # StreamSnapshotsResponse.snapshot_batch = 7
+_TAG_UPDATES = b"\x0a"  # SnapshotBatch.updates = 1
+_TAG_UPDATE_SNAPSHOT = b"\x0a"  # SnapshotUpdate.snapshot = 1
+_TAG_COALESCED_COUNT = b"\x10"  # SnapshotUpdate.coalesced_count = 2 (varint)
+_TAG_UPDATE_TOKEN = b"\x1a"  # SnapshotUpdate.resume_token = 3
+
+MAX_BATCH_SIZE = 10_000
+# Encoded snapshots kept for live subscribers: several seconds of a busy feed.
+ENCODED_CACHE_SIZE = 65_536
+
+
+def varint(value: int) -> bytes:
+    """``value`` (≥ 0) as a protobuf varint."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + varint(len(payload)) + payload
+
+
+def _snapshot_update(snapshot: SnapshotRecord) -> bytes:
+    """SnapshotUpdate{snapshot} as bytes (its coalesced count, when any, is appended later)."""
+    encoded = types_pb2.MarketSnapshot(**snapshot_fields(snapshot)).SerializeToString()
+    return _length_delimited(_TAG_UPDATE_SNAPSHOT, encoded)
+
+
+class SnapshotFrames:
+    """Turns a feed's items into StreamSnapshots responses (wire bytes).
+
+    ``max_batch_size`` ≤ 1: one snapshot per message, as before batching existed. Above 1: a run
+    of several ready snapshots goes out in ``snapshot_batch`` messages of up to that many, each
+    update carrying the token that resumes right after it and the message the token of its last;
+    a snapshot ready alone still goes out as ``snapshot``. One instance serves all streams of a
+    server: its cache holds each recent snapshot encoded once."""
+
+    def __init__(self, tokens: RequestTokens, cache_size: int = ENCODED_CACHE_SIZE) -> None:
+        self._tokens = tokens
+        self._cache_size = cache_size
+        # snapshot id -> (SnapshotUpdate bytes, its batch entry: the update with its own token
+        # as a SnapshotBatch.updates field).
+        self._encoded: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+
+    def _update_token(self, resume_after_id: int) -> bytes:
+        token = self._tokens.encode_resume_token(resume_after_id)
+        return _length_delimited(_TAG_UPDATE_TOKEN, token.encode())
+
+    def _encoded_snapshot(self, snapshot: SnapshotRecord) -> tuple[bytes, bytes]:
+        cache = self._encoded
+        snapshot_id = snapshot.snapshot_id
+        encoded = cache.get(snapshot_id)
+        if encoded is None:
+            update = _snapshot_update(snapshot)
+            entry = _length_delimited(_TAG_UPDATES, update + self._update_token(snapshot_id))
+            encoded = cache[snapshot_id] = (update, entry)
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
+        return encoded
+
+    def _entry(self, run: SnapshotRun, index: int) -> bytes:
+        """The run's snapshot at ``index`` as a SnapshotBatch.updates field."""
+        update, entry = self._encoded_snapshot(run.snapshots[index])
+        coalesced = run.coalesced_count(index)
+        if not coalesced and run.fixed_resume_after_id is None:
+            return entry
+        if coalesced:
+            update += _TAG_COALESCED_COUNT + varint(coalesced)
+        return _length_delimited(
+            _TAG_UPDATES, update + self._update_token(run.resume_after_id(index))
+        )
+
+    def _alone(self, run: SnapshotRun, index: int) -> bytes:
+        """The run's snapshot at ``index`` as a StreamSnapshotsResponse.snapshot field."""
+        update, _ = self._encoded_snapshot(run.snapshots[index])
+        coalesced = run.coalesced_count(index)
+        if coalesced:
+            update += _TAG_COALESCED_COUNT + varint(coalesced)
+        return _length_delimited(_TAG_SNAPSHOT, update)
+
+    def frames(self, item: FeedItem, max_batch_size: int) -> Iterator[tuple[bytes, int]]:
+        """The responses that send ``item``, each with the snapshot id it resumes after."""
+        if isinstance(item, Delivery):
+            event = item.event
+            if not isinstance(event, SnapshotEvent):
+                message = event_message(item, self._tokens.encode_resume_token)
+                yield message.SerializeToString(), item.resume_after_id
+                return
+            counts = [event.coalesced_count] if event.coalesced_count else None
+            item = SnapshotRun([event.snapshot], counts, item.resume_after_id)
+        count = len(item.snapshots)
+        size = max(max_batch_size, 1)
+        for start in range(0, count, size):
+            end = min(start + size, count)
+            resume_after_id = item.resume_after_id(end - 1)
+            token = _length_delimited(
+                _TAG_RESUME_TOKEN, self._tokens.encode_resume_token(resume_after_id).encode()
+            )
+            if end - start == 1:
+                yield token + self._alone(item, start), resume_after_id
+                continue
+            body = b"".join([self._entry(item, index) for index in range(start, end)])
+            yield token + _length_delimited(_TAG_SNAPSHOT_BATCH, body), resume_after_id
+
+
+def event_message(
+    delivery: Delivery, resume_token: Callable[[int], str]
+) -> pb.StreamSnapshotsResponse:
+    """The response for an event other than a snapshot."""
+    token = resume_token(delivery.resume_after_id)
+    event = delivery.event
+    if isinstance(event, CaughtUpEvent):
+        return pb.StreamSnapshotsResponse(
+            resume_token=token, caught_up=pb.CaughtUp(replayed_count=event.replayed_count)
+        )
+    if isinstance(event, HeartbeatEvent):
+        return pb.StreamSnapshotsResponse(
+            resume_token=token, heartbeat=pb.Heartbeat(server_time=timestamp(event.server_time))
+        )
+    if isinstance(event, SubscriberGapEvent):
+        return pb.StreamSnapshotsResponse(
+            resume_token=token, subscriber_gap=pb.SubscriberGap(dropped_count=event.dropped_count)
+        )
+    assert isinstance(event, FeedGapEvent)
+    return pb.StreamSnapshotsResponse(resume_token=token, feed_gap=feed_gap_to_proto(event.gap))
