@@ -9,13 +9,16 @@ the server's imports.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from kfeed_settings import CommandSettings
+from kfeed_settings import CommandError, CommandSettings
+
+_TRUE = {"1", "true", "yes", "on"}
 
 # command name -> (module, settings class, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,24 +42,47 @@ def _usage() -> str:
     helps |= {name: help_text for name, (_, help_text) in CLIENT_COMMANDS.items()}
     width = max(len(name) for name in helps)
     lines = [f"  {name:<{width}}  {help_text}" for name, help_text in helps.items()]
-    return "usage: kfeed <command> [flags]   (kfeed <command> --help)\n\ncommands:\n" + "\n".join(
-        lines
+    return (
+        "usage: kfeed <command> [flags]   (kfeed <command> --help)\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\nAny command also takes --debug (or KFEED_DEBUG=1): tracebacks instead of one line."
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("KFEED_DEBUG", "").lower() in _TRUE
+    args = [arg for arg in args if arg != "--debug"]
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return
     name, rest = args[0], args[1:]
+    if name not in COMMANDS and name not in CLIENT_COMMANDS:
+        print(f"kfeed: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    program = f"kfeed {name}"
+    if not debug:
+        # gRPC's C core logs failures (a port in use) that the one line below already reports.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    try:
+        _run(name, rest)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{program}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if debug:
+            raise
+        print(f"{program}: {describe_error(error)} (--debug shows more)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run(name: str, rest: list[str]) -> None:
     if name in CLIENT_COMMANDS:
         module_name, function_name = CLIENT_COMMANDS[name][0].rsplit(".", 1)
         client_cli = importlib.import_module(f"kfeed_client.{module_name}")
         raise SystemExit(getattr(client_cli, function_name)(rest))
-    if name not in COMMANDS:
-        print(f"kfeed: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        raise SystemExit(2)
     module_name, class_name, _ = COMMANDS[name]
     command_class: type[CommandSettings] = getattr(importlib.import_module(module_name), class_name)
     command_class.model_config["cli_prog_name"] = f"kfeed {name}"
@@ -68,6 +94,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         env_prefix = command_class.model_config.get("env_prefix", "")
         print(invalid_flags_message(f"kfeed {name}", env_prefix, error), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for an error that ended a command: a :class:`CommandError`'s message as it is
+    (found anywhere in the chain of causes), else the error's type and first line."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, CommandError):
+            return str(current)
+        if isinstance(current, ValidationError):
+            return "; ".join(
+                problem["msg"].removeprefix("Value error, ")
+                for problem in current.errors(include_url=False)
+            )
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[0]
+            continue
+        current = current.__cause__ or current.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def invalid_flags_message(program: str, env_prefix: str, error: ValidationError) -> str:

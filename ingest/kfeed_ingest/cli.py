@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import grpc
 from pydantic import Field, field_validator, model_validator
@@ -137,6 +138,16 @@ class IngestCommand(CommandSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    @field_validator("kalshi_url", "kalshi_ws_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        schemes = ("http", "https", "ws", "wss")
+        if value is not None and (
+            urlsplit(value).scheme not in schemes or not urlsplit(value).netloc
+        ):
+            raise ValueError("expected an absolute URL such as https://HOST/trade-api/v2")
         return value
 
     @property

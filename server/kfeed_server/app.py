@@ -11,11 +11,13 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from dataclasses import dataclass, field
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from kfeed.v1 import (
     backtest_service_pb2,
@@ -29,6 +31,7 @@ from kfeed_server.backtest.service import BacktestRunner, RunnerConfig
 from kfeed_server.db import (
     DEFAULT_DATABASE_URL,
     create_engine,
+    normalise_database_url,
     schema_is_current,
     upgrade_to_head,
 )
@@ -49,6 +52,7 @@ from kfeed_server.transport.requests import RequestTokens, new_token_key
 from kfeed_server.transport.snapshot_stream import StreamLimits
 from kfeed_server.transport.stream_writer import BoundedStreamWrites
 from kfeed_server.web import WebConfig, WebListener, build_web_app
+from kfeed_settings import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +67,69 @@ TOKEN_KEY = "request_token_key"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: str = "127.0.0.1:50051"
-    database_url: str = DEFAULT_DATABASE_URL
-    migrate: bool = True
-    # Seconds in-flight calls get to finish on shutdown.
-    grace_period: float = 5.0
-    # Live items a stream subscriber may fall behind by before its overflow policy applies.
-    subscriber_queue_capacity: int = 10_000
-    # Seconds a stream response may wait for its subscriber to read before the stream is ended.
-    subscriber_idle_timeout: float = 60.0
-    # Open streams one peer address may hold.
-    max_streams_per_peer: int = 1_000
+class ServerFlags(BaseModel):
+    """Where the server listens and what database it owns: the `kfeed serve` flags (ServeCommand
+    inherits them) and the first fields of :class:`ServerConfig`."""
+
+    listen: str = Field(default="127.0.0.1:50051", description="HOST:PORT of the gRPC server")
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        description="sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DATABASE"
+        " (postgresql:// and sqlite:// get their async driver)",
+    )
+    migrate: bool = Field(default=True, description="run the database migrations on start")
+    grace_period: float = Field(
+        default=5.0, description="seconds in-flight calls get to finish on shutdown"
+    )
+    metrics_listen: str | None = Field(
+        default=None, description="HOST:PORT of the Prometheus /metrics endpoint (unset: none)"
+    )
+    # Live streams: docs/OPERATIONS.md.
+    subscriber_queue_capacity: int = Field(
+        default=10_000,
+        description="live items a stream subscriber may fall behind by before its overflow"
+        " policy applies",
+    )
+    subscriber_idle_timeout: float = Field(
+        default=60.0,
+        description="seconds a stream response may wait for its subscriber to read before the"
+        " stream is ended",
+    )
+    max_streams_per_peer: int = Field(
+        default=1_000, description="open streams one client address may hold at once"
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, url: str) -> str:
+        return normalise_database_url(url)
+
+
+class ServerConfig(ServerFlags):
+    """Everything a :class:`KfeedServer` needs."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
     # Backtest worker pool and progress reporting.
-    backtest: RunnerConfig = field(default_factory=RunnerConfig)
+    backtest: RunnerConfig = Field(default_factory=RunnerConfig)
     # Tokens, TLS and rate limit; all off by default, which run_until_signalled allows on
     # loopback only.
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    # HOST:PORT of the Prometheus scrape endpoint; None: no endpoint.
-    metrics_listen: str | None = None
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     # The browser dashboard and Connect/gRPC-Web (--web-listen); None: not served.
     web: WebConfig | None = None
+
+
+def _shown(url: str) -> str:
+    """``url`` without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line: asyncpg's or the OS's words, not SQLAlchemy's wrapping."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def is_loopback_address(listen: str) -> bool:
@@ -106,6 +151,7 @@ class KfeedServer:
         self.engine = create_engine(config.database_url)
         self.repositories = build_repositories(self.engine)
         self.hub = SnapshotHub(config.subscriber_queue_capacity)
+        self._served = False
         watch_hub(self.hub)
         # PostgreSQL may be shared by several servers: batches reach the hub by commit notice.
         self._follower: CommitFollower | None = None
@@ -181,9 +227,15 @@ class KfeedServer:
 
     async def start(self) -> int:
         """Listen, migrate, then report SERVING. Returns the bound port."""
-        self.port = self.config.security.add_port(self._server, self.config.listen)
+        try:
+            self.port = self.config.security.add_port(self._server, self.config.listen)
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            raise CommandError(
+                f"cannot listen on {self.config.listen}: the port is in use or the address is not"
+                " this machine's (--listen / KFEED_LISTEN)"
+            )
         if self.config.metrics_listen:
             self.metrics_endpoint = MetricsEndpoint.start(self.config.metrics_listen)
             log.info(
@@ -191,9 +243,15 @@ class KfeedServer:
             )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
-        if self.config.migrate:
-            await upgrade_to_head(self.engine)
-        if not await schema_is_current(self.engine):
+        try:
+            if self.config.migrate:
+                await upgrade_to_head(self.engine)
+            current = await schema_is_current(self.engine)
+        except (OSError, SQLAlchemyError, asyncpg.PostgresError) as error:
+            raise CommandError(
+                f"cannot use the database {_shown(self.config.database_url)}: {_reason(error)}"
+            ) from error
+        if not current:
             log.error("database schema is not at the latest migration; run with --migrate")
             return self.port
         if not self.tokens.has_key:
@@ -205,6 +263,7 @@ class KfeedServer:
         if self.web is not None:
             await self.web.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._served = True
         log.info("kfeed serving on %s", self.listening_on)
         return self.port
 
@@ -239,7 +298,8 @@ class KfeedServer:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         await self.engine.dispose()
-        log.info("kfeed server stopped")
+        if self._served:  # a start that failed is reported by its error alone
+            log.info("kfeed server stopped")
 
 
 async def run_until_signalled(config: ServerConfig) -> None:
@@ -258,12 +318,21 @@ async def run_until_signalled(config: ServerConfig) -> None:
             f"refusing to serve the dashboard on {config.web.listen}: beyond loopback kfeed "
             "requires authentication (--auth-tokens-file), which is not configured"
         )
-    server = KfeedServer(config)
+    try:
+        server = KfeedServer(config)
+    except OSError as error:  # the SQLite file's folder cannot be made
+        raise CommandError(
+            f"cannot use the database {_shown(config.database_url)}: {_reason(error)}"
+        ) from error
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)
+        raise
     tune_for_throughput()
     await stop_requested.wait()
     log.info("shutting down")

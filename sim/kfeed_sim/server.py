@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kfeed_settings import CommandError
 from kfeed_sim.auth import SIGNING_HEADERS, Verifier
 from kfeed_sim.config import FaultConfig, SimConfig
 from kfeed_sim.faults import FaultInjector, RestFault
@@ -219,6 +221,11 @@ class SimHandle:
         await asyncio.shield(self.serving)
 
 
+def _plain(error: OSError) -> str:
+    """The OS's words for ``error`` without socket.create_server's address suffix."""
+    return str(error.strerror or error).split(" (while attempting", 1)[0]
+
+
 @contextlib.asynccontextmanager
 async def running_simulator(
     config: SimConfig, host: str = "127.0.0.1", port: int = 0
@@ -240,7 +247,13 @@ async def running_simulator(
             timeout_graceful_shutdown=1,
         )
     )
-    serving = asyncio.create_task(server.serve())
+    try:
+        listening = socket.create_server((host, port))
+    except OSError as error:
+        raise CommandError(
+            f"cannot listen on {host}:{port}: {_plain(error)} (--listen / KFEED_LISTEN)"
+        ) from error
+    serving = asyncio.create_task(server.serve(sockets=[listening]))
     while not server.started:
         if serving.done():
             serving.result()  # re-raises why the server could not start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +70,8 @@ async def tls_server(pki: Pki, sqlite_url: str) -> AsyncIterator[KfeedServer]:
 
 @pytest.fixture
 async def mtls_server(pki: Pki, sqlite_url: str, tmp_path: Path) -> AsyncIterator[KfeedServer]:
-    security = dataclasses.replace(
-        _tls(pki, mutual=True), auth_tokens_file=write_tokens_file(tmp_path)
+    security = _tls(pki, mutual=True).model_copy(
+        update={"auth_tokens_file": write_tokens_file(tmp_path)}
     )
     async with running_server(ServerConfig(database_url=sqlite_url, security=security)) as server:
         yield server
@@ -177,4 +176,4 @@ def test_ingest_uses_plaintext_unless_told_otherwise(pki: Pki) -> None:
 )
 def test_incomplete_tls_settings_are_refused(files: dict[str, Path], complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
-        SecurityConfig(**files)  # type: ignore[arg-type]
+        SecurityConfig(**files)

@@ -3,7 +3,6 @@ IngestService, and readers of the error details it returns."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -109,7 +108,9 @@ class PublishSession:
 async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
     """``config``'s server on an ephemeral loopback port without migrating (the test database
     is migrated already), stopped afterwards."""
-    async with serving(dataclasses.replace(config, listen="127.0.0.1:0", migrate=False)) as server:
+    async with serving(
+        config.model_copy(update={"listen": "127.0.0.1:0", "migrate": False})
+    ) as server:
         yield server
 
 

@@ -7,7 +7,6 @@ either protocol to the same servicers the gRPC listener serves, on SQLite and Po
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
@@ -235,9 +234,8 @@ async def test_dashboard_and_cors(sqlite_url: str, tmp_path: Path) -> None:
         )
         assert "access-control-allow-origin" not in foreign.headers
 
-    listed = dataclasses.replace(
-        base_config,
-        web=WebConfig("127.0.0.1:0", ("https://dash.example",), tmp_path / "missing"),
+    listed = base_config.model_copy(
+        update={"web": WebConfig("127.0.0.1:0", ("https://dash.example",), tmp_path / "missing")},
     )
     async with serving(listed) as server, httpx.AsyncClient() as http:
         base = _web(server)

@@ -7,10 +7,14 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///data/kfeed.db"
+# The async driver each database runs on; a URL naming the database alone gets it.
+_ASYNC_DRIVERS = {"postgresql": "asyncpg", "postgres": "asyncpg", "sqlite": "aiosqlite"}
+_URL_FORMS = "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DATABASE"
 
 # Execution option naming the SQLite transaction mode ("IMMEDIATE" takes the write lock at BEGIN,
 # so a read-then-write transaction can never fail to upgrade its lock halfway).
@@ -19,13 +23,35 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
 
+def normalise_database_url(url: str) -> str:
+    """``url`` on kfeed's async driver: ``postgresql://…`` (or ``postgres://``) becomes
+    ``postgresql+asyncpg://…`` and ``sqlite://…`` becomes ``sqlite+aiosqlite://…``; ValueError,
+    naming the accepted forms, for anything else."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; expected {_URL_FORMS}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    wanted = _ASYNC_DRIVERS.get(backend)
+    if wanted is None:
+        raise ValueError(f"unsupported database {backend!r}; expected {_URL_FORMS}")
+    if driver and driver != wanted:
+        raise ValueError(f"kfeed reaches {backend} through {wanted}, not {driver}: {_URL_FORMS}")
+    if not driver or backend == "postgres":
+        backend = "postgresql" if backend == "postgres" else backend
+        return parsed.set(drivername=f"{backend}+{wanted}").render_as_string(hide_password=False)
+    return url
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An ``AsyncEngine`` for ``url``, configured for kfeed.
 
     SQLite: creates the database file's folder, turns on WAL, foreign keys and a busy timeout, and
     lets SQLAlchemy (not the sqlite3 module) emit BEGIN so transactions cover reads too.
-    PostgreSQL (asyncpg): a pre-pinged pool with UTC sessions.
+    PostgreSQL (asyncpg): a pre-pinged pool with UTC sessions. A URL without its driver gets it
+    (see :func:`normalise_database_url`).
     """
+    url = normalise_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kfeed_server.security.interceptor import AuthInterceptor
 from kfeed_server.security.rate_limit import RateLimiter
@@ -16,31 +17,48 @@ from kfeed_server.security.tokens import TokenTable
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class SecurityConfig:
-    """Authentication (a tokens file), TLS (certificate files) and the per-token rate limit.
+class SecurityFlags(BaseModel):
+    """Authentication (a tokens file), TLS (certificate files) and the per-token rate limit: the
+    `kfeed serve` flags (ServeCommand inherits them) and the fields of :class:`SecurityConfig`.
 
     Everything is off by default, which is only allowed on loopback.
     """
 
-    auth_tokens_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # When set, clients must present a certificate signed by this CA (mutual TLS).
-    tls_client_ca_file: Path | None = None
-    # Calls per second per token (None: unlimited), and the burst allowed above that rate.
-    rate_limit: float | None = None
-    rate_limit_burst: int | None = None
-    # A file holding the key that authenticates page and resume tokens (at least 16 bytes);
-    # None: a key kept in the database, shared by every replica
-    # (docs/adr/0012-request-tokens-and-hostile-input.md).
-    token_key_file: Path | None = None
+    auth_tokens_file: Path | None = Field(
+        default=None, description="TOML file of bearer tokens and their roles (turns auth on)"
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM server certificate (turns TLS on; with --tls-key-file)"
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM key of --tls-cert-file")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="PEM CA that client certificates must chain to (mutual TLS)"
+    )
+    rate_limit: float | None = Field(
+        default=None, description="calls per second per token (unset: unlimited)"
+    )
+    rate_limit_burst: int | None = Field(
+        default=None, description="calls a token may make at once above --rate-limit"
+    )
+    token_key_file: Path | None = Field(
+        default=None,
+        description="file holding the key (16+ bytes) that authenticates page and resume tokens"
+        " (unset: a key kept in the database, shared by every replica)",
+    )
 
-    def __post_init__(self) -> None:
+
+class SecurityConfig(SecurityFlags):
+    """The server's security settings, and what they build: interceptors and the listening port."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> Self:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("--tls-cert-file and --tls-key-file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("--tls-client-ca-file (mTLS) needs --tls-cert-file and --tls-key-file")
+        return self
 
     @property
     def authenticates(self) -> bool:

@@ -25,7 +25,14 @@ from rich.table import Table
 
 from kfeed.v1 import backtest_service_pb2 as pb
 from kfeed.v1 import types_pb2
-from kfeed_client.cli import _add_connection_options, _connect, parse_time
+from kfeed_client.cli import (
+    CliParser,
+    ServerUnreachable,
+    _add_connection_options,
+    _connect,
+    ensure_reachable,
+    parse_time,
+)
 from kfeed_client.client import KfeedClient, to_timestamp
 from kfeed_client.money import DOLLAR_SCALE
 
@@ -373,7 +380,7 @@ async def strategies(options: argparse.Namespace, client: KfeedClient, console: 
 
 def build_parser(prog: str = "kfeed backtest") -> argparse.ArgumentParser:
     """`run`, `list`, `show` and `strategies` as subcommands, each with the connection flags."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog=prog, description="Run and inspect backtests on a kfeed server (BacktestService)."
     )
     commands = parser.add_subparsers(dest="backtest_command", required=True, metavar="COMMAND")
@@ -411,21 +418,28 @@ _COMMANDS = {"run": run, "list": list_backtests, "show": show, "strategies": str
 async def execute(options: argparse.Namespace, console: Console | None = None) -> int:
     """Runs parsed options: gRPC errors exit 1 with one line, bad flag values exit 2."""
     console = console or Console(highlight=False)
+    prog = getattr(options, "prog", "kfeed backtest")
     try:
+        await ensure_reachable(options)
         async with _connect(options) as client:
             return await _COMMANDS[options.backtest_command](options, client, console)
+    except ServerUnreachable as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
     except grpc.aio.AioRpcError as error:
-        print(f"kfeed: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(f"{prog}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     except UsageError as error:
-        print(f"kfeed backtest: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         return 2
 
 
 def run_backtest(argv: Sequence[str], prog: str = "kfeed backtest") -> int:
     """`kfeed backtest run|list|show|strategies …` for the root command."""
     options = build_parser(prog).parse_args(argv)
+    options.prog = prog
     try:
         return asyncio.run(execute(options))
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

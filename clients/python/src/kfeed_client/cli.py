@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -29,6 +29,7 @@ from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig
 from kfeed_client.money import contracts_to_decimal, dollars_to_decimal
 
 ENV_PREFIX = "KFEED_"
+CONNECT_TIMEOUT = 5.0
 _TRUE = {"1", "true", "yes", "on"}
 _RELATIVE_TIME = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -42,17 +43,20 @@ def env_name(flag: str) -> str:
 
 
 def _add_option(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs: Any) -> None:
-    """A ``--flag VALUE`` option whose default comes from ``KFEED_<FLAG>``."""
+    """A ``--flag VALUE`` option whose default comes from ``KFEED_<FLAG>``; its help names the
+    built-in default and the variable."""
     variable = env_name(flag)
-    default = os.environ.get(variable, kwargs.pop("default", None))
-    parser.add_argument(flag, default=default, help=f"{help} (env {variable})", **kwargs)
+    built_in = kwargs.pop("default", None)
+    default = os.environ.get(variable, built_in)
+    shown = "" if built_in in (None, "") else f" (default: {built_in})"
+    parser.add_argument(flag, default=default, help=f"{help}{shown} [env {variable}]", **kwargs)
 
 
 def _add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
     """A boolean ``--flag`` that ``KFEED_<FLAG>=1`` (or true/yes/on) also turns on."""
     variable = env_name(flag)
     default = os.environ.get(variable, "").strip().lower() in _TRUE
-    parser.add_argument(flag, action="store_true", default=default, help=f"{help} (env {variable})")
+    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env {variable}]")
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
@@ -66,7 +70,10 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
         return reference
     relative = _RELATIVE_TIME.match(text)
     if relative:
-        return reference - timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+        try:
+            return reference - timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} reaches before year 1") from None
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -104,8 +111,25 @@ def _market_status(name: str) -> types_pb2.MarketStatus.ValueType:
         ) from None
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     _add_option(parser, "--server", "HOST:PORT of kfeed serve", default=DEFAULT_ADDRESS)
+    _add_option(
+        parser,
+        "--connect-timeout",
+        "seconds to wait for the server before giving up",
+        default=CONNECT_TIMEOUT,
+        type=_positive_seconds,
+    )
     _add_option(parser, "--token", "bearer token sent as `authorization: Bearer …`")
     _add_switch(parser, "--tls", "use TLS with the system's root certificates")
     _add_option(parser, "--ca-file", "PEM CA bundle that verifies the server (implies TLS)")
@@ -119,7 +143,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "kfeed-client") -> argparse.ArgumentParser:
     """The parser of all three commands, as subcommands."""
-    parser = argparse.ArgumentParser(prog=prog, description="Query and watch a kfeed server.")
+    parser = CliParser(prog=prog, description="Query and watch a kfeed server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (configure, _, help_text) in COMMANDS.items():
         configure(commands.add_parser(name, help=help_text, description=help_text))
@@ -398,34 +422,69 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, st
 }
 
 
+class ServerUnreachable(Exception):
+    """The server did not answer within ``--connect-timeout``."""
+
+
+async def ensure_reachable(options: argparse.Namespace) -> None:
+    """Return once a channel to ``--server`` is ready; :class:`ServerUnreachable` after
+    ``--connect-timeout`` seconds (a call would otherwise wait, or retry, for ever)."""
+    timeout = float(options.connect_timeout)
+    async with _connect(options) as client:
+        try:
+            await asyncio.wait_for(client.channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise ServerUnreachable(
+                f"no kfeed server answered at {options.server} within {timeout:g} s"
+                " (is `kfeed serve` running? --server / KFEED_SERVER)"
+            ) from None
+
+
 async def execute(options: argparse.Namespace, console: Console | None = None) -> int:
-    """Run parsed options; gRPC errors become a one-line message and exit status 1."""
+    """Run parsed options; an unreachable server and gRPC errors become a one-line message on
+    stderr and exit status 1."""
     _, command, _ = COMMANDS[options.command]
+    prog = getattr(options, "prog", "kfeed")
     try:
+        await ensure_reachable(options)
         return await command(options, console or Console(soft_wrap=True))
-    except grpc.aio.AioRpcError as error:
-        print(f"kfeed: {error.code().name}: {error.details()}", file=sys.stderr)
+    except ServerUnreachable as error:
+        print(f"{prog}: {error}", file=sys.stderr)
         return 1
+    except grpc.aio.AioRpcError as error:
+        print(f"{prog}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+class CliParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "kfeed-client") -> int:
     """`kfeed-client COMMAND [flags]`; returns the exit status."""
-    return _run_to_completion(build_parser(prog).parse_args(argv))
+    options = build_parser(prog).parse_args(argv)
+    options.prog = f"{prog} {options.command}"
+    return _run_to_completion(options)
 
 
 def _run_to_completion(options: argparse.Namespace) -> int:
     try:
         return asyncio.run(execute(options))
     except KeyboardInterrupt:
+        print(f"{options.prog}: interrupted", file=sys.stderr)
         return 130
 
 
 def _run(command: str, argv: Sequence[str], prog: str) -> int:
     configure, _, help_text = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=prog, description=help_text)
+    parser = CliParser(prog=prog, description=help_text)
     configure(parser)
     options = parser.parse_args(argv)
     options.command = command
+    options.prog = prog
     return _run_to_completion(options)
 
 
