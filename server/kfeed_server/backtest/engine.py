@@ -239,7 +239,6 @@ class _Run:
         self._latency = config.latency
         self.pending: list[tuple[datetime, int, Instruction]] = []
         self._pending_sequence = 0
-        self._strategy = strategy
         cls = type(strategy)
         self._on_fill = strategy.on_fill if cls.on_fill is not Strategy.on_fill else None
         self.on_book = strategy.on_book if cls.on_book is not Strategy.on_book else None
