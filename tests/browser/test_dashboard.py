@@ -6,9 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import Dashboard
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 # Loopback, a warm server: the first page is usable well within this.
 FIRST_PAGE_BUDGET_MS = 2000
@@ -121,3 +124,19 @@ async def test_backtest_from_the_form_runs_to_succeeded_with_progress_and_equity
     await expect(page.get_by_test_id("provenance")).to_contain_text("data fingerprint")
     await expect(page.get_by_test_id("executions")).to_be_visible()
     await page.screenshot(path=screenshots / "backtest.png", full_page=True)
+
+
+async def test_status_page_shows_health_ingest_and_subscribers(
+    live_stack: Dashboard, page: Page, screenshots: Path
+) -> None:
+    await page.goto(live_stack.url + "#/status")
+    await expect(page.get_by_test_id("health")).to_contain_text("serving", timeout=15_000)
+    # The ingest rate needs two scrapes of /metrics; the sim stores snapshots all the time.
+    await expect(page.get_by_test_id("ingest-rate")).to_contain_text(
+        re.compile(r"[1-9][0-9.]* snapshots/s"), timeout=20_000
+    )
+    # This page's own feed-gap stream is one of the live subscriptions it reports.
+    await expect(page.get_by_test_id("subscribers")).to_contain_text(
+        re.compile(r"[1-9][0-9]* live stream subscriptions"), timeout=20_000
+    )
+    await page.screenshot(path=screenshots / "status.png", full_page=True)
