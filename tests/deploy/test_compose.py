@@ -192,4 +192,5 @@ def test_the_image_is_python_311_slim_with_a_frozen_uv_sync() -> None:
     assert "uv sync --frozen --no-dev" in dockerfile
     assert 'ENTRYPOINT ["kfeed"]' in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "node_modules", "data", ".env"} <= set(ignored)
+    assert {".git", ".venv", "data", ".env"} <= set(ignored)
+    assert {"node_modules", "**/node_modules"} & set(ignored)
