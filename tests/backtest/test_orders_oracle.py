@@ -135,7 +135,7 @@ def _queue_run(share: int) -> list[int | None]:
         quote("M", 3, 4, 4_000, 4_200, yes_bid_size=150),  # the level is smaller than our place
         quote("M", 4, 5, 4_000, 4_200, yes_bid_size=150),  # cancelled at snapshot 4
     ]
-    config = EngineConfig("queue", ("M",), queue_cancel_share=share)
+    config = EngineConfig("queue", ("M",), queue_cancel_share_ten_thousandths=share)
     run_backtest(config, {}, events, registry=registry)
     return _Queue.last.seen
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from kfeed.v1 import backtest_service_pb2 as pb
 from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
@@ -19,6 +20,7 @@ from kfeed_server.backtest import EngineConfig, run_backtest
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.backtest.service import RESTART_MESSAGE
 from kfeed_server.backtest.tracking import SHUTDOWN_MESSAGE
+from kfeed_server.build import code_version
 from kfeed_server.db import create_engine
 from kfeed_server.db.repositories import BacktestRecord, build_repositories
 from kfeed_server.records import BacktestState, MarketRecord, SnapshotRecord
@@ -109,7 +111,13 @@ async def test_a_backtest_runs_to_success_with_the_engine_results(
     assert fingerprint.row_count == len(recorded)
     assert backtest.progress.fraction_done == 1.0
     assert backtest.progress.snapshots_processed == backtest.progress.snapshots_total == 1_200
-    assert backtest.code_version == __version__
+    # The version and the exact commit of the checkout the server runs from.
+    assert backtest.code_version == code_version()
+    git = await asyncio.create_subprocess_exec(
+        "git", "rev-parse", "HEAD", stdout=asyncio.subprocess.PIPE
+    )
+    commit = (await git.communicate())[0].decode().strip()
+    assert backtest.code_version.startswith(f"{__version__}+g{commit[:12]}")
     assert backtest.config.initial_cash.ten_thousandths == 10_000_000  # the default, spelled out
     assert backtest.HasField("run_start_time")
     assert backtest.HasField("run_end_time")
@@ -283,7 +291,17 @@ async def test_bad_requests_name_the_offending_field(
         "config.end_time": _with(base, end_time=base.start_time),
         "config.fee_rounding": _with(base, fee_rounding=99),
         "config.slippage": _with(base, slippage=dollars(20_000)),
+        "config.fill_model": _with(base, fill_model=99),
+        "config.gap_policy": _with(base, gap_policy=-1),
+        "config.latency": _with(base, latency=duration_pb2.Duration(seconds=-1)),
+        "config.queue_cancel_share_ten_thousandths": _with(
+            base, queue_cancel_share_ten_thousandths=10_001
+        ),
+        "config.maker_fee_rate_ten_thousandths": _with(base, maker_fee_rate_ten_thousandths=-3),
     }
+    long_latency = _with(base)
+    long_latency.latency.FromSeconds(2 * 3_600)
+    config_cases["config.latency"] = long_latency
     for field, config in config_cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.CreateBacktest(pb.CreateBacktestRequest(config=config))

@@ -14,6 +14,7 @@ from kfeed_server.backtest.fees import (
 )
 from kfeed_server.backtest.orders import FillModel
 from kfeed_server.backtest.params import ConfigError, ParamValue, resolve_parameters
+from kfeed_server.backtest.quality import GapPolicy
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
 
 DEFAULT_INITIAL_CASH = 10_000_000
@@ -51,9 +52,11 @@ class EngineConfig:
     latency: timedelta = timedelta(0)
     # Share (1/10,000) of a level's cancellations taken as being ahead of a resting order: 0 is
     # the risk-averse queue (cancellations are all behind you), 10,000 the optimistic one.
-    queue_cancel_share: int = 0
+    queue_cancel_share_ten_thousandths: int = 0
     # The fee rules' version (``fees.FEE_SCHEDULE_VERSION``); validation sets it.
     fee_schedule_version: str = FEE_SCHEDULE_VERSION
+    # What the service does about recorded feed gaps in the window (the engine ignores it).
+    gap_policy: GapPolicy = GapPolicy.FLAG
 
 
 def validate_config(
@@ -64,7 +67,8 @@ def validate_config(
     Raises ConfigError naming the offending field: ``strategy``, ``parameters.<name>``,
     ``tickers``, ``start_time``, ``end_time``, ``initial_cash``,
     ``taker_fee_rate_ten_thousandths``, ``fee_rounding``, ``slippage``, ``max_position``,
-    ``maker_fee_rate_ten_thousandths``, ``latency``, ``queue_cancel_share`` or ``fill_model``.
+    ``maker_fee_rate_ten_thousandths``, ``latency``, ``queue_cancel_share_ten_thousandths``,
+    ``fill_model`` or ``gap_policy``.
     """
     cls = registry.get(config.strategy)
     parameters = resolve_parameters(cls.parameters, config.parameters)
@@ -97,14 +101,20 @@ def validate_config(
         raise ConfigError("maker_fee_rate_ten_thousandths", "must be in 0..10000")
     if not timedelta(0) <= config.latency <= MAX_LATENCY:
         raise ConfigError("latency", f"must be in 0..{MAX_LATENCY.total_seconds():g} s")
-    if not 0 <= config.queue_cancel_share <= PRICE_SCALE:
-        raise ConfigError("queue_cancel_share", "must be in 0..10000")
+    if not 0 <= config.queue_cancel_share_ten_thousandths <= PRICE_SCALE:
+        raise ConfigError("queue_cancel_share_ten_thousandths", "must be in 0..10000")
     try:
         fill_model = FillModel(config.fill_model)
     except ValueError:
         raise ConfigError("fill_model", f"unknown fill model {config.fill_model!r}") from None
     if fill_model is FillModel.UNSPECIFIED:
         fill_model = FillModel.TOUCH
+    try:
+        gap_policy = GapPolicy(config.gap_policy)
+    except ValueError:
+        raise ConfigError("gap_policy", f"unknown gap policy {config.gap_policy!r}") from None
+    if gap_policy is GapPolicy.UNSPECIFIED:
+        gap_policy = GapPolicy.FLAG
     try:
         rounding = FeeRounding(config.fee_rounding)
     except ValueError:
@@ -118,4 +128,5 @@ def validate_config(
         fee_rounding=rounding,
         fill_model=fill_model,
         fee_schedule_version=FEE_SCHEDULE_VERSION,
+        gap_policy=gap_policy,
     )

@@ -98,6 +98,9 @@ class BacktestResult:
     # Fills of resting orders (as a maker), and resting orders that expired unfilled.
     maker_fills: int = 0
     expired_orders: int = 0
+    # The first and last event times replayed (settlements included); None when nothing was.
+    replayed_from: datetime | None = None
+    replayed_to: datetime | None = None
 
 
 class BacktestCancelled(Exception):
@@ -796,7 +799,7 @@ class _Run:
     def _update_resting(self, ticker: str) -> None:
         """Expiry, price-through fills and queue progress of the market's resting orders."""
         now = self.time
-        share = self.config.queue_cancel_share
+        share = self.config.queue_cancel_share_ten_thousandths
         for resting in list(self._resting.get(ticker, ())):
             if resting.expires is not None and resting.expires <= now:
                 self.expired_orders += 1
@@ -1135,6 +1138,8 @@ def run_backtest(
         rejected_orders=run.rejected_orders,
         maker_fills=run.maker_fills,
         expired_orders=run.expired_orders,
+        replayed_from=run.first_time,
+        replayed_to=run.last_time,
     )
 
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,12 +24,20 @@ from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.engine import BacktestResult, Progress
 from kfeed_server.backtest.fees import MarketFees, market_fees
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.quality import (
+    DataQuality,
+    GapPolicy,
+    UnrecoveredGaps,
+    data_quality,
+    unrecovered,
+)
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
 from kfeed_server.backtest.worker import WorkerJob, WorkerStarted, replay_in_worker
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
-from kfeed_server.records import MarketRecord, SnapshotRecord
+from kfeed_server.db.repositories.trades import FeedGapRepository
+from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +62,25 @@ class ReplayFeeder:
         self,
         snapshots: SnapshotRepository,
         markets: MarketRepository,
+        feed_gaps: FeedGapRepository,
         settings: FeedSettings,
     ) -> None:
         self._snapshots = snapshots
         self._markets = markets
+        self._feed_gaps = feed_gaps
         self._settings = settings
+
+    async def check_gaps(self, config: EngineConfig) -> list[FeedGapRecord]:
+        """The gaps overlapping the run's markets and window; raises UnrecoveredGaps for a
+        GAP_POLICY_REFUSE run when any of them was never recovered."""
+        start = config.start_time or OPEN_START
+        end = config.end_time or OPEN_END
+        gaps = await self._feed_gaps.overlapping(config.tickers, start, end)
+        if config.gap_policy is GapPolicy.REFUSE:
+            refused = unrecovered(gaps, config.tickers, start, end)
+            if refused:
+                raise UnrecoveredGaps(refused)
+        return gaps
 
     async def replay(
         self,
@@ -186,6 +208,18 @@ class ReplayFeeder:
             log.debug("backtest feed ended early: %r", error)
         finally:
             writer.close()
+
+
+def run_data_quality(
+    config: EngineConfig, gaps: Sequence[FeedGapRecord], result: BacktestResult
+) -> DataQuality:
+    """The gap report of a finished run: over its window, an open side bounded by what it
+    replayed."""
+    start = config.start_time or result.replayed_from
+    end = config.end_time or result.replayed_to
+    if start is None or end is None:
+        start = end = config.start_time or config.end_time or OPEN_START
+    return data_quality(gaps, config.tickers, start, end)
 
 
 async def _send(writer: Connection, message: EncodedChunk | None) -> None:

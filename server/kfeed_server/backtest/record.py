@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.metrics import BacktestMetrics
+from kfeed_server.backtest.quality import DataQuality
 from kfeed_server.backtest.sweep import SweepSpec
 from kfeed_server.records import BacktestState
 
@@ -40,12 +41,16 @@ class BacktestRecord:
     first_snapshot_id: int = 0
     last_snapshot_id: int = 0
     content_hash: str = ""
+    # Books and trades read besides the snapshot rows.
+    event_count: int = 0
     code_version: str = ""
     create_time: datetime = field(default_factory=_now)
     run_start_time: datetime | None = None
     run_end_time: datetime | None = None
     error_message: str = ""
     ranked_child_ids: tuple[str, ...] = ()
+    # The recorded feed gaps overlapping the run's markets and window, once it read its data.
+    data_quality: DataQuality | None = None
     # The name of the token that created it (only it or an admin may cancel it).
     created_by: str = ""
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kfeed_server import __version__
+from kfeed_server import build
 from kfeed_server.backtest.config import EngineConfig, validate_config
 from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY, BacktestCancelled, BacktestResult
-from kfeed_server.backtest.feeding import FeedSettings, ReplayFeeder
+from kfeed_server.backtest.feeding import FeedSettings, ReplayFeeder, run_data_quality
+from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.sweep import SweepSpec
 from kfeed_server.backtest.sweep_runs import sweep_outcome, sweep_points, sweep_progress
@@ -88,7 +89,7 @@ class BacktestRunner:
         self,
         repositories: Repositories,
         config: RunnerConfig | None = None,
-        code_version: str = __version__,
+        code_version: str | None = None,
     ) -> None:
         self._backtests = repositories.backtests
         self._markets = repositories.markets
@@ -96,9 +97,11 @@ class BacktestRunner:
         self._feeder = ReplayFeeder(
             repositories.snapshots,
             repositories.markets,
+            repositories.feed_gaps,
             FeedSettings(self._config.progress_every, self._config.persist_interval),
         )
-        self._code_version = code_version
+        # The exact commit when known (looked up once per process).
+        self._code_version = code_version if code_version is not None else build.code_version()
         self._executor: ProcessPoolExecutor | None = None
         self._slots = asyncio.Semaphore(self._config.workers)
         self._tracked: dict[str, TrackedRun] = {}
@@ -350,6 +353,7 @@ class BacktestRunner:
         self, tracked: TrackedRun, config: EngineConfig, on_change: Callable[[], None] | None
     ) -> None:
         try:
+            gaps = await self._feeder.check_gaps(config)
             if not await self._acquire_slot(tracked):
                 await self._finish_stopped(tracked, on_change)
                 return
@@ -362,7 +366,12 @@ class BacktestRunner:
                 )
             finally:
                 self._slots.release()
-            await self._store_result(tracked, result, on_change)
+            quality = run_data_quality(config, gaps, result)
+            await self._store_result(tracked, result, quality, on_change)
+        except UnrecoveredGaps as error:
+            await self._finish(
+                tracked, on_change, state=BacktestState.FAILED, error_message=str(error)
+            )
         except BacktestCancelled:
             await self._finish_stopped(tracked, on_change)
         except Exception as error:
@@ -381,7 +390,11 @@ class BacktestRunner:
             )
 
     async def _store_result(
-        self, tracked: TrackedRun, result: BacktestResult, on_change: Callable[[], None] | None
+        self,
+        tracked: TrackedRun,
+        result: BacktestResult,
+        quality: DataQuality,
+        on_change: Callable[[], None] | None,
     ) -> None:
         # Executions and the curve first: whoever sees SUCCEEDED can read them at once.
         backtest_id = tracked.record.backtest_id
@@ -393,10 +406,12 @@ class BacktestRunner:
             on_change,
             state=BacktestState.SUCCEEDED,
             metrics=result.metrics,
+            data_quality=quality,
             row_count=fingerprint.row_count,
             first_snapshot_id=fingerprint.first_snapshot_id,
             last_snapshot_id=fingerprint.last_snapshot_id,
             content_hash=fingerprint.content_hash,
+            event_count=fingerprint.event_count,
             fraction_done=1.0,
             snapshots_processed=fingerprint.row_count,
         )

@@ -74,5 +74,6 @@ def sweep_outcome(children: Sequence[BacktestRecord], rank_by: str) -> dict[str,
         "first_snapshot_id": best.first_snapshot_id,
         "last_snapshot_id": best.last_snapshot_id,
         "content_hash": best.content_hash,
+        "event_count": best.event_count,
         "fraction_done": 1.0,
     }

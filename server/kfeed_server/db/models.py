@@ -237,6 +237,8 @@ class Backtest(Base):
     # The name of the token that created the run ("anonymous" without authentication; "" for
     # runs older than the column): only it or an admin may cancel the run.
     created_by: Mapped[str] = mapped_column(server_default="")
+    data_quality: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
+    event_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class BacktestExecution(Base):

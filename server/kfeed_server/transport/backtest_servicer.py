@@ -9,7 +9,7 @@ a known market is NOT_FOUND (as in MarketService.StreamSnapshots); an unknown ba
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -29,7 +29,11 @@ from kfeed_server.backtest import (
     StrategyRegistry,
     default_registry,
 )
+from kfeed_server.backtest.config import MAX_LATENCY
+from kfeed_server.backtest.fees import KALSHI_MAKER_FEE_RATE
 from kfeed_server.backtest.metrics import BacktestMetrics
+from kfeed_server.backtest.orders import FillModel
+from kfeed_server.backtest.quality import DataQuality, GapPolicy
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.service import BacktestRunner, UnknownMarkets
 from kfeed_server.backtest.sweep import DEFAULT_RANK_BY, SweepSpec
@@ -54,6 +58,7 @@ EXECUTIONS_PAGE = PageSizeLimits(default=1000, maximum=10_000)
 DEFAULT_WATCH_INTERVAL = 0.25
 
 Context = grpc.aio.ServicerContext[Any, Any]
+MAX_LATENCY_SECONDS = int(MAX_LATENCY.total_seconds())
 
 
 # --- requests → domain ---------------------------------------------------------------------------
@@ -96,6 +101,14 @@ def config_from_proto(config: pb.BacktestConfig) -> EngineConfig:
         fee_rounding = FeeRounding(config.fee_rounding)
     except ValueError:
         raise InvalidArgument.field("config.fee_rounding", "unknown fee rounding") from None
+    try:
+        fill_model = FillModel(config.fill_model)
+    except ValueError:
+        raise InvalidArgument.field("config.fill_model", "unknown fill model") from None
+    try:
+        gap_policy = GapPolicy(config.gap_policy)
+    except ValueError:
+        raise InvalidArgument.field("config.gap_policy", "unknown gap policy") from None
     return EngineConfig(
         strategy=optional_name(config.strategy, "config.strategy"),
         tickers=tuple(
@@ -118,7 +131,31 @@ def config_from_proto(config: pb.BacktestConfig) -> EngineConfig:
         slippage=config.slippage.ten_thousandths,
         max_position=config.max_position.hundredths,
         cap_by_displayed_size=config.cap_by_displayed_size,
+        fill_model=fill_model,
+        maker_fee_rate_ten_thousandths=(
+            config.maker_fee_rate_ten_thousandths or KALSHI_MAKER_FEE_RATE
+        ),
+        latency=_latency(config),
+        queue_cancel_share_ten_thousandths=config.queue_cancel_share_ten_thousandths,
+        gap_policy=gap_policy,
     )
+
+
+def _latency(config: pb.BacktestConfig) -> timedelta:
+    """``config.latency`` exactly (to the microsecond), within 0 .. MAX_LATENCY."""
+    if not config.HasField("latency"):
+        return timedelta(0)
+    value = config.latency
+    bounds = f"must be between 0 and {MAX_LATENCY.total_seconds():g} s"
+    if (
+        not 0 <= value.nanos <= 999_999_999
+        or not 0 <= value.seconds <= MAX_LATENCY.days * 86_400 + MAX_LATENCY.seconds
+    ):
+        raise InvalidArgument.field("config.latency", bounds)
+    latency = timedelta(seconds=value.seconds, microseconds=value.nanos // 1_000)
+    if latency > MAX_LATENCY:
+        raise InvalidArgument.field("config.latency", bounds)
+    return latency
 
 
 def _parameter_name(name: str, path: str) -> str:
@@ -163,7 +200,14 @@ def config_to_proto(config: EngineConfig, registry: StrategyRegistry) -> pb.Back
         slippage=dollars(config.slippage),
         max_position=contracts(config.max_position),
         cap_by_displayed_size=config.cap_by_displayed_size,
+        fill_model=int(config.fill_model),  # type: ignore[arg-type]
+        maker_fee_rate_ten_thousandths=config.maker_fee_rate_ten_thousandths,
+        queue_cancel_share_ten_thousandths=config.queue_cancel_share_ten_thousandths,
+        fee_schedule_version=config.fee_schedule_version,
+        gap_policy=int(config.gap_policy),  # type: ignore[arg-type]
     )
+    if config.latency:
+        message.latency.FromTimedelta(config.latency)
     if config.start_time is not None:
         message.start_time.CopyFrom(timestamp(config.start_time))
     if config.end_time is not None:
@@ -241,8 +285,11 @@ def backtest_to_proto(
                 first_snapshot_id=record.first_snapshot_id,
                 last_snapshot_id=record.last_snapshot_id,
                 content_hash=record.content_hash,
+                event_count=record.event_count,
             )
         )
+    if record.data_quality is not None:
+        message.data_quality.CopyFrom(quality_to_proto(record.data_quality))
     if record.run_start_time is not None:
         message.run_start_time.CopyFrom(timestamp(record.run_start_time))
     if record.run_end_time is not None:
@@ -254,6 +301,30 @@ def backtest_to_proto(
             pb.EquityPoint(time=timestamp(p.time), equity=dollars(p.equity)) for p in equity_curve
         )
     return message
+
+
+def _duration(value: timedelta) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+def quality_to_proto(quality: DataQuality) -> pb.DataQuality:
+    """A run's gap report as ``DataQuality``."""
+    return pb.DataQuality(
+        gap_count=quality.gap_count,
+        gap_time=_duration(quality.gap_time),
+        unrecovered_gap_count=quality.unrecovered_gap_count,
+        markets=[
+            pb.MarketCoverage(
+                ticker=m.ticker,
+                coverage=m.coverage,
+                gap_count=m.gap_count,
+                gap_time=_duration(m.gap_time),
+            )
+            for m in quality.markets
+        ],
+    )
 
 
 def execution_to_proto(record: ExecutionRecord) -> pb.Execution:

@@ -15,9 +15,14 @@ from typing import Any
 from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.fees import FeeRounding
 from kfeed_server.backtest.metrics import BacktestMetrics
+from kfeed_server.backtest.orders import FillModel
+from kfeed_server.backtest.quality import DataQuality, GapPolicy, MarketCoverage
 from kfeed_server.backtest.sweep import SweepSpec
 
 _CONFIG_DEFAULTS = EngineConfig(strategy="", tickers=())
+_MICROSECOND = timedelta(microseconds=1)
+LEGACY_FEE_SCHEDULE = "kalshi-taker-only"
+"""The fee schedule of runs stored before versions: one taker rate, no series terms."""
 
 
 def _time(value: datetime | None) -> str | None:
@@ -42,6 +47,12 @@ def config_document(config: EngineConfig) -> dict[str, Any]:
         "slippage": config.slippage,
         "max_position": config.max_position,
         "cap_by_displayed_size": config.cap_by_displayed_size,
+        "fill_model": int(config.fill_model),
+        "maker_fee_rate_ten_thousandths": config.maker_fee_rate_ten_thousandths,
+        "latency_us": config.latency // _MICROSECOND,
+        "queue_cancel_share_ten_thousandths": config.queue_cancel_share_ten_thousandths,
+        "fee_schedule_version": config.fee_schedule_version,
+        "gap_policy": int(config.gap_policy),
     }
 
 
@@ -63,6 +74,13 @@ def config_from_document(document: Mapping[str, Any]) -> EngineConfig:
         slippage=value("slippage"),
         max_position=value("max_position"),
         cap_by_displayed_size=value("cap_by_displayed_size"),
+        fill_model=FillModel(value("fill_model")),
+        maker_fee_rate_ten_thousandths=value("maker_fee_rate_ten_thousandths"),
+        latency=timedelta(microseconds=document.get("latency_us", 0)),
+        queue_cancel_share_ten_thousandths=value("queue_cancel_share_ten_thousandths"),
+        # Runs stored before fee schedules were versioned applied the first rules.
+        fee_schedule_version=document.get("fee_schedule_version", LEGACY_FEE_SCHEDULE),
+        gap_policy=GapPolicy(value("gap_policy")),
     )
 
 
@@ -91,3 +109,28 @@ def metrics_from_document(document: Mapping[str, Any]) -> BacktestMetrics:
     values = dict(document)
     values["max_drawdown_duration"] = timedelta(microseconds=values["max_drawdown_duration"])
     return BacktestMetrics(**values)
+
+
+def quality_document(quality: DataQuality) -> dict[str, Any]:
+    """``quality`` as JSON (durations in microseconds)."""
+    return {
+        "gap_count": quality.gap_count,
+        "gap_time_us": quality.gap_time // _MICROSECOND,
+        "unrecovered_gap_count": quality.unrecovered_gap_count,
+        "markets": [
+            [m.ticker, m.coverage, m.gap_count, m.gap_time // _MICROSECOND] for m in quality.markets
+        ],
+    }
+
+
+def quality_from_document(document: Mapping[str, Any]) -> DataQuality:
+    """The report ``quality_document`` stored."""
+    return DataQuality(
+        gap_count=document["gap_count"],
+        gap_time=timedelta(microseconds=document["gap_time_us"]),
+        unrecovered_gap_count=document["unrecovered_gap_count"],
+        markets=tuple(
+            MarketCoverage(ticker, coverage, count, timedelta(microseconds=gap_us))
+            for ticker, coverage, count, gap_us in document["markets"]
+        ),
+    )

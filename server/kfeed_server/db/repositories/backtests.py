@@ -26,13 +26,15 @@ from kfeed_server.db.repositories.backtest_documents import (
     config_from_document,
     metrics_document,
     metrics_from_document,
+    quality_document,
+    quality_from_document,
     sweep_document,
     sweep_from_document,
 )
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
 
 # Fields stored as JSON documents (the strategy column is written from the configuration).
-_DOCUMENT_FIELDS = ("config", "sweep", "metrics", "ranked_child_ids")
+_DOCUMENT_FIELDS = ("config", "sweep", "metrics", "ranked_child_ids", "data_quality")
 _BACKTEST_FIELDS = frozenset(f.name for f in dataclasses.fields(BacktestRecord))
 _PLAIN_FIELDS = tuple(
     f.name for f in dataclasses.fields(BacktestRecord) if f.name not in _DOCUMENT_FIELDS
@@ -45,13 +47,14 @@ _PLAIN_COUNT = len(_PLAIN_FIELDS)
 
 def _backtest_from_row(row: Row[Any]) -> BacktestRecord:
     plain = dict(zip(_PLAIN_FIELDS, row[:_PLAIN_COUNT], strict=True))
-    config, sweep, metrics, ranked = row[_PLAIN_COUNT:]
+    config, sweep, metrics, ranked, quality = row[_PLAIN_COUNT:]
     return BacktestRecord(
         **plain,
         config=config_from_document(config),
         sweep=None if sweep is None else sweep_from_document(sweep),
         metrics=None if metrics is None else metrics_from_document(metrics),
         ranked_child_ids=tuple(ranked),
+        data_quality=None if quality is None else quality_from_document(quality),
     )
 
 
@@ -68,6 +71,9 @@ def _column_values(values: dict[str, Any]) -> dict[str, Any]:
     if "metrics" in columns:
         metrics = columns["metrics"]
         columns["metrics"] = None if metrics is None else metrics_document(metrics)
+    if "data_quality" in columns:
+        quality = columns["data_quality"]
+        columns["data_quality"] = None if quality is None else quality_document(quality)
     if "ranked_child_ids" in columns:
         columns["ranked_child_ids"] = list(columns["ranked_child_ids"])
     return columns

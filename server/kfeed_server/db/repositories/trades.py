@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import feed_gaps_table, trades_table
@@ -72,6 +72,25 @@ class FeedGapRepository:
         statement = select(*FEED_GAP_COLUMNS).where(c.id > after_id).order_by(c.id).limit(limit)
         if tickers is not None:
             statement = statement.where(c.ticker.in_(list(tickers)))
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return [FeedGapRecord(*row) for row in await connection.execute(statement)]
+
+    async def overlapping(
+        self, tickers: Sequence[str], start: datetime, end: datetime
+    ) -> list[FeedGapRecord]:
+        """Gaps of ``tickers`` or of no ticker (a whole subscription) that overlap [start, end):
+        detected before ``end`` and not recovered by ``start``; in id order."""
+        c = feed_gaps_table.c
+        statement = (
+            select(*FEED_GAP_COLUMNS)
+            .where(
+                or_(c.ticker.in_(list(tickers)), c.ticker == ""),
+                c.detect_time < end,
+                or_(c.recover_time.is_(None), c.recover_time > start, c.recovered.is_(False)),
+            )
+            .order_by(c.id)
+        )
         async with self._sessions() as session:
             connection = await session.connection()
             return [FeedGapRecord(*row) for row in await connection.execute(statement)]

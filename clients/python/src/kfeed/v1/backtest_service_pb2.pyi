@@ -72,6 +72,62 @@ FEE_ROUNDING_TEN_THOUSANDTH: FeeRounding.ValueType  # 2
 """Each fill's fee rounded up to $0.0001 (Kalshi's current rule, before per-order refunds)."""
 Global___FeeRounding: _TypeAlias = FeeRounding  # noqa: Y015
 
+class _FillModel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FillModelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FillModel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILL_MODEL_UNSPECIFIED: _FillModel.ValueType  # 0
+    """The default: FILL_MODEL_TOUCH."""
+    FILL_MODEL_TOUCH: _FillModel.ValueType  # 1
+    """The whole count at the best price of the latest snapshot (capped by the displayed size only
+    with cap_by_displayed_size).
+    """
+    FILL_MODEL_DEPTH: _FillModel.ValueType  # 2
+    """Walk the recorded book level by level: partial fills, the average price, never more than
+    was displayed (the top of book when a market has no recorded book).
+    """
+
+class FillModel(_FillModel, metaclass=_FillModelEnumTypeWrapper):
+    """How taker orders meet the book."""
+
+FILL_MODEL_UNSPECIFIED: FillModel.ValueType  # 0
+"""The default: FILL_MODEL_TOUCH."""
+FILL_MODEL_TOUCH: FillModel.ValueType  # 1
+"""The whole count at the best price of the latest snapshot (capped by the displayed size only
+with cap_by_displayed_size).
+"""
+FILL_MODEL_DEPTH: FillModel.ValueType  # 2
+"""Walk the recorded book level by level: partial fills, the average price, never more than
+was displayed (the top of book when a market has no recorded book).
+"""
+Global___FillModel: _TypeAlias = FillModel  # noqa: Y015
+
+class _GapPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GapPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GapPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GAP_POLICY_UNSPECIFIED: _GapPolicy.ValueType  # 0
+    """The default: GAP_POLICY_FLAG."""
+    GAP_POLICY_FLAG: _GapPolicy.ValueType  # 1
+    """Run, and report the gaps in `Backtest.data_quality`."""
+    GAP_POLICY_REFUSE: _GapPolicy.ValueType  # 2
+    """Fail before running when an unrecovered gap overlaps the window."""
+
+class GapPolicy(_GapPolicy, metaclass=_GapPolicyEnumTypeWrapper):
+    """What a backtest does about recorded feed gaps overlapping its markets and window."""
+
+GAP_POLICY_UNSPECIFIED: GapPolicy.ValueType  # 0
+"""The default: GAP_POLICY_FLAG."""
+GAP_POLICY_FLAG: GapPolicy.ValueType  # 1
+"""Run, and report the gaps in `Backtest.data_quality`."""
+GAP_POLICY_REFUSE: GapPolicy.ValueType  # 2
+"""Fail before running when an unrecovered gap overlaps the window."""
+Global___GapPolicy: _TypeAlias = GapPolicy  # noqa: Y015
+
 class _BacktestState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -327,6 +383,12 @@ class BacktestConfig(_message.Message):
     SLIPPAGE_FIELD_NUMBER: _builtins.int
     MAX_POSITION_FIELD_NUMBER: _builtins.int
     CAP_BY_DISPLAYED_SIZE_FIELD_NUMBER: _builtins.int
+    FILL_MODEL_FIELD_NUMBER: _builtins.int
+    MAKER_FEE_RATE_TEN_THOUSANDTHS_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    QUEUE_CANCEL_SHARE_TEN_THOUSANDTHS_FIELD_NUMBER: _builtins.int
+    FEE_SCHEDULE_VERSION_FIELD_NUMBER: _builtins.int
+    GAP_POLICY_FIELD_NUMBER: _builtins.int
     strategy: _builtins.str
     """A strategy name from ListStrategies."""
     taker_fee_rate_ten_thousandths: _builtins.int
@@ -334,6 +396,18 @@ class BacktestConfig(_message.Message):
     fee_rounding: Global___FeeRounding.ValueType
     cap_by_displayed_size: _builtins.bool
     """When true, a fill is capped by the displayed size at the touch when the snapshot has one."""
+    fill_model: Global___FillModel.ValueType
+    maker_fee_rate_ten_thousandths: _builtins.int
+    """Maker fee coefficient in 1/10,000 (175 is Kalshi's 0.0175), charged only in series whose
+    fee_type is quadratic_with_maker_fees; 0 means 175.
+    """
+    queue_cancel_share_ten_thousandths: _builtins.int
+    """Share of a price level's cancellations counted as ahead of a resting order, in 1/10,000:
+    0 (the default) is the risk-averse queue, 10000 the optimistic one.
+    """
+    fee_schedule_version: _builtins.str
+    """Output only: the version of the fee rules the run applied."""
+    gap_policy: Global___GapPolicy.ValueType
     @_builtins.property
     def parameters(self) -> _containers.MessageMap[_builtins.str, Global___ParameterValue]:
         """Parameter values by name; missing ones take the strategy's defaults."""
@@ -360,6 +434,10 @@ class BacktestConfig(_message.Message):
     def max_position(self) -> _types_pb2.Contracts:
         """Largest position per market, in contracts; 0 means unlimited."""
 
+    @_builtins.property
+    def latency(self) -> _duration_pb2.Duration:
+        """Delay between a strategy's decision and its order's arrival; unset means none."""
+
     def __init__(
         self,
         *,
@@ -374,10 +452,16 @@ class BacktestConfig(_message.Message):
         slippage: _types_pb2.Dollars | None = ...,
         max_position: _types_pb2.Contracts | None = ...,
         cap_by_displayed_size: _builtins.bool = ...,
+        fill_model: Global___FillModel.ValueType = ...,
+        maker_fee_rate_ten_thousandths: _builtins.int = ...,
+        latency: _duration_pb2.Duration | None = ...,
+        queue_cancel_share_ten_thousandths: _builtins.int = ...,
+        fee_schedule_version: _builtins.str = ...,
+        gap_policy: Global___GapPolicy.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "initial_cash", b"initial_cash", "max_position", b"max_position", "slippage", b"slippage", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "initial_cash", b"initial_cash", "latency", b"latency", "max_position", b"max_position", "slippage", b"slippage", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap_by_displayed_size", b"cap_by_displayed_size", "end_time", b"end_time", "fee_rounding", b"fee_rounding", "initial_cash", b"initial_cash", "max_position", b"max_position", "parameters", b"parameters", "slippage", b"slippage", "start_time", b"start_time", "strategy", b"strategy", "taker_fee_rate_ten_thousandths", b"taker_fee_rate_ten_thousandths", "tickers", b"tickers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap_by_displayed_size", b"cap_by_displayed_size", "end_time", b"end_time", "fee_rounding", b"fee_rounding", "fee_schedule_version", b"fee_schedule_version", "fill_model", b"fill_model", "gap_policy", b"gap_policy", "initial_cash", b"initial_cash", "latency", b"latency", "maker_fee_rate_ten_thousandths", b"maker_fee_rate_ten_thousandths", "max_position", b"max_position", "parameters", b"parameters", "queue_cancel_share_ten_thousandths", b"queue_cancel_share_ten_thousandths", "slippage", b"slippage", "start_time", b"start_time", "strategy", b"strategy", "taker_fee_rate_ten_thousandths", b"taker_fee_rate_ten_thousandths", "tickers", b"tickers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,11 +585,16 @@ class DataFingerprint(_message.Message):
     FIRST_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     LAST_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     CONTENT_HASH_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
     row_count: _builtins.int
     first_snapshot_id: _builtins.int
     last_snapshot_id: _builtins.int
     content_hash: _builtins.str
-    """SHA-256 over the rows in replay order, hex."""
+    """SHA-256, hex, over the rows in replay order, the books and trades read, and each market's
+    result, settlement time and value and fee terms: a market settling changes it.
+    """
+    event_count: _builtins.int
+    """Books and trades read besides the snapshot rows."""
     def __init__(
         self,
         *,
@@ -513,14 +602,82 @@ class DataFingerprint(_message.Message):
         first_snapshot_id: _builtins.int = ...,
         last_snapshot_id: _builtins.int = ...,
         content_hash: _builtins.str = ...,
+        event_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "first_snapshot_id", b"first_snapshot_id", "last_snapshot_id", b"last_snapshot_id", "row_count", b"row_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "event_count", b"event_count", "first_snapshot_id", b"first_snapshot_id", "last_snapshot_id", b"last_snapshot_id", "row_count", b"row_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DataFingerprint: _TypeAlias = DataFingerprint  # noqa: Y015
+
+@_typing.final
+class DataQuality(_message.Message):
+    """Recorded feed gaps that overlap a backtest's markets and window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GAP_COUNT_FIELD_NUMBER: _builtins.int
+    GAP_TIME_FIELD_NUMBER: _builtins.int
+    UNRECOVERED_GAP_COUNT_FIELD_NUMBER: _builtins.int
+    MARKETS_FIELD_NUMBER: _builtins.int
+    gap_count: _builtins.int
+    unrecovered_gap_count: _builtins.int
+    """Gaps never recovered (resubscribed or resnapshotted)."""
+    @_builtins.property
+    def gap_time(self) -> _duration_pb2.Duration:
+        """Time covered by gaps (their union per market, summed over markets)."""
+
+    @_builtins.property
+    def markets(self) -> _containers.RepeatedCompositeFieldContainer[Global___MarketCoverage]: ...
+    def __init__(
+        self,
+        *,
+        gap_count: _builtins.int = ...,
+        gap_time: _duration_pb2.Duration | None = ...,
+        unrecovered_gap_count: _builtins.int = ...,
+        markets: _abc.Iterable[Global___MarketCoverage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gap_time", b"gap_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gap_count", b"gap_count", "gap_time", b"gap_time", "markets", b"markets", "unrecovered_gap_count", b"unrecovered_gap_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataQuality: _TypeAlias = DataQuality  # noqa: Y015
+
+@_typing.final
+class MarketCoverage(_message.Message):
+    """One market's share of the window not covered by a recorded feed gap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKER_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    GAP_COUNT_FIELD_NUMBER: _builtins.int
+    GAP_TIME_FIELD_NUMBER: _builtins.int
+    ticker: _builtins.str
+    coverage: _builtins.float
+    """From 0 to 1."""
+    gap_count: _builtins.int
+    @_builtins.property
+    def gap_time(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        ticker: _builtins.str = ...,
+        coverage: _builtins.float = ...,
+        gap_count: _builtins.int = ...,
+        gap_time: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gap_time", b"gap_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "gap_count", b"gap_count", "gap_time", b"gap_time", "ticker", b"ticker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarketCoverage: _TypeAlias = MarketCoverage  # noqa: Y015
 
 @_typing.final
 class BacktestMetrics(_message.Message):
@@ -649,11 +806,12 @@ class Backtest(_message.Message):
     RANKED_CHILD_IDS_FIELD_NUMBER: _builtins.int
     SWEEP_FIELD_NUMBER: _builtins.int
     EQUITY_CURVE_FIELD_NUMBER: _builtins.int
+    DATA_QUALITY_FIELD_NUMBER: _builtins.int
     backtest_id: _builtins.str
     """Server-assigned id."""
     state: Global___BacktestState.ValueType
     code_version: _builtins.str
-    """The kfeed version that ran it."""
+    """The kfeed version that ran it, with the exact commit when known ("0.1.0+g1a2b3c4")."""
     error_message: _builtins.str
     """Why it FAILED."""
     parent_backtest_id: _builtins.str
@@ -686,6 +844,10 @@ class Backtest(_message.Message):
     def equity_curve(self) -> _containers.RepeatedCompositeFieldContainer[Global___EquityPoint]:
         """Only with BACKTEST_VIEW_FULL."""
 
+    @_builtins.property
+    def data_quality(self) -> Global___DataQuality:
+        """Set once the run has read its data."""
+
     def __init__(
         self,
         *,
@@ -704,10 +866,11 @@ class Backtest(_message.Message):
         ranked_child_ids: _abc.Iterable[_builtins.str] | None = ...,
         sweep: Global___ParameterSweep | None = ...,
         equity_curve: _abc.Iterable[Global___EquityPoint] | None = ...,
+        data_quality: Global___DataQuality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "metrics", b"metrics", "progress", b"progress", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "sweep", b"sweep"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "metrics", b"metrics", "progress", b"progress", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "sweep", b"sweep"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest_id", b"backtest_id", "code_version", b"code_version", "config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "equity_curve", b"equity_curve", "error_message", b"error_message", "metrics", b"metrics", "parent_backtest_id", b"parent_backtest_id", "progress", b"progress", "ranked_child_ids", b"ranked_child_ids", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "state", b"state", "sweep", b"sweep"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest_id", b"backtest_id", "code_version", b"code_version", "config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "equity_curve", b"equity_curve", "error_message", b"error_message", "metrics", b"metrics", "parent_backtest_id", b"parent_backtest_id", "progress", b"progress", "ranked_child_ids", b"ranked_child_ids", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "state", b"state", "sweep", b"sweep"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ __all__ = (
     "CreateBacktestRequest",
     "CreateBacktestResponse",
     "DataFingerprint",
+    "DataQuality",
     "DataSource",
     "Dollars",
     "EquityPoint",
@@ -34,6 +35,8 @@ __all__ = (
     "FeeRounding",
     "FeedGap",
     "FieldViolation",
+    "FillModel",
+    "GapPolicy",
     "GetBacktestRequest",
     "GetBacktestResponse",
     "GetEventRequest",
@@ -68,6 +71,7 @@ __all__ = (
     "ListTradesRequest",
     "ListTradesResponse",
     "Market",
+    "MarketCoverage",
     "MarketResult",
     "MarketServiceAsyncStub",
     "MarketServiceStub",
@@ -281,6 +285,82 @@ class FeeRounding(betterproto2.Enum):
             "FEE_ROUNDING_UNSPECIFIED": 0,
             "FEE_ROUNDING_CENT": 1,
             "FEE_ROUNDING_TEN_THOUSANDTH": 2,
+        }
+
+
+class FillModel(betterproto2.Enum):
+    """
+    How taker orders meet the book.
+    """
+
+    UNSPECIFIED = 0
+    """
+    The default: FILL_MODEL_TOUCH.
+    """
+
+    TOUCH = 1
+    """
+    The whole count at the best price of the latest snapshot (capped by the displayed size only
+    with cap_by_displayed_size).
+    """
+
+    DEPTH = 2
+    """
+    Walk the recorded book level by level: partial fills, the average price, never more than
+    was displayed (the top of book when a market has no recorded book).
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "FILL_MODEL_UNSPECIFIED",
+            1: "FILL_MODEL_TOUCH",
+            2: "FILL_MODEL_DEPTH",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "FILL_MODEL_UNSPECIFIED": 0,
+            "FILL_MODEL_TOUCH": 1,
+            "FILL_MODEL_DEPTH": 2,
+        }
+
+
+class GapPolicy(betterproto2.Enum):
+    """
+    What a backtest does about recorded feed gaps overlapping its markets and window.
+    """
+
+    UNSPECIFIED = 0
+    """
+    The default: GAP_POLICY_FLAG.
+    """
+
+    FLAG = 1
+    """
+    Run, and report the gaps in `Backtest.data_quality`.
+    """
+
+    REFUSE = 2
+    """
+    Fail before running when an unrecovered gap overlaps the window.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "GAP_POLICY_UNSPECIFIED",
+            1: "GAP_POLICY_FLAG",
+            2: "GAP_POLICY_REFUSE",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "GAP_POLICY_UNSPECIFIED": 0,
+            "GAP_POLICY_FLAG": 1,
+            "GAP_POLICY_REFUSE": 2,
         }
 
 
@@ -640,7 +720,7 @@ class Backtest(betterproto2.Message):
 
     code_version: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
     """
-    The kfeed version that ran it.
+    The kfeed version that ran it, with the exact commit when known ("0.1.0+g1a2b3c4").
     """
 
     create_time: "datetime.datetime | None" = betterproto2.field(
@@ -679,6 +759,13 @@ class Backtest(betterproto2.Message):
     )
     """
     Only with BACKTEST_VIEW_FULL.
+    """
+
+    data_quality: "DataQuality | None" = betterproto2.field(
+        20, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    Set once the run has read its data.
     """
 
 
@@ -751,6 +838,38 @@ class BacktestConfig(betterproto2.Message):
     """
     When true, a fill is capped by the displayed size at the touch when the snapshot has one.
     """
+
+    fill_model: "FillModel" = betterproto2.field(
+        12, betterproto2.TYPE_ENUM, default_factory=lambda: FillModel(0)
+    )
+
+    maker_fee_rate_ten_thousandths: "int" = betterproto2.field(13, betterproto2.TYPE_INT64)
+    """
+    Maker fee coefficient in 1/10,000 (175 is Kalshi's 0.0175), charged only in series whose
+    fee_type is quadratic_with_maker_fees; 0 means 175.
+    """
+
+    latency: "datetime.timedelta | None" = betterproto2.field(
+        14, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+    """
+    Delay between a strategy's decision and its order's arrival; unset means none.
+    """
+
+    queue_cancel_share_ten_thousandths: "int" = betterproto2.field(15, betterproto2.TYPE_INT64)
+    """
+    Share of a price level's cancellations counted as ahead of a resting order, in 1/10,000:
+    0 (the default) is the risk-averse queue, 10000 the optimistic one.
+    """
+
+    fee_schedule_version: "str" = betterproto2.field(16, betterproto2.TYPE_STRING)
+    """
+    Output only: the version of the fee rules the run applied.
+    """
+
+    gap_policy: "GapPolicy" = betterproto2.field(
+        17, betterproto2.TYPE_ENUM, default_factory=lambda: GapPolicy(0)
+    )
 
 
 default_message_pool.register_message("kfeed.v1", "BacktestConfig", BacktestConfig)
@@ -985,11 +1104,45 @@ class DataFingerprint(betterproto2.Message):
 
     content_hash: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    SHA-256 over the rows in replay order, hex.
+    SHA-256, hex, over the rows in replay order, the books and trades read, and each market's
+    result, settlement time and value and fee terms: a market settling changes it.
+    """
+
+    event_count: "int" = betterproto2.field(5, betterproto2.TYPE_INT64)
+    """
+    Books and trades read besides the snapshot rows.
     """
 
 
 default_message_pool.register_message("kfeed.v1", "DataFingerprint", DataFingerprint)
+
+
+@dataclass(eq=False, repr=False)
+class DataQuality(betterproto2.Message):
+    """
+    Recorded feed gaps that overlap a backtest's markets and window.
+    """
+
+    gap_count: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
+
+    gap_time: "datetime.timedelta | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+    """
+    Time covered by gaps (their union per market, summed over markets).
+    """
+
+    unrecovered_gap_count: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    Gaps never recovered (resubscribed or resnapshotted).
+    """
+
+    markets: "list[MarketCoverage]" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("kfeed.v1", "DataQuality", DataQuality)
 
 
 @dataclass(eq=False, repr=False)
@@ -1949,6 +2102,29 @@ class Market(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "Market", Market)
+
+
+@dataclass(eq=False, repr=False)
+class MarketCoverage(betterproto2.Message):
+    """
+    One market's share of the window not covered by a recorded feed gap.
+    """
+
+    ticker: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    coverage: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
+    """
+    From 0 to 1.
+    """
+
+    gap_count: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+
+    gap_time: "datetime.timedelta | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
+    )
+
+
+default_message_pool.register_message("kfeed.v1", "MarketCoverage", MarketCoverage)
 
 
 @dataclass(eq=False, repr=False)

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/backtest_service.proto.
  */
 export const file_kfeed_v1_backtest_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9rZmVlZC92MS9iYWNrdGVzdF9zZXJ2aWNlLnByb3RvEghrZmVlZC52MSKmAQoOUGFyYW1ldGVyVmFsdWUSFwoNaW50ZWdlcl92YWx1ZRgBIAEoA0gAEhYKDG51bWJlcl92YWx1ZRgCIAEoAUgAEioKDWRvbGxhcnNfdmFsdWUYAyABKAsyES5rZmVlZC52MS5Eb2xsYXJzSAASFwoNYm9vbGVhbl92YWx1ZRgEIAEoCEgAEhYKDHN0cmluZ192YWx1ZRgFIAEoCUgAQgYKBGtpbmQi4AEKDVBhcmFtZXRlclNwZWMSDAoEbmFtZRgBIAEoCRIlCgR0eXBlGAIgASgOMhcua2ZlZWQudjEuUGFyYW1ldGVyVHlwZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCg1kZWZhdWx0X3ZhbHVlGAQgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWUSKQoHbWluaW11bRgFIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlEikKB21heGltdW0YBiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJWYWx1ZSJaCghTdHJhdGVneRIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEisKCnBhcmFtZXRlcnMYAyADKAsyFy5rZmVlZC52MS5QYXJhbWV0ZXJTcGVjIhcKFUxpc3RTdHJhdGVnaWVzUmVxdWVzdCJAChZMaXN0U3RyYXRlZ2llc1Jlc3BvbnNlEiYKCnN0cmF0ZWdpZXMYASADKAsyEi5rZmVlZC52MS5TdHJhdGVneSKJBAoOQmFja3Rlc3RDb25maWcSEAoIc3RyYXRlZ3kYASABKAkSPAoKcGFyYW1ldGVycxgCIAMoCzIoLmtmZWVkLnYxLkJhY2t0ZXN0Q29uZmlnLlBhcmFtZXRlcnNFbnRyeRIPCgd0aWNrZXJzGAMgAygJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgxpbml0aWFsX2Nhc2gYBiABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiYKHnRha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgHIAEoAxIrCgxmZWVfcm91bmRpbmcYCCABKA4yFS5rZmVlZC52MS5GZWVSb3VuZGluZxIjCghzbGlwcGFnZRgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSKQoMbWF4X3Bvc2l0aW9uGAogASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEh0KFWNhcF9ieV9kaXNwbGF5ZWRfc2l6ZRgLIAEoCBpLCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEicKBXZhbHVlGAIgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWU6AjgBIpsBCg5QYXJhbWV0ZXJTd2VlcBIwCgRncmlkGAEgAygLMiIua2ZlZWQudjEuUGFyYW1ldGVyU3dlZXAuR3JpZEVudHJ5Eg8KB3JhbmtfYnkYAiABKAkaRgoJR3JpZEVudHJ5EgsKA2tleRgBIAEoCRIoCgV2YWx1ZRgCIAEoCzIZLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlczoCOAEiOwoPUGFyYW1ldGVyVmFsdWVzEigKBnZhbHVlcxgBIAMoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlIocBChBCYWNrdGVzdFByb2dyZXNzEhUKDWZyYWN0aW9uX2RvbmUYASABKAESGwoTc25hcHNob3RzX3Byb2Nlc3NlZBgCIAEoAxIXCg9zbmFwc2hvdHNfdG90YWwYAyABKAMSJgoLaW50ZXJpbV9wbmwYBCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIm8KD0RhdGFGaW5nZXJwcmludBIRCglyb3dfY291bnQYASABKAMSGQoRZmlyc3Rfc25hcHNob3RfaWQYAiABKAMSGAoQbGFzdF9zbmFwc2hvdF9pZBgDIAEoAxIUCgxjb250ZW50X2hhc2gYBCABKAkiwwMKD0JhY2t0ZXN0TWV0cmljcxIkCgl0b3RhbF9wbmwYASABKAsyES5rZmVlZC52MS5Eb2xsYXJzEhQKDHRvdGFsX3JldHVybhgCIAEoARIUCgxzaGFycGVfcmF0aW8YAyABKAESFQoNc29ydGlub19yYXRpbxgEIAEoARInCgxtYXhfZHJhd2Rvd24YBSABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh0KFW1heF9kcmF3ZG93bl9mcmFjdGlvbhgGIAEoARI4ChVtYXhfZHJhd2Rvd25fZHVyYXRpb24YByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEAoId2luX3JhdGUYCCABKAESFQoNcHJvZml0X2ZhY3RvchgJIAEoARIlCgpleHBlY3RhbmN5GAogASgLMhEua2ZlZWQudjEuRG9sbGFycxITCgt0cmFkZV9jb3VudBgLIAEoAxIkCglmZWVzX3BhaWQYDCABKAsyES5rZmVlZC52MS5Eb2xsYXJzEhAKCGV4cG9zdXJlGA0gASgBEhgKC2JyaWVyX3Njb3JlGA4gASgBSACIAQFCDgoMX2JyaWVyX3Njb3JlIloKC0VxdWl0eVBvaW50EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiEKBmVxdWl0eRgCIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMi0AQKCEJhY2t0ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJEigKBmNvbmZpZxgCIAEoCzIYLmtmZWVkLnYxLkJhY2t0ZXN0Q29uZmlnEiYKBXN0YXRlGAMgASgOMhcua2ZlZWQudjEuQmFja3Rlc3RTdGF0ZRIsCghwcm9ncmVzcxgEIAEoCzIaLmtmZWVkLnYxLkJhY2t0ZXN0UHJvZ3Jlc3MSKgoHbWV0cmljcxgFIAEoCzIZLmtmZWVkLnYxLkJhY2t0ZXN0TWV0cmljcxIzChBkYXRhX2ZpbmdlcnByaW50GAYgASgLMhkua2ZlZWQudjEuRGF0YUZpbmdlcnByaW50EhQKDGNvZGVfdmVyc2lvbhgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOcnVuX3N0YXJ0X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDHJ1bl9lbmRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNZXJyb3JfbWVzc2FnZRgLIAEoCRIaChJwYXJlbnRfYmFja3Rlc3RfaWQYDCABKAkSGAoQcmFua2VkX2NoaWxkX2lkcxgNIAMoCRInCgVzd2VlcBgOIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclN3ZWVwEisKDGVxdWl0eV9jdXJ2ZRgPIAMoCzIVLmtmZWVkLnYxLkVxdWl0eVBvaW50ImoKFUNyZWF0ZUJhY2t0ZXN0UmVxdWVzdBIoCgZjb25maWcYASABKAsyGC5rZmVlZC52MS5CYWNrdGVzdENvbmZpZxInCgVzd2VlcBgCIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclN3ZWVwIj4KFkNyZWF0ZUJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCJPChJHZXRCYWNrdGVzdFJlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkSJAoEdmlldxgCIAEoDjIWLmtmZWVkLnYxLkJhY2t0ZXN0VmlldyI7ChNHZXRCYWNrdGVzdFJlc3BvbnNlEiQKCGJhY2t0ZXN0GAEgASgLMhIua2ZlZWQudjEuQmFja3Rlc3QikwEKFExpc3RCYWNrdGVzdHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEhAKCHN0cmF0ZWd5GAMgASgJEiYKBXN0YXRlGAQgASgOMhcua2ZlZWQudjEuQmFja3Rlc3RTdGF0ZRIaChJwYXJlbnRfYmFja3Rlc3RfaWQYBSABKAkiVwoVTGlzdEJhY2t0ZXN0c1Jlc3BvbnNlEiUKCWJhY2t0ZXN0cxgBIAMoCzISLmtmZWVkLnYxLkJhY2t0ZXN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKUAwoJRXhlY3V0aW9uEhAKCHNlcXVlbmNlGAEgASgDEg4KBnRpY2tlchgCIAEoCRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzbmFwc2hvdF9pZBgEIAEoAxIcCgRzaWRlGAUgASgOMg4ua2ZlZWQudjEuU2lkZRIlCgZhY3Rpb24YBiABKA4yFS5rZmVlZC52MS5PcmRlckFjdGlvbhIiCgVjb3VudBgHIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxIgCgVwcmljZRgIIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSHgoDZmVlGAkgASgLMhEua2ZlZWQudjEuRG9sbGFycxIlCgpjYXNoX2FmdGVyGAogASgLMhEua2ZlZWQudjEuRG9sbGFycxIrCg5wb3NpdGlvbl9hZnRlchgLIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxInCgxyZWFsaXplZF9wbmwYDCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIlMKFUxpc3RFeGVjdXRpb25zUmVxdWVzdBITCgtiYWNrdGVzdF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJaChZMaXN0RXhlY3V0aW9uc1Jlc3BvbnNlEicKCmV4ZWN1dGlvbnMYASADKAsyEy5rZmVlZC52MS5FeGVjdXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlwKFFdhdGNoQmFja3Rlc3RSZXF1ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJEi8KDG1pbl9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI9ChVXYXRjaEJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCIsChVDYW5jZWxCYWNrdGVzdFJlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkiPgoWQ2FuY2VsQmFja3Rlc3RSZXNwb25zZRIkCghiYWNrdGVzdBgBIAEoCzISLmtmZWVkLnYxLkJhY2t0ZXN0KrkBCg1QYXJhbWV0ZXJUeXBlEh4KGlBBUkFNRVRFUl9UWVBFX1VOU1BFQ0lGSUVEEAASGgoWUEFSQU1FVEVSX1RZUEVfSU5URUdFUhABEhkKFVBBUkFNRVRFUl9UWVBFX05VTUJFUhACEhoKFlBBUkFNRVRFUl9UWVBFX0RPTExBUlMQAxIaChZQQVJBTUVURVJfVFlQRV9CT09MRUFOEAQSGQoVUEFSQU1FVEVSX1RZUEVfU1RSSU5HEAUqYwoLRmVlUm91bmRpbmcSHAoYRkVFX1JPVU5ESU5HX1VOU1BFQ0lGSUVEEAASFQoRRkVFX1JPVU5ESU5HX0NFTlQQARIfChtGRUVfUk9VTkRJTkdfVEVOX1RIT1VTQU5EVEgQAiq+AQoNQmFja3Rlc3RTdGF0ZRIeChpCQUNLVEVTVF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkJBQ0tURVNUX1NUQVRFX1BFTkRJTkcQARIaChZCQUNLVEVTVF9TVEFURV9SVU5OSU5HEAISHAoYQkFDS1RFU1RfU1RBVEVfU1VDQ0VFREVEEAMSGQoVQkFDS1RFU1RfU1RBVEVfRkFJTEVEEAQSHAoYQkFDS1RFU1RfU1RBVEVfQ0FOQ0VMTEVEEAUqXgoMQmFja3Rlc3RWaWV3Eh0KGUJBQ0tURVNUX1ZJRVdfVU5TUEVDSUZJRUQQABIXChNCQUNLVEVTVF9WSUVXX0JBU0lDEAESFgoSQkFDS1RFU1RfVklFV19GVUxMEAIqiAEKC09yZGVyQWN0aW9uEhwKGE9SREVSX0FDVElPTl9VTlNQRUNJRklFRBAAEhQKEE9SREVSX0FDVElPTl9CVVkQARIVChFPUkRFUl9BQ1RJT05fU0VMTBACEhcKE09SREVSX0FDVElPTl9TRVRUTEUQAxIVChFPUkRFUl9BQ1RJT05fTUFSSxAEMtcECg9CYWNrdGVzdFNlcnZpY2USUwoOTGlzdFN0cmF0ZWdpZXMSHy5rZmVlZC52MS5MaXN0U3RyYXRlZ2llc1JlcXVlc3QaIC5rZmVlZC52MS5MaXN0U3RyYXRlZ2llc1Jlc3BvbnNlElMKDkNyZWF0ZUJhY2t0ZXN0Eh8ua2ZlZWQudjEuQ3JlYXRlQmFja3Rlc3RSZXF1ZXN0GiAua2ZlZWQudjEuQ3JlYXRlQmFja3Rlc3RSZXNwb25zZRJKCgtHZXRCYWNrdGVzdBIcLmtmZWVkLnYxLkdldEJhY2t0ZXN0UmVxdWVzdBodLmtmZWVkLnYxLkdldEJhY2t0ZXN0UmVzcG9uc2USUAoNTGlzdEJhY2t0ZXN0cxIeLmtmZWVkLnYxLkxpc3RCYWNrdGVzdHNSZXF1ZXN0Gh8ua2ZlZWQudjEuTGlzdEJhY2t0ZXN0c1Jlc3BvbnNlElMKDkxpc3RFeGVjdXRpb25zEh8ua2ZlZWQudjEuTGlzdEV4ZWN1dGlvbnNSZXF1ZXN0GiAua2ZlZWQudjEuTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRJSCg1XYXRjaEJhY2t0ZXN0Eh4ua2ZlZWQudjEuV2F0Y2hCYWNrdGVzdFJlcXVlc3QaHy5rZmVlZC52MS5XYXRjaEJhY2t0ZXN0UmVzcG9uc2UwARJTCg5DYW5jZWxCYWNrdGVzdBIfLmtmZWVkLnYxLkNhbmNlbEJhY2t0ZXN0UmVxdWVzdBogLmtmZWVkLnYxLkNhbmNlbEJhY2t0ZXN0UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_kfeed_v1_types]);
+  fileDesc("Ch9rZmVlZC92MS9iYWNrdGVzdF9zZXJ2aWNlLnByb3RvEghrZmVlZC52MSKmAQoOUGFyYW1ldGVyVmFsdWUSFwoNaW50ZWdlcl92YWx1ZRgBIAEoA0gAEhYKDG51bWJlcl92YWx1ZRgCIAEoAUgAEioKDWRvbGxhcnNfdmFsdWUYAyABKAsyES5rZmVlZC52MS5Eb2xsYXJzSAASFwoNYm9vbGVhbl92YWx1ZRgEIAEoCEgAEhYKDHN0cmluZ192YWx1ZRgFIAEoCUgAQgYKBGtpbmQi4AEKDVBhcmFtZXRlclNwZWMSDAoEbmFtZRgBIAEoCRIlCgR0eXBlGAIgASgOMhcua2ZlZWQudjEuUGFyYW1ldGVyVHlwZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCg1kZWZhdWx0X3ZhbHVlGAQgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWUSKQoHbWluaW11bRgFIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlEikKB21heGltdW0YBiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJWYWx1ZSJaCghTdHJhdGVneRIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEisKCnBhcmFtZXRlcnMYAyADKAsyFy5rZmVlZC52MS5QYXJhbWV0ZXJTcGVjIhcKFUxpc3RTdHJhdGVnaWVzUmVxdWVzdCJAChZMaXN0U3RyYXRlZ2llc1Jlc3BvbnNlEiYKCnN0cmF0ZWdpZXMYASADKAsyEi5rZmVlZC52MS5TdHJhdGVneSL5BQoOQmFja3Rlc3RDb25maWcSEAoIc3RyYXRlZ3kYASABKAkSPAoKcGFyYW1ldGVycxgCIAMoCzIoLmtmZWVkLnYxLkJhY2t0ZXN0Q29uZmlnLlBhcmFtZXRlcnNFbnRyeRIPCgd0aWNrZXJzGAMgAygJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgxpbml0aWFsX2Nhc2gYBiABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiYKHnRha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgHIAEoAxIrCgxmZWVfcm91bmRpbmcYCCABKA4yFS5rZmVlZC52MS5GZWVSb3VuZGluZxIjCghzbGlwcGFnZRgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSKQoMbWF4X3Bvc2l0aW9uGAogASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEh0KFWNhcF9ieV9kaXNwbGF5ZWRfc2l6ZRgLIAEoCBInCgpmaWxsX21vZGVsGAwgASgOMhMua2ZlZWQudjEuRmlsbE1vZGVsEiYKHm1ha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgNIAEoAxIqCgdsYXRlbmN5GA4gASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEioKInF1ZXVlX2NhbmNlbF9zaGFyZV90ZW5fdGhvdXNhbmR0aHMYDyABKAMSHAoUZmVlX3NjaGVkdWxlX3ZlcnNpb24YECABKAkSJwoKZ2FwX3BvbGljeRgRIAEoDjITLmtmZWVkLnYxLkdhcFBvbGljeRpLCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEicKBXZhbHVlGAIgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWU6AjgBIpsBCg5QYXJhbWV0ZXJTd2VlcBIwCgRncmlkGAEgAygLMiIua2ZlZWQudjEuUGFyYW1ldGVyU3dlZXAuR3JpZEVudHJ5Eg8KB3JhbmtfYnkYAiABKAkaRgoJR3JpZEVudHJ5EgsKA2tleRgBIAEoCRIoCgV2YWx1ZRgCIAEoCzIZLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlczoCOAEiOwoPUGFyYW1ldGVyVmFsdWVzEigKBnZhbHVlcxgBIAMoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlIocBChBCYWNrdGVzdFByb2dyZXNzEhUKDWZyYWN0aW9uX2RvbmUYASABKAESGwoTc25hcHNob3RzX3Byb2Nlc3NlZBgCIAEoAxIXCg9zbmFwc2hvdHNfdG90YWwYAyABKAMSJgoLaW50ZXJpbV9wbmwYBCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIoQBCg9EYXRhRmluZ2VycHJpbnQSEQoJcm93X2NvdW50GAEgASgDEhkKEWZpcnN0X3NuYXBzaG90X2lkGAIgASgDEhgKEGxhc3Rfc25hcHNob3RfaWQYAyABKAMSFAoMY29udGVudF9oYXNoGAQgASgJEhMKC2V2ZW50X2NvdW50GAUgASgDIpcBCgtEYXRhUXVhbGl0eRIRCglnYXBfY291bnQYASABKAMSKwoIZ2FwX3RpbWUYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHQoVdW5yZWNvdmVyZWRfZ2FwX2NvdW50GAMgASgDEikKB21hcmtldHMYBCADKAsyGC5rZmVlZC52MS5NYXJrZXRDb3ZlcmFnZSJyCg5NYXJrZXRDb3ZlcmFnZRIOCgZ0aWNrZXIYASABKAkSEAoIY292ZXJhZ2UYAiABKAESEQoJZ2FwX2NvdW50GAMgASgDEisKCGdhcF90aW1lGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIsMDCg9CYWNrdGVzdE1ldHJpY3MSJAoJdG90YWxfcG5sGAEgASgLMhEua2ZlZWQudjEuRG9sbGFycxIUCgx0b3RhbF9yZXR1cm4YAiABKAESFAoMc2hhcnBlX3JhdGlvGAMgASgBEhUKDXNvcnRpbm9fcmF0aW8YBCABKAESJwoMbWF4X2RyYXdkb3duGAUgASgLMhEua2ZlZWQudjEuRG9sbGFycxIdChVtYXhfZHJhd2Rvd25fZnJhY3Rpb24YBiABKAESOAoVbWF4X2RyYXdkb3duX2R1cmF0aW9uGAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhAKCHdpbl9yYXRlGAggASgBEhUKDXByb2ZpdF9mYWN0b3IYCSABKAESJQoKZXhwZWN0YW5jeRgKIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSEwoLdHJhZGVfY291bnQYCyABKAMSJAoJZmVlc19wYWlkGAwgASgLMhEua2ZlZWQudjEuRG9sbGFycxIQCghleHBvc3VyZRgNIAEoARIYCgticmllcl9zY29yZRgOIAEoAUgAiAEBQg4KDF9icmllcl9zY29yZSJaCgtFcXVpdHlQb2ludBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIhCgZlcXVpdHkYAiABKAsyES5rZmVlZC52MS5Eb2xsYXJzIv0ECghCYWNrdGVzdBITCgtiYWNrdGVzdF9pZBgBIAEoCRIoCgZjb25maWcYAiABKAsyGC5rZmVlZC52MS5CYWNrdGVzdENvbmZpZxImCgVzdGF0ZRgDIAEoDjIXLmtmZWVkLnYxLkJhY2t0ZXN0U3RhdGUSLAoIcHJvZ3Jlc3MYBCABKAsyGi5rZmVlZC52MS5CYWNrdGVzdFByb2dyZXNzEioKB21ldHJpY3MYBSABKAsyGS5rZmVlZC52MS5CYWNrdGVzdE1ldHJpY3MSMwoQZGF0YV9maW5nZXJwcmludBgGIAEoCzIZLmtmZWVkLnYxLkRhdGFGaW5nZXJwcmludBIUCgxjb2RlX3ZlcnNpb24YByABKAkSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDnJ1bl9zdGFydF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxydW5fZW5kX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWVycm9yX21lc3NhZ2UYCyABKAkSGgoScGFyZW50X2JhY2t0ZXN0X2lkGAwgASgJEhgKEHJhbmtlZF9jaGlsZF9pZHMYDSADKAkSJwoFc3dlZXAYDiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJTd2VlcBIrCgxlcXVpdHlfY3VydmUYDyADKAsyFS5rZmVlZC52MS5FcXVpdHlQb2ludBIrCgxkYXRhX3F1YWxpdHkYFCABKAsyFS5rZmVlZC52MS5EYXRhUXVhbGl0eSJqChVDcmVhdGVCYWNrdGVzdFJlcXVlc3QSKAoGY29uZmlnGAEgASgLMhgua2ZlZWQudjEuQmFja3Rlc3RDb25maWcSJwoFc3dlZXAYAiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJTd2VlcCI+ChZDcmVhdGVCYWNrdGVzdFJlc3BvbnNlEiQKCGJhY2t0ZXN0GAEgASgLMhIua2ZlZWQudjEuQmFja3Rlc3QiTwoSR2V0QmFja3Rlc3RSZXF1ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJEiQKBHZpZXcYAiABKA4yFi5rZmVlZC52MS5CYWNrdGVzdFZpZXciOwoTR2V0QmFja3Rlc3RSZXNwb25zZRIkCghiYWNrdGVzdBgBIAEoCzISLmtmZWVkLnYxLkJhY2t0ZXN0IpMBChRMaXN0QmFja3Rlc3RzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIQCghzdHJhdGVneRgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLmtmZWVkLnYxLkJhY2t0ZXN0U3RhdGUSGgoScGFyZW50X2JhY2t0ZXN0X2lkGAUgASgJIlcKFUxpc3RCYWNrdGVzdHNSZXNwb25zZRIlCgliYWNrdGVzdHMYASADKAsyEi5rZmVlZC52MS5CYWNrdGVzdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkilAMKCUV4ZWN1dGlvbhIQCghzZXF1ZW5jZRgBIAEoAxIOCgZ0aWNrZXIYAiABKAkSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc25hcHNob3RfaWQYBCABKAMSHAoEc2lkZRgFIAEoDjIOLmtmZWVkLnYxLlNpZGUSJQoGYWN0aW9uGAYgASgOMhUua2ZlZWQudjEuT3JkZXJBY3Rpb24SIgoFY291bnQYByABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSIAoFcHJpY2UYCCABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh4KA2ZlZRgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSJQoKY2FzaF9hZnRlchgKIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSKwoOcG9zaXRpb25fYWZ0ZXIYCyABKAsyEy5rZmVlZC52MS5Db250cmFjdHMSJwoMcmVhbGl6ZWRfcG5sGAwgASgLMhEua2ZlZWQudjEuRG9sbGFycyJTChVMaXN0RXhlY3V0aW9uc1JlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWgoWTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRInCgpleGVjdXRpb25zGAEgAygLMhMua2ZlZWQudjEuRXhlY3V0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJcChRXYXRjaEJhY2t0ZXN0UmVxdWVzdBITCgtiYWNrdGVzdF9pZBgBIAEoCRIvCgxtaW5faW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPQoVV2F0Y2hCYWNrdGVzdFJlc3BvbnNlEiQKCGJhY2t0ZXN0GAEgASgLMhIua2ZlZWQudjEuQmFja3Rlc3QiLAoVQ2FuY2VsQmFja3Rlc3RSZXF1ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJIj4KFkNhbmNlbEJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCq5AQoNUGFyYW1ldGVyVHlwZRIeChpQQVJBTUVURVJfVFlQRV9VTlNQRUNJRklFRBAAEhoKFlBBUkFNRVRFUl9UWVBFX0lOVEVHRVIQARIZChVQQVJBTUVURVJfVFlQRV9OVU1CRVIQAhIaChZQQVJBTUVURVJfVFlQRV9ET0xMQVJTEAMSGgoWUEFSQU1FVEVSX1RZUEVfQk9PTEVBThAEEhkKFVBBUkFNRVRFUl9UWVBFX1NUUklORxAFKmMKC0ZlZVJvdW5kaW5nEhwKGEZFRV9ST1VORElOR19VTlNQRUNJRklFRBAAEhUKEUZFRV9ST1VORElOR19DRU5UEAESHwobRkVFX1JPVU5ESU5HX1RFTl9USE9VU0FORFRIEAIqUwoJRmlsbE1vZGVsEhoKFkZJTExfTU9ERUxfVU5TUEVDSUZJRUQQABIUChBGSUxMX01PREVMX1RPVUNIEAESFAoQRklMTF9NT0RFTF9ERVBUSBACKlMKCUdhcFBvbGljeRIaChZHQVBfUE9MSUNZX1VOU1BFQ0lGSUVEEAASEwoPR0FQX1BPTElDWV9GTEFHEAESFQoRR0FQX1BPTElDWV9SRUZVU0UQAiq+AQoNQmFja3Rlc3RTdGF0ZRIeChpCQUNLVEVTVF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkJBQ0tURVNUX1NUQVRFX1BFTkRJTkcQARIaChZCQUNLVEVTVF9TVEFURV9SVU5OSU5HEAISHAoYQkFDS1RFU1RfU1RBVEVfU1VDQ0VFREVEEAMSGQoVQkFDS1RFU1RfU1RBVEVfRkFJTEVEEAQSHAoYQkFDS1RFU1RfU1RBVEVfQ0FOQ0VMTEVEEAUqXgoMQmFja3Rlc3RWaWV3Eh0KGUJBQ0tURVNUX1ZJRVdfVU5TUEVDSUZJRUQQABIXChNCQUNLVEVTVF9WSUVXX0JBU0lDEAESFgoSQkFDS1RFU1RfVklFV19GVUxMEAIqiAEKC09yZGVyQWN0aW9uEhwKGE9SREVSX0FDVElPTl9VTlNQRUNJRklFRBAAEhQKEE9SREVSX0FDVElPTl9CVVkQARIVChFPUkRFUl9BQ1RJT05fU0VMTBACEhcKE09SREVSX0FDVElPTl9TRVRUTEUQAxIVChFPUkRFUl9BQ1RJT05fTUFSSxAEMtcECg9CYWNrdGVzdFNlcnZpY2USUwoOTGlzdFN0cmF0ZWdpZXMSHy5rZmVlZC52MS5MaXN0U3RyYXRlZ2llc1JlcXVlc3QaIC5rZmVlZC52MS5MaXN0U3RyYXRlZ2llc1Jlc3BvbnNlElMKDkNyZWF0ZUJhY2t0ZXN0Eh8ua2ZlZWQudjEuQ3JlYXRlQmFja3Rlc3RSZXF1ZXN0GiAua2ZlZWQudjEuQ3JlYXRlQmFja3Rlc3RSZXNwb25zZRJKCgtHZXRCYWNrdGVzdBIcLmtmZWVkLnYxLkdldEJhY2t0ZXN0UmVxdWVzdBodLmtmZWVkLnYxLkdldEJhY2t0ZXN0UmVzcG9uc2USUAoNTGlzdEJhY2t0ZXN0cxIeLmtmZWVkLnYxLkxpc3RCYWNrdGVzdHNSZXF1ZXN0Gh8ua2ZlZWQudjEuTGlzdEJhY2t0ZXN0c1Jlc3BvbnNlElMKDkxpc3RFeGVjdXRpb25zEh8ua2ZlZWQudjEuTGlzdEV4ZWN1dGlvbnNSZXF1ZXN0GiAua2ZlZWQudjEuTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRJSCg1XYXRjaEJhY2t0ZXN0Eh4ua2ZlZWQudjEuV2F0Y2hCYWNrdGVzdFJlcXVlc3QaHy5rZmVlZC52MS5XYXRjaEJhY2t0ZXN0UmVzcG9uc2UwARJTCg5DYW5jZWxCYWNrdGVzdBIfLmtmZWVkLnYxLkNhbmNlbEJhY2t0ZXN0UmVxdWVzdBogLmtmZWVkLnYxLkNhbmNlbEJhY2t0ZXN0UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_kfeed_v1_types]);
 
 /**
  * A strategy parameter's value.
@@ -252,6 +252,46 @@ export type BacktestConfig = Message<"kfeed.v1.BacktestConfig"> & {
    * @generated from field: bool cap_by_displayed_size = 11;
    */
   capByDisplayedSize: boolean;
+
+  /**
+   * @generated from field: kfeed.v1.FillModel fill_model = 12;
+   */
+  fillModel: FillModel;
+
+  /**
+   * Maker fee coefficient in 1/10,000 (175 is Kalshi's 0.0175), charged only in series whose
+   * fee_type is quadratic_with_maker_fees; 0 means 175.
+   *
+   * @generated from field: int64 maker_fee_rate_ten_thousandths = 13;
+   */
+  makerFeeRateTenThousandths: bigint;
+
+  /**
+   * Delay between a strategy's decision and its order's arrival; unset means none.
+   *
+   * @generated from field: google.protobuf.Duration latency = 14;
+   */
+  latency?: Duration | undefined;
+
+  /**
+   * Share of a price level's cancellations counted as ahead of a resting order, in 1/10,000:
+   * 0 (the default) is the risk-averse queue, 10000 the optimistic one.
+   *
+   * @generated from field: int64 queue_cancel_share_ten_thousandths = 15;
+   */
+  queueCancelShareTenThousandths: bigint;
+
+  /**
+   * Output only: the version of the fee rules the run applied.
+   *
+   * @generated from field: string fee_schedule_version = 16;
+   */
+  feeScheduleVersion: string;
+
+  /**
+   * @generated from field: kfeed.v1.GapPolicy gap_policy = 17;
+   */
+  gapPolicy: GapPolicy;
 };
 
 /**
@@ -369,11 +409,19 @@ export type DataFingerprint = Message<"kfeed.v1.DataFingerprint"> & {
   lastSnapshotId: bigint;
 
   /**
-   * SHA-256 over the rows in replay order, hex.
+   * SHA-256, hex, over the rows in replay order, the books and trades read, and each market's
+   * result, settlement time and value and fee terms: a market settling changes it.
    *
    * @generated from field: string content_hash = 4;
    */
   contentHash: string;
+
+  /**
+   * Books and trades read besides the snapshot rows.
+   *
+   * @generated from field: int64 event_count = 5;
+   */
+  eventCount: bigint;
 };
 
 /**
@@ -382,6 +430,80 @@ export type DataFingerprint = Message<"kfeed.v1.DataFingerprint"> & {
  */
 export const DataFingerprintSchema: GenMessage<DataFingerprint> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_backtest_service, 9);
+
+/**
+ * Recorded feed gaps that overlap a backtest's markets and window.
+ *
+ * @generated from message kfeed.v1.DataQuality
+ */
+export type DataQuality = Message<"kfeed.v1.DataQuality"> & {
+  /**
+   * @generated from field: int64 gap_count = 1;
+   */
+  gapCount: bigint;
+
+  /**
+   * Time covered by gaps (their union per market, summed over markets).
+   *
+   * @generated from field: google.protobuf.Duration gap_time = 2;
+   */
+  gapTime?: Duration | undefined;
+
+  /**
+   * Gaps never recovered (resubscribed or resnapshotted).
+   *
+   * @generated from field: int64 unrecovered_gap_count = 3;
+   */
+  unrecoveredGapCount: bigint;
+
+  /**
+   * @generated from field: repeated kfeed.v1.MarketCoverage markets = 4;
+   */
+  markets: MarketCoverage[];
+};
+
+/**
+ * Describes the message kfeed.v1.DataQuality.
+ * Use `create(DataQualitySchema)` to create a new message.
+ */
+export const DataQualitySchema: GenMessage<DataQuality> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_backtest_service, 10);
+
+/**
+ * One market's share of the window not covered by a recorded feed gap.
+ *
+ * @generated from message kfeed.v1.MarketCoverage
+ */
+export type MarketCoverage = Message<"kfeed.v1.MarketCoverage"> & {
+  /**
+   * @generated from field: string ticker = 1;
+   */
+  ticker: string;
+
+  /**
+   * From 0 to 1.
+   *
+   * @generated from field: double coverage = 2;
+   */
+  coverage: number;
+
+  /**
+   * @generated from field: int64 gap_count = 3;
+   */
+  gapCount: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Duration gap_time = 4;
+   */
+  gapTime?: Duration | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.MarketCoverage.
+ * Use `create(MarketCoverageSchema)` to create a new message.
+ */
+export const MarketCoverageSchema: GenMessage<MarketCoverage> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_backtest_service, 11);
 
 /**
  * A backtest's results. Periods for Sharpe and Sortino are daily returns of the equity curve,
@@ -480,7 +602,7 @@ export type BacktestMetrics = Message<"kfeed.v1.BacktestMetrics"> & {
  * Use `create(BacktestMetricsSchema)` to create a new message.
  */
 export const BacktestMetricsSchema: GenMessage<BacktestMetrics> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 10);
+  messageDesc(file_kfeed_v1_backtest_service, 12);
 
 /**
  * One point of the equity curve.
@@ -506,7 +628,7 @@ export type EquityPoint = Message<"kfeed.v1.EquityPoint"> & {
  * Use `create(EquityPointSchema)` to create a new message.
  */
 export const EquityPointSchema: GenMessage<EquityPoint> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 11);
+  messageDesc(file_kfeed_v1_backtest_service, 13);
 
 /**
  * A backtest run.
@@ -551,7 +673,7 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
   dataFingerprint?: DataFingerprint | undefined;
 
   /**
-   * The kfeed version that ran it.
+   * The kfeed version that ran it, with the exact commit when known ("0.1.0+g1a2b3c4").
    *
    * @generated from field: string code_version = 7;
    */
@@ -604,6 +726,13 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
    * @generated from field: repeated kfeed.v1.EquityPoint equity_curve = 15;
    */
   equityCurve: EquityPoint[];
+
+  /**
+   * Set once the run has read its data.
+   *
+   * @generated from field: kfeed.v1.DataQuality data_quality = 20;
+   */
+  dataQuality?: DataQuality | undefined;
 };
 
 /**
@@ -611,7 +740,7 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
  * Use `create(BacktestSchema)` to create a new message.
  */
 export const BacktestSchema: GenMessage<Backtest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 12);
+  messageDesc(file_kfeed_v1_backtest_service, 14);
 
 /**
  * @generated from message kfeed.v1.CreateBacktestRequest
@@ -635,7 +764,7 @@ export type CreateBacktestRequest = Message<"kfeed.v1.CreateBacktestRequest"> & 
  * Use `create(CreateBacktestRequestSchema)` to create a new message.
  */
 export const CreateBacktestRequestSchema: GenMessage<CreateBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 13);
+  messageDesc(file_kfeed_v1_backtest_service, 15);
 
 /**
  * @generated from message kfeed.v1.CreateBacktestResponse
@@ -652,7 +781,7 @@ export type CreateBacktestResponse = Message<"kfeed.v1.CreateBacktestResponse"> 
  * Use `create(CreateBacktestResponseSchema)` to create a new message.
  */
 export const CreateBacktestResponseSchema: GenMessage<CreateBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 14);
+  messageDesc(file_kfeed_v1_backtest_service, 16);
 
 /**
  * @generated from message kfeed.v1.GetBacktestRequest
@@ -674,7 +803,7 @@ export type GetBacktestRequest = Message<"kfeed.v1.GetBacktestRequest"> & {
  * Use `create(GetBacktestRequestSchema)` to create a new message.
  */
 export const GetBacktestRequestSchema: GenMessage<GetBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 15);
+  messageDesc(file_kfeed_v1_backtest_service, 17);
 
 /**
  * @generated from message kfeed.v1.GetBacktestResponse
@@ -691,7 +820,7 @@ export type GetBacktestResponse = Message<"kfeed.v1.GetBacktestResponse"> & {
  * Use `create(GetBacktestResponseSchema)` to create a new message.
  */
 export const GetBacktestResponseSchema: GenMessage<GetBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 16);
+  messageDesc(file_kfeed_v1_backtest_service, 18);
 
 /**
  * @generated from message kfeed.v1.ListBacktestsRequest
@@ -736,7 +865,7 @@ export type ListBacktestsRequest = Message<"kfeed.v1.ListBacktestsRequest"> & {
  * Use `create(ListBacktestsRequestSchema)` to create a new message.
  */
 export const ListBacktestsRequestSchema: GenMessage<ListBacktestsRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 17);
+  messageDesc(file_kfeed_v1_backtest_service, 19);
 
 /**
  * @generated from message kfeed.v1.ListBacktestsResponse
@@ -758,7 +887,7 @@ export type ListBacktestsResponse = Message<"kfeed.v1.ListBacktestsResponse"> & 
  * Use `create(ListBacktestsResponseSchema)` to create a new message.
  */
 export const ListBacktestsResponseSchema: GenMessage<ListBacktestsResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 18);
+  messageDesc(file_kfeed_v1_backtest_service, 20);
 
 /**
  * One fill (or settlement) in a backtest.
@@ -844,7 +973,7 @@ export type Execution = Message<"kfeed.v1.Execution"> & {
  * Use `create(ExecutionSchema)` to create a new message.
  */
 export const ExecutionSchema: GenMessage<Execution> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 19);
+  messageDesc(file_kfeed_v1_backtest_service, 21);
 
 /**
  * @generated from message kfeed.v1.ListExecutionsRequest
@@ -873,7 +1002,7 @@ export type ListExecutionsRequest = Message<"kfeed.v1.ListExecutionsRequest"> & 
  * Use `create(ListExecutionsRequestSchema)` to create a new message.
  */
 export const ListExecutionsRequestSchema: GenMessage<ListExecutionsRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 20);
+  messageDesc(file_kfeed_v1_backtest_service, 22);
 
 /**
  * @generated from message kfeed.v1.ListExecutionsResponse
@@ -895,7 +1024,7 @@ export type ListExecutionsResponse = Message<"kfeed.v1.ListExecutionsResponse"> 
  * Use `create(ListExecutionsResponseSchema)` to create a new message.
  */
 export const ListExecutionsResponseSchema: GenMessage<ListExecutionsResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 21);
+  messageDesc(file_kfeed_v1_backtest_service, 23);
 
 /**
  * @generated from message kfeed.v1.WatchBacktestRequest
@@ -919,7 +1048,7 @@ export type WatchBacktestRequest = Message<"kfeed.v1.WatchBacktestRequest"> & {
  * Use `create(WatchBacktestRequestSchema)` to create a new message.
  */
 export const WatchBacktestRequestSchema: GenMessage<WatchBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 22);
+  messageDesc(file_kfeed_v1_backtest_service, 24);
 
 /**
  * @generated from message kfeed.v1.WatchBacktestResponse
@@ -938,7 +1067,7 @@ export type WatchBacktestResponse = Message<"kfeed.v1.WatchBacktestResponse"> & 
  * Use `create(WatchBacktestResponseSchema)` to create a new message.
  */
 export const WatchBacktestResponseSchema: GenMessage<WatchBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 23);
+  messageDesc(file_kfeed_v1_backtest_service, 25);
 
 /**
  * @generated from message kfeed.v1.CancelBacktestRequest
@@ -955,7 +1084,7 @@ export type CancelBacktestRequest = Message<"kfeed.v1.CancelBacktestRequest"> & 
  * Use `create(CancelBacktestRequestSchema)` to create a new message.
  */
 export const CancelBacktestRequestSchema: GenMessage<CancelBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 24);
+  messageDesc(file_kfeed_v1_backtest_service, 26);
 
 /**
  * @generated from message kfeed.v1.CancelBacktestResponse
@@ -972,7 +1101,7 @@ export type CancelBacktestResponse = Message<"kfeed.v1.CancelBacktestResponse"> 
  * Use `create(CancelBacktestResponseSchema)` to create a new message.
  */
 export const CancelBacktestResponseSchema: GenMessage<CancelBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 25);
+  messageDesc(file_kfeed_v1_backtest_service, 27);
 
 /**
  * The type of a strategy parameter.
@@ -1054,6 +1183,76 @@ export const FeeRoundingSchema: GenEnum<FeeRounding> = /*@__PURE__*/
   enumDesc(file_kfeed_v1_backtest_service, 1);
 
 /**
+ * How taker orders meet the book.
+ *
+ * @generated from enum kfeed.v1.FillModel
+ */
+export enum FillModel {
+  /**
+   * The default: FILL_MODEL_TOUCH.
+   *
+   * @generated from enum value: FILL_MODEL_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The whole count at the best price of the latest snapshot (capped by the displayed size only
+   * with cap_by_displayed_size).
+   *
+   * @generated from enum value: FILL_MODEL_TOUCH = 1;
+   */
+  TOUCH = 1,
+
+  /**
+   * Walk the recorded book level by level: partial fills, the average price, never more than
+   * was displayed (the top of book when a market has no recorded book).
+   *
+   * @generated from enum value: FILL_MODEL_DEPTH = 2;
+   */
+  DEPTH = 2,
+}
+
+/**
+ * Describes the enum kfeed.v1.FillModel.
+ */
+export const FillModelSchema: GenEnum<FillModel> = /*@__PURE__*/
+  enumDesc(file_kfeed_v1_backtest_service, 2);
+
+/**
+ * What a backtest does about recorded feed gaps overlapping its markets and window.
+ *
+ * @generated from enum kfeed.v1.GapPolicy
+ */
+export enum GapPolicy {
+  /**
+   * The default: GAP_POLICY_FLAG.
+   *
+   * @generated from enum value: GAP_POLICY_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Run, and report the gaps in `Backtest.data_quality`.
+   *
+   * @generated from enum value: GAP_POLICY_FLAG = 1;
+   */
+  FLAG = 1,
+
+  /**
+   * Fail before running when an unrecovered gap overlaps the window.
+   *
+   * @generated from enum value: GAP_POLICY_REFUSE = 2;
+   */
+  REFUSE = 2,
+}
+
+/**
+ * Describes the enum kfeed.v1.GapPolicy.
+ */
+export const GapPolicySchema: GenEnum<GapPolicy> = /*@__PURE__*/
+  enumDesc(file_kfeed_v1_backtest_service, 3);
+
+/**
  * The lifecycle of a backtest.
  *
  * @generated from enum kfeed.v1.BacktestState
@@ -1094,7 +1293,7 @@ export enum BacktestState {
  * Describes the enum kfeed.v1.BacktestState.
  */
 export const BacktestStateSchema: GenEnum<BacktestState> = /*@__PURE__*/
-  enumDesc(file_kfeed_v1_backtest_service, 2);
+  enumDesc(file_kfeed_v1_backtest_service, 4);
 
 /**
  * How much of a backtest to return.
@@ -1128,7 +1327,7 @@ export enum BacktestView {
  * Describes the enum kfeed.v1.BacktestView.
  */
 export const BacktestViewSchema: GenEnum<BacktestView> = /*@__PURE__*/
-  enumDesc(file_kfeed_v1_backtest_service, 3);
+  enumDesc(file_kfeed_v1_backtest_service, 5);
 
 /**
  * What an order did.
@@ -1170,7 +1369,7 @@ export enum OrderAction {
  * Describes the enum kfeed.v1.OrderAction.
  */
 export const OrderActionSchema: GenEnum<OrderAction> = /*@__PURE__*/
-  enumDesc(file_kfeed_v1_backtest_service, 4);
+  enumDesc(file_kfeed_v1_backtest_service, 6);
 
 /**
  * Backtests of trading strategies over recorded snapshots.
