@@ -210,6 +210,8 @@ class WriteCounts:
     feed_gaps: int = 0
     # Snapshots skipped because they repeated the market's previous state.
     snapshots_unchanged: int = 0
+    book_changes: int = 0
+    book_checkpoints: int = 0
 
 
 class BacktestState(enum.IntEnum):
@@ -306,3 +308,42 @@ class CandleRecord:
     trade_count: int
     # Of the state in force at the interval's end; None when unknown.
     open_interest: int | None
+
+
+class CheckpointKind(enum.IntEnum):
+    """kfeed.v1.OrderBookCheckpointKind: why a full book was recorded."""
+
+    UNSPECIFIED = 0
+    START = 1  # the recording (re)starts: not seen between the previous record and this
+    RESYNC = 2  # a fresh book after a feed gap
+    PERIODIC = 3  # the book as its changes built it, to bound a rebuild
+    LOST = 4  # not a new book: changes after this instant were not seen
+
+
+class BookChangeRecord(NamedTuple):
+    """One level of one market's book took a new size (1/100 contract; 0 = the level is gone)
+    at ``exchange_time``. ``side`` is YES or NO bids; ``sequence`` the exchange's (0: unknown)."""
+
+    ticker: str
+    exchange_time: datetime
+    receive_time: datetime
+    sequence: int
+    side: Side
+    price: int
+    size: int
+
+
+Levels = tuple[tuple[int, int], ...]
+"""An order book side as (price, size) pairs, best (highest price) first."""
+
+
+class BookCheckpointRecord(NamedTuple):
+    """A market's full book holding every change at or before ``exchange_time``."""
+
+    ticker: str
+    exchange_time: datetime
+    receive_time: datetime
+    sequence: int | None
+    kind: CheckpointKind
+    yes: Levels
+    no: Levels

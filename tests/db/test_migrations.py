@@ -12,13 +12,19 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kfeed_server.db import create_engine, downgrade_to_base, schema_is_current, upgrade_to_head
-from kfeed_server.db.models import Base
+from kfeed_server.db.models import Base, is_partition
 
 KFEED_TABLES = set(Base.metadata.tables)
 
 
 def _schema_diff(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    context = MigrationContext.configure(
+        connection,
+        opts={
+            "compare_type": True,
+            "include_name": lambda name, kind, _: not (kind == "table" and is_partition(name)),
+        },
+    )
     return list(compare_metadata(context, Base.metadata))
 
 

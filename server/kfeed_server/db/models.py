@@ -34,6 +34,7 @@ from sqlalchemy.types import TypeEngine
 from kfeed_server.db.types import BigIntId, IntEnumType, UtcDateTime
 from kfeed_server.records import (
     BacktestState,
+    CheckpointKind,
     DataSource,
     MarketResult,
     MarketStatus,
@@ -290,6 +291,55 @@ class ServerSecret(Base):
     value: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class OrderBookChange(Base):
+    """One level of a market's order book took a new size (0: the level is gone).
+
+    The key makes a resent change a duplicate, and its prefix (ticker, exchange time) is the
+    range a rebuild reads. On PostgreSQL the table is partitioned by exchange time (migration
+    0003; kfeed_server.db.repositories.books keeps the partitions)."""
+
+    __tablename__ = "order_book_changes"
+
+    ticker: Mapped[str] = mapped_column(primary_key=True)
+    exchange_time: Mapped[datetime] = mapped_column(primary_key=True)
+    receive_time: Mapped[datetime]
+    side: Mapped[Side] = mapped_column(IntEnumType(Side), primary_key=True)
+    price: Mapped[int] = mapped_column(primary_key=True)
+    size: Mapped[int]
+    # The exchange's sequence number of the frame (0: unknown).
+    sequence: Mapped[int] = mapped_column(primary_key=True)
+
+
+BOOK_PARTITION_PREFIX = "order_book_changes_"
+
+
+def is_partition(table_name: str) -> bool:
+    """A partition of ``order_book_changes`` (PostgreSQL): made by the server, not the models."""
+    return table_name.startswith(BOOK_PARTITION_PREFIX)
+
+
+class OrderBookCheckpoint(Base):
+    """A market's full book at an instant (or, kind LOST, where its recording stopped)."""
+
+    __tablename__ = "order_book_checkpoints"
+    __table_args__ = (
+        UniqueConstraint(
+            "ticker", "exchange_time", "kind", "receive_time", name="uq_order_book_checkpoints_key"
+        ),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _identity_id()
+    ticker: Mapped[str]
+    exchange_time: Mapped[datetime]
+    receive_time: Mapped[datetime]
+    sequence: Mapped[int | None]
+    kind: Mapped[CheckpointKind] = mapped_column(IntEnumType(CheckpointKind))
+    # (price, size) pairs as little-endian int64s, best first (kfeed_server.books.levels).
+    yes_levels: Mapped[bytes] = mapped_column(LargeBinary)
+    no_levels: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 series_table: Table = Base.metadata.tables["series"]
 events_table: Table = Base.metadata.tables["events"]
 markets_table: Table = Base.metadata.tables["markets"]
@@ -300,3 +350,5 @@ backtests_table: Table = Base.metadata.tables["backtests"]
 executions_table: Table = Base.metadata.tables["backtest_executions"]
 equity_points_table: Table = Base.metadata.tables["backtest_equity_points"]
 server_secrets_table: Table = Base.metadata.tables["server_secrets"]
+book_changes_table: Table = Base.metadata.tables["order_book_changes"]
+book_checkpoints_table: Table = Base.metadata.tables["order_book_checkpoints"]

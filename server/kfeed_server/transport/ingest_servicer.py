@@ -19,6 +19,11 @@ from kfeed.v1 import types_pb2
 from kfeed_server.db.repositories import BatchWriteResult, Repositories
 from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side, SnapshotRecord
 from kfeed_server.streaming.follower import LivePublisher
+from kfeed_server.transport.book_publish import (
+    BookRows,
+    read_book_rows,
+    unknown_book_market_violations,
+)
 from kfeed_server.transport.convert import (
     ALL_OPTIONAL_PRESENT,
     SNAPSHOT_INTEGER_COLUMNS,
@@ -265,6 +270,7 @@ class _Checked:
     # Rows of ``snapshots`` then of ``snapshot_columns``.
     snapshots: list[SnapshotRecord] | None
     violations: list[FieldViolation]
+    books: BookRows
 
 
 def _check(request: pb.PublishRequest) -> _Checked:
@@ -274,7 +280,11 @@ def _check(request: pb.PublishRequest) -> _Checked:
     if snapshots is not None and not violations:
         # The order the contract gives: `snapshots` first, then `snapshot_columns`.
         snapshots += snapshots_from_columns(columns)
-    return _Checked(request, snapshots, violations)
+    books = read_book_rows(request)
+    violations += books.violations
+    if columns.rows + books.rows > MAX_BATCH_ROWS:
+        violations.append(FieldViolation("batch", f"at most {MAX_BATCH_ROWS} rows per batch"))
+    return _Checked(request, snapshots, violations, books)
 
 
 def _unknown_market_violations(
@@ -357,12 +367,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             referenced = {t.ticker for t in request.trades}
             referenced.update(s.ticker for s in snapshots or request.snapshots)
             referenced.update(request.snapshot_columns.tickers)
+            referenced.update(checked.books.ticker_fields)
             unknown = referenced - self._known_tickers - {m.ticker for m in request.markets}
             if unknown:
                 found = await self._markets.existing_tickers(sorted(unknown))
                 self._known_tickers |= found
                 unknown -= found
             violations = _unknown_market_violations(request, unknown)
+            violations += unknown_book_market_violations(checked.books, unknown)
         if violations:
             summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
             log.warning("batch %d from %r refused: %s", request.batch_id, request.producer, summary)
@@ -381,6 +393,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 ),
                 trades=[trade_from_proto(t) for t in request.trades],
                 feed_gaps=[feed_gap_from_proto(g) for g in request.feed_gaps],
+                book_changes=checked.books.changes,
+                book_checkpoints=checked.books.checkpoints,
             )
             self._known_tickers.update(m.ticker for m in markets)
             self._live.committed(markets, result)
@@ -390,6 +404,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             code=code_pb2.OK,
             snapshots_stored=result.counts.snapshots,
             trades_stored=result.counts.trades,
+            book_changes_stored=result.counts.book_changes,
+            book_checkpoints_stored=result.counts.book_checkpoints,
         )
 
     async def Publish(

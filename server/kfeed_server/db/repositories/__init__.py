@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.db.engine import session_factory
 from kfeed_server.db.repositories.backtests import BacktestRepository
+from kfeed_server.db.repositories.books import OrderBookRepository
 from kfeed_server.db.repositories.candles import CandleSourceRepository
 from kfeed_server.db.repositories.ingest import BatchWriteResult, IngestWriter
 from kfeed_server.db.repositories.markets import MarketRepository
@@ -31,6 +32,7 @@ class Repositories:
     backtests: BacktestRepository
     candle_sources: CandleSourceRepository
     secrets: SecretRepository
+    books: OrderBookRepository
 
 
 def build_repositories(engine: AsyncEngine) -> Repositories:
@@ -47,6 +49,7 @@ def build_repositories(engine: AsyncEngine) -> Repositories:
         backtests=BacktestRepository(sessions),
         candle_sources=CandleSourceRepository(sessions),
         secrets=SecretRepository(sessions),
+        books=OrderBookRepository(sessions),
     )
 
 
@@ -58,6 +61,7 @@ __all__ = [
     "FeedGapRepository",
     "IngestWriter",
     "MarketRepository",
+    "OrderBookRepository",
     "Repositories",
     "SecretRepository",
     "SnapshotRepository",

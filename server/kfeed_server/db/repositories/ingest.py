@@ -42,10 +42,13 @@ from kfeed_server.db.repositories._common import (
     is_postgresql,
     rows_per_statement,
 )
+from kfeed_server.db.repositories.books import insert_changes, insert_checkpoints
 from kfeed_server.db.repositories.markets import record_rows, series_rows, upsert_rows
 from kfeed_server.db.repositories.snapshots import SNAPSHOT_COLUMNS, latest_per_market
 from kfeed_server.db.repositories.trades import FEED_GAP_COLUMNS
 from kfeed_server.records import (
+    BookChangeRecord,
+    BookCheckpointRecord,
     EventRecord,
     FeedGapRecord,
     MarketRecord,
@@ -329,11 +332,22 @@ class IngestWriter:
         snapshots: Sequence[SnapshotRecord] = (),
         trades: Sequence[TradeRecord] = (),
         feed_gaps: Sequence[FeedGapRecord] = (),
+        book_changes: Sequence[BookChangeRecord] = (),
+        book_checkpoints: Sequence[BookCheckpointRecord] = (),
     ) -> BatchWriteResult:
         """Store one batch in one transaction. Rows already stored (same unique key) and snapshots
         repeating their market's previous state are skipped, so a resent batch stores nothing."""
         async with self._lock:
-            result = await self._write_batch(series, events, markets, snapshots, trades, feed_gaps)
+            result = await self._write_batch(
+                series,
+                events,
+                markets,
+                snapshots,
+                trades,
+                feed_gaps,
+                book_changes,
+                book_checkpoints,
+            )
             if result.latest_as_of is not None:  # committed: the batch is now part of the latest
                 self._remember_committed(result.batch.stored_snapshots, result.latest_as_of)
             return result.batch
@@ -346,6 +360,8 @@ class IngestWriter:
         snapshots: Sequence[SnapshotRecord],
         trades: Sequence[TradeRecord],
         feed_gaps: Sequence[FeedGapRecord],
+        book_changes: Sequence[BookChangeRecord],
+        book_checkpoints: Sequence[BookCheckpointRecord],
     ) -> _Committed:
         async with self._sessions.begin() as session:
             connection = await session.connection(
@@ -375,6 +391,8 @@ class IngestWriter:
                     stored_snapshots = await _insert_snapshots_by_values(connection, kept)
             trades_count = await _insert_trades(connection, trades)
             stored_gaps = await _upsert_gaps(connection, feed_gaps)
+            book_changes_count = await insert_changes(connection, book_changes)
+            book_checkpoints_count = await insert_checkpoints(connection, book_checkpoints)
             notice_batch = None
             if is_postgresql(connection) and (stored_snapshots or stored_gaps):
                 notice_batch = next(self._batches)
@@ -393,6 +411,8 @@ class IngestWriter:
             trades=trades_count,
             feed_gaps=len(stored_gaps),
             snapshots_unchanged=unchanged,
+            book_changes=book_changes_count,
+            book_checkpoints=book_checkpoints_count,
         )
         return _Committed(
             BatchWriteResult(counts, stored_snapshots, stored_gaps, notice_batch), max_id_before

@@ -1,0 +1,276 @@
+"""Order books: writing changes (COPY on PostgreSQL) and checkpoints, the reads a rebuild needs,
+and the PostgreSQL partitions of the change table (created ahead, dropped by retention).
+
+Design: docs/adr/0013-order-book-storage.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from sqlalchemy import Column, MetaData, Table, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.schema import CreateTable
+from sqlalchemy.types import TypeDecorator
+
+from kfeed_server.db.models import (
+    BOOK_PARTITION_PREFIX,
+    book_changes_table,
+    book_checkpoints_table,
+)
+from kfeed_server.db.repositories._common import (
+    chunks,
+    insert_for,
+    is_postgresql,
+    rows_per_statement,
+)
+from kfeed_server.records import (
+    BookChangeRecord,
+    BookCheckpointRecord,
+    CheckpointKind,
+    Levels,
+    Side,
+)
+
+log = logging.getLogger(__name__)
+
+# From this many changes on, PostgreSQL batches go through COPY.
+COPY_THRESHOLD = 200
+_CHANGE_COLUMNS = list(BookChangeRecord._fields)
+_CHANGE_KEY = ("ticker", "exchange_time", "side", "price", "sequence")
+_DAY = timedelta(days=1)
+
+_staging = Table(
+    "kfeed_book_change_staging",
+    MetaData(),
+    *(
+        Column(c.name, c.type.impl if isinstance(c.type, TypeDecorator) else c.type)
+        for c in book_changes_table.c
+    ),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DELETE ROWS",
+)
+_INSERT_STAGED_SQL = f"""
+INSERT INTO {book_changes_table.name} ({", ".join(_CHANGE_COLUMNS)})
+SELECT {", ".join(_CHANGE_COLUMNS)} FROM {_staging.name}
+ON CONFLICT ({", ".join(_CHANGE_KEY)}) DO NOTHING
+"""
+
+
+def pack_levels(levels: Levels) -> bytes:
+    """(price, size) pairs as little-endian int64s: 16 bytes a level."""
+    return struct.pack(f"<{2 * len(levels)}q", *(n for level in levels for n in level))
+
+
+def unpack_levels(packed: bytes) -> Levels:
+    """The inverse of :func:`pack_levels`."""
+    numbers = struct.unpack(f"<{len(packed) // 8}q", packed)
+    return tuple(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+async def insert_changes(connection: AsyncConnection, changes: Sequence[BookChangeRecord]) -> int:
+    """Store the changes not stored yet; how many were new."""
+    if not changes:
+        return 0
+    if is_postgresql(connection) and len(changes) >= COPY_THRESHOLD:
+        return await _copy_changes(connection, changes)
+    statement = insert_for(connection, book_changes_table).on_conflict_do_nothing(
+        index_elements=[book_changes_table.c[name] for name in _CHANGE_KEY]
+    )
+    stored = 0
+    for chunk in chunks(changes, rows_per_statement(len(_CHANGE_COLUMNS))):
+        result = await connection.execute(statement, [c._asdict() for c in chunk])
+        stored += max(result.rowcount, 0)
+    return stored
+
+
+async def _copy_changes(connection: AsyncConnection, changes: Sequence[BookChangeRecord]) -> int:
+    """Binary COPY straight into the (partitioned) table inside a savepoint: the live case, all
+    new. A batch with a stored row (a resend) goes through a staging table and
+    ``INSERT … ON CONFLICT DO NOTHING`` instead."""
+    if any(c.exchange_time.tzinfo is None or c.receive_time.tzinfo is None for c in changes):
+        raise ValueError("order-book change times must be timezone-aware")
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    # Plain tuples with plain ints: asyncpg reads them fastest.
+    rows = [(c[0], c[1], c[2], c[3], int(c[4]), c[5], c[6]) for c in changes]
+    await driver.execute("SAVEPOINT kfeed_book_copy")
+    try:
+        await driver.copy_records_to_table(
+            book_changes_table.name, records=rows, columns=_CHANGE_COLUMNS
+        )
+    except asyncpg.UniqueViolationError:
+        await driver.execute("ROLLBACK TO SAVEPOINT kfeed_book_copy")
+    else:
+        await driver.execute("RELEASE SAVEPOINT kfeed_book_copy")
+        return len(rows)
+    await connection.execute(CreateTable(_staging, if_not_exists=True))
+    await driver.copy_records_to_table(_staging.name, records=rows, columns=_CHANGE_COLUMNS)
+    status: str = await driver.execute(_INSERT_STAGED_SQL)
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def insert_checkpoints(
+    connection: AsyncConnection, checkpoints: Sequence[BookCheckpointRecord]
+) -> int:
+    """Store the checkpoints not stored yet; how many were new."""
+    if not checkpoints:
+        return 0
+    rows = [
+        {
+            "ticker": c.ticker,
+            "exchange_time": c.exchange_time,
+            "receive_time": c.receive_time,
+            "sequence": c.sequence,
+            "kind": c.kind,
+            "yes_levels": pack_levels(c.yes),
+            "no_levels": pack_levels(c.no),
+        }
+        for c in checkpoints
+    ]
+    table = book_checkpoints_table
+    statement = (
+        insert_for(connection, table)
+        .on_conflict_do_nothing(
+            index_elements=[table.c[n] for n in ("ticker", "exchange_time", "kind", "receive_time")]
+        )
+        .returning(table.c.id)
+    )
+    stored = 0
+    for chunk in chunks(rows, rows_per_statement(len(rows[0]))):
+        stored += len((await connection.execute(statement, list(chunk))).all())
+    return stored
+
+
+_CHECKPOINT_COLUMNS = [
+    book_checkpoints_table.c[name]
+    for name in (
+        "ticker", "exchange_time", "receive_time", "sequence", "kind", "yes_levels", "no_levels",
+    )
+]  # fmt: skip
+
+
+def _checkpoint(row: Any) -> BookCheckpointRecord:
+    return BookCheckpointRecord(
+        row[0], row[1], row[2], row[3], CheckpointKind(row[4]),
+        unpack_levels(row[5]), unpack_levels(row[6]),
+    )  # fmt: skip
+
+
+class OrderBookRepository:
+    """The reads that rebuild a book at an instant, and partition upkeep."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def history(
+        self, ticker: str, time: datetime
+    ) -> tuple[BookCheckpointRecord | None, list[BookChangeRecord], BookCheckpointRecord | None]:
+        """What rebuilds ``ticker``'s book at ``time``, read in one transaction: the latest
+        checkpoint at or before it, the changes after that checkpoint up to ``time`` (in
+        exchange order), and the first checkpoint after ``time``."""
+        table, changes = book_checkpoints_table, book_changes_table
+        async with self._sessions() as session:
+            before = (
+                await session.execute(
+                    select(*_CHECKPOINT_COLUMNS)
+                    .where(table.c.ticker == ticker, table.c.exchange_time <= time)
+                    .order_by(table.c.exchange_time.desc(), table.c.receive_time.desc())
+                    .limit(1)
+                )
+            ).first()
+            after = (
+                await session.execute(
+                    select(*_CHECKPOINT_COLUMNS)
+                    .where(table.c.ticker == ticker, table.c.exchange_time > time)
+                    .order_by(table.c.exchange_time, table.c.receive_time)
+                    .limit(1)
+                )
+            ).first()
+            checkpoint = None if before is None else _checkpoint(before)
+            rows: list[BookChangeRecord] = []
+            if checkpoint is not None and checkpoint.kind is not CheckpointKind.LOST:
+                result = await session.execute(
+                    select(*(changes.c[name] for name in _CHANGE_COLUMNS))
+                    .where(
+                        changes.c.ticker == ticker,
+                        changes.c.exchange_time > checkpoint.exchange_time,
+                        changes.c.exchange_time <= time,
+                    )
+                    .order_by(changes.c.exchange_time, changes.c.sequence)
+                )
+                rows = [
+                    BookChangeRecord(r[0], r[1], r[2], r[3], Side(r[4]), r[5], r[6]) for r in result
+                ]
+        return checkpoint, rows, None if after is None else _checkpoint(after)
+
+    async def first_recorded(self, ticker: str) -> datetime | None:
+        """The exchange time of ``ticker``'s first checkpoint (None: no book recorded)."""
+        table = book_checkpoints_table
+        async with self._sessions() as session:
+            return (
+                await session.execute(
+                    select(table.c.exchange_time)
+                    .where(table.c.ticker == ticker)
+                    .order_by(table.c.exchange_time)
+                    .limit(1)
+                )
+            ).scalar()
+
+    async def maintain_partitions(
+        self, now: datetime, days_ahead: int, retention: timedelta | None
+    ) -> tuple[list[str], list[str]]:
+        """PostgreSQL: a partition of one UTC day for yesterday, today and ``days_ahead`` days
+        ahead (existing ones kept); with ``retention``, partitions wholly older than it dropped.
+        The names created and dropped; nothing on SQLite."""
+        async with self._sessions.begin() as session:
+            connection = await session.connection()
+            if not is_postgresql(connection):
+                return [], []
+            existing = {
+                name
+                for (name,) in await connection.execute(
+                    text(
+                        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                        " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = :parent"
+                    ),
+                    {"parent": book_changes_table.name},
+                )
+            }
+            today = datetime(now.year, now.month, now.day, tzinfo=UTC)
+            created: list[str] = []
+            for offset in range(-1, days_ahead + 1):
+                start = today + offset * _DAY
+                name = f"{BOOK_PARTITION_PREFIX}p{start:%Y%m%d}"
+                if name in existing:
+                    continue
+                try:
+                    async with connection.begin_nested():
+                        await connection.execute(
+                            text(
+                                f"CREATE TABLE {name} PARTITION OF {book_changes_table.name} "
+                                f"FOR VALUES FROM ('{start.isoformat()}') "
+                                f"TO ('{(start + _DAY).isoformat()}')"
+                            )
+                        )
+                except Exception as exc:  # rows of that day already sit in the default
+                    log.warning("order-book partition %s not created: %s", name, exc)
+                    continue
+                created.append(name)
+            dropped: list[str] = []
+            if retention is not None:
+                cutoff = now - retention
+                for name in sorted(existing):
+                    day = name.removeprefix(f"{BOOK_PARTITION_PREFIX}p")
+                    if not day.isdigit():
+                        continue  # the default partition
+                    end = datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC) + _DAY
+                    if end <= cutoff:
+                        await connection.execute(text(f"DROP TABLE {name}"))
+                        dropped.append(name)
+            return created, dropped
