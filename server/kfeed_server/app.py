@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
@@ -98,6 +99,20 @@ class ServerFlags(BaseModel):
     max_streams_per_peer: int = Field(
         default=1_000, description="open streams one client address may hold at once"
     )
+    # Order books: docs/adr/0013-order-book-storage.md.
+    book_partition_days_ahead: int = Field(
+        default=7,
+        ge=0,
+        le=366,
+        description="PostgreSQL: order-book change partitions (one a UTC day) made this many"
+        " days ahead",
+    )
+    book_retention_days: float = Field(
+        default=0.0,
+        ge=0,
+        description="PostgreSQL: drop order-book change partitions wholly older than this many"
+        " days (0: keep forever)",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -156,6 +171,7 @@ class KfeedServer:
         # PostgreSQL may be shared by several servers: batches reach the hub by commit notice.
         self._follower: CommitFollower | None = None
         self._following: asyncio.Task[None] | None = None
+        self._partition_upkeep: asyncio.Future[None] | None = None
         live: LivePublisher = DirectPublisher(self.hub)
         if make_url(config.database_url).get_backend_name() == "postgresql":
             repositories = self.repositories
@@ -259,6 +275,8 @@ class KfeedServer:
                 await self.repositories.secrets.get_or_create(TOKEN_KEY, new_token_key)
             )
         await self.backtests.recover()
+        await self._maintain_book_partitions()
+        self._partition_upkeep = asyncio.ensure_future(self._keep_book_partitions())
         await self._follow_commits()
         if self.web is not None:
             await self.web.start()
@@ -266,6 +284,25 @@ class KfeedServer:
         self._served = True
         log.info("kfeed serving on %s", self.listening_on)
         return self.port
+
+    async def _maintain_book_partitions(self) -> None:
+        retention_days = self.config.book_retention_days
+        created, dropped = await self.repositories.books.maintain_partitions(
+            datetime.now(UTC),
+            self.config.book_partition_days_ahead,
+            timedelta(days=retention_days) if retention_days > 0 else None,
+        )
+        if created or dropped:
+            log.info("order-book partitions: created %s, dropped %s", created, dropped)
+
+    async def _keep_book_partitions(self) -> None:
+        """Hourly: partitions stay created ahead of time and retention applies."""
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self._maintain_book_partitions()
+            except Exception:  # the next hour tries again; serving goes on meanwhile
+                log.exception("order-book partition upkeep failed")
 
     async def _follow_commits(self) -> None:
         """Start following commit notices (PostgreSQL); wait a little for listening to start."""
@@ -286,6 +323,9 @@ class KfeedServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING first so balancers drain us, streams end, calls finish."""
         await self.health.enter_graceful_shutdown()
+        if self._partition_upkeep is not None:
+            self._partition_upkeep.cancel()
+            await asyncio.gather(self._partition_upkeep, return_exceptions=True)
         if self._following is not None:
             self._following.cancel()
             await asyncio.gather(self._following, return_exceptions=True)

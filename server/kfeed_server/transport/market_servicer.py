@@ -10,10 +10,11 @@ import grpc
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
+from kfeed_server.books import OrderBooks
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import MarketStatus, Page
 from kfeed_server.streaming.hub import SnapshotHub
-from kfeed_server.transport import candles, market_structure
+from kfeed_server.transport import candles, market_structure, order_books
 from kfeed_server.transport.convert import (
     market_to_proto,
     snapshot_fields,
@@ -53,6 +54,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self._snapshots = repositories.snapshots
         self._trades = repositories.trades
         self._candle_sources = repositories.candle_sources
+        self._books = OrderBooks(repositories.markets, repositories.books)
         self._tokens = tokens
         self._streams = SnapshotStreams(
             repositories.markets,
@@ -181,3 +183,8 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         return await candles.list_candles(
             self._markets, self._candle_sources, self._tokens, request
         )
+
+    async def GetOrderBook(
+        self, request: pb.GetOrderBookRequest, context: Context
+    ) -> pb.GetOrderBookResponse:
+        return await order_books.get_order_book(self._books, request)

@@ -20,6 +20,7 @@ from sqlalchemy.types import TypeDecorator
 
 from kfeed_server.db.models import (
     BOOK_PARTITION_PREFIX,
+    OrderBookCheckpoint,
     book_changes_table,
     book_checkpoints_table,
 )
@@ -79,13 +80,14 @@ async def insert_changes(connection: AsyncConnection, changes: Sequence[BookChan
         return 0
     if is_postgresql(connection) and len(changes) >= COPY_THRESHOLD:
         return await _copy_changes(connection, changes)
-    statement = insert_for(connection, book_changes_table).on_conflict_do_nothing(
-        index_elements=[book_changes_table.c[name] for name in _CHANGE_KEY]
+    statement = (
+        insert_for(connection, book_changes_table)
+        .on_conflict_do_nothing(index_elements=[book_changes_table.c[name] for name in _CHANGE_KEY])
+        .returning(book_changes_table.c.sequence)
     )
     stored = 0
     for chunk in chunks(changes, rows_per_statement(len(_CHANGE_COLUMNS))):
-        result = await connection.execute(statement, [c._asdict() for c in chunk])
-        stored += max(result.rowcount, 0)
+        stored += len((await connection.execute(statement, [c._asdict() for c in chunk])).all())
     return stored
 
 
@@ -148,10 +150,9 @@ async def insert_checkpoints(
 
 
 _CHECKPOINT_COLUMNS = [
-    book_checkpoints_table.c[name]
-    for name in (
-        "ticker", "exchange_time", "receive_time", "sequence", "kind", "yes_levels", "no_levels",
-    )
+    OrderBookCheckpoint.ticker, OrderBookCheckpoint.exchange_time,
+    OrderBookCheckpoint.receive_time, OrderBookCheckpoint.sequence, OrderBookCheckpoint.kind,
+    OrderBookCheckpoint.yes_levels, OrderBookCheckpoint.no_levels,
 ]  # fmt: skip
 
 
@@ -208,19 +209,6 @@ class OrderBookRepository:
                     BookChangeRecord(r[0], r[1], r[2], r[3], Side(r[4]), r[5], r[6]) for r in result
                 ]
         return checkpoint, rows, None if after is None else _checkpoint(after)
-
-    async def first_recorded(self, ticker: str) -> datetime | None:
-        """The exchange time of ``ticker``'s first checkpoint (None: no book recorded)."""
-        table = book_checkpoints_table
-        async with self._sessions() as session:
-            return (
-                await session.execute(
-                    select(table.c.exchange_time)
-                    .where(table.c.ticker == ticker)
-                    .order_by(table.c.exchange_time)
-                    .limit(1)
-                )
-            ).scalar()
 
     async def maintain_partitions(
         self, now: datetime, days_ahead: int, retention: timedelta | None

@@ -1,0 +1,112 @@
+"""Order books at any instant: the latest checkpoint at or before it, then the changes after it.
+
+A change gives a level's new size, so applying one is a plain assignment (a duplicate is harmless).
+A checkpoint holds every change at or before its exchange time. A LOST checkpoint marks where the
+recording stopped (a feed gap, a lost socket): the book is unknown from then until the next START
+or RESYNC, and is returned as last known, flagged ``in_feed_gap``. A START whose market had
+earlier records means the recording restarted without saying where it stopped (ingest killed):
+the instants between the previous record and the START are flagged too. Design:
+docs/adr/0013-order-book-storage.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from kfeed_server.db.repositories import MarketRepository, OrderBookRepository
+from kfeed_server.records import (
+    BookChangeRecord,
+    BookCheckpointRecord,
+    CheckpointKind,
+    Levels,
+    Side,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BookAt:
+    """A market's book in force at an instant, best levels first."""
+
+    ticker: str
+    exchange_time: datetime  # of the last change (or checkpoint) in it
+    receive_time: datetime
+    sequence: int | None  # the exchange's sequence number of that change, when known
+    yes: Levels
+    no: Levels
+    in_feed_gap: bool
+
+
+class UnknownMarketError(LookupError):
+    """No market has this ticker."""
+
+
+class BeforeMarketError(ValueError):
+    """The instant is before the market existed (its open time)."""
+
+    def __init__(self, opened: datetime) -> None:
+        super().__init__(f"before the market opened ({opened.isoformat()})")
+        self.opened = opened
+
+
+class NotRecordedError(LookupError):
+    """No book of the market was recorded at or before the instant."""
+
+
+def _best_first(side: dict[int, int], depth: int) -> Levels:
+    levels = sorted(side.items(), reverse=True)
+    return tuple(levels[:depth] if depth else levels)
+
+
+def rebuild(
+    checkpoint: BookCheckpointRecord,
+    changes: Iterable[BookChangeRecord],
+    following: BookCheckpointRecord | None,
+    depth: int = 0,
+) -> BookAt:
+    """The book ``checkpoint`` and the ``changes`` after it make (``depth`` levels a side; 0:
+    all); ``following`` is the first checkpoint after the instant, if any."""
+    yes, no = dict(checkpoint.yes), dict(checkpoint.no)
+    time, received, sequence = (
+        checkpoint.exchange_time,
+        checkpoint.receive_time,
+        checkpoint.sequence,
+    )
+    for change in changes:
+        side = yes if change.side is Side.YES else no
+        if change.size:
+            side[change.price] = change.size
+        else:
+            side.pop(change.price, None)
+        time, received, sequence = change.exchange_time, change.receive_time, change.sequence
+    unseen_restart = following is not None and following.kind is CheckpointKind.START
+    return BookAt(
+        ticker=checkpoint.ticker,
+        exchange_time=time,
+        receive_time=received,
+        sequence=sequence or None,
+        yes=_best_first(yes, depth),
+        no=_best_first(no, depth),
+        in_feed_gap=checkpoint.kind is CheckpointKind.LOST or unseen_restart,
+    )
+
+
+class OrderBooks:
+    """Point-in-time books over the stored changes and checkpoints."""
+
+    def __init__(self, markets: MarketRepository, books: OrderBookRepository) -> None:
+        self._markets = markets
+        self._books = books
+
+    async def book_at(self, ticker: str, time: datetime, depth: int = 0) -> BookAt:
+        """``ticker``'s book in force at ``time``, ``depth`` levels a side (0: all)."""
+        checkpoint, changes, following = await self._books.history(ticker, time)
+        if checkpoint is None:
+            market = await self._markets.get_market(ticker)
+            if market is None:
+                raise UnknownMarketError(ticker)
+            if market.open_time is not None and time < market.open_time:
+                raise BeforeMarketError(market.open_time)
+            raise NotRecordedError(ticker)
+        return rebuild(checkpoint, changes, following, depth)

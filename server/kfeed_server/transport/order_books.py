@@ -1,0 +1,63 @@
+"""GetOrderBook: request checks and the answer; the books come from kfeed_server.books."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from kfeed.v1 import market_service_pb2 as pb
+from kfeed.v1 import types_pb2
+from kfeed_server.books import (
+    BeforeMarketError,
+    BookAt,
+    NotRecordedError,
+    OrderBooks,
+    UnknownMarketError,
+)
+from kfeed_server.records import Levels
+from kfeed_server.transport.convert import contracts, dollars, timestamp
+from kfeed_server.transport.errors import InvalidArgument, NotFound
+from kfeed_server.transport.requests import optional_time, require_ticker
+
+MAX_DEPTH = 10_000
+
+
+def book_depth(depth: int) -> int:
+    """Levels a side: 0 (all) up to MAX_DEPTH."""
+    if not 0 <= depth <= MAX_DEPTH:
+        raise InvalidArgument.field("depth", f"must be from 0 (all levels) to {MAX_DEPTH}")
+    return depth
+
+
+def _levels(levels: Levels) -> list[types_pb2.PriceLevel]:
+    return [types_pb2.PriceLevel(price=dollars(p), size=contracts(s)) for p, s in levels]
+
+
+def order_book_to_proto(book: BookAt) -> types_pb2.OrderBook:
+    message = types_pb2.OrderBook(
+        ticker=book.ticker,
+        exchange_time=timestamp(book.exchange_time),
+        receive_time=timestamp(book.receive_time),
+        yes_bids=_levels(book.yes),
+        no_bids=_levels(book.no),
+        in_feed_gap=book.in_feed_gap,
+    )
+    if book.sequence is not None:
+        message.exchange_sequence = book.sequence
+    return message
+
+
+async def get_order_book(
+    books: OrderBooks, request: pb.GetOrderBookRequest
+) -> pb.GetOrderBookResponse:
+    ticker = require_ticker(request.ticker)
+    depth = book_depth(request.depth)
+    time = optional_time(request, "time") or datetime.now(UTC)
+    try:
+        book = await books.book_at(ticker, time, depth)
+    except UnknownMarketError:
+        raise NotFound("market", ticker) from None
+    except BeforeMarketError as error:
+        raise InvalidArgument.field("time", str(error)) from None
+    except NotRecordedError:
+        raise NotFound("order book", f"{ticker} at {time.isoformat()}") from None
+    return pb.GetOrderBookResponse(book=order_book_to_proto(book))

@@ -1,0 +1,300 @@
+"""Order books through IngestService.Publish and GetOrderBook: the book at any instant equals the
+book the published changes made, level for level; gaps are flagged; resends are stored once; bad
+input gets the right status naming the field. Both databases, real server, real gRPC."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from kfeed.v1 import ingest_service_pb2, market_service_pb2, market_service_pb2_grpc, types_pb2
+from kfeed_ingest.kalshi.books import (
+    LOST,
+    PERIODIC,
+    RESYNC,
+    START,
+    BookChange,
+    append_change,
+    change_columns,
+    checkpoint,
+    micros,
+)
+from kfeed_server.app import KfeedServer
+from kfeed_server.transport.convert import market_to_proto
+from tests.support.factories import at, make_market
+from tests.support.servers import PublishSession
+
+MARKET = make_market("KXBOOK-1")
+Book = tuple[dict[int, int], dict[int, int]]
+Ladder = tuple[list[tuple[int, int]], list[tuple[int, int]]]
+
+
+def ladder(book: Book) -> Ladder:
+    return sorted(book[0].items(), reverse=True), sorted(book[1].items(), reverse=True)
+
+
+class Timeline:
+    """A market's true book over time and what a recorder that misses part of it publishes."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        rng = random.Random(seed)
+        self.truth: list[tuple[datetime, Ladder]] = []
+        self.records: list[BookChange | ingest_service_pb2.OrderBookCheckpoint] = []
+        self.unknown: list[tuple[datetime, datetime]] = []  # [LOST, RESYNC) windows
+        book: Book = ({}, {})
+        now = at(0)
+        self.records.append(checkpoint(MARKET.ticker, START, now, now, 1, {}, {}))
+        recording, lost_at, sequence, since_checkpoint = True, now, 1, 0
+        for _ in range(steps):
+            now += timedelta(milliseconds=rng.randint(1, 400))
+            changed: list[BookChange] = []
+            for _ in range(rng.randint(1, 4)):
+                side = rng.randint(0, 1)
+                price = rng.choice([5, 10, 4200, 4250, 4300, 9990, 9999 - rng.randint(0, 50)])
+                size = rng.choice([0, 0, 1, 50, 12_345, rng.randint(1, 10**9)])
+                if size:
+                    book[side][price] = size
+                else:
+                    book[side].pop(price, None)
+                sequence += 1
+                side_proto = types_pb2.SIDE_YES if side == 0 else types_pb2.SIDE_NO
+                micros_now = micros(now)
+                changed.append(
+                    BookChange(MARKET.ticker, micros_now, micros_now, sequence, side_proto,
+                               price, size)
+                )  # fmt: skip
+            self.truth.append((now, ladder(book)))
+            if recording:
+                if since_checkpoint >= 7:  # between instants, as the ingest does
+                    previous = self.truth[-2][0] if len(self.truth) > 1 else now
+                    self.records.append(
+                        checkpoint(
+                            MARKET.ticker, PERIODIC, previous, now, None, *self._at(previous)
+                        )
+                    )
+                    since_checkpoint = 0
+                self.records += changed
+                since_checkpoint += len(changed)
+                if rng.random() < 0.05:
+                    recording, lost_at = False, now
+                    self.records.append(
+                        checkpoint(MARKET.ticker, LOST, now, now, None, book[0], book[1])
+                    )
+            elif rng.random() < 0.3:
+                resync = now + timedelta(microseconds=1)
+                self.records.append(
+                    checkpoint(MARKET.ticker, RESYNC, resync, resync, sequence, book[0], book[1])
+                )
+                self.unknown.append((lost_at, resync))
+                recording, since_checkpoint = True, 0
+        if not recording:
+            self.unknown.append((lost_at, datetime.max.replace(tzinfo=lost_at.tzinfo)))
+
+    def _at(self, moment: datetime) -> Book:
+        for when, (yes, no) in reversed(self.truth):
+            if when <= moment:
+                return dict(yes), dict(no)
+        return {}, {}
+
+    def book_at(self, moment: datetime) -> Ladder:
+        yes, no = self._at(moment)
+        return ladder((yes, no))
+
+    def in_gap(self, moment: datetime) -> bool:
+        return any(start <= moment < end for start, end in self.unknown)
+
+
+def request_of(
+    records: list[BookChange | ingest_service_pb2.OrderBookCheckpoint], batch_id: int
+) -> ingest_service_pb2.PublishRequest:
+    changes = [r for r in records if isinstance(r, BookChange)]
+    request = ingest_service_pb2.PublishRequest(
+        batch_id=batch_id,
+        producer="tests",
+        book_checkpoints=[r for r in records if not isinstance(r, BookChange)],
+    )
+    if changes:
+        request.book_changes.CopyFrom(change_columns(changes))
+    return request
+
+
+def stamp(moment: datetime) -> Timestamp:
+    value = Timestamp()
+    value.FromDatetime(moment)
+    return value
+
+
+def levels(book: types_pb2.OrderBook) -> Ladder:
+    return (
+        [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.yes_bids],
+        [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.no_bids],
+    )
+
+
+async def publish_timeline(publisher: PublishSession, timeline: Timeline, per_batch: int) -> int:
+    await publisher.publish(markets=[MARKET])
+    stored = 0
+    for start in range(0, len(timeline.records), per_batch):
+        ack = await publisher.send(request_of(timeline.records[start : start + per_batch], 0))
+        assert ack.code == code_pb2.OK, ack
+        stored += ack.book_changes_stored
+    return stored
+
+
+@pytest.mark.parametrize("per_batch", [40, 5000])  # 5000: COPY on PostgreSQL
+async def test_the_book_at_any_instant_is_the_book_the_changes_made(
+    publisher: PublishSession, channel: grpc.aio.Channel, per_batch: int
+) -> None:
+    timeline = Timeline(seed=per_batch, steps=600)
+    changes = sum(isinstance(r, BookChange) for r in timeline.records)
+    assert await publish_timeline(publisher, timeline, per_batch) == changes
+    stub = market_service_pb2_grpc.MarketServiceStub(channel)
+    rng = random.Random(1)
+    first, last = timeline.truth[0][0], timeline.truth[-1][0]
+    instants = [w for w, _ in rng.sample(timeline.truth, 60)]
+    instants += [first + (last - first) * rng.random() for _ in range(60)]
+    flagged = 0
+    for moment in instants:
+        moment = moment.replace(microsecond=moment.microsecond)  # whole µs
+        response = await stub.GetOrderBook(
+            market_service_pb2.GetOrderBookRequest(ticker=MARKET.ticker, time=stamp(moment))
+        )
+        book = response.book
+        if timeline.in_gap(moment):
+            assert book.in_feed_gap, moment
+            flagged += 1
+            continue
+        assert not book.in_feed_gap, moment
+        assert levels(book) == timeline.book_at(moment), moment
+        assert book.exchange_time.ToDatetime(tzinfo=moment.tzinfo) <= moment
+    assert flagged < len(instants) // 2
+    # depth: the best levels only; latest (no time) is the last instant's book
+    latest = await stub.GetOrderBook(
+        market_service_pb2.GetOrderBookRequest(ticker=MARKET.ticker, depth=2)
+    )
+    if not timeline.in_gap(last):
+        yes, no = timeline.book_at(last)
+        assert levels(latest.book) == (yes[:2], no[:2])
+        assert latest.book.HasField("exchange_sequence")
+
+
+async def test_a_resent_batch_is_stored_once(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    timeline = Timeline(seed=3, steps=300)
+    await publisher.publish(markets=[MARKET])
+    request = request_of(timeline.records, 0)
+    first = await publisher.send(request)
+    again = await publisher.send(request)
+    assert first.book_changes_stored == sum(isinstance(r, BookChange) for r in timeline.records)
+    assert first.book_checkpoints_stored >= 1
+    assert (again.code, again.book_changes_stored, again.book_checkpoints_stored) == (
+        code_pb2.OK,
+        0,
+        0,
+    )
+
+
+async def test_changes_without_a_dictionary_as_merged_spool_rows_are_stored(
+    publisher: PublishSession, channel: grpc.aio.Channel
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    request = ingest_service_pb2.PublishRequest(producer="tests")
+    request.book_checkpoints.append(
+        checkpoint(MARKET.ticker, START, at(0), at(0), None, {4200: 100}, {})
+    )
+    for row in range(3):  # rows recorded one by one, merged as the spool merges them
+        part = ingest_service_pb2.PublishRequest()
+        append_change(
+            part.book_changes,
+            BookChange(MARKET.ticker, micros(at(row + 1)), micros(at(row + 1)), row + 1,
+                       types_pb2.SIDE_NO, 5000 + row, 700),
+        )  # fmt: skip
+        request.MergeFrom(part)
+    assert (await publisher.send(request)).book_changes_stored == 3
+    stub = market_service_pb2_grpc.MarketServiceStub(channel)
+    book = (
+        await stub.GetOrderBook(
+            market_service_pb2.GetOrderBookRequest(ticker=MARKET.ticker, time=stamp(at(2)))
+        )
+    ).book
+    assert levels(book) == ([(4200, 100)], [(5001, 700), (5000, 700)])
+    assert book.exchange_sequence == 2
+
+
+def _bad_request(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert isinstance(status, status_pb2.Status)
+    fields = []
+    for detail in status.details:
+        request = error_details_pb2.BadRequest()
+        if detail.Unpack(request):
+            fields += [v.field for v in request.field_violations]
+    return fields
+
+
+async def test_bad_requests_get_the_right_status_naming_the_field(
+    publisher: PublishSession, channel: grpc.aio.Channel
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    stub = market_service_pb2_grpc.MarketServiceStub(channel)
+    cases = [
+        ({"ticker": MARKET.ticker, "depth": -1}, grpc.StatusCode.INVALID_ARGUMENT, ["depth"]),
+        ({"ticker": MARKET.ticker, "depth": 10**6}, grpc.StatusCode.INVALID_ARGUMENT, ["depth"]),
+        ({"ticker": ""}, grpc.StatusCode.INVALID_ARGUMENT, ["ticker"]),
+        ({"ticker": "A\x00B"}, grpc.StatusCode.INVALID_ARGUMENT, ["ticker"]),
+        ({"ticker": "KXNOPE"}, grpc.StatusCode.NOT_FOUND, []),
+        # before the market opened (an hour before at(0))
+        (
+            {"ticker": MARKET.ticker, "time": stamp(at(-7200))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["time"],
+        ),
+        ({"ticker": MARKET.ticker, "time": Timestamp(seconds=-(10**12))},
+         grpc.StatusCode.INVALID_ARGUMENT, ["time"]),
+        # open, but no book recorded yet
+        ({"ticker": MARKET.ticker, "time": stamp(at(0))}, grpc.StatusCode.NOT_FOUND, []),
+    ]  # fmt: skip
+    for fields, code, named in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetOrderBook(market_service_pb2.GetOrderBookRequest(**fields))  # type: ignore[arg-type]
+        assert caught.value.code() == code, fields
+        assert _bad_request(caught.value) == named, fields
+
+
+async def test_invalid_book_rows_are_refused_naming_column_and_row(
+    publisher: PublishSession,
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    good = BookChange(MARKET.ticker, micros(at(1)), micros(at(1)), 1, types_pb2.SIDE_YES, 10, 1)
+    request = ingest_service_pb2.PublishRequest(producer="tests")
+    request.book_changes.CopyFrom(
+        change_columns([good, good._replace(price=10_000), good._replace(size=-1)])
+    )
+    bad_checkpoint = checkpoint(MARKET.ticker, START, at(0), at(0), None, {0: 5}, {})
+    bad_checkpoint.kind = 9  # type: ignore[assignment]
+    request.book_checkpoints.append(bad_checkpoint)
+    ack = await publisher.send(request)
+    assert ack.code == code_pb2.INVALID_ARGUMENT
+    assert {v.field for v in ack.field_violations} == {
+        "book_changes.price[1]",
+        "book_changes.size[2]",
+        "book_checkpoints[0].kind",
+        "book_checkpoints[0].book.yes_bids[0].price",
+    }
+    short = ingest_service_pb2.PublishRequest(producer="tests")
+    short.book_changes.CopyFrom(change_columns([good, good]))
+    del short.book_changes.size[1]
+    ack = await publisher.send(short)
+    assert [v.field for v in ack.field_violations] == ["book_changes.size"]
+    unknown = ingest_service_pb2.PublishRequest(producer="tests")
+    unknown.book_changes.CopyFrom(change_columns([good._replace(ticker="KXNOPE")]))
+    ack = await publisher.send(unknown)
+    assert [v.field for v in ack.field_violations] == ["book_changes.tickers[0]"]
+    assert market_to_proto(MARKET).ticker == MARKET.ticker
