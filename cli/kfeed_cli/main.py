@@ -34,6 +34,7 @@ CLIENT_COMMANDS: dict[str, tuple[str, str]] = {
     "snapshots": ("cli.run_snapshots", "list a market's stored snapshots"),
     "backtest": ("backtest_cli.run_backtest", "run, list and inspect backtests"),
     "candles": ("cli.run_candles", "print a market's candles: kfeed candles TICKER --interval 1h"),
+    "book": ("cli.run_book", "print a market's order book: kfeed book TICKER [--at T] [--depth N]"),
 }
 
 

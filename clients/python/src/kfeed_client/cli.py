@@ -1,4 +1,4 @@
-"""The client half of the `kfeed` command: `tail`, `markets`, `snapshots` and `candles`.
+"""The client half of the `kfeed` command: `tail`, `markets`, `snapshots`, `candles` and `book`.
 
 Installed as `kfeed-client <command>`; the root `kfeed` command dispatches the same commands
 through :func:`run_tail`, :func:`run_markets`, :func:`run_snapshots` and :func:`run_candles`.
@@ -227,6 +227,20 @@ def _configure_candles(parser: argparse.ArgumentParser) -> None:
     _add_connection_options(parser)
 
 
+def _configure_book(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ticker", metavar="TICKER", help="the market")
+    _add_option(
+        parser,
+        "--at",
+        "the book in force at this time (ISO-8601, or a span ago: 15m; default: the latest)",
+        dest="at",
+        type=parse_time,
+    )
+    _add_option(parser, "--depth", "levels a side, best first (0: all)", default=10, type=int)
+    _add_output_options(parser)
+    _add_connection_options(parser)
+
+
 def _connect(options: argparse.Namespace) -> KfeedClient:
     tls: TlsConfig | None = None
     if options.tls or options.ca_file or options.cert_file:
@@ -414,11 +428,48 @@ async def candles(options: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def book_ladder(book: types_pb2.OrderBook) -> Table:
+    """The book as a ladder: YES bids (and the NO asks they are) above, NO bids below, each
+    side best first. A YES bid at X is a NO ask at 1 − X, so the YES ask is 1 − the best NO bid."""
+    table = Table(box=None)
+    for header in ("side", "price", "size", "as the other side"):
+        table.add_column(header, justify="left" if header == "side" else "right")
+    for level in reversed(book.no_bids):  # the YES asks, highest first, down to the best
+        ask = types_pb2.Dollars(ten_thousandths=10_000 - level.price.ten_thousandths)
+        table.add_row("[red]no bid[/]", _dollars(level.price), _contracts(level.size),
+                      f"yes ask {_dollars(ask)}")  # fmt: skip
+    table.add_section()
+    for level in book.yes_bids:
+        ask = types_pb2.Dollars(ten_thousandths=10_000 - level.price.ten_thousandths)
+        table.add_row("[green]yes bid[/]", _dollars(level.price), _contracts(level.size),
+                      f"no ask {_dollars(ask)}")  # fmt: skip
+    return table
+
+
+async def book(options: argparse.Namespace, console: Console) -> int:
+    """`book`: a market's order book at an instant, as a ladder (or JSON)."""
+    async with _connect(options) as client:
+        found = await client.get_order_book(options.ticker, options.at, options.depth)
+    if options.json:
+        console.out(_json(found), highlight=False)
+        return 0
+    sequence = f", seq {found.exchange_sequence}" if found.HasField("exchange_sequence") else ""
+    console.print(
+        f"[bold]{found.ticker}[/] as of {_time(found.exchange_time)} UTC{sequence}",
+        highlight=False,
+    )
+    if found.in_feed_gap:
+        console.print("[yellow]! the feed had a gap here: this book may be incomplete[/]")
+    console.print(book_ladder(found), soft_wrap=True)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {
     "tail": (_configure_tail, tail, "follow the live snapshot feed (history first with --from)"),
     "markets": (_configure_markets, markets, "list markets"),
     "snapshots": (_configure_snapshots, snapshots, "list a market's stored snapshots"),
     "candles": (_configure_candles, candles, "print a market's candles (OHLC) at an interval"),
+    "book": (_configure_book, book, "print a market's order book (now, or --at a past time)"),
 }
 
 
@@ -501,6 +552,11 @@ def run_markets(argv: Sequence[str], prog: str = "kfeed markets") -> int:
 def run_snapshots(argv: Sequence[str], prog: str = "kfeed snapshots") -> int:
     """`kfeed snapshots …` for the root command: ``argv`` are the flags after `snapshots`."""
     return _run("snapshots", argv, prog)
+
+
+def run_book(argv: Sequence[str], prog: str = "kfeed book") -> int:
+    """`kfeed book …` for the root command: ``argv`` are the flags after `book`."""
+    return _run("book", argv, prog)
 
 
 def run_candles(argv: Sequence[str], prog: str = "kfeed candles") -> int:

@@ -131,6 +131,17 @@ class KfeedClient:
         )
         return response.snapshot
 
+    async def get_order_book(
+        self, ticker: str, at: datetime | None = None, depth: int = 0
+    ) -> types_pb2.OrderBook:
+        """The market's order book in force at ``at`` (None: the latest), ``depth`` levels a
+        side, best first (0: all). ``in_feed_gap`` says the recording missed changes then."""
+        request = market_service_pb2.GetOrderBookRequest(ticker=ticker, depth=depth)
+        if at is not None:
+            request.time.FromDatetime(at)
+        response = await self.markets.GetOrderBook(request)
+        return response.book
+
     async def iter_snapshots(
         self,
         ticker: str,
