@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 import pytest
 from rich.console import Console
 
+from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_client.cli import build_parser, env_name, execute, parse_time
+from kfeed_ingest.kalshi.books import START, BookChange, change_columns, checkpoint, micros
 from tests.support.clients import MARKETS, SNAPSHOT_COUNT, TICKER
-from tests.support.factories import make_snapshot
+from tests.support.factories import at, make_snapshot
 from tests.support.servers import PublishSession
 
 
@@ -147,3 +149,30 @@ async def test_candles_prints_ohlc_of_book_and_trades(address: str, seeded: Publ
 def test_candles_interval_must_be_whole(interval: str) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["candles", "T", "--interval", interval])
+
+
+async def test_book_prints_a_ladder_at_an_instant(address: str, seeded: PublishSession) -> None:
+    request = ingest_service_pb2.PublishRequest(producer="tests")
+    request.book_checkpoints.append(
+        checkpoint(TICKER, START, at(0), at(0), 7, {4200: 1050, 4100: 25}, {5500: 300})
+    )
+    change = BookChange(TICKER, micros(at(5)), micros(at(5)), 8, types_pb2.SIDE_YES, 4300, 99)
+    request.book_changes.CopyFrom(change_columns([change]))
+    assert (await seeded.send(request)).book_changes_stored == 1
+    status, text = await run("book", TICKER, "--server", address, "--at", at(1).isoformat())
+    assert status == 0
+    lines = text.splitlines()
+    assert "seq 7" in lines[0]
+    rows = [line.split() for line in lines[1:] if "bid" in line]
+    # NO bids (the YES asks) above, YES bids best first below
+    assert rows[-3:] == [
+        ["no", "bid", "0.5500", "3.00", "yes", "ask", "0.4500"],
+        ["yes", "bid", "0.4200", "10.50", "no", "ask", "0.5800"],
+        ["yes", "bid", "0.4100", "0.25", "no", "ask", "0.5900"],
+    ]
+    status, line = await run("book", TICKER, "--server", address, "--depth", "1", "--json")
+    book = json.loads(line)
+    assert status == 0
+    assert [level["price"]["tenThousandths"] for level in book["yesBids"]] == ["4300"]
+    status, _ = await run("book", TICKER, "--server", address, "--depth", "-1")
+    assert status == 1
