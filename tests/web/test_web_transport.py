@@ -7,6 +7,7 @@ either protocol to the same servicers the gRPC listener serves, on SQLite and Po
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
@@ -28,7 +29,7 @@ from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import AuthInterceptor, SecurityConfig
 from kfeed_server.web import WebConfig, WebListener, build_web_app
 from tests.support.factories import make_market, make_snapshot
-from tests.support.security import READ_TOKEN, write_tokens_file
+from tests.support.security import READ_TOKEN, CertificateAuthority, write_tokens_file
 from tests.support.servers import PublishSession, serving
 from tests.support.waiting import eventually
 
@@ -249,3 +250,58 @@ async def test_dashboard_and_cors(sqlite_url: str, tmp_path: Path) -> None:
         assert "access-control-allow-origin" not in loopback.headers
         not_built = await http.get(f"{base}/")
         assert "make web" in not_built.text
+
+
+async def test_hostile_requests_get_clear_statuses(web_server: KfeedServer) -> None:
+    method = f"{_web(web_server)}/kfeed.v1.MarketService/ListMarkets"
+    json_body = {"content-type": "application/json"}
+    async with httpx.AsyncClient() as http:
+        corrupt = await http.post(
+            method, content=b"\xff\xff\xff", headers={"content-type": "application/proto"}
+        )
+        assert (corrupt.status_code, corrupt.json()["code"]) == (400, "invalid_argument")
+        malformed = await http.post(method, content=b"{nope", headers=json_body)
+        assert (malformed.status_code, malformed.json()["code"]) == (400, "invalid_argument")
+        huge_page = await http.post(method, json={"pageSize": 10**9})
+        assert huge_page.json()["code"] == "invalid_argument"
+        assert [d["type"] for d in huge_page.json()["details"]] == ["google.rpc.BadRequest"]
+        oversized = await http.post(
+            method, content=b'{"eventTicker":"' + b"A" * (5 * 1024 * 1024) + b'"}',
+            headers=json_body,
+        )  # fmt: skip
+        assert oversized.json()["code"] == "resource_exhausted"
+        assert (
+            await http.post(method, content=b"hi", headers={"content-type": "text/plain"})
+        ).status_code == 415
+        assert (await http.post(method.replace("ListMarkets", "Nope"), json={})).status_code == 404
+    # The server is still serving.
+    async with MarketServiceClient(_web(web_server)) as client:
+        assert len((await client.list_markets(pb.ListMarketsRequest())).markets) == len(MARKETS)
+
+
+async def test_tls_configured_for_grpc_covers_the_web_listener(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    authority = CertificateAuthority(tmp_path, "web")
+    leaf = authority.issue("kfeed-web", server=True)
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=sqlite_url,
+        migrate=False,
+        security=SecurityConfig(tls_cert_file=leaf.cert_file, tls_key_file=leaf.key_file),
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path),
+    )
+    async with serving(config) as server:
+        assert server.web is not None
+        assert server.web.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(authority.cert_file))
+        async with httpx.AsyncClient(verify=trusted) as https:
+            listed = await https.post(f"{_web(server)}/kfeed.v1.MarketService/ListMarkets", json={})
+            assert listed.status_code == 200
+            assert listed.json() == {}
+        async with httpx.AsyncClient() as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.post(
+                    f"http://127.0.0.1:{server.web.port}/kfeed.v1.MarketService/ListMarkets",
+                    json={},
+                )
