@@ -296,7 +296,7 @@ class OrderBookChange(Base):
 
     The key makes a resent change a duplicate, and its prefix (ticker, exchange time) is the
     range a rebuild reads. On PostgreSQL the table is partitioned by exchange time (migration
-    0003; kfeed_server.db.repositories.books keeps the partitions)."""
+    0004_order_books; kfeed_server.db.repositories.books keeps the partitions)."""
 
     __tablename__ = "order_book_changes"
 

@@ -1,7 +1,7 @@
 """Order books: every level change, and full-book checkpoints.
 
-Revision ID: 0003_order_books
-Revises: 0002_secrets_backtest_owner
+Revision ID: 0004_order_books
+Revises: 0003_backtest_data_quality
 Create Date: 2026-12-05
 
 ``order_book_changes`` holds one row per level whose size changed (the new size, not the delta),
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_order_books"
-down_revision: str | Sequence[str] | None = "0002_secrets_backtest_owner"
+revision: str = "0004_order_books"
+down_revision: str | Sequence[str] | None = "0003_backtest_data_quality"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
