@@ -153,6 +153,16 @@ async def test_queue_depths_show_a_subscriber_falling_behind(server: KfeedServer
     assert (await scrape(server)).value("kfeed_stream_queued_items") == 0
 
 
+async def test_an_overflowed_queue_still_shows_the_depth_it_reached(server: KfeedServer) -> None:
+    overflowing = server.hub.subscribe(MarketSelector(), capacity=3)
+    server.hub.publish([make_snapshot("DEPTH-2", i) for i in range(5)], [])
+    assert overflowing.overflowed
+    metrics = await scrape(server)
+    assert metrics.value("kfeed_stream_queued_items") == 0
+    assert metrics.value("kfeed_stream_queue_depth_max") == 5
+    server.hub.unsubscribe(overflowing)
+
+
 async def test_running_backtests_are_counted_until_they_end(server: KfeedServer) -> None:
     before = (await scrape(server)).value("kfeed_backtests_running")
     with running_backtest(), running_backtest():

@@ -99,6 +99,7 @@ class _StreamHubCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         hubs = list(self.hubs)
         depths = [depth for hub in hubs for depth in hub.queue_depths]
+        peaks = [peak for hub in hubs for peak in hub.take_peak_depths()]
         subscribers = GaugeMetricFamily(
             "kfeed_stream_subscribers", "Live StreamSnapshots subscriptions."
         )
@@ -107,10 +108,14 @@ class _StreamHubCollector(Collector):
             "kfeed_stream_queued_items", "Items waiting in all subscribers' queues."
         )
         queued.add_metric([], sum(depths))
+        # The high-water mark since the previous scrape, so an overflow (which empties the
+        # queue it fills) still shows at the depth it reached.
         deepest = GaugeMetricFamily(
-            "kfeed_stream_queue_depth_max", "Items waiting in the fullest subscriber queue."
+            "kfeed_stream_queue_depth_max",
+            "Deepest subscriber queue since the previous scrape (an overflow counts with the "
+            "depth it reached).",
         )
-        deepest.add_metric([], max(depths, default=0))
+        deepest.add_metric([], max(peaks, default=0))
         return [subscribers, queued, deepest]
 
 

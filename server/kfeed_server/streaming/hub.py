@@ -4,6 +4,12 @@ Committed batches are published in commit order, which is snapshot-id order (wri
 serialised), right after each commit (see ``streaming.follower``). Publishing never blocks and never
 waits for a subscriber: each subscription has its own bounded queue, and a subscriber that lets
 it fill up is marked overflowed instead of slowing anyone down.
+
+Routing is by market: the hub indexes subscriptions by ticker, event and series (and keeps those
+that follow every market apart), so a batch costs work in proportion to the deliveries it makes,
+not to the number of subscriptions times the batch. Subscribers are woken in slices of
+``WAKE_SLICE``, yielding to the event loop between slices, so that a thousand subscribers woken
+by one batch do not hold the loop (and the ingest that shares it) in one go.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
@@ -19,6 +25,8 @@ from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
 LiveItem = SnapshotRecord | FeedGapRecord
 
 DEFAULT_QUEUE_CAPACITY = 10_000
+# Subscribers woken per turn of the event loop after a publish.
+WAKE_SLICE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +45,8 @@ class MarketSelector:
 class Subscription:
     """One subscriber's bounded queue of live items. Only the hub appends; only its feed reads."""
 
-    def __init__(self, accepts: Callable[[str], bool] | None, capacity: int) -> None:
-        self._accepts = accepts
+    def __init__(self, selector: MarketSelector, capacity: int) -> None:
+        self.selector = selector
         self._capacity = capacity
         self._items: deque[LiveItem] = deque()
         self._ready = asyncio.Event()
@@ -46,20 +54,32 @@ class Subscription:
         # Set when the queue overflowed; the items dropped since then.
         self.overflowed = False
         self.dropped = 0
+        # The deepest the queue has been (counting what overflowed it) since the metrics last
+        # read it: an overflow clears the queue, and the alert must still see it.
+        self.peak_depth = 0
 
     def offer(self, items: list[LiveItem]) -> None:
-        """Queue the items this subscriber follows; on overflow drop the backlog and flag it."""
-        accepts = self._accepts
-        accepted = items if accepts is None else [i for i in items if accepts(i.ticker)]
-        if not accepted or self.closed:
+        """Queue ``items`` (already routed to this subscriber); on overflow drop the backlog and
+        flag it. The hub wakes the subscriber."""
+        if not items or self.closed:
             return
-        if self.overflowed or len(self._items) + len(accepted) > self._capacity:
-            self.dropped += len(self._items) + len(accepted)
-            self._items.clear()
+        queue = self._items
+        depth = len(queue) + len(items)
+        if depth > self.peak_depth:
+            self.peak_depth = depth
+        if self.overflowed or depth > self._capacity:
+            self.dropped += depth
+            queue.clear()
             self.overflowed = True
         else:
-            self._items.extend(accepted)
+            queue.extend(items)
+
+    def wake(self) -> None:
         self._ready.set()
+
+    @property
+    def needs_waking(self) -> bool:
+        return not self._ready.is_set() and (bool(self._items) or self.overflowed)
 
     def take_all(self) -> list[LiveItem]:
         """Everything queued, oldest first (non-blocking)."""
@@ -72,6 +92,11 @@ class Subscription:
         """How many items were dropped since the overflow; resets the flag."""
         dropped, self.dropped, self.overflowed = self.dropped, 0, False
         return dropped
+
+    def take_peak_depth(self) -> int:
+        """The high-water mark since the last call; starts again from the current depth."""
+        peak, self.peak_depth = self.peak_depth, len(self._items)
+        return peak
 
     async def wait(self, seconds: float) -> None:
         """Until something is queued, the subscription is closed, or ``seconds`` pass."""
@@ -95,8 +120,16 @@ class SnapshotHub:
     def __init__(self, queue_capacity: int = DEFAULT_QUEUE_CAPACITY) -> None:
         self.queue_capacity = queue_capacity
         self._subscriptions: set[Subscription] = set()
+        # Routing: subscriptions to every market, and by ticker, event and series followed.
+        self._to_all: set[Subscription] = set()
+        self._by_ticker: dict[str, set[Subscription]] = {}
+        self._by_event: dict[str, set[Subscription]] = {}
+        self._by_series: dict[str, set[Subscription]] = {}
         # ticker -> (event ticker, series ticker), for event/series selectors.
         self._directory: dict[str, tuple[str, str]] = {}
+        # Subscriptions with news, waiting for their slice of wake-ups.
+        self._to_wake: dict[Subscription, None] = {}
+        self._waking: asyncio.Task[None] | None = None
         self.closed = False
 
     def remember_markets(self, markets: Iterable[MarketRecord]) -> None:
@@ -107,40 +140,124 @@ class SnapshotHub:
         """Those of ``tickers`` whose market this hub has not been told of."""
         return {ticker for ticker in tickers if ticker not in self._directory}
 
-    def _acceptor(self, selector: MarketSelector) -> Callable[[str], bool] | None:
+    def _routes(self, selector: MarketSelector) -> list[set[Subscription]]:
+        """The routing sets a subscription with ``selector`` belongs to (created as needed)."""
         if selector.selects_all:
-            return None
-        directory = self._directory
-
-        def accepts(ticker: str) -> bool:
-            if ticker in selector.tickers:
-                return True
-            event, series = directory.get(ticker, ("", ""))
-            return (selector.event_ticker is not None and event == selector.event_ticker) or (
-                selector.series_ticker is not None and series == selector.series_ticker
-            )
-
-        return accepts
+            return [self._to_all]
+        routes = [self._by_ticker.setdefault(ticker, set()) for ticker in selector.tickers]
+        if selector.event_ticker is not None:
+            routes.append(self._by_event.setdefault(selector.event_ticker, set()))
+        if selector.series_ticker is not None:
+            routes.append(self._by_series.setdefault(selector.series_ticker, set()))
+        return routes
 
     def subscribe(self, selector: MarketSelector, capacity: int | None = None) -> Subscription:
-        subscription = Subscription(self._acceptor(selector), capacity or self.queue_capacity)
+        subscription = Subscription(selector, capacity or self.queue_capacity)
         if self.closed:
             subscription.close()
-        else:
-            self._subscriptions.add(subscription)
+            return subscription
+        self._subscriptions.add(subscription)
+        for route in self._routes(selector):
+            route.add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        if subscription in self._subscriptions:
+            self._subscriptions.discard(subscription)
+            self._forget_routes(subscription.selector, subscription)
+        self._to_wake.pop(subscription, None)
         subscription.close()
+
+    def _forget_routes(self, selector: MarketSelector, subscription: Subscription) -> None:
+        self._to_all.discard(subscription)
+        for key, index in (
+            *((ticker, self._by_ticker) for ticker in selector.tickers),
+            (selector.event_ticker, self._by_event),
+            (selector.series_ticker, self._by_series),
+        ):
+            route = index.get(key) if key is not None else None
+            if route is not None:
+                route.discard(subscription)
+                if not route:
+                    del index[key]  # type: ignore[arg-type]
+
+    def _followers(self, ticker: str) -> set[Subscription]:
+        """Subscriptions that follow ``ticker`` by name, event or series (not the 'all' ones)."""
+        followers: set[Subscription] = set()
+        named = self._by_ticker.get(ticker)
+        if named:
+            followers |= named
+        if self._by_event or self._by_series:
+            event, series = self._directory.get(ticker, ("", ""))
+            for index, key in ((self._by_event, event), (self._by_series, series)):
+                routed = index.get(key) if key else None
+                if routed:
+                    followers |= routed
+        return followers
 
     def publish(self, snapshots: list[SnapshotRecord], gaps: list[FeedGapRecord]) -> None:
         """Called after commit, in commit order. Never blocks."""
         items: list[LiveItem] = [*snapshots, *gaps]
-        if not items:
+        if not items or self.closed:
             return
-        for subscription in self._subscriptions:
+        offered: list[Subscription] = list(self._to_all)
+        for subscription in offered:
             subscription.offer(items)
+        if len(self._to_all) < len(self._subscriptions):
+            offered += self._route_by_market(items)
+        self._schedule_wake_ups(offered)
+
+    def _route_by_market(self, items: list[LiveItem]) -> list[Subscription]:
+        """Offer each market-following subscription the items of its markets, in order."""
+        by_ticker: dict[str, list[LiveItem]] = {}
+        for item in items:
+            group = by_ticker.get(item.ticker)
+            if group is None:
+                by_ticker[item.ticker] = [item]
+            else:
+                group.append(item)
+        # Each subscription and the tickers of this batch it follows.
+        wanted: dict[Subscription, list[str]] = {}
+        for ticker in by_ticker:
+            for subscription in self._followers(ticker):
+                tickers = wanted.get(subscription)
+                if tickers is None:
+                    wanted[subscription] = [ticker]
+                else:
+                    tickers.append(ticker)
+        for subscription, tickers in wanted.items():
+            if len(tickers) == 1:
+                subscription.offer(by_ticker[tickers[0]])
+            else:  # several markets: keep the batch's order across them
+                followed = set(tickers)
+                subscription.offer([item for item in items if item.ticker in followed])
+        return list(wanted)
+
+    def _schedule_wake_ups(self, subscriptions: list[Subscription]) -> None:
+        to_wake = self._to_wake
+        for subscription in subscriptions:
+            if subscription.needs_waking:
+                to_wake[subscription] = None
+        if not to_wake or self._waking is not None:
+            return
+        try:
+            self._waking = asyncio.get_running_loop().create_task(self._wake_in_slices())
+        except RuntimeError:  # no event loop (a synchronous caller): wake everyone now
+            for subscription in to_wake:
+                subscription.wake()
+            to_wake.clear()
+
+    async def _wake_in_slices(self) -> None:
+        to_wake = self._to_wake
+        try:
+            while to_wake:
+                for _ in range(min(WAKE_SLICE, len(to_wake))):
+                    subscription = next(iter(to_wake))
+                    del to_wake[subscription]
+                    subscription.wake()
+                await asyncio.sleep(0)
+        finally:
+            self._waking = None
 
     @property
     def subscriber_count(self) -> int:
@@ -151,9 +268,19 @@ class SnapshotHub:
         """Items queued per live subscription (read by the metrics at scrape time)."""
         return [subscription.depth for subscription in self._subscriptions]
 
+    def take_peak_depths(self) -> list[int]:
+        """Each live subscription's deepest queue since the last call (an overflow counts with
+        the depth it reached), for the high-water-mark metric."""
+        return [subscription.take_peak_depth() for subscription in self._subscriptions]
+
     def close(self) -> None:
         """Shutdown: every subscription ends; new ones end at once."""
         self.closed = True
         for subscription in list(self._subscriptions):
             subscription.close()
         self._subscriptions.clear()
+        self._to_all.clear()
+        self._by_ticker.clear()
+        self._by_event.clear()
+        self._by_series.clear()
+        self._to_wake.clear()

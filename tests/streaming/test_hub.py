@@ -1,0 +1,107 @@
+"""The hub routes each item to the subscriptions of its market only (by ticker, event, series, or
+all), keeps each subscriber's order, wakes subscribers a slice at a time, and remembers how deep
+a queue got before it overflowed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kfeed_server.records import SnapshotRecord
+from kfeed_server.streaming import hub as hub_module
+from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
+from tests.support.factories import make_gap, make_market, make_snapshot
+
+A = make_market("KX-A", event_ticker="EV-1", series_ticker="SER-1")
+B = make_market("KX-B", event_ticker="EV-1", series_ticker="SER-2")
+C = make_market("KX-C", event_ticker="EV-2", series_ticker="SER-2")
+
+
+def stored(*tickers: str) -> list[SnapshotRecord]:
+    return [make_snapshot(t, i).with_id(i + 1) for i, t in enumerate(tickers)]
+
+
+def taken(subscription: Subscription) -> list[tuple[str, int]]:
+    return [(item.ticker, getattr(item, "snapshot_id", -1)) for item in subscription.take_all()]
+
+
+async def test_items_reach_exactly_the_subscriptions_of_their_market_in_order() -> None:
+    hub = SnapshotHub()
+    hub.remember_markets([A, B, C])
+    everything = hub.subscribe(MarketSelector())
+    only_a = hub.subscribe(MarketSelector(frozenset({A.ticker})))
+    a_and_c = hub.subscribe(MarketSelector(frozenset({A.ticker, C.ticker})))
+    event_1 = hub.subscribe(MarketSelector(event_ticker="EV-1"))
+    series_2 = hub.subscribe(MarketSelector(series_ticker="SER-2"))
+    ticker_or_event = hub.subscribe(MarketSelector(frozenset({C.ticker}), event_ticker="EV-1"))
+    snapshots = stored("KX-A", "KX-C", "KX-B", "KX-A", "KX-C")
+    gap = make_gap(1, ticker="KX-B")
+    hub.publish(snapshots, [gap])
+    assert taken(everything) == [
+        ("KX-A", 1), ("KX-C", 2), ("KX-B", 3), ("KX-A", 4), ("KX-C", 5), ("KX-B", -1)
+    ]  # fmt: skip
+    assert taken(only_a) == [("KX-A", 1), ("KX-A", 4)]
+    assert taken(a_and_c) == [("KX-A", 1), ("KX-C", 2), ("KX-A", 4), ("KX-C", 5)]
+    assert taken(event_1) == [("KX-A", 1), ("KX-B", 3), ("KX-A", 4), ("KX-B", -1)]
+    assert taken(series_2) == [("KX-C", 2), ("KX-B", 3), ("KX-C", 5), ("KX-B", -1)]
+    assert taken(ticker_or_event) == [
+        ("KX-A", 1), ("KX-C", 2), ("KX-B", 3), ("KX-A", 4), ("KX-C", 5), ("KX-B", -1)
+    ]  # fmt: skip
+
+
+async def test_a_market_learned_later_reaches_its_event_subscribers() -> None:
+    hub = SnapshotHub()
+    event_2 = hub.subscribe(MarketSelector(event_ticker="EV-2"))
+    hub.publish(stored("KX-C"), [])
+    assert taken(event_2) == []  # not known yet to belong to EV-2
+    hub.remember_markets([C])
+    hub.publish(stored("KX-C"), [])
+    assert taken(event_2) == [("KX-C", 1)]
+
+
+async def test_unsubscribed_subscriptions_leave_every_route() -> None:
+    hub = SnapshotHub()
+    hub.remember_markets([A])
+    subscriptions = [
+        hub.subscribe(MarketSelector(frozenset({A.ticker}), event_ticker="EV-1")),
+        hub.subscribe(MarketSelector(series_ticker="SER-1")),
+        hub.subscribe(MarketSelector()),
+    ]
+    for subscription in subscriptions:
+        hub.unsubscribe(subscription)
+    hub.publish(stored("KX-A"), [])
+    assert [s.depth for s in subscriptions] == [0, 0, 0]
+    assert hub.subscriber_count == 0
+
+
+async def test_subscribers_are_woken_a_slice_per_turn_of_the_loop() -> None:
+    hub = SnapshotHub()
+    subscriptions = [hub.subscribe(MarketSelector()) for _ in range(3 * hub_module.WAKE_SLICE)]
+    woken: list[int] = []
+
+    async def waiter(index: int, subscription: Subscription) -> None:
+        await subscription.wait(10)
+        woken.append(index)
+
+    tasks = [asyncio.create_task(waiter(i, s)) for i, s in enumerate(subscriptions)]
+    await asyncio.sleep(0)  # every waiter is waiting
+    hub.publish(stored("KX-A"), [])
+    turns = 0
+    while len(woken) < len(subscriptions):
+        await asyncio.sleep(0)
+        turns += 1
+        assert turns < 100
+    await asyncio.gather(*tasks)
+    assert turns >= 3  # not all in one turn
+    assert sorted(woken) == list(range(len(subscriptions)))
+
+
+def test_an_overflow_is_remembered_at_the_depth_it_reached() -> None:
+    hub = SnapshotHub(queue_capacity=5)
+    subscription = hub.subscribe(MarketSelector())
+    hub.publish(stored(*["KX-A"] * 4), [])
+    hub.publish(stored(*["KX-A"] * 3), [])
+    assert subscription.overflowed
+    assert subscription.depth == 0
+    assert hub.take_peak_depths() == [7]
+    assert hub.take_peak_depths() == [0]
+    assert subscription.take_overflow() == 7
