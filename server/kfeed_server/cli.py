@@ -9,12 +9,14 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from kfeed_server.app import ServerConfig, ServerFlags, run_until_signalled
+from kfeed_server.backtest.loading import StrategyLoadError, load_strategy_modules
+from kfeed_server.backtest.service import RunnerConfig
 from kfeed_server.logs import LogFormat, configure_logging
 from kfeed_server.security import SecurityConfig
 from kfeed_server.security.config import SecurityFlags
 from kfeed_server.web import WebConfig
 from kfeed_server.web.app import DEFAULT_WEB_ROOT
-from kfeed_settings import CommandSettings
+from kfeed_settings import CommandError, CommandSettings
 
 
 class ServeCommand(CommandSettings, ServerFlags, SecurityFlags):
@@ -32,12 +34,27 @@ class ServeCommand(CommandSettings, ServerFlags, SecurityFlags):
         default=(), description="origins allowed to call the web listener (default: loopback)"
     )
     web_root: Path = Field(default=DEFAULT_WEB_ROOT, description="the built dashboard's folder")
+    strategy_module: tuple[str, ...] = Field(
+        default=(),
+        description="Python module of trusted user backtest strategies to load (repeatable);"
+        " installed kfeed.strategies entry points are loaded too",
+    )
+    backtest_time_limit: float = Field(
+        default=3_600.0, gt=0, description="seconds one backtest run may take before it fails"
+    )
 
     def cli_cmd(self) -> None:
         configure_logging(self.log_level, self.log_format)
+        try:
+            load_strategy_modules(self.strategy_module)
+        except StrategyLoadError as error:
+            raise CommandError(str(error)) from error
         config = ServerConfig(
             **_values(self, ServerFlags),
             security=SecurityConfig(**_values(self, SecurityFlags)),
+            backtest=RunnerConfig(
+                strategy_modules=self.strategy_module, time_limit=self.backtest_time_limit
+            ),
             web=(
                 WebConfig(self.web_listen, self.web_cors_origins, self.web_root)
                 if self.web_listen

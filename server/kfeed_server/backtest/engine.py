@@ -115,7 +115,8 @@ class BacktestCancelled(Exception):
 
 
 class StrategyError(Exception):
-    """The strategy returned a malformed order (a bug in the strategy, not a market condition)."""
+    """The strategy failed: it raised, or returned a malformed order (a bug in the strategy, not
+    a market condition)."""
 
 
 class _Position:
@@ -395,6 +396,7 @@ class _Run:
             self._consumed.clear()
         if ticker in self._resting:
             self._update_resting(ticker)
+            self._notify_fills()
 
     def add_book(self, book: BookState) -> None:
         """A new book for its market."""
@@ -1059,6 +1061,11 @@ class _Run:
         self.day_closes.append(self.cash + self.marked)
 
 
+# Exceptions a run lets through as they are: cancellation, its own errors, and a limit
+# (``BaseException`` subclasses such as KeyboardInterrupt are never caught).
+_PASSED_THROUGH: tuple[type[Exception], ...] = (BacktestCancelled, StrategyError, TimeoutError)
+
+
 def run_backtest(
     config: EngineConfig,
     markets: Mapping[str, MarketRecord],
@@ -1097,24 +1104,36 @@ def run_backtest(
         raise ValueError("max_equity_points must be >= 2 and progress_every >= 1")
     fees = fees or {}
     strategy_class = registry.get(config.strategy)
-    strategy = strategy_class(Parameters(config.parameters))
-    run = _Run(config, markets, fees, strategy)
-    total_hint = total or 0
-    run.report(0, total_hint, None, should_stop)
-    strategy.on_start(run, run)
     caller_hashes = fingerprinter is not None
     fingerprinter = fingerprinter or Fingerprinter()
-    processed = run.replay(
-        snapshots,
-        strategy.on_snapshot,
-        fingerprinter,
-        not caller_hashes,
-        total_hint,
-        progress,
-        should_stop,
-        progress_every,
-    )
-    strategy.on_end(run, run)
+    total_hint = total or 0
+    run: _Run | None = None
+    try:
+        strategy = strategy_class(Parameters(config.parameters))
+        run = _Run(config, markets, fees, strategy)
+        run.report(0, total_hint, None, should_stop)
+        strategy.on_start(run, run)
+        processed = run.replay(
+            snapshots,
+            strategy.on_snapshot,
+            fingerprinter,
+            not caller_hashes,
+            total_hint,
+            progress,
+            should_stop,
+            progress_every,
+        )
+        strategy.on_end(run, run)
+    except _PASSED_THROUGH:
+        raise
+    except Exception as error:
+        # A strategy's own failure: its message, and where it happened, but never its
+        # exception object (a user class may not unpickle in the server process).
+        when = "" if run is None or run.time == _BEFORE_ALL else f" at {run.time.isoformat()}"
+        raise StrategyError(
+            f"strategy {config.strategy!r} raised {type(error).__name__}: {error}{when}"
+        ) from None
+    assert run is not None
     run.finish()
     run.report(processed, processed, progress, None, finished=True)
     fingerprinter.add_terms(config.tickers, markets, fees, config.fee_schedule_version)

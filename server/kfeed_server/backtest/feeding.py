@@ -33,7 +33,13 @@ from kfeed_server.backtest.quality import (
 )
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
-from kfeed_server.backtest.worker import WorkerJob, WorkerStarted, replay_in_worker
+from kfeed_server.backtest.worker import (
+    NO_LIMITS,
+    WorkerJob,
+    WorkerLimits,
+    WorkerStarted,
+    replay_in_worker,
+)
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
 from kfeed_server.db.repositories.trades import FeedGapRepository
@@ -89,6 +95,7 @@ class ReplayFeeder:
         config: EngineConfig,
         persist_progress: Callable[[BacktestRecord], Awaitable[None]],
         on_change: Callable[[], None] | None,
+        limits: WorkerLimits = NO_LIMITS,
     ) -> BacktestResult:
         """Runs ``config`` in a worker, feeding it the window's rows; raises what the run
         raised (BacktestCancelled when stopped). ``persist_progress`` stores the live record at
@@ -108,7 +115,9 @@ class ReplayFeeder:
                 markets[ticker] = market
                 fees[ticker] = await self._market_fees(market)
         tracked.publish(replaced(tracked.record, {"snapshots_total": total}))
-        job = WorkerJob(config, markets, total, self._settings.progress_every, fees=fees)
+        job = WorkerJob(
+            config, markets, total, self._settings.progress_every, fees=fees, limits=limits
+        )
         data_reader, data_writer = multiprocessing.Pipe(duplex=False)
         control, worker_control = multiprocessing.Pipe()
         loop = asyncio.get_running_loop()

@@ -26,11 +26,13 @@ from kfeed_server import build
 from kfeed_server.backtest.config import EngineConfig, validate_config
 from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY, BacktestCancelled, BacktestResult
 from kfeed_server.backtest.feeding import FeedSettings, ReplayFeeder, run_data_quality
+from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
 from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.sweep import SweepSpec
 from kfeed_server.backtest.sweep_runs import sweep_outcome, sweep_points, sweep_progress
 from kfeed_server.backtest.tracking import TrackedRun, progress_values, replaced
+from kfeed_server.backtest.worker import WorkerLimits
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
 
@@ -59,6 +61,10 @@ class RunnerConfig:
     # "forkserver": workers fork from a small pre-imported server, which is safe with the event
     # loop's threads and cheap after the first start.
     start_method: str = "forkserver"
+    # Modules of user strategies to load (``--strategy-module``), besides the entry points.
+    strategy_modules: tuple[str, ...] = ()
+    # Wall-clock seconds one run may take in its worker before it fails (a runaway strategy).
+    time_limit: float = 3_600.0
 
 
 class UnknownMarkets(Exception):
@@ -103,6 +109,10 @@ class BacktestRunner:
         # The exact commit when known (looked up once per process).
         self._code_version = code_version if code_version is not None else build.code_version()
         self._executor: ProcessPoolExecutor | None = None
+        # User strategies: registered here for validation and ListStrategies, imported again by
+        # each worker before it runs one.
+        self._strategy_modules = (*self._config.strategy_modules, *entry_point_modules())
+        load_strategy_modules(self._strategy_modules)
         self._slots = asyncio.Semaphore(self._config.workers)
         self._tracked: dict[str, TrackedRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -362,7 +372,12 @@ class BacktestRunner:
                     tracked, on_change, state=BacktestState.RUNNING, run_start_time=_now()
                 )
                 result = await self._feeder.replay(
-                    self._pool(), tracked, config, self._persist_progress, on_change
+                    self._pool(),
+                    tracked,
+                    config,
+                    self._persist_progress,
+                    on_change,
+                    WorkerLimits(self._strategy_modules, self._config.time_limit),
                 )
             finally:
                 self._slots.release()

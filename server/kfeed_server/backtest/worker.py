@@ -15,6 +15,9 @@ future.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -30,7 +33,50 @@ from kfeed_server.backtest.engine import (
 )
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
+from kfeed_server.backtest.loading import load_strategy_modules
 from kfeed_server.records import MarketRecord, SnapshotRecord
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    """What a worker loads and allows: the user strategy modules to import before the run, and
+    the run's wall-clock time limit in seconds (0: none)."""
+
+    strategy_modules: tuple[str, ...] = ()
+    time_limit: float = 0.0
+
+
+NO_LIMITS = WorkerLimits()
+
+
+class TimeLimitExceeded(TimeoutError):
+    """The run took longer than its time limit (a strategy that runs away)."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"the run exceeded its time limit of {self.limit:g} s (does the strategy loop?)"
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raises TimeLimitExceeded in this (the worker's main) thread after ``seconds``."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeLimitExceeded(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +90,7 @@ class WorkerJob:
     max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS
     # Each market's fee terms (series fee type and multiplier).
     fees: Mapping[str, MarketFees] = field(default_factory=dict)
+    limits: WorkerLimits = NO_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +114,26 @@ def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> B
     """Runs ``job`` over the rows arriving on ``data``; see the module docstring."""
     try:
         control.send(WorkerStarted())
+        # Cached after the first run in this process.
+        load_strategy_modules(job.limits.strategy_modules)
         fingerprinter = Fingerprinter()
 
         def report(progress: Progress) -> None:
             control.send(progress)
 
-        return run_backtest(
-            job.config,
-            job.markets,
-            _received_rows(data, fingerprinter),
-            fees=job.fees,
-            total=job.snapshots_total,
-            progress=report,
-            should_stop=control.poll,
-            progress_every=job.progress_every,
-            max_equity_points=job.max_equity_points,
-            fingerprinter=fingerprinter,
-        )
+        with _time_limit(job.limits.time_limit):
+            return run_backtest(
+                job.config,
+                job.markets,
+                _received_rows(data, fingerprinter),
+                fees=job.fees,
+                total=job.snapshots_total,
+                progress=report,
+                should_stop=control.poll,
+                progress_every=job.progress_every,
+                max_equity_points=job.max_equity_points,
+                fingerprinter=fingerprinter,
+            )
     finally:
         data.close()
         control.close()
