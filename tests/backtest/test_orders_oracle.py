@@ -215,3 +215,19 @@ def test_a_strategy_cannot_read_the_result_before_the_settlement_time() -> None:
     run_backtest(EngineConfig("peek", ("A",)), markets, events, registry=registry)
     unknown = MarketResult.UNSPECIFIED
     assert _Peek.seen == [unknown, unknown, MarketResult.YES, MarketResult.YES]
+
+
+def test_the_spread_maker_buys_at_the_bid_and_sells_at_the_ask_as_a_maker() -> None:
+    events: list[MarketEvent] = [
+        quote("M", 0, 1, 4_000, 4_300, yes_bid_size=200),  # spread 0.03 >= 0.02: bid 1 @ 0.40
+        _trade(1, 4_000, 300, NO),  # 2 ahead trade, then our 1 contract: bought @ 0.40
+        quote("M", 2, 2, 4_000, 4_300, yes_bid_size=100),  # holding 1: offer it @ 0.43
+        quote("M", 3, 3, 4_400, 4_600),  # the bid 0.44 crosses our 0.43 offer: sold
+    ]
+    config = EngineConfig("spread_maker", ("M",), {"count": 100})
+    result = run_backtest(config, {}, events)
+    # Quadratic series: makers pay no fee. Bought 4_000, sold 4_300: +300.
+    observed = [(e.action, e.count, e.price, e.fee, e.realized_pnl) for e in result.executions]
+    assert observed == [(BUY, 100, 4_000, 0, 0), (SELL, 100, 4_300, 0, 300)]
+    assert result.maker_fills == 2
+    assert result.metrics.total_pnl == 300

@@ -1,5 +1,6 @@
-"""The built-in strategies. Each trades every market it sees independently, with taker orders of a
-fixed size, and keeps at most one open position per market."""
+"""The built-in strategies. Each trades every market it sees independently and keeps at most one
+open position per market: four with taker orders of a fixed size, and a market maker
+(``spread_maker``) with resting limit orders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 
 from kfeed_server.backtest.fees import PRICE_SCALE
+from kfeed_server.backtest.orders import Cancel, Fill, Instruction
 from kfeed_server.backtest.params import (
     ConfigError,
     Parameters,
@@ -343,4 +345,76 @@ class FavouriteStrategy(Strategy):
         if no_ask is not None and low <= no_ask <= high:
             probability = 1.0 - no_ask / PRICE_SCALE
             return (Order(ticker, _NO, _BUY, self.count, probability),)
+        return _NO_ORDERS
+
+
+@register_strategy
+class SpreadMakerStrategy(Strategy):
+    """Captures the spread with resting limit orders: joins the YES bid while the spread is at
+    least ``min_spread`` and inventory is under ``max_inventory``, and offers what it holds at the
+    YES ask; quotes move (cancel, then place again) when the touch moves."""
+
+    name = "spread_maker"
+    description = (
+        "Market maker: rest a YES bid at the bid while the spread is at least min_spread, offer "
+        "the inventory at the ask; fills by the queue model as a maker."
+    )
+    parameters = (
+        ParameterSpec(
+            "min_spread",
+            ParameterType.DOLLARS,
+            "Quote only while the YES ask minus the YES bid is at least this.",
+            default=200,
+            minimum=1,
+            maximum=PRICE_SCALE,
+        ),
+        ParameterSpec(
+            "max_inventory",
+            ParameterType.INTEGER,
+            "Largest YES position to build, in 1/100 contract.",
+            default=500,
+            minimum=1,
+        ),
+        COUNT_PARAMETER,
+    )
+
+    _BID, _ASK = 1, 2  # client order ids of the two quotes
+
+    def __init__(self, params: Parameters) -> None:
+        super().__init__(params)
+        self.min_spread = params.dollars("min_spread")
+        self.max_inventory = params.integer("max_inventory")
+        self.count = params.integer("count")
+        self.quoted: dict[str, tuple[int | None, int | None]] = {}
+
+    def on_snapshot(
+        self, snapshot: SnapshotRecord, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        """See the class docstring."""
+        ticker = snapshot.ticker
+        bid, ask = snapshot.yes_bid, snapshot.yes_ask
+        held = portfolio.position(ticker, _YES)
+        wide = bid is not None and ask is not None and ask - bid >= self.min_spread
+        want_bid = bid if wide and held < self.max_inventory else None
+        want_ask = ask if held and ask is not None else None
+        if self.quoted.get(ticker) == (want_bid, want_ask):
+            return _NO_ORDERS
+        self.quoted[ticker] = (want_bid, want_ask)
+        instructions: list[Instruction] = [Cancel(ticker)]
+        if want_bid is not None:
+            size = min(self.count, self.max_inventory - held)
+            instructions.append(
+                Order(ticker, _YES, _BUY, size, limit_price=want_bid, client_order_id=self._BID)
+            )
+        if want_ask is not None:
+            instructions.append(
+                Order(ticker, _YES, _SELL, held, limit_price=want_ask, client_order_id=self._ASK)
+            )
+        return instructions
+
+    def on_fill(
+        self, fill: Fill, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        # The inventory changed: quote again at the next snapshot.
+        self.quoted.pop(fill.ticker, None)
         return _NO_ORDERS
