@@ -1,4 +1,5 @@
-"""IngestService.Publish: acks after commit, idempotent resends, error acks that keep the stream."""
+"""IngestService.Publish: acks after commit, idempotent resends, invalid rows refused one by one
+(the rest stored), error acks for batches that cannot be read row by row; the stream stays."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from kfeed_server.app import KfeedServer
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
 from tests.support.factories import make_market, make_snapshot, make_trade
-from tests.support.servers import PublishSession
+from tests.support.servers import PublishSession, refused
 
 MARKET = make_market("KXING-1")
 
@@ -64,7 +65,7 @@ async def test_unchanged_state_is_not_stored_again(publisher: PublishSession) ->
     assert ack.snapshots_stored == 1
 
 
-async def test_invalid_batch_gets_error_ack_naming_fields_and_stream_stays_open(
+async def test_invalid_rows_are_refused_and_the_valid_rest_stored(
     publisher: PublishSession, kfeed_server: KfeedServer
 ) -> None:
     good = make_snapshot(MARKET.ticker, 0)
@@ -76,27 +77,29 @@ async def test_invalid_batch_gets_error_ack_naming_fields_and_stream_stays_open(
     no_time.ClearField("exchange_time")
     request = ingest_service_pb2.PublishRequest(
         batch_id=11,
-        snapshots=[snapshot_to_proto(good), too_expensive, no_ticker, no_time],
+        markets=[market_to_proto(MARKET)],
+        snapshots=[too_expensive, no_ticker, snapshot_to_proto(good), no_time],
     )
     ack = await publisher.send(request)
-    assert ack.batch_id == 11
-    assert ack.code == code_pb2.INVALID_ARGUMENT
-    assert [v.field for v in ack.field_violations] == [
-        "snapshots[1].yes_ask",
-        "snapshots[2].ticker",
-        "snapshots[3].exchange_time",
+    assert (ack.batch_id, ack.code, ack.snapshots_stored) == (11, code_pb2.OK, 1)
+    assert refused(ack) == [
+        ("snapshots", 0, ["snapshots[0].yes_ask"]),
+        ("snapshots", 1, ["snapshots[1].ticker"]),
+        ("snapshots", 3, ["snapshots[3].exchange_time"]),
     ]
-    # Nothing of the refused batch was stored, and the stream still takes batches.
-    assert await kfeed_server.repositories.snapshots.latest(MARKET.ticker) is None
-    ok = await publisher.publish(markets=[MARKET], snapshots=[good], batch_id=12)
-    assert (ok.batch_id, ok.code, ok.snapshots_stored) == (12, code_pb2.OK, 1)
+    # Only the valid row was stored, and the stream still takes batches.
+    latest = await kfeed_server.repositories.snapshots.latest(MARKET.ticker)
+    assert latest is not None
+    assert latest.exchange_time == good.exchange_time
+    ok = await publisher.publish(snapshots=[make_snapshot(MARKET.ticker, 5)], batch_id=12)
+    assert (ok.batch_id, ok.code, ok.snapshots_stored, refused(ok)) == (12, code_pb2.OK, 1, [])
 
 
 async def test_snapshot_of_unknown_market_is_refused(publisher: PublishSession) -> None:
     ack = await publisher.publish(snapshots=[make_snapshot("KXNOBODY", 0)])
-    assert ack.code == code_pb2.INVALID_ARGUMENT
-    assert [v.field for v in ack.field_violations] == ["snapshots[0].ticker"]
-    assert "KXNOBODY" in ack.field_violations[0].description
+    assert (ack.code, ack.snapshots_stored) == (code_pb2.OK, 0)
+    assert refused(ack) == [("snapshots", 0, ["snapshots[0].ticker"])]
+    assert "KXNOBODY" in ack.refused_rows[0].field_violations[0].description
 
 
 async def test_market_published_earlier_is_known_to_later_batches(
@@ -194,7 +197,7 @@ async def test_messages_and_columns_in_one_batch_keep_messages_first(
     ]
 
 
-async def test_invalid_column_values_get_an_error_ack_naming_column_and_row(
+async def test_invalid_column_values_refuse_their_rows_naming_column_and_row(
     publisher: PublishSession, kfeed_server: KfeedServer
 ) -> None:
     await publisher.publish(markets=[MARKET])
@@ -207,14 +210,20 @@ async def test_invalid_column_values_get_an_error_ack_naming_column_and_row(
     columns.exchange_time_micros[1] = 2**62
     columns.ticker_index[3] = 1
     ack = await publisher.send(ingest_service_pb2.PublishRequest(snapshot_columns=columns))
-    assert ack.code == code_pb2.INVALID_ARGUMENT
-    assert [v.field for v in ack.field_violations] == [
-        "snapshot_columns.ticker_index[3]",
-        "snapshot_columns.exchange_time_micros[1]",
-        "snapshot_columns.source[2]",
-        "snapshot_columns.present[3]",
-        "snapshot_columns.yes_ask[0]",
-        "snapshot_columns.open_interest[1]",
+    assert (ack.code, ack.snapshots_stored) == (code_pb2.OK, 0)
+    assert refused(ack) == [
+        ("snapshot_columns", 0, ["snapshot_columns.yes_ask[0]"]),
+        (
+            "snapshot_columns",
+            1,
+            ["snapshot_columns.exchange_time_micros[1]", "snapshot_columns.open_interest[1]"],
+        ),
+        ("snapshot_columns", 2, ["snapshot_columns.source[2]"]),
+        (
+            "snapshot_columns",
+            3,
+            ["snapshot_columns.ticker_index[3]", "snapshot_columns.present[3]"],
+        ),
     ]
     assert await _stored(kfeed_server, MARKET.ticker) == []
     ok = await publisher.send(
@@ -223,7 +232,7 @@ async def test_invalid_column_values_get_an_error_ack_naming_column_and_row(
     assert (ok.code, ok.snapshots_stored) == (code_pb2.OK, 4)
 
 
-async def test_columns_of_different_lengths_get_an_error_ack_naming_them(
+async def test_columns_of_different_lengths_refuse_the_whole_batch_naming_them(
     publisher: PublishSession,
 ) -> None:
     await publisher.publish(markets=[MARKET])
@@ -245,5 +254,7 @@ async def test_columns_of_unknown_market_are_refused(publisher: PublishSession) 
     ack = await publisher.send(
         ingest_service_pb2.PublishRequest(snapshot_columns=_columns(_rows("KXNOBODY")))
     )
-    assert ack.code == code_pb2.INVALID_ARGUMENT
-    assert [v.field for v in ack.field_violations] == ["snapshot_columns.tickers[0]"]
+    assert (ack.code, ack.snapshots_stored) == (code_pb2.OK, 0)
+    assert refused(ack) == [
+        ("snapshot_columns", row, ["snapshot_columns.tickers[0]"]) for row in range(4)
+    ]

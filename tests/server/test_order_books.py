@@ -28,7 +28,7 @@ from kfeed_ingest.kalshi.books import (
 from kfeed_server.app import KfeedServer
 from kfeed_server.transport.convert import market_to_proto
 from tests.support.factories import at, make_market
-from tests.support.servers import PublishSession, bad_request_fields
+from tests.support.servers import PublishSession, bad_request_fields, refused
 
 MARKET = make_market("KXBOOK-1")
 Book = tuple[dict[int, int], dict[int, int]]
@@ -271,20 +271,33 @@ async def test_invalid_book_rows_are_refused_naming_column_and_row(
     bad_checkpoint.kind = 9  # type: ignore[assignment]
     request.book_checkpoints.append(bad_checkpoint)
     ack = await publisher.send(request)
-    assert ack.code == code_pb2.INVALID_ARGUMENT
-    assert {v.field for v in ack.field_violations} == {
-        "book_changes.price[1]",
-        "book_changes.size[2]",
-        "book_checkpoints[0].kind",
-        "book_checkpoints[0].book.yes_bids[0].price",
-    }
+    # Each bad row is refused on its own; the good change is stored.
+    assert (ack.code, ack.book_changes_stored) == (code_pb2.OK, 1)
+    assert refused(ack) == [
+        ("book_changes", 1, ["book_changes.price[1]"]),
+        ("book_changes", 2, ["book_changes.size[2]"]),
+        (
+            "book_checkpoints",
+            0,
+            ["book_checkpoints[0].kind", "book_checkpoints[0].book.yes_bids[0].price"],
+        ),
+    ]
+    # Columns of different lengths cannot be told apart: the whole batch is refused.
     short = ingest_service_pb2.PublishRequest(producer="tests")
     short.book_changes.CopyFrom(change_columns([good, good]))
     del short.book_changes.size[1]
     ack = await publisher.send(short)
+    assert ack.code == code_pb2.INVALID_ARGUMENT
     assert [v.field for v in ack.field_violations] == ["book_changes.size"]
     unknown = ingest_service_pb2.PublishRequest(producer="tests")
-    unknown.book_changes.CopyFrom(change_columns([good._replace(ticker="KXNOPE")]))
+    later = good._replace(sequence=2)
+    unknown.book_changes.CopyFrom(
+        change_columns([good._replace(ticker="KXNOPE"), later, later._replace(ticker="KXNOPE")])
+    )
     ack = await publisher.send(unknown)
-    assert [v.field for v in ack.field_violations] == ["book_changes.tickers[0]"]
+    assert (ack.code, ack.book_changes_stored) == (code_pb2.OK, 1)
+    assert [(row.field, row.index) for row in ack.refused_rows] == [
+        ("book_changes", 0),
+        ("book_changes", 2),
+    ]
     assert market_to_proto(MARKET).ticker == MARKET.ticker

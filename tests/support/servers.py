@@ -117,3 +117,10 @@ async def running_server(config: ServerConfig) -> AsyncIterator[KfeedServer]:
 def plaintext_channel(server: KfeedServer) -> grpc.aio.Channel:
     """A channel to ``server`` without TLS."""
     return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+
+
+def refused(ack: ingest_service_pb2.PublishResponse) -> list[tuple[str, int, list[str]]]:
+    """The ack's refused rows: (request field, index, the violated fields)."""
+    return [
+        (row.field, row.index, [v.field for v in row.field_violations]) for row in ack.refused_rows
+    ]

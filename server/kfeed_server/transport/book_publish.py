@@ -12,6 +12,7 @@ from kfeed.v1 import types_pb2
 from kfeed_server.records import BookChangeRecord, BookCheckpointRecord, CheckpointKind, Side
 from kfeed_server.transport.convert import TimestampOutOfRange, from_timestamp
 from kfeed_server.transport.errors import FieldViolation
+from kfeed_server.transport.requests import ticker_problem
 
 ONE_DOLLAR = 10_000
 INT64_MAX = 2**63 - 1
@@ -67,10 +68,8 @@ def _changes(columns: pb.OrderBookChangeColumns, out: BookRows) -> None:
     if bad or not rows:
         return
     for row, ticker in enumerate(tickers):
-        if not ticker or len(ticker) > 128:
-            out.violations.append(
-                FieldViolation(f"{_CHANGES}.tickers[{row}]", "is required (at most 128 chars)")
-            )
+        if problem := ticker_problem(ticker):
+            out.violations.append(FieldViolation(f"{_CHANGES}.tickers[{row}]", problem))
         out.ticker_fields.setdefault(ticker, f"{_CHANGES}.tickers[{row}]")
     checks = [
         ("ticker_index", index, 0, len(tickers) - 1, "must index tickers"),
@@ -136,10 +135,8 @@ def _checkpoints(checkpoints: Sequence[pb.OrderBookCheckpoint], out: BookRows) -
         path = f"book_checkpoints[{i}]"
         before = len(out.violations)
         book = checkpoint.book
-        if not book.ticker or len(book.ticker) > 128:
-            out.violations.append(
-                FieldViolation(f"{path}.book.ticker", "is required (at most 128 chars)")
-            )
+        if problem := ticker_problem(book.ticker):
+            out.violations.append(FieldViolation(f"{path}.book.ticker", problem))
         out.ticker_fields.setdefault(book.ticker, f"{path}.book.ticker")
         if checkpoint.kind not in _KINDS:
             out.violations.append(
@@ -177,12 +174,3 @@ def read_book_rows(request: pb.PublishRequest) -> BookRows:
     if out.violations:
         out.changes, out.checkpoints = [], []
     return out
-
-
-def unknown_book_market_violations(rows: BookRows, unknown: set[str]) -> list[FieldViolation]:
-    """Where the order-book rows name one of the ``unknown`` markets."""
-    return [
-        FieldViolation(path, f"unknown market {ticker!r}: publish it first")
-        for ticker, path in rows.ticker_fields.items()
-        if ticker in unknown
-    ]

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 
@@ -19,13 +21,11 @@ from kfeed.v1 import types_pb2
 from kfeed_server.db.repositories import BatchWriteResult, Repositories
 from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side, SnapshotRecord
 from kfeed_server.streaming.follower import LivePublisher
-from kfeed_server.transport.book_publish import (
-    BookRows,
-    read_book_rows,
-    unknown_book_market_violations,
-)
+from kfeed_server.transport.book_publish import BookRows, read_book_rows
 from kfeed_server.transport.convert import (
     ALL_OPTIONAL_PRESENT,
+    MAX_TIMESTAMP_SECONDS,
+    MIN_TIMESTAMP_SECONDS,
     SNAPSHOT_INTEGER_COLUMNS,
     SNAPSHOT_OPTIONAL_COLUMNS,
     ReadColumns,
@@ -39,6 +39,16 @@ from kfeed_server.transport.convert import (
     trade_from_proto,
 )
 from kfeed_server.transport.errors import FieldViolation
+from kfeed_server.transport.ingest_refusals import (
+    MAX_REFUSED_ROWS,
+    RefusedRows,
+    book_tickers,
+    refused_rows_to_proto,
+    split_violations,
+    unknown_book_rows,
+    without_rows,
+)
+from kfeed_server.transport.requests import name_problem, text_problem, ticker_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,17 @@ _COLUMNS = "snapshot_columns"
 # The snapshot fields checked as prices and as counts (liquidity and the sequence are free).
 _PRICE_FIELDS = ("yes_bid", "yes_ask", "no_bid", "no_ask", "last_price")
 _COUNT_FIELDS = ("yes_bid_size", "yes_ask_size", "volume", "volume_24h", "open_interest")
+
+
+_TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR
+_TIME_RANGE = "must be a valid Timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999,999,999)"
+
+
+def _in_range(value: timestamp_pb2.Timestamp) -> bool:
+    return (
+        MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
+        and 0 <= value.nanos < 1_000_000_000
+    )
 
 
 _ENUM_VALUES: dict[type[Any], frozenset[int]] = {}
@@ -76,11 +97,35 @@ class _Validator:
         if not ok:
             self.violations.append(FieldViolation(field, description))
 
+    def problem(self, problem: str | None, field: str) -> None:
+        if problem is not None:
+            self.violations.append(FieldViolation(field, problem))
+
     def ticker(self, value: str, field: str) -> None:
-        self.require(bool(value) and len(value) <= 128, field, "is required (at most 128 chars)")
+        self.problem(ticker_problem(value), field)
 
     def timestamp(self, message: Message, name: str, path: str) -> None:
+        """A required Timestamp (its range is checked by :meth:`fields`)."""
         self.require(message.HasField(name), f"{path}.{name}", "is required")
+
+    def fields(self, message: Message, path: str) -> None:
+        """Every set string field of ``message`` storable (tickers: ticker syntax; ids: the id
+        rules; the rest: free text) and every set Timestamp in range. Walks the descriptor, so
+        fields added to the protos later are checked too."""
+        for descriptor, value in message.ListFields():
+            name = descriptor.name
+            if descriptor.type == FieldDescriptor.TYPE_STRING:
+                repeated = descriptor.is_repeated
+                for i, text in enumerate(value if repeated else (value,)):
+                    field = f"{path}.{name}[{i}]" if repeated else f"{path}.{name}"
+                    if name.endswith("ticker"):
+                        self.problem(ticker_problem(text), field)
+                    elif name.endswith("_id"):
+                        self.problem(name_problem(text), field)
+                    else:
+                        self.problem(text_problem(text), field)
+            elif descriptor.message_type is _TIMESTAMP:
+                self.require(_in_range(value), f"{path}.{name}", _TIME_RANGE)
 
     def enum(self, value: int, known: type[Any], field: str, *, allow_unspecified: bool) -> None:
         valid = value in _enum_values(known) and (allow_unspecified or value != 0)
@@ -192,16 +237,21 @@ def validate_batch(
     check.require(rows <= MAX_BATCH_ROWS, "batch", f"at most {MAX_BATCH_ROWS} rows per batch")
     for i, series in enumerate(request.series):
         check.ticker(series.ticker, f"series[{i}].ticker")
+        check.fields(series, f"series[{i}]")
     for i, event in enumerate(request.events):
         check.ticker(event.event_ticker, f"events[{i}].event_ticker")
+        check.fields(event, f"events[{i}]")
     for i, market in enumerate(request.markets):
         path = f"markets[{i}]"
         check.ticker(market.ticker, f"{path}.ticker")
+        check.fields(market, path)
         check.enum(market.status, MarketStatus, f"{path}.status", allow_unspecified=True)
         check.enum(market.result, MarketResult, f"{path}.result", allow_unspecified=True)
+        check.price(market, "settlement_value", path)
     for i, snapshot in enumerate(() if snapshots_checked else request.snapshots):
         path = f"snapshots[{i}]"
         check.ticker(snapshot.ticker, f"{path}.ticker")
+        check.fields(snapshot, path)
         check.timestamp(snapshot, "exchange_time", path)
         check.timestamp(snapshot, "receive_time", path)
         check.enum(snapshot.source, DataSource, f"{path}.source", allow_unspecified=False)
@@ -211,18 +261,35 @@ def validate_batch(
         for name in _COUNT_FIELDS:
             check.count(snapshot, name, path)
     check.snapshot_columns(columns)
+    first_of_id: dict[str, int] = {}
     for i, trade in enumerate(request.trades):
         path = f"trades[{i}]"
         check.require(bool(trade.trade_id), f"{path}.trade_id", "is required")
         check.ticker(trade.ticker, f"{path}.ticker")
+        check.fields(trade, path)
         check.timestamp(trade, "create_time", path)
         check.enum(trade.taker_side, Side, f"{path}.taker_side", allow_unspecified=True)
         check.price(trade, "yes_price", path)
         check.price(trade, "no_price", path)
         check.count(trade, "count", path)
+        check.require(
+            trade.HasField("yes_price")
+            and trade.yes_price.ten_thousandths + trade.no_price.ten_thousandths == ONE_DOLLAR,
+            f"{path}.no_price",
+            "must be $1 − yes_price",
+        )
+        # One id, one trade: a second, different trade under an id is refused, never dropped
+        # silently (an identical one is a harmless duplicate).
+        first = first_of_id.setdefault(trade.trade_id, i)
+        check.require(
+            first == i or request.trades[first] == trade,
+            f"{path}.trade_id",
+            f"names a different trade than trades[{first}]",
+        )
     for i, gap in enumerate(request.feed_gaps):
         path = f"feed_gaps[{i}]"
         check.require(bool(gap.channel), f"{path}.channel", "is required")
+        check.fields(gap, path)
         check.timestamp(gap, "detect_time", path)
     return check.violations
 
@@ -242,7 +309,7 @@ def _snapshot_record(m: types_pb2.MarketSnapshot) -> SnapshotRecord | None:
         record.open_interest,
     )  # fmt: skip
     valid = (
-        0 < len(record.ticker) <= 128
+        ticker_problem(record.ticker) is None
         and record.source is not DataSource.UNSPECIFIED
         and all(price is None or 0 <= price <= ONE_DOLLAR for price in prices)
         and all(count is None or count >= 0 for count in counts)
@@ -361,25 +428,82 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         # makes "after id N" an exact resume point for stream subscribers.
         self._write_lock = asyncio.Lock()
 
-    async def _store(self, checked: _Checked) -> pb.PublishResponse:
-        request, snapshots, violations = checked.request, checked.snapshots, checked.violations
-        if not violations:
+    async def _unknown_tickers(self, request: pb.PublishRequest, refused: RefusedRows) -> set[str]:
+        """The markets the batch's unrefused rows refer to that are neither stored nor in it."""
+        if refused:
+            referenced = {
+                t.ticker for i, t in enumerate(request.trades) if ("trades", i) not in refused
+            }
+            referenced.update(
+                s.ticker for i, s in enumerate(request.snapshots) if ("snapshots", i) not in refused
+            )
+            in_batch = {
+                m.ticker for i, m in enumerate(request.markets) if ("markets", i) not in refused
+            }
+        else:
             referenced = {t.ticker for t in request.trades}
-            referenced.update(s.ticker for s in snapshots or request.snapshots)
-            referenced.update(request.snapshot_columns.tickers)
-            referenced.update(checked.books.ticker_fields)
-            unknown = referenced - self._known_tickers - {m.ticker for m in request.markets}
-            if unknown:
-                found = await self._markets.existing_tickers(sorted(unknown))
-                self._known_tickers |= found
-                unknown -= found
-            violations = _unknown_market_violations(request, unknown)
-            violations += unknown_book_market_violations(checked.books, unknown)
-        if violations:
-            summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
-            log.warning("batch %d from %r refused: %s", request.batch_id, request.producer, summary)
-            self._on_refused()
-            return _refusal(request.batch_id, violations)
+            referenced.update(s.ticker for s in request.snapshots)
+            in_batch = {m.ticker for m in request.markets}
+        # A bad ticker in the column's list refuses its rows already; never query with it.
+        referenced.update(t for t in request.snapshot_columns.tickers if not ticker_problem(t))
+        referenced.update(t for t in book_tickers(request, refused) if not ticker_problem(t))
+        unknown = referenced - self._known_tickers - in_batch
+        if unknown:
+            found = await self._markets.existing_tickers(sorted(unknown))
+            self._known_tickers |= found
+            unknown -= found
+        return unknown
+
+    def _refuse_batch(
+        self, request: pb.PublishRequest, violations: list[FieldViolation]
+    ) -> pb.PublishResponse:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+        log.warning("batch %d from %r refused: %s", request.batch_id, request.producer, summary)
+        self._on_refused()
+        return _refusal(request.batch_id, violations)
+
+    async def _store(self, request: pb.PublishRequest) -> pb.PublishResponse:
+        """Validate, refuse the invalid rows, store the rest, and say what happened."""
+        checked = _check(request)
+        refused: RefusedRows = {}
+        batch_level = split_violations(request, checked.violations, refused)
+        if batch_level:
+            return self._refuse_batch(request, checked.violations)
+        unknown = await self._unknown_tickers(request, refused)
+        unknown_violations = _unknown_market_violations(request, unknown)
+        split_violations(request, unknown_violations + unknown_book_rows(request, unknown), refused)
+        if len(refused) > MAX_REFUSED_ROWS:
+            return self._refuse_batch(
+                request, [FieldViolation("batch", f"more than {MAX_REFUSED_ROWS} invalid rows")]
+            )
+        if refused:
+            summary = "; ".join(
+                f"{v.field}: {v.description}" for vs in list(refused.values())[:3] for v in vs[:1]
+            )
+            log.warning(
+                "batch %d from %r: %d rows refused (%s), the rest stored",
+                request.batch_id,
+                request.producer,
+                len(refused),
+                summary,
+            )
+            checked = _check(without_rows(request, refused))
+            if checked.violations:  # cannot happen: every violation named a refused row
+                return self._refuse_batch(request, checked.violations)
+        result = await self._write(checked)
+        return pb.PublishResponse(
+            batch_id=request.batch_id,
+            code=code_pb2.OK,
+            message=f"{len(refused)} rows refused" if refused else "",
+            snapshots_stored=result.counts.snapshots,
+            trades_stored=result.counts.trades,
+            book_changes_stored=result.counts.book_changes,
+            book_checkpoints_stored=result.counts.book_checkpoints,
+            refused_rows=refused_rows_to_proto(refused),
+        )
+
+    async def _write(self, checked: _Checked) -> BatchWriteResult:
+        request, snapshots = checked.request, checked.snapshots
         markets = [market_from_proto(m) for m in request.markets]
         async with self._write_lock:
             result = await self._writer.write_batch(
@@ -399,17 +523,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             self._known_tickers.update(m.ticker for m in markets)
             self._live.committed(markets, result)
         self._on_stored(result)
-        return pb.PublishResponse(
-            batch_id=request.batch_id,
-            code=code_pb2.OK,
-            snapshots_stored=result.counts.snapshots,
-            trades_stored=result.counts.trades,
-            book_changes_stored=result.counts.book_changes,
-            book_checkpoints_stored=result.counts.book_checkpoints,
-        )
+        return result
 
     async def Publish(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Context
     ) -> AsyncIterator[pb.PublishResponse]:
         async for request in request_iterator:
-            yield await self._store(_check(request))
+            yield await self._store(request)

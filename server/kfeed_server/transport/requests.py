@@ -56,18 +56,21 @@ class PageSizeLimits:
         return requested or self.default
 
 
-def ticker_problem(value: str) -> str | None:
-    """Why ``value`` is not a valid ticker (None when it is).
+# Visible ASCII: Kalshi's tickers are upper-case letters, digits, "-", "." and "_"
+# (KXHIGHNY-25DEC05-B45.5); kfeed accepts any visible ASCII character, but never white space,
+# control characters or anything that could not be typed back to read the market again.
+_TICKER = re.compile(r"[!-~]+")
 
-    A ticker is 1–128 printable characters with no leading or trailing white space: Kalshi's are
-    upper-case ASCII letters, digits, ``-``, ``.`` and ``_`` (e.g. ``KXHIGHNY-25DEC05-B45.5``);
-    kfeed is lenient beyond that, but never stores what could not be addressed again."""
+
+def ticker_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid ticker (None when it is): a ticker is 1–128 visible ASCII
+    characters (``!`` to ``~``: no spaces, no control characters)."""
     if not value:
         return "is required"
     if len(value) > MAX_TICKER_LENGTH:
         return f"must be at most {MAX_TICKER_LENGTH} characters"
-    if not value.isprintable() or value.strip() != value:
-        return "must be printable, without leading or trailing white space"
+    if not _TICKER.fullmatch(value):
+        return "must be visible ASCII characters only (no spaces or control characters)"
     return None
 
 

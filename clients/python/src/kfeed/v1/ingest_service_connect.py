@@ -44,8 +44,9 @@ class IngestService(Protocol):
     def publish(self, request: AsyncIterator[PublishRequest], ctx: RequestContext[PublishRequest, PublishResponse], /) -> AsyncIterator[PublishResponse]:
         """
         A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -124,8 +125,9 @@ class IngestServiceClient(ConnectClient):
     ) -> AsyncIterator[PublishResponse]:
         """
         A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
         return self.execute_bidi_stream(
             request=request,
@@ -148,8 +150,9 @@ class IngestServiceSync(Protocol):
     def publish(self, request: Iterator[PublishRequest], ctx: RequestContext[PublishRequest, PublishResponse], /) -> Iterator[PublishResponse]:
         """
         A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -226,8 +229,9 @@ class IngestServiceClientSync(ConnectClientSync):
     ) -> Iterator[PublishResponse]:
         """
         A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
         return self.execute_bidi_stream(
             request=request,

@@ -381,13 +381,16 @@ class PublishResponse(_message.Message):
     TRADES_STORED_FIELD_NUMBER: _builtins.int
     BOOK_CHANGES_STORED_FIELD_NUMBER: _builtins.int
     BOOK_CHECKPOINTS_STORED_FIELD_NUMBER: _builtins.int
+    REFUSED_ROWS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     code: _builtins.int
-    """A google.rpc.Code: 0 (OK) when committed; otherwise why the batch was refused, usually
-    3 (INVALID_ARGUMENT). A refused batch stores nothing.
+    """A google.rpc.Code: 0 (OK) when committed (some rows may still be refused: see
+    `refused_rows`); otherwise why the whole batch was refused, usually 3 (INVALID_ARGUMENT) for
+    a batch whose rows cannot be told apart (columns of different lengths, too many rows). A
+    refused batch stores nothing.
     """
     message: _builtins.str
-    """Human-readable reason when `code` is not OK."""
+    """Human-readable reason when `code` is not OK, or a summary of the refused rows."""
     snapshots_stored: _builtins.int
     """Rows newly stored; the rest were duplicates of stored rows."""
     trades_stored: _builtins.int
@@ -396,7 +399,14 @@ class PublishResponse(_message.Message):
     book_checkpoints_stored: _builtins.int
     @_builtins.property
     def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
-        """The offending fields of a refused batch, e.g. "snapshots[3].ticker"."""
+        """The offending fields of a refused batch, e.g. "snapshot_columns.yes_bid"."""
+
+    @_builtins.property
+    def refused_rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedRow]:
+        """Rows refused while the rest of the batch was stored (`code` OK), each with why. A refused
+        row never succeeds: keep it aside (kfeed ingest writes it to its dead-letter file) and do
+        not resend it. The rules are in docs/INGEST_RULES.md.
+        """
 
     def __init__(
         self,
@@ -409,14 +419,49 @@ class PublishResponse(_message.Message):
         trades_stored: _builtins.int = ...,
         book_changes_stored: _builtins.int = ...,
         book_checkpoints_stored: _builtins.int = ...,
+        refused_rows: _abc.Iterable[Global___RefusedRow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "book_changes_stored", b"book_changes_stored", "book_checkpoints_stored", b"book_checkpoints_stored", "code", b"code", "field_violations", b"field_violations", "message", b"message", "snapshots_stored", b"snapshots_stored", "trades_stored", b"trades_stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "book_changes_stored", b"book_changes_stored", "book_checkpoints_stored", b"book_checkpoints_stored", "code", b"code", "field_violations", b"field_violations", "message", b"message", "refused_rows", b"refused_rows", "snapshots_stored", b"snapshots_stored", "trades_stored", b"trades_stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishResponse: _TypeAlias = PublishResponse  # noqa: Y015
+
+@_typing.final
+class RefusedRow(_message.Message):
+    """One row of a batch that was refused, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The PublishRequest field holding the row: "series", "events", "markets", "snapshots",
+    "trades", "feed_gaps" or "snapshot_columns".
+    """
+    index: _builtins.int
+    """The row's index in that field (for snapshot_columns, the row number)."""
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
+        """What is wrong with it, e.g. {"trades[3].no_price", "must be $1 − yes_price"}."""
+
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        index: _builtins.int = ...,
+        field_violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "field_violations", b"field_violations", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefusedRow: _TypeAlias = RefusedRow  # noqa: Y015
 
 @_typing.final
 class FieldViolation(_message.Message):

@@ -48,8 +48,9 @@ class IngestServiceServicer:
 
     def Publish(self, request_iterator, context):
         """A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

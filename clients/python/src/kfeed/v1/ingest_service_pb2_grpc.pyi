@@ -35,8 +35,9 @@ class IngestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     Publish: _grpc.StreamStreamMultiCallable[_ingest_service_pb2.PublishRequest, _ingest_service_pb2.PublishResponse]
     """A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-    after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-    batch gets an error ack and the stream stays open.
+    after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+    are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+    a batch that cannot be read row by row gets an error ack. The stream stays open either way.
     """
 
 @_typing.type_check_only
@@ -46,8 +47,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Publish: _aio.StreamStreamMultiCallable[_ingest_service_pb2.PublishRequest, _ingest_service_pb2.PublishResponse]  # type: ignore[assignment]
     """A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-    after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-    batch gets an error ack and the stream stays open.
+    after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+    are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+    a batch that cannot be read row by row gets an error ack. The stream stays open either way.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -60,8 +62,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.PublishResponse], _abc.AsyncIterator[_ingest_service_pb2.PublishResponse]]:
         """A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -95,6 +95,7 @@ __all__ = (
     "PriceOhlc",
     "PublishRequest",
     "PublishResponse",
+    "RefusedRow",
     "Series",
     "Side",
     "SnapshotBatch",
@@ -2607,20 +2608,22 @@ class PublishResponse(betterproto2.Message):
 
     code: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
     """
-    A google.rpc.Code: 0 (OK) when committed; otherwise why the batch was refused, usually
-    3 (INVALID_ARGUMENT). A refused batch stores nothing.
+    A google.rpc.Code: 0 (OK) when committed (some rows may still be refused: see
+    `refused_rows`); otherwise why the whole batch was refused, usually 3 (INVALID_ARGUMENT) for
+    a batch whose rows cannot be told apart (columns of different lengths, too many rows). A
+    refused batch stores nothing.
     """
 
     message: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
     """
-    Human-readable reason when `code` is not OK.
+    Human-readable reason when `code` is not OK, or a summary of the refused rows.
     """
 
     field_violations: "list[FieldViolation]" = betterproto2.field(
         4, betterproto2.TYPE_MESSAGE, repeated=True
     )
     """
-    The offending fields of a refused batch, e.g. "snapshots[3].ticker".
+    The offending fields of a refused batch, e.g. "snapshot_columns.yes_bid".
     """
 
     snapshots_stored: "int" = betterproto2.field(5, betterproto2.TYPE_INT64)
@@ -2637,8 +2640,45 @@ class PublishResponse(betterproto2.Message):
 
     book_checkpoints_stored: "int" = betterproto2.field(8, betterproto2.TYPE_INT64)
 
+    refused_rows: "list[RefusedRow]" = betterproto2.field(
+        9, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Rows refused while the rest of the batch was stored (`code` OK), each with why. A refused
+    row never succeeds: keep it aside (kfeed ingest writes it to its dead-letter file) and do
+    not resend it. The rules are in docs/INGEST_RULES.md.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "PublishResponse", PublishResponse)
+
+
+@dataclass(eq=False, repr=False)
+class RefusedRow(betterproto2.Message):
+    """
+    One row of a batch that was refused, and why.
+    """
+
+    field: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The PublishRequest field holding the row: "series", "events", "markets", "snapshots",
+    "trades", "feed_gaps" or "snapshot_columns".
+    """
+
+    index: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
+    """
+    The row's index in that field (for snapshot_columns, the row number).
+    """
+
+    field_violations: "list[FieldViolation]" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    What is wrong with it, e.g. {"trades[3].no_price", "must be $1 − yes_price"}.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "RefusedRow", RefusedRow)
 
 
 @dataclass(eq=False, repr=False)
@@ -3507,8 +3547,9 @@ class IngestServiceStub:
     def publish(self, messages: "Iterable[PublishRequest]") -> "Iterator[PublishResponse]":
         """
         A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
 
         yield from self._channel.stream_stream(
@@ -3533,8 +3574,9 @@ class IngestServiceAsyncStub(betterproto2_grpclib.ServiceStub):
     ) -> "AsyncIterator[PublishResponse]":
         """
         A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-        after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-        batch gets an error ack and the stream stays open.
+        after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+        are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+        a batch that cannot be read row by row gets an error ack. The stream stays open either way.
         """
 
         async for response in self._stream_stream(

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/ingest_service.proto.
  */
 export const file_kfeed_v1_ingest_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1rZmVlZC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIIa2ZlZWQudjEitAMKDlB1Ymxpc2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgEEhAKCHByb2R1Y2VyGAIgASgJEiAKBnNlcmllcxgDIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIfCgZldmVudHMYBCADKAsyDy5rZmVlZC52MS5FdmVudBIhCgdtYXJrZXRzGAUgAygLMhAua2ZlZWQudjEuTWFya2V0EisKCXNuYXBzaG90cxgGIAMoCzIYLmtmZWVkLnYxLk1hcmtldFNuYXBzaG90Eh8KBnRyYWRlcxgHIAMoCzIPLmtmZWVkLnYxLlRyYWRlEiQKCWZlZWRfZ2FwcxgIIAMoCzIRLmtmZWVkLnYxLkZlZWRHYXASMwoQc25hcHNob3RfY29sdW1ucxgJIAEoCzIZLmtmZWVkLnYxLlNuYXBzaG90Q29sdW1ucxI2Cgxib29rX2NoYW5nZXMYCiABKAsyIC5rZmVlZC52MS5PcmRlckJvb2tDaGFuZ2VDb2x1bW5zEjcKEGJvb2tfY2hlY2twb2ludHMYCyADKAsyHS5rZmVlZC52MS5PcmRlckJvb2tDaGVja3BvaW50ItABChZPcmRlckJvb2tDaGFuZ2VDb2x1bW5zEg8KB3RpY2tlcnMYASADKAkSFAoMdGlja2VyX2luZGV4GAIgAygNEhwKFGV4Y2hhbmdlX3RpbWVfbWljcm9zGAMgAygDEhsKE3JlY2VpdmVfdGltZV9taWNyb3MYBCADKAMSGQoRZXhjaGFuZ2Vfc2VxdWVuY2UYBSADKAMSHAoEc2lkZRgGIAMoDjIOLmtmZWVkLnYxLlNpZGUSDQoFcHJpY2UYByADKAMSDAoEc2l6ZRgIIAMoAyJpChNPcmRlckJvb2tDaGVja3BvaW50EiEKBGJvb2sYASABKAsyEy5rZmVlZC52MS5PcmRlckJvb2sSLwoEa2luZBgCIAEoDjIhLmtmZWVkLnYxLk9yZGVyQm9va0NoZWNrcG9pbnRLaW5kIr0DCg9TbmFwc2hvdENvbHVtbnMSDwoHdGlja2VycxgBIAMoCRIUCgx0aWNrZXJfaW5kZXgYAiADKA0SHAoUZXhjaGFuZ2VfdGltZV9taWNyb3MYAyADKAMSGwoTcmVjZWl2ZV90aW1lX21pY3JvcxgEIAMoAxIkCgZzb3VyY2UYBSADKA4yFC5rZmVlZC52MS5EYXRhU291cmNlEiYKBnN0YXR1cxgGIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cxIPCgdwcmVzZW50GAcgAygNEhkKEWV4Y2hhbmdlX3NlcXVlbmNlGAggAygDEg8KB3llc19iaWQYCSADKAMSDwoHeWVzX2FzaxgKIAMoAxIOCgZub19iaWQYCyADKAMSDgoGbm9fYXNrGAwgAygDEhQKDHllc19iaWRfc2l6ZRgNIAMoAxIUCgx5ZXNfYXNrX3NpemUYDiADKAMSEgoKbGFzdF9wcmljZRgPIAMoAxIOCgZ2b2x1bWUYECADKAMSEgoKdm9sdW1lXzI0aBgRIAMoAxIVCg1vcGVuX2ludGVyZXN0GBIgAygDEhEKCWxpcXVpZGl0eRgTIAMoAyLlAQoPUHVibGlzaFJlc3BvbnNlEhAKCGJhdGNoX2lkGAEgASgEEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIyChBmaWVsZF92aW9sYXRpb25zGAQgAygLMhgua2ZlZWQudjEuRmllbGRWaW9sYXRpb24SGAoQc25hcHNob3RzX3N0b3JlZBgFIAEoAxIVCg10cmFkZXNfc3RvcmVkGAYgASgDEhsKE2Jvb2tfY2hhbmdlc19zdG9yZWQYByABKAMSHwoXYm9va19jaGVja3BvaW50c19zdG9yZWQYCCABKAMiNAoORmllbGRWaW9sYXRpb24SDQoFZmllbGQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkq4AEKF09yZGVyQm9va0NoZWNrcG9pbnRLaW5kEioKJk9SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1VOU1BFQ0lGSUVEEAASJAogT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfU1RBUlQQARIlCiFPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9SRVNZTkMQAhInCiNPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9QRVJJT0RJQxADEiMKH09SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX0xPU1QQBDJTCg1Jbmdlc3RTZXJ2aWNlEkIKB1B1Ymxpc2gSGC5rZmVlZC52MS5QdWJsaXNoUmVxdWVzdBoZLmtmZWVkLnYxLlB1Ymxpc2hSZXNwb25zZSgBMAFiBnByb3RvMw", [file_kfeed_v1_types]);
+  fileDesc("Ch1rZmVlZC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIIa2ZlZWQudjEitAMKDlB1Ymxpc2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgEEhAKCHByb2R1Y2VyGAIgASgJEiAKBnNlcmllcxgDIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIfCgZldmVudHMYBCADKAsyDy5rZmVlZC52MS5FdmVudBIhCgdtYXJrZXRzGAUgAygLMhAua2ZlZWQudjEuTWFya2V0EisKCXNuYXBzaG90cxgGIAMoCzIYLmtmZWVkLnYxLk1hcmtldFNuYXBzaG90Eh8KBnRyYWRlcxgHIAMoCzIPLmtmZWVkLnYxLlRyYWRlEiQKCWZlZWRfZ2FwcxgIIAMoCzIRLmtmZWVkLnYxLkZlZWRHYXASMwoQc25hcHNob3RfY29sdW1ucxgJIAEoCzIZLmtmZWVkLnYxLlNuYXBzaG90Q29sdW1ucxI2Cgxib29rX2NoYW5nZXMYCiABKAsyIC5rZmVlZC52MS5PcmRlckJvb2tDaGFuZ2VDb2x1bW5zEjcKEGJvb2tfY2hlY2twb2ludHMYCyADKAsyHS5rZmVlZC52MS5PcmRlckJvb2tDaGVja3BvaW50ItABChZPcmRlckJvb2tDaGFuZ2VDb2x1bW5zEg8KB3RpY2tlcnMYASADKAkSFAoMdGlja2VyX2luZGV4GAIgAygNEhwKFGV4Y2hhbmdlX3RpbWVfbWljcm9zGAMgAygDEhsKE3JlY2VpdmVfdGltZV9taWNyb3MYBCADKAMSGQoRZXhjaGFuZ2Vfc2VxdWVuY2UYBSADKAMSHAoEc2lkZRgGIAMoDjIOLmtmZWVkLnYxLlNpZGUSDQoFcHJpY2UYByADKAMSDAoEc2l6ZRgIIAMoAyJpChNPcmRlckJvb2tDaGVja3BvaW50EiEKBGJvb2sYASABKAsyEy5rZmVlZC52MS5PcmRlckJvb2sSLwoEa2luZBgCIAEoDjIhLmtmZWVkLnYxLk9yZGVyQm9va0NoZWNrcG9pbnRLaW5kIr0DCg9TbmFwc2hvdENvbHVtbnMSDwoHdGlja2VycxgBIAMoCRIUCgx0aWNrZXJfaW5kZXgYAiADKA0SHAoUZXhjaGFuZ2VfdGltZV9taWNyb3MYAyADKAMSGwoTcmVjZWl2ZV90aW1lX21pY3JvcxgEIAMoAxIkCgZzb3VyY2UYBSADKA4yFC5rZmVlZC52MS5EYXRhU291cmNlEiYKBnN0YXR1cxgGIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cxIPCgdwcmVzZW50GAcgAygNEhkKEWV4Y2hhbmdlX3NlcXVlbmNlGAggAygDEg8KB3llc19iaWQYCSADKAMSDwoHeWVzX2FzaxgKIAMoAxIOCgZub19iaWQYCyADKAMSDgoGbm9fYXNrGAwgAygDEhQKDHllc19iaWRfc2l6ZRgNIAMoAxIUCgx5ZXNfYXNrX3NpemUYDiADKAMSEgoKbGFzdF9wcmljZRgPIAMoAxIOCgZ2b2x1bWUYECADKAMSEgoKdm9sdW1lXzI0aBgRIAMoAxIVCg1vcGVuX2ludGVyZXN0GBIgAygDEhEKCWxpcXVpZGl0eRgTIAMoAyKRAgoPUHVibGlzaFJlc3BvbnNlEhAKCGJhdGNoX2lkGAEgASgEEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIyChBmaWVsZF92aW9sYXRpb25zGAQgAygLMhgua2ZlZWQudjEuRmllbGRWaW9sYXRpb24SGAoQc25hcHNob3RzX3N0b3JlZBgFIAEoAxIVCg10cmFkZXNfc3RvcmVkGAYgASgDEhsKE2Jvb2tfY2hhbmdlc19zdG9yZWQYByABKAMSHwoXYm9va19jaGVja3BvaW50c19zdG9yZWQYCCABKAMSKgoMcmVmdXNlZF9yb3dzGAkgAygLMhQua2ZlZWQudjEuUmVmdXNlZFJvdyJeCgpSZWZ1c2VkUm93Eg0KBWZpZWxkGAEgASgJEg0KBWluZGV4GAIgASgNEjIKEGZpZWxkX3Zpb2xhdGlvbnMYAyADKAsyGC5rZmVlZC52MS5GaWVsZFZpb2xhdGlvbiI0Cg5GaWVsZFZpb2xhdGlvbhINCgVmaWVsZBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCSrgAQoXT3JkZXJCb29rQ2hlY2twb2ludEtpbmQSKgomT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfVU5TUEVDSUZJRUQQABIkCiBPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9TVEFSVBABEiUKIU9SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1JFU1lOQxACEicKI09SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1BFUklPRElDEAMSIwofT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfTE9TVBAEMlMKDUluZ2VzdFNlcnZpY2USQgoHUHVibGlzaBIYLmtmZWVkLnYxLlB1Ymxpc2hSZXF1ZXN0Ghkua2ZlZWQudjEuUHVibGlzaFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_kfeed_v1_types]);
 
 /**
  * One batch of normalised exchange data.
@@ -352,22 +352,24 @@ export type PublishResponse = Message<"kfeed.v1.PublishResponse"> & {
   batchId: bigint;
 
   /**
-   * A google.rpc.Code: 0 (OK) when committed; otherwise why the batch was refused, usually
-   * 3 (INVALID_ARGUMENT). A refused batch stores nothing.
+   * A google.rpc.Code: 0 (OK) when committed (some rows may still be refused: see
+   * `refused_rows`); otherwise why the whole batch was refused, usually 3 (INVALID_ARGUMENT) for
+   * a batch whose rows cannot be told apart (columns of different lengths, too many rows). A
+   * refused batch stores nothing.
    *
    * @generated from field: int32 code = 2;
    */
   code: number;
 
   /**
-   * Human-readable reason when `code` is not OK.
+   * Human-readable reason when `code` is not OK, or a summary of the refused rows.
    *
    * @generated from field: string message = 3;
    */
   message: string;
 
   /**
-   * The offending fields of a refused batch, e.g. "snapshots[3].ticker".
+   * The offending fields of a refused batch, e.g. "snapshot_columns.yes_bid".
    *
    * @generated from field: repeated kfeed.v1.FieldViolation field_violations = 4;
    */
@@ -396,6 +398,15 @@ export type PublishResponse = Message<"kfeed.v1.PublishResponse"> & {
    * @generated from field: int64 book_checkpoints_stored = 8;
    */
   bookCheckpointsStored: bigint;
+
+  /**
+   * Rows refused while the rest of the batch was stored (`code` OK), each with why. A refused
+   * row never succeeds: keep it aside (kfeed ingest writes it to its dead-letter file) and do
+   * not resend it. The rules are in docs/INGEST_RULES.md.
+   *
+   * @generated from field: repeated kfeed.v1.RefusedRow refused_rows = 9;
+   */
+  refusedRows: RefusedRow[];
 };
 
 /**
@@ -404,6 +415,42 @@ export type PublishResponse = Message<"kfeed.v1.PublishResponse"> & {
  */
 export const PublishResponseSchema: GenMessage<PublishResponse> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_ingest_service, 4);
+
+/**
+ * One row of a batch that was refused, and why.
+ *
+ * @generated from message kfeed.v1.RefusedRow
+ */
+export type RefusedRow = Message<"kfeed.v1.RefusedRow"> & {
+  /**
+   * The PublishRequest field holding the row: "series", "events", "markets", "snapshots",
+   * "trades", "feed_gaps" or "snapshot_columns".
+   *
+   * @generated from field: string field = 1;
+   */
+  field: string;
+
+  /**
+   * The row's index in that field (for snapshot_columns, the row number).
+   *
+   * @generated from field: uint32 index = 2;
+   */
+  index: number;
+
+  /**
+   * What is wrong with it, e.g. {"trades[3].no_price", "must be $1 − yes_price"}.
+   *
+   * @generated from field: repeated kfeed.v1.FieldViolation field_violations = 3;
+   */
+  fieldViolations: FieldViolation[];
+};
+
+/**
+ * Describes the message kfeed.v1.RefusedRow.
+ * Use `create(RefusedRowSchema)` to create a new message.
+ */
+export const RefusedRowSchema: GenMessage<RefusedRow> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_ingest_service, 5);
 
 /**
  * One invalid field of a refused batch (the shape of google.rpc.BadRequest.FieldViolation).
@@ -427,7 +474,7 @@ export type FieldViolation = Message<"kfeed.v1.FieldViolation"> & {
  * Use `create(FieldViolationSchema)` to create a new message.
  */
 export const FieldViolationSchema: GenMessage<FieldViolation> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 5);
+  messageDesc(file_kfeed_v1_ingest_service, 6);
 
 /**
  * Why a full book was recorded.
@@ -487,8 +534,9 @@ export const OrderBookCheckpointKindSchema: GenEnum<OrderBookCheckpointKind> = /
 export const IngestService: GenService<{
   /**
    * A bidirectional stream: numbered batches in, one ack per batch out. A batch is acked only
-   * after it is committed; writes are idempotent, so a resent batch is stored once. An invalid
-   * batch gets an error ack and the stream stays open.
+   * after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
+   * are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
+   * a batch that cannot be read row by row gets an error ack. The stream stays open either way.
    *
    * @generated from rpc kfeed.v1.IngestService.Publish
    */
