@@ -21,6 +21,7 @@ import grpc
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from kfeed_ingest.dead_letters import DeadLetterFile
 from kfeed_ingest.kalshi.books import CheckpointPolicy
 from kfeed_ingest.kalshi.rest import (
     PRODUCTION_REST_URL,
@@ -88,6 +89,10 @@ class IngestCommand(CommandSettings):
     mode: Literal["poll", "ws", "backfill"] = Field(default="poll", description="what to run")
     once: bool = Field(default=False, description="one pass; exit 0 when all of it is acked")
     spool_dir: Path = Field(default=Path("data/spool"), description="journal of unacked batches")
+    dead_letter_file: Path = Field(
+        default=Path("data/dead-letter.jsonl"),
+        description="rows the server refused, with the reason (JSON lines; never resent)",
+    )
     api_key_id: str | None = Field(default=None, description="Kalshi API key id")
     api_private_key_file: Path | None = Field(
         default=None, description="PEM file of the Kalshi API key's private key"
@@ -219,6 +224,7 @@ class IngestCommand(CommandSettings):
                 window=self.window,
                 token=self.server_token,
                 credentials=self.server_credentials(),
+                dead_letters=DeadLetterFile(self.dead_letter_file, self.producer),
             )
             async with rest, publisher:
                 options = RunOptions(

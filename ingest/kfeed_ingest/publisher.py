@@ -2,9 +2,11 @@
 
 Every batch is appended to the :class:`~kfeed_ingest.spool.Spool` (fsynced, numbered) before it
 is sent. At most ``window`` batches are in flight on the stream; an ack (matched by ``batch_id``)
-frees a slot and removes the batch from the spool. An error ack means the batch can never
-succeed: it is logged with its field violations and dropped. A transport failure keeps every
-unacked batch spooled; the publisher reconnects with backoff and resends them all, in order.
+frees a slot and removes the batch from the spool. Rows the server refused (listed in the ack)
+and batches it refused whole can never succeed: they go to the dead-letter file with the reason
+(:mod:`kfeed_ingest.dead_letters`) and are not resent, so the spool never blocks on data. A
+transport failure keeps every unacked batch spooled; the publisher reconnects with backoff and
+resends them all, in order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grpc
 
 from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from kfeed_ingest.backoff import Backoff
+from kfeed_ingest.dead_letters import DeadLetterFile, dead_letters
 from kfeed_ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ class PublishStats:
 
     acked: int = 0
     rejected: int = 0
+    # Rows the server refused in batches it otherwise stored (kept in the dead-letter file).
+    refused_rows: int = 0
     snapshots_stored: int = 0
     trades_stored: int = 0
     connections: int = 0
@@ -69,11 +74,13 @@ class Publisher:
         credentials: grpc.ChannelCredentials | None = None,
         backoff: Backoff | None = None,
         max_pending: int = 100_000,
+        dead_letters: DeadLetterFile | None = None,
     ) -> None:
         self.target = target
         self.producer = producer
         self.stats = PublishStats()
         self._spool = spool
+        self._dead_letters = dead_letters
         self._window = window
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         # TLS when set (grpc.ssl_channel_credentials); plaintext otherwise.
@@ -229,26 +236,56 @@ class Publisher:
         if batch_id in connection.in_flight:
             connection.in_flight.discard(batch_id)
             connection.slots.release()
-        if self._unacked.pop(batch_id, None) is None:
+        request = self._unacked.pop(batch_id, None)
+        if request is None:
             logger.warning("ack for batch %d, which is not pending; ignored", batch_id)
             return
         if response.code == _OK:
             self.stats.acked += 1
             self.stats.snapshots_stored += response.snapshots_stored
             self.stats.trades_stored += response.trades_stored
+            if response.refused_rows:
+                self.stats.refused_rows += len(response.refused_rows)
+                first = response.refused_rows[0]
+                logger.warning(
+                    "server refused %d rows of batch %d (first: %s[%d]%s); %s",
+                    len(response.refused_rows),
+                    batch_id,
+                    first.field,
+                    first.index,
+                    _describe_violations(first.field_violations),
+                    self._dead_letter_note,
+                )
         else:
             self.stats.rejected += 1
             logger.error(
-                "server refused batch %d (code %d: %s)%s; dropped, it cannot succeed",
+                "server refused batch %d (code %d: %s)%s; dropped, it cannot succeed; %s",
                 batch_id,
                 response.code,
                 response.message,
                 _describe_violations(response.field_violations),
+                self._dead_letter_note,
             )
+        if self._dead_letters is not None and (response.code != _OK or response.refused_rows):
+            await asyncio.to_thread(self._keep_dead_letters, request, response)
         await asyncio.to_thread(self._spool.mark_acked, batch_id)
         self._update_drained()
         async with self._room:
             self._room.notify_all()
+
+    @property
+    def _dead_letter_note(self) -> str:
+        if self._dead_letters is None:
+            return "not kept (no dead-letter file)"
+        return f"kept in {self._dead_letters.path}"
+
+    def _keep_dead_letters(self, request: PublishRequest, response: PublishResponse) -> None:
+        assert self._dead_letters is not None
+        try:
+            self._dead_letters.append(dead_letters(request, response))
+        except OSError:
+            # A full disk must not stop the feed: the log line above still names the refusal.
+            logger.exception("cannot write the dead-letter file %s", self._dead_letters.path)
 
 
 def _describe_violations(violations: Sequence[ingest_service_pb2.FieldViolation]) -> str:

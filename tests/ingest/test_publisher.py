@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
 import pytest
 
 from kfeed.v1 import ingest_service_pb2, types_pb2
+from kfeed_ingest.dead_letters import DeadLetterFile
 from kfeed_ingest.publisher import Backoff, Publisher
 from kfeed_ingest.spool import Spool
 from tests.support.fake_ingest_server import FakeIngestServer
@@ -44,8 +46,12 @@ async def test_a_refused_batch_is_logged_and_dropped_while_others_go_through(
     server: FakeIngestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.service.refuse_tickers = {"BAD"}
-    spool = Spool.open(tmp_path)
-    async with _publisher(server.target, spool) as publisher:
+    spool = Spool.open(tmp_path / "spool")
+    dead_letters = DeadLetterFile(tmp_path / "dead-letter.jsonl", "test-producer")
+    publisher = Publisher(
+        server.target, spool, producer="test-producer", backoff=FAST, dead_letters=dead_letters
+    )
+    async with publisher:
         await publisher.publish(_batch("OK1"))
         refused = await publisher.publish(_batch("BAD"))
         await publisher.publish(_batch("OK2"))
@@ -56,6 +62,13 @@ async def test_a_refused_batch_is_logged_and_dropped_while_others_go_through(
     assert publisher.stats.rejected == 1
     assert len(spool) == 0
     assert "snapshots[0].ticker: no such market" in caplog.text
+    # The whole refused batch is kept, with the reason, in the dead-letter file.
+    (letter,) = [json.loads(line) for line in dead_letters.path.read_text().splitlines()]
+    assert (letter["batch_id"], letter["field"]) == (refused, "batch")
+    assert letter["violations"] == [
+        {"field": "snapshots[0].ticker", "description": "no such market"}
+    ]
+    assert letter["row"]["snapshots"] == [{"ticker": "BAD"}]
 
 
 async def test_a_dropped_stream_resends_every_unacked_batch_in_order(
