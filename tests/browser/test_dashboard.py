@@ -141,3 +141,31 @@ async def test_status_page_shows_health_ingest_and_subscribers(
         re.compile(r"[1-9][0-9]* live stream subscriptions"), timeout=20_000
     )
     await page.screenshot(path=screenshots / "status.png", full_page=True)
+
+
+async def test_a_sweep_from_the_form_ranks_its_runs_and_they_compare_side_by_side(
+    live_stack: Dashboard, page: Page, screenshots: Path
+) -> None:
+    await page.goto(live_stack.url + "#/backtests")
+    form = page.get_by_test_id("backtest-form")
+    await expect(form).to_be_visible(timeout=15_000)
+    await form.get_by_label("strategy").select_option("favourite_hold")
+    await form.get_by_label("sweep count").check()
+    await form.locator("input[name=count]").fill("1, 5")
+    await form.get_by_role("button", name="Run").click()
+    await expect(page).to_have_url(re.compile(r"#/backtests/[^/]+$"), timeout=15_000)
+    detail = page.get_by_test_id("backtest-detail")
+    await expect(detail).to_have_attribute("data-state", "succeeded", timeout=120_000)
+    children = detail.locator("a[href^='#/backtests/']")
+    await expect(children).to_have_count(2)
+
+    await page.goto(live_stack.url + "#/backtests")
+    sweep_children = page.get_by_test_id("backtest-list").locator("tr", has_text="sweep child")
+    await expect(sweep_children).to_have_count(2, timeout=15_000)
+    for index in range(2):
+        await sweep_children.nth(index).get_by_role("checkbox").check()
+    compare = page.get_by_test_id("compare")
+    await expect(compare).to_contain_text("count=1")
+    await expect(compare).to_contain_text("count=5")
+    await expect(compare).to_contain_text("total PnL")
+    await page.screenshot(path=screenshots / "backtests-compare.png", full_page=True)

@@ -9,6 +9,7 @@ import {
   BacktestView,
   CreateBacktestRequestSchema,
   OrderAction,
+  ParameterSweepSchema,
   ParameterType,
   type ParameterSpec,
   type ParameterValue,
@@ -156,7 +157,7 @@ function BacktestForm({ strategies }: { strategies: Strategy[] }) {
           request.config!.parameters[spec.name] = parameterValue(text, spec);
         }
       }
-      if (Object.keys(grid).length) request.sweep = { grid, rankBy } as typeof request.sweep;
+      if (Object.keys(grid).length) request.sweep = create(ParameterSweepSchema, { grid, rankBy });
       create_.mutate(request);
     } catch (error) {
       setFormError(error instanceof Error ? error.message : String(error));

@@ -283,6 +283,19 @@ function DepthLadder({ ticker }: { ticker: string }) {
       });
     },
   );
+  // Without StreamOrderBooks on this server, poll GetOrderBook instead.
+  const polled = useQuery(
+    MarketService.method.getOrderBook,
+    { ticker, depth: 0 },
+    { enabled: stream.state === "unavailable", refetchInterval: 2000 },
+  );
+  useEffect(() => {
+    const polledBook = polled.data?.book;
+    if (polledBook) setBook({ yes: levelsOf(polledBook.yesBids), no: levelsOf(polledBook.noBids), inGap: polledBook.inFeedGap });
+  }, [polled.data]);
+  const polledError = stream.state === "unavailable" ? polled.error : null;
+  const noBook = polledError !== null && ConnectError.from(polledError).code === Code.NotFound;
+  const unavailable = polledError !== null && !noBook;
   const rows = (levels: Levels | undefined) =>
     [...(levels ?? new Map<bigint, bigint>()).entries()].sort((a, b) => (b[0] > a[0] ? 1 : -1)).slice(0, 12);
   const yes = rows(book?.yes);
@@ -305,12 +318,13 @@ function DepthLadder({ ticker }: { ticker: string }) {
   );
   return (
     <div className="panel" data-testid="depth">
-      <div className="toolbar"><h2>Depth</h2><StreamBadge state={stream.state} />{book?.inGap && <span className="badge stream-failed">in feed gap</span>}</div>
-      {stream.state === "unavailable" ? (
-        <p className="notice unavailable" data-testid="unavailable">Order books: not available on this server.</p>
-      ) : !book ? (
+      <div className="toolbar"><h2>Depth</h2><StreamBadge state={stream.state === "unavailable" ? "polling" : stream.state} />{book?.inGap && <span className="badge stream-failed">in feed gap</span>}</div>
+      {stream.state === "unavailable" && !unavailable && <p className="sub">live book stream not available on this server: polling</p>}
+      {unavailable ? (
+        <Notice error={polled.error} what="Order books" />
+      ) : !book && !noBook ? (
         <p className="sub">{stream.state === "failed" ? stream.error : "waiting for the book…"}</p>
-      ) : yes.length + no.length === 0 ? (
+      ) : noBook || yes.length + no.length === 0 ? (
         <p className="sub">no depth recorded for this market</p>
       ) : (
         <div className="ladders">{side("YES bid", yes, "yes")}{side("NO bid", no, "no")}</div>
@@ -346,7 +360,7 @@ function TradesTape({ ticker }: { ticker: string }) {
   const tape = [...live, ...stored].slice(0, 100);
   return (
     <div className="panel" data-testid="trades">
-      <div className="toolbar"><h2>Trades</h2><StreamBadge state={stream.state} /></div>
+      <div className="toolbar"><h2>Trades</h2><StreamBadge state={stream.state === "unavailable" ? "polling" : stream.state} /></div>
       {stream.state === "unavailable" && <p className="sub">live trade stream not available on this server: polling</p>}
       {recent.error ? <Notice error={recent.error} what="Trades" /> : null}
       <table className="tape">
