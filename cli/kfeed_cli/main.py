@@ -1,9 +1,9 @@
 """`kfeed <command> [flags]`: dispatches to the command's implementation.
 
 Process commands are pydantic-settings models (flags and KFEED_* variables); the client commands
-(tail, markets, snapshots, candles, backtest) come from the kfeed-client package, exactly as an
-internal service would use it. Commands are imported lazily so that `kfeed tail` does not pay for
-the server's imports.
+(tail, markets, snapshots, candles, export, backtest) come from the kfeed-client package, exactly
+as an internal service would use it. Commands are imported lazily so that `kfeed tail` does not
+pay for the server's imports.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ CLIENT_COMMANDS: dict[str, tuple[str, str]] = {
     "backtest": ("backtest_cli.run_backtest", "run, list and inspect backtests"),
     "candles": ("cli.run_candles", "print a market's candles: kfeed candles TICKER --interval 1h"),
     "book": ("cli.run_book", "print a market's order book: kfeed book TICKER [--at T] [--depth N]"),
+    "export": ("cli.run_export", "export snapshots|trades to a Parquet, CSV or Arrow file"),
 }
 
 

@@ -8,7 +8,11 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pyarrow.csv
+import pyarrow.ipc
+import pyarrow.parquet
 import pytest
 from rich.console import Console
 
@@ -176,3 +180,38 @@ async def test_book_prints_a_ladder_at_an_instant(address: str, seeded: PublishS
     assert [level["price"]["tenThousandths"] for level in book["yesBids"]] == ["4300"]
     status, _ = await run("book", TICKER, "--server", address, "--depth", "-1")
     assert status == 1
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv", "arrow"])
+async def test_export_writes_a_file_that_reads_back_exactly(
+    address: str, seeded: PublishSession, tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / f"snapshots.{suffix}"
+    status, text = await run(
+        "export", "snapshots", TICKER, "--server", address, "-o", str(path), "--quiet"
+    )
+    assert status == 0
+    assert f"wrote {SNAPSHOT_COUNT} snapshots" in text
+    if suffix == "parquet":
+        table = pyarrow.parquet.read_table(path)
+    elif suffix == "csv":
+        table = pyarrow.csv.read_csv(path)
+    else:
+        table = pyarrow.ipc.open_file(str(path)).read_all()
+    assert table.column("yes_bid").to_pylist() == [4_000 + i for i in range(SNAPSHOT_COUNT)]
+    assert table.column("exchange_time").to_pylist()[0] == make_snapshot(TICKER, 0).exchange_time
+    assert os.listdir(out) == [path.name]  # no partial file left behind
+
+
+async def test_export_trades_of_an_unknown_market_fails_and_writes_nothing(
+    address: str, seeded: PublishSession, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    status, _ = await run(
+        "export", "trades", "KXNOPE", "--server", address, "-o", str(out / "trades.csv")
+    )
+    assert status == 1
+    assert os.listdir(out) == []

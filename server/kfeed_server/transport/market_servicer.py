@@ -14,7 +14,7 @@ from kfeed_server.books import OrderBooks
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import MarketStatus, Page
 from kfeed_server.streaming.hub import SnapshotHub
-from kfeed_server.transport import candles, market_structure, order_books
+from kfeed_server.transport import candles, export, market_structure, order_books
 from kfeed_server.transport.convert import (
     market_to_proto,
     snapshot_fields,
@@ -55,6 +55,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self._trades = repositories.trades
         self._candle_sources = repositories.candle_sources
         self._books = OrderBooks(repositories.markets, repositories.books)
+        self._exports = repositories.exports
         self._tokens = tokens
         self._streams = SnapshotStreams(
             repositories.markets,
@@ -188,3 +189,15 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self, request: pb.GetOrderBookRequest, context: Context
     ) -> pb.GetOrderBookResponse:
         return await order_books.get_order_book(self._books, request)
+
+    async def ExportSnapshots(
+        self, request: pb.ExportSnapshotsRequest, context: Context
+    ) -> AsyncIterator[pb.ExportSnapshotsResponse]:
+        async for message in export.export_snapshots(self._markets, self._exports, request):
+            yield message
+
+    async def ExportTrades(
+        self, request: pb.ExportTradesRequest, context: Context
+    ) -> AsyncIterator[pb.ExportTradesResponse]:
+        async for message in export.export_trades(self._markets, self._exports, request):
+            yield message

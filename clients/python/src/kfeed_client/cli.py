@@ -13,14 +13,17 @@ import asyncio
 import os
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kfeed.v1 import market_service_pb2, types_pb2
@@ -238,6 +241,23 @@ def _configure_book(parser: argparse.ArgumentParser) -> None:
     )
     _add_option(parser, "--depth", "levels a side, best first (0: all)", default=10, type=int)
     _add_output_options(parser)
+
+
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=("snapshots", "trades"), help="what to export")
+    parser.add_argument("tickers", nargs="*", metavar="TICKER", help="markets (none: all)")
+    _add_option(parser, "--event", "markets of this event ticker")
+    _add_option(parser, "--series", "markets of this series ticker")
+    _add_option(parser, "--from", "from this time (ISO-8601, or a span ago: 2d)", dest="start",
+                type=parse_time)  # fmt: skip
+    _add_option(parser, "--to", "until this time (exclusive)", dest="end", type=parse_time)
+    parser.add_argument(
+        "--format",
+        choices=("parquet", "csv", "arrow"),
+        help="file format (default: from the file's suffix, else parquet)",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, help="the file to write")
+    _add_switch(parser, "--quiet", "no progress bar")
     _add_connection_options(parser)
 
 
@@ -461,6 +481,42 @@ async def book(options: argparse.Namespace, console: Console) -> int:
     if found.in_feed_gap:
         console.print("[yellow]! the feed had a gap here: this book may be incomplete[/]")
     console.print(book_ladder(found), soft_wrap=True)
+
+
+async def export(options: argparse.Namespace, console: Console) -> int:
+    """`export`: stored snapshots or trades into a Parquet, CSV or Arrow file."""
+    from kfeed_client.arrow import file_format, write_file
+
+    path: Path = options.output
+    file_type = file_format(path, options.format)
+    progress = Progress(
+        TextColumn(f"exporting {options.kind} to {path}"),
+        TextColumn("{task.completed:,} rows"),
+        TextColumn("({task.fields[rate]})"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=options.quiet,
+    )
+    task = progress.add_task("export", total=None, rate="")
+    started = time.monotonic()
+
+    def advance(rows: int) -> None:
+        progress.advance(task, rows)
+        done = progress.tasks[0].completed
+        progress.update(task, rate=f"{done / max(time.monotonic() - started, 1e-9):,.0f} rows/s")
+
+    async with _connect(options) as client:
+        exporter = {
+            "snapshots": client.export_snapshot_batches,
+            "trades": client.export_trade_batches,
+        }[options.kind]
+        batches = exporter(
+            options.tickers, event_ticker=options.event, series_ticker=options.series,
+            start=options.start, end=options.end, on_rows=advance,
+        )  # fmt: skip
+        with progress:
+            rows = await write_file(batches, path, file_type)
+    console.print(f"wrote {rows:,} {options.kind} to {path} ({file_type})", highlight=False)
     return 0
 
 
@@ -470,6 +526,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, st
     "snapshots": (_configure_snapshots, snapshots, "list a market's stored snapshots"),
     "candles": (_configure_candles, candles, "print a market's candles (OHLC) at an interval"),
     "book": (_configure_book, book, "print a market's order book (now, or --at a past time)"),
+    "export": (_configure_export, export, "export snapshots or trades to Parquet, CSV or Arrow"),
 }
 
 
@@ -562,6 +619,11 @@ def run_book(argv: Sequence[str], prog: str = "kfeed book") -> int:
 def run_candles(argv: Sequence[str], prog: str = "kfeed candles") -> int:
     """`kfeed candles …` for the root command: ``argv`` are the flags after `candles`."""
     return _run("candles", argv, prog)
+
+
+def run_export(argv: Sequence[str], prog: str = "kfeed export") -> int:
+    """`kfeed export snapshots|trades …` for the root command."""
+    return _run("export", argv, prog)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -17,6 +17,7 @@ from kfeed.v1 import (
     market_service_pb2_grpc,
     types_pb2,
 )
+from kfeed_client.arrow import ProgressCallback, export_request, read_table, record_batches
 from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig, open_channel
 from kfeed_client.streaming import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -24,6 +25,9 @@ from kfeed_client.streaming import (
     RetryPolicy,
     resumable_stream,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _Item = TypeVar("_Item")
 
@@ -210,6 +214,79 @@ class KfeedClient:
 
         async for candle in _all_pages(fetch_page):
             yield candle
+
+    def export_snapshot_batches(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        on_rows: ProgressCallback | None = None,
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """Stored snapshots as Arrow record batches (needs ``kfeed-client[arrow]``), in the
+        order they were stored: of ``tickers`` (none: all) and/or an event's or a series'
+        markets, with exchange time in [start, end). The first batch is empty and carries the
+        schema; ``on_rows(n)`` is called as rows arrive."""
+        request = export_request(
+            market_service_pb2.ExportSnapshotsRequest,
+            tickers, event_ticker, series_ticker, start, end,
+        )  # fmt: skip
+        return record_batches(self.markets.ExportSnapshots(request), on_rows)
+
+    async def export_snapshots(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        on_rows: ProgressCallback | None = None,
+    ) -> pa.Table:
+        """:meth:`export_snapshot_batches` as one ``pyarrow.Table`` (``.to_pandas()``,
+        ``polars.from_arrow``)."""
+        batches = self.export_snapshot_batches(
+            tickers, event_ticker=event_ticker, series_ticker=series_ticker,
+            start=start, end=end, on_rows=on_rows,
+        )  # fmt: skip
+        return await read_table(batches)
+
+    def export_trade_batches(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        on_rows: ProgressCallback | None = None,
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """Stored public trades as Arrow record batches in (create_time, trade_id) order, like
+        :meth:`export_snapshot_batches` (the window applies to the trade's time)."""
+        request = export_request(
+            market_service_pb2.ExportTradesRequest,
+            tickers, event_ticker, series_ticker, start, end,
+        )  # fmt: skip
+        return record_batches(self.markets.ExportTrades(request), on_rows)
+
+    async def export_trades(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        on_rows: ProgressCallback | None = None,
+    ) -> pa.Table:
+        """:meth:`export_trade_batches` as one ``pyarrow.Table``."""
+        batches = self.export_trade_batches(
+            tickers, event_ticker=event_ticker, series_ticker=series_ticker,
+            start=start, end=end, on_rows=on_rows,
+        )  # fmt: skip
+        return await read_table(batches)
 
     def stream_snapshots(
         self,

@@ -11,6 +11,7 @@ from kfeed_server.db.engine import session_factory
 from kfeed_server.db.repositories.backtests import BacktestRepository
 from kfeed_server.db.repositories.books import OrderBookRepository
 from kfeed_server.db.repositories.candles import CandleSourceRepository
+from kfeed_server.db.repositories.export import ArrowExportReader
 from kfeed_server.db.repositories.ingest import BatchWriteResult, IngestWriter
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.secrets import SecretRepository
@@ -33,6 +34,7 @@ class Repositories:
     candle_sources: CandleSourceRepository
     secrets: SecretRepository
     books: OrderBookRepository
+    exports: ArrowExportReader
 
 
 def build_repositories(engine: AsyncEngine) -> Repositories:
@@ -50,10 +52,12 @@ def build_repositories(engine: AsyncEngine) -> Repositories:
         candle_sources=CandleSourceRepository(sessions),
         secrets=SecretRepository(sessions),
         books=OrderBookRepository(sessions),
+        exports=ArrowExportReader(engine, sessions),
     )
 
 
 __all__ = [
+    "ArrowExportReader",
     "BacktestRecord",
     "BacktestRepository",
     "BatchWriteResult",

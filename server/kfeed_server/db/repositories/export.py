@@ -1,0 +1,293 @@
+"""Bulk reads as Apache Arrow record batches, for the Export RPCs (ADR 0012).
+
+A table is exported through an :class:`ExportSpec`: which columns, under which names and Arrow
+types, filtered by ticker / event / series and a time window, in which order. The rows never
+become Python objects on PostgreSQL: the ADBC PostgreSQL driver runs the query as
+``COPY … TO STDOUT (FORMAT binary)`` and decodes it into Arrow in C, in a worker thread. SQLite
+has no columnar protocol; its rows are streamed and turned into Arrow one column at a time.
+
+Either way the batches have exactly the spec's schema: prices and counts as int64 fixed point
+(1/10,000 USD, 1/100 contract), times as ``timestamp[us, UTC]``, enums as their lowercase names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import adbc_driver_postgresql.dbapi as adbc_postgresql
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import BigInteger, Boolean, ColumnElement, Select, SmallInteger, Text, select
+from sqlalchemy import type_coerce as coerce
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.types import TypeEngine
+
+from kfeed_server.db.models import markets_table, snapshots_table, trades_table
+from kfeed_server.records import DataSource, MarketStatus, Side
+
+UTC_MICROS = pa.timestamp("us", tz="UTC")
+PRICE_UNIT = "USD/10000"
+COUNT_UNIT = "contracts/100"
+# Rows per batch read from SQLite (PostgreSQL batches are the driver's, ≈16 MiB).
+SQLITE_BATCH_ROWS = 65_536
+
+
+def _enum_names(members: type[enum.IntEnum]) -> pa.Array[Any]:
+    """The lowercase names of an IntEnum whose values are 0, 1, 2, …, indexed by value."""
+    ordered = sorted(members, key=int)
+    if [int(m) for m in ordered] != list(range(len(ordered))):
+        raise ValueError(f"{members.__name__} values are not 0..n-1")
+    return pa.array([m.name.lower() for m in ordered], pa.string())
+
+
+@dataclass(frozen=True)
+class ExportColumn:
+    """One exported column: its name, the table column it reads, its Arrow type, and for an
+    enum column the enum whose names replace the stored numbers."""
+
+    name: str
+    source: ColumnElement[Any]
+    arrow_type: pa.DataType
+    enum_type: type[enum.IntEnum] | None = None
+    unit: str | None = None
+    names: pa.Array[Any] | None = field(init=False, default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.enum_type is not None:
+            object.__setattr__(self, "names", _enum_names(self.enum_type))
+
+    @property
+    def field(self) -> pa.Field[Any]:
+        metadata = {"unit": self.unit} if self.unit else None
+        return pa.field(self.name, self.arrow_type, nullable=True, metadata=metadata)
+
+    def raw_type(self) -> TypeEngine[Any]:
+        """The SQL type read without SQLAlchemy's conversions (a time is its stored integer on
+        SQLite, an enum its number)."""
+        if self.enum_type is not None:
+            return SmallInteger()
+        if self.arrow_type == pa.string():
+            return Text()
+        if self.arrow_type == pa.bool_():
+            return Boolean()
+        return BigInteger()
+
+    def from_values(self, values: Sequence[Any]) -> pa.Array[Any]:
+        """This column from Python values as SQLite returns them."""
+        if self.enum_type is not None:
+            return self.from_codes(pa.array(values, pa.int16()))
+        if self.arrow_type == UTC_MICROS:
+            return pa.array(values, pa.int64()).cast(UTC_MICROS)
+        return pa.array(values, self.arrow_type)
+
+    def from_codes(self, codes: pa.Array[Any]) -> pa.Array[Any]:
+        """An enum column's names from its stored numbers (nulls stay null)."""
+        assert self.names is not None
+        return pc.take(self.names, codes)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How one table is exported: columns, the time the window applies to, and the order."""
+
+    columns: tuple[ExportColumn, ...]
+    ticker: ColumnElement[str]
+    time: ColumnElement[datetime]
+    order_by: tuple[ColumnElement[Any], ...]
+    schema: pa.Schema = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schema", pa.schema([c.field for c in self.columns]))
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFilter:
+    """Which rows: of ``tickers`` (None: any), of the markets of ``event_ticker`` and/or
+    ``series_ticker``, with ``start <= time < end``."""
+
+    tickers: Sequence[str] | None = None
+    event_ticker: str | None = None
+    series_ticker: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+_s = snapshots_table.c
+_t = trades_table.c
+
+
+def _price(name: str, source: ColumnElement[Any]) -> ExportColumn:
+    return ExportColumn(name, source, pa.int64(), unit=PRICE_UNIT)
+
+
+def _count(name: str, source: ColumnElement[Any]) -> ExportColumn:
+    return ExportColumn(name, source, pa.int64(), unit=COUNT_UNIT)
+
+
+SNAPSHOT_EXPORT = ExportSpec(
+    columns=(
+        ExportColumn("snapshot_id", _s.id, pa.int64()),
+        ExportColumn("ticker", _s.ticker, pa.string()),
+        ExportColumn("exchange_time", _s.exchange_time, UTC_MICROS),
+        ExportColumn("receive_time", _s.receive_time, UTC_MICROS),
+        ExportColumn("source", _s.source, pa.string(), enum_type=DataSource),
+        ExportColumn("exchange_sequence", _s.exchange_sequence, pa.int64()),
+        _price("yes_bid", _s.yes_bid),
+        _price("yes_ask", _s.yes_ask),
+        _price("no_bid", _s.no_bid),
+        _price("no_ask", _s.no_ask),
+        _count("yes_bid_size", _s.yes_bid_size),
+        _count("yes_ask_size", _s.yes_ask_size),
+        _price("last_price", _s.last_price),
+        _count("volume", _s.volume),
+        _count("volume_24h", _s.volume_24h),
+        _count("open_interest", _s.open_interest),
+        _price("liquidity", _s.liquidity),
+        ExportColumn("status", _s.status, pa.string(), enum_type=MarketStatus),
+    ),
+    ticker=_s.ticker,
+    time=_s.exchange_time,
+    # The order they were stored in (the stream's resume-token order): a scan of the primary
+    # key, which on PostgreSQL reads the heap in order; (ticker, time) order costs a sort or
+    # random heap reads and is one sort_by away on the client.
+    order_by=(_s.id,),
+)
+
+TRADE_EXPORT = ExportSpec(
+    columns=(
+        ExportColumn("trade_id", _t.trade_id, pa.string()),
+        ExportColumn("ticker", _t.ticker, pa.string()),
+        ExportColumn("create_time", _t.create_time, UTC_MICROS),
+        _price("yes_price", _t.yes_price),
+        _price("no_price", _t.no_price),
+        _count("count", _t.count),
+        ExportColumn("taker_side", _t.taker_side, pa.string(), enum_type=Side),
+    ),
+    ticker=_t.ticker,
+    time=_t.create_time,
+    order_by=(_t.create_time, _t.trade_id),
+)
+
+
+def export_query(spec: ExportSpec, rows: ExportFilter) -> Select[Any]:
+    """The spec's SELECT for ``rows``, every column read in its raw SQL type."""
+    statement = select(*(coerce(c.source, c.raw_type()) for c in spec.columns))
+    if rows.tickers is not None:
+        statement = statement.where(spec.ticker.in_(list(rows.tickers)))
+    if rows.event_ticker is not None or rows.series_ticker is not None:
+        markets = select(markets_table.c.ticker)
+        if rows.event_ticker is not None:
+            markets = markets.where(markets_table.c.event_ticker == rows.event_ticker)
+        if rows.series_ticker is not None:
+            markets = markets.where(markets_table.c.series_ticker == rows.series_ticker)
+        statement = statement.where(spec.ticker.in_(markets))
+    if rows.start is not None:
+        statement = statement.where(spec.time >= rows.start)
+    if rows.end is not None:
+        statement = statement.where(spec.time < rows.end)
+    return statement.order_by(*spec.order_by)
+
+
+def adbc_uri(url: URL) -> str:
+    """The libpq URI of a ``postgresql+asyncpg://`` SQLAlchemy URL."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class ArrowExportReader:
+    """Reads an export spec's rows as record batches of its schema, on either database."""
+
+    def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._engine = engine
+        self._sessions = sessions
+
+    def batches(self, spec: ExportSpec, rows: ExportFilter) -> AsyncIterator[pa.RecordBatch]:
+        """The rows of ``spec`` that ``rows`` selects, in the spec's order, as record batches
+        (possibly none)."""
+        statement = export_query(spec, rows)
+        if self._engine.dialect.name == "postgresql":
+            return self._postgresql_batches(spec, statement)
+        return self._sqlite_batches(spec, statement)
+
+    async def _postgresql_batches(
+        self, spec: ExportSpec, statement: Select[Any]
+    ) -> AsyncIterator[pa.RecordBatch]:
+        # Values are rendered as literals (quoted by SQLAlchemy; strings under
+        # standard_conforming_strings): the driver reads through COPY only without bind
+        # parameters, and with them returns the whole result as one batch.
+        sql = str(
+            statement.compile(dialect=self._engine.dialect, compile_kwargs={"literal_binds": True})
+        )
+        stream = await asyncio.to_thread(_open_adbc_stream, adbc_uri(self._engine.url), sql)
+        try:
+            while True:
+                batch = await asyncio.to_thread(stream.read_next)
+                if batch is None:
+                    return
+                yield _conform_postgresql(spec, batch)
+        finally:
+            await asyncio.to_thread(stream.close)
+
+    async def _sqlite_batches(
+        self, spec: ExportSpec, statement: Select[Any]
+    ) -> AsyncIterator[pa.RecordBatch]:
+        async with self._sessions() as session:
+            connection = await session.connection()
+            result = await connection.stream(statement)
+            async for rows in result.partitions(SQLITE_BATCH_ROWS):
+                columns = zip(*rows, strict=True)
+                yield pa.RecordBatch.from_arrays(
+                    [
+                        c.from_values(values)
+                        for c, values in zip(spec.columns, columns, strict=True)
+                    ],
+                    schema=spec.schema,
+                )
+
+
+def _conform_postgresql(spec: ExportSpec, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A driver batch in the spec's schema: enum numbers become names, the driver's field
+    metadata goes (the arrays themselves are reused, not copied)."""
+    arrays = [
+        column.from_codes(array) if column.enum_type is not None else array
+        for column, array in zip(spec.columns, batch.columns, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=spec.schema)
+
+
+class _AdbcStream:
+    """A running query on its own ADBC connection; every method blocks (call in a thread)."""
+
+    def __init__(self, connection: Any, cursor: Any, reader: pa.RecordBatchReader) -> None:
+        self._connection = connection
+        self._cursor = cursor
+        self._reader = reader
+
+    def read_next(self) -> pa.RecordBatch | None:
+        try:
+            return self._reader.read_next_batch()
+        except StopIteration:
+            return None
+
+    def close(self) -> None:
+        try:
+            self._cursor.close()
+        finally:
+            self._connection.close()
+
+
+def _open_adbc_stream(uri: str, sql: str) -> _AdbcStream:
+    connection = adbc_postgresql.connect(uri)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SET standard_conforming_strings = on")
+        cursor.execute(sql)
+        return _AdbcStream(connection, cursor, cursor.fetch_record_batch())
+    except BaseException:
+        connection.close()
+        raise
