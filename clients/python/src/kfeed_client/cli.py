@@ -481,6 +481,7 @@ async def book(options: argparse.Namespace, console: Console) -> int:
     if found.in_feed_gap:
         console.print("[yellow]! the feed had a gap here: this book may be incomplete[/]")
     console.print(book_ladder(found), soft_wrap=True)
+    return 0
 
 
 async def export(options: argparse.Namespace, console: Console) -> int:
