@@ -241,6 +241,7 @@ def _configure_book(parser: argparse.ArgumentParser) -> None:
     )
     _add_option(parser, "--depth", "levels a side, best first (0: all)", default=10, type=int)
     _add_output_options(parser)
+    _add_connection_options(parser)
 
 
 def _configure_export(parser: argparse.ArgumentParser) -> None:
