@@ -147,7 +147,8 @@ async def _wait_for_markets(grpc_address: str, ingest: KfeedProcess) -> None:
 async def live_stack(
     tmp_path_factory: pytest.TempPathFactory, dashboard_built: Path
 ) -> AsyncIterator[Dashboard]:
-    """sim (stepping every 0.5 s) → ingest (WebSocket) → serve with the dashboard, on SQLite."""
+    """sim (stepping every 0.5 s, with WebSocket sequence gaps now and then) → ingest
+    (WebSocket) → serve with the dashboard, on SQLite."""
     directory = tmp_path_factory.mktemp("browser-stack")
     log_dir = directory / "logs"
     log_dir.mkdir()
@@ -160,7 +161,7 @@ async def live_stack(
     try:
         sim = await start_kfeed("sim", [
             "--listen", f"127.0.0.1:{sim_port}", "--seed", "7", "--markets", "8",
-            "--tick-interval", "0.5", "--history-steps", "120",
+            "--tick-interval", "0.5", "--history-steps", "120", "--sequence-gap-rate", "0.02",
             "--api-key-id", KEY_ID, "--api-public-key-file", str(public_key),
         ], log_dir)  # fmt: skip
         processes.append(sim)

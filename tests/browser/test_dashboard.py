@@ -140,6 +140,9 @@ async def test_status_page_shows_health_ingest_and_subscribers(
     await expect(page.get_by_test_id("subscribers")).to_contain_text(
         re.compile(r"[1-9][0-9]* live stream subscriptions"), timeout=20_000
     )
+    # The sim drops WebSocket sequence numbers now and then: the ingest reports each gap, and the
+    # page lists the ones reported while it is open.
+    await expect(page.get_by_test_id("feed-gap-row").first).to_be_visible(timeout=30_000)
     await page.screenshot(path=screenshots / "status.png", full_page=True)
 
 

@@ -416,7 +416,8 @@ export function MarketPage({ ticker }: { ticker: string }) {
         }
       }
       if (event.case === "feedGap" && (!event.value.ticker || event.value.ticker === ticker)) {
-        setGaps((current) => [...current, event.value]);
+        const gap = event.value;
+        setGaps((current) => [...current.filter((g) => g.gapId !== gap.gapId), gap]);
       }
     },
   );

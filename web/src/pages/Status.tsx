@@ -92,7 +92,8 @@ export function StatusPage() {
     (message) => {
       if (message.event.case === "feedGap") {
         const gap = message.event.value;
-        setGaps((current) => [gap, ...current].slice(0, 50));
+        // A gap is sent again when it is recovered: keep its latest state, once.
+        setGaps((current) => [gap, ...current.filter((g) => g.gapId !== gap.gapId)].slice(0, 50));
       }
     },
   );
@@ -130,7 +131,7 @@ export function StatusPage() {
         <thead><tr><th>detected</th><th>market</th><th>channel</th><th className="num">expected seq</th><th className="num">received seq</th><th>recovered</th></tr></thead>
         <tbody>
           {gaps.map((gap) => (
-            <tr key={gap.gapId.toString()}>
+            <tr key={gap.gapId.toString()} data-testid="feed-gap-row">
               <td><Time value={gap.detectTime} /></td><td>{gap.ticker || "all"}</td><td>{gap.channel}</td>
               <td className="num">{gap.expectedSequence.toString()}</td><td className="num">{gap.receivedSequence.toString()}</td>
               <td>{gap.recovered ? <Time value={gap.recoverTime} /> : "no"}</td>
