@@ -20,16 +20,23 @@ from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from google.rpc import error_details_pb2
 
+from kfeed.v1 import backtest_service_pb2 as bt
 from kfeed.v1 import backtest_service_pb2_grpc, market_service_pb2_grpc
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1.backtest_service_connect import BacktestServiceClient
-from kfeed.v1.backtest_service_pb2 import ListStrategiesRequest
 from kfeed.v1.market_service_connect import MarketServiceClient
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import AuthInterceptor, SecurityConfig
 from kfeed_server.web import WebConfig, WebListener, build_web_app
 from tests.support.factories import make_market, make_snapshot
-from tests.support.security import READ_TOKEN, CertificateAuthority, write_tokens_file
+from tests.support.security import (
+    INGEST_TOKEN,
+    OTHER_READ_TOKEN,
+    READ_TOKEN,
+    CertificateAuthority,
+    bearer,
+    write_tokens_file,
+)
 from tests.support.servers import PublishSession, serving
 from tests.support.waiting import eventually
 
@@ -97,7 +104,7 @@ async def test_unary_calls_answer_like_grpc(
         assert {v.field for v in bad.field_violations} & {"page_size", "event_ticker"}
 
     async with BacktestServiceClient(_web(web_server), protocol=protocol) as backtests:
-        strategies = await backtests.list_strategies(ListStrategiesRequest())
+        strategies = await backtests.list_strategies(bt.ListStrategiesRequest())
         assert strategies.strategies, "the built-in strategies are listed"
 
 
@@ -305,3 +312,43 @@ async def test_tls_configured_for_grpc_covers_the_web_listener(
                     f"http://127.0.0.1:{server.web.port}/kfeed.v1.MarketService/ListMarkets",
                     json={},
                 )
+
+
+async def test_backtests_over_connect_belong_to_the_token_that_created_them(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=sqlite_url,
+        migrate=False,
+        security=SecurityConfig(auth_tokens_file=write_tokens_file(tmp_path)),
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path),
+    )
+    ticker = "KXOWN-26DEC05-T1"
+    async with serving(config) as server:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+            PublishSession(channel, metadata=bearer(INGEST_TOKEN)) as publisher,
+        ):
+            await publisher.publish(markets=[make_market(ticker)])
+        async with BacktestServiceClient(_web(server), protocol=ProtocolType.GRPC_WEB) as client:
+            created = await client.create_backtest(
+                bt.CreateBacktestRequest(
+                    config=bt.BacktestConfig(strategy="threshold", tickers=[ticker])
+                ),
+                headers={"authorization": f"Bearer {READ_TOKEN}"},
+            )
+            backtest_id = created.backtest.backtest_id
+            stored = await server.repositories.backtests.get(backtest_id)
+            assert stored is not None
+            assert stored.created_by == "reader"
+            with pytest.raises(ConnectError) as refused:
+                await client.cancel_backtest(
+                    bt.CancelBacktestRequest(backtest_id=backtest_id),
+                    headers={"authorization": f"Bearer {OTHER_READ_TOKEN}"},
+                )
+            assert refused.value.code == Code.PERMISSION_DENIED
+            await client.cancel_backtest(
+                bt.CancelBacktestRequest(backtest_id=backtest_id),
+                headers={"authorization": f"Bearer {READ_TOKEN}"},
+            )
