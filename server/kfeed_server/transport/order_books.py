@@ -19,6 +19,7 @@ from kfeed_server.transport.errors import InvalidArgument, NotFound
 from kfeed_server.transport.requests import optional_time, require_ticker
 
 MAX_DEPTH = 10_000
+LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 def book_depth(depth: int) -> int:
@@ -51,7 +52,8 @@ async def get_order_book(
 ) -> pb.GetOrderBookResponse:
     ticker = require_ticker(request.ticker)
     depth = book_depth(request.depth)
-    time = optional_time(request, "time") or datetime.now(UTC)
+    # absent: the latest book, however far the exchange's clock runs from ours
+    time = optional_time(request, "time") or LATEST
     try:
         book = await books.book_at(ticker, time, depth)
     except UnknownMarketError:
@@ -59,5 +61,6 @@ async def get_order_book(
     except BeforeMarketError as error:
         raise InvalidArgument.field("time", str(error)) from None
     except NotRecordedError:
-        raise NotFound("order book", f"{ticker} at {time.isoformat()}") from None
+        at = "" if time is LATEST else f" at {time.isoformat()}"
+        raise NotFound("order book", ticker + at) from None
     return pb.GetOrderBookResponse(book=order_book_to_proto(book))
