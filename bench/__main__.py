@@ -19,6 +19,7 @@ BENCHMARKS = (
     "bench.bench_backtest_service",
     "bench.bench_ingest",
     "bench.bench_replicas",
+    "bench.bench_export",
 )
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 

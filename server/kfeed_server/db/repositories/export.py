@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import BigInteger, Boolean, ColumnElement, Select, SmallInteger, Text, select
 from sqlalchemy import type_coerce as coerce
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.types import TypeEngine
 
@@ -194,6 +194,16 @@ def export_query(spec: ExportSpec, rows: ExportFilter) -> Select[Any]:
     return statement.order_by(*spec.order_by)
 
 
+def literal_sql(spec: ExportSpec, rows: ExportFilter, dialect: Dialect) -> str:
+    """:func:`export_query` as one SQL string with its values inlined, for ADBC.
+
+    The driver reads through COPY only without bind parameters (with them it returns the whole
+    result as one batch), so SQLAlchemy renders the values as literals: strings quoted with
+    ``''`` (read under standard_conforming_strings, which the reader sets), times as ISO-8601."""
+    statement = export_query(spec, rows)
+    return str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+
+
 def adbc_uri(url: URL) -> str:
     """The libpq URI of a ``postgresql+asyncpg://`` SQLAlchemy URL."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -209,20 +219,13 @@ class ArrowExportReader:
     def batches(self, spec: ExportSpec, rows: ExportFilter) -> AsyncIterator[pa.RecordBatch]:
         """The rows of ``spec`` that ``rows`` selects, in the spec's order, as record batches
         (possibly none)."""
-        statement = export_query(spec, rows)
         if self._engine.dialect.name == "postgresql":
-            return self._postgresql_batches(spec, statement)
-        return self._sqlite_batches(spec, statement)
+            return self._postgresql_batches(spec, literal_sql(spec, rows, self._engine.dialect))
+        return self._sqlite_batches(spec, export_query(spec, rows))
 
     async def _postgresql_batches(
-        self, spec: ExportSpec, statement: Select[Any]
+        self, spec: ExportSpec, sql: str
     ) -> AsyncIterator[pa.RecordBatch]:
-        # Values are rendered as literals (quoted by SQLAlchemy; strings under
-        # standard_conforming_strings): the driver reads through COPY only without bind
-        # parameters, and with them returns the whole result as one batch.
-        sql = str(
-            statement.compile(dialect=self._engine.dialect, compile_kwargs={"literal_binds": True})
-        )
         stream = await asyncio.to_thread(_open_adbc_stream, adbc_uri(self._engine.url), sql)
         try:
             while True:
