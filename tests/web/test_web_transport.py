@@ -352,3 +352,30 @@ async def test_backtests_over_connect_belong_to_the_token_that_created_them(
                 bt.CancelBacktestRequest(backtest_id=backtest_id),
                 headers={"authorization": f"Bearer {READ_TOKEN}"},
             )
+
+
+async def test_the_per_address_stream_cap_counts_browser_streams(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Each browser stream is its own HTTP connection; the cap is per address all the same."""
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=sqlite_url,
+        migrate=False,
+        max_streams_per_peer=1,
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path),
+    )
+    async with (
+        serving(config) as server,
+        MarketServiceClient(_web(server)) as first,
+        MarketServiceClient(_web(server)) as second,
+    ):
+        # Held open (unread) until the clients close at the end of the block.
+        opened = aiter(first.stream_snapshots(pb.StreamSnapshotsRequest(include_latest=True)))
+        caught_up = await anext(opened)
+        assert caught_up.HasField("caught_up")
+        with pytest.raises(ConnectError) as refused:
+            async for _ in second.stream_snapshots(pb.StreamSnapshotsRequest()):
+                pass
+        assert refused.value.code == Code.RESOURCE_EXHAUSTED
+        assert "max_streams_per_peer" in refused.value.message

@@ -83,7 +83,15 @@ class WebCallContext:
         return tuple(self._ctx.request_headers.items())
 
     def peer(self) -> str:
-        return f"web:{self._ctx.client_address or 'unknown'}"
+        """gRPC's peer format (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``), so per-address
+        limits and the access log treat a browser like any other client."""
+        address = self._ctx.client_address
+        if not address:
+            return "unknown"
+        host, _, port = address.rpartition(":")
+        if ":" in host:
+            return f"ipv6:[{host.strip('[]')}]:{port}"
+        return f"ipv4:{host}:{port}"
 
 
 class _Call:
