@@ -21,7 +21,7 @@ from tests.support.factories import at, make_market, make_snapshot, make_trade
 from tests.support.servers import bad_request_fields
 
 # A ticker that must survive SQL quoting on the way to the database.
-HOSTILE = "KX'Q\\UOTE\"; DROP TABLE markets; --"
+HOSTILE = "KX'Q\\UOTE\";DROP/**/TABLE/**/markets;--"
 MARKETS = [
     make_market("KXA-1", event_ticker="EV-A", series_ticker="SER-A"),
     make_market("KXA-2", event_ticker="EV-A", series_ticker="SER-A"),
