@@ -103,6 +103,12 @@ class PermissionDenied(ApiError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unimplemented(ApiError):
+    """An RPC of the contract this server does not serve yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unavailable(ApiError):
     """Try again shortly (e.g. the server is still starting)."""
 

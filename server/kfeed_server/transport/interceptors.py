@@ -20,7 +20,12 @@ import grpc
 from google.rpc import status_pb2
 
 from kfeed_server.logs import request_id_var
-from kfeed_server.transport.errors import ApiError, InvalidArgument, internal_status
+from kfeed_server.transport.errors import (
+    ApiError,
+    InvalidArgument,
+    Unimplemented,
+    internal_status,
+)
 from kfeed_server.transport.handlers import (
     Behavior,
     BehaviorInterceptor,
@@ -61,6 +66,10 @@ async def _abort(
 async def _handle_failure(
     error: Exception, context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str
 ) -> None:
+    if isinstance(error, NotImplementedError):
+        # A contract RPC not built yet: the generated base class raises this (for a streaming
+        # RPC before grpc can answer UNIMPLEMENTED itself).
+        error = Unimplemented(f"{method} is not implemented by this server")
     if isinstance(error, ApiError):
         log.info("%s: %s %s", method, error.code.name, error.message)
         await _abort(context, error.to_status(), request_id)
