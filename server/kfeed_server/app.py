@@ -40,7 +40,11 @@ from kfeed_server.db.commits import CommitListener
 from kfeed_server.db.repositories import build_repositories
 from kfeed_server.gc_tuning import tune_for_throughput
 from kfeed_server.observability import MetricsEndpoint, ObservabilityInterceptor, watch_hub
-from kfeed_server.observability.metrics import record_refused_batch, record_stored_batch
+from kfeed_server.observability.metrics import (
+    record_refused_batch,
+    record_refused_rows,
+    record_stored_batch,
+)
 from kfeed_server.security import SecurityConfig
 from kfeed_server.streaming.follower import CommitFollower, DirectPublisher, LivePublisher
 from kfeed_server.streaming.hub import SnapshotHub
@@ -216,6 +220,7 @@ class KfeedServer:
                 live,
                 on_stored=record_stored_batch,
                 on_refused=record_refused_batch,
+                on_rows_refused=record_refused_rows,
             ),
             self._server,
         )

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
+from kfeed.v1 import ingest_service_pb2, market_service_pb2, market_service_pb2_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.observability import MetricsEndpoint, running_backtest
 from kfeed_server.streaming.hub import MarketSelector
@@ -106,16 +106,22 @@ async def test_ingest_outcomes_lag_snapshots_and_feed_gaps(
         snapshots=[make_snapshot("LAG-1", 1, receive_time=received)],
         gaps=[make_gap(1)],
     )
-    refused = await session.publish(snapshots=[make_snapshot("UNKNOWN-MARKET", 1)])
+    row_refused = await session.publish(snapshots=[make_snapshot("UNKNOWN-MARKET", 1)])
+    # Columns of different lengths: the batch is refused whole.
+    whole = ingest_service_pb2.PublishRequest(batch_id=99)
+    whole.snapshot_columns.ticker_index.append(0)
+    refused = await session.send(whole)
     await session.close()
     after = await scrape(server)
-    assert (stored.code, refused.code) == (0, 3)
+    assert (stored.code, row_refused.code, refused.code) == (0, 0, 3)
+    assert len(row_refused.refused_rows) == 1
 
     def delta(name: str, labels: dict[str, str] | None = None) -> float:
         return after.value(name, labels) - before.value(name, labels)
 
-    assert delta("kfeed_ingest_batches_total", {"outcome": "stored"}) == 1
+    assert delta("kfeed_ingest_batches_total", {"outcome": "stored"}) == 2
     assert delta("kfeed_ingest_batches_total", {"outcome": "refused"}) == 1
+    assert delta("kfeed_ingest_rows_refused_total", {"field": "snapshots"}) == 1
     assert delta("kfeed_snapshots_stored_total") == 1
     assert delta("kfeed_feed_gaps_total", {"recovered": "false"}) == 1
     assert delta("kfeed_ingest_lag_seconds_count") == 1

@@ -9,7 +9,7 @@ values before and after.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from operator import attrgetter
@@ -39,6 +39,11 @@ INGEST_BATCHES = Counter(
     "kfeed_ingest_batches_total",
     "Ingest batches answered, by outcome (stored: committed and acked; refused: invalid).",
     ("outcome",),
+)
+INGEST_ROWS_REFUSED = Counter(
+    "kfeed_ingest_rows_refused_total",
+    "Rows of stored batches refused as invalid (docs/INGEST_RULES.md), by PublishRequest field.",
+    ("field",),
 )
 SNAPSHOTS_STORED = Counter(
     "kfeed_snapshots_stored_total", "Market snapshots committed (duplicates not counted)."
@@ -78,6 +83,12 @@ def record_stored_batch(result: BatchWriteResult, committed_at: datetime | None 
 def record_refused_batch() -> None:
     """Hook: an ingest batch was refused as invalid."""
     INGEST_BATCHES.labels("refused").inc()
+
+
+def record_refused_rows(by_field: Mapping[str, int]) -> None:
+    """Hook: rows of an otherwise stored ingest batch were refused as invalid."""
+    for field, count in by_field.items():
+        INGEST_ROWS_REFUSED.labels(field).inc(count)
 
 
 @contextmanager

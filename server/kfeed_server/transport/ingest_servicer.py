@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -400,11 +401,16 @@ def _ignore_refused() -> None:
     pass
 
 
+def _ignore_refused_rows(by_field: Mapping[str, int]) -> None:
+    del by_field
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
     """Stores batches idempotently, publishes them to live subscribers, acks after commit.
 
-    ``on_stored`` (right after a batch's commit) and ``on_refused`` are hooks the app points at
-    the metrics, so the transport does not depend on observability.
+    ``on_stored`` (right after a batch's commit), ``on_refused`` (a batch refused whole) and
+    ``on_rows_refused`` (rows refused, per request field) are hooks the app points at the
+    metrics, so the transport does not depend on observability.
     """
 
     def __init__(
@@ -414,7 +420,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         *,
         on_stored: Callable[[BatchWriteResult], None] = _ignore_stored,
         on_refused: Callable[[], None] = _ignore_refused,
+        on_rows_refused: Callable[[Mapping[str, int]], None] = _ignore_refused_rows,
     ) -> None:
+        self._on_rows_refused = on_rows_refused
         self._on_stored = on_stored
         self._on_refused = on_refused
         self._markets = repositories.markets
@@ -491,6 +499,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             if checked.violations:  # cannot happen: every violation named a refused row
                 return self._refuse_batch(request, checked.violations)
         result = await self._write(checked)
+        if refused:
+            self._on_rows_refused(Counter(field for field, _ in refused))
         return pb.PublishResponse(
             batch_id=request.batch_id,
             code=code_pb2.OK,
