@@ -350,6 +350,21 @@ def _request(**overrides: object) -> pb.ListCandlesRequest:
         (_request(page_size=10_001), "page_size"),
         (_request(page_size=-1), "page_size"),
         (_request(page_token="not-a-token"), "page_token"),
+        (_request(start_time=timestamp_pb2.Timestamp(seconds=-(10**12))), "start_time"),
+        (_request(end_time=timestamp_pb2.Timestamp(seconds=10**12)), "end_time"),
+        # The first candle would start before 0001-01-01 / the last end after 9999-12-31.
+        (
+            _request(start_time=_ts(datetime.min.replace(tzinfo=UTC)), interval=_seconds(7)),
+            "start_time",
+        ),
+        (
+            _request(
+                start_time=_ts(datetime(9999, 12, 30, tzinfo=UTC)),
+                end_time=_ts(datetime.max.replace(tzinfo=UTC)),
+                interval=_seconds(86_400),
+            ),
+            "end_time",
+        ),
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(

@@ -10,6 +10,7 @@ import grpc
 import pyarrow as pa
 import pyarrow.ipc
 import pytest
+from google.protobuf import timestamp_pb2
 
 import kfeed_client
 from kfeed.v1 import market_service_pb2 as pb
@@ -186,6 +187,11 @@ async def test_messages_are_the_schema_then_self_contained_batches(
         (pb.ExportSnapshotsRequest(tickers=["T"] * 10_001), "tickers"),
         (pb.ExportSnapshotsRequest(event_ticker="\t"), "event_ticker"),
         (pb.ExportSnapshotsRequest(series_ticker="x" * 500), "series_ticker"),
+        (
+            pb.ExportSnapshotsRequest(start_time=timestamp_pb2.Timestamp(seconds=-(10**13))),
+            "start_time",
+        ),
+        (pb.ExportSnapshotsRequest(end_time=timestamp_pb2.Timestamp(nanos=-1)), "end_time"),
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
