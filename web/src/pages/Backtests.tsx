@@ -38,6 +38,7 @@ import {
   formatDollars,
   formatNumber,
   formatPercent,
+  parseDollars,
   toDate,
 } from "../format";
 import { href, navigate } from "../router";
@@ -60,15 +61,6 @@ function formatParameter(value: ParameterValue | undefined): string {
     case "stringValue": return kind.value;
     default: return "—";
   }
-}
-
-/** Exact decimal dollars ("0.45", "$1,000") → 1/10,000 USD, no float. */
-export function parseDollars(text: string): bigint {
-  const cleaned = text.replace(/[$,\s]/g, "");
-  const match = /^(-?)(\d*)(?:\.(\d{0,4}))?$/.exec(cleaned);
-  if (!match || (match[2] === "" && !match[3])) throw new Error(`not a dollar amount: ${text}`);
-  const value = BigInt(match[2] || "0") * 10_000n + BigInt((match[3] ?? "").padEnd(4, "0") || "0");
-  return match[1] ? -value : value;
 }
 
 function parameterValue(text: string, spec: ParameterSpec): ParameterValue {
