@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
+import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +27,7 @@ from pydantic import Field
 from rich.console import Console
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc, types_pb2
-from kfeed_settings import CommandSettings
+from kfeed_settings import CommandError, CommandSettings
 
 DEMO_KEY_ID = "kfeed-demo"
 _STARTUP_TIMEOUT = 60.0
@@ -54,7 +58,9 @@ async def _wait_until_serving(address: str, child: _Child) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         while asyncio.get_running_loop().time() < deadline:
             if child.process.returncode is not None:
-                raise RuntimeError(f"kfeed serve exited early; see {child.log_path}")
+                raise RuntimeError(
+                    f"kfeed serve exited: {_last_line(child.log_path)} (log: {child.log_path})"
+                )
             with contextlib.suppress(grpc.aio.AioRpcError):
                 response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
@@ -67,7 +73,9 @@ async def _wait_for_port(host: str, port: int, child: _Child) -> None:
     deadline = asyncio.get_running_loop().time() + _STARTUP_TIMEOUT
     while asyncio.get_running_loop().time() < deadline:
         if child.process.returncode is not None:
-            raise RuntimeError(f"kfeed {child.name} exited early; see {child.log_path}")
+            raise RuntimeError(
+                f"kfeed {child.name} exited: {_last_line(child.log_path)} (log: {child.log_path})"
+            )
         try:
             _, writer = await asyncio.open_connection(host, port)
         except OSError:
@@ -88,6 +96,36 @@ async def _stop(children: list[_Child]) -> None:
             except TimeoutError:
                 child.process.kill()
                 await child.process.wait()
+
+
+@contextlib.contextmanager
+def _demo_lock(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir/demo.lock`` (with our pid in it) while the demo runs; CommandError when
+    another demo holds it. The OS releases the lock when its holder dies, however it dies."""
+    path = data_dir / "demo.lock"
+    with path.open("a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "?"
+            raise CommandError(
+                f"another kfeed demo (pid {holder}) is running on {data_dir}: stop it first, or"
+                " give this one its own --data-dir and ports"
+            ) from None
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        try:
+            yield
+        finally:
+            lock_file.truncate(0)
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a child's log (why it stopped, usually)."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(empty log)"
 
 
 def _ensure_key_pair(data_dir: Path) -> tuple[Path, Path]:
@@ -123,49 +161,85 @@ class DemoCommand(CommandSettings):
     async def run(self) -> int:
         console = Console(highlight=False, soft_wrap=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        with _demo_lock(self.data_dir):
+            self._check_ports_free()
+            return await self._run(console)
+
+    def _check_ports_free(self) -> None:
+        """Fail before starting anything when a port is taken (say, by another demo)."""
+        for flag, address in (
+            ("--listen", self.listen),
+            ("--sim-listen", self.sim_listen),
+            ("--web-listen", self.web_listen),
+        ):
+            host, port = address.rsplit(":", 1)
+            try:
+                socket.create_server((host, int(port))).close()
+            except OSError:
+                raise CommandError(
+                    f"{address} is in use (another kfeed demo or serve?): stop it, or choose"
+                    f" another address with {flag}"
+                ) from None
+
+    async def _run(self, console: Console) -> int:
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         private_key, public_key = _ensure_key_pair(self.data_dir)
-        database = (self.data_dir / "kfeed.db").resolve()
-        sim_host, sim_port = self.sim_listen.rsplit(":", 1)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
         children: list[_Child] = []
+        starting = asyncio.create_task(self._start_all(children, logs, private_key, public_key))
+        stopped = asyncio.create_task(stop.wait())
         try:
-            sim = await _start("sim", [
-                "--listen", self.sim_listen, "--seed", str(self.seed),
-                "--markets", str(self.markets), "--tick-interval", str(self.tick_interval),
-                "--api-key-id", DEMO_KEY_ID, "--api-public-key-file", str(public_key),
-            ], logs)  # fmt: skip
-            children.append(sim)
-            await _wait_for_port(sim_host, int(sim_port), sim)
-            serve = await _start("serve", [
-                "--listen", self.listen, "--database-url", f"sqlite+aiosqlite:///{database}",
-                "--web-listen", self.web_listen,
-            ], logs)  # fmt: skip
-            children.append(serve)
-            await _wait_until_serving(self.listen, serve)
-            ingest = await _start("ingest", [
-                "--server", self.listen, "--mode", "ws",
-                "--kalshi-url", f"http://{self.sim_listen}/trade-api/v2",
-                "--api-key-id", DEMO_KEY_ID, "--api-private-key-file", str(private_key),
-                "--spool-dir", str(self.data_dir / "spool"),
-                # Simulated markets live about a minute: look for new ones often.
-                "--discovery-interval", "5",
-            ], logs)  # fmt: skip
-            children.append(ingest)
+            await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # Ctrl-C while starting
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                raise KeyboardInterrupt  # after the children stop: `kfeed demo: interrupted`
+            starting.result()
             self._print_instructions(console, logs)
             return await self._watch(console, children, stop)
         except (RuntimeError, TimeoutError) as error:
             console.print(f"[red]demo failed to start:[/red] {error}")
             return 1
         finally:
+            stopped.cancel()
             console.print("stopping ingest, server and simulator …")
             await _stop(children)
             console.print("stopped.")
+
+    async def _start_all(
+        self, children: list[_Child], logs: Path, private_key: Path, public_key: Path
+    ) -> None:
+        """Start sim, serve and ingest in order, each once the one before it answers."""
+        database = (self.data_dir / "kfeed.db").resolve()
+        sim_host, sim_port = self.sim_listen.rsplit(":", 1)
+        sim = await _start("sim", [
+            "--listen", self.sim_listen, "--seed", str(self.seed),
+            "--markets", str(self.markets), "--tick-interval", str(self.tick_interval),
+            "--api-key-id", DEMO_KEY_ID, "--api-public-key-file", str(public_key),
+        ], logs)  # fmt: skip
+        children.append(sim)
+        await _wait_for_port(sim_host, int(sim_port), sim)
+        serve = await _start("serve", [
+            "--listen", self.listen, "--database-url", f"sqlite+aiosqlite:///{database}",
+            "--web-listen", self.web_listen,
+        ], logs)  # fmt: skip
+        children.append(serve)
+        await _wait_until_serving(self.listen, serve)
+        ingest = await _start("ingest", [
+            "--server", self.listen, "--mode", "ws",
+            "--kalshi-url", f"http://{self.sim_listen}/trade-api/v2",
+            "--api-key-id", DEMO_KEY_ID, "--api-private-key-file", str(private_key),
+            "--spool-dir", str(self.data_dir / "spool"),
+            # Simulated markets live about a minute: look for new ones often.
+            "--discovery-interval", "5",
+        ], logs)  # fmt: skip
+        children.append(ingest)
 
     def _print_instructions(self, console: Console, logs: Path) -> None:
         console.print(f"""

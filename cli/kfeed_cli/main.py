@@ -12,11 +12,12 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-from pydantic_settings import CliApp
-
-from kfeed_settings import CommandError, CommandSettings
+# Only the standard library at import time: a Ctrl-C while the commands' (heavy) modules load
+# happens inside main()'s handler, and is one line like any other moment.
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -85,6 +86,11 @@ def _run(name: str, rest: list[str]) -> None:
         module_name, function_name = CLIENT_COMMANDS[name][0].rsplit(".", 1)
         client_cli = importlib.import_module(f"kfeed_client.{module_name}")
         raise SystemExit(getattr(client_cli, function_name)(rest))
+    from pydantic import ValidationError
+    from pydantic_settings import CliApp
+
+    from kfeed_settings import CommandSettings
+
     module_name, class_name, _ = COMMANDS[name]
     command_class: type[CommandSettings] = getattr(importlib.import_module(module_name), class_name)
     command_class.model_config["cli_prog_name"] = f"kfeed {name}"
@@ -101,6 +107,10 @@ def _run(name: str, rest: list[str]) -> None:
 def describe_error(error: BaseException) -> str:
     """One line for an error that ended a command: a :class:`CommandError`'s message as it is
     (found anywhere in the chain of causes), else the error's type and first line."""
+    from pydantic import ValidationError
+
+    from kfeed_settings import CommandError
+
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
