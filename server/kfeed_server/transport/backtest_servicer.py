@@ -58,7 +58,6 @@ EXECUTIONS_PAGE = PageSizeLimits(default=1000, maximum=10_000)
 DEFAULT_WATCH_INTERVAL = 0.25
 
 Context = grpc.aio.ServicerContext[Any, Any]
-MAX_LATENCY_SECONDS = int(MAX_LATENCY.total_seconds())
 
 
 # --- requests → domain ---------------------------------------------------------------------------
