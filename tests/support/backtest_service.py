@@ -17,7 +17,8 @@ TICKER = "KXTEST-A"
 OTHER_TICKER = "KXTEST-B"
 # Small reports so that short test runs still show progress and take cancels quickly.
 TEST_RUNNER = RunnerConfig(workers=1, progress_every=64, persist_interval=0.1)
-WATCH_TIMEOUT = 20.0
+# Generous: a fresh checkout compiles the backtest kernel (numba) once, ~15 s on a busy machine.
+WATCH_TIMEOUT = 60.0
 
 
 def wave_snapshots(ticker: str, count: int, *, offset: int = 0) -> list[SnapshotRecord]:

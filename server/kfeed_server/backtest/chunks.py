@@ -6,11 +6,13 @@ it reads (in the server process, in parallel with the worker replaying the previ
 the encoded market data as it goes, and the worker decodes the chunk back into records.
 
 A chunk's *market data* is ``marshal`` format version 2 (no object references, so the bytes depend
-only on the values, never on object identity) of the triple ``(rows, times, statuses)``: ``rows``
-the list of tuples (snapshot_id, ticker, exchange_sequence, yes_bid, yes_ask, no_bid, no_ask,
-yes_bid_size, yes_ask_size, last_price, volume, volume_24h, open_interest, liquidity) with None for
-a missing value, ``times`` the exchange times as POSIX seconds (float), ``statuses`` the market
-statuses as ints. Ingest metadata (receive_time, source) travels beside it, unhashed.
+only on the values, never on object identity) of the triple ``(columns, times, statuses)``:
+``columns`` one list per field of ``MARKET_COLUMNS`` (snapshot_id, ticker, exchange_sequence,
+yes_bid, yes_ask, no_bid, no_ask, yes_bid_size, yes_ask_size, last_price, volume, volume_24h,
+open_interest, liquidity) with None for a missing value, ``times`` the exchange times as POSIX
+seconds (float), ``statuses`` the market statuses as ints. Ingest metadata (receive_time, source)
+travels beside it, unhashed. Columns, not rows: the worker's compiled path turns them into numpy
+arrays without building a record per row.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import attrgetter
+from typing import Any
 
 from kfeed_server.records import (
     OPTIONAL_SNAPSHOT_FIELDS,
@@ -32,7 +35,9 @@ from kfeed_server.records import (
 # values always encode to equal bytes.
 MARSHAL_VERSION = 2
 
-_MARKET_VALUES = attrgetter("snapshot_id", "ticker", *OPTIONAL_SNAPSHOT_FIELDS)
+MARKET_COLUMNS = ("snapshot_id", "ticker", *OPTIONAL_SNAPSHOT_FIELDS)
+"""The market-data columns of a chunk, in order."""
+_COLUMN_GETTERS = [attrgetter(name) for name in MARKET_COLUMNS]
 _EXCHANGE_TIME = attrgetter("exchange_time")
 _RECEIVE_TIME = attrgetter("receive_time")
 _STATUS = attrgetter("status")
@@ -53,15 +58,23 @@ class EncodedChunk:
 
 
 def encode_market_data(rows: Sequence[SnapshotRecord]) -> bytes:
-    """The canonical bytes of ``rows``' market data (built by C-level maps, no per-row bytecode)."""
+    """The canonical bytes of ``rows``' market data, column by column (C-level maps, no per-row
+    bytecode)."""
     return marshal.dumps(
         (
-            list(map(_MARKET_VALUES, rows)),
+            [list(map(getter, rows)) for getter in _COLUMN_GETTERS],
             list(map(_timestamp, map(_EXCHANGE_TIME, rows))),
             list(map(int, map(_STATUS, rows))),
         ),
         MARSHAL_VERSION,
     )
+
+
+def market_columns(chunk: EncodedChunk) -> tuple[list[list[Any]], list[float]]:
+    """The chunk's market-data columns (in ``MARKET_COLUMNS`` order: snapshot id, ticker, then
+    the optional fields) and exchange times (POSIX seconds), as the worker receives them."""
+    columns, times, _ = marshal.loads(chunk.market_data)
+    return columns, times
 
 
 def encode_chunk(rows: Sequence[SnapshotRecord]) -> EncodedChunk:
@@ -86,26 +99,18 @@ def encode_chunk(rows: Sequence[SnapshotRecord]) -> EncodedChunk:
 
 def decode_chunk(chunk: EncodedChunk) -> list[SnapshotRecord]:
     """The records ``chunk`` was encoded from (equal field by field)."""
-    rows, times, statuses = marshal.loads(chunk.market_data)
+    columns, times, statuses = marshal.loads(chunk.market_data)
     receive_times, sources = marshal.loads(chunk.metadata)
     from_timestamp = datetime.fromtimestamp
     statuses_by_value = {int(s): s for s in MarketStatus}
     sources_by_value = {int(s): s for s in DataSource}
     make = SnapshotRecord._make
-    # A row is (snapshot_id, ticker, *the optional fields), see the module docstring.
+    ids, tickers, *optional = columns
+    # A record is (ticker, exchange_time, receive_time, source, *the optional fields, status, id).
     return [
-        make(
-            (
-                row[1],
-                from_timestamp(time, UTC),
-                from_timestamp(received, UTC),
-                sources_by_value[source],
-                *row[2:],
-                statuses_by_value[status],
-                row[0],
-            )
+        make((ticker, from_timestamp(time, UTC), from_timestamp(received, UTC),
+              sources_by_value[source], *values, statuses_by_value[status], snapshot_id))
+        for snapshot_id, ticker, time, received, source, status, *values in zip(
+            ids, tickers, times, receive_times, sources, statuses, *optional, strict=True
         )
-        for row, time, status, received, source in zip(
-            rows, times, statuses, receive_times, sources, strict=True
-        )
-    ]
+    ]  # fmt: skip

@@ -155,7 +155,9 @@ class BacktestRunner:
         if self._executor is None:
             context = multiprocessing.get_context(self._config.start_method)
             if self._config.start_method == "forkserver":
-                context.set_forkserver_preload(["kfeed_server.backtest.worker"])
+                context.set_forkserver_preload(
+                    ["kfeed_server.backtest.worker", "kfeed_server.backtest.warm_up"]
+                )
             self._executor = ProcessPoolExecutor(self._config.workers, mp_context=context)
         return self._executor
 

@@ -18,19 +18,21 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk
+from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk, market_columns
 from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     DEFAULT_PROGRESS_EVERY,
+    BacktestCancelled,
     BacktestResult,
     Progress,
     run_backtest,
 )
+from kfeed_server.backtest.fast import ColumnCollector, fast_path_applies, run_fast
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
@@ -110,6 +112,44 @@ def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[S
         yield from decode_chunk(chunk)
 
 
+def _replay_compiled(
+    job: WorkerJob,
+    data: Connection,
+    fingerprinter: Fingerprinter,
+    report: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+) -> BacktestResult:
+    """The compiled path: the chunks' columns are collected (progress and stops checked as they
+    arrive), then the kernel replays them at once."""
+    collector = ColumnCollector(job.config.tickers)
+    next_report = job.progress_every
+    while (chunk := data.recv()) is not None:
+        if not isinstance(chunk, EncodedChunk):
+            raise TypeError(f"unexpected message on the data pipe: {type(chunk).__name__}")
+        fingerprinter.add_encoded(chunk)
+        collector.add(*market_columns(chunk))
+        if len(collector) >= next_report:
+            next_report += job.progress_every
+            total = job.snapshots_total
+            # Reading is most of the work; the replay itself is the last moment.
+            fraction = min(len(collector) / total, 1.0) * 0.9 if total else 0.0
+            report(Progress(len(collector), total, fraction, 0))
+            if should_stop():
+                raise BacktestCancelled(0)
+    result = run_fast(
+        job.config,
+        job.markets,
+        collector.columns(),
+        fingerprinter,
+        fees=job.fees,
+        max_equity_points=job.max_equity_points,
+    )
+    assert result is not None  # fast_path_applies said so
+    processed = result.fingerprint.row_count
+    report(Progress(processed, processed, 1.0, result.metrics.total_pnl))
+    return result
+
+
 def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> BacktestResult:
     """Runs ``job`` over the rows arriving on ``data``; see the module docstring."""
     try:
@@ -122,6 +162,8 @@ def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> B
             control.send(progress)
 
         with _time_limit(job.limits.time_limit):
+            if fast_path_applies(job.config, job.fees):
+                return _replay_compiled(job, data, fingerprinter, report, control.poll)
             return run_backtest(
                 job.config,
                 job.markets,

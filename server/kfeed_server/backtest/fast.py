@@ -1,0 +1,850 @@
+"""The compiled path: the threshold rule over snapshot columns, in a numba kernel.
+
+It gives exactly what ``run_backtest`` gives for the same configuration and snapshots (the tests
+compare both on random data, fills, fees, settlements, marks, curve and metrics), at column speed:
+the rows become numpy columns once (``SnapshotColumns``), the kernel replays them in compiled
+code, and only the executions and at most ``max_equity_points`` curve points become Python
+objects. A sweep reads the columns once and runs the kernel per grid point.
+
+Eligible runs (``fast_path_applies``): the ``threshold`` strategy, the TOUCH fill model, no
+latency, snapshots only (no books or trades). Everything else goes through the event engine.
+The kernel is compiled on first use and cached on disk (numba ``cache=True``), so a worker pays
+the compile cost once, not per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, overload
+
+import numpy as np
+from numba import njit
+
+from kfeed_server.backtest.chunks import MARKET_COLUMNS
+from kfeed_server.backtest.config import EngineConfig, validate_config
+from kfeed_server.backtest.engine import (
+    DEFAULT_MAX_EQUITY_POINTS,
+    BacktestResult,
+    _yes_payout,
+)
+from kfeed_server.backtest.fees import (
+    DEFAULT_MARKET_FEES,
+    MULTIPLIER_SCALE,
+    FeeRounding,
+    FeeType,
+    MarketFees,
+)
+from kfeed_server.backtest.fingerprint import Fingerprinter
+from kfeed_server.backtest.metrics import (
+    BacktestMetrics,
+    daily_returns,
+    downsample,
+    max_drawdown,
+    round_trip_stats,
+    sharpe_ratio,
+    sortino_ratio,
+)
+from kfeed_server.backtest.orders import FillModel
+from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
+from kfeed_server.records import (
+    DataSource,
+    EquityPointRecord,
+    ExecutionRecord,
+    MarketRecord,
+    MarketStatus,
+    OrderAction,
+    Side,
+    SnapshotRecord,
+)
+
+FAST_STRATEGIES = frozenset({"threshold"})
+"""Strategies the compiled path runs."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_DAY_US = 86_400_000_000
+_NO_BOUND = 2**62
+_NONE = -1  # a missing value in an int64 column (prices and sizes are never negative)
+_FIELD = {name: index for index, name in enumerate(SnapshotRecord._fields)}
+_INT_COLUMNS = ("yes_bid", "yes_ask", "no_bid", "no_ask", "yes_bid_size", "yes_ask_size")
+_CHUNK_NEEDS = {
+    name: MARKET_COLUMNS.index(name) for name in ("snapshot_id", "ticker", *_INT_COLUMNS)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotColumns:
+    """Snapshots as columns: ``code`` indexes ``tickers`` (-1: another market), times in µs
+    since the epoch, prices and sizes as int64 with -1 for None."""
+
+    tickers: tuple[str, ...]
+    code: np.ndarray
+    time_us: np.ndarray
+    snapshot_id: np.ndarray
+    yes_bid: np.ndarray
+    yes_ask: np.ndarray
+    no_bid: np.ndarray
+    no_ask: np.ndarray
+    yes_bid_size: np.ndarray
+    yes_ask_size: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.code.size)
+
+
+def _int_column(values: Sequence[int | None]) -> np.ndarray:
+    # None becomes NaN in C, then -1: no per-value Python code. Exact below 2^53.
+    floats = np.array(values, dtype=np.float64)
+    return np.where(np.isnan(floats), _NONE, floats).astype(np.int64)
+
+
+def columns_from_records(
+    records: Sequence[SnapshotRecord], tickers: Sequence[str]
+) -> SnapshotColumns:
+    """``records`` as columns (the transpose runs in C: a record is a tuple)."""
+    tickers = tuple(tickers)
+    n = len(records)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return SnapshotColumns(tickers, empty, *(empty,) * 8)
+    fields = list(zip(*records, strict=True))
+    code_of = {ticker: code for code, ticker in enumerate(tickers)}
+    codes = np.fromiter(
+        (code_of.get(t, _NONE) for t in fields[_FIELD["ticker"]]), dtype=np.int64, count=n
+    )
+    seconds = np.fromiter(
+        map(datetime.timestamp, fields[_FIELD["exchange_time"]]), dtype=np.float64, count=n
+    )
+    # A float64 second count is within 0.25 µs of the truth: rounding recovers the microsecond.
+    time_us = np.rint(seconds * 1e6).astype(np.int64)
+    ids = np.array(fields[_FIELD["snapshot_id"]], dtype=np.int64)
+    ints = [_int_column(fields[_FIELD[name]]) for name in _INT_COLUMNS]
+    return SnapshotColumns(tickers, codes, time_us, ids, *ints)
+
+
+class ColumnCollector:
+    """Builds ``SnapshotColumns`` from the column lists of consecutive chunks (``chunks``'s
+    encoding): lists are extended as chunks arrive and become arrays once."""
+
+    def __init__(self, tickers: Sequence[str]) -> None:
+        self.tickers = tuple(tickers)
+        self._code_of = {ticker: code for code, ticker in enumerate(self.tickers)}
+        self._lists: dict[str, list[Any]] = {name: [] for name in _CHUNK_NEEDS}
+        self._times: list[float] = []
+
+    def add(self, columns: Sequence[list[Any]], times: list[float]) -> None:
+        """Adds one chunk's columns (``chunks.market_columns``)."""
+        for name, index in _CHUNK_NEEDS.items():
+            self._lists[name].extend(columns[index])
+        self._times.extend(times)
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def columns(self) -> SnapshotColumns:
+        """The columns collected so far."""
+        n = len(self._times)
+        code_of = self._code_of
+        codes = np.fromiter(
+            (code_of.get(t, _NONE) for t in self._lists["ticker"]), dtype=np.int64, count=n
+        )
+        time_us = np.rint(np.array(self._times, dtype=np.float64) * 1e6).astype(np.int64)
+        ids = np.array(self._lists["snapshot_id"], dtype=np.int64).reshape(n)
+        ints = [_int_column(self._lists[name]).reshape(n) for name in _INT_COLUMNS]
+        return SnapshotColumns(self.tickers, codes, time_us, ids, *ints)
+
+
+def concatenate(parts: Sequence[SnapshotColumns]) -> SnapshotColumns:
+    """One set of columns from consecutive parts (same tickers)."""
+    if len(parts) == 1:
+        return parts[0]
+    arrays = [
+        np.concatenate([getattr(p, name) for p in parts])
+        for name in ("code", "time_us", "snapshot_id", *_INT_COLUMNS)
+    ]
+    return SnapshotColumns(parts[0].tickers, *arrays)
+
+
+def fast_path_applies(config: EngineConfig, fees: Mapping[str, MarketFees] | None = None) -> bool:
+    """Whether the compiled path runs ``config`` (see the module docstring): also that its fee
+    numerator (rate × multiplier × count × P(1 − P)) stays within int64."""
+    if not (
+        config.strategy in FAST_STRATEGIES
+        and FillModel(config.fill_model) in (FillModel.TOUCH, FillModel.UNSPECIFIED)
+        and not config.latency
+    ):
+        return False
+    fees = fees or {}
+    multiplier = max(
+        (fees.get(t, DEFAULT_MARKET_FEES).multiplier for t in config.tickers),
+        default=MULTIPLIER_SCALE,
+    )
+    count = config.parameters.get("count", 100)
+    if not isinstance(count, int):
+        return False
+    return config.taker_fee_rate_ten_thousandths * multiplier * count * 25_000_000 < _NO_BOUND
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _fee(count: int, price: int, rate: int, multiplier: int, flat: bool, unit: int) -> int:
+    spread = 5_000 * 5_000 if flat else price * (10_000 - price)
+    total = rate * multiplier * count * spread
+    denominator = 10_000 * 100 * 10_000 * 10_000 * unit
+    return -(-total // denominator) * unit
+
+
+# Bounds-checked: an index error raises instead of corrupting memory (and with unchecked indexing
+# LLVM's optimiser has produced a crashing build of this loop here).
+@njit(cache=True, boundscheck=True)
+def _threshold_kernel(
+    code: np.ndarray,
+    time_us: np.ndarray,
+    sid: np.ndarray,
+    yes_bid: np.ndarray,
+    yes_ask: np.ndarray,
+    yes_bid_size: np.ndarray,
+    yes_ask_size: np.ndarray,
+    buy_below: int,
+    sell_above: int,
+    order_count: int,
+    initial_cash: int,
+    rate: int,
+    multipliers: np.ndarray,
+    flats: np.ndarray,
+    unit: int,
+    slippage: int,
+    max_position: int,
+    capped: bool,
+    start_us: int,
+    end_us: int,
+    due_time: np.ndarray,
+    due_code: np.ndarray,
+    due_payout: np.ndarray,
+    first_day_us: int,
+    ex: np.ndarray,
+    curve: np.ndarray,
+    closes: np.ndarray,
+    trips: np.ndarray,
+    held: np.ndarray,
+    cost: np.ndarray,
+    mark: np.ndarray,
+    latest_bid: np.ndarray,
+    latest_sid: np.ndarray,
+    scalars: np.ndarray,
+) -> None:
+    """Replays the rows; fills the output arrays and ``scalars`` (see ``_run_kernel``)."""
+    cash = initial_cash
+    marked = 0
+    n_ex = 0
+    n_curve = 0
+    n_closes = 0
+    n_trips = 0
+    fees_paid = 0
+    trades = 0
+    rejected = 0
+    processed = 0
+    open_positions = 0
+    open_since = -1
+    exposed = 0
+    first_time = -1
+    last_time = -1
+    day_end = -1
+    now = -1
+    next_due = 0
+    n_due = due_time.size
+    trip_pnl = np.zeros(held.size, dtype=np.int64)
+    for i in range(code.size):
+        c = code[i]
+        t = time_us[i]
+        if c < 0 or t < start_us or t >= end_us:
+            continue
+        # Settlements due at or before this snapshot.
+        while next_due < n_due and due_time[next_due] <= t:
+            when = due_time[next_due]
+            dc = due_code[next_due]
+            payout = due_payout[next_due]
+            next_due += 1
+            latest_sid[dc] = -2  # settled: no more orders
+            if held[dc] > 0:
+                # begin_event(when)
+                if day_end < 0:
+                    first_time = when
+                    day_end = first_day_us + ((when - first_day_us) // 86_400_000_000 + 1) * (
+                        86_400_000_000
+                    )
+                while when >= day_end:
+                    closes[n_closes] = cash + marked
+                    n_closes += 1
+                    day_end += 86_400_000_000
+                last_time = when
+                amount = held[dc] * payout // 100
+                cash += amount
+                realized = amount - cost[dc]
+                trip_pnl[dc] += realized
+                ex[n_ex, 0] = when
+                ex[n_ex, 1] = dc
+                ex[n_ex, 2] = 0
+                ex[n_ex, 3] = 3
+                ex[n_ex, 4] = held[dc]
+                ex[n_ex, 5] = payout
+                ex[n_ex, 6] = 0
+                ex[n_ex, 7] = cash
+                ex[n_ex, 8] = 0
+                ex[n_ex, 9] = realized
+                n_ex += 1
+                trips[n_trips] = trip_pnl[dc]
+                n_trips += 1
+                trip_pnl[dc] = 0
+                marked -= mark[dc]
+                mark[dc] = 0
+                held[dc] = 0
+                cost[dc] = 0
+                open_positions -= 1
+                if open_positions == 0:
+                    exposed += when - open_since
+                    open_since = -1
+                # record_equity(when)
+                if n_curve > 0 and curve[n_curve - 1, 0] == when:
+                    curve[n_curve - 1, 1] = cash + marked
+                else:
+                    curve[n_curve, 0] = when
+                    curve[n_curve, 1] = cash + marked
+                    n_curve += 1
+        if t >= day_end:
+            if day_end < 0:
+                first_time = t
+                day_end = first_day_us + ((t - first_day_us) // 86_400_000_000 + 1) * (
+                    86_400_000_000
+                )
+            while t >= day_end:
+                closes[n_closes] = cash + marked
+                n_closes += 1
+                day_end += 86_400_000_000
+            last_time = t
+        now = t
+        bid = yes_bid[i]
+        ask = yes_ask[i]
+        if latest_sid[c] != -2:
+            latest_sid[c] = sid[i]
+        latest_bid[c] = bid
+        if held[c] > 0:
+            m = held[c] * bid // 100 if bid >= 0 else 0
+            marked += m - mark[c]
+            mark[c] = m
+        settled = latest_sid[c] == -2
+        if held[c] > 0:
+            if bid >= 0 and bid >= sell_above:
+                # SELL the whole position at the bid.
+                n = held[c]
+                if capped and yes_bid_size[i] >= 0:
+                    n = min(n, yes_bid_size[i])
+                if settled or n <= 0:
+                    rejected += 1
+                else:
+                    price = max(bid - slippage, 0)
+                    fee = _fee(n, bid, rate, multipliers[c], flats[c], unit)
+                    gross = n * price // 100
+                    if cash + gross - fee < 0:
+                        rejected += 1
+                    else:
+                        cash += gross - fee
+                        released = cost[c] * n // held[c]
+                        realized = gross - fee - released
+                        cost[c] -= released
+                        held[c] -= n
+                        trip_pnl[c] += realized
+                        m = held[c] * bid // 100
+                        marked += m - mark[c]
+                        mark[c] = m
+                        fees_paid += fee
+                        trades += 1
+                        ex[n_ex, 0] = t
+                        ex[n_ex, 1] = c
+                        ex[n_ex, 2] = sid[i]
+                        ex[n_ex, 3] = 2
+                        ex[n_ex, 4] = n
+                        ex[n_ex, 5] = price
+                        ex[n_ex, 6] = fee
+                        ex[n_ex, 7] = cash
+                        ex[n_ex, 8] = held[c]
+                        ex[n_ex, 9] = realized
+                        n_ex += 1
+                        if held[c] == 0:
+                            trips[n_trips] = trip_pnl[c]
+                            n_trips += 1
+                            trip_pnl[c] = 0
+                            marked -= mark[c]
+                            mark[c] = 0
+                            cost[c] = 0
+                            open_positions -= 1
+                            if open_positions == 0:
+                                exposed += t - open_since
+                                open_since = -1
+        elif ask >= 0 and ask <= buy_below:
+            # BUY order_count at the ask.
+            n = order_count
+            if settled:
+                n = 0
+            if capped and yes_ask_size[i] >= 0:
+                n = min(n, yes_ask_size[i])
+            if max_position > 0:
+                n = min(n, max_position)
+            price = min(ask + slippage, 10_000)
+            if n > 0:
+                total = -(-n * price // 100) + _fee(n, ask, rate, multipliers[c], flats[c], unit)
+                if total > cash:
+                    low = 0
+                    high = n
+                    while high - low > 1:
+                        middle = (low + high) // 2
+                        need = -(-middle * price // 100) + _fee(
+                            middle, ask, rate, multipliers[c], flats[c], unit
+                        )
+                        if need <= cash:
+                            low = middle
+                        else:
+                            high = middle
+                    n = low
+            if n <= 0:
+                rejected += 1
+            else:
+                fee = _fee(n, ask, rate, multipliers[c], flats[c], unit)
+                total = -(-n * price // 100) + fee
+                cash -= total
+                if open_positions == 0 and open_since < 0:
+                    open_since = t
+                open_positions += 1
+                held[c] = n
+                cost[c] = total
+                m = n * bid // 100 if bid >= 0 else 0
+                marked += m - mark[c]
+                mark[c] = m
+                fees_paid += fee
+                trades += 1
+                ex[n_ex, 0] = t
+                ex[n_ex, 1] = c
+                ex[n_ex, 2] = sid[i]
+                ex[n_ex, 3] = 1
+                ex[n_ex, 4] = n
+                ex[n_ex, 5] = price
+                ex[n_ex, 6] = fee
+                ex[n_ex, 7] = cash
+                ex[n_ex, 8] = n
+                ex[n_ex, 9] = 0
+                n_ex += 1
+        equity = cash + marked
+        if n_curve > 0 and curve[n_curve - 1, 0] == t:
+            curve[n_curve - 1, 1] = equity
+        else:
+            curve[n_curve, 0] = t
+            curve[n_curve, 1] = equity
+            n_curve += 1
+        processed += 1
+    if first_time >= 0:
+        last_time = max(last_time, now)
+    # finish(): the settlements left inside the window.
+    while next_due < n_due:
+        when = due_time[next_due]
+        dc = due_code[next_due]
+        payout = due_payout[next_due]
+        next_due += 1
+        if held[dc] > 0:
+            if day_end < 0:
+                first_time = when
+                day_end = first_day_us + ((when - first_day_us) // 86_400_000_000 + 1) * (
+                    86_400_000_000
+                )
+            while when >= day_end:
+                closes[n_closes] = cash + marked
+                n_closes += 1
+                day_end += 86_400_000_000
+            last_time = when
+            amount = held[dc] * payout // 100
+            cash += amount
+            realized = amount - cost[dc]
+            trip_pnl[dc] += realized
+            ex[n_ex, 0] = when
+            ex[n_ex, 1] = dc
+            ex[n_ex, 2] = 0
+            ex[n_ex, 3] = 3
+            ex[n_ex, 4] = held[dc]
+            ex[n_ex, 5] = payout
+            ex[n_ex, 6] = 0
+            ex[n_ex, 7] = cash
+            ex[n_ex, 8] = 0
+            ex[n_ex, 9] = realized
+            n_ex += 1
+            trips[n_trips] = trip_pnl[dc]
+            n_trips += 1
+            trip_pnl[dc] = 0
+            marked -= mark[dc]
+            mark[dc] = 0
+            held[dc] = 0
+            cost[dc] = 0
+            open_positions -= 1
+            if open_positions == 0:
+                exposed += when - open_since
+                open_since = -1
+            if n_curve > 0 and curve[n_curve - 1, 0] == when:
+                curve[n_curve - 1, 1] = cash + marked
+            else:
+                curve[n_curve, 0] = when
+                curve[n_curve, 1] = cash + marked
+                n_curve += 1
+    if first_time >= 0:
+        if open_since >= 0:
+            exposed += last_time - open_since
+        closes[n_closes] = cash + marked
+        n_closes += 1
+    scalars[0] = cash
+    scalars[1] = marked
+    scalars[2] = n_ex
+    scalars[3] = n_curve
+    scalars[4] = n_closes
+    scalars[5] = n_trips
+    scalars[6] = fees_paid
+    scalars[7] = trades
+    scalars[8] = rejected
+    scalars[9] = processed
+    scalars[10] = exposed
+    scalars[11] = first_time
+    scalars[12] = last_time
+
+
+# --- around the kernel ---------------------------------------------------------------------------
+
+
+def _to_us(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(value))
+
+
+class _Times(Sequence[datetime]):
+    """Microsecond times read as datetimes on access (metrics touch few of a long curve)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return int(self._values.size)
+
+    @overload
+    def __getitem__(self, index: int) -> datetime: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[datetime]: ...
+    def __getitem__(self, index: int | slice) -> datetime | Sequence[datetime]:
+        if isinstance(index, slice):
+            return [_from_us(v) for v in self._values[index].tolist()]
+        return _from_us(self._values[index])
+
+    def __iter__(self) -> Iterator[datetime]:
+        return iter([_from_us(v) for v in self._values.tolist()])
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What every grid point of one data set shares: the columns and the market terms."""
+
+    columns: SnapshotColumns
+    multipliers: np.ndarray
+    flats: np.ndarray
+    due_time: np.ndarray
+    due_code: np.ndarray
+    due_payout: np.ndarray
+    first_day_us: int
+
+
+def _prepare(
+    config: EngineConfig,
+    markets: Mapping[str, MarketRecord],
+    fees: Mapping[str, MarketFees],
+    columns: SnapshotColumns,
+) -> _Prepared:
+    tickers = columns.tickers
+    terms = [fees.get(t, DEFAULT_MARKET_FEES) for t in tickers]
+    multipliers = np.array([f.multiplier for f in terms], dtype=np.int64)
+    flats = np.array([f.fee_type is FeeType.FLAT for f in terms], dtype=np.bool_)
+    due = []
+    for code, ticker in enumerate(tickers):
+        market = markets.get(ticker)
+        if market is None or market.settlement_time is None:
+            continue
+        payout = _yes_payout(market)
+        if payout is not None and (
+            config.end_time is None or market.settlement_time < config.end_time
+        ):
+            due.append((market.settlement_time, ticker, code, payout))
+    due.sort()
+    return _Prepared(
+        columns,
+        multipliers,
+        flats,
+        np.array([_to_us(d[0]) for d in due], dtype=np.int64),
+        np.array([d[2] for d in due], dtype=np.int64),
+        np.array([d[3] for d in due], dtype=np.int64),
+        0,  # UTC midnights are whole days since the epoch
+    )
+
+
+def _run_kernel(config: EngineConfig, prepared: _Prepared) -> tuple[np.ndarray, ...]:
+    columns = prepared.columns
+    n = len(columns)
+    markets = len(columns.tickers)
+    parameters = config.parameters
+    start_us = _to_us(config.start_time) if config.start_time is not None else -(2**62)
+    end_us = _to_us(config.end_time) if config.end_time is not None else 2**62
+    first = int(columns.time_us.min()) if n else 0
+    last = int(columns.time_us.max()) if n else 0
+    due_last = int(prepared.due_time.max()) if prepared.due_time.size else last
+    days = (max(last, due_last) - min(first, last)) // _DAY_US + 3
+    ex = np.zeros((n + markets + 1, 10), dtype=np.int64)
+    curve = np.zeros((n + markets + 1, 2), dtype=np.int64)
+    closes = np.zeros(days + markets + 1, dtype=np.int64)
+    trips = np.zeros(n + markets + 1, dtype=np.int64)
+    held = np.zeros(markets, dtype=np.int64)
+    cost = np.zeros(markets, dtype=np.int64)
+    mark = np.zeros(markets, dtype=np.int64)
+    latest_bid = np.full(markets, _NONE, dtype=np.int64)
+    latest_sid = np.full(markets, _NONE, dtype=np.int64)
+    scalars = np.zeros(16, dtype=np.int64)
+    _threshold_kernel(
+        columns.code,
+        columns.time_us,
+        columns.snapshot_id,
+        columns.yes_bid,
+        columns.yes_ask,
+        columns.yes_bid_size,
+        columns.yes_ask_size,
+        int(parameters["buy_below"]),
+        int(parameters["sell_above"]),
+        int(parameters["count"]),
+        config.initial_cash,
+        config.taker_fee_rate_ten_thousandths,
+        prepared.multipliers,
+        prepared.flats,
+        FeeRounding(config.fee_rounding).unit,
+        config.slippage,
+        config.max_position,
+        config.cap_by_displayed_size,
+        start_us,
+        end_us,
+        prepared.due_time,
+        prepared.due_code,
+        prepared.due_payout,
+        prepared.first_day_us,
+        ex,
+        curve,
+        closes,
+        trips,
+        held,
+        cost,
+        mark,
+        latest_bid,
+        latest_sid,
+        scalars,
+    )
+    return ex, curve, closes, trips, held, cost, mark, latest_bid, latest_sid, scalars
+
+
+_ACTIONS = {1: OrderAction.BUY, 2: OrderAction.SELL, 3: OrderAction.SETTLE}
+
+
+def _result(
+    config: EngineConfig,
+    prepared: _Prepared,
+    markets: Mapping[str, MarketRecord],
+    fees: Mapping[str, MarketFees],
+    fingerprinter: Fingerprinter,
+    max_points: int,
+) -> BacktestResult:
+    ex, curve, closes, trips, held, cost, mark, latest_bid, latest_sid, scalars = _run_kernel(
+        config, prepared
+    )
+    values = [int(v) for v in scalars.tolist()]
+    cash, marked, n_ex, n_curve, n_closes, n_trips, fees_paid, trades = values[:8]
+    rejected, processed, exposed_us, first_us, last_us = values[8:13]
+    tickers = prepared.columns.tickers
+    executions = [
+        ExecutionRecord(
+            k + 1,
+            tickers[row[1]],
+            _from_us(row[0]),
+            row[2],
+            Side.YES,
+            _ACTIONS[row[3]],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8],
+            row[9],
+        )
+        for k, row in enumerate(ex[:n_ex].tolist())
+    ]
+    first_time = _from_us(first_us) if first_us >= 0 else None
+    last_time = _from_us(last_us) if first_us >= 0 else None
+    if last_time is not None:
+        mark_time = config.end_time or last_time
+        for code in sorted(range(len(tickers)), key=tickers.__getitem__):
+            count = int(held[code])
+            if count <= 0:
+                continue
+            executions.append(
+                ExecutionRecord(
+                    len(executions) + 1,
+                    tickers[code],
+                    mark_time,
+                    max(int(latest_sid[code]), 0),
+                    Side.YES,
+                    OrderAction.MARK,
+                    count,
+                    max(int(latest_bid[code]), 0),
+                    0,
+                    cash,
+                    count,
+                    int(mark[code]) - int(cost[code]),
+                )
+            )
+    times = curve[:n_curve, 0]
+    equity = curve[:n_curve, 1]
+    span = last_us - first_us if first_us >= 0 else 0
+    metrics = _metrics(
+        config,
+        cash + marked,
+        closes[:n_closes],
+        times,
+        equity,
+        trips[:n_trips],
+        exposure=exposed_us / span if span > 0 else 0.0,
+        fees_paid=fees_paid,
+        trade_count=trades,
+    )
+    kept_times, kept_equity = downsample(_Times(times), equity.tolist(), max_points)
+    fingerprinter.add_terms(config.tickers, markets, fees, config.fee_schedule_version)
+    data_fingerprint = fingerprinter.result()
+    if data_fingerprint.row_count != processed:
+        raise ValueError(
+            f"{data_fingerprint.row_count} rows were fingerprinted but {processed} replayed"
+        )
+    return BacktestResult(
+        config=config,
+        metrics=metrics,
+        executions=executions,
+        equity_curve=[
+            EquityPointRecord(t, e) for t, e in zip(kept_times, kept_equity, strict=True)
+        ],
+        fingerprint=data_fingerprint,
+        rejected_orders=rejected,
+        replayed_from=first_time,
+        replayed_to=last_time,
+    )
+
+
+def _metrics(
+    config: EngineConfig,
+    final_equity: int,
+    closes: np.ndarray,
+    times: np.ndarray,
+    equity: np.ndarray,
+    trips: np.ndarray,
+    *,
+    exposure: float,
+    fees_paid: int,
+    trade_count: int,
+) -> BacktestMetrics:
+    """The engine's metrics (``engine._metrics``) from the kernel's arrays."""
+    initial = config.initial_cash
+    total_pnl = final_equity - initial
+    returns = daily_returns(initial, closes.tolist())
+    if times.size:
+        # Drawdowns are measured from the initial cash too.
+        curve_times = np.concatenate(([times[0]], times))
+        drawdown = max_drawdown(_Times(curve_times), [initial, *equity.tolist()])
+    else:
+        drawdown = max_drawdown([], [])
+    win_rate, profit_factor, expectancy = round_trip_stats(trips.tolist())
+    return BacktestMetrics(
+        total_pnl=total_pnl,
+        total_return=total_pnl / initial,
+        sharpe_ratio=sharpe_ratio(returns),
+        sortino_ratio=sortino_ratio(returns),
+        max_drawdown=drawdown.depth,
+        max_drawdown_fraction=drawdown.fraction,
+        max_drawdown_duration=drawdown.duration,
+        win_rate=win_rate,
+        profit_factor=profit_factor,
+        expectancy=expectancy,
+        trade_count=trade_count,
+        fees_paid=fees_paid,
+        exposure=exposure,
+        brier_score=None,
+    )
+
+
+def run_fast(
+    config: EngineConfig,
+    markets: Mapping[str, MarketRecord],
+    columns: SnapshotColumns,
+    fingerprinter: Fingerprinter,
+    *,
+    fees: Mapping[str, MarketFees] | None = None,
+    registry: StrategyRegistry = default_registry,
+    max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS,
+) -> BacktestResult | None:
+    """``run_backtest``'s result for ``config`` over ``columns`` (whose rows ``fingerprinter``
+    already hashed, as the service's chunks are), or None when the compiled path does not apply
+    (then run the engine)."""
+    results = sweep_fast([config], markets, columns, [fingerprinter], fees=fees, registry=registry,
+                         max_equity_points=max_equity_points)  # fmt: skip
+    return results[0]
+
+
+def sweep_fast(
+    configs: Sequence[EngineConfig],
+    markets: Mapping[str, MarketRecord],
+    columns: SnapshotColumns,
+    fingerprinters: Sequence[Fingerprinter],
+    *,
+    fees: Mapping[str, MarketFees] | None = None,
+    registry: StrategyRegistry = default_registry,
+    max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS,
+) -> list[BacktestResult | None]:
+    """One result per configuration over the same columns (read and prepared once), None for a
+    configuration the compiled path does not run. Each configuration gets its own fingerprinter
+    (copies of one that hashed the rows)."""
+    fees = fees or {}
+    prepared: _Prepared | None = None
+    results: list[BacktestResult | None] = []
+    for config, fingerprinter in zip(configs, fingerprinters, strict=True):
+        config = validate_config(config, registry)
+        if not fast_path_applies(config, fees) or tuple(config.tickers) != columns.tickers:
+            results.append(None)
+            continue
+        if prepared is None:
+            prepared = _prepare(config, markets, fees, columns)
+        # Settlements depend on the window's end: prepare again when it differs.
+        points = _prepare(config, markets, fees, columns) if config.end_time else prepared
+        results.append(_result(config, points, markets, fees, fingerprinter, max_equity_points))
+    return results
+
+
+def warm_up() -> None:
+    """Compiles the kernel (or loads it from numba's disk cache) by running it on two rows."""
+    rows = [
+        SnapshotRecord("W", _EPOCH + timedelta(seconds=k), _EPOCH, DataSource.BACKFILL,
+                       yes_bid=3_900, yes_ask=4_000, status=MarketStatus.OPEN, snapshot_id=k + 1)
+        for k in range(2)
+    ]  # fmt: skip
+    fingerprinter = Fingerprinter()
+    for row in rows:
+        fingerprinter.add(row)
+    run_fast(
+        EngineConfig("threshold", ("W",)), {}, columns_from_records(rows, ("W",)), fingerprinter
+    )

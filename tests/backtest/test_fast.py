@@ -1,0 +1,111 @@
+"""The compiled threshold path gives exactly the event engine's result: executions, curve,
+fingerprint and every metric, over random markets with settlements, caps, slippage, position and
+cash limits, fee terms and windows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from kfeed_server.backtest import EngineConfig, FeeRounding, Fingerprinter, run_backtest
+from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast
+from kfeed_server.backtest.fees import FeeType, MarketFees
+from kfeed_server.backtest.orders import FillModel
+from kfeed_server.records import MarketResult, SnapshotRecord
+from tests.support.backtest import at, quote, settled
+
+TICKERS = ("A", "B", "C")
+
+
+def _walk(count: int, seed: int) -> list[SnapshotRecord]:
+    rng = np.random.default_rng(seed)
+    mids = {t: 5_000 for t in TICKERS}
+    rows = []
+    for k in range(count):
+        ticker = TICKERS[int(rng.integers(0, 3))]
+        mids[ticker] = int(
+            np.clip(mids[ticker] + rng.choice([-300, -100, 0, 100, 300]), 200, 9_800)
+        )
+        spread = int(rng.integers(1, 4)) * 100
+        bid = mids[ticker] - spread // 2
+        ask = bid + spread
+        # Sometimes a side is missing or the size is shown.
+        missing = rng.random()
+        rows.append(
+            quote(
+                ticker,
+                k * 7.3,  # minutes: the data spans several days
+                k + 1,
+                None if missing < 0.03 else bid,
+                None if 0.03 <= missing < 0.06 else ask,
+                yes_bid_size=int(rng.integers(0, 400)) if rng.random() < 0.5 else None,
+                yes_ask_size=int(rng.integers(0, 400)) if rng.random() < 0.5 else None,
+            )
+        )
+    return rows
+
+
+def _fingerprinter(rows: list[SnapshotRecord]) -> Fingerprinter:
+    fingerprinter = Fingerprinter()
+    for row in rows:
+        fingerprinter.add(row)
+    return fingerprinter
+
+
+CASES = [
+    {},
+    {"cap_by_displayed_size": True, "slippage": 50},
+    {"max_position": 150, "initial_cash": 20_000},
+    {"fee_rounding": FeeRounding.TEN_THOUSANDTH, "initial_cash": 7_000},
+    {"start_time": at(300), "end_time": at(5_000)},
+]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("changes", CASES)
+def test_the_compiled_path_equals_the_engine(seed: int, changes: dict[str, object]) -> None:
+    rows = _walk(1_500, seed)
+    markets = {
+        "A": settled("A", MarketResult.YES, 3_000),
+        "B": settled("B", MarketResult.NO, 20_000),  # after the data: settles in finish()
+    }
+    fees = {"A": MarketFees(FeeType.QUADRATIC, 5_000), "C": MarketFees(FeeType.FLAT, 10_000)}
+    config = replace(
+        EngineConfig("threshold", TICKERS, {"buy_below": 4_600, "sell_above": 5_400, "count": 250}),
+        **changes,  # type: ignore[arg-type]
+    )
+    start, end = config.start_time, config.end_time
+    window = [r for r in rows if (start is None or r.exchange_time >= start)
+              and (end is None or r.exchange_time < end)]  # fmt: skip
+    expected = run_backtest(config, markets, window, fees=fees)
+    result = run_fast(
+        config, markets, columns_from_records(window, TICKERS), _fingerprinter(window), fees=fees
+    )
+    assert result is not None
+    assert expected.metrics.trade_count > 0
+    assert result.executions == expected.executions
+    assert result.equity_curve == expected.equity_curve
+    assert result.metrics == expected.metrics
+    assert result.fingerprint == expected.fingerprint
+    assert result.rejected_orders == expected.rejected_orders
+    assert (result.replayed_from, result.replayed_to) == (
+        expected.replayed_from,
+        expected.replayed_to,
+    )
+
+
+def test_a_sweep_reads_the_columns_once_and_falls_back_where_it_must() -> None:
+    rows = _walk(800, 3)
+    columns = columns_from_records(rows, TICKERS)
+    base = EngineConfig("threshold", TICKERS, {"buy_below": 4_000, "sell_above": 6_000})
+    configs = [
+        replace(base, parameters={"buy_below": low, "sell_above": 6_000}) for low in (3_500, 4_500)
+    ] + [replace(base, fill_model=FillModel.DEPTH), EngineConfig("mean_reversion", TICKERS)]
+    results = sweep_fast(configs, {}, columns, [_fingerprinter(rows) for _ in configs])
+    assert results[2] is None
+    assert results[3] is None
+    for config, result in zip(configs[:2], results[:2], strict=True):
+        assert result is not None
+        assert result.metrics == run_backtest(config, {}, rows).metrics
