@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+VIEWER_TIME_ZONE = "America/New_York"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -83,7 +84,12 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    # A viewer far from UTC: the page must show their local time (UTC on hover).
+    context = await browser.new_context(
+        viewport={"width": 1400, "height": 1000},
+        timezone_id=VIEWER_TIME_ZONE,
+        locale="en-US",
+    )
     opened = await context.new_page()
     try:
         yield opened

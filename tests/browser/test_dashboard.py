@@ -4,12 +4,14 @@ market's chart and trades, a backtest from the form to SUCCEEDED with its equity
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from playwright.async_api import Page, expect
 
-from tests.browser.conftest import Dashboard
+from tests.browser.conftest import VIEWER_TIME_ZONE, Dashboard
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -53,6 +55,18 @@ async def test_markets_page_is_usable_fast_and_updates_live(
         timeout=20_000,
     )
     await page.screenshot(path=screenshots / "markets.png", full_page=True)
+
+    # Times in the viewer's zone (New York), the UTC time on hover.
+    shown = first_row.locator("time")
+    utc_title = await shown.get_attribute("title")
+    local_text = await shown.text_content()
+    assert utc_title is not None
+    assert local_text is not None
+    assert utc_title.endswith(" UTC")
+    utc = datetime.fromisoformat(utc_title.removesuffix(" UTC")).replace(tzinfo=UTC)
+    local = utc.astimezone(ZoneInfo(VIEWER_TIME_ZONE))
+    assert local.strftime("%I:%M:%S") in local_text, (local_text, utc_title)
+    assert utc.strftime("%H:%M:%S") not in local_text
 
     # Search filters the rows in place.
     ticker = await first_row.get_attribute("data-ticker")
