@@ -45,6 +45,8 @@ class PublishStats:
     snapshots_stored: int = 0
     trades_stored: int = 0
     connections: int = 0
+    # Streams that ended in an error (the server down, say); their batches stay spooled.
+    failed_streams: int = 0
 
 
 class _Connection:
@@ -161,6 +163,7 @@ class Publisher:
                 logger.info("Publish stream to %s ended by the server; reconnecting", self.target)
             except grpc.aio.AioRpcError as exc:
                 acked_any = False
+                self.stats.failed_streams += 1
                 logger.warning(
                     "Publish stream to %s failed (%s: %s); %d batches stay spooled",
                     self.target,
@@ -171,6 +174,7 @@ class Publisher:
             except Exception:
                 # Whatever broke this stream, the batches are safe in the spool: keep going.
                 acked_any = False
+                self.stats.failed_streams += 1
                 logger.exception("Publish stream to %s broke; reconnecting", self.target)
             finally:
                 self._connection = None

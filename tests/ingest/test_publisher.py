@@ -14,6 +14,7 @@ from kfeed_ingest.dead_letters import DeadLetterFile
 from kfeed_ingest.publisher import Backoff, Publisher
 from kfeed_ingest.spool import Spool
 from tests.support.fake_ingest_server import FakeIngestServer
+from tests.support.waiting import eventually
 
 FAST = Backoff(initial=0.02, maximum=0.1)
 
@@ -98,7 +99,7 @@ async def test_batches_published_while_the_server_is_down_arrive_after_it_starts
     async with _publisher(server.target, spool) as publisher:
         await publisher.publish(_batch("A"))
         await publisher.publish(_batch("B"))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: publisher.stats.failed_streams >= 1, what="a failed stream")
         assert publisher.pending == 2
         await server.start()
         try:
@@ -117,7 +118,7 @@ async def test_a_restarted_ingest_resends_what_the_last_one_left_spooled(
     async with _publisher(server.target, spool) as publisher:
         await publisher.publish(_batch("A"))
         await publisher.publish(_batch("B"))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: server.service.received == [1, 2], what="both batches sent")
     spool.close()
 
     server.service.acks_allowed.set()
@@ -141,7 +142,9 @@ async def test_no_more_than_the_window_is_in_flight(
     async with _publisher(server.target, spool, window=3) as publisher:
         for index in range(10):
             await publisher.publish(_batch(f"M{index}"))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(server.service.received) >= 3, what="three arrivals")
+        # The sender holds batch 4 and waits for a window slot: nothing more can be written.
+        await eventually(lambda: _waiting_for_a_slot(publisher, queued=6), what="a full window")
         assert server.service.received == [1, 2, 3]
         server.service.acks_allowed.set()
         async with asyncio.timeout(10):
@@ -157,3 +160,13 @@ async def test_close_leaves_unacked_batches_spooled(
     async with _publisher("127.0.0.1:1", spool) as publisher:
         await publisher.publish(_batch("A"))
     assert [r.snapshots[0].ticker for r in Spool.open(tmp_path).pending()] == ["A"]
+
+
+def _waiting_for_a_slot(publisher: Publisher, *, queued: int) -> bool:
+    """The open stream's sender took the next batch and waits for the window (``queued`` left)."""
+    connection = publisher._connection
+    return (
+        connection is not None
+        and connection.to_send.qsize() == queued
+        and connection.slots.locked()
+    )

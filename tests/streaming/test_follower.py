@@ -30,10 +30,17 @@ class Followed:
         )
         self.subscription: Subscription = self.hub.subscribe(MarketSelector())
         self.notices: asyncio.Queue[CommitNotice | Resync] = asyncio.Queue()
+        self.asked = 0
 
     async def _notices(self) -> AsyncIterator[CommitNotice | Resync]:
         while True:
+            # The follower asks for notice N+1 only once it is done with notice N.
+            self.asked += 1
             yield await self.notices.get()
+
+    async def handled(self, count: int) -> None:
+        """Until the follower has handled ``count`` notices (the first Resync included)."""
+        await eventually(lambda: self.asked > count, what=f"{count} notices handled")
 
     def published_ids(self) -> list[int]:
         return [getattr(item, "snapshot_id", -1) for item in self.subscription.take_all()]
@@ -57,11 +64,11 @@ async def followed(postgres_url: str) -> AsyncIterator[Followed]:
 async def test_nothing_is_published_without_a_notice_and_a_resync_reads_it_back(
     followed: Followed,
 ) -> None:
+    await followed.handled(1)  # the start's Resync: the follower now waits for a notice
     writer = followed.repositories.ingest  # another origin: this follower never hears of it
     await writer.write_batch(markets=[MARKET])
     stored = await writer.write_batch(snapshots=[make_snapshot(MARKET.ticker, i) for i in range(4)])
-    await asyncio.sleep(0.05)
-    assert followed.published_ids() == []
+    assert followed.published_ids() == []  # it is still waiting: only a notice moves it
     followed.notices.put_nowait(Resync())
     await eventually(lambda: followed.subscription.depth == 4)
     assert followed.published_ids() == [s.snapshot_id for s in stored.stored_snapshots]
@@ -83,8 +90,7 @@ async def test_a_notice_from_another_server_is_read_from_the_database(
     followed.notices.put_nowait(notice)
     # Rows already published are never published again (ids only go up).
     followed.notices.put_nowait(CommitNotice("another-server", 2, ids[0], ids[-1]))
-    await eventually(lambda: followed.subscription.depth >= 4)
-    await asyncio.sleep(0.05)
+    await followed.handled(3)  # the start's Resync and both notices
     items = followed.subscription.take_all()
     assert len(items) == 4
     assert [getattr(i, "snapshot_id", None) for i in items[:3]] == ids
@@ -118,7 +124,8 @@ async def test_an_own_notice_that_comes_first_waits_for_its_batch(followed: Foll
     followed.notices.put_nowait(
         CommitNotice("this-process", result.notice_batch, kept.snapshot_id, kept.snapshot_id)
     )
-    await asyncio.sleep(0.1)  # the notice is waiting for the servicer's hand-over
+    # The follower took the notice, and waits for the servicer's hand-over of its batch.
+    await eventually(lambda: followed.asked == 2 and followed.notices.empty())
     assert followed.subscription.depth == 0
     own = type(result)(result.counts, [kept], [], result.notice_batch)
     followed.follower.committed([MARKET], own)
