@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -44,8 +45,9 @@ SERVICES = [
     for service in module.DESCRIPTOR.services_by_name.values()
 ]
 METHODS = [(service, method) for service in SERVICES for method in service.methods]
-EXAMPLES_PER_RPC = 25
-RAW_BODIES_PER_RPC = 5
+# Modest for CI (both databases in ≈15 s); KFEED_FUZZ_EXAMPLES=500 for a long local run.
+EXAMPLES_PER_RPC = int(os.environ.get("KFEED_FUZZ_EXAMPLES", "25"))
+RAW_BODIES_PER_RPC = max(1, EXAMPLES_PER_RPC // 5)
 CALL_TIMEOUT = 5.0
 STREAM_TIMEOUT = 0.5
 

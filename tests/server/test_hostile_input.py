@@ -23,6 +23,7 @@ from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import SecurityConfig
 from kfeed_server.transport.convert import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
+from kfeed_server.transport.errors import InvalidArgument
 from kfeed_server.transport.requests import RequestTokens, new_token_key
 from tests.support.factories import make_market, make_snapshot
 from tests.support.servers import PublishSession, bad_request_fields, serving, status_details
@@ -298,3 +299,14 @@ async def test_a_configured_token_key_is_used(database_url: str, tmp_path: Path)
     outside = RequestTokens(b"0123456789abcdef0123456789abcdef")
     async with serving(config) as server:
         assert server.tokens.encode_resume_token(7) == outside.encode_resume_token(7)
+
+
+def test_a_resume_token_of_one_stream_never_resumes_another() -> None:
+    tokens = RequestTokens(new_token_key())
+    trades_token = tokens.encode_resume_token(42, stream="trades")
+    assert tokens.decode_resume_token(trades_token, stream="trades") == 42
+    for other in ("", "order_books"):
+        with pytest.raises(InvalidArgument):
+            tokens.decode_resume_token(trades_token, stream=other)
+    with pytest.raises(InvalidArgument):
+        tokens.decode_resume_token(tokens.encode_resume_token(42), stream="trades")

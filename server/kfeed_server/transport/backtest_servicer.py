@@ -361,6 +361,17 @@ def _require_id(value: str) -> str:
     return require_id(value, "backtest_id")
 
 
+def _require_owner(record: BacktestRecord, action: str) -> None:
+    """PERMISSION_DENIED unless the caller created ``record`` or is an admin (any RPC that
+    changes or deletes a backtest calls this)."""
+    caller = _caller()
+    if record.created_by != caller.name and not caller.is_admin:
+        raise PermissionDenied(
+            f"backtest {record.backtest_id!r} belongs to another caller: {action} it needs the "
+            "'admin' role"
+        )
+
+
 def _caller() -> Caller:
     """Who is calling (every BacktestService RPC passes the access-control interceptor)."""
     caller = current_caller()
@@ -499,12 +510,7 @@ class BacktestServicer(pb_grpc.BacktestServiceServicer):
         record = await self._runner.get(backtest_id)
         if record is None:
             raise NotFound("backtest", backtest_id)
-        caller = _caller()
-        if record.created_by != caller.name and not caller.is_admin:
-            raise PermissionDenied(
-                f"backtest {backtest_id!r} belongs to another caller: cancelling it needs the "
-                "'admin' role"
-            )
+        _require_owner(record, "cancelling")
         record = await self._runner.cancel(backtest_id)
         if record is None:
             raise NotFound("backtest", backtest_id)

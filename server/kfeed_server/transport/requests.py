@@ -297,19 +297,25 @@ class RequestTokens:
             raise InvalidArgument.field(field, "belongs to a request with different filters")
         return cursor
 
-    def encode_resume_token(self, snapshot_id: int) -> str:
-        """An opaque token naming a position in the snapshot stream (after ``snapshot_id``)."""
-        return self._sign(_RESUME_DOMAIN, _SNAPSHOT_ID.pack(snapshot_id))
+    def encode_resume_token(self, snapshot_id: int, stream: str = "") -> str:
+        """An opaque token naming a position in a stream (after ``snapshot_id``, or the row id
+        of another ``stream``, e.g. "trades": a token of one stream never resumes another)."""
+        return self._sign(_resume_domain(stream), _SNAPSHOT_ID.pack(snapshot_id))
 
-    def decode_resume_token(self, token: str, field: str = "resume_token") -> int:
-        """The snapshot id in ``token``; INVALID_ARGUMENT unless this server issued it."""
-        payload = self._verified_payload(_RESUME_DOMAIN, token)
+    def decode_resume_token(self, token: str, field: str = "resume_token", stream: str = "") -> int:
+        """The id in ``token``; INVALID_ARGUMENT unless this server issued it for ``stream``."""
+        payload = self._verified_payload(_resume_domain(stream), token)
         if payload is None or len(payload) != _SNAPSHOT_ID.size:
             raise InvalidArgument.field(field, "is not a valid resume token")
         (snapshot_id,) = _SNAPSHOT_ID.unpack(payload)
         if snapshot_id > INT64_MAX:
             raise InvalidArgument.field(field, "is not a valid resume token")
         return int(snapshot_id)
+
+
+def _resume_domain(stream: str) -> bytes:
+    # The snapshot stream's tokens keep the domain they were first issued under.
+    return _RESUME_DOMAIN + (stream.encode() + b":" if stream else b"")
 
 
 def duration_seconds(
