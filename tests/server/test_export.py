@@ -11,15 +11,18 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 from google.protobuf import timestamp_pb2
+from sqlalchemy import text
 
 import kfeed_client
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer
+from kfeed_server.db.repositories.export import EXPORT_APPLICATION_NAME
 from kfeed_server.records import DataSource, MarketStatus, Side, SnapshotRecord, TradeRecord
 from kfeed_server.transport.export import MESSAGE_TARGET_BYTES
 from tests.support.factories import at, make_market, make_snapshot, make_trade
 from tests.support.servers import bad_request_fields
+from tests.support.waiting import eventually
 
 # A ticker that must survive SQL quoting on the way to the database.
 HOSTILE = "KX'Q\\UOTE\";DROP/**/TABLE/**/markets;--"
@@ -226,3 +229,30 @@ def test_a_naive_time_is_refused_by_the_client() -> None:
     naive = at(0).astimezone(UTC).replace(tzinfo=None)
     with pytest.raises(ValueError, match="timezone-aware"):
         kfeed_client.arrow.export_request(pb.ExportTradesRequest, (), None, None, naive, None)
+
+
+async def test_a_cancelled_export_frees_its_database_connection(
+    kfeed_server: KfeedServer, client: kfeed_client.KfeedClient, channel: grpc.aio.Channel
+) -> None:
+    stub = pb_grpc.MarketServiceStub(channel)
+    for _ in range(3):
+        call = stub.ExportSnapshots(pb.ExportSnapshotsRequest())
+        first, second = await call.read(), await call.read()  # the schema, then rows: mid-stream
+        assert isinstance(first, pb.ExportSnapshotsResponse)
+        assert isinstance(second, pb.ExportSnapshotsResponse)
+        assert second.row_count > 0
+        call.cancel()
+    table = await client.export_snapshots()  # the server goes on serving
+    assert table.num_rows == len(MARKETS) * ROWS_PER_MARKET
+    engine = kfeed_server.repositories.engine
+    if engine.dialect.name == "postgresql":
+
+        async def no_export_connection() -> bool:
+            async with engine.connect() as connection:
+                count = await connection.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                    {"name": EXPORT_APPLICATION_NAME},
+                )
+            return int(count or 0) == 0
+
+        await eventually(no_export_connection, within=20, what="export connections closed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,7 @@ PRICE_UNIT = "USD/10000"
 COUNT_UNIT = "contracts/100"
 # Rows per batch read from SQLite (PostgreSQL batches are the driver's, ≈16 MiB).
 SQLITE_BATCH_ROWS = 65_536
+EXPORT_APPLICATION_NAME = "kfeed-export"
 
 
 def _enum_names(members: type[enum.IntEnum]) -> pa.Array[Any]:
@@ -205,8 +207,10 @@ def literal_sql(spec: ExportSpec, rows: ExportFilter, dialect: Dialect) -> str:
 
 
 def adbc_uri(url: URL) -> str:
-    """The libpq URI of a ``postgresql+asyncpg://`` SQLAlchemy URL."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """The libpq URI of a ``postgresql+asyncpg://`` SQLAlchemy URL; its connections show as
+    ``EXPORT_APPLICATION_NAME`` in pg_stat_activity."""
+    query = {**url.query, "application_name": EXPORT_APPLICATION_NAME}
+    return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 class ArrowExportReader:
@@ -226,15 +230,21 @@ class ArrowExportReader:
     async def _postgresql_batches(
         self, spec: ExportSpec, sql: str
     ) -> AsyncIterator[pa.RecordBatch]:
-        stream = await asyncio.to_thread(_open_adbc_stream, adbc_uri(self._engine.url), sql)
+        # One thread runs every driver call of this export in turn: an ADBC connection is not
+        # thread-safe, and a cancelled export must not close it under a read still in flight
+        # (the close is queued behind it, and not awaited, so a cancellation cannot skip it).
+        loop = asyncio.get_running_loop()
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfeed-export")
         try:
-            while True:
-                batch = await asyncio.to_thread(stream.read_next)
-                if batch is None:
-                    return
-                yield _conform_postgresql(spec, batch)
+            uri = adbc_uri(self._engine.url)
+            stream = await loop.run_in_executor(worker, _open_adbc_stream, uri, sql)
+            try:
+                while (batch := await loop.run_in_executor(worker, stream.read_next)) is not None:
+                    yield _conform_postgresql(spec, batch)
+            finally:
+                worker.submit(stream.close)
         finally:
-            await asyncio.to_thread(stream.close)
+            worker.shutdown(wait=False)
 
     async def _sqlite_batches(
         self, spec: ExportSpec, statement: Select[Any]
@@ -264,7 +274,8 @@ def _conform_postgresql(spec: ExportSpec, batch: pa.RecordBatch) -> pa.RecordBat
 
 
 class _AdbcStream:
-    """A running query on its own ADBC connection; every method blocks (call in a thread)."""
+    """A running query on its own ADBC connection; every method blocks (call them from one
+    thread)."""
 
     def __init__(self, connection: Any, cursor: Any, reader: pa.RecordBatchReader) -> None:
         self._connection = connection
