@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from typing import Any
+
 import grpc
 
 from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
@@ -96,6 +98,28 @@ class FakeIngestService(ingest_service_pb2_grpc.IngestServiceServicer):
                 yield self._commit(request)
         finally:
             reader.cancel()
+
+    async def ListMarketWatermarks(  # noqa: N802 - the generated servicer's method name
+        self,
+        request: ingest_service_pb2.ListMarketWatermarksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_service_pb2.ListMarketWatermarksResponse:
+        """The stored markets (their latest version) and their newest stored trade, one page."""
+        markets: dict[str, types_pb2.Market] = {}
+        latest: dict[str, int] = {}
+        for _, batch in sorted(self.stored.items()):
+            markets.update((m.ticker, m) for m in batch.markets)
+            for trade in batch.trades:
+                micros = trade.create_time.ToMicroseconds()
+                latest[trade.ticker] = max(latest.get(trade.ticker, micros), micros)
+        response = ingest_service_pb2.ListMarketWatermarksResponse()
+        for ticker, market in sorted(markets.items()):
+            if request.statuses and market.status not in request.statuses:
+                continue
+            watermark = response.watermarks.add(market=market)
+            if ticker in latest:
+                watermark.latest_trade_time.FromMicroseconds(latest[ticker])
+        return response
 
     def _commit(self, received: PublishRequest) -> PublishResponse:
         request = PublishRequest()

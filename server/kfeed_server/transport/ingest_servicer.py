@@ -50,6 +50,7 @@ from kfeed_server.transport.ingest_refusals import (
     without_rows,
 )
 from kfeed_server.transport.requests import name_problem, text_problem, ticker_problem
+from kfeed_server.transport.market_watermarks import list_market_watermarks
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +427,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self._on_stored = on_stored
         self._on_refused = on_refused
         self._markets = repositories.markets
+        self._trades = repositories.trades
         self._writer = repositories.ingest
         self._live = live
         # Tickers of stored markets. Markets are never deleted, so a ticker once stored stays
@@ -534,6 +536,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             self._live.committed(markets, result)
         self._on_stored(result)
         return result
+
+    async def ListMarketWatermarks(
+        self, request: pb.ListMarketWatermarksRequest, context: Context
+    ) -> pb.ListMarketWatermarksResponse:
+        return await list_market_watermarks(request, self._markets, self._trades)
 
     async def Publish(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Context

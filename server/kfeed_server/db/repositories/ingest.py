@@ -18,12 +18,15 @@ from sqlalchemy import (
     Table,
     and_,
     func,
+    literal_column,
     or_,
     select,
     text,
+    type_coerce,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateTable
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from kfeed_server.db.commits import CHANNEL, batch_notices
@@ -230,15 +233,35 @@ async def _copy_into_table(
     return list(map(SnapshotRecord._make, rows))
 
 
+def _refines(
+    connection: AsyncConnection, stored: ColumnElement[Any], resent: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """A resent trade's time refines the stored one: the stored time is a whole second (Kalshi's
+    WebSocket gives trade times in seconds) and the resent one falls later within that second
+    (REST gives them exactly). Any other difference keeps the stored time."""
+    if is_postgresql(connection):
+        return and_(
+            func.date_trunc("second", stored) == stored,
+            resent > stored,
+            resent < stored + literal_column("interval '1 second'"),
+        )
+    # SQLite keeps times as integer microseconds (UtcDateTime).
+    stored_us, resent_us = type_coerce(stored, BigInteger()), type_coerce(resent, BigInteger())
+    return and_(
+        stored_us % 1_000_000 == 0, resent_us > stored_us, resent_us < stored_us + 1_000_000
+    )
+
+
 async def _insert_trades(connection: AsyncConnection, trades: Sequence[TradeRecord]) -> int:
     if not trades:
         return 0
     rows = record_rows(trades)
-    statement = (
-        insert_for(connection, trades_table)
-        .on_conflict_do_nothing(index_elements=[trades_table.c.trade_id])
-        .returning(trades_table.c.trade_id)
-    )
+    insert = insert_for(connection, trades_table)
+    statement = insert.on_conflict_do_update(
+        index_elements=[trades_table.c.trade_id],
+        set_={"create_time": insert.excluded.create_time},
+        where=_refines(connection, trades_table.c.create_time, insert.excluded.create_time),
+    ).returning(trades_table.c.trade_id)
     stored = 0
     for chunk in chunks(rows, rows_per_statement(len(rows[0]))):
         stored += len((await connection.execute(statement, list(chunk))).all())

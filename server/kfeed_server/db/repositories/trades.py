@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import feed_gaps_table, trades_table
@@ -54,6 +54,22 @@ class TradeRepository:
             connection = await session.connection()
             rows = [TradeRecord(*row) for row in await connection.execute(statement)]
         return page_of(rows, limit, lambda last: (last.create_time, last.trade_id))
+
+    async def latest_times(self, tickers: Sequence[str]) -> dict[str, datetime]:
+        """The create time of the newest stored trade of each of ``tickers`` that has one."""
+        c = trades_table.c
+        latest: dict[str, datetime] = {}
+        async with self._sessions() as session:
+            connection = await session.connection()
+            for chunk in chunks(list(tickers), rows_per_statement(1)):
+                statement = (
+                    select(c.ticker, func.max(c.create_time))
+                    .where(c.ticker.in_(chunk))
+                    .group_by(c.ticker)
+                )
+                rows = await connection.execute(statement)
+                latest.update((ticker, time) for ticker, time in rows)
+        return latest
 
 
 class FeedGapRepository:

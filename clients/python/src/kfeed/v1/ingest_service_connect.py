@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .ingest_service_pb2 import PublishRequest, PublishResponse
+from .ingest_service_pb2 import ListMarketWatermarksRequest, ListMarketWatermarksResponse, PublishRequest, PublishResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -50,6 +50,14 @@ class IngestService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def list_market_watermarks(self, request: ListMarketWatermarksRequest, ctx: RequestContext[ListMarketWatermarksRequest, ListMarketWatermarksResponse], /) -> ListMarketWatermarksResponse:
+        """
+        The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
 
 class IngestServiceASGIApplication(ConnectASGIApplication[IngestService]):
     def __init__(
@@ -74,6 +82,17 @@ class IngestServiceASGIApplication(ConnectASGIApplication[IngestService]):
                         stream_type=StreamType.BIDI_STREAM,
                     ),
                     function=svc.publish,
+                ),
+                "/kfeed.v1.IngestService/ListMarketWatermarks": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListMarketWatermarks",
+                        service_name="kfeed.v1.IngestService",
+                        input=ListMarketWatermarksRequest,
+                        output=ListMarketWatermarksResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_market_watermarks,
                 ),
             },
             interceptors=interceptors,
@@ -142,6 +161,31 @@ class IngestServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def list_market_watermarks(
+        self,
+        request: ListMarketWatermarksRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListMarketWatermarksResponse:
+        """
+        The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListMarketWatermarks",
+                service_name="kfeed.v1.IngestService",
+                input=ListMarketWatermarksRequest,
+                output=ListMarketWatermarksResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class IngestServiceSync(Protocol):
     """
@@ -153,6 +197,14 @@ class IngestServiceSync(Protocol):
         after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
         are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
         a batch that cannot be read row by row gets an error ack. The stream stays open either way.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_market_watermarks(self, request: ListMarketWatermarksRequest, ctx: RequestContext[ListMarketWatermarksRequest, ListMarketWatermarksResponse], /) -> ListMarketWatermarksResponse:
+        """
+        The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -178,6 +230,17 @@ class IngestServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.BIDI_STREAM,
                     ),
                     function=service.publish,
+                ),
+                "/kfeed.v1.IngestService/ListMarketWatermarks": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListMarketWatermarks",
+                        service_name="kfeed.v1.IngestService",
+                        input=ListMarketWatermarksRequest,
+                        output=ListMarketWatermarksResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_market_watermarks,
                 ),
             },
             interceptors=interceptors,
@@ -242,6 +305,31 @@ class IngestServiceClientSync(ConnectClientSync):
                 output=PublishResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.BIDI_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_market_watermarks(
+        self,
+        request: ListMarketWatermarksRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListMarketWatermarksResponse:
+        """
+        The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListMarketWatermarks",
+                service_name="kfeed.v1.IngestService",
+                input=ListMarketWatermarksRequest,
+                output=ListMarketWatermarksResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from kfeed.v1 import types_pb2 as _types_pb2
@@ -63,6 +64,90 @@ feed gap or a lost connection); `book` is the last one known, and the book is un
 then until the next START or RESYNC.
 """
 Global___OrderBookCheckpointKind: _TypeAlias = OrderBookCheckpointKind  # noqa: Y015
+
+@_typing.final
+class ListMarketWatermarksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum markets to return: 0 means the default (1000); at most 1000."""
+    page_token: _builtins.str
+    """A token from a previous response's `next_page_token`; other fields must match."""
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.MarketStatus.ValueType]:
+        """Only markets in one of these statuses, when any are given."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        statuses: _abc.Iterable[_types_pb2.MarketStatus.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMarketWatermarksRequest: _TypeAlias = ListMarketWatermarksRequest  # noqa: Y015
+
+@_typing.final
+class MarketWatermark(_message.Message):
+    """A stored market and where its stored data ends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARKET_FIELD_NUMBER: _builtins.int
+    LATEST_TRADE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def market(self) -> _types_pb2.Market: ...
+    @_builtins.property
+    def latest_trade_time(self) -> _timestamp_pb2.Timestamp:
+        """The create time of the market's newest stored trade; unset when it has none."""
+
+    def __init__(
+        self,
+        *,
+        market: _types_pb2.Market | None = ...,
+        latest_trade_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_trade_time", b"latest_trade_time", "market", b"market"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latest_trade_time", b"latest_trade_time", "market", b"market"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarketWatermark: _TypeAlias = MarketWatermark  # noqa: Y015
+
+@_typing.final
+class ListMarketWatermarksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATERMARKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def watermarks(self) -> _containers.RepeatedCompositeFieldContainer[Global___MarketWatermark]:
+        """Ordered by ticker."""
+
+    def __init__(
+        self,
+        *,
+        watermarks: _abc.Iterable[Global___MarketWatermark] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "watermarks", b"watermarks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMarketWatermarksResponse: _TypeAlias = ListMarketWatermarksResponse  # noqa: Y015
 
 @_typing.final
 class PublishRequest(_message.Message):

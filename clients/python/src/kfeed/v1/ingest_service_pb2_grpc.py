@@ -40,6 +40,11 @@ class IngestServiceStub:
                 request_serializer=kfeed_dot_v1_dot_ingest__service__pb2.PublishRequest.SerializeToString,
                 response_deserializer=kfeed_dot_v1_dot_ingest__service__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.ListMarketWatermarks = channel.unary_unary(
+                '/kfeed.v1.IngestService/ListMarketWatermarks',
+                request_serializer=kfeed_dot_v1_dot_ingest__service__pb2.ListMarketWatermarksRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_ingest__service__pb2.ListMarketWatermarksResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -56,6 +61,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMarketWatermarks(self, request, context):
+        """The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +77,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=kfeed_dot_v1_dot_ingest__service__pb2.PublishRequest.FromString,
                     response_serializer=kfeed_dot_v1_dot_ingest__service__pb2.PublishResponse.SerializeToString,
+            ),
+            'ListMarketWatermarks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMarketWatermarks,
+                    request_deserializer=kfeed_dot_v1_dot_ingest__service__pb2.ListMarketWatermarksRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_ingest__service__pb2.ListMarketWatermarksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +112,33 @@ class IngestService:
             '/kfeed.v1.IngestService/Publish',
             kfeed_dot_v1_dot_ingest__service__pb2.PublishRequest.SerializeToString,
             kfeed_dot_v1_dot_ingest__service__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMarketWatermarks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.IngestService/ListMarketWatermarks',
+            kfeed_dot_v1_dot_ingest__service__pb2.ListMarketWatermarksRequest.SerializeToString,
+            kfeed_dot_v1_dot_ingest__service__pb2.ListMarketWatermarksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class IngestServiceStub:
     are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
     a batch that cannot be read row by row gets an error ack. The stream stays open either way.
     """
+    ListMarketWatermarks: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.ListMarketWatermarksRequest, _ingest_service_pb2.ListMarketWatermarksResponse]
+    """The stored markets (optionally of some statuses only), each with where its stored trades
+    end: a starting ingest process follows the markets that are not final yet and reads back,
+    per market, the trades it missed from there.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -50,6 +55,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
     are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
     a batch that cannot be read row by row gets an error ack. The stream stays open either way.
+    """
+    ListMarketWatermarks: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.ListMarketWatermarksRequest, _ingest_service_pb2.ListMarketWatermarksResponse]  # type: ignore[assignment]
+    """The stored markets (optionally of some statuses only), each with where its stored trades
+    end: a starting ingest process follows the markets that are not final yet and reads back,
+    per market, the trades it missed from there.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +75,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         after it is committed; writes are idempotent, so a resent batch is stored once. Invalid rows
         are refused one by one (the ack names them in `refused_rows`) and the valid rest is stored;
         a batch that cannot be read row by row gets an error ack. The stream stays open either way.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMarketWatermarks(
+        self,
+        request: _ingest_service_pb2.ListMarketWatermarksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.ListMarketWatermarksResponse, _abc.Awaitable[_ingest_service_pb2.ListMarketWatermarksResponse]]:
+        """The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

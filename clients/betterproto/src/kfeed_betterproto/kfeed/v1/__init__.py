@@ -60,6 +60,8 @@ __all__ = (
     "ListEventsResponse",
     "ListExecutionsRequest",
     "ListExecutionsResponse",
+    "ListMarketWatermarksRequest",
+    "ListMarketWatermarksResponse",
     "ListMarketsRequest",
     "ListMarketsResponse",
     "ListSeriesRequest",
@@ -77,6 +79,7 @@ __all__ = (
     "MarketServiceStub",
     "MarketSnapshot",
     "MarketStatus",
+    "MarketWatermark",
     "OrderAction",
     "OrderBook",
     "OrderBookChange",
@@ -1870,6 +1873,49 @@ default_message_pool.register_message("kfeed.v1", "ListMarketsResponse", ListMar
 
 
 @dataclass(eq=False, repr=False)
+class ListMarketWatermarksRequest(betterproto2.Message):
+    page_size: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    Maximum markets to return: 0 means the default (1000); at most 1000.
+    """
+
+    page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    A token from a previous response's `next_page_token`; other fields must match.
+    """
+
+    statuses: "list[MarketStatus]" = betterproto2.field(3, betterproto2.TYPE_ENUM, repeated=True)
+    """
+    Only markets in one of these statuses, when any are given.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "ListMarketWatermarksRequest", ListMarketWatermarksRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class ListMarketWatermarksResponse(betterproto2.Message):
+    watermarks: "list[MarketWatermark]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Ordered by ticker.
+    """
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Token for the next page; empty on the last page.
+    """
+
+
+default_message_pool.register_message(
+    "kfeed.v1", "ListMarketWatermarksResponse", ListMarketWatermarksResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class ListSeriesRequest(betterproto2.Message):
     page_size: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
     """
@@ -2202,6 +2248,25 @@ class MarketSnapshot(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "MarketSnapshot", MarketSnapshot)
+
+
+@dataclass(eq=False, repr=False)
+class MarketWatermark(betterproto2.Message):
+    """
+    A stored market and where its stored data ends.
+    """
+
+    market: "Market | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    latest_trade_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    The create time of the market's newest stored trade; unset when it has none.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "MarketWatermark", MarketWatermark)
 
 
 @dataclass(eq=False, repr=False)
@@ -3558,6 +3623,21 @@ class IngestServiceStub:
             PublishResponse.FromString,
         )(iter(messages))
 
+    def list_market_watermarks(
+        self, message: "ListMarketWatermarksRequest"
+    ) -> "ListMarketWatermarksResponse":
+        """
+        The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.IngestService/ListMarketWatermarks",
+            ListMarketWatermarksRequest.SerializeToString,
+            ListMarketWatermarksResponse.FromString,
+        )(message)
+
 
 class IngestServiceAsyncStub(betterproto2_grpclib.ServiceStub):
     """
@@ -3589,6 +3669,29 @@ class IngestServiceAsyncStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         ):
             yield response
+
+    async def list_market_watermarks(
+        self,
+        message: "ListMarketWatermarksRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListMarketWatermarksResponse":
+        """
+        The stored markets (optionally of some statuses only), each with where its stored trades
+        end: a starting ingest process follows the markets that are not final yet and reads back,
+        per market, the trades it missed from there.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.IngestService/ListMarketWatermarks",
+            message,
+            ListMarketWatermarksResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
 
 
 class MarketServiceStub:

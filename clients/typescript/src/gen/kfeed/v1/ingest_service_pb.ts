@@ -4,6 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { DataSource, Event, FeedGap, Market, MarketSnapshot, MarketStatus, OrderBook, Series, Side, Trade } from "./types_pb.js";
 import { file_kfeed_v1_types } from "./types_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +14,92 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/ingest_service.proto.
  */
 export const file_kfeed_v1_ingest_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1rZmVlZC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIIa2ZlZWQudjEitAMKDlB1Ymxpc2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgEEhAKCHByb2R1Y2VyGAIgASgJEiAKBnNlcmllcxgDIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIfCgZldmVudHMYBCADKAsyDy5rZmVlZC52MS5FdmVudBIhCgdtYXJrZXRzGAUgAygLMhAua2ZlZWQudjEuTWFya2V0EisKCXNuYXBzaG90cxgGIAMoCzIYLmtmZWVkLnYxLk1hcmtldFNuYXBzaG90Eh8KBnRyYWRlcxgHIAMoCzIPLmtmZWVkLnYxLlRyYWRlEiQKCWZlZWRfZ2FwcxgIIAMoCzIRLmtmZWVkLnYxLkZlZWRHYXASMwoQc25hcHNob3RfY29sdW1ucxgJIAEoCzIZLmtmZWVkLnYxLlNuYXBzaG90Q29sdW1ucxI2Cgxib29rX2NoYW5nZXMYCiABKAsyIC5rZmVlZC52MS5PcmRlckJvb2tDaGFuZ2VDb2x1bW5zEjcKEGJvb2tfY2hlY2twb2ludHMYCyADKAsyHS5rZmVlZC52MS5PcmRlckJvb2tDaGVja3BvaW50ItABChZPcmRlckJvb2tDaGFuZ2VDb2x1bW5zEg8KB3RpY2tlcnMYASADKAkSFAoMdGlja2VyX2luZGV4GAIgAygNEhwKFGV4Y2hhbmdlX3RpbWVfbWljcm9zGAMgAygDEhsKE3JlY2VpdmVfdGltZV9taWNyb3MYBCADKAMSGQoRZXhjaGFuZ2Vfc2VxdWVuY2UYBSADKAMSHAoEc2lkZRgGIAMoDjIOLmtmZWVkLnYxLlNpZGUSDQoFcHJpY2UYByADKAMSDAoEc2l6ZRgIIAMoAyJpChNPcmRlckJvb2tDaGVja3BvaW50EiEKBGJvb2sYASABKAsyEy5rZmVlZC52MS5PcmRlckJvb2sSLwoEa2luZBgCIAEoDjIhLmtmZWVkLnYxLk9yZGVyQm9va0NoZWNrcG9pbnRLaW5kIr0DCg9TbmFwc2hvdENvbHVtbnMSDwoHdGlja2VycxgBIAMoCRIUCgx0aWNrZXJfaW5kZXgYAiADKA0SHAoUZXhjaGFuZ2VfdGltZV9taWNyb3MYAyADKAMSGwoTcmVjZWl2ZV90aW1lX21pY3JvcxgEIAMoAxIkCgZzb3VyY2UYBSADKA4yFC5rZmVlZC52MS5EYXRhU291cmNlEiYKBnN0YXR1cxgGIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cxIPCgdwcmVzZW50GAcgAygNEhkKEWV4Y2hhbmdlX3NlcXVlbmNlGAggAygDEg8KB3llc19iaWQYCSADKAMSDwoHeWVzX2FzaxgKIAMoAxIOCgZub19iaWQYCyADKAMSDgoGbm9fYXNrGAwgAygDEhQKDHllc19iaWRfc2l6ZRgNIAMoAxIUCgx5ZXNfYXNrX3NpemUYDiADKAMSEgoKbGFzdF9wcmljZRgPIAMoAxIOCgZ2b2x1bWUYECADKAMSEgoKdm9sdW1lXzI0aBgRIAMoAxIVCg1vcGVuX2ludGVyZXN0GBIgAygDEhEKCWxpcXVpZGl0eRgTIAMoAyKRAgoPUHVibGlzaFJlc3BvbnNlEhAKCGJhdGNoX2lkGAEgASgEEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIyChBmaWVsZF92aW9sYXRpb25zGAQgAygLMhgua2ZlZWQudjEuRmllbGRWaW9sYXRpb24SGAoQc25hcHNob3RzX3N0b3JlZBgFIAEoAxIVCg10cmFkZXNfc3RvcmVkGAYgASgDEhsKE2Jvb2tfY2hhbmdlc19zdG9yZWQYByABKAMSHwoXYm9va19jaGVja3BvaW50c19zdG9yZWQYCCABKAMSKgoMcmVmdXNlZF9yb3dzGAkgAygLMhQua2ZlZWQudjEuUmVmdXNlZFJvdyJeCgpSZWZ1c2VkUm93Eg0KBWZpZWxkGAEgASgJEg0KBWluZGV4GAIgASgNEjIKEGZpZWxkX3Zpb2xhdGlvbnMYAyADKAsyGC5rZmVlZC52MS5GaWVsZFZpb2xhdGlvbiI0Cg5GaWVsZFZpb2xhdGlvbhINCgVmaWVsZBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCSrgAQoXT3JkZXJCb29rQ2hlY2twb2ludEtpbmQSKgomT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfVU5TUEVDSUZJRUQQABIkCiBPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9TVEFSVBABEiUKIU9SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1JFU1lOQxACEicKI09SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1BFUklPRElDEAMSIwofT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfTE9TVBAEMlMKDUluZ2VzdFNlcnZpY2USQgoHUHVibGlzaBIYLmtmZWVkLnYxLlB1Ymxpc2hSZXF1ZXN0Ghkua2ZlZWQudjEuUHVibGlzaFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_kfeed_v1_types]);
+  fileDesc("Ch1rZmVlZC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIIa2ZlZWQudjEibgobTGlzdE1hcmtldFdhdGVybWFya3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEigKCHN0YXR1c2VzGAMgAygOMhYua2ZlZWQudjEuTWFya2V0U3RhdHVzImoKD01hcmtldFdhdGVybWFyaxIgCgZtYXJrZXQYASABKAsyEC5rZmVlZC52MS5NYXJrZXQSNQoRbGF0ZXN0X3RyYWRlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImYKHExpc3RNYXJrZXRXYXRlcm1hcmtzUmVzcG9uc2USLQoKd2F0ZXJtYXJrcxgBIAMoCzIZLmtmZWVkLnYxLk1hcmtldFdhdGVybWFyaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkitAMKDlB1Ymxpc2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgEEhAKCHByb2R1Y2VyGAIgASgJEiAKBnNlcmllcxgDIAMoCzIQLmtmZWVkLnYxLlNlcmllcxIfCgZldmVudHMYBCADKAsyDy5rZmVlZC52MS5FdmVudBIhCgdtYXJrZXRzGAUgAygLMhAua2ZlZWQudjEuTWFya2V0EisKCXNuYXBzaG90cxgGIAMoCzIYLmtmZWVkLnYxLk1hcmtldFNuYXBzaG90Eh8KBnRyYWRlcxgHIAMoCzIPLmtmZWVkLnYxLlRyYWRlEiQKCWZlZWRfZ2FwcxgIIAMoCzIRLmtmZWVkLnYxLkZlZWRHYXASMwoQc25hcHNob3RfY29sdW1ucxgJIAEoCzIZLmtmZWVkLnYxLlNuYXBzaG90Q29sdW1ucxI2Cgxib29rX2NoYW5nZXMYCiABKAsyIC5rZmVlZC52MS5PcmRlckJvb2tDaGFuZ2VDb2x1bW5zEjcKEGJvb2tfY2hlY2twb2ludHMYCyADKAsyHS5rZmVlZC52MS5PcmRlckJvb2tDaGVja3BvaW50ItABChZPcmRlckJvb2tDaGFuZ2VDb2x1bW5zEg8KB3RpY2tlcnMYASADKAkSFAoMdGlja2VyX2luZGV4GAIgAygNEhwKFGV4Y2hhbmdlX3RpbWVfbWljcm9zGAMgAygDEhsKE3JlY2VpdmVfdGltZV9taWNyb3MYBCADKAMSGQoRZXhjaGFuZ2Vfc2VxdWVuY2UYBSADKAMSHAoEc2lkZRgGIAMoDjIOLmtmZWVkLnYxLlNpZGUSDQoFcHJpY2UYByADKAMSDAoEc2l6ZRgIIAMoAyJpChNPcmRlckJvb2tDaGVja3BvaW50EiEKBGJvb2sYASABKAsyEy5rZmVlZC52MS5PcmRlckJvb2sSLwoEa2luZBgCIAEoDjIhLmtmZWVkLnYxLk9yZGVyQm9va0NoZWNrcG9pbnRLaW5kIr0DCg9TbmFwc2hvdENvbHVtbnMSDwoHdGlja2VycxgBIAMoCRIUCgx0aWNrZXJfaW5kZXgYAiADKA0SHAoUZXhjaGFuZ2VfdGltZV9taWNyb3MYAyADKAMSGwoTcmVjZWl2ZV90aW1lX21pY3JvcxgEIAMoAxIkCgZzb3VyY2UYBSADKA4yFC5rZmVlZC52MS5EYXRhU291cmNlEiYKBnN0YXR1cxgGIAMoDjIWLmtmZWVkLnYxLk1hcmtldFN0YXR1cxIPCgdwcmVzZW50GAcgAygNEhkKEWV4Y2hhbmdlX3NlcXVlbmNlGAggAygDEg8KB3llc19iaWQYCSADKAMSDwoHeWVzX2FzaxgKIAMoAxIOCgZub19iaWQYCyADKAMSDgoGbm9fYXNrGAwgAygDEhQKDHllc19iaWRfc2l6ZRgNIAMoAxIUCgx5ZXNfYXNrX3NpemUYDiADKAMSEgoKbGFzdF9wcmljZRgPIAMoAxIOCgZ2b2x1bWUYECADKAMSEgoKdm9sdW1lXzI0aBgRIAMoAxIVCg1vcGVuX2ludGVyZXN0GBIgAygDEhEKCWxpcXVpZGl0eRgTIAMoAyKRAgoPUHVibGlzaFJlc3BvbnNlEhAKCGJhdGNoX2lkGAEgASgEEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIyChBmaWVsZF92aW9sYXRpb25zGAQgAygLMhgua2ZlZWQudjEuRmllbGRWaW9sYXRpb24SGAoQc25hcHNob3RzX3N0b3JlZBgFIAEoAxIVCg10cmFkZXNfc3RvcmVkGAYgASgDEhsKE2Jvb2tfY2hhbmdlc19zdG9yZWQYByABKAMSHwoXYm9va19jaGVja3BvaW50c19zdG9yZWQYCCABKAMSKgoMcmVmdXNlZF9yb3dzGAkgAygLMhQua2ZlZWQudjEuUmVmdXNlZFJvdyJeCgpSZWZ1c2VkUm93Eg0KBWZpZWxkGAEgASgJEg0KBWluZGV4GAIgASgNEjIKEGZpZWxkX3Zpb2xhdGlvbnMYAyADKAsyGC5rZmVlZC52MS5GaWVsZFZpb2xhdGlvbiI0Cg5GaWVsZFZpb2xhdGlvbhINCgVmaWVsZBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCSrgAQoXT3JkZXJCb29rQ2hlY2twb2ludEtpbmQSKgomT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfVU5TUEVDSUZJRUQQABIkCiBPUkRFUl9CT09LX0NIRUNLUE9JTlRfS0lORF9TVEFSVBABEiUKIU9SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1JFU1lOQxACEicKI09SREVSX0JPT0tfQ0hFQ0tQT0lOVF9LSU5EX1BFUklPRElDEAMSIwofT1JERVJfQk9PS19DSEVDS1BPSU5UX0tJTkRfTE9TVBAEMroBCg1Jbmdlc3RTZXJ2aWNlEkIKB1B1Ymxpc2gSGC5rZmVlZC52MS5QdWJsaXNoUmVxdWVzdBoZLmtmZWVkLnYxLlB1Ymxpc2hSZXNwb25zZSgBMAESZQoUTGlzdE1hcmtldFdhdGVybWFya3MSJS5rZmVlZC52MS5MaXN0TWFya2V0V2F0ZXJtYXJrc1JlcXVlc3QaJi5rZmVlZC52MS5MaXN0TWFya2V0V2F0ZXJtYXJrc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_kfeed_v1_types]);
+
+/**
+ * @generated from message kfeed.v1.ListMarketWatermarksRequest
+ */
+export type ListMarketWatermarksRequest = Message<"kfeed.v1.ListMarketWatermarksRequest"> & {
+  /**
+   * Maximum markets to return: 0 means the default (1000); at most 1000.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * A token from a previous response's `next_page_token`; other fields must match.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only markets in one of these statuses, when any are given.
+   *
+   * @generated from field: repeated kfeed.v1.MarketStatus statuses = 3;
+   */
+  statuses: MarketStatus[];
+};
+
+/**
+ * Describes the message kfeed.v1.ListMarketWatermarksRequest.
+ * Use `create(ListMarketWatermarksRequestSchema)` to create a new message.
+ */
+export const ListMarketWatermarksRequestSchema: GenMessage<ListMarketWatermarksRequest> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_ingest_service, 0);
+
+/**
+ * A stored market and where its stored data ends.
+ *
+ * @generated from message kfeed.v1.MarketWatermark
+ */
+export type MarketWatermark = Message<"kfeed.v1.MarketWatermark"> & {
+  /**
+   * @generated from field: kfeed.v1.Market market = 1;
+   */
+  market?: Market | undefined;
+
+  /**
+   * The create time of the market's newest stored trade; unset when it has none.
+   *
+   * @generated from field: google.protobuf.Timestamp latest_trade_time = 2;
+   */
+  latestTradeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message kfeed.v1.MarketWatermark.
+ * Use `create(MarketWatermarkSchema)` to create a new message.
+ */
+export const MarketWatermarkSchema: GenMessage<MarketWatermark> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_ingest_service, 1);
+
+/**
+ * @generated from message kfeed.v1.ListMarketWatermarksResponse
+ */
+export type ListMarketWatermarksResponse = Message<"kfeed.v1.ListMarketWatermarksResponse"> & {
+  /**
+   * Ordered by ticker.
+   *
+   * @generated from field: repeated kfeed.v1.MarketWatermark watermarks = 1;
+   */
+  watermarks: MarketWatermark[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message kfeed.v1.ListMarketWatermarksResponse.
+ * Use `create(ListMarketWatermarksResponseSchema)` to create a new message.
+ */
+export const ListMarketWatermarksResponseSchema: GenMessage<ListMarketWatermarksResponse> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_ingest_service, 2);
 
 /**
  * One batch of normalised exchange data.
@@ -97,7 +184,7 @@ export type PublishRequest = Message<"kfeed.v1.PublishRequest"> & {
  * Use `create(PublishRequestSchema)` to create a new message.
  */
 export const PublishRequestSchema: GenMessage<PublishRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 0);
+  messageDesc(file_kfeed_v1_ingest_service, 3);
 
 /**
  * Order-book changes as columns: row i is the i-th value of every column, and every column has
@@ -171,7 +258,7 @@ export type OrderBookChangeColumns = Message<"kfeed.v1.OrderBookChangeColumns"> 
  * Use `create(OrderBookChangeColumnsSchema)` to create a new message.
  */
 export const OrderBookChangeColumnsSchema: GenMessage<OrderBookChangeColumns> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 1);
+  messageDesc(file_kfeed_v1_ingest_service, 4);
 
 /**
  * A market's full book at an instant: it holds every change at or before `book.exchange_time`.
@@ -197,7 +284,7 @@ export type OrderBookCheckpoint = Message<"kfeed.v1.OrderBookCheckpoint"> & {
  * Use `create(OrderBookCheckpointSchema)` to create a new message.
  */
 export const OrderBookCheckpointSchema: GenMessage<OrderBookCheckpoint> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 2);
+  messageDesc(file_kfeed_v1_ingest_service, 5);
 
 /**
  * Snapshots (MarketSnapshot without snapshot_id) as columns: row i is the i-th value of every
@@ -338,7 +425,7 @@ export type SnapshotColumns = Message<"kfeed.v1.SnapshotColumns"> & {
  * Use `create(SnapshotColumnsSchema)` to create a new message.
  */
 export const SnapshotColumnsSchema: GenMessage<SnapshotColumns> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 3);
+  messageDesc(file_kfeed_v1_ingest_service, 6);
 
 /**
  * The outcome of one batch.
@@ -414,7 +501,7 @@ export type PublishResponse = Message<"kfeed.v1.PublishResponse"> & {
  * Use `create(PublishResponseSchema)` to create a new message.
  */
 export const PublishResponseSchema: GenMessage<PublishResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 4);
+  messageDesc(file_kfeed_v1_ingest_service, 7);
 
 /**
  * One row of a batch that was refused, and why.
@@ -450,7 +537,7 @@ export type RefusedRow = Message<"kfeed.v1.RefusedRow"> & {
  * Use `create(RefusedRowSchema)` to create a new message.
  */
 export const RefusedRowSchema: GenMessage<RefusedRow> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 5);
+  messageDesc(file_kfeed_v1_ingest_service, 8);
 
 /**
  * One invalid field of a refused batch (the shape of google.rpc.BadRequest.FieldViolation).
@@ -474,7 +561,7 @@ export type FieldViolation = Message<"kfeed.v1.FieldViolation"> & {
  * Use `create(FieldViolationSchema)` to create a new message.
  */
 export const FieldViolationSchema: GenMessage<FieldViolation> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_ingest_service, 6);
+  messageDesc(file_kfeed_v1_ingest_service, 9);
 
 /**
  * Why a full book was recorded.
@@ -544,6 +631,18 @@ export const IngestService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof PublishRequestSchema;
     output: typeof PublishResponseSchema;
+  },
+  /**
+   * The stored markets (optionally of some statuses only), each with where its stored trades
+   * end: a starting ingest process follows the markets that are not final yet and reads back,
+   * per market, the trades it missed from there.
+   *
+   * @generated from rpc kfeed.v1.IngestService.ListMarketWatermarks
+   */
+  listMarketWatermarks: {
+    methodKind: "unary";
+    input: typeof ListMarketWatermarksRequestSchema;
+    output: typeof ListMarketWatermarksResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kfeed_v1_ingest_service, 0);
