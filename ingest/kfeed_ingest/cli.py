@@ -39,6 +39,7 @@ from kfeed_ingest.runner import (
     RunOptions,
     default_backfill_range,
 )
+from kfeed_ingest.server_state import ServerState
 from kfeed_ingest.spool import Spool
 from kfeed_settings import CommandSettings
 
@@ -238,7 +239,17 @@ class IngestCommand(CommandSettings):
                         self.book_checkpoint_changes, self.book_checkpoint_seconds
                     ),
                 )
-                ingestor = Ingestor(rest, publisher, self.selection(), options)
+                # poll and ws follow the markets an earlier process left unfinished.
+                stored = (
+                    None
+                    if self.mode == "backfill"
+                    else ServerState(
+                        self.server,
+                        token=self.server_token,
+                        credentials=self.server_credentials(),
+                    )
+                )
+                ingestor = Ingestor(rest, publisher, self.selection(), options, stored)
                 finished = await self._until_signal(self._mode(ingestor, credentials))
                 if not finished:
                     await self._drain(ingestor, publisher)

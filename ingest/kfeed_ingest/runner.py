@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+import grpc
+
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_ingest.columns import snapshot_columns
 from kfeed_ingest.kalshi.books import (
@@ -44,6 +46,7 @@ from kfeed_ingest.kalshi.rest import KalshiError, KalshiRestClient
 from kfeed_ingest.kalshi.signing import KalshiCredentials
 from kfeed_ingest.kalshi.websocket import FeedItem, KalshiWebSocketClient, LifecycleEvent
 from kfeed_ingest.publisher import Publisher
+from kfeed_ingest.server_state import ServerState, StoredMarket
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,15 @@ class MarketSelection:
     def is_everything(self) -> bool:
         """True when no series, event or ticker narrows the selection."""
         return not (self.series or self.events or self.tickers)
+
+    def covers(self, market: StoredMarket) -> bool:
+        """Whether a stored market belongs to the selection (statuses aside)."""
+        return (
+            self.is_everything
+            or market.ticker in self.tickers
+            or market.event_ticker in self.events
+            or market.series_ticker in self.series
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +244,7 @@ class Ingestor:
         publisher: Publisher,
         selection: MarketSelection,
         options: RunOptions | None = None,
+        server_state: ServerState | None = None,
     ) -> None:
         self.rest = rest
         self.publisher = publisher
@@ -246,6 +259,16 @@ class Ingestor:
         # Every market seen and not finalized yet, as last read: each pass reads it again, listed
         # or not, until it is finalized (with its result, settlement value and time).
         self.followed: dict[str, KalshiMarket] = {}
+        # Resuming after an earlier process: what the server holds (read once it answers).
+        self._server_state = server_state
+        self._resumed = server_state is None
+        self._to_read: set[str] = set()  # markets to read in the next pass, listed or not
+        # Per market, where its trades are read back from (the newest stored one's time).
+        self._read_back: dict[str, datetime | None] = {}
+        # Per REST trade listing (a ticker, or None for all markets): the newest create time
+        # read so far; each pass reads on from there.
+        self._trades_read_until: dict[str | None, datetime] = {}
+        self._started = now_utc()
 
     # -- reading, with failures logged and skipped --------------------------------------------
 
@@ -377,7 +400,8 @@ class Ingestor:
     async def _read_followed(self, listed: Iterable[str]) -> dict[str, KalshiMarket]:
         """The followed markets a listing no longer shows (closed, determined: not final yet),
         read by ticker on the live tier, then the historical one for those it lacks."""
-        missing = sorted(set(self.followed) - set(listed))
+        missing = sorted((set(self.followed) | self._to_read) - set(listed))
+        self._to_read.clear()
         found: dict[str, KalshiMarket] = {}
         for historical in (False, True):
             for chunk in _chunks([t for t in missing if t not in found], _TICKERS_PER_REQUEST):
@@ -388,9 +412,86 @@ class Ingestor:
             self.followed.pop(ticker, None)
         return found
 
+    async def _resume(self) -> None:
+        """Learn from the server which markets an earlier process followed and that are not
+        final yet: they are followed again, and each one's trades are read back from where the
+        stored ones end. Tried at every pass until the server answers."""
+        if self._resumed or self._server_state is None:
+            return
+        try:
+            stored = await self._server_state.unfinished_markets(deadline=10.0)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning(
+                "stored markets unavailable (%s: %s); asking again next pass",
+                exc.code().name,
+                exc.details(),
+            )
+            return
+        self._resumed = True
+        resumed = [market for market in stored if self.selection.covers(market)]
+        for market in resumed:
+            self._to_read.add(market.ticker)
+            self._read_back[market.ticker] = market.latest_trade_time or market.open_time
+        # Markets an earlier run read but the server has not acknowledged yet (spooled).
+        spooled = {
+            market.ticker
+            for request in self.publisher.spool.pending()
+            for market in request.markets
+            if market.status != types_pb2.MARKET_STATUS_FINALIZED
+        }
+        for ticker in spooled - set(self._read_back):
+            self._to_read.add(ticker)
+            self._read_back[ticker] = None
+        if resumed or spooled:
+            logger.info(
+                "resuming %d markets not final on the server (%d more in the spool)",
+                len(resumed),
+                len(spooled - {market.ticker for market in resumed}),
+            )
+
+    async def _read_trades(self) -> None:
+        """Trades over REST. First what each resumed market missed, from where the server's
+        stored trades end; then, every pass, the followed markets' trades since the newest read
+        so far — one listing for every market, or one per followed market of a narrower
+        selection. Their exact times refine the WebSocket's whole seconds (the server keeps the
+        more precise time of a trade id), and a trade the socket lost is read here at the
+        latest."""
+        read_back, self._read_back = self._read_back, {}
+        for ticker, since in sorted(read_back.items()):
+            await self._trades_since(ticker, since)
+        listings: Sequence[str | None] = (
+            [None] if self.selection.is_everything else sorted(self.followed)
+        )
+        for key in listings:
+            since = self._trades_read_until.get(key, self._started)
+            self._trades_read_until[key] = await self._trades_since(key, since)
+        for key in set(self._trades_read_until) - {None} - set(self.followed):
+            del self._trades_read_until[key]
+
+    async def _trades_since(self, ticker: str | None, since: datetime | None) -> datetime:
+        """Send the trades of ``ticker`` (None: of every followed market) from the whole second
+        of ``since`` on; the newest create time read (``since`` when none)."""
+        newest = since or now_utc()
+
+        async def listing() -> AsyncIterator[KalshiTrade]:
+            nonlocal newest
+            trades = self.rest.iter_trades(
+                ticker=ticker, min_ts=_unix(since) if since is not None else None
+            )
+            async for trade in trades:
+                if ticker is None and trade.market not in self.followed:
+                    continue
+                if (created := trade.time) is not None and created > newest:
+                    newest = created
+                yield trade
+
+        await self._send_trades(listing(), set())
+        return newest
+
     async def poll_once(self) -> dict[str, KalshiMarket]:
         """One pass: every selected market's and every followed market's metadata and a POLL
         snapshot of each."""
+        await self._resume()
         markets = await self.discover()
         markets.update(await self._read_followed(markets))
         received = now_utc()
@@ -401,6 +502,7 @@ class Ingestor:
             except FixedPointError as exc:
                 self.report.read_errors += 1
                 logger.error("skipping a snapshot of %s: %s", market.ticker, exc)
+        await self._read_trades()
         await self.sink.flush()
         logger.info("poll pass: %d markets", len(markets))
         return markets

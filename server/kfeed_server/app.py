@@ -221,6 +221,7 @@ class KfeedServer:
                 on_stored=record_stored_batch,
                 on_refused=record_refused_batch,
                 on_rows_refused=record_refused_rows,
+                tokens=self.tokens,
             ),
             self._server,
         )

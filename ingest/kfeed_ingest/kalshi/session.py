@@ -672,6 +672,15 @@ class LiveSession:
             state.recording = False
         return markers
 
+    def ask_books_again(self) -> None:
+        """The awaited book snapshots have not come: ask for them again."""
+        logger.warning(
+            "book snapshots of %d market(s) still awaited; asking again", len(self.awaiting_books)
+        )
+        for sid, subscription in self.subscriptions.items():
+            if subscription.channel == ORDERBOOK and subscription.tickers is not None:
+                self.send("update_subscription", {"sids": [sid], "action": "get_snapshot"})
+
     def _on_error(self, frame: Mapping[str, Any]) -> None:
         command = self.commands.get(frame.get("id", -1))
         logger.error("Kalshi refused %s: %s", command or "a command", frame.get("msg"))

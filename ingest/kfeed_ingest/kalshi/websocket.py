@@ -88,6 +88,7 @@ class KalshiWebSocketClient:
         close_timeout: float = 1.0,
         coalesce_seconds: float = 0.05,
         resync_delay: float = 0.25,
+        book_retry: float = 2.0,
         backoff: Backoff | None = None,
         checkpoints: CheckpointPolicy | None = None,
     ) -> None:
@@ -106,6 +107,7 @@ class KalshiWebSocketClient:
         self._close_timeout = close_timeout
         self._coalesce = coalesce_seconds
         self._resync_delay = resync_delay
+        self._book_retry = book_retry
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         # The open connection and its session, while there is one.
         self._socket: ClientConnection | None = None
@@ -224,6 +226,7 @@ class KalshiWebSocketClient:
         reading: asyncio.Task[_RestRead | None] | None = None
         in_flight: RestResync | None = None
         resync_wanted_since: float | None = None
+        books_awaited_since: float | None = None
         last_frame = loop.time()
         try:
             while True:
@@ -246,6 +249,18 @@ class KalshiWebSocketClient:
                 deadlines = [last_frame + self._coalesce] if session.pending else []
                 if reading is None and resync_at is not None:
                     deadlines.append(resync_at)
+                # A lost book snapshot shows no gap until the next frame on its sid, which a
+                # quiet market may never send: books awaited too long are asked for again.
+                if not session.awaiting_books:
+                    books_awaited_since = None
+                elif books_awaited_since is None:
+                    books_awaited_since = loop.time()
+                elif loop.time() >= books_awaited_since + self._book_retry:
+                    session.ask_books_again()
+                    books_awaited_since = loop.time()
+                    continue
+                if books_awaited_since is not None:
+                    deadlines.append(books_awaited_since + self._book_retry)
                 timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
                 raw: str | bytes | None = None
                 if reading is None and receiving is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,8 +50,13 @@ from kfeed_server.transport.ingest_refusals import (
     unknown_book_rows,
     without_rows,
 )
-from kfeed_server.transport.requests import name_problem, text_problem, ticker_problem
 from kfeed_server.transport.market_watermarks import list_market_watermarks
+from kfeed_server.transport.requests import (
+    RequestTokens,
+    name_problem,
+    text_problem,
+    ticker_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -422,12 +428,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         on_stored: Callable[[BatchWriteResult], None] = _ignore_stored,
         on_refused: Callable[[], None] = _ignore_refused,
         on_rows_refused: Callable[[Mapping[str, int]], None] = _ignore_refused_rows,
+        tokens: RequestTokens | None = None,
     ) -> None:
         self._on_rows_refused = on_rows_refused
         self._on_stored = on_stored
         self._on_refused = on_refused
         self._markets = repositories.markets
         self._trades = repositories.trades
+        self._tokens = tokens or RequestTokens(secrets.token_bytes(32))
         self._writer = repositories.ingest
         self._live = live
         # Tickers of stored markets. Markets are never deleted, so a ticker once stored stays
@@ -540,7 +548,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def ListMarketWatermarks(
         self, request: pb.ListMarketWatermarksRequest, context: Context
     ) -> pb.ListMarketWatermarksResponse:
-        return await list_market_watermarks(request, self._markets, self._trades)
+        return await list_market_watermarks(request, self._markets, self._trades, self._tokens)
 
     async def Publish(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Context

@@ -11,12 +11,7 @@ from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.trades import TradeRepository
 from kfeed_server.records import MarketStatus
 from kfeed_server.transport.convert import market_to_proto, timestamp
-from kfeed_server.transport.requests import (
-    PageSizeLimits,
-    decode_page_token,
-    encode_page_token,
-    enum_values,
-)
+from kfeed_server.transport.requests import PageSizeLimits, RequestTokens, enum_values
 
 WATERMARKS_PAGE = PageSizeLimits(default=1000, maximum=1000)
 
@@ -25,12 +20,13 @@ async def list_market_watermarks(
     request: pb.ListMarketWatermarksRequest,
     markets: MarketRepository,
     trades: TradeRepository,
+    tokens: RequestTokens,
 ) -> pb.ListMarketWatermarksResponse:
     """One page of markets (by ticker) with the time of each one's newest stored trade."""
     limit = WATERMARKS_PAGE.resolve(request.page_size)
     statuses = enum_values(request.statuses, MarketStatus, "statuses")
     query = ("ListMarketWatermarks", tuple(sorted(statuses)))
-    cursor = decode_page_token(request.page_token, query, shape=(str,))
+    cursor = tokens.decode_page_token(request.page_token, query, shape=(str,))
     page = await markets.list_markets(
         limit=limit, after_ticker=str(cursor[0]) if cursor else None, statuses=statuses
     )
@@ -42,5 +38,5 @@ async def list_market_watermarks(
             watermark.latest_trade_time.CopyFrom(timestamp(trade_time))
         watermarks.append(watermark)
     return pb.ListMarketWatermarksResponse(
-        watermarks=watermarks, next_page_token=encode_page_token(page.next_cursor, query)
+        watermarks=watermarks, next_page_token=tokens.encode_page_token(page.next_cursor, query)
     )

@@ -1,0 +1,83 @@
+"""What the server has stored, as a starting ingest process needs it: the markets that are not
+final yet, and where each one's stored trades end (``IngestService.ListMarketWatermarks``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+
+from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
+
+_NOT_FINAL = [
+    status
+    for status in types_pb2.MarketStatus.values()
+    if status not in (types_pb2.MARKET_STATUS_UNSPECIFIED, types_pb2.MARKET_STATUS_FINALIZED)
+]
+_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMarket:
+    """A market the server holds that is not final, and where its stored trades end."""
+
+    ticker: str
+    event_ticker: str
+    series_ticker: str
+    open_time: datetime | None
+    latest_trade_time: datetime | None  # None: no trade stored
+
+
+class ServerState:
+    """Reads the server's stored state over the ingest's own channel settings and token."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.target = target
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._credentials = credentials
+
+    async def unfinished_markets(self, deadline: float = 30.0) -> list[StoredMarket]:
+        """Every stored market that is not finalized; each call waits at most ``deadline``
+        seconds (raises ``grpc.aio.AioRpcError``)."""
+        channel = (
+            grpc.aio.secure_channel(self.target, self._credentials)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(self.target)
+        )
+        found: list[StoredMarket] = []
+        async with channel:
+            stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+            token = ""
+            while True:
+                request = ingest_service_pb2.ListMarketWatermarksRequest(
+                    page_size=_PAGE_SIZE, page_token=token, statuses=_NOT_FINAL
+                )
+                page = await stub.ListMarketWatermarks(
+                    request, metadata=self._metadata, timeout=deadline
+                )
+                found += [_stored(watermark) for watermark in page.watermarks]
+                token = page.next_page_token
+                if not token:
+                    return found
+
+
+def _stored(watermark: ingest_service_pb2.MarketWatermark) -> StoredMarket:
+    market = watermark.market
+    return StoredMarket(
+        ticker=market.ticker,
+        event_ticker=market.event_ticker,
+        series_ticker=market.series_ticker,
+        open_time=market.open_time.ToDatetime(UTC) if market.HasField("open_time") else None,
+        latest_trade_time=(
+            watermark.latest_trade_time.ToDatetime(UTC)
+            if watermark.HasField("latest_trade_time")
+            else None
+        ),
+    )
