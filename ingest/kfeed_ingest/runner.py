@@ -154,6 +154,7 @@ class _Batch:
     snapshots: list[types_pb2.MarketSnapshot] = field(default_factory=list)
     # Sent as the request's book_changes columns.
     book_changes: list[BookChange] = field(default_factory=list)
+    trade_ids: set[str] = field(default_factory=set)
     rows: int = 0
 
 
@@ -175,6 +176,14 @@ class BatchSink:
 
     async def add(self, message: Row) -> None:
         """Add one message (recorded in the spool at once); publishes the batch when full."""
+        if (
+            isinstance(message, types_pb2.Trade)
+            and self._batch is not None
+            and message.trade_id in self._batch.trade_ids
+        ):
+            # The same trade read twice (WebSocket, then REST with its exact time): the server
+            # refuses one id twice in a batch, so the second copy starts the next batch.
+            await self.flush()
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(self._spool.reserve_batch_id())
@@ -189,6 +198,8 @@ class BatchSink:
         elif isinstance(message, BookChange):
             batch.book_changes.append(message)
         else:
+            if isinstance(message, types_pb2.Trade):
+                batch.trade_ids.add(message.trade_id)
             _add_row(batch.request, message)
         batch.rows += 1
         self.rows += 1

@@ -117,7 +117,7 @@ def _state(snapshot: types_pb2.MarketSnapshot) -> bytes:
 
 
 async def test_ws_once_stores_live_snapshots(server: FakeIngestServer, tmp_path: Path) -> None:
-    async with signed_simulator(auto_step=True, tick_interval=0.05) as sim:
+    async with signed_simulator(auto_step=True, tick_interval=0.2) as sim:  # markets live 6–24 s
         tickers = sim.open_tickers(3)
         code = await _command(sim, server, tmp_path, mode="ws", once=True, tickers=tickers).run()
     assert code == 0
