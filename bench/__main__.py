@@ -20,6 +20,7 @@ BENCHMARKS = (
     "bench.bench_ingest",
     "bench.bench_replicas",
     "bench.bench_export",
+    "bench.bench_web_stream",
 )
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
