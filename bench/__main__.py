@@ -15,6 +15,8 @@ BENCHMARKS = (
     "bench.bench_list_snapshots",
     "bench.bench_snapshot_insert",
     "bench.bench_fanout",
+    "bench.bench_replay",
+    "bench.bench_stream_scale",
     "bench.bench_backtest",
     "bench.bench_backtest_service",
     "bench.bench_ingest",

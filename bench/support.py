@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import signal
 import socket
@@ -78,12 +79,19 @@ def free_port() -> int:
 
 
 async def start_kfeed(
-    command: str, args: Sequence[str], log_dir: Path
+    command: str, args: Sequence[str], log_dir: Path, code: Path | None = None
 ) -> asyncio.subprocess.Process:
+    """``kfeed command args``; with ``code``, the kfeed of that source tree (e.g. an older
+    commit: ``git archive REV | tar -x -C DIR``) instead of this checkout's."""
+    env = None
+    if code is not None:
+        roots = ("server", "cli", "ingest", "sim", "clients/python/src")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(code / root) for root in roots)}
     with (log_dir / f"{command}.log").open("wb") as log:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kfeed_cli.main", command, *args,
             stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            env=env,
         )  # fmt: skip
 
 
@@ -119,15 +127,25 @@ async def wait_until(ready: Callable[[], Awaitable[bool]], what: str, seconds: f
 
 
 @asynccontextmanager
-async def kfeed_serve(database_url: str) -> AsyncIterator[str]:
-    """A `kfeed serve` process on a free loopback port over ``database_url``, serving; yields its
-    address and stops it afterwards."""
+async def kfeed_serve(database_url: str, *options: str) -> AsyncIterator[str]:
+    """A `kfeed serve` process on a free loopback port over ``database_url`` (and further
+    ``options``), serving; yields its address and stops it afterwards."""
+    async with kfeed_serve_process(database_url, *options) as (address, _):
+        yield address
+
+
+@asynccontextmanager
+async def kfeed_serve_process(
+    database_url: str, *options: str, code: Path | None = None
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """:func:`kfeed_serve`, yielding the process too (to read its memory, say); ``code``: see
+    :func:`start_kfeed`."""
     port = free_port()
     with tempfile.TemporaryDirectory() as logs:
-        args = ["--listen", f"127.0.0.1:{port}", "--database-url", database_url]
-        process = await start_kfeed("serve", args, Path(logs))
+        args = ["--listen", f"127.0.0.1:{port}", "--database-url", database_url, *options]
+        process = await start_kfeed("serve", args, Path(logs), code)
         try:
             await wait_until(partial(serving, port), "kfeed serve")
-            yield f"127.0.0.1:{port}"
+            yield f"127.0.0.1:{port}", process
         finally:
             await stop_processes(process)

@@ -26,7 +26,7 @@ LiveItem = SnapshotRecord | FeedGapRecord
 
 DEFAULT_QUEUE_CAPACITY = 10_000
 # Subscribers woken per turn of the event loop after a publish.
-WAKE_SLICE = 64
+WAKE_SLICE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +102,10 @@ class Subscription:
         """Until something is queued, the subscription is closed, or ``seconds`` pass."""
         if self._items or self.closed or self.overflowed:
             return
+        # asyncio.timeout rather than wait_for: no extra task per wait (one per delivery).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._ready.wait()
 
     @property
     def depth(self) -> int:

@@ -82,41 +82,48 @@ class SnapshotFrames:
     def __init__(self, tokens: RequestTokens, cache_size: int = ENCODED_CACHE_SIZE) -> None:
         self._tokens = tokens
         self._cache_size = cache_size
-        # snapshot id -> (SnapshotUpdate bytes, its batch entry: the update with its own token
-        # as a SnapshotBatch.updates field).
-        self._encoded: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+        # snapshot id -> (SnapshotUpdate bytes; its batch entry, the update with its own token as
+        # a SnapshotBatch.updates field; that token, resuming right after the snapshot).
+        self._encoded: OrderedDict[int, tuple[bytes, bytes, bytes]] = OrderedDict()
 
-    def _update_token(self, resume_after_id: int) -> bytes:
-        token = self._tokens.encode_resume_token(resume_after_id)
-        return _length_delimited(_TAG_UPDATE_TOKEN, token.encode())
+    def _token(self, resume_after_id: int) -> bytes:
+        return self._tokens.encode_resume_token(resume_after_id).encode()
 
-    def _encoded_snapshot(self, snapshot: SnapshotRecord) -> tuple[bytes, bytes]:
+    def _encoded_snapshot(self, snapshot: SnapshotRecord) -> tuple[bytes, bytes, bytes]:
         cache = self._encoded
         snapshot_id = snapshot.snapshot_id
         encoded = cache.get(snapshot_id)
         if encoded is None:
             update = _snapshot_update(snapshot)
-            entry = _length_delimited(_TAG_UPDATES, update + self._update_token(snapshot_id))
-            encoded = cache[snapshot_id] = (update, entry)
+            token = self._token(snapshot_id)
+            entry = _length_delimited(
+                _TAG_UPDATES, update + _length_delimited(_TAG_UPDATE_TOKEN, token)
+            )
+            encoded = cache[snapshot_id] = (update, entry, token)
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
         return encoded
 
+    def _resume_token(self, run: SnapshotRun, index: int) -> bytes:
+        """The token resuming after the run's snapshot at ``index`` (signed once per id)."""
+        if run.fixed_resume_after_id is not None:
+            return self._token(run.fixed_resume_after_id)
+        return self._encoded_snapshot(run.snapshots[index])[2]
+
     def _entry(self, run: SnapshotRun, index: int) -> bytes:
         """The run's snapshot at ``index`` as a SnapshotBatch.updates field."""
-        update, entry = self._encoded_snapshot(run.snapshots[index])
+        update, entry, _ = self._encoded_snapshot(run.snapshots[index])
         coalesced = run.coalesced_count(index)
         if not coalesced and run.fixed_resume_after_id is None:
             return entry
         if coalesced:
             update += _TAG_COALESCED_COUNT + varint(coalesced)
-        return _length_delimited(
-            _TAG_UPDATES, update + self._update_token(run.resume_after_id(index))
-        )
+        token = _length_delimited(_TAG_UPDATE_TOKEN, self._resume_token(run, index))
+        return _length_delimited(_TAG_UPDATES, update + token)
 
     def _alone(self, run: SnapshotRun, index: int) -> bytes:
         """The run's snapshot at ``index`` as a StreamSnapshotsResponse.snapshot field."""
-        update, _ = self._encoded_snapshot(run.snapshots[index])
+        update = self._encoded_snapshot(run.snapshots[index])[0]
         coalesced = run.coalesced_count(index)
         if coalesced:
             update += _TAG_COALESCED_COUNT + varint(coalesced)
@@ -137,9 +144,7 @@ class SnapshotFrames:
         for start in range(0, count, size):
             end = min(start + size, count)
             resume_after_id = item.resume_after_id(end - 1)
-            token = _length_delimited(
-                _TAG_RESUME_TOKEN, self._tokens.encode_resume_token(resume_after_id).encode()
-            )
+            token = _length_delimited(_TAG_RESUME_TOKEN, self._resume_token(item, end - 1))
             if end - start == 1:
                 yield token + self._alone(item, start), resume_after_id
                 continue

@@ -1,0 +1,218 @@
+"""Many subscribers on one `kfeed serve` process (SQLite): every snapshot delivered, and ingest
+never starved by fan-out.
+
+A real server process; subscribers in a separate process (bench/fanout_clients.py, batched
+frames as the clients ask); this process publishes through IngestService.Publish at a steady
+rate (a Publish every 100 ms: 1,000 snapshots/s in batches of 100, round robin over 100
+markets)
+and times each batch from send to ack. Cases:
+
+- ``markets``: 1,000 subscribers, each following 1 of the 100 markets (10,000 deliveries/s).
+  Targets: every snapshot delivered, publish → receipt p99 < 100 ms, Publish ack p99 < 100 ms.
+- ``held``: 10,000 subscribers (each on 1 of 100 markets) held open; the server's memory per
+  subscriber, then 100 snapshots/s published (10,000 deliveries/s) with both p99s reported.
+- ``overload``: 1,000 subscribers each following every market at 1,000 snapshots/s published —
+  a million deliveries/s asked, far beyond one server process; readers fall behind and get gap
+  markers. Target: Publish ack p99 < 100 ms all the same.
+
+Baseline for the acks: the same publishing with no subscriber, in the same run.
+
+    uv run python -m bench.bench_stream_scale [--case markets|held|overload|all] [--seconds S]
+        [--today DIR]   # also the server of another tree (git archive REV | tar -x -C DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.bench_fanout import percentile, run_subscribers
+from bench.support import kfeed_serve_process, print_summary
+from kfeed_server.records import DataSource, MarketRecord, MarketStatus, SnapshotRecord
+from tests.support.servers import PublishSession
+
+MARKET_COUNT = 100
+PREFIX = "KXSCALE"
+MARKETS = [
+    MarketRecord(ticker=f"{PREFIX}-{i:02d}", status=MarketStatus.OPEN) for i in range(MARKET_COUNT)
+]
+MAX_BATCH_SIZE = 500
+TARGET_MS = 100.0
+_SEQUENCE = itertools.count()
+
+
+def _snapshots(batch_number: int, count: int) -> list[SnapshotRecord]:
+    """A batch of distinct market states (no two publishes repeat one), stamped now."""
+    now = datetime.now(UTC)
+    start = batch_number * count
+    return [
+        SnapshotRecord(
+            ticker=MARKETS[i % MARKET_COUNT].ticker,
+            exchange_time=now + timedelta(microseconds=i - start),
+            receive_time=now,
+            source=DataSource.WEBSOCKET,
+            yes_bid=3000 + i % 3000,
+            yes_ask=3100 + i % 3000,
+            volume=i,
+            status=MarketStatus.OPEN,
+        )
+        for i in range(start, start + count)
+    ]
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def _publish_paced(
+    publisher: PublishSession, seconds: float, per_second: int
+) -> tuple[int, list[float]]:
+    """Publish ``per_second`` snapshots/s, ``seconds`` worth (all of them, even if acks are
+    slow); how many, and each ack's delay."""
+    batch = max(1, per_second // 10)
+    interval = batch / per_second
+    total = round(per_second * seconds)
+    acks: list[float] = []
+    published = 0
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while published < total:
+        snapshots = _snapshots(next(_SEQUENCE), batch)
+        sent = time.perf_counter()
+        ack = await publisher.publish(snapshots=snapshots)
+        acks.append(time.perf_counter() - sent)
+        assert ack.snapshots_stored == batch, ack
+        published += batch
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+    return published, acks
+
+
+def _ms(values: list[float], fraction: float) -> float:
+    return round(1000 * percentile(values, fraction), 1) if values else float("nan")
+
+
+async def run_case(case: str, seconds: float, today: Path | None = None) -> dict[str, Any]:
+    """One case against this checkout's server, or with ``today`` the server of that tree."""
+    subscribers = 10_000 if case == "held" else 1_000
+    rate = 100 if case == "held" else 1_000
+    with tempfile.TemporaryDirectory() as folder:
+        url = f"sqlite+aiosqlite:///{folder}/bench.db"
+        options = ["--log-level", "WARNING"]
+        if today is None:
+            options += ["--max-streams-per-peer", str(2 * subscribers)]
+        async with (
+            kfeed_serve_process(url, *options, code=today) as (address, server),
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            publisher = PublishSession(channel)
+            await publisher.publish(markets=MARKETS)
+            # Warm-up, then the ack baseline: the same publishing with nobody subscribed.
+            await _publish_paced(publisher, 1.0, rate)
+            _, idle_acks = await _publish_paced(publisher, min(seconds, 5.0), rate)
+            rss_before = _rss_bytes(server.pid)
+            per_stream = None if case == "overload" else round(rate * seconds) // MARKET_COUNT
+            follow = [] if case == "overload" else ["--markets", str(MARKET_COUNT)]
+            window = ["--seconds", str(seconds)] if case == "overload" else []
+            opened = time.perf_counter()
+            process, result = await run_subscribers(
+                address, subscribers, per_stream,
+                *follow, *window, "--ticker-prefix", PREFIX,
+                "--max-batch-size", str(MAX_BATCH_SIZE),
+                "--latency-every", "10" if case == "overload" else "1",
+                ready_within=900,
+            )  # fmt: skip
+            setup_seconds = time.perf_counter() - opened
+            rss_held = _rss_bytes(server.pid)
+            published, acks = await _publish_paced(publisher, seconds, rate)
+            try:
+                outcome: dict[str, Any] = await asyncio.wait_for(result(), 120)
+            except TimeoutError:
+                process.kill()
+                outcome = {"delivered": -1, "seconds": 0, "latencies": [], "gaps": -1}
+            await publisher.close()
+    expected = published * (subscribers // MARKET_COUNT)
+    summary: dict[str, Any] = {
+        "case": case,
+        "server": "this checkout" if today is None else str(today),
+        "subscribers": subscribers,
+        "published_per_s": rate,
+        "published": published,
+        "delivered": outcome["delivered"],
+        "delivered_per_s": round(outcome["delivered"] / max(outcome["seconds"], 1e-9)),
+        "gap_markers": outcome["gaps"],
+        "latency_p50_ms": _ms(outcome["latencies"], 0.5),
+        "latency_p99_ms": _ms(outcome["latencies"], 0.99),
+        "ack_p50_ms": _ms(acks, 0.5),
+        "ack_p99_ms": _ms(acks, 0.99),
+        "ack_p99_ms_no_subscribers": _ms(idle_acks, 0.99),
+        "subscribe_seconds": round(setup_seconds, 1),
+        "server_rss_mb_before": round(rss_before / 2**20, 1),
+        "server_bytes_per_subscriber": round((rss_held - rss_before) / subscribers),
+    }
+    if case == "markets":
+        summary["all_delivered"] = outcome["delivered"] >= expected
+        summary["expected"] = expected
+        summary["meets_target"] = (
+            summary["all_delivered"]
+            and summary["latency_p99_ms"] < TARGET_MS
+            and summary["ack_p99_ms"] < TARGET_MS
+        )
+    elif case == "overload":
+        summary["meets_target"] = summary["ack_p99_ms"] < TARGET_MS
+    else:
+        summary["meets_target"] = True  # reported figures
+    return summary
+
+
+async def run_benchmark(cases: list[str], seconds: float, today: Path | None) -> dict[str, object]:
+    results = []
+    for case in cases:
+        for code in (None, today) if today is not None else (None,):
+            results.append(await run_case(case, seconds, code))
+            print(json.dumps(results[-1], sort_keys=True), file=sys.stderr, flush=True)
+    return {
+        "benchmark": "stream_scale",
+        "seconds": seconds,
+        "cases": results,
+        "target": (
+            f"markets: all delivered, latency and ack p99 < {TARGET_MS:g} ms; "
+            f"overload: ack p99 < {TARGET_MS:g} ms; held: reported"
+        ),
+        "meets_target": all(r["meets_target"] for r in results if r["server"] == "this checkout"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--case", choices=["markets", "held", "overload", "all"], default="all")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--today",
+        type=Path,
+        help="also run each case against the server in this source tree, e.g. the code before "
+        "this round: git archive REV | tar -x -C DIR",
+    )
+    args = parser.parse_args()
+    cases = ["markets", "overload", "held"] if args.case == "all" else [args.case]
+    started = time.perf_counter()
+    summary = asyncio.run(run_benchmark(cases, args.seconds, args.today))
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()
