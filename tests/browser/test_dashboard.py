@@ -68,6 +68,18 @@ async def test_markets_page_is_usable_fast_and_updates_live(
     assert local.strftime("%I:%M:%S") in local_text, (local_text, utc_title)
     assert utc.strftime("%H:%M:%S") not in local_text
 
+    # Filter by series: every row left belongs to it (the sim's series prefix its tickers).
+    series_options = await page.get_by_label("series").locator("option").all_text_contents()
+    series = next(option for option in series_options if option != "all series")
+    await page.get_by_label("series").select_option(series)
+    await expect(page.locator("[data-testid=market-row]").first).to_be_visible()
+    tickers = await page.locator("[data-testid=market-row]").evaluate_all(
+        "rows => rows.map(r => r.dataset.ticker)"
+    )
+    assert tickers
+    assert all(t.startswith(series + "-") for t in tickers), (series, tickers)
+    await page.get_by_label("series").select_option("")
+
     # Search filters the rows in place.
     ticker = await first_row.get_attribute("data-ticker")
     assert ticker
