@@ -186,8 +186,18 @@ def backtests_table(backtests: Sequence[pb.Backtest], title: str) -> Table:
     return table
 
 
-def plot_equity(backtest: pb.Backtest, path: Path) -> None:
-    """Writes the equity curve as a PNG (needs matplotlib)."""
+# Execution markers: buys point up, sells down; settlements and end-of-window marks are dots.
+_MARKERS: dict[int, tuple[str, str, str]] = {
+    pb.ORDER_ACTION_BUY: ("^", "tab:green", "buy"),
+    pb.ORDER_ACTION_SELL: ("v", "tab:red", "sell"),
+    pb.ORDER_ACTION_SETTLE: ("o", "tab:gray", "settle"),
+    pb.ORDER_ACTION_MARK: ("o", "tab:gray", "mark"),
+}
+
+
+def equity_figure(backtest: pb.Backtest, executions: Sequence[pb.Execution]) -> Any:
+    """The equity curve in dollars (plain dollar ticks, never an offset such as "+1e3"), with a
+    marker at each execution: a matplotlib Figure (needs matplotlib)."""
     try:
         import matplotlib
     except ImportError:
@@ -195,19 +205,41 @@ def plot_equity(backtest: pb.Backtest, path: Path) -> None:
     matplotlib.use("Agg")  # no display: files only
     import numpy  # a dependency of matplotlib
     from matplotlib import pyplot
+    from matplotlib.ticker import StrMethodFormatter
 
     # Naive UTC datetimes as datetime64, which matplotlib plots on a date axis.
     times = numpy.array(
         [p.time.ToDatetime() for p in backtest.equity_curve], dtype="datetime64[us]"
     )
-    equity = [p.equity.ten_thousandths / DOLLAR_SCALE for p in backtest.equity_curve]
+    equity = numpy.array(
+        [p.equity.ten_thousandths / DOLLAR_SCALE for p in backtest.equity_curve], dtype=float
+    )
     figure, axes = pyplot.subplots(figsize=(10, 4))
-    axes.plot(times, equity, linewidth=1)
+    axes.plot(times, equity, linewidth=1, color="tab:blue", label="equity")
+    for action, (marker, color, label) in _MARKERS.items():
+        at = numpy.array(
+            [e.time.ToDatetime() for e in executions if e.action == action], dtype="datetime64[us]"
+        )
+        if len(at) and len(times):
+            # Each execution sits on the curve: the equity at its time.
+            level = numpy.interp(at.astype("int64"), times.astype("int64"), equity)
+            axes.scatter(at, level, marker=marker, color=color, s=28, zorder=3, label=label)
+    axes.yaxis.set_major_formatter(StrMethodFormatter("${x:,.2f}"))
     axes.set_title(f"{backtest.config.strategy} — backtest {backtest.backtest_id}")
     axes.set_ylabel("equity (USD)")
+    axes.set_xlabel("time (UTC)")
     axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
     figure.autofmt_xdate()
     figure.tight_layout()
+    return figure
+
+
+def plot_equity(backtest: pb.Backtest, executions: Sequence[pb.Execution], path: Path) -> None:
+    """Writes :func:`equity_figure` as a PNG."""
+    from matplotlib import pyplot
+
+    figure = equity_figure(backtest, executions)
     figure.savefig(path, format="png")
     pyplot.close(figure)
 
@@ -229,6 +261,19 @@ async def _backtests(
         token = page.next_page_token
         if not token:
             return
+
+
+async def _executions(client: KfeedClient, backtest_id: str) -> list[pb.Execution]:
+    executions: list[pb.Execution] = []
+    token = ""
+    while True:
+        page = await client.backtests.ListExecutions(
+            pb.ListExecutionsRequest(backtest_id=backtest_id, page_size=10_000, page_token=token)
+        )
+        executions.extend(page.executions)
+        token = page.next_page_token
+        if not token:
+            return executions
 
 
 async def _ranked_children(client: KfeedClient, parent: pb.Backtest) -> list[pb.Backtest]:
@@ -314,7 +359,7 @@ async def run(options: argparse.Namespace, client: KfeedClient, console: Console
         full = await _get(client, full.ranked_child_ids[0], full=True)
     console.print(metrics_table(full))
     if options.plot is not None:
-        plot_equity(full, options.plot)
+        plot_equity(full, await _executions(client, full.backtest_id), options.plot)
         console.print(f"equity curve written to {options.plot}")
     return 0
 

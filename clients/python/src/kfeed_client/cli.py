@@ -292,16 +292,77 @@ def _status(value: types_pb2.MarketStatus.ValueType) -> str:
     return types_pb2.MarketStatus.Name(value).removeprefix("MARKET_STATUS_").lower()
 
 
-def snapshot_line(snapshot: types_pb2.MarketSnapshot, coalesced: int = 0) -> str:
-    """One snapshot as a line of rich markup: time, ticker, yes/no bid×ask, last, volume."""
+# Snapshot fields compared between consecutive rows of a market, and those a row shows anyway.
+_COMPARED_FIELDS = (
+    "yes_bid", "yes_ask", "no_bid", "no_ask", "yes_bid_size", "yes_ask_size", "last_price",
+    "volume", "volume_24h", "open_interest", "liquidity", "status",
+)  # fmt: skip
+_SHOWN_FIELDS = {"yes_bid", "yes_ask", "no_bid", "no_ask", "last_price", "volume", "status"}
+_CONTRACT_FIELDS = {"yes_bid_size", "yes_ask_size", "volume", "volume_24h", "open_interest"}
+NO_QUOTE = "—"
+
+
+def _field_value(snapshot: types_pb2.MarketSnapshot, name: str) -> int | None:
+    if name == "status":
+        return int(snapshot.status)
+    if not snapshot.HasField(name):  # type: ignore[arg-type]
+        return None
+    value = getattr(snapshot, name)
+    return int(value.hundredths if name in _CONTRACT_FIELDS else value.ten_thousandths)
+
+
+def _field_text(snapshot: types_pb2.MarketSnapshot, name: str) -> str:
+    if name == "status":
+        return _status(snapshot.status)
+    if not snapshot.HasField(name):  # type: ignore[arg-type]
+        return NO_QUOTE
+    value = getattr(snapshot, name)
+    return _contracts(value) if name in _CONTRACT_FIELDS else _dollars(value)
+
+
+class ChangeTracker:
+    """Remembers each market's previous snapshot, to say what a new one changed."""
+
+    def __init__(self) -> None:
+        self._previous: dict[str, types_pb2.MarketSnapshot] = {}
+
+    def changes(self, snapshot: types_pb2.MarketSnapshot) -> list[str] | None:
+        """The fields that differ from the market's previous snapshot (None for its first)."""
+        previous = self._previous.get(snapshot.ticker)
+        self._previous[snapshot.ticker] = snapshot
+        if previous is None:
+            return None
+        return [
+            name
+            for name in _COMPARED_FIELDS
+            if _field_value(previous, name) != _field_value(snapshot, name)
+        ]
+
+
+def snapshot_line(
+    snapshot: types_pb2.MarketSnapshot, coalesced: int = 0, changed: list[str] | None = None
+) -> str:
+    """One snapshot as a line of rich markup: time, ticker, yes/no bid×ask, last, volume; an empty
+    side shows "—". With ``changed`` (see :class:`ChangeTracker`) the fields the line does not
+    show but that changed follow "Δ", and a snapshot that changed nothing says so."""
+
+    def quote(name: str) -> str:
+        return _field_text(snapshot, name)
+
     line = (
         f"[dim]{_time(snapshot.exchange_time)}[/] [bold]{snapshot.ticker}[/]  "
-        f"yes [green]{_dollars(snapshot.yes_bid)}[/]×[red]{_dollars(snapshot.yes_ask)}[/]  "
-        f"no [green]{_dollars(snapshot.no_bid)}[/]×[red]{_dollars(snapshot.no_ask)}[/]  "
-        f"last {_dollars(snapshot.last_price)}  vol {_contracts(snapshot.volume)}"
+        f"yes [green]{quote('yes_bid')}[/]×[red]{quote('yes_ask')}[/]  "
+        f"no [green]{quote('no_bid')}[/]×[red]{quote('no_ask')}[/]  "
+        f"last {quote('last_price')}  vol {quote('volume')}"
     )
     if snapshot.status not in (types_pb2.MARKET_STATUS_OPEN, types_pb2.MARKET_STATUS_UNSPECIFIED):
         line += f"  [yellow]{_status(snapshot.status)}[/]"
+    if changed is not None:
+        hidden = [name for name in changed if name not in _SHOWN_FIELDS]
+        if hidden:
+            line += "  [cyan]Δ " + ", ".join(f"{n} {quote(n)}" for n in hidden) + "[/]"
+        elif not changed:
+            line += "  [dim](no change)[/]"
     if coalesced:
         line += f"  [dim](+{coalesced} conflated)[/]"
     return line
@@ -316,11 +377,17 @@ def _feed_gap_line(gap: types_pb2.FeedGap) -> str:
     )
 
 
-def _stream_line(message: market_service_pb2.StreamSnapshotsResponse, verbose: bool) -> str | None:
+def _stream_line(
+    message: market_service_pb2.StreamSnapshotsResponse,
+    verbose: bool,
+    tracker: ChangeTracker | None = None,
+) -> str | None:
     """The human line for a stream message, or None when it is not shown."""
     kind = message.WhichOneof("event")
     if kind == "snapshot":
-        return snapshot_line(message.snapshot.snapshot, message.snapshot.coalesced_count)
+        snapshot = message.snapshot.snapshot
+        changed = tracker.changes(snapshot) if tracker is not None else None
+        return snapshot_line(snapshot, message.snapshot.coalesced_count, changed)
     if kind == "caught_up":
         return f"[cyan]── caught up: {message.caught_up.replayed_count} replayed, now live ──[/]"
     if kind == "feed_gap":
@@ -339,6 +406,7 @@ async def tail(options: argparse.Namespace, console: Console) -> int:
     """`tail`: follow the feed until interrupted (or ``--limit`` snapshots)."""
     last_token = options.resume or ""
     shown = 0
+    tracker = ChangeTracker()
     try:
         async with _connect(options) as client:
             stream = client.stream_snapshots(
@@ -361,7 +429,7 @@ async def tail(options: argparse.Namespace, console: Console) -> int:
                     if options.verbose or not message.HasField("heartbeat"):
                         console.out(_json(message), highlight=False)
                 else:
-                    line = _stream_line(message, options.verbose)
+                    line = _stream_line(message, options.verbose, tracker)
                     if line is not None:
                         console.print(line, soft_wrap=True, highlight=False)
                 if message.HasField("snapshot"):
@@ -375,38 +443,69 @@ async def tail(options: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+_MARKET_COLUMNS = ("ticker", "status", "event", "close time", "title")
+_MIN_TITLE = 16
+
+
 async def markets(options: argparse.Namespace, console: Console) -> int:
-    """`markets`: list markets, a table or JSON lines."""
-    table = Table(box=None)
-    # Tickers are what users copy into the next command: never cut short, whatever the width.
-    table.add_column("ticker", no_wrap=True, min_width=len("KXXXXXXX-26NOV25-T100000"))
-    for header in ("status", "event", "close time", "title"):
-        table.add_column(header, overflow="fold")
+    """`markets`: list markets: a table as wide as the terminal, tab-separated lines when the
+    output is not a terminal (a file or a pipe: nothing cut or wrapped), or JSON lines."""
+    rows: list[tuple[str, ...]] = []
     async with _connect(options) as client:
         async for market in client.list_markets(
             event_ticker=options.event, series_ticker=options.series, statuses=options.status
         ):
             if options.json:
                 console.out(_json(market), highlight=False)
-            else:
-                close = _time(market.close_time) if market.HasField("close_time") else ""
-                table.add_row(
-                    market.ticker, _status(market.status), market.event_ticker, close, market.title
-                )
+                continue
+            close = _time(market.close_time) if market.HasField("close_time") else ""
+            rows.append(
+                (market.ticker, _status(market.status), market.event_ticker, close, market.title)
+            )
     if not options.json:
-        console.print(table, soft_wrap=True)
+        print_markets(rows, console)
     return 0
+
+
+def print_markets(rows: Sequence[tuple[str, ...]], console: Console) -> None:
+    """``rows`` (see _MARKET_COLUMNS) as a table on a terminal, else (or on a terminal too narrow
+    for a whole ticker) as tab-separated lines."""
+    longest_ticker = max([len(row[0]) for row in rows], default=0)
+    if not console.is_terminal or console.width < longest_ticker + 10:
+        for row in [_MARKET_COLUMNS, *rows]:
+            console.file.write("\t".join(cell.replace("\t", " ") for cell in row) + "\n")
+        return
+    # Every column but the title is as wide as its widest cell: identifiers are what users copy
+    # into the next command, so they are never cut or wrapped. The title folds into what is left;
+    # when too little is left, the close time, the event and the status go (--json has them all).
+    widths = [
+        max([len(header), *(len(row[index]) for row in rows)])
+        for index, header in enumerate(_MARKET_COLUMNS)
+    ]
+    shown = [0, 1, 2, 3]
+    while len(shown) > 1 and console.width - sum(widths[i] + 2 for i in shown) < _MIN_TITLE:
+        shown.pop()  # the close time, then the event, then the status
+    table = Table(box=None, padding=(0, 2, 0, 0))
+    for index in shown:
+        table.add_column(_MARKET_COLUMNS[index], no_wrap=True, width=widths[index])
+    title_width = max(8, console.width - sum(widths[i] + 2 for i in shown) - 1)
+    table.add_column("title", overflow="fold", width=title_width)
+    for row in rows:
+        table.add_row(*(row[index] for index in shown), row[-1])
+    console.print(table, crop=False)
 
 
 async def snapshots(options: argparse.Namespace, console: Console) -> int:
     """`snapshots`: a market's stored snapshots in a window, oldest first."""
     count = 0
+    tracker = ChangeTracker()
     async with _connect(options) as client:
         async for snapshot in client.iter_snapshots(options.ticker, options.start, options.end):
             if options.json:
                 console.out(_json(snapshot), highlight=False)
             else:
-                console.print(snapshot_line(snapshot), soft_wrap=True, highlight=False)
+                line = snapshot_line(snapshot, changed=tracker.changes(snapshot))
+                console.print(line, soft_wrap=True, highlight=False)
             count += 1
             if options.limit is not None and count >= options.limit:
                 break
