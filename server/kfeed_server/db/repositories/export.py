@@ -1,10 +1,11 @@
-"""Bulk reads as Apache Arrow record batches, for the Export RPCs (ADR 0012).
+"""Bulk reads as Apache Arrow record batches, for the Export RPCs (ADR 0013).
 
 A table is exported through an :class:`ExportSpec`: which columns, under which names and Arrow
 types, filtered by ticker / event / series and a time window, in which order. The rows never
 become Python objects on PostgreSQL: the ADBC PostgreSQL driver runs the query as
 ``COPY … TO STDOUT (FORMAT binary)`` and decodes it into Arrow in C, in a worker thread. SQLite
-has no columnar protocol; its rows are streamed and turned into Arrow one column at a time.
+has no columnar protocol: a read-only sqlite3 connection of the export's own fetches the rows in
+a worker thread, and each column becomes an Arrow array in one call.
 
 Either way the batches have exactly the spec's schema: prices and counts as int64 fixed point
 (1/10,000 USD, 1/100 contract), times as ``timestamp[us, UTC]``, enums as their lowercase names.
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
 
 import adbc_driver_postgresql.dbapi as adbc_postgresql
 import pyarrow as pa
@@ -223,70 +227,97 @@ class ArrowExportReader:
     def batches(self, spec: ExportSpec, rows: ExportFilter) -> AsyncIterator[pa.RecordBatch]:
         """The rows of ``spec`` that ``rows`` selects, in the spec's order, as record batches
         (possibly none)."""
+        sql = literal_sql(spec, rows, self._engine.dialect)
         if self._engine.dialect.name == "postgresql":
-            return self._postgresql_batches(spec, literal_sql(spec, rows, self._engine.dialect))
-        return self._sqlite_batches(spec, export_query(spec, rows))
-
-    async def _postgresql_batches(
-        self, spec: ExportSpec, sql: str
-    ) -> AsyncIterator[pa.RecordBatch]:
-        # One thread runs every driver call of this export in turn: an ADBC connection is not
-        # thread-safe, and a cancelled export must not close it under a read still in flight
-        # (the close is queued behind it, and not awaited, so a cancellation cannot skip it).
-        loop = asyncio.get_running_loop()
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfeed-export")
-        try:
             uri = adbc_uri(self._engine.url)
-            stream = await loop.run_in_executor(worker, _open_adbc_stream, uri, sql)
-            try:
-                while (batch := await loop.run_in_executor(worker, stream.read_next)) is not None:
-                    yield _conform_postgresql(spec, batch)
-            finally:
-                worker.submit(stream.close)
-        finally:
-            worker.shutdown(wait=False)
+            return _threaded_batches(partial(_AdbcStream.open, uri, sql, spec))
+        database = self._engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            return _threaded_batches(partial(_SqliteStream.open, database, sql, spec))
+        return self._sqlalchemy_batches(spec, export_query(spec, rows))
 
-    async def _sqlite_batches(
+    async def _sqlalchemy_batches(
         self, spec: ExportSpec, statement: Select[Any]
     ) -> AsyncIterator[pa.RecordBatch]:
+        """An in-memory (or URI-named) SQLite database has no second connection to read from:
+        its rows come through the engine's own."""
         async with self._sessions() as session:
             connection = await session.connection()
             result = await connection.stream(statement)
             async for rows in result.partitions(SQLITE_BATCH_ROWS):
-                columns = zip(*rows, strict=True)
-                yield pa.RecordBatch.from_arrays(
-                    [
-                        c.from_values(values)
-                        for c, values in zip(spec.columns, columns, strict=True)
-                    ],
-                    schema=spec.schema,
-                )
+                yield _batch_of_rows(spec, rows)
 
 
-def _conform_postgresql(spec: ExportSpec, batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A driver batch in the spec's schema: enum numbers become names, the driver's field
-    metadata goes (the arrays themselves are reused, not copied)."""
-    arrays = [
-        column.from_codes(array) if column.enum_type is not None else array
-        for column, array in zip(spec.columns, batch.columns, strict=True)
-    ]
-    return pa.RecordBatch.from_arrays(arrays, schema=spec.schema)
+class _BatchStream(Protocol):
+    """A running export query on a connection of its own; every call blocks, and all come from
+    one thread."""
+
+    def read_next(self) -> pa.RecordBatch | None:
+        """The next batch in the spec's schema; None at the end."""
+
+    def close(self) -> None: ...
+
+
+async def _threaded_batches(
+    open_stream: Callable[[], _BatchStream],
+) -> AsyncIterator[pa.RecordBatch]:
+    # One thread runs every driver call of this export in turn: a driver connection is not
+    # thread-safe, and a cancelled export must not close it under a read still in flight (the
+    # close is queued behind it, and not awaited, so a cancellation cannot skip it).
+    loop = asyncio.get_running_loop()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfeed-export")
+    try:
+        stream = await loop.run_in_executor(worker, open_stream)
+        try:
+            while (batch := await loop.run_in_executor(worker, stream.read_next)) is not None:
+                yield batch
+        finally:
+            worker.submit(stream.close)
+    finally:
+        worker.shutdown(wait=False)
+
+
+def _batch_of_rows(spec: ExportSpec, rows: Sequence[Sequence[Any]]) -> pa.RecordBatch:
+    """Rows as SQLite returns them (raw types: integer times, enum numbers), one array per
+    column."""
+    columns = zip(spec.columns, zip(*rows, strict=True), strict=True)
+    return pa.RecordBatch.from_arrays(
+        [column.from_values(values) for column, values in columns], schema=spec.schema
+    )
 
 
 class _AdbcStream:
-    """A running query on its own ADBC connection; every method blocks (call them from one
-    thread)."""
+    """The query on its own ADBC PostgreSQL connection (COPY binary, decoded in C)."""
 
-    def __init__(self, connection: Any, cursor: Any, reader: pa.RecordBatchReader) -> None:
+    def __init__(self, spec: ExportSpec, connection: Any, cursor: Any) -> None:
+        self._spec = spec
         self._connection = connection
         self._cursor = cursor
-        self._reader = reader
+        self._reader: pa.RecordBatchReader = cursor.fetch_record_batch()
+
+    @classmethod
+    def open(cls, uri: str, sql: str, spec: ExportSpec) -> _AdbcStream:
+        connection = adbc_postgresql.connect(uri)
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SET standard_conforming_strings = on")
+            cursor.execute(sql)
+            return cls(spec, connection, cursor)
+        except BaseException:
+            connection.close()
+            raise
 
     def read_next(self) -> pa.RecordBatch | None:
         try:
-            return self._reader.read_next_batch()
+            batch = self._reader.read_next_batch()
         except StopIteration:
             return None
+        # Enum numbers become names; the driver's field metadata goes (arrays are reused).
+        arrays = [
+            column.from_codes(array) if column.enum_type is not None else array
+            for column, array in zip(self._spec.columns, batch.columns, strict=True)
+        ]
+        return pa.RecordBatch.from_arrays(arrays, schema=self._spec.schema)
 
     def close(self) -> None:
         try:
@@ -295,13 +326,29 @@ class _AdbcStream:
             self._connection.close()
 
 
-def _open_adbc_stream(uri: str, sql: str) -> _AdbcStream:
-    connection = adbc_postgresql.connect(uri)
-    try:
-        cursor = connection.cursor()
-        cursor.execute("SET standard_conforming_strings = on")
-        cursor.execute(sql)
-        return _AdbcStream(connection, cursor, cursor.fetch_record_batch())
-    except BaseException:
-        connection.close()
-        raise
+class _SqliteStream:
+    """The query on its own read-only sqlite3 connection to the database file (WAL: a
+    consistent snapshot beside the server's writers): rows fetched and columns built in the
+    export's thread, not through the event loop's connection."""
+
+    def __init__(self, spec: ExportSpec, connection: sqlite3.Connection, sql: str) -> None:
+        self._spec = spec
+        self._connection = connection
+        self._cursor = connection.execute(sql)
+
+    @classmethod
+    def open(cls, database: str, sql: str, spec: ExportSpec) -> _SqliteStream:
+        path = Path(database).expanduser().resolve()
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            return cls(spec, connection, sql)
+        except BaseException:
+            connection.close()
+            raise
+
+    def read_next(self) -> pa.RecordBatch | None:
+        rows = self._cursor.fetchmany(SQLITE_BATCH_ROWS)
+        return _batch_of_rows(self._spec, rows) if rows else None
+
+    def close(self) -> None:
+        self._connection.close()
