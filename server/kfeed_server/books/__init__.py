@@ -11,18 +11,12 @@ docs/adr/0013-order-book-storage.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from kfeed_server.db.repositories import MarketRepository, OrderBookRepository
-from kfeed_server.records import (
-    BookChangeRecord,
-    BookCheckpointRecord,
-    CheckpointKind,
-    Levels,
-    Side,
-)
+from kfeed_server.db.repositories.books import BookHistory
+from kfeed_server.records import CheckpointKind, Levels, Side
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,36 +53,33 @@ def _best_first(side: dict[int, int], depth: int) -> Levels:
     return tuple(levels[:depth] if depth else levels)
 
 
-def rebuild(
-    checkpoint: BookCheckpointRecord,
-    changes: Iterable[BookChangeRecord],
-    following: BookCheckpointRecord | None,
-    depth: int = 0,
-) -> BookAt:
-    """The book ``checkpoint`` and the ``changes`` after it make (``depth`` levels a side; 0:
-    all); ``following`` is the first checkpoint after the instant, if any."""
-    yes, no = dict(checkpoint.yes), dict(checkpoint.no)
-    time, received, sequence = (
-        checkpoint.exchange_time,
-        checkpoint.receive_time,
-        checkpoint.sequence,
-    )
-    for change in changes:
-        side = yes if change.side is Side.YES else no
-        if change.size:
-            side[change.price] = change.size
+def rebuild(history: BookHistory, depth: int = 0) -> BookAt:
+    """The book a checkpoint and the changes after it make (``depth`` levels a side; 0: all)."""
+    checkpoint = history.checkpoint
+    assert checkpoint is not None
+    books = (dict(checkpoint.yes), dict(checkpoint.no))
+    yes_side = int(Side.YES)
+    for side, price, size in history.levels:
+        book = books[0] if side == yes_side else books[1]
+        if size:
+            book[price] = size
         else:
-            side.pop(change.price, None)
-        time, received, sequence = change.exchange_time, change.receive_time, change.sequence
-    unseen_restart = following is not None and following.kind is CheckpointKind.START
+            book.pop(price, None)
+    last = history.last_change
+    time, received, sequence = (
+        (checkpoint.exchange_time, checkpoint.receive_time, checkpoint.sequence)
+        if last is None
+        else (last.exchange_time, last.receive_time, last.sequence)
+    )
     return BookAt(
         ticker=checkpoint.ticker,
         exchange_time=time,
         receive_time=received,
         sequence=sequence or None,
-        yes=_best_first(yes, depth),
-        no=_best_first(no, depth),
-        in_feed_gap=checkpoint.kind is CheckpointKind.LOST or unseen_restart,
+        yes=_best_first(books[0], depth),
+        no=_best_first(books[1], depth),
+        in_feed_gap=checkpoint.kind is CheckpointKind.LOST
+        or history.following is CheckpointKind.START,
     )
 
 
@@ -101,12 +92,12 @@ class OrderBooks:
 
     async def book_at(self, ticker: str, time: datetime, depth: int = 0) -> BookAt:
         """``ticker``'s book in force at ``time``, ``depth`` levels a side (0: all)."""
-        checkpoint, changes, following = await self._books.history(ticker, time)
-        if checkpoint is None:
+        history = await self._books.history(ticker, time)
+        if history.checkpoint is None:
             market = await self._markets.get_market(ticker)
             if market is None:
                 raise UnknownMarketError(ticker)
             if market.open_time is not None and time < market.open_time:
                 raise BeforeMarketError(market.open_time)
             raise NotRecordedError(ticker)
-        return rebuild(checkpoint, changes, following, depth)
+        return rebuild(history, depth)

@@ -10,10 +10,10 @@ import logging
 import struct
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
-from sqlalchemy import Column, MetaData, Table, select, text
+from sqlalchemy import BigInteger, Column, MetaData, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeDecorator
@@ -156,6 +156,21 @@ _CHECKPOINT_COLUMNS = [
 ]  # fmt: skip
 
 
+def _kind(value: Any) -> CheckpointKind | None:
+    return None if value is None else CheckpointKind(value)
+
+
+class BookHistory(NamedTuple):
+    """What rebuilds a book at an instant: the latest checkpoint at or before it, the level
+    changes after that checkpoint up to the instant as ``(side, price, new size)`` in exchange
+    order, the last of those changes in full, and the kind of the first checkpoint after it."""
+
+    checkpoint: BookCheckpointRecord | None
+    levels: list[tuple[int, int, int]]
+    last_change: BookChangeRecord | None
+    following: CheckpointKind | None
+
+
 def _checkpoint(row: Any) -> BookCheckpointRecord:
     return BookCheckpointRecord(
         row[0], row[1], row[2], row[3], CheckpointKind(row[4]),
@@ -169,35 +184,41 @@ class OrderBookRepository:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def history(
-        self, ticker: str, time: datetime
-    ) -> tuple[BookCheckpointRecord | None, list[BookChangeRecord], BookCheckpointRecord | None]:
-        """What rebuilds ``ticker``'s book at ``time``, read in one transaction: the latest
-        checkpoint at or before it, the changes after that checkpoint up to ``time`` (in
-        exchange order), and the first checkpoint after ``time``."""
+    async def history(self, ticker: str, time: datetime) -> BookHistory:
+        """What rebuilds ``ticker``'s book at ``time``: two index range reads, each a round trip
+        (no transaction around them: rows are only ever appended, and a change committed between
+        the two reads lies after the checkpoint the first found, so it is not missed)."""
         table, changes = book_checkpoints_table, book_changes_table
+        following = (
+            select(table.c.kind)
+            .where(table.c.ticker == ticker, table.c.exchange_time > time)
+            .order_by(table.c.exchange_time, table.c.receive_time)
+            .limit(1)
+            .scalar_subquery()
+        )
         async with self._sessions() as session:
+            connection = await session.connection(
+                execution_options={"isolation_level": "AUTOCOMMIT"}
+            )
             before = (
-                await session.execute(
-                    select(*_CHECKPOINT_COLUMNS)
+                await connection.execute(
+                    select(*_CHECKPOINT_COLUMNS, following)
                     .where(table.c.ticker == ticker, table.c.exchange_time <= time)
                     .order_by(table.c.exchange_time.desc(), table.c.receive_time.desc())
                     .limit(1)
                 )
             ).first()
-            after = (
-                await session.execute(
-                    select(*_CHECKPOINT_COLUMNS)
-                    .where(table.c.ticker == ticker, table.c.exchange_time > time)
-                    .order_by(table.c.exchange_time, table.c.receive_time)
-                    .limit(1)
-                )
-            ).first()
-            checkpoint = None if before is None else _checkpoint(before)
-            rows: list[BookChangeRecord] = []
-            if checkpoint is not None and checkpoint.kind is not CheckpointKind.LOST:
-                result = await session.execute(
-                    select(*(changes.c[name] for name in _CHANGE_COLUMNS))
+            if before is None:
+                return BookHistory(None, [], None, None)
+            checkpoint, after = _checkpoint(before), _kind(before[len(_CHECKPOINT_COLUMNS)])
+            if checkpoint.kind is CheckpointKind.LOST:
+                return BookHistory(checkpoint, [], None, after)
+            rows = (
+                await connection.execute(
+                    select(
+                        changes.c.side.cast(BigInteger), changes.c.price, changes.c.size,
+                        changes.c.exchange_time, changes.c.receive_time, changes.c.sequence,
+                    )
                     .where(
                         changes.c.ticker == ticker,
                         changes.c.exchange_time > checkpoint.exchange_time,
@@ -205,10 +226,14 @@ class OrderBookRepository:
                     )
                     .order_by(changes.c.exchange_time, changes.c.sequence)
                 )
-                rows = [
-                    BookChangeRecord(r[0], r[1], r[2], r[3], Side(r[4]), r[5], r[6]) for r in result
-                ]
-        return checkpoint, rows, None if after is None else _checkpoint(after)
+            ).all()  # fmt: skip
+        last = None
+        if rows:
+            side, price, size, exchange_time, receive_time, sequence = rows[-1]
+            last = BookChangeRecord(
+                ticker, exchange_time, receive_time, sequence, Side(side), price, size
+            )
+        return BookHistory(checkpoint, [(r[0], r[1], r[2]) for r in rows], last, after)
 
     async def maintain_partitions(
         self, now: datetime, days_ahead: int, retention: timedelta | None
