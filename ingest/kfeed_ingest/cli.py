@@ -125,6 +125,9 @@ class IngestCommand(CommandSettings):
         gt=0,
         description="seconds a batch collects rows before it is sent (rows are spooled at once)",
     )
+    poll_books: bool = Field(
+        default=True, description="--mode poll: read each open market's order book every pass"
+    )
     book_checkpoint_changes: int = Field(
         default=1000, ge=1, description="a full order book every N changes of a market"
     )
@@ -235,6 +238,7 @@ class IngestCommand(CommandSettings):
                     linger=self.linger,
                     candle_period_minutes=self.candle_period,
                     flush_timeout=self.flush_timeout,
+                    poll_books=self.poll_books,
                     book_checkpoints=CheckpointPolicy(
                         self.book_checkpoint_changes, self.book_checkpoint_seconds
                     ),

@@ -24,10 +24,12 @@ import grpc
 from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_ingest.columns import snapshot_columns
 from kfeed_ingest.kalshi.books import (
+    START,
     BookChange,
     CheckpointPolicy,
     append_change,
     change_columns,
+    checkpoint,
 )
 from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.normalise import (
@@ -37,6 +39,7 @@ from kfeed_ingest.kalshi.normalise import (
     market_message,
     market_status,
     now_utc,
+    orderbook_sides,
     series_message,
     snapshot_from_candlestick,
     snapshot_from_market,
@@ -96,6 +99,7 @@ class RunOptions:
     once_ws_timeout: float = 30.0
     candle_period_minutes: int = 60
     book_checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    poll_books: bool = True
 
 
 @dataclass(slots=True)
@@ -499,9 +503,9 @@ class Ingestor:
         await self._send_trades(listing(), set())
         return newest
 
-    async def poll_once(self) -> dict[str, KalshiMarket]:
+    async def poll_once(self, books: bool = False) -> dict[str, KalshiMarket]:
         """One pass: every selected market's and every followed market's metadata and a POLL
-        snapshot of each."""
+        snapshot of each; with ``books``, each open market's REST order book too."""
         await self._resume()
         markets = await self.discover()
         markets.update(await self._read_followed(markets))
@@ -513,16 +517,32 @@ class Ingestor:
             except FixedPointError as exc:
                 self.report.read_errors += 1
                 logger.error("skipping a snapshot of %s: %s", market.ticker, exc)
+            if books and market_status(market.status) == types_pb2.MARKET_STATUS_OPEN:
+                await self._send_rest_book(market.ticker)
         await self._read_trades()
         await self.sink.flush()
         logger.info("poll pass: %d markets", len(markets))
         return markets
 
+    async def _send_rest_book(self, ticker: str) -> None:
+        """The market's REST order book as a START checkpoint: REST gives no time, so it is
+        placed at the time it was read, and the book between two polls is unknown (flagged)."""
+        try:
+            response = await self.rest.get_orderbook(ticker)
+            yes, no = orderbook_sides(response.levels)
+        except (KalshiError, FixedPointError) as exc:
+            self.report.read_errors += 1
+            logger.error("order book of %s unavailable: %s", ticker, exc)
+            return
+        read = now_utc()
+        await self.sink.add(checkpoint(ticker, START, read, read, None, yes, no))
+
     async def run_poll(self, once: bool) -> None:
-        """Poll every ``poll_interval`` seconds (a pass that overruns starts the next at once)."""
+        """Poll every ``poll_interval`` seconds (a pass that overruns starts the next at once),
+        each open market's order book too (``poll_books``)."""
         while True:
             started = time.monotonic()
-            await self.poll_once()
+            await self.poll_once(books=self.options.poll_books)
             if once:
                 return
             await asyncio.sleep(max(0.0, self.options.poll_interval - (time.monotonic() - started)))

@@ -15,7 +15,7 @@ from typing import Literal
 
 import pytest
 
-from kfeed.v1 import types_pb2
+from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_ingest.cli import IngestCommand, derive_ws_url
 from kfeed_ingest.runner import default_backfill_range
 from kfeed_ingest.spool import Spool
@@ -91,6 +91,18 @@ async def test_poll_once_stores_exactly_what_the_exchange_shows(
         m.event_ticker for m in markets.values()
     }
     assert {s.ticker for r in requests for s in r.series}
+    # each open market's REST order book, as a START checkpoint
+    books = {c.book.ticker: c for r in requests for c in r.book_checkpoints}
+    assert set(books) == open_markets
+    for ticker, book in books.items():
+        yes, no = exchange.markets[ticker].orderbook()
+        assert book.kind == ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_START
+        assert [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.book.yes_bids] == (
+            sorted(yes, reverse=True)
+        )
+        assert [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.book.no_bids] == (
+            sorted(no, reverse=True)
+        )
     assert len(Spool.open(tmp_path / "spool")) == 0
 
 
