@@ -1,5 +1,5 @@
 import { createClient } from "@connectrpc/connect";
-import { useQuery, useTransport } from "@connectrpc/connect-query";
+import { useInfiniteQuery, useQuery, useTransport } from "@connectrpc/connect-query";
 import { MarketService, type StreamSnapshotsResponse } from "@gen/kfeed/v1/market_service_pb.js";
 import { MarketStatus, type Market } from "@gen/kfeed/v1/types_pb.js";
 import { memo, useEffect, useMemo, useRef, useState } from "react";
@@ -54,21 +54,23 @@ export function MarketsPage() {
   const [search, setSearch] = useState("");
   const [series, setSeries] = useState("");
   const [event, setEvent] = useState("");
-  const [status, setStatus] = useState<MarketStatus>(MarketStatus.UNSPECIFIED);
+  const [status, setStatus] = useState<MarketStatus>(MarketStatus.OPEN);
   const seriesList = useQuery(MarketService.method.listSeries, { pageSize: 1000 });
   const events = useQuery(MarketService.method.listEvents, { pageSize: 1000, seriesTicker: series });
-  const markets = useQuery(MarketService.method.listMarkets, {
-    pageSize: 1000,
-    seriesTicker: series,
-    eventTicker: event,
-    statuses: status ? [status] : [],
-  });
+  // Pages of 500 (AIP-158 tokens), more on demand: Kalshi lists many thousands of markets.
+  const markets = useInfiniteQuery(
+    MarketService.method.listMarkets,
+    { pageSize: 500, pageToken: "", seriesTicker: series, eventTicker: event, statuses: status ? [status] : [] },
+    { pageParamKey: "pageToken", getNextPageParam: (page) => page.nextPageToken || undefined },
+  );
+  const listed = useMemo(() => (markets.data?.pages ?? []).flatMap((page) => page.markets), [markets.data]);
   // Markets the live feed mentions that the list does not have yet: list again (at most every 2 s).
-  const known = useMemo(() => new Set((markets.data?.markets ?? []).map((m) => m.ticker)), [markets.data]);
+  const known = useMemo(() => new Set(listed.map((m) => m.ticker)), [listed]);
   const lastRefetch = useRef(0);
   const noticeTicker = (ticker: string) => {
     if (known.has(ticker) || markets.isFetching || performance.now() - lastRefetch.current < 2000) return;
-    if (series || event || status) return; // a filtered list need not hold every ticker
+    // A filtered or partly loaded list need not hold every ticker.
+    if (series || event || status !== MarketStatus.OPEN || markets.hasNextPage) return;
     lastRefetch.current = performance.now();
     void markets.refetch();
   };
@@ -110,12 +112,12 @@ export function MarketsPage() {
   // Series and events when the server lists them; otherwise what the markets say.
   const seriesOptions = seriesList.data
     ? seriesList.data.series.map((s) => s.ticker)
-    : [...new Set((markets.data?.markets ?? []).map((m) => m.seriesTicker))].sort();
+    : [...new Set(listed.map((m) => m.seriesTicker))].sort();
   const eventOptions = events.data
     ? events.data.events.map((e) => e.eventTicker)
-    : [...new Set((markets.data?.markets ?? []).map((m) => m.eventTicker))].sort();
+    : [...new Set(listed.map((m) => m.eventTicker))].sort();
   const needle = search.trim().toLowerCase();
-  const shown = (markets.data?.markets ?? []).filter(
+  const shown = listed.filter(
     (m) => !needle || m.ticker.toLowerCase().includes(needle) || m.title.toLowerCase().includes(needle),
   );
 
@@ -158,6 +160,11 @@ export function MarketsPage() {
           {shown.map((m) => <MarketRow key={m.ticker} market={m} board={board} />)}
         </tbody>
       </table>
+      {markets.hasNextPage && (
+        <button onClick={() => void markets.fetchNextPage()} disabled={markets.isFetchingNextPage}>
+          load more markets
+        </button>
+      )}
       {markets.isPending && <p className="sub">loading…</p>}
       {markets.data && shown.length === 0 && <p className="sub">no markets match</p>}
     </section>
