@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -62,6 +63,12 @@ _CORS_RESPONSE_HEADERS = (
     "grpc-status-details-bin",
     "x-request-id",
 )
+# How a refused /metrics scrape answers (the RPCs answer in their protocols' own way).
+_HTTP_STATUS = {
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+}
 _NOT_BUILT = """<!doctype html><meta charset="utf-8"><title>kfeed</title>
 <h1>kfeed</h1><p>The dashboard is not built. Run <code>make web</code> (or <code>make demo</code>)
 and reload. The Connect and gRPC-Web endpoints are served here all the same.</p>"""
@@ -88,7 +95,7 @@ def _metrics_route(auth: AuthInterceptor) -> Route:
         except ApiError as refusal:
             return JSONResponse(
                 {"code": refusal.code.name.lower(), "message": refusal.message},
-                status_code=401 if refusal.code.name == "UNAUTHENTICATED" else 403,
+                status_code=_HTTP_STATUS.get(refusal.code, 403),
             )
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
