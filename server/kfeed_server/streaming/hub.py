@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
@@ -45,8 +45,15 @@ class MarketSelector:
 class Subscription:
     """One subscriber's bounded queue of live items. Only the hub appends; only its feed reads."""
 
-    def __init__(self, selector: MarketSelector, capacity: int) -> None:
+    def __init__(
+        self,
+        selector: MarketSelector,
+        capacity: int,
+        request_wake: Callable[[Subscription], None] | None = None,
+    ) -> None:
         self.selector = selector
+        # Asks the hub for a turn when items are waiting (None: take them at once).
+        self._request_wake = request_wake
         self._capacity = capacity
         self._items: deque[LiveItem] = deque()
         self._ready = asyncio.Event()
@@ -99,8 +106,17 @@ class Subscription:
         return peak
 
     async def wait(self, seconds: float) -> None:
-        """Until something is queued, the subscription is closed, or ``seconds`` pass."""
-        if self._items or self.closed or self.overflowed:
+        """Until something is queued, the subscription is closed, or ``seconds`` pass.
+
+        Items already waiting are taken on this subscriber's turn: the hub grants turns a slice
+        at a time, so a subscriber that keeps finding its queue full does not take the event
+        loop from ingest and everyone else."""
+        if self.closed:
+            return
+        if self._items or self.overflowed:
+            if not self._ready.is_set() and self._request_wake is not None:
+                self._request_wake(self)
+                await self._ready.wait()
             return
         # asyncio.timeout rather than wait_for: no extra task per wait (one per delivery).
         with contextlib.suppress(TimeoutError):
@@ -154,7 +170,7 @@ class SnapshotHub:
         return routes
 
     def subscribe(self, selector: MarketSelector, capacity: int | None = None) -> Subscription:
-        subscription = Subscription(selector, capacity or self.queue_capacity)
+        subscription = Subscription(selector, capacity or self.queue_capacity, self._request_wake)
         if self.closed:
             subscription.close()
             return subscription
@@ -234,6 +250,15 @@ class SnapshotHub:
                 followed = set(tickers)
                 subscription.offer([item for item in items if item.ticker in followed])
         return list(wanted)
+
+    def _request_wake(self, subscription: Subscription) -> None:
+        """Give ``subscription`` a turn in the next slice (it has items waiting)."""
+        if subscription in self._subscriptions:
+            self._to_wake[subscription] = None
+            if self._waking is None:
+                self._waking = asyncio.get_running_loop().create_task(self._wake_in_slices())
+        else:
+            subscription.wake()
 
     def _schedule_wake_ups(self, subscriptions: list[Subscription]) -> None:
         to_wake = self._to_wake
