@@ -512,39 +512,39 @@ async def snapshots(options: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _ohlc_cells(ohlc: types_pb2.PriceOhlc | None) -> list[str]:
-    if ohlc is None:
-        return ["", "", "", ""]
-    return [_dollars(ohlc.open), _dollars(ohlc.high), _dollars(ohlc.low), _dollars(ohlc.close)]
+def _ohlc(ohlc: types_pb2.PriceOhlc) -> str:
+    return " ".join(_dollars(price) for price in (ohlc.open, ohlc.high, ohlc.low, ohlc.close))
+
+
+def candle_line(candle: types_pb2.Candle) -> str:
+    """One candle as a line of rich markup: start, YES bid and ask open/high/low/close, trade
+    open/high/low/close with the mean, volume (trades), open interest; "—" where absent."""
+    has = candle.HasField
+    bid = _ohlc(candle.yes_bid) if has("yes_bid") else "—"
+    ask = _ohlc(candle.yes_ask) if has("yes_ask") else "—"
+    trades = (
+        f"trades {_ohlc(candle.price)} mean {_dollars(candle.mean_price)}"
+        if has("price")
+        else "[dim]no trades[/]"
+    )
+    interest = _contracts(candle.open_interest) if has("open_interest") else "—"
+    return (
+        f"[dim]{_time(candle.start_time)[:-4]}[/]  bid [green]{bid}[/]  ask [red]{ask}[/]  "
+        f"{trades}  vol {_contracts(candle.volume)} ({candle.trade_count})  OI {interest}"
+    )
 
 
 async def candles(options: argparse.Namespace, console: Console) -> int:
-    """`candles`: a market's candles, a table or JSON lines."""
+    """`candles`: a market's candles, a line each (bid, ask and trades open/high/low/close) or
+    JSON lines."""
     interval: timedelta = options.interval
     start = options.start or datetime.now(UTC) - 24 * interval
-    table = Table(box=None)
-    headers = ["start (UTC)", "bid open", "high", "low", "close", "ask open", "high", "low"]
-    headers += ["close", "trade open", "high", "low", "close", "mean", "volume", "trades", "OI"]
-    for header in headers:
-        table.add_column(header, justify="left" if header.startswith("start") else "right")
     async with _connect(options) as client:
         async for candle in client.iter_candles(options.ticker, interval, start, options.end):
             if options.json:
                 console.out(_json(candle), highlight=False)
-                continue
-            has = candle.HasField
-            table.add_row(
-                _time(candle.start_time)[:-4],
-                *_ohlc_cells(candle.yes_bid if has("yes_bid") else None),
-                *_ohlc_cells(candle.yes_ask if has("yes_ask") else None),
-                *_ohlc_cells(candle.price if has("price") else None),
-                _dollars(candle.mean_price) if has("mean_price") else "",
-                _contracts(candle.volume),
-                str(candle.trade_count),
-                _contracts(candle.open_interest) if has("open_interest") else "",
-            )
-    if not options.json:
-        console.print(table, soft_wrap=True)
+            else:
+                console.print(candle_line(candle), soft_wrap=True, highlight=False)
     return 0
 
 
