@@ -75,6 +75,10 @@ async def test_a_reader_cancels_its_own_backtest_but_not_anothers(
     stored = await server.repositories.backtests.get(mine)
     assert stored is not None
     assert stored.created_by == "reader"
+    shown = await stub.GetBacktest(
+        pb.GetBacktestRequest(backtest_id=mine), metadata=bearer(OTHER_READ_TOKEN)
+    )
+    assert shown.backtest.creator == "reader"
     assert await _cancel_code(stub, mine, OTHER_READ_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
     assert await _cancel_code(stub, mine, READ_TOKEN) == grpc.StatusCode.OK
 

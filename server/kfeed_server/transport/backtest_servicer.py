@@ -273,6 +273,7 @@ def backtest_to_proto(
         create_time=timestamp(record.create_time),
         error_message=record.error_message,
         parent_backtest_id=record.parent_backtest_id or "",
+        creator=record.created_by,
         ranked_child_ids=record.ranked_child_ids,
     )
     if record.metrics is not None:

@@ -807,6 +807,7 @@ class Backtest(_message.Message):
     SWEEP_FIELD_NUMBER: _builtins.int
     EQUITY_CURVE_FIELD_NUMBER: _builtins.int
     DATA_QUALITY_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
     backtest_id: _builtins.str
     """Server-assigned id."""
     state: Global___BacktestState.ValueType
@@ -816,6 +817,10 @@ class Backtest(_message.Message):
     """Why it FAILED."""
     parent_backtest_id: _builtins.str
     """For a sweep child: the sweep's parent backtest."""
+    creator: _builtins.str
+    """The name of the token that created it ("anonymous" without authentication; empty for runs
+    older than the field). Only it or an admin may cancel the run.
+    """
     @_builtins.property
     def config(self) -> Global___BacktestConfig: ...
     @_builtins.property
@@ -867,10 +872,11 @@ class Backtest(_message.Message):
         sweep: Global___ParameterSweep | None = ...,
         equity_curve: _abc.Iterable[Global___EquityPoint] | None = ...,
         data_quality: Global___DataQuality | None = ...,
+        creator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "metrics", b"metrics", "progress", b"progress", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "sweep", b"sweep"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest_id", b"backtest_id", "code_version", b"code_version", "config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "equity_curve", b"equity_curve", "error_message", b"error_message", "metrics", b"metrics", "parent_backtest_id", b"parent_backtest_id", "progress", b"progress", "ranked_child_ids", b"ranked_child_ids", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "state", b"state", "sweep", b"sweep"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest_id", b"backtest_id", "code_version", b"code_version", "config", b"config", "create_time", b"create_time", "creator", b"creator", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "equity_curve", b"equity_curve", "error_message", b"error_message", "metrics", b"metrics", "parent_backtest_id", b"parent_backtest_id", "progress", b"progress", "ranked_child_ids", b"ranked_child_ids", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "state", b"state", "sweep", b"sweep"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

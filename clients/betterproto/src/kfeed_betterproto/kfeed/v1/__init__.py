@@ -772,6 +772,12 @@ class Backtest(betterproto2.Message):
     Set once the run has read its data.
     """
 
+    creator: "str" = betterproto2.field(21, betterproto2.TYPE_STRING)
+    """
+    The name of the token that created it ("anonymous" without authentication; empty for runs
+    older than the field). Only it or an admin may cancel the run.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "Backtest", Backtest)
 
