@@ -137,11 +137,11 @@ async def test_candles_prints_ohlc_of_book_and_trades(address: str, seeded: Publ
         "2025-03-14 15:09:00  bid 0.4000 0.4006 0.4000 0.4006  ask 0.4100 0.4106 0.4100 0.4106  "
         "trades 0.4000 0.4002 0.4000 0.4002 mean 0.4001  vol 3.00 (3)  OI 50.00",
     ]
-    _, lines = await run(
+    _, json_lines = await run(
         "candles", TICKER, "--server", address, "--interval", "60",
         "--from", "2025-03-14T15:09:00Z", "--to", "2025-03-14T15:10:00Z", "--json",
     )  # fmt: skip
-    (candle,) = [json.loads(line) for line in lines.splitlines()]
+    (candle,) = [json.loads(line) for line in json_lines.splitlines()]
     assert candle["meanPrice"] == {"tenThousandths": "4001"}
     assert candle["tradeCount"] == "3"
 
