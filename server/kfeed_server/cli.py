@@ -19,10 +19,9 @@ from kfeed_server.web.app import DEFAULT_WEB_ROOT
 from kfeed_settings import CommandError, CommandSettings
 
 
-class ServeCommand(CommandSettings, ServerFlags, SecurityFlags):
-    """Run the kfeed gRPC server. It owns the database and migrates it on start.
-
-    The server and security flags are defined once, by ServerFlags and SecurityFlags."""
+# The server and security flags are defined once, by ServerFlags and SecurityFlags.
+class ServeCommand(CommandSettings, SecurityFlags, ServerFlags):
+    """Run the kfeed gRPC server. It owns the database and migrates it on start."""
 
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: LogFormat = Field(default="text", description="text, or json (one object a line)")

@@ -7,16 +7,9 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class FaultConfig(BaseModel):
-    """Fault knobs. Rates are probabilities in [0, 1] drawn from a generator seeded by ``seed``.
+class FaultFlags(BaseModel):
+    """The fault knobs `kfeed sim` takes as flags (SimCommand inherits them)."""
 
-    Every knob can be changed while the simulator runs (``POST /_sim/faults`` or
-    ``SimHandle.set_faults``), so a test can switch faults on and off around one request.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int | None = Field(default=None, description="fault generator seed; None = the sim seed")
     error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="REST 5xx rate")
     rate_limit_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="REST 429 rate")
     retry_after_seconds: int | None = Field(
@@ -37,21 +30,29 @@ class FaultConfig(BaseModel):
     )
 
 
-class SimConfig(BaseModel):
-    """Everything that shapes one simulator run. Same config (and seed) → same data."""
+class FaultConfig(FaultFlags):
+    """Fault knobs. Rates are probabilities in [0, 1] drawn from a generator seeded by ``seed``.
+
+    Every knob can be changed while the simulator runs (``POST /_sim/faults`` or
+    ``SimHandle.set_faults``), so a test can switch faults on and off around one request.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 1
+    seed: int | None = Field(default=None, description="fault generator seed; None = the sim seed")
+
+
+class SimFlags(BaseModel):
+    """The simulator settings `kfeed sim` takes as flags (SimCommand inherits them)."""
+
+    seed: int = Field(default=1, description="same seed, same markets, prices and trades")
     markets: int = Field(default=12, ge=1, description="markets kept open or upcoming at once")
     tick_interval: float = Field(
         default=0.25, gt=0.0, description="wall seconds per live step (also the sim-time step)"
     )
     auto_step: bool = Field(
-        default=True, description="advance on a timer; False = only SimHandle.advance() steps"
-    )
-    start_time: datetime | None = Field(
-        default=None, description="sim time of live step 0 (UTC); None = wall clock at start"
+        default=True,
+        description="advance on a timer; off: only POST /_sim/step (SimHandle.advance) steps",
     )
     firehose: bool = Field(
         default=False,
@@ -60,6 +61,23 @@ class SimConfig(BaseModel):
         " markets / tick_interval states per second",
     )
     history_steps: int = Field(default=240, ge=0, description="past steps generated at start")
+    legacy_integer_fields: bool = Field(
+        default=True, description="emit the pre-2026-03-12 integer cent/count fields too"
+    )
+    ping_interval: float = Field(default=10.0, gt=0.0, description="server WebSocket pings")
+    ws_queue_size: int = Field(
+        default=10_000, ge=1, description="frames buffered per socket before it is dropped"
+    )
+
+
+class SimConfig(SimFlags):
+    """Everything that shapes one simulator run. Same config (and seed) → same data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_time: datetime | None = Field(
+        default=None, description="sim time of live step 0 (UTC); None = wall clock at start"
+    )
     history_step_seconds: int = Field(default=60, ge=1, description="sim seconds per past step")
     api_keys: dict[str, str] = Field(
         default_factory=dict,
@@ -69,10 +87,3 @@ class SimConfig(BaseModel):
         default=300.0, gt=0.0, description="accepted clock skew of KALSHI-ACCESS-TIMESTAMP"
     )
     faults: FaultConfig = Field(default_factory=FaultConfig)
-    legacy_integer_fields: bool = Field(
-        default=True, description="emit the pre-2026-03-12 integer cent/count fields too"
-    )
-    ping_interval: float = Field(default=10.0, gt=0.0, description="server WebSocket pings")
-    ws_queue_size: int = Field(
-        default=10_000, ge=1, description="frames buffered per socket before it is dropped"
-    )

@@ -49,5 +49,5 @@ def test_sim_flags_are_checked_against_the_simulators_limits(
     lines = _usage_error(["sim", "--tick-interval", "0"], capsys)
     assert lines == [
         "kfeed sim: invalid flags (see kfeed sim --help)",
-        "  --tick-interval: Input should be greater than 0",
+        "  --tick-interval (KFEED_TICK_INTERVAL): Input should be greater than 0 (got '0')",
     ]
