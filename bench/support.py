@@ -23,6 +23,8 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.waiting import eventually
+
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -117,13 +119,15 @@ async def stop_processes(*processes: asyncio.subprocess.Process) -> None:
 
 
 async def wait_until(ready: Callable[[], Awaitable[bool]], what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    """Until ``ready()`` answers True (a failing probe counts as not ready yet): the tests' one
+    polling helper, ``eventually``."""
+
+    async def probe() -> bool:
         with contextlib.suppress(Exception):
-            if await ready():
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {seconds} s")
+            return await ready()
+        return False
+
+    await eventually(probe, seconds, what=f"{what} ready", interval=0.2)
 
 
 @asynccontextmanager

@@ -188,6 +188,8 @@ async def test_ingest_against_an_unreachable_server_and_exchange(tmp_path: Path)
         ["markets"],
         ["snapshots", "KXANY"],
         ["candles", "KXANY"],
+        ["book", "KXANY"],
+        ["export", "snapshots", "-o", "snapshots.parquet"],
         ["backtest", "list"],
     ],
     ids=lambda args: args[0],
