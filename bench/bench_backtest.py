@@ -16,13 +16,14 @@ import gc
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
 from kfeed_server.backtest import EngineConfig, Fingerprinter, fingerprint, run_backtest
 from kfeed_server.backtest.chunks import encode_chunk
+from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast, warm_up
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
 
@@ -144,6 +145,78 @@ def run_numpy(snapshots: list[SnapshotRecord], tickers: tuple[str, ...]) -> tupl
     return Timing(ended - began, pnl), ended - kernel_began
 
 
+def run_compiled(
+    snapshots: list[SnapshotRecord], tickers: tuple[str, ...], fingerprinter: Fingerprinter
+) -> tuple[Timing, float]:
+    """The compiled path from the records (columns built, then the kernel and the full result:
+    executions, curve, metrics): (total timing, seconds from the columns on)."""
+    config = EngineConfig(
+        strategy="threshold",
+        tickers=tickers,
+        parameters={"buy_below": BUY_BELOW, "sell_above": SELL_ABOVE, "count": COUNT},
+    )
+    began = time.perf_counter()
+    columns = columns_from_records(snapshots, tickers)
+    columns_ready = time.perf_counter()
+    result = run_fast(config, {}, columns, fingerprinter)
+    ended = time.perf_counter()
+    assert result is not None
+    return Timing(ended - began, result.metrics.total_pnl), ended - columns_ready
+
+
+def run_sweep(
+    snapshots: list[SnapshotRecord], tickers: tuple[str, ...], fingerprinter: Fingerprinter
+) -> tuple[float, int]:
+    """A 10 × 10 grid of (buy_below, sell_above) over the same records: columns built once, the
+    kernel per point, a full result each. (seconds, points)."""
+    base = EngineConfig("threshold", tickers, {"count": COUNT})
+    configs = [
+        replace(base, parameters={"buy_below": low, "sell_above": high, "count": COUNT})
+        for low in range(3_000, 5_000, 200)
+        for high in range(5_200, 7_200, 200)
+    ]
+    began = time.perf_counter()
+    columns = columns_from_records(snapshots, tickers)
+    results = sweep_fast(configs, {}, columns, [fingerprinter.copy() for _ in configs])
+    seconds = time.perf_counter() - began
+    assert all(r is not None for r in results)
+    return seconds, len(configs)
+
+
+def run_vectorbt(
+    codes: np.ndarray, bids: np.ndarray, asks: np.ndarray, markets: int
+) -> float | None:
+    """vectorbt's Portfolio.from_signals on the same signals (entries: ask <= buy_below, exits:
+    bid >= sell_above; one contract, buys at the ask, sells at the bid), one column per market.
+    Seconds of the call (its own numba code compiled by a first call), None without vectorbt.
+    Its fees are proportional, not Kalshi's, so only the time is compared."""
+    try:
+        import vectorbt as vbt  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    length = max(int((codes == m).sum()) for m in range(markets))
+    entries = np.zeros((length, markets), dtype=bool)
+    exits = np.zeros((length, markets), dtype=bool)
+    price = np.full((length, markets), np.nan)
+    for m in range(markets):
+        mask = codes == m
+        bid, ask = bids[mask] / 10_000, asks[mask] / 10_000
+        entry, leave = ask <= BUY_BELOW / 10_000, bid >= SELL_ABOVE / 10_000
+        rows = bid.size
+        entries[:rows, m], exits[:rows, m] = entry, leave
+        price[:rows, m] = np.where(entry, ask, bid)
+
+    def call() -> None:
+        vbt.Portfolio.from_signals(
+            price, entries, exits, size=1.0, init_cash=1_000.0, freq="1s"
+        ).total_return()
+
+    call()  # compiles vectorbt's kernels
+    began = time.perf_counter()
+    call()
+    return time.perf_counter() - began
+
+
 def _time_fingerprint(snapshots: list[SnapshotRecord]) -> float:
     began = time.perf_counter()
     fingerprint(snapshots)
@@ -184,6 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint_seconds = min(_time_fingerprint(snapshots) for _ in range(args.repeat))
     encoding_seconds = min(_time_encoding(snapshots) for _ in range(args.repeat))
 
+    # The compiled path: warm (numba's disk cache), then best of N with every run kept for the
+    # spread; its fingerprint comes from the service's encoded chunks, as for the engine.
+    warm_up()
+    chunks = encoded_fingerprinter(snapshots)
+    compiled_runs = [run_compiled(snapshots, tickers, chunks.copy()) for _ in range(args.repeat)]
+    compiled, _ = min(compiled_runs, key=lambda r: r[0].seconds)
+    compiled_from_columns = min(seconds for _, seconds in compiled_runs)
+    sweep_runs = [run_sweep(snapshots, tickers, chunks) for _ in range(max(1, args.repeat - 1))]
+    sweep_seconds, sweep_points = min(sweep_runs)
+    code_of = {ticker: code for code, ticker in enumerate(tickers)}
+    codes = np.fromiter((code_of[s.ticker] for s in snapshots), dtype=np.int64)
+    bids = np.fromiter((s.yes_bid for s in snapshots), dtype=np.int64)
+    asks = np.fromiter((s.yes_ask for s in snapshots), dtype=np.int64)
+    vectorbt_runs = [run_vectorbt(codes, bids, asks, args.markets) for _ in range(args.repeat)]
+    vectorbt_seconds = min((v for v in vectorbt_runs if v is not None), default=None)
+
     engine_rate = args.snapshots / engine.seconds
     numpy_rate = args.snapshots / numpy_total.seconds
     ratio = engine_rate / numpy_rate
@@ -207,6 +296,27 @@ def main(argv: list[str] | None = None) -> int:
         f"(server process, in parallel with the worker): {encoding_seconds:.3f} s"
     )
     print(f"ratio  : {ratio:.3f} (target >= {TARGET_RATIO})  PnL agree: {agree}")
+    compiled_ratio = numpy_total.seconds / compiled.seconds
+    columns_ratio = numpy_kernel / compiled_from_columns
+    spread = [round(r[0].seconds, 3) for r in compiled_runs]
+    print(
+        f"compiled: {compiled.seconds:8.3f} s from the records (runs {spread}), "
+        f"{compiled_from_columns:.3f} s from the columns; PnL {compiled.pnl}"
+    )
+    print(
+        f"  vs numpy from the records: {compiled_ratio:.2f}x; from the columns (numpy kernel "
+        f"{numpy_kernel:.3f} s): {columns_ratio:.2f}x (target >= 1.0)"
+    )
+    if vectorbt_seconds is not None:
+        print(
+            f"  vs vectorbt Portfolio.from_signals on the same signals ({vectorbt_seconds:.3f} s, "
+            f"arrays given): {vectorbt_seconds / compiled_from_columns:.2f}x (target >= 1.0)"
+        )
+    print(
+        f"sweep  : {sweep_points} points {sweep_seconds:.3f} s = "
+        f"{sweep_seconds / compiled.seconds:.2f}x one run (target <= 10)"
+    )
+    agree = agree and compiled.pnl == engine.pnl
     summary = {
         "benchmark": "backtest_threshold",
         "snapshots": args.snapshots,
@@ -226,6 +336,18 @@ def main(argv: list[str] | None = None) -> int:
         "engine_pnl": engine.pnl,
         "numpy_pnl": numpy_total.pnl,
         "pnl_agree": agree,
+        "compiled_seconds": round(compiled.seconds, 4),
+        "compiled_runs_seconds": [round(r[0].seconds, 4) for r in compiled_runs],
+        "compiled_from_columns_seconds": round(compiled_from_columns, 4),
+        "ratio_compiled_vs_numpy_records": round(compiled_ratio, 3),
+        "ratio_compiled_vs_numpy_columns": round(columns_ratio, 3),
+        "vectorbt_seconds": None if vectorbt_seconds is None else round(vectorbt_seconds, 4),
+        "ratio_compiled_vs_vectorbt": None
+        if vectorbt_seconds is None
+        else round(vectorbt_seconds / compiled_from_columns, 3),
+        "sweep_points": sweep_points,
+        "sweep_seconds": round(sweep_seconds, 4),
+        "sweep_over_one_run": round(sweep_seconds / compiled.seconds, 3),
     }
     print(json.dumps(summary, sort_keys=True))
     return 0 if agree else 1

@@ -148,6 +148,18 @@ class Fingerprinter:
         self._hash.update(encode_market_data(rows))
         rows.clear()
 
+    def copy(self) -> Fingerprinter:
+        """An independent fingerprinter holding what this one holds (a sweep's points share the
+        rows, then each adds its own terms)."""
+        self._flush()
+        twin = Fingerprinter()
+        twin._hash = self._hash.copy()
+        twin._events = self._events.copy()
+        twin._terms = self._terms.copy()
+        twin._event_count = self._event_count
+        twin._count(self._row_count, self._first_id, self._last_id)
+        return twin
+
     def result(self) -> DataFingerprint:
         """The fingerprint of the rows added so far."""
         self._flush()

@@ -141,5 +141,12 @@ def downsample(
     n = len(times)
     if n <= max_points:
         return list(times), list(equity)
-    picks = [((k + 1) * n + max_points - 1) // max_points - 1 for k in range(max_points)]
+    picks = downsample_picks(n, max_points)
     return [times[i] for i in picks], [equity[i] for i in picks]
+
+
+def downsample_picks(n: int, max_points: int) -> list[int]:
+    """The indices ``downsample`` keeps of ``n`` points (all of them up to ``max_points``)."""
+    if n <= max_points:
+        return list(range(n))
+    return [((k + 1) * n + max_points - 1) // max_points - 1 for k in range(max_points)]
