@@ -1,29 +1,41 @@
 """CreateBacktest to SUCCEEDED over 1,000,000 stored snapshots: the wall time a researcher waits.
 
-The threshold strategy of bench_backtest over the same synthetic data, stored in SQLite and run
-through a real server: CreateBacktest, then WatchBacktest until the terminal state. For scale the
-same engine runs in-process on the same records (no storage, no process pool, no gRPC); the
-ratio of the two is reported, not a target — the issue asks for the wall time.
+The threshold strategy of bench_backtest over the same synthetic data, stored in SQLite or
+PostgreSQL and run through a real server: CreateBacktest, then WatchBacktest until the terminal
+state. The same backtest runs in-process on the same records for scale — the event engine
+(``run_backtest``, as issue 12 measured "the engine alone") and the compiled path the service now
+takes for this strategy (columns built from the records included). Target (issue 12): the
+service ≤ 2× the engine alone.
 
-    uv run python -m bench.bench_backtest_service [--snapshots N]
+    uv run python -m bench.bench_backtest_service [--snapshots N] [--database sqlite|postgres]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from bench.bench_backtest import BUY_BELOW, COUNT, SELL_ABOVE, run_engine, synthetic_snapshots
-from bench.support import print_summary
+from bench.bench_backtest import (
+    BUY_BELOW,
+    COUNT,
+    SELL_ABOVE,
+    encoded_fingerprinter,
+    run_compiled,
+    run_engine,
+    synthetic_snapshots,
+)
+from bench.support import print_summary, sqlalchemy_url, temporary_postgres_database
 from kfeed.v1 import backtest_service_pb2 as pb
 from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
-from kfeed_server.records import MarketRecord, MarketStatus
+from kfeed_server.backtest.fast import warm_up
+from kfeed_server.records import MarketRecord, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import dollars
 
 MARKETS = 10
@@ -47,59 +59,88 @@ def _config(tickers: tuple[str, ...], snapshots: int) -> pb.BacktestConfig:
     )
 
 
-async def run_benchmark(snapshots: int) -> dict[str, object]:
+async def run_benchmark(snapshots: int, database: str) -> dict[str, object]:
     records = synthetic_snapshots(snapshots, MARKETS, seed=7)
     tickers = tuple(f"BENCH-{m}" for m in range(MARKETS))
     in_process = run_engine(records, tickers, engine_hashes=True)
-    with tempfile.TemporaryDirectory() as folder:
-        server = KfeedServer(
-            ServerConfig(listen="127.0.0.1:0", database_url=f"sqlite+aiosqlite:///{folder}/b.db")
-        )
-        await server.start()
-        try:
-            writer = server.repositories.ingest
-            await writer.write_batch(
-                markets=[MarketRecord(ticker=t, status=MarketStatus.OPEN) for t in tickers]
+    warm_up()
+    compiled, _ = run_compiled(records, tickers, encoded_fingerprinter(records))
+    async with contextlib.AsyncExitStack() as stack:
+        if database == "postgres":
+            url = sqlalchemy_url(
+                await stack.enter_async_context(temporary_postgres_database("bench_bt"))
             )
-            stored_at = time.perf_counter()
-            for first in range(0, snapshots, WRITE_CHUNK):
-                chunk = records[first : first + WRITE_CHUNK]
-                await writer.write_batch(snapshots=[r.with_id(0) for r in chunk])
-            store_seconds = time.perf_counter() - stored_at
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                stub = pb_grpc.BacktestServiceStub(channel)
-                began = time.perf_counter()
-                created = await stub.CreateBacktest(
-                    pb.CreateBacktestRequest(config=_config(tickers, snapshots))
-                )
-                final = created.backtest
-                async for update in stub.WatchBacktest(
-                    pb.WatchBacktestRequest(backtest_id=created.backtest.backtest_id)
-                ):
-                    final = update.backtest
-                wall = time.perf_counter() - began
-        finally:
-            await server.stop(grace=0)
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            url = f"sqlite+aiosqlite:///{folder}/b.db"
+        wall, store_seconds, final = await _run_service(records, tickers, snapshots, url)
     assert final.state == pb.BACKTEST_STATE_SUCCEEDED, final
     service_pnl = final.metrics.total_pnl.ten_thousandths
+    ratio = wall / in_process.seconds
     return {
         "benchmark": "backtest_service",
+        "database": database,
         "snapshots": snapshots,
         "create_to_succeeded_seconds": round(wall, 2),
         "in_process_engine_seconds": round(in_process.seconds, 2),
-        "service_over_engine": round(wall / in_process.seconds, 2),
+        "in_process_compiled_seconds": round(compiled.seconds, 2),
+        "service_over_engine": round(ratio, 2),
+        "service_over_compiled": round(wall / compiled.seconds, 2),
         "store_seconds": round(store_seconds, 1),
-        "pnl_agree": service_pnl == in_process.pnl,
-        "target": "report the wall time",
-        "meets_target": service_pnl == in_process.pnl,
+        "pnl_agree": service_pnl == in_process.pnl == compiled.pnl,
+        "target": "service <= 2x the engine alone",
+        "meets_target": ratio <= 2.0 and service_pnl == in_process.pnl,
     }
+
+
+async def _run_service(
+    records: list[SnapshotRecord], tickers: tuple[str, ...], snapshots: int, url: str
+) -> tuple[float, float, pb.Backtest]:
+    """Stores ``records`` through a real server, then times CreateBacktest → the terminal state:
+    (wall seconds, store seconds, the final backtest)."""
+    server = KfeedServer(ServerConfig(listen="127.0.0.1:0", database_url=url))
+    await server.start()
+    try:
+        writer = server.repositories.ingest
+        await writer.write_batch(
+            markets=[MarketRecord(ticker=t, status=MarketStatus.OPEN) for t in tickers]
+        )
+        stored_at = time.perf_counter()
+        for first in range(0, snapshots, WRITE_CHUNK):
+            chunk = records[first : first + WRITE_CHUNK]
+            await writer.write_batch(snapshots=[r.with_id(0) for r in chunk])
+        store_seconds = time.perf_counter() - stored_at
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub: pb_grpc.BacktestServiceAsyncStub = pb_grpc.BacktestServiceStub(channel)
+            # The server's first backtest starts the worker pool (and loads the compiled path in
+            # its forkserver): a long-lived server pays that once, so it is not timed.
+            await _create_and_watch(stub, _config(tickers, 1_000))
+            began = time.perf_counter()
+            final = await _create_and_watch(stub, _config(tickers, snapshots))
+            wall = time.perf_counter() - began
+    finally:
+        await server.stop(grace=0)
+    return wall, store_seconds, final
+
+
+async def _create_and_watch(
+    stub: pb_grpc.BacktestServiceAsyncStub, config: pb.BacktestConfig
+) -> pb.Backtest:
+    created = await stub.CreateBacktest(pb.CreateBacktestRequest(config=config))
+    final = created.backtest
+    async for update in stub.WatchBacktest(
+        pb.WatchBacktestRequest(backtest_id=created.backtest.backtest_id)
+    ):
+        final = update.backtest
+    return final
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--snapshots", type=int, default=1_000_000)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
-    print_summary(asyncio.run(run_benchmark(args.snapshots)))
+    print_summary(asyncio.run(run_benchmark(args.snapshots, args.database)))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ BOTH = (TICKER, OTHER_TICKER)
 ROWS_PAST_ONE_CHUNK = FINGERPRINT_CHUNK + 100
 
 
-async def _engine_result_on_stored_rows(server: KfeedServer, tickers: tuple[str, ...]) -> Any:
+async def _engine_result_on_stored_rows(
+    server: KfeedServer, tickers: tuple[str, ...], buy_below: int = 4_000
+) -> Any:
     repositories = server.repositories
     rows = [
         row
@@ -59,7 +61,7 @@ async def _engine_result_on_stored_rows(server: KfeedServer, tickers: tuple[str,
     config = EngineConfig(
         strategy="threshold",
         tickers=tickers,
-        parameters={"buy_below": 4_000, "sell_above": 6_000, "count": 100},
+        parameters={"buy_below": buy_below, "sell_above": 6_000, "count": 100},
         start_time=at(0),
         end_time=at(10_000),
     )
@@ -225,7 +227,9 @@ async def _list_all(stub: pb_grpc.BacktestServiceAsyncStub, **filters: Any) -> l
 
 
 async def test_a_sweep_runs_one_child_per_point_and_ranks_them(
-    stub: pb_grpc.BacktestServiceAsyncStub, recorded: list[SnapshotRecord]
+    backtest_server: KfeedServer,
+    stub: pb_grpc.BacktestServiceAsyncStub,
+    recorded: list[SnapshotRecord],
 ) -> None:
     parent = await run_to_end(stub, threshold_config(), _grid("buy_below", 3_000, 3_500, 4_000))
     assert parent.state == pb.BACKTEST_STATE_SUCCEEDED, parent.error_message
@@ -242,6 +246,13 @@ async def test_a_sweep_runs_one_child_per_point_and_ranks_them(
     assert sorted(parent.ranked_child_ids) == sorted(by_id)
     assert ranked_pnl == sorted(ranked_pnl, reverse=True)
     assert parent.metrics == by_id[parent.ranked_child_ids[0]].metrics
+    # The threshold sweep took the compiled path (the rows read once, every point over them):
+    # each child is exactly the engine's run of its point.
+    for child in children:
+        low = child.config.parameters["buy_below"].dollars_value.ten_thousandths
+        expected = await _engine_result_on_stored_rows(backtest_server, (TICKER,), low)
+        assert child.metrics == metrics_to_proto(expected.metrics)
+        assert child.data_fingerprint.content_hash == expected.fingerprint.content_hash
 
     everything = await _list_all(stub)
     assert everything[0].backtest_id != parent.backtest_id  # newest (a child) first

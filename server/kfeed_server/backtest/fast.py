@@ -15,10 +15,10 @@ the compile cost once, not per run.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -40,9 +40,8 @@ from kfeed_server.backtest.fees import (
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.metrics import (
     BacktestMetrics,
+    Drawdown,
     daily_returns,
-    downsample_picks,
-    max_drawdown,
     round_trip_stats,
     sharpe_ratio,
     sortino_ratio,
@@ -118,6 +117,14 @@ def columns_from_records(
     ids = np.fromiter(map(_GET["snapshot_id"], records), dtype=np.int64, count=n)
     ints = [_int_column(list(map(_GET[name], records))).reshape(n) for name in _INT_COLUMNS]
     return SnapshotColumns(tickers, codes, time_us, ids, *ints)
+
+
+def _picks(n: int, max_points: int) -> np.ndarray:
+    """``metrics.downsample_picks`` in numpy."""
+    if n <= max_points:
+        return np.arange(n, dtype=np.int64)
+    k = np.arange(max_points, dtype=np.int64)
+    return ((k + 1) * n + max_points - 1) // max_points - 1
 
 
 def _datetimes(values: np.ndarray) -> list[datetime]:
@@ -518,6 +525,41 @@ def _threshold_kernel(
     scalars[12] = last_time
 
 
+@njit(cache=True, boundscheck=True)
+def _drawdown(times: np.ndarray, equity: np.ndarray, initial: int) -> tuple[int, float, int]:
+    """``metrics.max_drawdown`` of the curve ``initial`` then ``equity`` (the first point at the
+    curve's first time), compiled: (depth, fraction, longest duration in µs)."""
+    n = equity.size + 1
+    peak = initial
+    depth = 0
+    fraction = 0.0
+    longest = 0
+    run_start = -1
+    for i in range(n):
+        value = initial if i == 0 else equity[i - 1]
+        if value > peak:
+            peak = value
+        fall = peak - value
+        if fall > depth:
+            depth = fall
+        if peak > 0:
+            share = fall / peak
+            if share > fraction:
+                fraction = share
+        if fall > 0:
+            if run_start < 0:
+                run_start = i
+        elif run_start >= 0:
+            # Point i is back at the peak; the run began after point run_start - 1.
+            began = times[max(run_start - 1, 0) - 1] if run_start >= 2 else times[0]
+            longest = max(longest, times[i - 1] - began)
+            run_start = -1
+    if run_start >= 0:
+        began = times[max(run_start - 1, 0) - 1] if run_start >= 2 else times[0]
+        longest = max(longest, times[n - 2] - began)
+    return depth, fraction, longest
+
+
 # --- around the kernel ---------------------------------------------------------------------------
 
 
@@ -527,28 +569,6 @@ def _to_us(moment: datetime) -> int:
 
 def _from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(value))
-
-
-class _Times(Sequence[datetime]):
-    """Microsecond times read as datetimes on access (metrics touch few of a long curve)."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self._values = values
-
-    def __len__(self) -> int:
-        return int(self._values.size)
-
-    @overload
-    def __getitem__(self, index: int) -> datetime: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[datetime]: ...
-    def __getitem__(self, index: int | slice) -> datetime | Sequence[datetime]:
-        if isinstance(index, slice):
-            return [_from_us(v) for v in self._values[index].tolist()]
-        return _from_us(self._values[index])
-
-    def __iter__(self) -> Iterator[datetime]:
-        return iter([_from_us(v) for v in self._values.tolist()])
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,7 +749,7 @@ def _result(
         fees_paid=fees_paid,
         trade_count=trades,
     )
-    picks = np.array(downsample_picks(n_curve, max_points), dtype=np.int64)
+    picks = _picks(n_curve, max_points)
     kept_times = _datetimes(times[picks])
     kept_equity = equity[picks].tolist()
     fingerprinter.add_terms(config.tickers, markets, fees, config.fee_schedule_version)
@@ -768,12 +788,12 @@ def _metrics(
     initial = config.initial_cash
     total_pnl = final_equity - initial
     returns = daily_returns(initial, closes.tolist())
+    # Drawdowns are measured from the initial cash too (a first point at the first time).
     if times.size:
-        # Drawdowns are measured from the initial cash too.
-        curve_times = np.concatenate(([times[0]], times))
-        drawdown = max_drawdown(_Times(curve_times), [initial, *equity.tolist()])
+        depth, fraction, longest = _drawdown(times, equity, initial)
+        drawdown = Drawdown(int(depth), float(fraction), timedelta(microseconds=int(longest)))
     else:
-        drawdown = max_drawdown([], [])
+        drawdown = Drawdown(0, 0.0, timedelta(0))
     win_rate, profit_factor, expectancy = round_trip_stats(trips.tolist())
     return BacktestMetrics(
         total_pnl=total_pnl,

@@ -100,6 +100,37 @@ class ReplayFeeder:
         """Runs ``config`` in a worker, feeding it the window's rows; raises what the run
         raised (BacktestCancelled when stopped). ``persist_progress`` stores the live record at
         most every ``persist_interval``; ``on_change`` is called on every progress report."""
+        result = await self._run(pool, tracked, config, (), persist_progress, on_change, limits)
+        assert isinstance(result, BacktestResult)
+        return result
+
+    async def replay_sweep(
+        self,
+        pool: Executor,
+        tracked: TrackedRun,
+        configs: Sequence[EngineConfig],
+        persist_progress: Callable[[BacktestRecord], Awaitable[None]],
+        limits: WorkerLimits = NO_LIMITS,
+    ) -> list[BacktestResult]:
+        """Runs every grid point of a sweep in one worker over the window's rows, read once (the
+        compiled path; NotCompiled when a point cannot take it). ``tracked`` is the sweep's
+        parent: it gets the progress."""
+        results = await self._run(
+            pool, tracked, configs[0], tuple(configs), persist_progress, None, limits
+        )
+        assert isinstance(results, list)
+        return results
+
+    async def _run(
+        self,
+        pool: Executor,
+        tracked: TrackedRun,
+        config: EngineConfig,
+        sweep: tuple[EngineConfig, ...],
+        persist_progress: Callable[[BacktestRecord], Awaitable[None]],
+        on_change: Callable[[], None] | None,
+        limits: WorkerLimits,
+    ) -> BacktestResult | list[BacktestResult]:
         start = config.start_time or OPEN_START
         end = config.end_time or OPEN_END
         # Pins the data set: ingest may go on, the run reads exactly what it counted.
@@ -116,7 +147,13 @@ class ReplayFeeder:
                 fees[ticker] = await self._market_fees(market)
         tracked.publish(replaced(tracked.record, {"snapshots_total": total}))
         job = WorkerJob(
-            config, markets, total, self._settings.progress_every, fees=fees, limits=limits
+            config,
+            markets,
+            total,
+            self._settings.progress_every,
+            fees=fees,
+            limits=limits,
+            sweep=sweep,
         )
         data_reader, data_writer = multiprocessing.Pipe(duplex=False)
         control, worker_control = multiprocessing.Pipe()

@@ -85,13 +85,11 @@ def sortino_ratio(returns: np.ndarray) -> float:
     return float(np.mean(returns)) / downside * math.sqrt(ANNUALISATION_DAYS)
 
 
-def max_drawdown(times: Sequence[datetime], equity: Sequence[int]) -> Drawdown:
-    """The drawdown of an equity curve (see ``Drawdown``)."""
+def _underwater(values: np.ndarray) -> tuple[int, float, np.ndarray, np.ndarray]:
+    """(depth, fraction, the first point of each underwater run, the first point back at the
+    peak after it) of an equity curve (int64, not empty)."""
     import numpy as np  # lazily: the server imports this module, the worker computes
 
-    if not equity:
-        return Drawdown(0, 0.0, timedelta(0))
-    values = np.asarray(equity, dtype=np.int64)
     peaks = np.maximum.accumulate(values)
     falls = peaks - values
     depth = int(falls.max())
@@ -103,12 +101,23 @@ def max_drawdown(times: Sequence[datetime], equity: Sequence[int]) -> Drawdown:
     edges = np.diff(underwater)
     run_starts = np.flatnonzero(edges == 1)  # index of the first underwater point
     run_ends = np.flatnonzero(edges == -1)  # index of the first point back at the peak
+    return depth, float(fractions.max()), run_starts, run_ends
+
+
+def max_drawdown(times: Sequence[datetime], equity: Sequence[int]) -> Drawdown:
+    """The drawdown of an equity curve (see ``Drawdown``)."""
+    import numpy as np  # lazily: the server imports this module, the worker computes
+
+    if not equity:
+        return Drawdown(0, 0.0, timedelta(0))
+    values = np.asarray(equity, dtype=np.int64)
+    depth, fraction, run_starts, run_ends = _underwater(values)
     longest = timedelta(0)
     last = len(values) - 1
     for first_below, recovered in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
         peak_time = times[max(first_below - 1, 0)]
         longest = max(longest, times[min(recovered, last)] - peak_time)
-    return Drawdown(depth, float(fractions.max()), longest)
+    return Drawdown(depth, fraction, longest)
 
 
 def round_trip_stats(trip_pnls: Sequence[int]) -> tuple[float, float, int]:

@@ -25,6 +25,7 @@ from typing import Any
 from kfeed_server import build
 from kfeed_server.backtest.config import EngineConfig, validate_config
 from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY, BacktestCancelled, BacktestResult
+from kfeed_server.backtest.fast import fast_path_applies
 from kfeed_server.backtest.feeding import FeedSettings, ReplayFeeder, run_data_quality
 from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
 from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps
@@ -32,7 +33,7 @@ from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.sweep import SweepSpec
 from kfeed_server.backtest.sweep_runs import sweep_outcome, sweep_points, sweep_progress
 from kfeed_server.backtest.tracking import TrackedRun, progress_values, replaced
-from kfeed_server.backtest.worker import WorkerLimits
+from kfeed_server.backtest.worker import NotCompiled, WorkerLimits
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
 
@@ -436,6 +437,53 @@ class BacktestRunner:
     async def _persist_progress(self, record: BacktestRecord) -> None:
         await self._backtests.update(record.backtest_id, **progress_values(record))
 
+    async def _run_compiled(self, parent: TrackedRun, configs: Sequence[EngineConfig]) -> bool:
+        """Runs a sweep's points in one worker over the rows read once (the compiled path);
+        False, with nothing run, when a point cannot take it."""
+        children = parent.children
+        try:
+            gaps = await self._feeder.check_gaps(configs[0])
+        except UnrecoveredGaps as error:
+            for child in children:
+                await self._finish(
+                    child, None, state=BacktestState.FAILED, error_message=str(error)
+                )
+            return True
+        if not await self._acquire_slot(parent):
+            for child in children:
+                await self._finish_stopped(child, None)
+            return True
+        try:
+            for child in children:
+                await self._update(child, None, state=BacktestState.RUNNING, run_start_time=_now())
+            try:
+                results = await self._feeder.replay_sweep(
+                    self._pool(),
+                    parent,
+                    configs,
+                    self._persist_progress,
+                    WorkerLimits(self._strategy_modules, self._config.time_limit),
+                )
+            finally:
+                self._slots.release()
+        except NotCompiled:
+            return False
+        except BacktestCancelled:
+            for child in children:
+                await self._finish_stopped(child, None)
+            return True
+        except Exception as error:
+            if isinstance(error, BrokenProcessPool):
+                self._shutdown_pool()
+            log.exception("sweep %s failed", parent.record.backtest_id)
+            message = f"{type(error).__name__}: {error}"
+            for child in children:
+                await self._finish(child, None, state=BacktestState.FAILED, error_message=message)
+            return True
+        for child, config, result in zip(children, configs, results, strict=True):
+            await self._store_result(child, result, run_data_quality(config, gaps, result), None)
+        return True
+
     async def _run_sweep(
         self, parent: TrackedRun, configs: Sequence[EngineConfig], rank_by: str
     ) -> None:
@@ -445,12 +493,16 @@ class BacktestRunner:
             parent.publish(sweep_progress(parent.record, [c.record for c in children]))
 
         try:
-            await asyncio.gather(
-                *(
-                    self._run_single(child, config, on_change=refresh)
-                    for child, config in zip(children, configs, strict=True)
-                )
+            compiled = all(fast_path_applies(c) for c in configs) and await self._run_compiled(
+                parent, configs
             )
+            if not compiled:
+                await asyncio.gather(
+                    *(
+                        self._run_single(child, config, on_change=refresh)
+                        for child, config in zip(children, configs, strict=True)
+                    )
+                )
             if parent.stop_requested.is_set():
                 await self._finish_stopped(parent, None)
             else:

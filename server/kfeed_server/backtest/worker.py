@@ -32,7 +32,7 @@ from kfeed_server.backtest.engine import (
     Progress,
     run_backtest,
 )
-from kfeed_server.backtest.fast import ColumnCollector, fast_path_applies, run_fast
+from kfeed_server.backtest.fast import ColumnCollector, fast_path_applies, run_fast, sweep_fast
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
@@ -93,6 +93,13 @@ class WorkerJob:
     # Each market's fee terms (series fee type and multiplier).
     fees: Mapping[str, MarketFees] = field(default_factory=dict)
     limits: WorkerLimits = NO_LIMITS
+    # A sweep's grid points (same tickers and window as ``config``): run them all over the rows,
+    # read once, and return a list of results.
+    sweep: tuple[EngineConfig, ...] = ()
+
+
+class NotCompiled(Exception):
+    """A sweep point cannot take the compiled path: run the points one by one instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +119,14 @@ def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[S
         yield from decode_chunk(chunk)
 
 
-def _replay_compiled(
+def _collect(
     job: WorkerJob,
     data: Connection,
     fingerprinter: Fingerprinter,
     report: Callable[[Progress], None],
     should_stop: Callable[[], bool],
-) -> BacktestResult:
-    """The compiled path: the chunks' columns are collected (progress and stops checked as they
-    arrive), then the kernel replays them at once."""
+) -> ColumnCollector:
+    """The chunks' columns, collected as they arrive (progress and stops checked meanwhile)."""
     collector = ColumnCollector(job.config.tickers)
     next_report = job.progress_every
     while (chunk := data.recv()) is not None:
@@ -136,6 +142,42 @@ def _replay_compiled(
             report(Progress(len(collector), total, fraction, 0))
             if should_stop():
                 raise BacktestCancelled(0)
+    return collector
+
+
+def _sweep_compiled(
+    job: WorkerJob,
+    data: Connection,
+    fingerprinter: Fingerprinter,
+    report: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+) -> list[BacktestResult]:
+    """Every grid point over the same columns: read once, the kernel once per point."""
+    columns = _collect(job, data, fingerprinter, report, should_stop).columns()
+    results = sweep_fast(
+        job.sweep,
+        job.markets,
+        columns,
+        [fingerprinter.copy() for _ in job.sweep],
+        fees=job.fees,
+        max_equity_points=job.max_equity_points,
+    )
+    done = [r for r in results if r is not None]
+    assert len(done) == len(results)  # fast_path_applies said so
+    processed = len(columns)
+    report(Progress(processed, processed, 1.0, max(r.metrics.total_pnl for r in done)))
+    return done
+
+
+def _replay_compiled(
+    job: WorkerJob,
+    data: Connection,
+    fingerprinter: Fingerprinter,
+    report: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+) -> BacktestResult:
+    """The compiled path: the chunks' columns are collected, then the kernel replays them."""
+    collector = _collect(job, data, fingerprinter, report, should_stop)
     result = run_fast(
         job.config,
         job.markets,
@@ -150,7 +192,9 @@ def _replay_compiled(
     return result
 
 
-def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> BacktestResult:
+def replay_in_worker(
+    job: WorkerJob, data: Connection, control: Connection
+) -> BacktestResult | list[BacktestResult]:
     """Runs ``job`` over the rows arriving on ``data``; see the module docstring."""
     try:
         control.send(WorkerStarted())
@@ -162,6 +206,10 @@ def replay_in_worker(job: WorkerJob, data: Connection, control: Connection) -> B
             control.send(progress)
 
         with _time_limit(job.limits.time_limit):
+            if job.sweep:
+                if not all(fast_path_applies(c, job.fees) for c in job.sweep):
+                    raise NotCompiled
+                return _sweep_compiled(job, data, fingerprinter, report, control.poll)
             if fast_path_applies(job.config, job.fees):
                 return _replay_compiled(job, data, fingerprinter, report, control.poll)
             return run_backtest(
