@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from kfeed_server.backtest.fees import (
+    DEFAULT_MARKET_FEES,
     FEE_SCHEDULE_VERSION,
     KALSHI_MAKER_FEE_RATE,
     KALSHI_TAKER_FEE_RATE,
+    MULTIPLIER_SCALE,
     PRICE_SCALE,
     FeeRounding,
+    MarketFees,
 )
 from kfeed_server.backtest.orders import FillModel
 from kfeed_server.backtest.params import ConfigError, ParamValue, resolve_parameters
@@ -57,6 +61,32 @@ class EngineConfig:
     fee_schedule_version: str = FEE_SCHEDULE_VERSION
     # What the service does about recorded feed gaps in the window (the engine ignores it).
     gap_policy: GapPolicy = GapPolicy.FLAG
+
+
+FAST_STRATEGIES = frozenset({"threshold"})
+"""Strategies the compiled path (``backtest.fast``) runs."""
+_NO_BOUND = 2**62
+
+
+def fast_path_applies(config: EngineConfig, fees: Mapping[str, MarketFees] | None = None) -> bool:
+    """Whether the compiled path (``backtest.fast``) runs ``config``: the threshold strategy, the
+    TOUCH fill model, no latency, and a fee numerator (rate × multiplier × count × P(1 − P))
+    within int64."""
+    if not (
+        config.strategy in FAST_STRATEGIES
+        and FillModel(config.fill_model) in (FillModel.TOUCH, FillModel.UNSPECIFIED)
+        and not config.latency
+    ):
+        return False
+    fees = fees or {}
+    multiplier = max(
+        (fees.get(t, DEFAULT_MARKET_FEES).multiplier for t in config.tickers),
+        default=MULTIPLIER_SCALE,
+    )
+    count = config.parameters.get("count", 100)
+    if not isinstance(count, int):
+        return False
+    return config.taker_fee_rate_ten_thousandths * multiplier * count * 25_000_000 < _NO_BOUND
 
 
 def validate_config(

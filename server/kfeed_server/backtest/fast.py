@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from kfeed_server.backtest.chunks import MARKET_COLUMNS
-from kfeed_server.backtest.config import EngineConfig, validate_config
+from kfeed_server.backtest.config import EngineConfig, fast_path_applies, validate_config
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     BacktestResult,
@@ -32,7 +32,6 @@ from kfeed_server.backtest.engine import (
 )
 from kfeed_server.backtest.fees import (
     DEFAULT_MARKET_FEES,
-    MULTIPLIER_SCALE,
     FeeRounding,
     FeeType,
     MarketFees,
@@ -46,7 +45,6 @@ from kfeed_server.backtest.metrics import (
     sharpe_ratio,
     sortino_ratio,
 )
-from kfeed_server.backtest.orders import FillModel
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
 from kfeed_server.records import (
     DataSource,
@@ -59,12 +57,9 @@ from kfeed_server.records import (
     SnapshotRecord,
 )
 
-FAST_STRATEGIES = frozenset({"threshold"})
-"""Strategies the compiled path runs."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _DAY_US = 86_400_000_000
-_NO_BOUND = 2**62
 _NONE = -1  # a missing value in an int64 column (prices and sizes are never negative)
 _GET = {name: operator.attrgetter(name) for name in SnapshotRecord._fields}
 _INT_COLUMNS = ("yes_bid", "yes_ask", "no_bid", "no_ask", "yes_bid_size", "yes_ask_size")
@@ -174,26 +169,6 @@ def concatenate(parts: Sequence[SnapshotColumns]) -> SnapshotColumns:
         for name in ("code", "time_us", "snapshot_id", *_INT_COLUMNS)
     ]
     return SnapshotColumns(parts[0].tickers, *arrays)
-
-
-def fast_path_applies(config: EngineConfig, fees: Mapping[str, MarketFees] | None = None) -> bool:
-    """Whether the compiled path runs ``config`` (see the module docstring): also that its fee
-    numerator (rate × multiplier × count × P(1 − P)) stays within int64."""
-    if not (
-        config.strategy in FAST_STRATEGIES
-        and FillModel(config.fill_model) in (FillModel.TOUCH, FillModel.UNSPECIFIED)
-        and not config.latency
-    ):
-        return False
-    fees = fees or {}
-    multiplier = max(
-        (fees.get(t, DEFAULT_MARKET_FEES).multiplier for t in config.tickers),
-        default=MULTIPLIER_SCALE,
-    )
-    count = config.parameters.get("count", 100)
-    if not isinstance(count, int):
-        return False
-    return config.taker_fee_rate_ten_thousandths * multiplier * count * 25_000_000 < _NO_BOUND
 
 
 # --- the kernel ----------------------------------------------------------------------------------

@@ -158,9 +158,12 @@ class ReplayFeeder:
         data_reader, data_writer = multiprocessing.Pipe(duplex=False)
         control, worker_control = multiprocessing.Pipe()
         loop = asyncio.get_running_loop()
-        future = asyncio.wrap_future(
-            pool.submit(replay_in_worker, job, data_reader, worker_control)
+        # In a thread: the first submit starts the pool's forkserver, which imports (and warms)
+        # the worker's modules; the event loop must not wait for that.
+        submitted = await asyncio.to_thread(
+            pool.submit, replay_in_worker, job, data_reader, worker_control
         )
+        future = asyncio.wrap_future(submitted)
 
         def on_message() -> None:
             try:

@@ -23,9 +23,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kfeed_server import build
-from kfeed_server.backtest.config import EngineConfig, validate_config
+from kfeed_server.backtest.config import EngineConfig, fast_path_applies, validate_config
 from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY, BacktestCancelled, BacktestResult
-from kfeed_server.backtest.fast import fast_path_applies
 from kfeed_server.backtest.feeding import FeedSettings, ReplayFeeder, run_data_quality
 from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
 from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps

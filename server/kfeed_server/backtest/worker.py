@@ -21,9 +21,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk, market_columns
-from kfeed_server.backtest.config import EngineConfig
+from kfeed_server.backtest.config import EngineConfig, fast_path_applies
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     DEFAULT_PROGRESS_EVERY,
@@ -32,11 +33,13 @@ from kfeed_server.backtest.engine import (
     Progress,
     run_backtest,
 )
-from kfeed_server.backtest.fast import ColumnCollector, fast_path_applies, run_fast, sweep_fast
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
 from kfeed_server.records import MarketRecord, SnapshotRecord
+
+if TYPE_CHECKING:
+    from kfeed_server.backtest.fast import ColumnCollector
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,10 @@ def _collect(
     should_stop: Callable[[], bool],
 ) -> ColumnCollector:
     """The chunks' columns, collected as they arrive (progress and stops checked meanwhile)."""
+    # Imported here: the server process imports this module but never runs the compiled path
+    # (numba stays out of it); the forkserver has it loaded already (warm_up).
+    from kfeed_server.backtest.fast import ColumnCollector
+
     collector = ColumnCollector(job.config.tickers)
     next_report = job.progress_every
     while (chunk := data.recv()) is not None:
@@ -153,6 +160,8 @@ def _sweep_compiled(
     should_stop: Callable[[], bool],
 ) -> list[BacktestResult]:
     """Every grid point over the same columns: read once, the kernel once per point."""
+    from kfeed_server.backtest.fast import sweep_fast
+
     columns = _collect(job, data, fingerprinter, report, should_stop).columns()
     results = sweep_fast(
         job.sweep,
@@ -177,6 +186,8 @@ def _replay_compiled(
     should_stop: Callable[[], bool],
 ) -> BacktestResult:
     """The compiled path: the chunks' columns are collected, then the kernel replays them."""
+    from kfeed_server.backtest.fast import run_fast
+
     collector = _collect(job, data, fingerprinter, report, should_stop)
     result = run_fast(
         job.config,
