@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
+from itertools import groupby
 
 import grpc
 import pyarrow as pa
@@ -18,7 +19,14 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer
 from kfeed_server.db.repositories.export import EXPORT_APPLICATION_NAME
-from kfeed_server.records import DataSource, MarketStatus, Side, SnapshotRecord, TradeRecord
+from kfeed_server.records import (
+    BookChangeRecord,
+    DataSource,
+    MarketStatus,
+    Side,
+    SnapshotRecord,
+    TradeRecord,
+)
 from kfeed_server.transport.export import MESSAGE_TARGET_BYTES
 from tests.support.factories import at, make_market, make_snapshot, make_trade
 from tests.support.servers import bad_request_fields
@@ -256,3 +264,36 @@ async def test_a_cancelled_export_frees_its_database_connection(
             return int(count or 0) == 0
 
         await eventually(no_export_connection, within=20, what="export connections closed")
+
+
+async def test_order_book_changes_export_in_the_order_they_apply(
+    kfeed_server: KfeedServer, client: kfeed_client.KfeedClient
+) -> None:
+    changes = [
+        BookChangeRecord(
+            ticker,
+            at(i // 3 + offset / 10),
+            at(i // 3 + offset / 10 + 0.001),
+            100 + i // 3,  # three changes a frame
+            Side.YES if i % 2 else Side.NO,
+            4_000 + 37 * i,  # sub-penny levels
+            0 if i % 5 == 0 else 150 * i,  # 0: the level is gone
+        )
+        for offset, ticker in enumerate(("KXA-1", HOSTILE))
+        for i in range(60)
+    ]
+    await kfeed_server.repositories.ingest.write_batch(book_changes=changes[::-1])
+    table = await client.export_order_book_changes([HOSTILE, "KXA-1"], end=at(15))
+    rows = table.to_pylist()
+    for ticker in ("KXA-1", HOSTILE):  # each market's in order (markets in collation order)
+        expected = sorted(
+            (c for c in changes if c.ticker == ticker and c.exchange_time < at(15)),
+            key=lambda c: (c.exchange_time, c.sequence, c.side, c.price),
+        )
+        assert [r for r in rows if r["ticker"] == ticker] == [
+            {**c._asdict(), "side": c.side.name.lower()} for c in expected
+        ]
+    assert len(rows) == 2 * 45
+    assert len(list(groupby(r["ticker"] for r in rows))) == 2  # one market's, then the other's
+    assert table.schema.field("price").metadata == {b"unit": b"USD/10000"}
+    assert table.schema.field("size").metadata == {b"unit": b"contracts/100"}

@@ -6,8 +6,8 @@ with ``pyarrow.ipc.read_record_batch(message.arrow_record_batch, schema)`` — n
 messages (the schema has no dictionary-encoded fields, so no dictionary batches). Messages stay
 under ~3 MiB, well inside every gRPC client's default 4 MiB receive limit.
 
-To export another table (order-book changes, …): an ExportSpec in db/repositories/export.py and
-one call of :func:`export_stream` with the RPC's response type.
+Another table becomes exportable with an ExportSpec in db/repositories/export.py and one call
+of :func:`export_stream` with the RPC's response type (as order-book changes are).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pyarrow as pa
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.db.repositories import ArrowExportReader, MarketRepository
 from kfeed_server.db.repositories.export import (
+    BOOK_CHANGE_EXPORT,
     SNAPSHOT_EXPORT,
     TRADE_EXPORT,
     ExportFilter,
@@ -102,4 +103,17 @@ async def export_trades(
     rows = await export_filter(markets, request)
     batches = reader.batches(TRADE_EXPORT, rows)
     async for message in export_stream(pb.ExportTradesResponse, TRADE_EXPORT, batches):
+        yield message
+
+
+async def export_order_book_changes(
+    markets: MarketRepository,
+    reader: ArrowExportReader,
+    request: pb.ExportOrderBookChangesRequest,
+) -> AsyncIterator[pb.ExportOrderBookChangesResponse]:
+    rows = await export_filter(markets, request)
+    batches = reader.batches(BOOK_CHANGE_EXPORT, rows)
+    async for message in export_stream(
+        pb.ExportOrderBookChangesResponse, BOOK_CHANGE_EXPORT, batches
+    ):
         yield message

@@ -201,3 +201,10 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
     ) -> AsyncIterator[pb.ExportTradesResponse]:
         async for message in export.export_trades(self._markets, self._exports, request):
             yield message
+
+    async def ExportOrderBookChanges(
+        self, request: pb.ExportOrderBookChangesRequest, context: Context
+    ) -> AsyncIterator[pb.ExportOrderBookChangesResponse]:
+        markets, exports = self._markets, self._exports
+        async for message in export.export_order_book_changes(markets, exports, request):
+            yield message

@@ -245,7 +245,9 @@ def _configure_book(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_export(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=("snapshots", "trades"), help="what to export")
+    parser.add_argument(
+        "kind", choices=("snapshots", "trades", "book-changes"), help="what to export"
+    )
     parser.add_argument("tickers", nargs="*", metavar="TICKER", help="markets (none: all)")
     _add_option(parser, "--event", "markets of this event ticker")
     _add_option(parser, "--series", "markets of this series ticker")
@@ -610,6 +612,7 @@ async def export(options: argparse.Namespace, console: Console) -> int:
         exporter = {
             "snapshots": client.export_snapshot_batches,
             "trades": client.export_trade_batches,
+            "book-changes": client.export_order_book_change_batches,
         }[options.kind]
         batches = exporter(
             options.tickers, event_ticker=options.event, series_ticker=options.series,

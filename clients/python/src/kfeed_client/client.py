@@ -288,6 +288,41 @@ class KfeedClient:
         )  # fmt: skip
         return await read_table(batches)
 
+    def export_order_book_change_batches(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        on_rows: ProgressCallback | None = None,
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """Stored order-book changes (every level's new size) as Arrow record batches, each
+        market's in the order they apply, like :meth:`export_snapshot_batches`."""
+        request = export_request(
+            market_service_pb2.ExportOrderBookChangesRequest,
+            tickers, event_ticker, series_ticker, start, end,
+        )  # fmt: skip
+        return record_batches(self.markets.ExportOrderBookChanges(request), on_rows)
+
+    async def export_order_book_changes(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        on_rows: ProgressCallback | None = None,
+    ) -> pa.Table:
+        """:meth:`export_order_book_change_batches` as one ``pyarrow.Table``."""
+        batches = self.export_order_book_change_batches(
+            tickers, event_ticker=event_ticker, series_ticker=series_ticker,
+            start=start, end=end, on_rows=on_rows,
+        )  # fmt: skip
+        return await read_table(batches)
+
     def stream_snapshots(
         self,
         tickers: Iterable[str] = (),

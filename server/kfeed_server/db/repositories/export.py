@@ -33,7 +33,12 @@ from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.types import TypeEngine
 
-from kfeed_server.db.models import markets_table, snapshots_table, trades_table
+from kfeed_server.db.models import (
+    book_changes_table,
+    markets_table,
+    snapshots_table,
+    trades_table,
+)
 from kfeed_server.records import DataSource, MarketStatus, Side
 
 UTC_MICROS = pa.timestamp("us", tz="UTC")
@@ -178,6 +183,27 @@ TRADE_EXPORT = ExportSpec(
     ticker=_t.ticker,
     time=_t.create_time,
     order_by=(_t.create_time, _t.trade_id),
+)
+
+
+_b = book_changes_table.c
+
+BOOK_CHANGE_EXPORT = ExportSpec(
+    columns=(
+        ExportColumn("ticker", _b.ticker, pa.string()),
+        ExportColumn("exchange_time", _b.exchange_time, UTC_MICROS),
+        ExportColumn("receive_time", _b.receive_time, UTC_MICROS),
+        # The exchange's sequence number of the frame; 0 when unknown.
+        ExportColumn("sequence", _b.sequence, pa.int64()),
+        ExportColumn("side", _b.side, pa.string(), enum_type=Side),
+        _price("price", _b.price),
+        # The level's new size; 0: the level is gone.
+        _count("size", _b.size),
+    ),
+    ticker=_b.ticker,
+    time=_b.exchange_time,
+    # A market's changes in the order they apply (the key's order, the frame's sequence first).
+    order_by=(_b.ticker, _b.exchange_time, _b.sequence, _b.side, _b.price),
 )
 
 
