@@ -1,4 +1,4 @@
-"""Bulk reads as Apache Arrow record batches, for the Export RPCs (ADR 0013).
+"""Bulk reads as Apache Arrow record batches, for the Export RPCs (ADR 0016).
 
 A table is exported through an :class:`ExportSpec`: which columns, under which names and Arrow
 types, filtered by ticker / event / series and a time window, in which order. The rows never
