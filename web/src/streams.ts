@@ -19,6 +19,8 @@ export function useServerStream<M extends Resumable>(
   open: (signal: AbortSignal, resumeToken: string) => AsyncIterable<M>,
   onMessage: (message: M) => void,
   enabled = true,
+  /** A message after which the stream has nothing more to say (no reconnect once it ends). */
+  isLast: (message: M) => boolean = () => false,
 ): { state: StreamState; error?: string } {
   const [state, setState] = useState<StreamState>("connecting");
   const [error, setError] = useState<string>();
@@ -26,12 +28,15 @@ export function useServerStream<M extends Resumable>(
   handler.current = onMessage;
   const opener = useRef(open);
   opener.current = open;
+  const last = useRef(isLast);
+  last.current = isLast;
 
   useEffect(() => {
     if (!enabled) return;
     const abort = new AbortController();
     let resumeToken = "";
     let attempt = 0;
+    let finished = false;
     setState("connecting");
     setError(undefined);
     (async () => {
@@ -47,8 +52,9 @@ export function useServerStream<M extends Resumable>(
             }
             if (message.resumeToken) resumeToken = message.resumeToken;
             handler.current(message);
+            if (last.current(message)) finished = true;
           }
-          if (abort.signal.aborted) return;
+          if (abort.signal.aborted || finished) return;
         } catch (caught) {
           if (abort.signal.aborted) return;
           const problem = classify(caught);

@@ -337,6 +337,8 @@ function BacktestDetail({ backtestId }: { backtestId: string }) {
     `watch/${backtestId}`,
     (signal) => client.watchBacktest({ backtestId, minInterval: { nanos: 200_000_000 } }, { signal }),
     (message) => { if (message.backtest) setWatched(message.backtest); },
+    true,
+    (message) => message.backtest !== undefined && finished(message.backtest.state),
   );
   const done = watched !== undefined && finished(watched.state);
   const full = useQuery(
