@@ -35,6 +35,7 @@ class Tally:
         self.latencies: list[float] = []
         self._latency_every = latency_every
         self.started = asyncio.Event()
+        self.failed: list[str] = []
 
     def received(self, stamps: list[float]) -> None:
         now = time.time()
@@ -55,6 +56,20 @@ def _stamp(snapshot: types_pb2.MarketSnapshot) -> float:
 
 
 async def consume(
+    stub: pb_grpc.MarketServiceAsyncStub,
+    request: pb.StreamSnapshotsRequest,
+    expect: int | None,
+    caught_up: asyncio.Semaphore,
+    tally: Tally,
+) -> None:
+    try:
+        await _consume(stub, request, expect, caught_up, tally)
+    except grpc.aio.AioRpcError as error:  # counted and reported; never leaves the run hanging
+        tally.failed.append(f"{error.code().name}: {error.details()}")
+        caught_up.release()
+
+
+async def _consume(
     stub: pb_grpc.MarketServiceAsyncStub,
     request: pb.StreamSnapshotsRequest,
     expect: int | None,
@@ -103,8 +118,10 @@ async def main() -> None:
         request = pb.StreamSnapshotsRequest(tickers=tickers, max_batch_size=args.max_batch_size)
         stub = pb_grpc.MarketServiceStub(channels[index // STREAMS_PER_CHANNEL])
         tasks.append(asyncio.create_task(consume(stub, request, args.expect, caught_up, tally)))
-    for _ in range(args.streams):
+    for opened in range(args.streams):
         await caught_up.acquire()
+        if opened % 1000 == 999:
+            print(f"{opened + 1} streams caught up", file=sys.stderr, flush=True)
     print("ready", flush=True)
     if args.seconds is None:
         await asyncio.gather(*tasks)
@@ -123,6 +140,8 @@ async def main() -> None:
                 "seconds": tally.last - tally.first,
                 "latencies": tally.latencies,
                 "gaps": tally.gaps,
+                "failed_streams": len(tally.failed),
+                "failures": sorted(set(tally.failed))[:5],
             }
         ),
         flush=True,
