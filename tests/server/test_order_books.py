@@ -301,3 +301,41 @@ async def test_invalid_book_rows_are_refused_naming_column_and_row(
         ("book_changes", 2),
     ]
     assert market_to_proto(MARKET).ticker == MARKET.ticker
+
+
+async def test_a_restart_without_a_lost_marker_flags_the_unseen_stretch(
+    publisher: PublishSession, channel: grpc.aio.Channel
+) -> None:
+    """An ingest killed mid-run leaves no LOST marker: the next START says the recording
+    restarted, so the instants between the last record and it are flagged; a LOST marker's
+    stretch is flagged until the RESYNC after it."""
+    await publisher.publish(markets=[MARKET])
+    change = BookChange(MARKET.ticker, micros(at(2)), micros(at(2)), 2, types_pb2.SIDE_YES, 10, 5)
+    records: list[BookChange | ingest_service_pb2.OrderBookCheckpoint] = [
+        checkpoint(MARKET.ticker, START, at(1), at(1), 1, {20: 1}, {}),
+        change,
+        checkpoint(MARKET.ticker, START, at(10), at(10), 1, {30: 1}, {}),  # killed, restarted
+        checkpoint(MARKET.ticker, LOST, at(20), at(20), None, {30: 1}, {}),
+        checkpoint(MARKET.ticker, RESYNC, at(25), at(25), 9, {40: 2}, {}),
+    ]
+    assert (await publisher.send(request_of(records, 0))).code == code_pb2.OK
+    stub = market_service_pb2_grpc.MarketServiceStub(channel)
+
+    async def book(seconds: float) -> types_pb2.OrderBook:
+        request = market_service_pb2.GetOrderBookRequest(
+            ticker=MARKET.ticker, time=stamp(at(seconds))
+        )
+        return (await stub.GetOrderBook(request)).book
+
+    expected = {  # instant: (YES bids, in_feed_gap)
+        1.5: ([(20, 1)], True),  # before a restart nobody announced: the stretch is unseen
+        5: ([(20, 1), (10, 5)], True),
+        12: ([(30, 1)], False),
+        21: ([(30, 1)], True),  # after LOST: the last known book, flagged
+        26: ([(40, 2)], False),
+    }
+    for seconds, (yes, in_gap) in expected.items():
+        found = await book(seconds)
+        assert levels(found)[0] == yes, seconds
+        assert found.in_feed_gap == in_gap, seconds
+    assert (await book(26)).exchange_sequence == 9
