@@ -103,7 +103,7 @@ class ServerFlags(BaseModel):
     max_streams_per_peer: int = Field(
         default=1_000, description="open streams one client address may hold at once"
     )
-    # Order books: docs/adr/0015-order-book-storage.md.
+    # Order books: docs/adr/0017-order-book-storage.md.
     book_partition_days_ahead: int = Field(
         default=7,
         ge=0,

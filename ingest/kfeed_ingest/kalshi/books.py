@@ -4,7 +4,7 @@ A change says that one level's size *became* ``size`` (0: the level is gone), no
 moved, so replaying changes is idempotent and a duplicate never corrupts a book. Changes go out as
 ``OrderBookChangeColumns`` (packed columns, like snapshots: docs/adr/0008-columnar-publish.md),
 checkpoints as ``OrderBookCheckpoint`` messages (few). How they are stored and read back:
-docs/adr/0015-order-book-storage.md.
+docs/adr/0017-order-book-storage.md.
 """
 
 from __future__ import annotations

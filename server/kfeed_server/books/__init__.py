@@ -6,7 +6,7 @@ recording stopped (a feed gap, a lost socket): the book is unknown from then unt
 or RESYNC, and is returned as last known, flagged ``in_feed_gap``. A START whose market had
 earlier records means the recording restarted without saying where it stopped (ingest killed):
 the instants between the previous record and the START are flagged too. Design:
-docs/adr/0015-order-book-storage.md.
+docs/adr/0017-order-book-storage.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Order books: writing changes (COPY on PostgreSQL) and checkpoints, the reads a rebuild needs,
 and the PostgreSQL partitions of the change table (created ahead, dropped by retention).
 
-Design: docs/adr/0015-order-book-storage.md.
+Design: docs/adr/0017-order-book-storage.md.
 """
 
 from __future__ import annotations

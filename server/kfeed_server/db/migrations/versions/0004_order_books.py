@@ -10,7 +10,7 @@ the key's prefix is the index a rebuild reads. On PostgreSQL the table is partit
 exchange time (declarative RANGE partitions of one day, created ahead by the server, plus a
 DEFAULT partition that catches anything outside them); old partitions are dropped by retention.
 ``order_book_checkpoints`` holds full books (levels packed as little-endian int64 pairs).
-See docs/adr/0015-order-book-storage.md.
+See docs/adr/0017-order-book-storage.md.
 """
 
 from collections.abc import Sequence
