@@ -108,8 +108,9 @@ async def main() -> None:
     args = parser.parse_args()
     tally = Tally(args.latency_every)
     caught_up = asyncio.Semaphore(0)
+    # A connection of its own per channel (gRPC shares one between equal channels otherwise).
     channels = [
-        grpc.aio.insecure_channel(args.address)
+        grpc.aio.insecure_channel(args.address, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range((args.streams + STREAMS_PER_CHANNEL - 1) // STREAMS_PER_CHANNEL)
     ]
     tasks = []
