@@ -158,3 +158,24 @@ async def test_times_out_of_range_are_refused(
     latest = await kfeed_server.repositories.snapshots.latest(TICKER)
     assert latest is not None
     assert latest.exchange_time == good.exchange_time
+
+
+async def test_the_same_trade_twice_in_a_batch_is_stored_once_with_its_exact_time(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    exact = make_trade(TICKER, 0)
+    whole_second = make_trade(TICKER, 0, create_time=exact.create_time.replace(microsecond=0))
+    assert exact.create_time.microsecond != 0
+    ack = await publisher.send(
+        pb.PublishRequest(
+            markets=[market_to_proto(MARKET)],
+            trades=[
+                trade_to_proto(whole_second),
+                trade_to_proto(exact),
+                trade_to_proto(whole_second),
+            ],
+        )
+    )
+    assert (ack.code, ack.trades_stored, refused(ack)) == (code_pb2.OK, 1, [])
+    page = await kfeed_server.repositories.trades.list_range(TICKER, start=None, end=None, limit=10)
+    assert [t.create_time for t in page.items] == [exact.create_time]

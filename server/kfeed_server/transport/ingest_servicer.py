@@ -287,10 +287,10 @@ def validate_batch(
             "must be $1 − yes_price",
         )
         # One id, one trade: a second, different trade under an id is refused, never dropped
-        # silently (an identical one is a harmless duplicate).
+        # silently (an identical one, or the same trade with a more exact time, is fine).
         first = first_of_id.setdefault(trade.trade_id, i)
         check.require(
-            first == i or request.trades[first] == trade,
+            first == i or _same_trade(request.trades[first], trade),
             f"{path}.trade_id",
             f"names a different trade than trades[{first}]",
         )
@@ -300,6 +300,25 @@ def validate_batch(
         check.fields(gap, path)
         check.timestamp(gap, "detect_time", path)
     return check.violations
+
+
+def _same_trade(a: types_pb2.Trade, b: types_pb2.Trade) -> bool:
+    """True when ``a`` and ``b`` are one trade: equal, or equal but for a time one of them gives
+    to the whole second only (Kalshi's WebSocket) and the other exactly, within that second
+    (its REST API)."""
+    if a == b:
+        return True
+    if a.create_time.seconds != b.create_time.seconds or 0 not in (
+        a.create_time.nanos,
+        b.create_time.nanos,
+    ):
+        return False
+    a_untimed, b_untimed = types_pb2.Trade(), types_pb2.Trade()
+    a_untimed.CopyFrom(a)
+    b_untimed.CopyFrom(b)
+    a_untimed.ClearField("create_time")
+    b_untimed.ClearField("create_time")
+    return a_untimed == b_untimed
 
 
 def _snapshot_record(m: types_pb2.MarketSnapshot) -> SnapshotRecord | None:

@@ -7,6 +7,7 @@ import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from operator import attrgetter
 from typing import Any
 
@@ -252,9 +253,27 @@ def _refines(
     )
 
 
+def _one_per_trade_id(trades: Sequence[TradeRecord]) -> list[TradeRecord]:
+    """A batch's trades with one row per trade id (PostgreSQL refuses to upsert a row twice in
+    one statement): the first, or a later one whose time refines it (see ``_refines``)."""
+    chosen: dict[str, TradeRecord] = {}
+    for trade in trades:
+        kept = chosen.setdefault(trade.trade_id, trade)
+        whole_second = kept.create_time.microsecond == 0
+        if (
+            kept is not trade
+            and whole_second
+            and timedelta(0) < trade.create_time - kept.create_time < timedelta(seconds=1)
+        ):
+            chosen[trade.trade_id] = trade
+    return list(chosen.values())
+
+
 async def _insert_trades(connection: AsyncConnection, trades: Sequence[TradeRecord]) -> int:
     if not trades:
         return 0
+    if len({t.trade_id for t in trades}) != len(trades):
+        trades = _one_per_trade_id(trades)
     rows = record_rows(trades)
     insert = insert_for(connection, trades_table)
     statement = insert.on_conflict_do_update(
