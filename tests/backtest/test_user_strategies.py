@@ -4,9 +4,12 @@ a clear error and the server goes on serving."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -107,4 +110,28 @@ def test_a_module_that_cannot_load_is_a_clear_error() -> None:
         "user_bid_under",
         "user_raises",
         "user_spins",
+    ]
+
+
+async def test_kfeed_serve_refuses_a_strategy_module_it_cannot_load(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kfeed_cli.main",
+        "serve",
+        "--strategy-module",
+        "tests.support.no_such_module",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        f"sqlite+aiosqlite:///{tmp_path}/kfeed.db",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 1
+    lines = output.decode().strip().splitlines()
+    assert lines == [
+        "kfeed serve: cannot load strategy module 'tests.support.no_such_module': "
+        "ModuleNotFoundError: No module named 'tests.support.no_such_module' (--debug shows more)"
     ]
