@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.backtest import FEE_SCHEDULE_VERSION, FillModel
 from kfeed_server.records import SnapshotRecord
 from kfeed_server.security import SecurityConfig
 from tests.support.backtest_service import TICKER
@@ -71,6 +73,12 @@ async def test_run_plots_and_show_list_strategies_print(
         at(10_000).isoformat(),
         "--plot",
         str(plot),
+        "--fill-model",
+        "depth",
+        "--latency-ms",
+        "1500",
+        "--gap-policy",
+        "refuse",
     )
     assert "total PnL" in output
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
@@ -82,6 +90,10 @@ async def test_run_plots_and_show_list_strategies_print(
     shown = await _kfeed_backtest(backtest_server, "show", backtest.backtest_id)
     assert backtest.content_hash in shown
     assert "buy_below" in shown
+    assert backtest.config.fill_model is FillModel.DEPTH
+    assert backtest.config.latency == timedelta(milliseconds=1_500)
+    for shown_value in ("DEPTH", "0:00:01.500000", "REFUSE", FEE_SCHEDULE_VERSION, "feed gaps"):
+        assert shown_value in shown
     listed = await _kfeed_backtest(backtest_server, "list", "--state", "succeeded")
     assert backtest.backtest_id in listed
     strategies = await _kfeed_backtest(backtest_server, "strategies")

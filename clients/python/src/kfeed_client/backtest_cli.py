@@ -153,9 +153,15 @@ def provenance_table(backtest: pb.Backtest) -> Table:
         ("initial cash", format_dollars(config.initial_cash.ten_thousandths)),
         ("fee rate", f"{config.taker_fee_rate_ten_thousandths / DOLLAR_SCALE:g}"),
         ("fee rounding", pb.FeeRounding.Name(config.fee_rounding)),
+        ("fee schedule", config.fee_schedule_version or "-"),
+        ("fill model", pb.FillModel.Name(config.fill_model).removeprefix("FILL_MODEL_")),
+        ("latency", str(config.latency.ToTimedelta())),
+        ("gap policy", pb.GapPolicy.Name(config.gap_policy).removeprefix("GAP_POLICY_")),
         ("rows read", f"{fingerprint.row_count:,}"),
         ("snapshot ids", f"{fingerprint.first_snapshot_id}..{fingerprint.last_snapshot_id}"),
         ("content hash (SHA-256)", fingerprint.content_hash or "-"),
+        ("books and trades read", f"{fingerprint.event_count:,}"),
+        *_quality_rows(backtest),
         ("code version", backtest.code_version),
     ]
     if backtest.parent_backtest_id:
@@ -165,6 +171,23 @@ def provenance_table(backtest: pb.Backtest) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _quality_rows(backtest: pb.Backtest) -> list[tuple[str, str]]:
+    if not backtest.HasField("data_quality"):
+        return []
+    quality = backtest.data_quality
+    rows = [
+        (
+            "feed gaps",
+            f"{quality.gap_count} ({quality.unrecovered_gap_count} unrecovered), "
+            f"{quality.gap_time.ToTimedelta()}",
+        )
+    ]
+    rows.extend(
+        (f"  {m.ticker}", f"{m.coverage:.2%} covered, {m.gap_count} gaps") for m in quality.markets
+    )
+    return rows
 
 
 def backtests_table(backtests: Sequence[pb.Backtest], title: str) -> Table:
@@ -304,6 +327,10 @@ def create_request(
         config.end_time.CopyFrom(to_timestamp(options.end))
     if options.initial_cash:
         config.initial_cash.ten_thousandths = parse_dollars(options.initial_cash)
+    config.fill_model = pb.FillModel.Value(f"FILL_MODEL_{options.fill_model.upper()}")
+    config.gap_policy = pb.GapPolicy.Value(f"GAP_POLICY_{options.gap_policy.upper()}")
+    if options.latency_ms:
+        config.latency.FromMilliseconds(options.latency_ms)
     request = pb.CreateBacktestRequest(config=config)
     if options.sweep:
         request.sweep.rank_by = options.rank_by or ""
@@ -444,6 +471,21 @@ def build_parser(prog: str = "kfeed backtest") -> argparse.ArgumentParser:
     )
     run_parser.add_argument("--rank-by", default="", help="metric ranking sweep runs (total_pnl)")
     run_parser.add_argument("--initial-cash", default="", help="starting cash in dollars (1000)")
+    run_parser.add_argument(
+        "--fill-model",
+        choices=("touch", "depth"),
+        default="touch",
+        help="takers fill at the touch, or walk the recorded book",
+    )
+    run_parser.add_argument(
+        "--latency-ms", type=int, default=0, help="delay from decision to arrival, milliseconds"
+    )
+    run_parser.add_argument(
+        "--gap-policy",
+        choices=("flag", "refuse"),
+        default="flag",
+        help="refuse windows with unrecovered feed gaps, or run and report them",
+    )
     run_parser.add_argument("--plot", type=Path, help="write the equity curve to this PNG")
     list_parser = commands.add_parser("list", help="list backtests, newest first")
     list_parser.add_argument("--strategy", default="", help="only this strategy")
