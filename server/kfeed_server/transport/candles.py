@@ -38,12 +38,11 @@ def candle_interval(request: pb.ListCandlesRequest) -> timedelta:
     value: duration_pb2.Duration = request.interval
     if value.nanos != 0:
         raise InvalidArgument.field("interval", "must be a whole number of seconds")
-    if value.seconds <= 0:
+    if value.seconds < MIN_INTERVAL.total_seconds():
         raise InvalidArgument.field("interval", "must be positive")
-    interval = timedelta(seconds=value.seconds) if value.seconds <= 86_400 else None
-    if interval is None or not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+    if value.seconds > MAX_INTERVAL.total_seconds():
         raise InvalidArgument.field("interval", "must be at most 1 day (86400 s)")
-    return interval
+    return timedelta(seconds=value.seconds)
 
 
 def _grid(
@@ -53,9 +52,9 @@ def _grid(
     window_end = end if end is not None else datetime.now(UTC)
     remaining = max(0, -((first - window_end) // interval))  # ceil((end - first) / interval)
     count = min(limit, remaining)
+    grid = CandleGrid(first, interval, count)
     try:
-        grid = CandleGrid(first, interval, count)
-        grid.start_of(count + 1)  # every candle's end is a representable time
+        grid.start_of(count)  # the last candle's end is a representable time
     except OverflowError:
         raise InvalidArgument.field("end_time", "is too late for this interval") from None
     return grid, remaining > count
