@@ -19,7 +19,8 @@ from kfeed_server.backtest import (
     validate_config,
 )
 from kfeed_server.backtest.params import ParamValue
-from tests.support.backtest import T0, quote
+from kfeed_server.backtest.sweep import WalkForwardFold, walk_forward, walk_forward_splits
+from tests.support.backtest import T0, at, quote
 
 BASE = EngineConfig("threshold", ("A",))
 
@@ -139,3 +140,51 @@ def test_rank_puts_smaller_drawdown_first() -> None:
     flat = run_backtest(BASE, {}, [quote("A", 0, 1, 5_000, 5_100)])
     assert down.metrics.max_drawdown > flat.metrics.max_drawdown == 0
     assert rank([down, flat], "max_drawdown") == [1, 0]
+
+
+def test_walk_forward_splits_are_consecutive_folds_split_at_the_fraction() -> None:
+    # 100 minutes, 2 folds of 50, 75 % in-sample: [0, 37.5) and [37.5, 50);
+    # [50, 87.5) and [87.5, 100).
+    splits = walk_forward_splits(at(0), at(100), 2, 0.75)
+    assert splits == [
+        WalkForwardFold(at(0), at(37.5), at(50)),
+        WalkForwardFold(at(50), at(87.5), at(100)),
+    ]
+    with pytest.raises(ConfigError) as caught:
+        walk_forward_splits(at(0), at(100), 0, 0.5)
+    assert caught.value.field == "sweep.walk_forward.folds"
+    with pytest.raises(ConfigError) as caught:
+        walk_forward_splits(at(0), at(100), 2, 1.0)
+    assert caught.value.field == "sweep.walk_forward.in_sample_fraction"
+
+
+def test_walk_forward_picks_in_sample_and_tests_out_of_sample() -> None:
+    # Fold 1 (minutes 0-9, in-sample 0-6): a dip to 0.30 then 0.70. Fold 2 (10-19): the same.
+    prices = [(5_000, 5_100), (2_900, 3_000), (3_400, 3_500), (7_000, 7_100)] * 5
+    rows = [quote("A", k, k + 1, bid, ask) for k, (bid, ask) in enumerate(prices)]
+    base = EngineConfig("threshold", ("A",), start_time=at(0), end_time=at(20))
+    grid: dict[str, list[ParamValue]] = {"buy_below": [3_000, 3_500], "sell_above": [6_000]}
+    results = walk_forward(base, grid, "pnl", {}, rows, folds=2, in_sample_fraction=0.7)
+    assert [r.fold for r in results] == [
+        WalkForwardFold(at(0), at(7), at(10)),
+        WalkForwardFold(at(10), at(17), at(20)),
+    ]
+    for result in results:
+        # The chosen point is the best of the grid on the in-sample window...
+        points: list[dict[str, ParamValue]] = [
+            {"buy_below": 3_000, "sell_above": 6_000},
+            {"buy_below": 3_500, "sell_above": 6_000},
+        ]
+        candidates = [
+            run_backtest(replace(result.in_sample.config, parameters=point), {}, rows)
+            for point in points
+        ]
+        assert result.in_sample.metrics.total_pnl == max(c.metrics.total_pnl for c in candidates)
+        # ...and it is then run, unchanged, on the out-of-sample window only.
+        tested = result.out_of_sample.config
+        assert tested.parameters == result.in_sample.config.parameters
+        assert (tested.start_time, tested.end_time) == (
+            result.fold.out_of_sample_start,
+            result.fold.end,
+        )
+        assert result.out_of_sample.fingerprint.row_count == 3
