@@ -41,6 +41,10 @@ class CommandSettings(BaseSettings):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         for name, field in cls.model_fields.items():
+            if field.default_factory is not None:
+                # For --help to show the value rather than "(default factory: <lambda>)"; the
+                # factory still makes each instance's default.
+                field.default = field.get_default(call_default_factory=True, validated_data={})
             variable = f"{ENV_PREFIX}{name.upper()}"
             if variable not in (field.description or ""):
                 described = f"{field.description} " if field.description else ""
