@@ -241,6 +241,10 @@ class _Changed:
         return True
 
 
+def _micros(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
 def _unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
@@ -283,7 +287,12 @@ class Ingestor:
         # Per REST trade listing (a ticker, or None for all markets): the newest create time
         # read so far; each pass reads on from there.
         self._trades_read_until: dict[str | None, datetime] = {}
-        self._started = now_utc()
+        # Where trade listings start in a fresh process: the exchange's clock at the first pass
+        # (the newest `updated_time` it showed), so a skewed local clock loses nothing.
+        self._trades_start: datetime | None = None
+        self._server_had_markets = False  # an earlier process stored data (not a first run)
+        # Finalized since the last trade listing: listed once more, for their last trades.
+        self._just_final: set[str] = set()
 
     # -- reading, with failures logged and skipped --------------------------------------------
 
@@ -376,7 +385,8 @@ class Ingestor:
 
         The market is followed until it is finalized."""
         if market_status(market.status) == types_pb2.MARKET_STATUS_FINALIZED:
-            self.followed.pop(market.ticker, None)
+            if self.followed.pop(market.ticker, None) is not None:
+                self._just_final.add(market.ticker)
         else:
             self.followed[market.ticker] = market
         series_ticker = await self._series_of(market)
@@ -443,10 +453,19 @@ class Ingestor:
             )
             return
         self._resumed = True
+        self._server_had_markets = bool(stored)
         resumed = [market for market in stored if self.selection.covers(market)]
+        # The earlier process's newest trades may still carry the WebSocket's whole seconds
+        # (those after its last REST listing, at most about one discovery interval): read them
+        # again too, so their exact times replace those.
+        reread = max(timedelta(minutes=1), 2 * timedelta(seconds=self.options.discovery_interval))
         for market in resumed:
             self._to_read.add(market.ticker)
-            self._read_back[market.ticker] = market.latest_trade_time or market.open_time
+            latest = market.latest_trade_time
+            self._read_back[market.ticker] = latest - reread if latest else market.open_time
+            if market.latest_snapshot_time is not None:
+                # One snapshot per instant across processes too.
+                self._snapshots.shown(market.ticker, _micros(market.latest_snapshot_time))
         # Markets an earlier run read but the server has not acknowledged yet (spooled).
         spooled = {
             market.ticker
@@ -471,21 +490,23 @@ class Ingestor:
         selection. Their exact times refine the WebSocket's whole seconds (the server keeps the
         more precise time of a trade id), and a trade the socket lost is read here at the
         latest."""
+        listed = set(self.followed) | self._just_final
         read_back, self._read_back = self._read_back, {}
         for ticker, since in sorted(read_back.items()):
-            await self._trades_since(ticker, since)
-        listings: Sequence[str | None] = (
-            [None] if self.selection.is_everything else sorted(self.followed)
-        )
+            await self._trades_since(ticker, since, listed)
+        listings: Sequence[str | None] = [None] if self.selection.is_everything else sorted(listed)
         for key in listings:
-            since = self._trades_read_until.get(key, self._started)
-            self._trades_read_until[key] = await self._trades_since(key, since)
+            since = self._trades_read_until.get(key, self._trades_start)
+            self._trades_read_until[key] = await self._trades_since(key, since, listed)
+        self._just_final.clear()
         for key in set(self._trades_read_until) - {None} - set(self.followed):
             del self._trades_read_until[key]
 
-    async def _trades_since(self, ticker: str | None, since: datetime | None) -> datetime:
-        """Send the trades of ``ticker`` (None: of every followed market) from the whole second
-        of ``since`` on; the newest create time read (``since`` when none)."""
+    async def _trades_since(
+        self, ticker: str | None, since: datetime | None, listed: set[str]
+    ) -> datetime:
+        """Send the trades of ``ticker`` (None: of every market in ``listed``) from the whole
+        second of ``since`` on; the newest create time read (``since`` when none)."""
         newest = since or now_utc()
 
         async def listing() -> AsyncIterator[KalshiTrade]:
@@ -494,7 +515,7 @@ class Ingestor:
                 ticker=ticker, min_ts=_unix(since) if since is not None else None
             )
             async for trade in trades:
-                if ticker is None and trade.market not in self.followed:
+                if ticker is None and trade.market not in listed:
                     continue
                 if (created := trade.time) is not None and created > newest:
                     newest = created
@@ -510,7 +531,16 @@ class Ingestor:
         markets = await self.discover()
         markets.update(await self._read_followed(markets))
         received = now_utc()
+        first_pass = self._trades_start is None
+        if first_pass:
+            shown = [m.updated_time for m in markets.values() if m.updated_time is not None]
+            self._trades_start = max(shown, default=received)
         for market in markets.values():
+            if market.ticker not in self.followed and (not first_pass or self._server_had_markets):
+                # New to kfeed while kfeed was running (or down, between two processes): it
+                # opened or joined the selection recently, so its trades so far are read too.
+                # (A first run on an empty database starts from now: history is backfill's.)
+                self._read_back.setdefault(market.ticker, market.open_time)
             await self.send_market(market)
             try:
                 await self.send_snapshot(snapshot_from_market(market, received))
@@ -596,6 +626,7 @@ class Ingestor:
             await asyncio.sleep(max(until_discovery, 0))
             next_discovery = loop.time() + self.options.discovery_interval
             await self.poll_once()
+            client.close_times.update(_close_times(self.followed))
             for marker in await client.follow(self._seeds(self.followed)):
                 await self._route(marker)
             closing = _closing_schedule(self.followed)
@@ -609,6 +640,12 @@ class Ingestor:
             logger.error("market %s after %s: %s", ticker, reason, exc)
             return
         await self.send_market(market)
+        # Its new state as a snapshot too (determined and finalized change no live channel).
+        try:
+            await self.send_snapshot(snapshot_from_market(market, now_utc()))
+        except FixedPointError as exc:
+            self.report.read_errors += 1
+            logger.error("skipping a snapshot of %s: %s", ticker, exc)
 
     @staticmethod
     def _seeds(markets: dict[str, KalshiMarket]) -> dict[str, types_pb2.MarketSnapshot]:
@@ -623,7 +660,7 @@ class Ingestor:
     def _live(
         self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
     ) -> KalshiWebSocketClient:
-        return KalshiWebSocketClient(
+        client = KalshiWebSocketClient(
             ws_url,
             credentials,
             sorted(markets),
@@ -631,6 +668,8 @@ class Ingestor:
             known=self._seeds(markets),
             checkpoints=self.options.book_checkpoints,
         )
+        client.close_times.update(_close_times(markets))
+        return client
 
     async def _live_once(
         self, ws_url: str, credentials: KalshiCredentials | None, markets: dict[str, KalshiMarket]
@@ -765,6 +804,10 @@ class Ingestor:
         self.report.rejected = self.publisher.stats.rejected
         self.report.unacked = self.publisher.pending
         return self.report
+
+
+def _close_times(markets: dict[str, KalshiMarket]) -> dict[str, datetime]:
+    return {t: m.close_time for t, m in markets.items() if m.close_time is not None}
 
 
 def _closing_schedule(markets: dict[str, KalshiMarket]) -> list[tuple[datetime, str]]:

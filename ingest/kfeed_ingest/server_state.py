@@ -27,6 +27,7 @@ class StoredMarket:
     series_ticker: str
     open_time: datetime | None
     latest_trade_time: datetime | None  # None: no trade stored
+    latest_snapshot_time: datetime | None  # None: no snapshot stored
 
 
 class ServerState:
@@ -78,6 +79,11 @@ def _stored(watermark: ingest_service_pb2.MarketWatermark) -> StoredMarket:
         latest_trade_time=(
             watermark.latest_trade_time.ToDatetime(UTC)
             if watermark.HasField("latest_trade_time")
+            else None
+        ),
+        latest_snapshot_time=(
+            watermark.latest_snapshot_time.ToDatetime(UTC)
+            if watermark.HasField("latest_snapshot_time")
             else None
         ),
     )

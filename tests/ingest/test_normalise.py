@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -261,7 +261,27 @@ def test_deduper_suppresses_only_identical_book_and_activity() -> None:
     assert not deduper.admit(later_same)
     assert deduper.admit(other_market)
     assert deduper.admit(changed)
-    assert deduper.admit(first)  # back to the earlier book: a change relative to the last one
+    back = snapshot_from_market(_market(yes_bid_dollars="0.42"), datetime.now(UTC))
+    assert deduper.admit(back)  # back to the earlier book: a change relative to the last one
+
+
+def test_deduper_keeps_one_snapshot_per_market_and_exchange_instant() -> None:
+    """A REST read of a quiet market shows the instant the socket showed (24 h volume and
+    liquidity as REST has them): not a second snapshot of that instant, nor an older one."""
+    deduper = SnapshotDeduper()
+    live = snapshot_from_market(_market(yes_bid_dollars="0.42"), RECEIVED)
+    rest_same_instant = snapshot_from_market(
+        _market(yes_bid_dollars="0.42", volume_24h_fp="12.00"), RECEIVED
+    )
+    older = snapshot_from_market(_market(yes_bid_dollars="0.41"), RECEIVED)
+    older.exchange_time.FromDatetime(RECEIVED - timedelta(seconds=1))
+    assert deduper.admit(live)
+    assert not deduper.admit(rest_same_instant)
+    assert not deduper.admit(older)
+    deduper.shown("KXT-9", 5_000_000)  # the server holds an instant of another market
+    stored_instant = snapshot_from_market(_market(ticker="KXT-9"), RECEIVED)
+    stored_instant.exchange_time.FromMicroseconds(5_000_000)
+    assert not deduper.admit(stored_instant)
 
 
 def test_kalshis_empty_side_placeholders_become_absent_prices() -> None:

@@ -12,7 +12,7 @@ import pytest
 from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import MarketStatus, TradeRecord
-from tests.support.factories import make_market, make_trade
+from tests.support.factories import make_market, make_snapshot, make_trade
 from tests.support.servers import PublishSession
 
 WHOLE_SECOND = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
@@ -41,7 +41,10 @@ async def test_watermarks_list_markets_by_status_with_their_newest_trade(
         make_market("KXW-C", status=MarketStatus.FINALIZED),
     )
     trades = [make_trade("KXW-A", i) for i in (3, 1, 2)] + [make_trade("KXW-C", 5)]
-    ack = await publisher.publish(markets=[open_market, closed, final], trades=trades)
+    snapshots = [make_snapshot("KXW-B", i) for i in (2, 4)]
+    ack = await publisher.publish(
+        markets=[open_market, closed, final], trades=trades, snapshots=snapshots
+    )
     assert ack.code == 0, ack
 
     final_or_none = (types_pb2.MARKET_STATUS_UNSPECIFIED, types_pb2.MARKET_STATUS_FINALIZED)
@@ -51,6 +54,9 @@ async def test_watermarks_list_markets_by_status_with_their_newest_trade(
     newest = listed.watermarks[0].latest_trade_time.ToDatetime(tzinfo=UTC)
     assert newest == make_trade("KXW-A", 3).create_time
     assert not listed.watermarks[1].HasField("latest_trade_time")
+    assert not listed.watermarks[0].HasField("latest_snapshot_time")
+    shown = listed.watermarks[1].latest_snapshot_time.ToDatetime(tzinfo=UTC)
+    assert shown == make_snapshot("KXW-B", 4).exchange_time
     assert listed.watermarks[1].market.status == types_pb2.MARKET_STATUS_CLOSED
 
     everything = await _watermarks(channel)

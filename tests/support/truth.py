@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ STATUS = {
     "determined": types_pb2.MARKET_STATUS_DETERMINED,
     "finalized": types_pb2.MARKET_STATUS_FINALIZED,
 }
+RESULT = {"yes": types_pb2.MARKET_RESULT_YES, "no": types_pb2.MARKET_RESULT_NO}
 NO_BID, NO_ASK = 0, 10_000  # how the truth writes an empty side; kfeed leaves it unset
 ONE_DOLLAR = 10_000
 
@@ -135,3 +137,78 @@ def latest_state(truth: dict[str, Any], ticker: str) -> dict[str, int]:
 
 def open_tickers(truth: dict[str, Any]) -> set[str]:
     return {m["ticker"] for m in truth["markets"] if m["states"][-1]["status"] == "active"}
+
+
+async def read_trades(address: str, tickers: Iterable[str]) -> dict[str, list[types_pb2.Trade]]:
+    """Every stored trade of each of ``tickers``, through MarketService.ListTrades."""
+    trades: dict[str, list[types_pb2.Trade]] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.MarketServiceStub(channel)
+        for ticker in tickers:
+            trades[ticker] = []
+            token = ""
+            while True:
+                page = await stub.ListTrades(
+                    pb.ListTradesRequest(ticker=ticker, page_size=10_000, page_token=token)
+                )
+                trades[ticker] += page.trades
+                token = page.next_page_token
+                if not token:
+                    break
+    return trades
+
+
+def lifecycle_differences(stored: Stored, truth: dict[str, Any]) -> list[str]:
+    """How each stored market's lifecycle (status, result, settlement value and time) differs
+    from the exchange's latest state of it (empty when they all agree)."""
+    markets = truth_by_ticker(truth)
+    differences = []
+    for ticker, market in sorted(stored.markets.items()):
+        latest = markets[ticker]["states"][-1]
+        settled = latest["status"] == "finalized"
+        expected = (
+            STATUS[latest["status"]],
+            RESULT.get(latest["result"], types_pb2.MARKET_RESULT_UNSPECIFIED),
+            latest["settlement_value"],
+            latest["ts_us"] if settled else None,
+        )
+        shown = (
+            market.status,
+            market.result,
+            market.settlement_value.ten_thousandths
+            if market.HasField("settlement_value")
+            else None,
+            _micros(market.settlement_time) if market.HasField("settlement_time") else None,
+        )
+        if shown != expected:
+            differences.append(f"{ticker}: stored {shown} != exchange {expected}")
+    return differences
+
+
+def trade_differences(
+    stored: dict[str, list[types_pb2.Trade]], truth: dict[str, Any], since_us: int
+) -> list[str]:
+    """How the stored trades of each market differ from the exchange's trades at or after
+    ``since_us``: missing, extra, or with another time or price (empty when they agree)."""
+    markets = truth_by_ticker(truth)
+    differences = []
+    for ticker, trades in sorted(stored.items()):
+        expected = {
+            t["trade_id"]: (t["ts_us"], t["yes_price"], t["count"])
+            for t in markets[ticker]["trades"]
+            if t["ts_us"] >= since_us
+        }
+        shown = {
+            t.trade_id: (_micros(t.create_time), t.yes_price.ten_thousandths, t.count.hundredths)
+            for t in trades
+            if _micros(t.create_time) >= since_us or t.trade_id in expected
+        }
+        if len(shown) != len([t for t in trades if t.trade_id in shown]):
+            differences.append(f"{ticker}: a trade id stored twice")
+        for trade_id in sorted(expected.keys() | shown.keys()):
+            if expected.get(trade_id) != shown.get(trade_id):
+                differences.append(
+                    f"{ticker} {trade_id}: stored {shown.get(trade_id)} "
+                    f"!= exchange {expected.get(trade_id)}"
+                )
+    return differences

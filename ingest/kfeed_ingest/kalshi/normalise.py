@@ -429,10 +429,14 @@ _OBSERVATION_FIELDS: tuple[
 
 
 class SnapshotDeduper:
-    """Suppresses a snapshot identical (book and activity) to the last one sent for its market."""
+    """Suppresses a snapshot identical (book and activity) to the last one sent for its market,
+    and one of an exchange instant no later than that one's: one snapshot per market and
+    instant, whichever source (a REST read of a quiet market shows the instant the socket
+    already showed, with 24 h volume and liquidity as REST has them)."""
 
     def __init__(self) -> None:
         self._last: dict[str, bytes] = {}
+        self._last_time: dict[str, int] = {}  # exchange time (µs) of the last one sent
 
     @staticmethod
     def _content(snapshot: types_pb2.MarketSnapshot) -> bytes:
@@ -447,5 +451,14 @@ class SnapshotDeduper:
         content = self._content(snapshot)
         if self._last.get(snapshot.ticker) == content:
             return False
+        if snapshot.HasField("exchange_time"):
+            instant = snapshot.exchange_time.ToMicroseconds()
+            if instant <= self._last_time.get(snapshot.ticker, instant - 1):
+                return False
+            self.shown(snapshot.ticker, instant)
         self._last[snapshot.ticker] = content
         return True
+
+    def shown(self, ticker: str, instant_micros: int) -> None:
+        """The server already holds a snapshot of ``ticker`` at this exchange instant."""
+        self._last_time[ticker] = max(self._last_time.get(ticker, instant_micros), instant_micros)

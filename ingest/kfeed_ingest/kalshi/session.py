@@ -258,7 +258,18 @@ class _Market:
             return None
         return TopOfBook.from_levels(self.yes, self.no)
 
-    def snapshot(self, ticker: str, top: TopOfBook) -> types_pb2.MarketSnapshot:
+    def snapshot(
+        self, ticker: str, top: TopOfBook, close_time: datetime | None = None
+    ) -> types_pb2.MarketSnapshot:
+        status = self.status
+        if (
+            status == types_pb2.MARKET_STATUS_OPEN
+            and close_time is not None
+            and self.exchange_time is not None
+            and self.exchange_time >= close_time
+        ):
+            # No channel announces a close: an instant at or after the close time is closed.
+            status = types_pb2.MARKET_STATUS_CLOSED
         snapshot = types_pb2.MarketSnapshot(
             ticker=ticker,
             exchange_time=timestamp(self.exchange_time or self.receive_time),
@@ -270,7 +281,7 @@ class _Market:
             open_interest=contracts(self.open_interest),
             volume_24h=contracts(self.volume_24h),
             liquidity=dollars(self.liquidity),
-            status=self.status,
+            status=status,
         )
         top.apply_to(snapshot)
         return snapshot
@@ -304,6 +315,8 @@ class LiveSession:
     # message never shows a market without the fields the other channels carry.
     known: dict[str, types_pb2.MarketSnapshot]
     stats: WebSocketStats
+    # Each market's close time, where REST gave one (shared with the client, which updates it).
+    close_times: dict[str, datetime] = field(default_factory=dict)
     outbox: list[dict[str, Any]] = field(default_factory=list)
     markets: dict[str, _Market] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)  # markets with an unemitted instant
@@ -978,6 +991,6 @@ class LiveSession:
             state = self.markets[name]
             top = self._shown_top(name, state)
             if top is not None:
-                items.append(state.snapshot(name, top))
+                items.append(state.snapshot(name, top, self.close_times.get(name)))
                 state.emitted_time = state.exchange_time
         return items

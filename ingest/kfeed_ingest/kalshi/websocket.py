@@ -101,6 +101,8 @@ class KalshiWebSocketClient:
         self._rest = rest
         # Each market's newest state handed out: a new connection's live state starts from it.
         self._known = dict(known or {})
+        # Each market's close time: live instants from then on show the market closed.
+        self.close_times: dict[str, datetime] = {}
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._open_timeout = open_timeout
@@ -146,6 +148,7 @@ class KalshiWebSocketClient:
                         self.channels,
                         self._known,
                         self.stats,
+                        close_times=self.close_times,
                         checkpoints=self._checkpoints,
                         clock=self.clock,
                     )

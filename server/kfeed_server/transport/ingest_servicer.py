@@ -454,6 +454,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self._on_refused = on_refused
         self._markets = repositories.markets
         self._trades = repositories.trades
+        self._snapshots = repositories.snapshots
         self._tokens = tokens or RequestTokens(secrets.token_bytes(32))
         self._writer = repositories.ingest
         self._live = live
@@ -567,7 +568,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def ListMarketWatermarks(
         self, request: pb.ListMarketWatermarksRequest, context: Context
     ) -> pb.ListMarketWatermarksResponse:
-        return await list_market_watermarks(request, self._markets, self._trades, self._tokens)
+        return await list_market_watermarks(
+            request, self._markets, self._trades, self._snapshots, self._tokens
+        )
 
     async def Publish(
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Context

@@ -26,35 +26,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kfeed.v1 import types_pb2 as kfeed_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkfeed/v1/ingest_service.proto\x12\x08kfeed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14kfeed/v1/types.proto\"n\n\x1bListMarketWatermarksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.kfeed.v1.MarketStatus\"j\n\x0fMarketWatermark\x12 \n\x06market\x18\x01 \x01(\x0b\x32\x10.kfeed.v1.Market\x12\x35\n\x11latest_trade_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x1cListMarketWatermarksResponse\x12-\n\nwatermarks\x18\x01 \x03(\x0b\x32\x19.kfeed.v1.MarketWatermark\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb4\x03\n\x0ePublishRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x10\n\x08producer\x18\x02 \x01(\t\x12 \n\x06series\x18\x03 \x03(\x0b\x32\x10.kfeed.v1.Series\x12\x1f\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x0f.kfeed.v1.Event\x12!\n\x07markets\x18\x05 \x03(\x0b\x32\x10.kfeed.v1.Market\x12+\n\tsnapshots\x18\x06 \x03(\x0b\x32\x18.kfeed.v1.MarketSnapshot\x12\x1f\n\x06trades\x18\x07 \x03(\x0b\x32\x0f.kfeed.v1.Trade\x12$\n\tfeed_gaps\x18\x08 \x03(\x0b\x32\x11.kfeed.v1.FeedGap\x12\x33\n\x10snapshot_columns\x18\t \x01(\x0b\x32\x19.kfeed.v1.SnapshotColumns\x12\x36\n\x0c\x62ook_changes\x18\n \x01(\x0b\x32 .kfeed.v1.OrderBookChangeColumns\x12\x37\n\x10\x62ook_checkpoints\x18\x0b \x03(\x0b\x32\x1d.kfeed.v1.OrderBookCheckpoint\"\xd0\x01\n\x16OrderBookChangeColumns\x12\x0f\n\x07tickers\x18\x01 \x03(\t\x12\x14\n\x0cticker_index\x18\x02 \x03(\r\x12\x1c\n\x14\x65xchange_time_micros\x18\x03 \x03(\x03\x12\x1b\n\x13receive_time_micros\x18\x04 \x03(\x03\x12\x19\n\x11\x65xchange_sequence\x18\x05 \x03(\x03\x12\x1c\n\x04side\x18\x06 \x03(\x0e\x32\x0e.kfeed.v1.Side\x12\r\n\x05price\x18\x07 \x03(\x03\x12\x0c\n\x04size\x18\x08 \x03(\x03\"i\n\x13OrderBookCheckpoint\x12!\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x13.kfeed.v1.OrderBook\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.kfeed.v1.OrderBookCheckpointKind\"\xbd\x03\n\x0fSnapshotColumns\x12\x0f\n\x07tickers\x18\x01 \x03(\t\x12\x14\n\x0cticker_index\x18\x02 \x03(\r\x12\x1c\n\x14\x65xchange_time_micros\x18\x03 \x03(\x03\x12\x1b\n\x13receive_time_micros\x18\x04 \x03(\x03\x12$\n\x06source\x18\x05 \x03(\x0e\x32\x14.kfeed.v1.DataSource\x12&\n\x06status\x18\x06 \x03(\x0e\x32\x16.kfeed.v1.MarketStatus\x12\x0f\n\x07present\x18\x07 \x03(\r\x12\x19\n\x11\x65xchange_sequence\x18\x08 \x03(\x03\x12\x0f\n\x07yes_bid\x18\t \x03(\x03\x12\x0f\n\x07yes_ask\x18\n \x03(\x03\x12\x0e\n\x06no_bid\x18\x0b \x03(\x03\x12\x0e\n\x06no_ask\x18\x0c \x03(\x03\x12\x14\n\x0cyes_bid_size\x18\r \x03(\x03\x12\x14\n\x0cyes_ask_size\x18\x0e \x03(\x03\x12\x12\n\nlast_price\x18\x0f \x03(\x03\x12\x0e\n\x06volume\x18\x10 \x03(\x03\x12\x12\n\nvolume_24h\x18\x11 \x03(\x03\x12\x15\n\ropen_interest\x18\x12 \x03(\x03\x12\x11\n\tliquidity\x18\x13 \x03(\x03\"\x91\x02\n\x0fPublishResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x32\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x18.kfeed.v1.FieldViolation\x12\x18\n\x10snapshots_stored\x18\x05 \x01(\x03\x12\x15\n\rtrades_stored\x18\x06 \x01(\x03\x12\x1b\n\x13\x62ook_changes_stored\x18\x07 \x01(\x03\x12\x1f\n\x17\x62ook_checkpoints_stored\x18\x08 \x01(\x03\x12*\n\x0crefused_rows\x18\t \x03(\x0b\x32\x14.kfeed.v1.RefusedRow\"^\n\nRefusedRow\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x32\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x18.kfeed.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\xe0\x01\n\x17OrderBookCheckpointKind\x12*\n&ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED\x10\x00\x12$\n ORDER_BOOK_CHECKPOINT_KIND_START\x10\x01\x12%\n!ORDER_BOOK_CHECKPOINT_KIND_RESYNC\x10\x02\x12\'\n#ORDER_BOOK_CHECKPOINT_KIND_PERIODIC\x10\x03\x12#\n\x1fORDER_BOOK_CHECKPOINT_KIND_LOST\x10\x04\x32\xba\x01\n\rIngestService\x12\x42\n\x07Publish\x12\x18.kfeed.v1.PublishRequest\x1a\x19.kfeed.v1.PublishResponse(\x01\x30\x01\x12\x65\n\x14ListMarketWatermarks\x12%.kfeed.v1.ListMarketWatermarksRequest\x1a&.kfeed.v1.ListMarketWatermarksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkfeed/v1/ingest_service.proto\x12\x08kfeed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14kfeed/v1/types.proto\"n\n\x1bListMarketWatermarksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.kfeed.v1.MarketStatus\"\xa4\x01\n\x0fMarketWatermark\x12 \n\x06market\x18\x01 \x01(\x0b\x32\x10.kfeed.v1.Market\x12\x35\n\x11latest_trade_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14latest_snapshot_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x1cListMarketWatermarksResponse\x12-\n\nwatermarks\x18\x01 \x03(\x0b\x32\x19.kfeed.v1.MarketWatermark\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb4\x03\n\x0ePublishRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x10\n\x08producer\x18\x02 \x01(\t\x12 \n\x06series\x18\x03 \x03(\x0b\x32\x10.kfeed.v1.Series\x12\x1f\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x0f.kfeed.v1.Event\x12!\n\x07markets\x18\x05 \x03(\x0b\x32\x10.kfeed.v1.Market\x12+\n\tsnapshots\x18\x06 \x03(\x0b\x32\x18.kfeed.v1.MarketSnapshot\x12\x1f\n\x06trades\x18\x07 \x03(\x0b\x32\x0f.kfeed.v1.Trade\x12$\n\tfeed_gaps\x18\x08 \x03(\x0b\x32\x11.kfeed.v1.FeedGap\x12\x33\n\x10snapshot_columns\x18\t \x01(\x0b\x32\x19.kfeed.v1.SnapshotColumns\x12\x36\n\x0c\x62ook_changes\x18\n \x01(\x0b\x32 .kfeed.v1.OrderBookChangeColumns\x12\x37\n\x10\x62ook_checkpoints\x18\x0b \x03(\x0b\x32\x1d.kfeed.v1.OrderBookCheckpoint\"\xd0\x01\n\x16OrderBookChangeColumns\x12\x0f\n\x07tickers\x18\x01 \x03(\t\x12\x14\n\x0cticker_index\x18\x02 \x03(\r\x12\x1c\n\x14\x65xchange_time_micros\x18\x03 \x03(\x03\x12\x1b\n\x13receive_time_micros\x18\x04 \x03(\x03\x12\x19\n\x11\x65xchange_sequence\x18\x05 \x03(\x03\x12\x1c\n\x04side\x18\x06 \x03(\x0e\x32\x0e.kfeed.v1.Side\x12\r\n\x05price\x18\x07 \x03(\x03\x12\x0c\n\x04size\x18\x08 \x03(\x03\"i\n\x13OrderBookCheckpoint\x12!\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x13.kfeed.v1.OrderBook\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.kfeed.v1.OrderBookCheckpointKind\"\xbd\x03\n\x0fSnapshotColumns\x12\x0f\n\x07tickers\x18\x01 \x03(\t\x12\x14\n\x0cticker_index\x18\x02 \x03(\r\x12\x1c\n\x14\x65xchange_time_micros\x18\x03 \x03(\x03\x12\x1b\n\x13receive_time_micros\x18\x04 \x03(\x03\x12$\n\x06source\x18\x05 \x03(\x0e\x32\x14.kfeed.v1.DataSource\x12&\n\x06status\x18\x06 \x03(\x0e\x32\x16.kfeed.v1.MarketStatus\x12\x0f\n\x07present\x18\x07 \x03(\r\x12\x19\n\x11\x65xchange_sequence\x18\x08 \x03(\x03\x12\x0f\n\x07yes_bid\x18\t \x03(\x03\x12\x0f\n\x07yes_ask\x18\n \x03(\x03\x12\x0e\n\x06no_bid\x18\x0b \x03(\x03\x12\x0e\n\x06no_ask\x18\x0c \x03(\x03\x12\x14\n\x0cyes_bid_size\x18\r \x03(\x03\x12\x14\n\x0cyes_ask_size\x18\x0e \x03(\x03\x12\x12\n\nlast_price\x18\x0f \x03(\x03\x12\x0e\n\x06volume\x18\x10 \x03(\x03\x12\x12\n\nvolume_24h\x18\x11 \x03(\x03\x12\x15\n\ropen_interest\x18\x12 \x03(\x03\x12\x11\n\tliquidity\x18\x13 \x03(\x03\"\x91\x02\n\x0fPublishResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x32\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x18.kfeed.v1.FieldViolation\x12\x18\n\x10snapshots_stored\x18\x05 \x01(\x03\x12\x15\n\rtrades_stored\x18\x06 \x01(\x03\x12\x1b\n\x13\x62ook_changes_stored\x18\x07 \x01(\x03\x12\x1f\n\x17\x62ook_checkpoints_stored\x18\x08 \x01(\x03\x12*\n\x0crefused_rows\x18\t \x03(\x0b\x32\x14.kfeed.v1.RefusedRow\"^\n\nRefusedRow\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x32\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x18.kfeed.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\xe0\x01\n\x17OrderBookCheckpointKind\x12*\n&ORDER_BOOK_CHECKPOINT_KIND_UNSPECIFIED\x10\x00\x12$\n ORDER_BOOK_CHECKPOINT_KIND_START\x10\x01\x12%\n!ORDER_BOOK_CHECKPOINT_KIND_RESYNC\x10\x02\x12\'\n#ORDER_BOOK_CHECKPOINT_KIND_PERIODIC\x10\x03\x12#\n\x1fORDER_BOOK_CHECKPOINT_KIND_LOST\x10\x04\x32\xba\x01\n\rIngestService\x12\x42\n\x07Publish\x12\x18.kfeed.v1.PublishRequest\x1a\x19.kfeed.v1.PublishResponse(\x01\x30\x01\x12\x65\n\x14ListMarketWatermarks\x12%.kfeed.v1.ListMarketWatermarksRequest\x1a&.kfeed.v1.ListMarketWatermarksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kfeed.v1.ingest_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERBOOKCHECKPOINTKIND']._serialized_start=2054
-  _globals['_ORDERBOOKCHECKPOINTKIND']._serialized_end=2278
+  _globals['_ORDERBOOKCHECKPOINTKIND']._serialized_start=2113
+  _globals['_ORDERBOOKCHECKPOINTKIND']._serialized_end=2337
   _globals['_LISTMARKETWATERMARKSREQUEST']._serialized_start=98
   _globals['_LISTMARKETWATERMARKSREQUEST']._serialized_end=208
-  _globals['_MARKETWATERMARK']._serialized_start=210
-  _globals['_MARKETWATERMARK']._serialized_end=316
-  _globals['_LISTMARKETWATERMARKSRESPONSE']._serialized_start=318
-  _globals['_LISTMARKETWATERMARKSRESPONSE']._serialized_end=420
-  _globals['_PUBLISHREQUEST']._serialized_start=423
-  _globals['_PUBLISHREQUEST']._serialized_end=859
-  _globals['_ORDERBOOKCHANGECOLUMNS']._serialized_start=862
-  _globals['_ORDERBOOKCHANGECOLUMNS']._serialized_end=1070
-  _globals['_ORDERBOOKCHECKPOINT']._serialized_start=1072
-  _globals['_ORDERBOOKCHECKPOINT']._serialized_end=1177
-  _globals['_SNAPSHOTCOLUMNS']._serialized_start=1180
-  _globals['_SNAPSHOTCOLUMNS']._serialized_end=1625
-  _globals['_PUBLISHRESPONSE']._serialized_start=1628
-  _globals['_PUBLISHRESPONSE']._serialized_end=1901
-  _globals['_REFUSEDROW']._serialized_start=1903
-  _globals['_REFUSEDROW']._serialized_end=1997
-  _globals['_FIELDVIOLATION']._serialized_start=1999
-  _globals['_FIELDVIOLATION']._serialized_end=2051
-  _globals['_INGESTSERVICE']._serialized_start=2281
-  _globals['_INGESTSERVICE']._serialized_end=2467
+  _globals['_MARKETWATERMARK']._serialized_start=211
+  _globals['_MARKETWATERMARK']._serialized_end=375
+  _globals['_LISTMARKETWATERMARKSRESPONSE']._serialized_start=377
+  _globals['_LISTMARKETWATERMARKSRESPONSE']._serialized_end=479
+  _globals['_PUBLISHREQUEST']._serialized_start=482
+  _globals['_PUBLISHREQUEST']._serialized_end=918
+  _globals['_ORDERBOOKCHANGECOLUMNS']._serialized_start=921
+  _globals['_ORDERBOOKCHANGECOLUMNS']._serialized_end=1129
+  _globals['_ORDERBOOKCHECKPOINT']._serialized_start=1131
+  _globals['_ORDERBOOKCHECKPOINT']._serialized_end=1236
+  _globals['_SNAPSHOTCOLUMNS']._serialized_start=1239
+  _globals['_SNAPSHOTCOLUMNS']._serialized_end=1684
+  _globals['_PUBLISHRESPONSE']._serialized_start=1687
+  _globals['_PUBLISHRESPONSE']._serialized_end=1960
+  _globals['_REFUSEDROW']._serialized_start=1962
+  _globals['_REFUSEDROW']._serialized_end=2056
+  _globals['_FIELDVIOLATION']._serialized_start=2058
+  _globals['_FIELDVIOLATION']._serialized_end=2110
+  _globals['_INGESTSERVICE']._serialized_start=2340
+  _globals['_INGESTSERVICE']._serialized_end=2526
 # @@protoc_insertion_point(module_scope)

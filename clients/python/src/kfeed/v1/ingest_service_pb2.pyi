@@ -103,21 +103,27 @@ class MarketWatermark(_message.Message):
 
     MARKET_FIELD_NUMBER: _builtins.int
     LATEST_TRADE_TIME_FIELD_NUMBER: _builtins.int
+    LATEST_SNAPSHOT_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def market(self) -> _types_pb2.Market: ...
     @_builtins.property
     def latest_trade_time(self) -> _timestamp_pb2.Timestamp:
         """The create time of the market's newest stored trade; unset when it has none."""
 
+    @_builtins.property
+    def latest_snapshot_time(self) -> _timestamp_pb2.Timestamp:
+        """The exchange time of the market's newest stored snapshot; unset when it has none."""
+
     def __init__(
         self,
         *,
         market: _types_pb2.Market | None = ...,
         latest_trade_time: _timestamp_pb2.Timestamp | None = ...,
+        latest_snapshot_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_trade_time", b"latest_trade_time", "market", b"market"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_snapshot_time", b"latest_snapshot_time", "latest_trade_time", b"latest_trade_time", "market", b"market"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["latest_trade_time", b"latest_trade_time", "market", b"market"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latest_snapshot_time", b"latest_snapshot_time", "latest_trade_time", b"latest_trade_time", "market", b"market"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2271,6 +2271,13 @@ class MarketWatermark(betterproto2.Message):
     The create time of the market's newest stored trade; unset when it has none.
     """
 
+    latest_snapshot_time: "datetime.datetime | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    The exchange time of the market's newest stored snapshot; unset when it has none.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "MarketWatermark", MarketWatermark)
 
