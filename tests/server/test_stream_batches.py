@@ -29,6 +29,7 @@ from tests.server.test_stream_snapshots import (
 )
 from tests.support.factories import at
 from tests.support.servers import PublishSession, bad_request_fields, serving
+from tests.support.waiting import eventually
 
 
 def batched_ids(messages: Messages) -> list[int]:
@@ -210,10 +211,9 @@ async def test_a_subscriber_that_stops_reading_is_ended_with_a_clear_status(
             pb.StreamSnapshotsRequest(tickers=[A.ticker], start_time=timestamp(at(0)))
         )
         await read(stream)  # then reads nothing more
-        deadline = time.monotonic() + 30
-        while limited_server.hub.subscriber_count:
-            assert time.monotonic() < deadline, "the stream was not ended"
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: not limited_server.hub.subscriber_count, 30, what="the stream was ended"
+        )
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await _read_to_the_end(stream)
         assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
