@@ -262,13 +262,21 @@ async def test_a_demo_on_taken_ports_says_so(tmp_path: Path, taken_port: int) ->
 
 
 @pytest.mark.parametrize("after", [0.8, 2.0])
-@pytest.mark.parametrize("command", ["serve", "sim", "demo", "tail"])
+@pytest.mark.parametrize("command", ["serve", "sim", "ingest", "demo", "tail"])
 async def test_ctrl_c_while_starting_is_one_line(
     command: str, after: float, tmp_path: Path
 ) -> None:
     args = {
         "serve": ["--listen", "127.0.0.1:0", "--database-url", f"sqlite:///{tmp_path / 'k.db'}"],
         "sim": ["--listen", "127.0.0.1:0"],
+        "ingest": [
+            "--server",
+            UNREACHABLE,
+            "--kalshi-url",
+            f"http://{UNREACHABLE}/trade-api/v2",
+            "--spool-dir",
+            str(tmp_path / "spool"),
+        ],
         "demo": ["--data-dir", str(tmp_path / "data"), *_demo_ports()],
         "tail": ["--server", UNREACHABLE],
     }[command]
