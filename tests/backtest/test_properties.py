@@ -1,13 +1,19 @@
-"""Properties over random books and random orders: the limits keep the account solvent."""
+"""Properties over random books, trades and orders (market, limit, cancels, expiry, latency, both
+fill models, fee terms): the limits keep the account solvent and every unit of PnL is accounted."""
 
 from __future__ import annotations
+
+from datetime import datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kfeed_server.backtest import EngineConfig, FeeRounding, Order, run_backtest
-from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
-from tests.support.backtest import quote, scripted_registry, settled
+from kfeed_server.backtest.engine import MarketEvent
+from kfeed_server.backtest.fees import FeeType, MarketFees
+from kfeed_server.backtest.orders import Cancel, FillModel, Instruction
+from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord, TradeRecord
+from tests.support.backtest import at, quote, scripted_registry, settled
 
 TICKERS = ("A", "B")
 
@@ -91,3 +97,80 @@ def test_account_stays_solvent_and_fees_non_negative(
     # Every unit of PnL is accounted for by some execution.
     assert run.metrics.total_pnl == sum(e.realized_pnl for e in run.executions)
     assert 0.0 <= run.metrics.exposure <= 1.0
+
+
+resting_orders = st.builds(
+    Order,
+    ticker=st.sampled_from(TICKERS),
+    side=st.sampled_from([Side.YES, Side.NO]),
+    action=st.sampled_from([OrderAction.BUY, OrderAction.SELL]),
+    count=st.integers(1, 5_000),
+    limit_price=st.one_of(st.none(), st.integers(1, 9_999)),
+    expire_after=st.one_of(st.none(), st.integers(1, 600).map(lambda s: timedelta(seconds=s))),
+    client_order_id=st.integers(0, 3),
+)
+instructions = st.one_of(
+    resting_orders, st.builds(Cancel, st.sampled_from(TICKERS), st.integers(0, 3))
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    events=books(),
+    trades=st.lists(
+        st.tuples(
+            st.sampled_from(TICKERS),
+            st.integers(0, 24),
+            st.integers(1, 9_999),
+            st.integers(1, 400),
+            st.sampled_from([Side.YES, Side.NO]),
+        ),
+        max_size=10,
+    ),
+    script=st.dictionaries(st.integers(1, 25), st.lists(instructions, max_size=4)),
+    initial_cash=st.integers(1, 100_000),
+    latency=st.integers(0, 120).map(lambda s: timedelta(seconds=s)),
+    share=st.integers(0, 10_000),
+    fill_model=st.sampled_from([FillModel.TOUCH, FillModel.DEPTH]),
+    maker_fees=st.booleans(),
+)
+def test_limit_orders_latency_and_trades_keep_the_account_solvent(
+    events: list[SnapshotRecord],
+    trades: list[tuple[str, int, int, int, Side]],
+    script: dict[int, list[Instruction]],
+    initial_cash: int,
+    latency: timedelta,
+    share: int,
+    fill_model: FillModel,
+    maker_fees: bool,
+) -> None:
+    # Trades land half a minute after the snapshot of the same minute.
+    tape = [
+        TradeRecord(f"t{i}", ticker, price, 10_000 - price, count, taker, at(minute + 0.5))
+        for i, (ticker, minute, price, count, taker) in enumerate(trades)
+    ]
+
+    def event_time(event: SnapshotRecord | TradeRecord) -> datetime:
+        return event.exchange_time if isinstance(event, SnapshotRecord) else event.create_time
+
+    items: list[SnapshotRecord | TradeRecord] = [*events, *tape]
+    stream: list[MarketEvent] = [*sorted(items, key=event_time)]
+    config = EngineConfig(
+        "scripted",
+        TICKERS,
+        initial_cash=initial_cash,
+        latency=latency,
+        queue_cancel_share_ten_thousandths=share,
+        fill_model=fill_model,
+    )
+    kind = FeeType.QUADRATIC_WITH_MAKER_FEES if maker_fees else FeeType.QUADRATIC
+    fees = {"A": MarketFees(kind, 10_000), "B": MarketFees(FeeType.FLAT, 5_000)}
+    run = run_backtest(config, {}, stream, fees=fees, registry=scripted_registry(script))
+    for execution in run.executions:
+        assert execution.cash_after >= 0
+        assert execution.fee >= 0
+        assert execution.count > 0
+        assert 0 <= execution.price <= 10_000
+    assert all(point.equity >= 0 for point in run.equity_curve)
+    assert run.metrics.total_pnl == sum(e.realized_pnl for e in run.executions)
+    assert run.maker_fills <= run.metrics.trade_count
