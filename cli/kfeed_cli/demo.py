@@ -28,6 +28,7 @@ from rich.console import Console
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc, types_pb2
 from kfeed_settings import CommandError, CommandSettings
+from kfeed_settings.stopping import StopSignals
 
 DEMO_KEY_ID = "kfeed-demo"
 _STARTUP_TIMEOUT = 60.0
@@ -47,6 +48,9 @@ async def _start(name: str, args: list[str], logs: Path) -> _Child:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kfeed_cli.main", name, *args,
         stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+        # Its own session: a terminal's Ctrl-C reaches the demo alone, which then stops the
+        # children in order (ingest first, so it can flush into a live server).
+        start_new_session=True,
     )  # fmt: skip
     log_file.close()  # the child holds its own descriptor
     return _Child(name, process, log_path)
@@ -185,24 +189,22 @@ class DemoCommand(CommandSettings):
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         private_key, public_key = _ensure_key_pair(self.data_dir)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = StopSignals()
 
         children: list[_Child] = []
         starting = asyncio.create_task(self._start_all(children, logs, private_key, public_key))
         stopped = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():  # Ctrl-C while starting
+            if starting.done():
+                starting.result()
+                self._print_instructions(console, logs)
+                code = await self._watch(console, children, stop)
+            else:  # stopped while starting
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting
-                raise KeyboardInterrupt  # after the children stop: `kfeed demo: interrupted`
-            starting.result()
-            self._print_instructions(console, logs)
-            return await self._watch(console, children, stop)
+                code = 0
         except (RuntimeError, TimeoutError) as error:
             console.print(f"[red]demo failed to start:[/red] {error}")
             return 1
@@ -211,6 +213,8 @@ class DemoCommand(CommandSettings):
             console.print("stopping ingest, server and simulator …")
             await _stop(children)
             console.print("stopped.")
+        stop.raise_if_interrupted()  # Ctrl-C: `kfeed demo: interrupted`, exit 130
+        return code
 
     async def _start_all(
         self, children: list[_Child], logs: Path, private_key: Path, public_key: Path
@@ -259,7 +263,7 @@ Watch the live feed in another terminal:
 Ctrl-C stops everything.
 """)
 
-    async def _watch(self, console: Console, children: list[_Child], stop: asyncio.Event) -> int:
+    async def _watch(self, console: Console, children: list[_Child], stop: StopSignals) -> int:
         """A status line now and then from a live subscription, until stopped or a child dies."""
         received = 0
         latest: market_service_pb2.StreamSnapshotsResponse | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Coroutine
 from datetime import datetime
@@ -42,6 +41,7 @@ from kfeed_ingest.runner import (
 from kfeed_ingest.server_state import ServerState
 from kfeed_ingest.spool import Spool
 from kfeed_settings import CommandSettings
+from kfeed_settings.stopping import StopSignals
 
 logger = logging.getLogger("kfeed_ingest")
 
@@ -254,9 +254,10 @@ class IngestCommand(CommandSettings):
                     )
                 )
                 ingestor = Ingestor(rest, publisher, self.selection(), options, stored)
-                finished = await self._until_signal(self._mode(ingestor, credentials))
-                if not finished:
+                stopped = await self._until_signal(self._mode(ingestor, credentials))
+                if stopped is not None:
                     await self._drain(ingestor, publisher)
+                    stopped.raise_if_interrupted()
                     return 0
                 report = await ingestor.finish()
                 logger.info(
@@ -278,28 +279,24 @@ class IngestCommand(CommandSettings):
             await ingestor.backfill(start, end)
 
     @staticmethod
-    async def _until_signal(work: Coroutine[Any, Any, None]) -> bool:
-        """Run ``work``; False when SIGINT/SIGTERM stopped it first."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+    async def _until_signal(work: Coroutine[Any, Any, None]) -> StopSignals | None:
+        """Run ``work``; the signals that stopped it first, or None when it finished."""
+        stop = StopSignals()
         task = asyncio.ensure_future(work)
         stopper = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
+            stop.remove()
             stopper.cancel()
         if task.done():
             task.result()
-            return True
+            return None
         logger.info("signal received: stopping")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return False
+        return stop
 
     @staticmethod
     async def _drain(ingestor: Ingestor, publisher: Publisher) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import signal
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -58,6 +57,7 @@ from kfeed_server.transport.snapshot_stream import StreamLimits
 from kfeed_server.transport.stream_writer import BoundedStreamWrites
 from kfeed_server.web import WebConfig, WebListener, build_web_app
 from kfeed_settings import CommandError
+from kfeed_settings.stopping import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -370,10 +370,7 @@ async def run_until_signalled(config: ServerConfig) -> None:
         raise CommandError(
             f"cannot use the database {_shown(config.database_url)}: {_reason(error)}"
         ) from error
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
+    stop_requested = StopSignals()
     try:
         await server.start()
     except BaseException:
@@ -383,3 +380,4 @@ async def run_until_signalled(config: ServerConfig) -> None:
     await stop_requested.wait()
     log.info("shutting down")
     await server.stop()
+    stop_requested.raise_if_interrupted()

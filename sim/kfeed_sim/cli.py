@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from kfeed_settings import CommandSettings
+from kfeed_settings.stopping import StopSignals
 from kfeed_sim.config import FaultConfig, FaultFlags, SimConfig, SimFlags
 from kfeed_sim.server import running_simulator
 
@@ -41,10 +41,7 @@ class SimCommand(CommandSettings, FaultFlags, SimFlags):
 
     async def _serve(self) -> None:
         host, _, port = self.listen.rpartition(":")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        stop = StopSignals()
         async with running_simulator(self.sim_config(), host or "127.0.0.1", int(port)) as sim:
             print(f"kfeed sim: seed {self.seed}, {self.markets} markets", flush=True)
             print(f"REST      {sim.rest_url}", flush=True)
@@ -56,6 +53,7 @@ class SimCommand(CommandSettings, FaultFlags, SimFlags):
             await asyncio.wait((stopped, closed), return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             closed.cancel()
+        stop.raise_if_interrupted()
 
 
 def _values(command: SimCommand, flags: type[BaseModel]) -> dict[str, Any]:
