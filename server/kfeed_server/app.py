@@ -185,6 +185,7 @@ class KfeedServer:
                 repositories.feed_gaps,
                 repositories.markets,
                 repositories.ingest.origin,
+                repositories.trades,
             )
         self.metrics_endpoint: MetricsEndpoint | None = None
         # Page and resume tokens; keyed from the database in start() unless configured.

@@ -141,6 +141,11 @@ class SnapshotRecord(NamedTuple):
         """This snapshot as stored under ``snapshot_id``."""
         return SnapshotRecord._make((*self[:-1], snapshot_id))
 
+    @property
+    def stream_id(self) -> int:
+        """The id streams resume by."""
+        return self.snapshot_id
+
 
 # SnapshotRecord's optional integer fields, in field order (the columnar wire format's
 # presence bits and the backtest chunk encoding both follow it).
@@ -174,6 +179,18 @@ class TradeRecord:
     count: int
     taker_side: Side
     create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedTrade:
+    """A stored trade and its stream id (increasing in commit order; StreamTrades resumes by it)."""
+
+    stream_id: int
+    trade: TradeRecord
+
+    @property
+    def ticker(self) -> str:
+        return self.trade.ticker
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ def _run(size: int, conflated: bool, fixed: int | None, first_id: int) -> Snapsh
 
 def _expected_update(run: SnapshotRun, index: int, in_batch: bool) -> pb.SnapshotUpdate:
     return pb.SnapshotUpdate(
-        snapshot=snapshot_to_proto(run.snapshots[index]),
+        snapshot=snapshot_to_proto(run.rows[index]),
         coalesced_count=run.coalesced_count(index),
         resume_token=TOKENS.encode_resume_token(run.resume_after_id(index)) if in_batch else "",
     )

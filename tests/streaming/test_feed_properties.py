@@ -67,7 +67,7 @@ class CommittingStore:
         await asyncio.sleep(0)
         return list(latest.values())
 
-    async def max_snapshot_id(self) -> int:
+    async def max_stream_id(self) -> int:
         count = len(self.rows)
         await asyncio.sleep(0)
         return count

@@ -26,7 +26,12 @@ class Followed:
         self.repositories = repositories
         self.hub = SnapshotHub()
         self.follower = CommitFollower(
-            self.hub, repositories.snapshots, repositories.feed_gaps, repositories.markets, origin
+            self.hub,
+            repositories.snapshots,
+            repositories.feed_gaps,
+            repositories.markets,
+            origin,
+            repositories.trades,
         )
         self.subscription: Subscription = self.hub.subscribe(MarketSelector())
         self.notices: asyncio.Queue[CommitNotice | Resync] = asyncio.Queue()

@@ -41,11 +41,14 @@ class CommitNotice:
     first_snapshot_id: int = 0
     last_snapshot_id: int = 0
     gap_ids: tuple[int, ...] = ()
+    # The trade stream id range it stored (0, 0: none).
+    first_trade_id: int = 0
+    last_trade_id: int = 0
 
     def payload(self) -> str:
         return json.dumps(
             [self.origin, self.batch, self.first_snapshot_id, self.last_snapshot_id,
-             list(self.gap_ids)],
+             list(self.gap_ids), self.first_trade_id, self.last_trade_id],
             separators=(",", ":"),
         )  # fmt: skip
 
@@ -53,25 +56,33 @@ class CommitNotice:
     def parse(cls, payload: str) -> CommitNotice | None:
         """The notice ``payload`` describes; None when it is not one."""
         try:
-            origin, batch, first, last, gap_ids = json.loads(payload)
-            notice = cls(str(origin), int(batch), int(first), int(last), tuple(map(int, gap_ids)))
+            origin, batch, first, last, gap_ids, first_trade, last_trade = json.loads(payload)
+            notice = cls(
+                str(origin), int(batch), int(first), int(last), tuple(map(int, gap_ids)),
+                int(first_trade), int(last_trade),
+            )  # fmt: skip
         except (ValueError, TypeError):
             return None
         return notice
 
 
 def batch_notices(
-    origin: str, batch: int, snapshot_ids: Sequence[int], gap_ids: Sequence[int]
+    origin: str,
+    batch: int,
+    snapshot_ids: Sequence[int],
+    gap_ids: Sequence[int],
+    trade_ids: Sequence[int] = (),
 ) -> list[CommitNotice]:
-    """The notices of one committed batch: none when it stored neither snapshots nor gaps."""
-    if not snapshot_ids and not gap_ids:
+    """The notices of one committed batch: none when it stored no snapshots, gaps or trades."""
+    if not snapshot_ids and not gap_ids and not trade_ids:
         return []
     first, last = (min(snapshot_ids), max(snapshot_ids)) if snapshot_ids else (0, 0)
+    trades = (min(trade_ids), max(trade_ids)) if trade_ids else (0, 0)
     parts = [
         tuple(gap_ids[start : start + GAP_IDS_PER_NOTICE])
         for start in range(0, len(gap_ids), GAP_IDS_PER_NOTICE)
     ] or [()]
-    notices = [CommitNotice(origin, batch, first, last, parts[0])]
+    notices = [CommitNotice(origin, batch, first, last, parts[0], *trades)]
     notices += [CommitNotice(origin, batch, gap_ids=part) for part in parts[1:]]
     return notices
 

@@ -176,6 +176,8 @@ class Trade(Base):
     count: Mapped[int]
     taker_side: Mapped[Side] = mapped_column(IntEnumType(Side))
     create_time: Mapped[datetime]
+    # Assigned in commit order by the (serialised) writer: what StreamTrades resumes by.
+    stream_id: Mapped[int] = mapped_column(unique=True)
 
 
 class FeedGap(Base):

@@ -112,7 +112,7 @@ class _StreamHubCollector(Collector):
         depths = [depth for hub in hubs for depth in hub.queue_depths]
         peaks = [peak for hub in hubs for peak in hub.take_peak_depths()]
         subscribers = GaugeMetricFamily(
-            "kfeed_stream_subscribers", "Live StreamSnapshots subscriptions."
+            "kfeed_stream_subscribers", "Live stream subscriptions (snapshots and trades)."
         )
         subscribers.add_metric([], sum(hub.subscriber_count for hub in hubs))
         queued = GaugeMetricFamily(

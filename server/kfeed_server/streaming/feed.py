@@ -1,9 +1,12 @@
 """One subscriber's feed: stored history, one caught-up marker, then live — no gap, no duplicate.
 
+The same feed serves every stream of stored rows that carry an id increasing in commit order:
+snapshots (StreamSnapshots) and trades (StreamTrades, rows ``StreamedTrade``).
+
 The switch works because the subscription to the hub starts *before* history is read: whatever
 commits while history is being read is either read from the database or waiting in the
 subscription's queue (or both, and then the copy with an id already replayed is skipped). Writes
-are serialised in the server, so snapshot ids are committed in increasing order and "id greater
+are serialised in the server, so row ids are committed in increasing order and "id greater
 than the last one delivered" is exactly "not delivered yet".
 """
 
@@ -13,16 +16,29 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from kfeed_server.records import FeedGapRecord, SnapshotRecord
-from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
+from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, StreamKind, Subscription
 
 # History is read in ordered chunks of this many rows; each becomes one run of snapshots.
 REPLAY_PAGE_SIZE = 10_000
 
 
-class SnapshotSource(Protocol):
+class StreamRow(Protocol):
+    """A streamed row: its market, and its id (increasing in commit order)."""
+
+    @property
+    def ticker(self) -> str: ...
+
+    @property
+    def stream_id(self) -> int: ...
+
+
+R = TypeVar("R", bound=StreamRow)
+
+
+class RowSource(Protocol[R]):
     """The reads a feed needs from storage."""
 
     async def list_after_id(
@@ -32,11 +48,16 @@ class SnapshotSource(Protocol):
         tickers: Sequence[str] | None,
         limit: int,
         min_exchange_time: datetime | None = None,
-    ) -> list[SnapshotRecord]: ...
+    ) -> list[R]: ...
+
+    async def max_stream_id(self) -> int: ...
+
+
+@runtime_checkable
+class SnapshotSource(RowSource[SnapshotRecord], Protocol):
+    """Snapshot reads, with the latest snapshot per market (``include_latest``)."""
 
     async def latest_per_market(self, tickers: Sequence[str] | None) -> list[SnapshotRecord]: ...
-
-    async def max_snapshot_id(self) -> int: ...
 
 
 class OverflowPolicy:
@@ -47,9 +68,10 @@ class OverflowPolicy:
 @dataclass(frozen=True, slots=True)
 class FeedRequest:
     selector: MarketSelector
-    # Replay snapshots with exchange time at or after this.
+    kind: StreamKind = StreamKind.SNAPSHOTS
+    # Replay rows with exchange (trades: create) time at or after this.
     start_time: datetime | None = None
-    # Continue after this snapshot id (wins over start_time).
+    # Continue after this row id (wins over start_time).
     resume_after_id: int | None = None
     include_latest: bool = False
     heartbeat_interval: float = 5.0
@@ -57,12 +79,6 @@ class FeedRequest:
     overflow_policy: str = OverflowPolicy.GAP_MARKER
     # Tickers the selector resolves to right now (None: all markets), for the history query.
     history_tickers: Sequence[str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotEvent:
-    snapshot: SnapshotRecord
-    coalesced_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,23 +101,23 @@ class FeedGapEvent:
     gap: FeedGapRecord
 
 
-FeedEvent = SnapshotEvent | CaughtUpEvent | HeartbeatEvent | SubscriberGapEvent | FeedGapEvent
+FeedEvent = CaughtUpEvent | HeartbeatEvent | SubscriberGapEvent | FeedGapEvent
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """An event and the snapshot id to resume after, were the stream to stop right after it."""
+    """An event and the row id to resume after, were the stream to stop right after it."""
 
     event: FeedEvent
     resume_after_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRun:
-    """Consecutive snapshots that are ready together — a chunk of history, or what one live
-    wake-up found — so that transport can send several in one message."""
+@dataclass(frozen=True)  # no slots: they break calls through RowRun[...] aliases
+class RowRun(Generic[R]):
+    """Consecutive rows that are ready together — a chunk of history, or what one live wake-up
+    found — so that transport can send several in one message."""
 
-    snapshots: Sequence[SnapshotRecord]
+    rows: Sequence[R]
     # With conflation: how many snapshots each one replaced (None: none was conflated).
     coalesced_counts: Sequence[int] | None = None
     # The position after each of them when it is not the snapshot's own id: the latest-snapshot
@@ -109,48 +125,50 @@ class SnapshotRun:
     fixed_resume_after_id: int | None = None
 
     def resume_after_id(self, index: int) -> int:
-        """Where to resume after the snapshot at ``index`` of this run."""
+        """Where to resume after the row at ``index`` of this run."""
         if self.fixed_resume_after_id is not None:
             return self.fixed_resume_after_id
-        return self.snapshots[index].snapshot_id
+        return self.rows[index].stream_id
 
     def coalesced_count(self, index: int) -> int:
         return 0 if self.coalesced_counts is None else self.coalesced_counts[index]
 
 
-# What a feed yields: runs of snapshots, and the other events one by one.
-FeedItem = SnapshotRun | Delivery
+SnapshotRun = RowRun[SnapshotRecord]
+
+# What a feed yields: runs of rows, and the other events one by one.
+FeedItem = RowRun[R] | Delivery
 
 
 class SubscriberOverflowError(Exception):
     """The subscriber fell behind and chose to be disconnected rather than skip."""
 
     def __init__(self, dropped: int, resume_after_id: int) -> None:
-        super().__init__(f"subscriber fell behind: {dropped} snapshots not delivered")
+        super().__init__(f"subscriber fell behind: {dropped} messages not delivered")
         self.dropped = dropped
         self.resume_after_id = resume_after_id
 
 
-@dataclass(slots=True)
-class _Conflator:
-    """Latest snapshot per market within a window; ``flush`` emits them in id order."""
+@dataclass
+class _Conflator(Generic[R]):
+    """Latest row per market within a window; ``flush`` emits them (with how many each
+    replaced) in id order."""
 
-    pending: dict[str, tuple[SnapshotRecord, int]] = field(default_factory=dict)
+    pending: dict[str, tuple[R, int]] = field(default_factory=dict)
 
-    def add(self, snapshot: SnapshotRecord) -> None:
-        previous = self.pending.get(snapshot.ticker)
-        self.pending[snapshot.ticker] = (snapshot, 0 if previous is None else previous[1] + 1)
+    def add(self, row: R) -> None:
+        previous = self.pending.get(row.ticker)
+        self.pending[row.ticker] = (row, 0 if previous is None else previous[1] + 1)
 
-    def flush(self) -> list[SnapshotEvent]:
-        events = [SnapshotEvent(s, coalesced) for s, coalesced in self.pending.values()]
+    def flush(self) -> list[tuple[R, int]]:
+        rows = sorted(self.pending.values(), key=lambda pending: pending[0].stream_id)
         self.pending.clear()
-        events.sort(key=lambda e: e.snapshot.snapshot_id)
-        return events
+        return rows
 
 
 async def _replay(
-    source: SnapshotSource, request: FeedRequest, after_id: int
-) -> AsyncIterator[list[SnapshotRecord]]:
+    source: RowSource[R], request: FeedRequest, after_id: int
+) -> AsyncIterator[list[R]]:
     """Stored history after ``after_id`` in id order, a chunk at a time."""
     min_time = request.start_time if request.resume_after_id is None else None
     while True:
@@ -162,15 +180,15 @@ async def _replay(
             yield page
         if len(page) < REPLAY_PAGE_SIZE:
             return
-        after_id = page[-1].snapshot_id
+        after_id = page[-1].stream_id
 
 
 async def feed_items(
-    request: FeedRequest, hub: SnapshotHub, source: SnapshotSource
-) -> AsyncGenerator[FeedItem, None]:
-    """The events of one subscription, snapshots in runs, until the hub closes (shutdown), the
-    hub ends the subscription, or the caller stops."""
-    subscription = hub.subscribe(request.selector)
+    request: FeedRequest, hub: SnapshotHub, source: RowSource[R]
+) -> AsyncGenerator[FeedItem[R], None]:
+    """The events of one subscription, rows in runs, until the hub closes (shutdown), the hub
+    ends the subscription, or the caller stops."""
+    subscription = hub.subscribe(request.selector, kind=request.kind)
     try:
         async for item in _history_then_live(request, subscription, source):
             yield item
@@ -179,19 +197,19 @@ async def feed_items(
 
 
 async def _history_then_live(
-    request: FeedRequest, subscription: Subscription, source: SnapshotSource
-) -> AsyncIterator[FeedItem]:
+    request: FeedRequest, subscription: Subscription, source: RowSource[R]
+) -> AsyncIterator[FeedItem[R]]:
     last_id = 0
     replayed = 0
     if request.resume_after_id is not None or request.start_time is not None:
         last_id = request.resume_after_id or 0
         async for page in _replay(source, request, last_id):
-            last_id = page[-1].snapshot_id
+            last_id = page[-1].stream_id
             replayed += len(page)
-            yield SnapshotRun(page)
+            yield RowRun(page)
     else:
-        last_id = await source.max_snapshot_id()
-        if request.include_latest:
+        last_id = await source.max_stream_id()
+        if request.include_latest and isinstance(source, SnapshotSource):
             latest = await source.latest_per_market(request.history_tickers)
             # Newer ones than last_id committed meanwhile: they are in the live queue.
             preamble = sorted(
@@ -199,22 +217,23 @@ async def _history_then_live(
             )
             if preamble:
                 replayed += len(preamble)
-                yield SnapshotRun(preamble, fixed_resume_after_id=last_id)
+                yield cast(RowRun[R], RowRun(preamble, fixed_resume_after_id=last_id))
     yield Delivery(CaughtUpEvent(replayed), last_id)
-    async for item in _live(request, subscription, last_id):
+    live: AsyncIterator[FeedItem[R]] = _live(request, subscription, last_id)
+    async for item in live:
         yield item
 
 
-class _ReadyItems:
-    """What one live wake-up sends, in order: consecutive snapshots grouped into runs."""
+class _ReadyItems(Generic[R]):
+    """What one live wake-up sends, in order: consecutive rows grouped into runs."""
 
     def __init__(self) -> None:
-        self.items: list[FeedItem] = []
-        self._snapshots: list[SnapshotRecord] = []
+        self.items: list[FeedItem[R]] = []
+        self._rows: list[R] = []
         self._coalesced: list[int] = []
 
-    def snapshot(self, snapshot: SnapshotRecord, coalesced_count: int = 0) -> None:
-        self._snapshots.append(snapshot)
+    def row(self, row: R, coalesced_count: int = 0) -> None:
+        self._rows.append(row)
         self._coalesced.append(coalesced_count)
 
     def event(self, delivery: Delivery) -> None:
@@ -222,12 +241,12 @@ class _ReadyItems:
         self.items.append(delivery)
 
     def _close_run(self) -> None:
-        if self._snapshots:
+        if self._rows:
             coalesced = self._coalesced if any(self._coalesced) else None
-            self.items.append(SnapshotRun(self._snapshots, coalesced))
-            self._snapshots, self._coalesced = [], []
+            self.items.append(RowRun(self._rows, coalesced))
+            self._rows, self._coalesced = [], []
 
-    def take(self) -> list[FeedItem]:
+    def take(self) -> list[FeedItem[R]]:
         self._close_run()
         items, self.items = self.items, []
         return items
@@ -235,10 +254,10 @@ class _ReadyItems:
 
 async def _live(
     request: FeedRequest, subscription: Subscription, last_id: int
-) -> AsyncIterator[FeedItem]:
+) -> AsyncIterator[FeedItem[R]]:
     loop = asyncio.get_running_loop()
     conflation = request.conflation_interval
-    conflator = _Conflator() if conflation else None
+    conflator: _Conflator[R] | None = _Conflator() if conflation else None
     next_flush = loop.time()
     last_sent = loop.time()
     while not subscription.closed:
@@ -246,7 +265,7 @@ async def _live(
         if conflator is not None and conflator.pending:
             deadline = min(deadline, next_flush)
         await subscription.wait(max(deadline - loop.time(), 0))
-        ready = _ReadyItems()
+        ready: _ReadyItems[R] = _ReadyItems()
         if subscription.overflowed:
             dropped = subscription.take_overflow()
             if request.overflow_policy == OverflowPolicy.RESOURCE_EXHAUSTED:
@@ -257,17 +276,19 @@ async def _live(
         for item in subscription.take_all():
             if isinstance(item, FeedGapRecord):
                 ready.event(Delivery(FeedGapEvent(item), last_id))
-            elif item.snapshot_id <= last_id:
+                continue
+            row = cast(R, item)  # the hub routes to a subscription rows of its kind only
+            if row.stream_id <= last_id:
                 continue  # already delivered from history
-            elif conflator is None:
-                last_id = item.snapshot_id
-                ready.snapshot(item)
+            if conflator is None:
+                last_id = row.stream_id
+                ready.row(row)
             else:
-                conflator.add(item)
+                conflator.add(row)
         if conflator is not None and conflator.pending and loop.time() >= next_flush:
-            for event in conflator.flush():
-                last_id = event.snapshot.snapshot_id
-                ready.snapshot(event.snapshot, event.coalesced_count)
+            for conflated, coalesced_count in conflator.flush():
+                last_id = conflated.stream_id
+                ready.row(conflated, coalesced_count)
             next_flush = loop.time() + (conflation or 0)
         to_send = ready.take()
         if not to_send and loop.time() >= last_sent + request.heartbeat_interval:

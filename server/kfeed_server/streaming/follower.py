@@ -17,7 +17,7 @@ from typing import Protocol
 
 from kfeed_server.db.commits import CommitNotice, Resync
 from kfeed_server.db.repositories.ingest import BatchWriteResult
-from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
+from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord, StreamedTrade
 from kfeed_server.streaming.hub import SnapshotHub
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class DirectPublisher:
 
     def committed(self, markets: Sequence[MarketRecord], result: BatchWriteResult) -> None:
         self._hub.remember_markets(markets)
-        self._hub.publish(result.stored_snapshots, result.stored_gaps)
+        self._hub.publish(result.stored_snapshots, result.stored_gaps, result.stored_trades)
 
 
 class CommittedRows(Protocol):
@@ -58,6 +58,16 @@ class CommittedRows(Protocol):
     async def list_after_id(
         self, after_id: int, *, tickers: Sequence[str] | None, limit: int
     ) -> list[SnapshotRecord]: ...
+
+
+class CommittedTrades(Protocol):
+    """The trade reads the follower needs (by stream id)."""
+
+    async def max_stream_id(self) -> int: ...
+
+    async def list_after_id(
+        self, after_id: int, *, tickers: Sequence[str] | None, limit: int
+    ) -> list[StreamedTrade]: ...
 
 
 class GapsById(Protocol):
@@ -78,9 +88,11 @@ class CommitFollower:
         gaps: GapsById,
         markets: MarketsByTicker,
         origin: str,
+        trades: CommittedTrades,
     ) -> None:
         self._hub = hub
         self._rows = rows
+        self._trades = trades
         self._gaps = gaps
         self._markets = markets
         self._origin = origin
@@ -88,6 +100,8 @@ class CommitFollower:
         self.listening = asyncio.Event()
         # The highest snapshot id published; rows at or below it are never published again.
         self._published_id: int | None = None
+        # The same for trade stream ids.
+        self._published_trade_id = 0
         # This process's batches by notice batch number, until their notice arrives.
         self._own: OrderedDict[int, BatchWriteResult] = OrderedDict()
         self._own_added = asyncio.Event()
@@ -109,6 +123,7 @@ class CommitFollower:
         """Publish what ``notices`` announce, until they end or this is cancelled."""
         if self._published_id is None:
             self._published_id = await self._rows.max_snapshot_id()
+            self._published_trade_id = await self._trades.max_stream_id()
         async for notice in notices:
             try:
                 if isinstance(notice, Resync) or self._needs_catch_up:
@@ -133,7 +148,7 @@ class CommitFollower:
                 self._last_own_batch = notice.batch
                 self._last_own_batch_was_kept = own is not None
         if own is not None:
-            await self._publish(own.stored_snapshots, own.stored_gaps)
+            await self._publish(own.stored_snapshots, own.stored_gaps, own.stored_trades)
             return
         snapshots: list[SnapshotRecord] = []
         if notice.first_snapshot_id:
@@ -141,7 +156,14 @@ class CommitFollower:
                 notice.first_snapshot_id - 1, notice.last_snapshot_id
             )
         gaps = await self._gaps.get_gaps(notice.gap_ids) if notice.gap_ids else []
-        await self._publish(snapshots, gaps)
+        trades: list[StreamedTrade] = []
+        if notice.first_trade_id:
+            trades = await self._trades.list_after_id(
+                notice.first_trade_id - 1,
+                tickers=None,
+                limit=notice.last_trade_id - notice.first_trade_id + 1,
+            )
+        await self._publish(snapshots, gaps, trades)
 
     async def _own_batch(self, batch: int) -> BatchWriteResult | None:
         """This process's batch ``batch``. Its notice can come before the servicer hands the
@@ -168,14 +190,30 @@ class CommitFollower:
             )
             await self._publish(page, [])
             if len(page) < CATCH_UP_PAGE:
+                break
+        while True:
+            trades = await self._trades.list_after_id(
+                self._published_trade_id, tickers=None, limit=CATCH_UP_PAGE
+            )
+            await self._publish([], [], trades)
+            if len(trades) < CATCH_UP_PAGE:
                 return
 
-    async def _publish(self, snapshots: list[SnapshotRecord], gaps: list[FeedGapRecord]) -> None:
+    async def _publish(
+        self,
+        snapshots: list[SnapshotRecord],
+        gaps: list[FeedGapRecord],
+        trades: Sequence[StreamedTrade] = (),
+    ) -> None:
         published = self._published_id or 0
         fresh = [s for s in snapshots if s.snapshot_id > published]
-        unknown = self._hub.unknown_tickers({s.ticker for s in fresh})
+        fresh_trades = [t for t in trades if t.stream_id > self._published_trade_id]
+        tickers = {s.ticker for s in fresh} | {t.ticker for t in fresh_trades}
+        unknown = self._hub.unknown_tickers(tickers)
         if unknown:  # markets another server stored: event and series selectors need them
             self._hub.remember_markets(await self._markets.get_markets(sorted(unknown)))
-        self._hub.publish(fresh, gaps)
+        self._hub.publish(fresh, gaps, fresh_trades)
         if fresh:
             self._published_id = max(s.snapshot_id for s in fresh)
+        if fresh_trades:
+            self._published_trade_id = fresh_trades[-1].stream_id

@@ -1,4 +1,5 @@
-"""The stream hub: fans committed snapshots and feed gaps out to live subscribers.
+"""The stream hub: fans committed rows out to live subscribers — snapshots and feed gaps to
+snapshot streams, trades to trade streams (each subscription is of one ``StreamKind``).
 
 Committed batches are published in commit order, which is snapshot-id order (writes are
 serialised), right after each commit (see ``streaming.follower``). Publishing never blocks and never
@@ -16,13 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
-from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
+from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord, StreamedTrade
 
-LiveItem = SnapshotRecord | FeedGapRecord
+LiveItem = SnapshotRecord | FeedGapRecord | StreamedTrade
+
+
+class StreamKind(enum.Enum):
+    """What a subscription receives: snapshots and feed gaps, or trades."""
+
+    SNAPSHOTS = "snapshots"
+    TRADES = "trades"
+
 
 DEFAULT_QUEUE_CAPACITY = 10_000
 # Subscribers woken per turn of the event loop after a publish.
@@ -50,8 +60,10 @@ class Subscription:
         selector: MarketSelector,
         capacity: int,
         request_wake: Callable[[Subscription], None] | None = None,
+        kind: StreamKind = StreamKind.SNAPSHOTS,
     ) -> None:
         self.selector = selector
+        self.kind = kind
         # Asks the hub for a turn when items are waiting (None: take them at once).
         self._request_wake = request_wake
         self._capacity = capacity
@@ -132,17 +144,28 @@ class Subscription:
         self._ready.set()
 
 
+@dataclass(slots=True)
+class _Routes:
+    """One stream kind's routing: subscriptions to every market, and by ticker, event and
+    series followed."""
+
+    to_all: set[Subscription] = field(default_factory=set)
+    by_ticker: dict[str, set[Subscription]] = field(default_factory=dict)
+    by_event: dict[str, set[Subscription]] = field(default_factory=dict)
+    by_series: dict[str, set[Subscription]] = field(default_factory=dict)
+
+    @property
+    def by_market(self) -> bool:
+        return bool(self.by_ticker or self.by_event or self.by_series)
+
+
 class SnapshotHub:
     """Fans committed data out to subscriptions; knows each market's event and series."""
 
     def __init__(self, queue_capacity: int = DEFAULT_QUEUE_CAPACITY) -> None:
         self.queue_capacity = queue_capacity
         self._subscriptions: set[Subscription] = set()
-        # Routing: subscriptions to every market, and by ticker, event and series followed.
-        self._to_all: set[Subscription] = set()
-        self._by_ticker: dict[str, set[Subscription]] = {}
-        self._by_event: dict[str, set[Subscription]] = {}
-        self._by_series: dict[str, set[Subscription]] = {}
+        self._routes_of = {kind: _Routes() for kind in StreamKind}
         # ticker -> (event ticker, series ticker), for event/series selectors.
         self._directory: dict[str, tuple[str, str]] = {}
         # Subscriptions with news, waiting for their slice of wake-ups.
@@ -158,24 +181,32 @@ class SnapshotHub:
         """Those of ``tickers`` whose market this hub has not been told of."""
         return {ticker for ticker in tickers if ticker not in self._directory}
 
-    def _routes(self, selector: MarketSelector) -> list[set[Subscription]]:
+    def _routes(self, selector: MarketSelector, kind: StreamKind) -> list[set[Subscription]]:
         """The routing sets a subscription with ``selector`` belongs to (created as needed)."""
+        of_kind = self._routes_of[kind]
         if selector.selects_all:
-            return [self._to_all]
-        routes = [self._by_ticker.setdefault(ticker, set()) for ticker in selector.tickers]
+            return [of_kind.to_all]
+        routes = [of_kind.by_ticker.setdefault(ticker, set()) for ticker in selector.tickers]
         if selector.event_ticker is not None:
-            routes.append(self._by_event.setdefault(selector.event_ticker, set()))
+            routes.append(of_kind.by_event.setdefault(selector.event_ticker, set()))
         if selector.series_ticker is not None:
-            routes.append(self._by_series.setdefault(selector.series_ticker, set()))
+            routes.append(of_kind.by_series.setdefault(selector.series_ticker, set()))
         return routes
 
-    def subscribe(self, selector: MarketSelector, capacity: int | None = None) -> Subscription:
-        subscription = Subscription(selector, capacity or self.queue_capacity, self._request_wake)
+    def subscribe(
+        self,
+        selector: MarketSelector,
+        capacity: int | None = None,
+        kind: StreamKind = StreamKind.SNAPSHOTS,
+    ) -> Subscription:
+        subscription = Subscription(
+            selector, capacity or self.queue_capacity, self._request_wake, kind
+        )
         if self.closed:
             subscription.close()
             return subscription
         self._subscriptions.add(subscription)
-        for route in self._routes(selector):
+        for route in self._routes(selector, kind):
             route.add(subscription)
         return subscription
 
@@ -187,11 +218,12 @@ class SnapshotHub:
         subscription.close()
 
     def _forget_routes(self, selector: MarketSelector, subscription: Subscription) -> None:
-        self._to_all.discard(subscription)
+        of_kind = self._routes_of[subscription.kind]
+        of_kind.to_all.discard(subscription)
         for key, index in (
-            *((ticker, self._by_ticker) for ticker in selector.tickers),
-            (selector.event_ticker, self._by_event),
-            (selector.series_ticker, self._by_series),
+            *((ticker, of_kind.by_ticker) for ticker in selector.tickers),
+            (selector.event_ticker, of_kind.by_event),
+            (selector.series_ticker, of_kind.by_series),
         ):
             route = index.get(key) if key is not None else None
             if route is not None:
@@ -199,33 +231,49 @@ class SnapshotHub:
                 if not route:
                     del index[key]  # type: ignore[arg-type]
 
-    def _followers(self, ticker: str) -> set[Subscription]:
+    def _followers(self, routes: _Routes, ticker: str) -> set[Subscription]:
         """Subscriptions that follow ``ticker`` by name, event or series (not the 'all' ones)."""
         followers: set[Subscription] = set()
-        named = self._by_ticker.get(ticker)
+        named = routes.by_ticker.get(ticker)
         if named:
             followers |= named
-        if self._by_event or self._by_series:
+        if routes.by_event or routes.by_series:
             event, series = self._directory.get(ticker, ("", ""))
-            for index, key in ((self._by_event, event), (self._by_series, series)):
+            for index, key in ((routes.by_event, event), (routes.by_series, series)):
                 routed = index.get(key) if key else None
                 if routed:
                     followers |= routed
         return followers
 
-    def publish(self, snapshots: list[SnapshotRecord], gaps: list[FeedGapRecord]) -> None:
+    def publish(
+        self,
+        snapshots: list[SnapshotRecord],
+        gaps: list[FeedGapRecord],
+        trades: Sequence[StreamedTrade] = (),
+    ) -> None:
         """Called after commit, in commit order. Never blocks."""
-        items: list[LiveItem] = [*snapshots, *gaps]
-        if not items or self.closed:
+        if self.closed:
             return
-        offered: list[Subscription] = list(self._to_all)
-        for subscription in offered:
-            subscription.offer(items)
-        if len(self._to_all) < len(self._subscriptions):
-            offered += self._route_by_market(items)
+        offered: list[Subscription] = []
+        by_kind: tuple[tuple[StreamKind, list[LiveItem]], ...] = (
+            (StreamKind.SNAPSHOTS, [*snapshots, *gaps]),
+            (StreamKind.TRADES, list(trades)),
+        )
+        for kind, items in by_kind:
+            if items:
+                offered += self._offer(self._routes_of[kind], items)
         self._schedule_wake_ups(offered)
 
-    def _route_by_market(self, items: list[LiveItem]) -> list[Subscription]:
+    def _offer(self, routes: _Routes, items: list[LiveItem]) -> list[Subscription]:
+        """Offer ``items`` to the subscriptions of ``routes`` that follow them; those offered."""
+        offered: list[Subscription] = list(routes.to_all)
+        for subscription in offered:
+            subscription.offer(items)
+        if routes.by_market:
+            offered += self._route_by_market(routes, items)
+        return offered
+
+    def _route_by_market(self, routes: _Routes, items: list[LiveItem]) -> list[Subscription]:
         """Offer each market-following subscription the items of its markets, in order."""
         by_ticker: dict[str, list[LiveItem]] = {}
         for item in items:
@@ -237,7 +285,7 @@ class SnapshotHub:
         # Each subscription and the tickers of this batch it follows.
         wanted: dict[Subscription, list[str]] = {}
         for ticker in by_ticker:
-            for subscription in self._followers(ticker):
+            for subscription in self._followers(routes, ticker):
                 tickers = wanted.get(subscription)
                 if tickers is None:
                     wanted[subscription] = [ticker]
@@ -306,8 +354,5 @@ class SnapshotHub:
         for subscription in list(self._subscriptions):
             subscription.close()
         self._subscriptions.clear()
-        self._to_all.clear()
-        self._by_ticker.clear()
-        self._by_event.clear()
-        self._by_series.clear()
+        self._routes_of = {kind: _Routes() for kind in StreamKind}
         self._to_wake.clear()

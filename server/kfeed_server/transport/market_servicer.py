@@ -31,6 +31,7 @@ from kfeed_server.transport.requests import (
     time_window,
 )
 from kfeed_server.transport.snapshot_stream import SnapshotStreams, StreamLimits
+from kfeed_server.transport.trade_stream import TradeStreams
 
 MARKETS_PAGE = PageSizeLimits(default=100, maximum=1000)
 SNAPSHOTS_PAGE = PageSizeLimits(default=1000, maximum=10_000)
@@ -64,6 +65,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
             tokens,
             stream_limits or StreamLimits(),
         )
+        self._trade_streams = TradeStreams(self._streams, repositories.trades, tokens)
 
     async def _require_market(self, ticker: str) -> None:
         if await self._markets.get_market(ticker) is None:
@@ -158,6 +160,12 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self, request: pb.StreamSnapshotsRequest, context: Context
     ) -> AsyncIterator[bytes]:
         async for response in self._streams.responses(request, context):
+            yield response
+
+    async def StreamTrades(  # type: ignore[override]
+        self, request: pb.StreamTradesRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        async for response in self._trade_streams.responses(request, context):
             yield response
 
     async def ListEvents(

@@ -1,5 +1,6 @@
 """MarketService.StreamSnapshots: a request becomes a feed (streaming.feed), the feed's items
-become responses (stream_frames).
+become responses (stream_frames). The request checks, the per-peer cap and the serving loop are
+shared with StreamTrades (trade_stream).
 
 Streams per peer address are capped (``max_streams_per_peer``); a subscriber that reads too
 slowly for its queue is handled by its overflow policy (streaming.feed), one that stops reading
@@ -10,22 +11,25 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.streaming.feed import (
+    FeedItem,
     FeedRequest,
     OverflowPolicy,
+    RowSource,
     SnapshotSource,
+    StreamRow,
     SubscriberOverflowError,
     feed_items,
 )
-from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
+from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, StreamKind
 from kfeed_server.transport.errors import InvalidArgument, NotFound, ResourceExhausted
 from kfeed_server.transport.requests import (
     RequestTokens,
@@ -39,6 +43,10 @@ from kfeed_server.transport.stream_frames import MAX_BATCH_SIZE, SnapshotFrames
 MAX_STREAM_TICKERS = 10_000
 
 Context = grpc.aio.ServicerContext[Any, Any]
+StreamRequest = pb.StreamSnapshotsRequest | pb.StreamTradesRequest
+R = TypeVar("R", bound=StreamRow)
+# A stream's encoder: a feed item and max_batch_size → responses, each with the id it resumes after.
+Frames = Callable[[FeedItem[R], int], Iterator[tuple[bytes, int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +83,13 @@ class SnapshotStreams:
         self._frames = SnapshotFrames(tokens)
         self._open_per_peer: Counter[str] = Counter()
 
-    async def feed_request(self, request: pb.StreamSnapshotsRequest) -> FeedRequest:
+    async def feed_request(self, request: StreamRequest) -> FeedRequest:
         """The request validated and resolved: INVALID_ARGUMENT / NOT_FOUND naming the field."""
+        kind = (
+            StreamKind.TRADES
+            if isinstance(request, pb.StreamTradesRequest)
+            else StreamKind.SNAPSHOTS
+        )
         if len(request.tickers) > MAX_STREAM_TICKERS:
             raise InvalidArgument.field("tickers", f"at most {MAX_STREAM_TICKERS} tickers")
         if not 0 <= request.max_batch_size <= MAX_BATCH_SIZE:
@@ -85,15 +98,19 @@ class SnapshotStreams:
         event_ticker = optional_ticker(request.event_ticker, "event_ticker")
         series_ticker = optional_ticker(request.series_ticker, "series_ticker")
         resume_after_id = (
-            self._tokens.decode_resume_token(request.resume_token) if request.resume_token else None
+            self._tokens.decode_resume_token(request.resume_token, stream=token_stream(kind))
+            if request.resume_token
+            else None
         )
         start_time = optional_time(request, "start_time")
         heartbeat = duration_seconds(
             request, "heartbeat_interval", default=5.0, minimum=0.1, maximum=60.0
         )
-        conflation = duration_seconds(
-            request, "conflation_interval", default=None, minimum=0.01, maximum=60.0
-        )
+        conflation = None
+        if isinstance(request, pb.StreamSnapshotsRequest):
+            conflation = duration_seconds(
+                request, "conflation_interval", default=None, minimum=0.01, maximum=60.0
+            )
         policy = (
             OverflowPolicy.RESOURCE_EXHAUSTED
             if request.overflow_policy == pb.OVERFLOW_POLICY_RESOURCE_EXHAUSTED
@@ -114,9 +131,11 @@ class SnapshotStreams:
         selector = MarketSelector(frozenset(selected), event_ticker, series_ticker)
         return FeedRequest(
             selector=selector,
+            kind=kind,
             start_time=start_time,
             resume_after_id=resume_after_id,
-            include_latest=request.include_latest,
+            include_latest=isinstance(request, pb.StreamSnapshotsRequest)
+            and request.include_latest,
             heartbeat_interval=heartbeat or 5.0,
             conflation_interval=conflation,
             overflow_policy=policy,
@@ -141,19 +160,38 @@ class SnapshotStreams:
     ) -> AsyncIterator[bytes]:
         """The stream's responses, encoded, until it ends (shutdown, overflow or cancel)."""
         feed_request = await self.feed_request(request)
+        responses = self.serve(
+            feed_request, self._snapshots, self._frames.frames, request.max_batch_size, context
+        )
+        async for response in responses:
+            yield response
+
+    async def serve(
+        self,
+        feed_request: FeedRequest,
+        source: RowSource[R],
+        frames: Frames[R],
+        max_batch_size: int,
+        context: Context,
+    ) -> AsyncIterator[bytes]:
+        """A validated stream's responses, encoded by ``frames``, until it ends (shutdown,
+        overflow or cancel)."""
         peer = peer_address(context.peer())
         self._admit(peer)
         try:
-            async with contextlib.aclosing(
-                feed_items(feed_request, self._hub, self._snapshots)
-            ) as feed:
+            async with contextlib.aclosing(feed_items(feed_request, self._hub, source)) as feed:
                 async for item in feed:
-                    for frame, _ in self._frames.frames(item, request.max_batch_size):
+                    for frame, _ in frames(item, max_batch_size):
                         yield frame
         except SubscriberOverflowError as overflow:
-            raise ResourceExhausted(
-                f"{overflow}; resume with resume_token "
-                f"{self._tokens.encode_resume_token(overflow.resume_after_id)!r}"
-            ) from None
+            token = self._tokens.encode_resume_token(
+                overflow.resume_after_id, token_stream(feed_request.kind)
+            )
+            raise ResourceExhausted(f"{overflow}; resume with resume_token {token!r}") from None
         finally:
             self._release(peer)
+
+
+def token_stream(kind: StreamKind) -> str:
+    """The resume-token stream name of ``kind`` (snapshot tokens keep their original domain)."""
+    return "" if kind is StreamKind.SNAPSHOTS else kind.value

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import types_pb2
@@ -27,7 +28,6 @@ from kfeed_server.streaming.feed import (
     FeedGapEvent,
     FeedItem,
     HeartbeatEvent,
-    SnapshotEvent,
     SnapshotRun,
     SubscriberGapEvent,
 )
@@ -108,11 +108,11 @@ class SnapshotFrames:
         """The token resuming after the run's snapshot at ``index`` (signed once per id)."""
         if run.fixed_resume_after_id is not None:
             return self._token(run.fixed_resume_after_id)
-        return self._encoded_snapshot(run.snapshots[index])[2]
+        return self._encoded_snapshot(run.rows[index])[2]
 
     def _entry(self, run: SnapshotRun, index: int) -> bytes:
         """The run's snapshot at ``index`` as a SnapshotBatch.updates field."""
-        update, entry, _ = self._encoded_snapshot(run.snapshots[index])
+        update, entry, _ = self._encoded_snapshot(run.rows[index])
         coalesced = run.coalesced_count(index)
         if not coalesced and run.fixed_resume_after_id is None:
             return entry
@@ -123,23 +123,23 @@ class SnapshotFrames:
 
     def _alone(self, run: SnapshotRun, index: int) -> bytes:
         """The run's snapshot at ``index`` as a StreamSnapshotsResponse.snapshot field."""
-        update = self._encoded_snapshot(run.snapshots[index])[0]
+        update = self._encoded_snapshot(run.rows[index])[0]
         coalesced = run.coalesced_count(index)
         if coalesced:
             update += _TAG_COALESCED_COUNT + varint(coalesced)
         return _length_delimited(_TAG_SNAPSHOT, update)
 
-    def frames(self, item: FeedItem, max_batch_size: int) -> Iterator[tuple[bytes, int]]:
+    def frames(
+        self, item: FeedItem[SnapshotRecord], max_batch_size: int
+    ) -> Iterator[tuple[bytes, int]]:
         """The responses that send ``item``, each with the snapshot id it resumes after."""
         if isinstance(item, Delivery):
-            event = item.event
-            if not isinstance(event, SnapshotEvent):
-                message = event_message(item, self._tokens.encode_resume_token)
-                yield message.SerializeToString(), item.resume_after_id
-                return
-            counts = [event.coalesced_count] if event.coalesced_count else None
-            item = SnapshotRun([event.snapshot], counts, item.resume_after_id)
-        count = len(item.snapshots)
+            message = event_message(
+                item, self._tokens.encode_resume_token, pb.StreamSnapshotsResponse
+            )
+            yield message.SerializeToString(), item.resume_after_id
+            return
+        count = len(item.rows)
         size = max(max_batch_size, 1)
         for start in range(0, count, size):
             end = min(start + size, count)
@@ -152,23 +152,29 @@ class SnapshotFrames:
             yield token + _length_delimited(_TAG_SNAPSHOT_BATCH, body), resume_after_id
 
 
+StreamResponse = TypeVar("StreamResponse", pb.StreamSnapshotsResponse, pb.StreamTradesResponse)
+
+
 def event_message(
-    delivery: Delivery, resume_token: Callable[[int], str]
-) -> pb.StreamSnapshotsResponse:
-    """The response for an event other than a snapshot."""
+    delivery: Delivery, resume_token: Callable[[int], str], response: type[StreamResponse]
+) -> StreamResponse:
+    """The response (of a snapshot or trade stream) for an event other than a row. Feed gaps
+    reach snapshot streams only."""
     token = resume_token(delivery.resume_after_id)
     event = delivery.event
     if isinstance(event, CaughtUpEvent):
-        return pb.StreamSnapshotsResponse(
+        return response(
             resume_token=token, caught_up=pb.CaughtUp(replayed_count=event.replayed_count)
         )
     if isinstance(event, HeartbeatEvent):
-        return pb.StreamSnapshotsResponse(
+        return response(
             resume_token=token, heartbeat=pb.Heartbeat(server_time=timestamp(event.server_time))
         )
     if isinstance(event, SubscriberGapEvent):
-        return pb.StreamSnapshotsResponse(
+        return response(
             resume_token=token, subscriber_gap=pb.SubscriberGap(dropped_count=event.dropped_count)
         )
     assert isinstance(event, FeedGapEvent)
-    return pb.StreamSnapshotsResponse(resume_token=token, feed_gap=feed_gap_to_proto(event.gap))
+    gap = pb.StreamSnapshotsResponse(resume_token=token, feed_gap=feed_gap_to_proto(event.gap))
+    assert isinstance(gap, response)  # the hub routes feed gaps to snapshot streams only
+    return gap

@@ -49,7 +49,7 @@ from kfeed_server.db.repositories._common import (
 from kfeed_server.db.repositories.books import insert_changes, insert_checkpoints
 from kfeed_server.db.repositories.markets import record_rows, series_rows, upsert_rows
 from kfeed_server.db.repositories.snapshots import SNAPSHOT_COLUMNS, latest_per_market
-from kfeed_server.db.repositories.trades import FEED_GAP_COLUMNS
+from kfeed_server.db.repositories.trades import FEED_GAP_COLUMNS, TRADE_COLUMNS
 from kfeed_server.records import (
     BookChangeRecord,
     BookCheckpointRecord,
@@ -58,6 +58,7 @@ from kfeed_server.records import (
     MarketRecord,
     SeriesRecord,
     SnapshotRecord,
+    StreamedTrade,
     TradeRecord,
     WriteCounts,
 )
@@ -99,6 +100,8 @@ class BatchWriteResult:
     stored_gaps: list[FeedGapRecord] = field(default_factory=list)
     # The batch number its commit notices carry (PostgreSQL, when it stored snapshots or gaps).
     notice_batch: int | None = None
+    # The new trades (with stream ids, in id order).
+    stored_trades: list[StreamedTrade] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,22 +272,39 @@ def _one_per_trade_id(trades: Sequence[TradeRecord]) -> list[TradeRecord]:
     return list(chosen.values())
 
 
-async def _insert_trades(connection: AsyncConnection, trades: Sequence[TradeRecord]) -> int:
+async def _insert_trades(
+    connection: AsyncConnection, trades: Sequence[TradeRecord]
+) -> tuple[list[StreamedTrade], int]:
+    """Insert (or refine) ``trades``: the newly stored ones with their stream ids, in id order,
+    and how many rows were written (refined ones too).
+
+    Ids are assigned here, above the stored maximum: writes are serialised (the write lock), so
+    they increase in commit order. A refined trade keeps its id and is not returned."""
     if not trades:
-        return 0
+        return [], 0
     if len({t.trade_id for t in trades}) != len(trades):
         trades = _one_per_trade_id(trades)
+    c = trades_table.c
+    max_before = (await connection.execute(select(func.max(c.stream_id)))).scalar() or 0
     rows = record_rows(trades)
+    for stream_id, row in enumerate(rows, start=max_before + 1):
+        row["stream_id"] = stream_id
     insert = insert_for(connection, trades_table)
     statement = insert.on_conflict_do_update(
-        index_elements=[trades_table.c.trade_id],
+        index_elements=[c.trade_id],
         set_={"create_time": insert.excluded.create_time},
-        where=_refines(connection, trades_table.c.create_time, insert.excluded.create_time),
-    ).returning(trades_table.c.trade_id)
-    stored = 0
+        where=_refines(connection, c.create_time, insert.excluded.create_time),
+    ).returning(c.stream_id, *TRADE_COLUMNS)
+    stored: list[StreamedTrade] = []
+    written = 0
     for chunk in chunks(rows, rows_per_statement(len(rows[0]))):
-        stored += len((await connection.execute(statement, list(chunk))).all())
-    return stored
+        returned = (await connection.execute(statement, list(chunk))).all()
+        written += len(returned)
+        for stream_id, *trade in returned:
+            if stream_id > max_before:  # inserted now (a refined one keeps its older id)
+                stored.append(StreamedTrade(stream_id, TradeRecord(*trade)))
+    stored.sort(key=attrgetter("stream_id"))
+    return stored, written
 
 
 async def _upsert_gaps(
@@ -431,18 +451,19 @@ class IngestWriter:
                     stored_snapshots = await _insert_snapshots_by_copy(connection, kept, latest)
                 else:
                     stored_snapshots = await _insert_snapshots_by_values(connection, kept)
-            trades_count = await _insert_trades(connection, trades)
+            stored_trades, trades_count = await _insert_trades(connection, trades)
             stored_gaps = await _upsert_gaps(connection, feed_gaps)
             book_changes_count = await insert_changes(connection, book_changes)
             book_checkpoints_count = await insert_checkpoints(connection, book_checkpoints)
             notice_batch = None
-            if is_postgresql(connection) and (stored_snapshots or stored_gaps):
+            if is_postgresql(connection) and (stored_snapshots or stored_gaps or stored_trades):
                 notice_batch = next(self._batches)
                 for notice in batch_notices(
                     self.origin,
                     notice_batch,
                     [s.snapshot_id for s in stored_snapshots],
                     [g.gap_id for g in stored_gaps],
+                    [t.stream_id for t in stored_trades],
                 ):  # delivered at commit, in commit order
                     await connection.execute(select(func.pg_notify(CHANNEL, notice.payload())))
         counts = WriteCounts(
@@ -457,7 +478,8 @@ class IngestWriter:
             book_checkpoints=book_checkpoints_count,
         )
         return _Committed(
-            BatchWriteResult(counts, stored_snapshots, stored_gaps, notice_batch), max_id_before
+            BatchWriteResult(counts, stored_snapshots, stored_gaps, notice_batch, stored_trades),
+            max_id_before,
         )
 
     async def insert_snapshots(self, snapshots: list[SnapshotRecord]) -> BatchWriteResult:

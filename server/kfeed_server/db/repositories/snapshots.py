@@ -189,6 +189,9 @@ class SnapshotRepository:
             value = await connection.scalar(select(func.max(_s.id)))
         return int(value or 0)
 
+    # The name the stream feed reads it by (streaming.feed.RowSource).
+    max_stream_id = max_snapshot_id
+
     async def list_for_backtest(
         self,
         tickers: Sequence[str],

@@ -16,7 +16,7 @@ from kfeed_server.db.repositories._common import (
     rows_per_statement,
     time_range_page_query,
 )
-from kfeed_server.records import FeedGapRecord, Page, TradeRecord
+from kfeed_server.records import FeedGapRecord, Page, StreamedTrade, TradeRecord
 
 TRADE_COLUMNS = record_columns(trades_table, TradeRecord)
 FEED_GAP_COLUMNS = record_columns(feed_gaps_table, FeedGapRecord, {"gap_id": "id"})
@@ -54,6 +54,42 @@ class TradeRepository:
             connection = await session.connection()
             rows = [TradeRecord(*row) for row in await connection.execute(statement)]
         return page_of(rows, limit, lambda last: (last.create_time, last.trade_id))
+
+    async def list_after_id(
+        self,
+        after_id: int,
+        *,
+        tickers: Sequence[str] | None,
+        limit: int,
+        min_exchange_time: datetime | None = None,
+    ) -> list[StreamedTrade]:
+        """Trades with ``stream_id > after_id`` in stream-id order (StreamTrades replay and
+        resume), of ``tickers`` (None: every market), optionally created at or after
+        ``min_exchange_time``."""
+        if tickers is not None and not tickers:
+            return []
+        c = trades_table.c
+        statement = (
+            select(c.stream_id, *TRADE_COLUMNS)
+            .where(c.stream_id > after_id)
+            .order_by(c.stream_id)
+            .limit(limit)
+        )
+        if tickers is not None:
+            statement = statement.where(c.ticker.in_(list(tickers)))
+        if min_exchange_time is not None:
+            statement = statement.where(c.create_time >= min_exchange_time)
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = await connection.execute(statement)
+            return [StreamedTrade(stream_id, TradeRecord(*trade)) for stream_id, *trade in rows]
+
+    async def max_stream_id(self) -> int:
+        """The highest trade stream id; 0 when no trade is stored."""
+        async with self._sessions() as session:
+            connection = await session.connection()
+            value = await connection.scalar(select(func.max(trades_table.c.stream_id)))
+        return int(value or 0)
 
     async def latest_times(self, tickers: Sequence[str]) -> dict[str, datetime]:
         """The create time of the newest stored trade of each of ``tickers`` that has one."""
