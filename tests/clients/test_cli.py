@@ -20,7 +20,7 @@ from kfeed.v1 import ingest_service_pb2, types_pb2
 from kfeed_client.cli import build_parser, env_name, execute, parse_time
 from kfeed_ingest.kalshi.books import START, BookChange, change_columns, checkpoint, micros
 from tests.support.clients import MARKETS, SNAPSHOT_COUNT, TICKER
-from tests.support.factories import at, make_snapshot
+from tests.support.factories import at, make_snapshot, make_trade
 from tests.support.servers import PublishSession
 
 
@@ -81,6 +81,29 @@ async def test_tail_shows_history_the_caught_up_marker_then_live(
     assert "caught up: 3 replayed, now live" in lines[3]
     assert [line.split()[2] for line in (*lines[:3], lines[4])] == [TICKER] * 4
     assert "yes 0.4007×0.4107" in lines[4]
+
+
+async def test_tail_trades_shows_the_tape_the_caught_up_marker_then_live(
+    address: str, seeded: PublishSession
+) -> None:
+    await seeded.publish(trades=[make_trade(TICKER, i) for i in range(3)])
+
+    async def publish_when_caught_up() -> None:
+        await asyncio.sleep(0.3)
+        await seeded.publish(trades=[make_trade(TICKER, 3, count=250)])
+
+    publishing = asyncio.create_task(publish_when_caught_up())
+    status, text = await run(
+        "tail", TICKER, "--trades", "--server", address, "--from", at(1).isoformat(),
+        "--limit", "3",
+    )  # fmt: skip
+    await publishing
+    lines = text.splitlines()
+    assert status == 0
+    assert "caught up: 2 replayed, now live" in lines[2]
+    assert [line.split()[2] for line in (*lines[:2], lines[3])] == [TICKER] * 3
+    assert "taker yes  yes 0.4001  no 0.5999  × 1.00" in lines[0]
+    assert "yes 0.4003  no 0.5997  × 2.50" in lines[3]
 
 
 async def test_an_unknown_market_is_a_one_line_error(

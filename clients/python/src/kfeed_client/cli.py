@@ -166,9 +166,12 @@ def _configure_tail(parser: argparse.ArgumentParser) -> None:
     )
     _add_option(parser, "--resume", "continue after this resume token from an earlier run")
     _add_switch(parser, "--include-latest", "start with each market's latest snapshot")
+    _add_switch(parser, "--trades", "follow the public trades instead of snapshots")
     _add_option(parser, "--heartbeat", "seconds between heartbeats when idle", type=float)
     _add_option(parser, "--conflate", "at most one snapshot per market per N ms", type=int)
-    _add_option(parser, "--limit", "exit after this many snapshots", type=int)
+    _add_option(
+        parser, "--limit", "exit after this many snapshots (trades with --trades)", type=int
+    )
     _add_switch(parser, "--verbose", "also show heartbeats")
     _add_output_options(parser)
     _add_connection_options(parser)
@@ -404,8 +407,70 @@ def _stream_line(
     return None
 
 
+def trade_line(trade: types_pb2.Trade) -> str:
+    """One trade as a line of rich markup: time, ticker, taker side, yes/no price, count."""
+    side = types_pb2.Side.Name(trade.taker_side).removeprefix("SIDE_").lower()
+    return (
+        f"[dim]{_time(trade.create_time)}[/] [bold]{trade.ticker}[/]  taker {side}  "
+        f"yes {_dollars(trade.yes_price)}  no {_dollars(trade.no_price)}  "
+        f"× {_contracts(trade.count)}"
+    )
+
+
+def _trade_stream_lines(
+    message: market_service_pb2.StreamTradesResponse, verbose: bool
+) -> list[str]:
+    """The human lines for a trade stream message (one a trade)."""
+    kind = message.WhichOneof("event")
+    if kind == "trade":
+        return [trade_line(message.trade)]
+    if kind == "trade_batch":
+        return [trade_line(trade) for trade in message.trade_batch.trades]
+    if kind == "caught_up":
+        return [f"[cyan]── caught up: {message.caught_up.replayed_count} replayed, now live ──[/]"]
+    if kind == "heartbeat" and verbose:
+        return [f"[dim]· heartbeat {_time(message.heartbeat.server_time)}[/]"]
+    return []
+
+
+async def tail_trades(options: argparse.Namespace, console: Console) -> int:
+    """`tail --trades`: follow the public tape until interrupted (or ``--limit`` trades)."""
+    last_token = options.resume or ""
+    shown = 0
+    try:
+        async with _connect(options) as client:
+            stream = client.stream_trades(
+                options.tickers,
+                start_time=options.start,
+                resume_token=options.resume,
+                event_ticker=options.event,
+                series_ticker=options.series,
+                heartbeat_interval=(
+                    timedelta(seconds=options.heartbeat) if options.heartbeat else None
+                ),
+            )
+            async for message in stream:
+                last_token = message.resume_token or last_token
+                if options.json:
+                    if options.verbose or not message.HasField("heartbeat"):
+                        console.out(_json(message), highlight=False)
+                else:
+                    for line in _trade_stream_lines(message, options.verbose):
+                        console.print(line, soft_wrap=True, highlight=False)
+                shown += len(message.trade_batch.trades) + message.HasField("trade")
+                if options.limit is not None and shown >= options.limit:
+                    break
+    finally:
+        # Printed also on Ctrl-C, so the next run can continue exactly here.
+        if last_token and not options.json:
+            print(f"resume with: --resume {last_token}", file=sys.stderr)
+    return 0
+
+
 async def tail(options: argparse.Namespace, console: Console) -> int:
     """`tail`: follow the feed until interrupted (or ``--limit`` snapshots)."""
+    if options.trades:
+        return await tail_trades(options, console)
     last_token = options.resume or ""
     shown = 0
     tracker = ChangeTracker()

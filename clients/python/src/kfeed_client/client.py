@@ -370,6 +370,35 @@ class KfeedClient:
             request.conflation_interval.CopyFrom(to_duration(conflation_interval))
         return resumable_stream(self.markets, request, retry=retry, resume_on_gap=resume_on_gap)
 
+    def stream_trades(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        start_time: datetime | None = None,
+        resume_token: str | None = None,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        heartbeat_interval: timedelta | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> AsyncGenerator[market_service_pb2.StreamTradesResponse, None]:
+        """The public tape of the selected markets (no tickers and no event/series: all):
+        stored trades after ``resume_token`` or from ``start_time`` (else none), a caught-up
+        marker, then live trades — resumed after a disconnect like :meth:`stream_snapshots`.
+        Ready trades travel in ``trade_batch`` messages of up to ``max_batch_size``."""
+        request = market_service_pb2.StreamTradesRequest(
+            tickers=list(tickers),
+            resume_token=resume_token or "",
+            event_ticker=event_ticker or "",
+            series_ticker=series_ticker or "",
+            max_batch_size=max_batch_size,
+        )
+        if start_time is not None:
+            request.start_time.CopyFrom(to_timestamp(start_time))
+        if heartbeat_interval is not None:
+            request.heartbeat_interval.CopyFrom(to_duration(heartbeat_interval))
+        return resumable_stream(self.markets, request, retry=retry)
+
 
 def _set_window(
     request: (

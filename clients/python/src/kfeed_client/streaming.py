@@ -1,4 +1,5 @@
-"""A StreamSnapshots subscription that survives disconnects with no gap and no duplicate.
+"""A StreamSnapshots (or StreamTrades) subscription that survives disconnects with no gap and no
+duplicate.
 
 Every message the server sends carries a resume token: the position right after that message.
 The subscriber remembers the last token it saw; when the stream breaks it reconnects (with
@@ -8,16 +9,19 @@ exactly what was missed and then goes live again. A status that retrying cannot 
 
 Snapshots may arrive batched (``max_batch_size``: many per message, far cheaper to send and to
 read); the iterator hands them out one message per snapshot all the same, each with the token
-that resumes right after it.
+that resumes right after it. Trades arrive as the server sends them (a ``trade_batch`` carries one
+token, resuming after its last trade).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar, overload
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -109,31 +113,55 @@ def unbatched(message: pb.StreamSnapshotsResponse) -> list[pb.StreamSnapshotsRes
     return split
 
 
-def resumed_request(
-    request: pb.StreamSnapshotsRequest, resume_token: str
-) -> pb.StreamSnapshotsRequest:
+StreamRequest = TypeVar("StreamRequest", bound=pb.StreamSnapshotsRequest | pb.StreamTradesRequest)
+
+
+def resumed_request(request: StreamRequest, resume_token: str) -> StreamRequest:
     """``request`` continuing after ``resume_token``.
 
     The start time and the latest-snapshot preamble are dropped: the token already says where
     to continue, and repeating the preamble would deliver those snapshots twice.
     """
-    resumed = pb.StreamSnapshotsRequest()
-    resumed.CopyFrom(request)
+    resumed = copy.deepcopy(request)
     resumed.resume_token = resume_token
     resumed.ClearField("start_time")
-    resumed.include_latest = False
+    if isinstance(resumed, pb.StreamSnapshotsRequest):
+        resumed.include_latest = False
     return resumed
 
 
-async def resumable_stream(
+@overload
+def resumable_stream(
     stub: pb_grpc.MarketServiceAsyncStub,
     request: pb.StreamSnapshotsRequest,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
     resume_on_gap: bool = True,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> AsyncGenerator[pb.StreamSnapshotsResponse, None]:
-    """Yield the messages of StreamSnapshots(``request``), reconnecting and resuming as needed.
+) -> AsyncGenerator[pb.StreamSnapshotsResponse, None]: ...
+
+
+@overload
+def resumable_stream(
+    stub: pb_grpc.MarketServiceAsyncStub,
+    request: pb.StreamTradesRequest,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    resume_on_gap: bool = True,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncGenerator[pb.StreamTradesResponse, None]: ...
+
+
+async def resumable_stream(
+    stub: pb_grpc.MarketServiceAsyncStub,
+    request: pb.StreamSnapshotsRequest | pb.StreamTradesRequest,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    resume_on_gap: bool = True,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncGenerator[pb.StreamSnapshotsResponse | pb.StreamTradesResponse, None]:
+    """Yield the messages of StreamSnapshots(``request``) (StreamTrades for a trades request),
+    reconnecting and resuming as needed.
 
     With ``resume_on_gap`` a subscriber-gap marker (the server dropped live snapshots because
     this subscriber fell behind) is not passed on: the stream is reopened from the marker's
@@ -143,7 +171,14 @@ async def resumable_stream(
     """
     failures = 0
     while True:
-        call = stub.StreamSnapshots(request)
+        call: (
+            grpc.aio.UnaryStreamCall[pb.StreamTradesRequest, pb.StreamTradesResponse]
+            | grpc.aio.UnaryStreamCall[pb.StreamSnapshotsRequest, pb.StreamSnapshotsResponse]
+        ) = (
+            stub.StreamTrades(request)
+            if isinstance(request, pb.StreamTradesRequest)
+            else stub.StreamSnapshots(request)
+        )
         last_error: grpc.aio.AioRpcError | None = None
         fell_behind = False
         try:
@@ -153,11 +188,14 @@ async def resumable_stream(
                     request = resumed_request(request, message.resume_token)
                 if resume_on_gap and message.HasField("subscriber_gap"):
                     log.info(
-                        "fell behind by %d snapshots; resuming to fill the gap",
+                        "fell behind by %d messages; resuming to fill the gap",
                         message.subscriber_gap.dropped_count,
                     )
                     fell_behind = True
                     break
+                if isinstance(message, pb.StreamTradesResponse):
+                    yield message
+                    continue
                 for single in unbatched(message):
                     yield single
         except grpc.aio.AioRpcError as error:
