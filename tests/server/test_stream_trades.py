@@ -5,17 +5,20 @@ databases."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import re
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
+from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.records import TradeRecord
 from kfeed_server.transport.convert import timestamp
 from tests.support.factories import at, make_market, make_snapshot, make_trade
-from tests.support.servers import PublishSession, bad_request_fields
+from tests.support.servers import PublishSession, bad_request_fields, serving
 
 A = make_market("KXTAPE-A")
 B = make_market("KXTAPE-B", event_ticker="EV-TAPE-B", series_ticker="SER-TAPE-B")
@@ -167,3 +170,66 @@ async def test_out_of_range_start_time_and_unknown_ticker(
     with pytest.raises(grpc.aio.AioRpcError) as not_found:
         await read(stub.StreamTrades(pb.StreamTradesRequest(tickers=["KXNOPE"])))
     assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_heartbeats_carry_the_last_position(
+    stub: pb_grpc.MarketServiceAsyncStub, stored: None
+) -> None:
+    stream = stub.StreamTrades(
+        pb.StreamTradesRequest(start_time=timestamp(at(0)), heartbeat_interval=millis(100))
+    )
+    history = await read_until(stream, caught_up)
+    beats = await read_until(stream, lambda m: len(m) >= 3)
+    stream.cancel()
+    assert [m.WhichOneof("event") for m in beats] == ["heartbeat"] * 3
+    assert {b.resume_token for b in beats} == {history[-1].resume_token}
+
+
+def millis(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+@pytest.fixture
+async def small_queue_server(database_url: str) -> AsyncIterator[KfeedServer]:
+    config = ServerConfig(
+        listen="127.0.0.1:0", database_url=database_url, subscriber_queue_capacity=100
+    )
+    async with serving(config) as server:
+        yield server
+
+
+async def test_a_stalled_subscriber_choosing_resource_exhausted_resumes_from_its_token(
+    small_queue_server: KfeedServer,
+) -> None:
+    address = f"127.0.0.1:{small_queue_server.port}"
+    # Without BDP probing a client that stops reading lets the server write only ~100 KB.
+    stalled_channel = grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+    stalled = pb_grpc.MarketServiceStub(stalled_channel).StreamTrades(
+        pb.StreamTradesRequest(overflow_policy=pb.OVERFLOW_POLICY_RESOURCE_EXHAUSTED)
+    )
+    await read_until(stalled, caught_up)
+    total = 4_000
+    async with grpc.aio.insecure_channel(address) as channel:
+        publisher = PublishSession(channel)
+        await publisher.publish(markets=[A])
+        for start in range(0, total, 250):
+            await publisher.publish(trades=trades(A.ticker, start, start + 250))
+        await publisher.close()
+        received: Messages = []
+
+        async def read_to_the_end() -> None:
+            while True:
+                received.append(await read(stalled))
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_to_the_end()
+        await stalled_channel.close()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        token = re.search(r"resume_token '([^']+)'", caught.value.details() or "")
+        assert token is not None
+        resumed = pb_grpc.MarketServiceStub(channel).StreamTrades(
+            pb.StreamTradesRequest(resume_token=token.group(1))
+        )
+        rest = await read_until(resumed, caught_up)
+        resumed.cancel()
+    assert trade_ids(received) + trade_ids(rest) == [t.trade_id for t in trades(A.ticker, 0, total)]

@@ -12,8 +12,8 @@ from kfeed_server.db import create_engine
 from kfeed_server.db.commits import CommitNotice, Resync
 from kfeed_server.db.repositories import Repositories, build_repositories
 from kfeed_server.streaming.follower import CommitFollower
-from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
-from tests.support.factories import make_gap, make_market, make_snapshot
+from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, StreamKind, Subscription
+from tests.support.factories import make_gap, make_market, make_snapshot, make_trade
 from tests.support.waiting import eventually
 
 MARKET = make_market("KXFOLLOW-A", event_ticker="EV-FOLLOW")
@@ -136,3 +136,25 @@ async def test_an_own_notice_that_comes_first_waits_for_its_batch(followed: Foll
     followed.follower.committed([MARKET], own)
     await eventually(lambda: followed.subscription.depth == 1)
     assert followed.subscription.take_all() == [kept]
+
+
+async def test_trades_reach_trade_subscriptions_by_notice_and_by_resync(
+    followed: Followed,
+) -> None:
+    tape = followed.hub.subscribe(MarketSelector(), kind=StreamKind.TRADES)
+    writer = followed.repositories.ingest
+    await writer.write_batch(markets=[MARKET])
+    first = await writer.write_batch(trades=[make_trade(MARKET.ticker, i) for i in range(3)])
+    ids = [t.stream_id for t in first.stored_trades]
+    notice = CommitNotice("another-server", 1, first_trade_id=ids[0], last_trade_id=ids[-1])
+    followed.notices.put_nowait(CommitNotice.parse(notice.payload()) or notice)
+    await eventually(lambda: tape.depth == 3)
+    second = await writer.write_batch(trades=[make_trade(MARKET.ticker, i) for i in range(3, 5)])
+    followed.notices.put_nowait(Resync())  # notices missed: the resync reads the rest back
+    await eventually(lambda: tape.depth == 5)
+    taken = tape.take_all()
+    assert [getattr(t, "stream_id", -1) for t in taken] == [
+        *ids,
+        *(t.stream_id for t in second.stored_trades),
+    ]
+    assert followed.subscription.take_all() == []  # snapshot streams never see trades
