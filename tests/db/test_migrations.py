@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kfeed_server.db import create_engine, downgrade_to_base, schema_is_current, upgrade_to_head
-from kfeed_server.db.models import Base, is_partition
+from kfeed_server.db.migrate import alembic_config
+from kfeed_server.db.models import Base, is_partition, trades_table
+from kfeed_server.db.repositories.markets import record_rows
+from tests.support.factories import make_trade
 
 KFEED_TABLES = set(Base.metadata.tables)
 
@@ -70,3 +74,23 @@ async def test_servers_starting_together_migrate_one_after_the_other(
     assert await schema_is_current(engine)
     async with engine.connect() as connection:
         assert await connection.run_sync(_schema_diff) == []
+
+
+async def test_trades_stored_before_stream_ids_are_numbered_in_time_order(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(
+            lambda c: command.downgrade(alembic_config(c), "0004_order_books")
+        )
+    stored = [make_trade("KXOLD", i) for i in (2, 0, 1)]
+    async with engine.begin() as connection:
+        await connection.execute(trades_table.insert(), record_rows(stored))
+    await upgrade_to_head(engine)
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(trades_table.c.trade_id).order_by(trades_table.c.stream_id)
+        )
+        assert [trade_id for (trade_id,) in rows] == [
+            make_trade("KXOLD", i).trade_id for i in range(3)
+        ]
