@@ -209,8 +209,8 @@ class KfeedServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        # The RPCs of this round's contract additions answer UNIMPLEMENTED (the generated base
-        # class) until issues #12 and #13 build them; the ignore goes with the last of them.
+        # StreamOrderBooks (issue #13) answers UNIMPLEMENTED from the generated base class until
+        # it is built; the ignore goes with it.
         market_servicer = MarketServicer(  # type: ignore[abstract]
             self.repositories, self.hub, self.tokens, StreamLimits(config.max_streams_per_peer)
         )
