@@ -58,6 +58,10 @@ _TICKERS_PER_REQUEST = 100  # keeps `?tickers=` well under URL length limits
 # A market is read again this long after its close time (the exchange has closed it by then).
 CLOSE_READ_DELAY = timedelta(seconds=1)
 _MAX_CANDLES_PER_REQUEST = 5000
+# A market finalized while its last trades still had the WebSocket's whole seconds (the earlier
+# process stopped before its next REST listing) gets those trades read again by a process that
+# starts within this long of them.
+_FINAL_TRADES_REREAD = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,11 +444,19 @@ class Ingestor:
     async def _resume(self) -> None:
         """Learn from the server which markets an earlier process followed and that are not
         final yet: they are followed again, and each one's trades are read back from where the
-        stored ones end. Tried at every pass until the server answers."""
+        stored ones end — as are those of markets finalized lately. Tried at every pass until
+        the server answers."""
         if self._resumed or self._server_state is None:
             return
+        # The earlier process's newest trades may still carry the WebSocket's whole seconds
+        # (those after its last REST listing, at most about one discovery interval): read them
+        # again too, so their exact times replace those — also for a market finalized just
+        # before the earlier process stopped.
+        reread = max(timedelta(minutes=1), 2 * timedelta(seconds=self.options.discovery_interval))
         try:
-            stored = await self._server_state.unfinished_markets(deadline=10.0)
+            stored = await self._server_state.markets_to_resume(
+                final_since=now_utc() - _FINAL_TRADES_REREAD, deadline=10.0
+            )
         except grpc.aio.AioRpcError as exc:
             logger.warning(
                 "stored markets unavailable (%s: %s); asking again next pass",
@@ -453,14 +465,12 @@ class Ingestor:
             )
             return
         self._resumed = True
-        self._server_had_markets = bool(stored)
-        resumed = [market for market in stored if self.selection.covers(market)]
-        # The earlier process's newest trades may still carry the WebSocket's whole seconds
-        # (those after its last REST listing, at most about one discovery interval): read them
-        # again too, so their exact times replace those.
-        reread = max(timedelta(minutes=1), 2 * timedelta(seconds=self.options.discovery_interval))
-        for market in resumed:
-            self._to_read.add(market.ticker)
+        self._server_had_markets = any(not market.final for market in stored)
+        covered = [market for market in stored if self.selection.covers(market)]
+        resumed = [market for market in covered if not market.final]
+        for market in covered:
+            if not market.final:
+                self._to_read.add(market.ticker)
             latest = market.latest_trade_time
             self._read_back[market.ticker] = latest - reread if latest else market.open_time
             if market.latest_snapshot_time is not None:

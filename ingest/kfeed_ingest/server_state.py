@@ -1,5 +1,6 @@
 """What the server has stored, as a starting ingest process needs it: the markets that are not
-final yet, and where each one's stored trades end (``IngestService.ListMarketWatermarks``)."""
+final yet (and those finalized lately), and where each one's stored trades end
+(``IngestService.ListMarketWatermarks``)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,15 @@ import grpc
 
 from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
 
-_NOT_FINAL = [
-    status
-    for status in types_pb2.MarketStatus.values()
-    if status not in (types_pb2.MARKET_STATUS_UNSPECIFIED, types_pb2.MARKET_STATUS_FINALIZED)
-]
 _PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True, slots=True)
 class StoredMarket:
-    """A market the server holds that is not final, and where its stored trades end."""
+    """A market the server holds, and where its stored trades end."""
 
     ticker: str
+    final: bool
     event_ticker: str
     series_ticker: str
     open_time: datetime | None
@@ -44,9 +41,12 @@ class ServerState:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._credentials = credentials
 
-    async def unfinished_markets(self, deadline: float = 30.0) -> list[StoredMarket]:
-        """Every stored market that is not finalized; each call waits at most ``deadline``
-        seconds (raises ``grpc.aio.AioRpcError``)."""
+    async def markets_to_resume(
+        self, final_since: datetime, deadline: float = 30.0
+    ) -> list[StoredMarket]:
+        """Every stored market that is not finalized, and every finalized one whose newest stored
+        trade is at or after ``final_since`` (its last trades may still need their exact times);
+        each call waits at most ``deadline`` seconds (raises ``grpc.aio.AioRpcError``)."""
         channel = (
             grpc.aio.secure_channel(self.target, self._credentials)
             if self._credentials is not None
@@ -58,12 +58,19 @@ class ServerState:
             token = ""
             while True:
                 request = ingest_service_pb2.ListMarketWatermarksRequest(
-                    page_size=_PAGE_SIZE, page_token=token, statuses=_NOT_FINAL
+                    page_size=_PAGE_SIZE, page_token=token
                 )
                 page = await stub.ListMarketWatermarks(
                     request, metadata=self._metadata, timeout=deadline
                 )
-                found += [_stored(watermark) for watermark in page.watermarks]
+                stored = (_stored(watermark) for watermark in page.watermarks)
+                found += [
+                    market
+                    for market in stored
+                    if not market.final
+                    or (market.latest_trade_time is not None
+                        and market.latest_trade_time >= final_since)
+                ]  # fmt: skip
                 token = page.next_page_token
                 if not token:
                     return found
@@ -73,6 +80,7 @@ def _stored(watermark: ingest_service_pb2.MarketWatermark) -> StoredMarket:
     market = watermark.market
     return StoredMarket(
         ticker=market.ticker,
+        final=market.status == types_pb2.MARKET_STATUS_FINALIZED,
         event_ticker=market.event_ticker,
         series_ticker=market.series_ticker,
         open_time=market.open_time.ToDatetime(UTC) if market.HasField("open_time") else None,
