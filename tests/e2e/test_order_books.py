@@ -135,7 +135,12 @@ async def test_books_at_random_past_instants_equal_the_exchange_books(
             await simulator.set_faults(sequence_gap_rate=0.03)
             await _steps(simulator, 15)
             await simulator.set_faults(sequence_gap_rate=0.0, drop_socket_every=60)
-            await _steps(simulator, 6)
+            # Step until the simulator has dropped the socket once: how many messages a step
+            # sends varies, so a fixed count of steps may not reach the 60th message.
+            for _ in range(60):
+                await _steps(simulator, 1)
+                if "WebSocket lost" in ingest.log():
+                    break
             await simulator.set_faults(drop_socket_every=None)
             await _steps(simulator, 10)
             settled = await book_truth(simulator)
