@@ -262,12 +262,21 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def whole_path(markets: int, tick: float, warmup: float, window: float) -> dict[str, object]:
-    """Committed snapshots/s over ``window`` seconds (after ``warmup``) of sim → ingest (ws) →
-    serve → PostgreSQL, and the CPU share of each process meanwhile (1.0 = one core)."""
+async def whole_path(
+    markets: int,
+    tick: float,
+    warmup: float,
+    window: float,
+    *,
+    table: str = "market_snapshots",
+    rows_named: str = "snapshots",
+) -> dict[str, object]:
+    """Rows committed to ``table`` per second over ``window`` seconds (after ``warmup``) of
+    sim → ingest (ws) → serve → PostgreSQL, and the CPU share of each process meanwhile (1.0 =
+    one core). The result's keys name the rows ``rows_named``."""
     sim_port, server_port = free_port(), free_port()
     processes: dict[str, asyncio.subprocess.Process] = {}
-    async with temporary_postgres_database("kfeed_bench_path") as database:
+    async with temporary_postgres_database(f"kfeed_bench_path_{table}") as database:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             private_pem, public_pem = generate_key_pair()
@@ -301,7 +310,7 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
                 ], work)  # fmt: skip
                 raw = await asyncpg.connect(asyncpg_dsn(database))
                 try:
-                    count = "SELECT count(*) FROM market_snapshots"
+                    count = f"SELECT count(*) FROM {table}"
                     await asyncio.sleep(warmup)
                     for name, process in processes.items():
                         assert process.returncode is None, (work / f"{name}.log").read_text()
@@ -323,8 +332,8 @@ async def whole_path(markets: int, tick: float, warmup: float, window: float) ->
         "markets": markets,
         "tick_seconds": tick,
         "window_seconds": round(seconds, 1),
-        "committed_snapshots_per_s": round((rows_after - rows_before) / seconds),
-        "stored_snapshots": rows_after,
+        f"committed_{rows_named}_per_s": round((rows_after - rows_before) / seconds),
+        f"stored_{rows_named}": rows_after,
         "cpu_cores": cpu,
     }
 

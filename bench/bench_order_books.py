@@ -31,36 +31,27 @@ import argparse
 import asyncio
 import random
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
-import httpx
 
-from bench.bench_ingest import MARKETS, _cpu_seconds, _postgres_cpu_seconds, _publish_stream
+from bench.bench_ingest import MARKETS, _publish_stream, whole_path
 from bench.support import (
     asyncpg_dsn,
-    free_port,
     kfeed_serve,
     print_summary,
-    serving,
     sqlalchemy_url,
-    start_kfeed,
-    stop_processes,
     temporary_postgres_database,
-    wait_until,
 )
 from kfeed.v1 import ingest_service_pb2 as ingest_pb
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc, types_pb2
 from kfeed_ingest.kalshi.books import BookChange, change_columns
 from kfeed_server.db.repositories.books import pack_levels
-from kfeed_sim.signing import generate_key_pair
 
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 20.0
@@ -285,72 +276,7 @@ async def get_order_book(changes: int, queries: int) -> dict[str, object]:
     }
 
 
-# --- 3. The whole path ---------------------------------------------------------------------------
-
-
-async def whole_path(markets: int, tick: float, warmup: float, window: float) -> dict[str, object]:
-    sim_port, server_port = free_port(), free_port()
-    processes: dict[str, asyncio.subprocess.Process] = {}
-    async with temporary_postgres_database("kfeed_bench_book_path") as database:
-        with tempfile.TemporaryDirectory() as folder:
-            work = Path(folder)
-            private_pem, public_pem = generate_key_pair()
-            (work / "key.pem").write_bytes(private_pem)
-            (work / "key.pub.pem").write_bytes(public_pem)
-            rest_url = f"http://127.0.0.1:{sim_port}/trade-api/v2"
-            try:
-                processes["sim"] = await start_kfeed("sim", [
-                    "--listen", f"127.0.0.1:{sim_port}", "--seed", "7",
-                    "--markets", str(markets), "--tick-interval", str(tick),
-                    "--history-steps", "2", "--firehose", "--ws-queue-size", "200000",
-                    "--no-legacy-integer-fields", "--api-key-id", "bench",
-                    "--api-public-key-file", str(work / "key.pub.pem"),
-                ], work)  # fmt: skip
-                processes["serve"] = await start_kfeed("serve", [
-                    "--listen", f"127.0.0.1:{server_port}",
-                    "--database-url", sqlalchemy_url(database),
-                ], work)  # fmt: skip
-
-                async def sim_up() -> bool:
-                    async with httpx.AsyncClient() as client:
-                        return (await client.get(f"{rest_url}/exchange/status")).is_success
-
-                await wait_until(sim_up, "kfeed sim")
-                await wait_until(lambda: serving(server_port), "kfeed serve")
-                processes["ingest"] = await start_kfeed("ingest", [
-                    "--server", f"127.0.0.1:{server_port}", "--kalshi-url", rest_url,
-                    "--api-key-id", "bench", "--api-private-key-file", str(work / "key.pem"),
-                    "--spool-dir", str(work / "spool"), "--mode", "ws",
-                    "--rate-limit", "100", "--log-level", "WARNING", "--batch-rows", "2000",
-                ], work)  # fmt: skip
-                raw = await asyncpg.connect(asyncpg_dsn(database))
-                try:
-                    count = "SELECT count(*) FROM order_book_changes"
-                    await asyncio.sleep(warmup)
-                    for name, process in processes.items():
-                        assert process.returncode is None, (work / f"{name}.log").read_text()
-                    rows_before, started = await raw.fetchval(count), time.perf_counter()
-                    cpu_before = {n: _cpu_seconds(p.pid) for n, p in processes.items()}
-                    postgres_before = _postgres_cpu_seconds()
-                    await asyncio.sleep(window)
-                    rows_after, ended = await raw.fetchval(count), time.perf_counter()
-                    cpu_after = {n: _cpu_seconds(p.pid) for n, p in processes.items()}
-                    postgres_after = _postgres_cpu_seconds()
-                finally:
-                    await raw.close()
-            finally:
-                await stop_processes(*processes.values())
-    seconds = ended - started
-    cpu = {n: round((cpu_after[n] - cpu_before[n]) / seconds, 2) for n in processes}
-    cpu["postgres"] = round((postgres_after - postgres_before) / seconds, 2)
-    return {
-        "markets": markets,
-        "tick_seconds": tick,
-        "window_seconds": round(seconds, 1),
-        "committed_changes_per_s": round((rows_after - rows_before) / seconds),
-        "stored_changes": rows_after,
-        "cpu_cores": cpu,
-    }
+# --- 3. The whole path: bench_ingest's, counting order_book_changes ---------------------------
 
 
 def main() -> None:
@@ -385,7 +311,16 @@ def main() -> None:
         summary["get_order_book"] = get
         ok = ok and float(str(get["p99_ms"])) < TARGET_P99_MS
     if not args.skip_whole_path:
-        path = asyncio.run(whole_path(args.markets, args.tick, args.warmup, args.window))
+        path = asyncio.run(
+            whole_path(
+                args.markets,
+                args.tick,
+                args.warmup,
+                args.window,
+                table="order_book_changes",
+                rows_named="changes",
+            )
+        )
         print(f"whole path: {path}", flush=True)
         summary["whole_path"] = path
         ok = ok and float(str(path["committed_changes_per_s"])) >= TARGET_WHOLE_PATH_PER_S
