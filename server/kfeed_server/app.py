@@ -235,7 +235,13 @@ class KfeedServer:
         self.web: WebListener | None = None
         if config.web is not None:
             self.web = WebListener(
-                build_web_app(config.web, market_servicer, backtest_servicer, auth),
+                build_web_app(
+                    config.web,
+                    market_servicer,
+                    backtest_servicer,
+                    auth,
+                    config.subscriber_idle_timeout,
+                ),
                 config.web.listen,
                 config.security.tls,
                 config.grace_period,

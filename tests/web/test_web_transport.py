@@ -7,17 +7,22 @@ either protocol to the same servicers the gRPC listener serves, on SQLite and Po
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
+import h11
 import httpx
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
 from kfeed.v1 import backtest_service_pb2 as bt
@@ -28,6 +33,7 @@ from kfeed.v1.market_service_connect import MarketServiceClient
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import AuthInterceptor, SecurityConfig
 from kfeed_server.web import WebConfig, WebListener, build_web_app
+from tests.server.test_stream_snapshots import snapshots
 from tests.support.factories import make_market, make_snapshot
 from tests.support.security import (
     INGEST_TOKEN,
@@ -154,6 +160,7 @@ async def test_unbuilt_rpcs_answer_unimplemented(tmp_path: Path) -> None:
         market_service_pb2_grpc.MarketServiceServicer(),  # type: ignore[abstract]
         backtest_service_pb2_grpc.BacktestServiceServicer(),  # type: ignore[abstract]
         AuthInterceptor(None),
+        subscriber_idle_timeout=60,
     )
     listener = WebListener(app, "127.0.0.1:0", None, grace=0)
     await listener.start()
@@ -379,3 +386,119 @@ async def test_the_per_address_stream_cap_counts_browser_streams(
                 pass
         assert refused.value.code == Code.RESOURCE_EXHAUSTED
         assert "max_streams_per_peer" in refused.value.message
+
+
+class _StalledConnectStream:
+    """A browser's Connect stream over HTTP/1.1 (h11 on a plain socket) that can stop reading.
+
+    Its receive buffer is small, so the server's writes block after little data, as they do
+    for a browser tab that has stopped reading."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._http = h11.Connection(h11.CLIENT)
+        self._body = bytearray()
+
+    @classmethod
+    async def open(
+        cls, url: str, method: str, request: pb.StreamSnapshotsRequest
+    ) -> _StalledConnectStream:
+        parsed = httpx.URL(url)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (parsed.host, parsed.port))
+        stream = cls(*await asyncio.open_connection(sock=sock))
+        payload = request.SerializeToString()
+        body = struct.pack(">BI", 0, len(payload)) + payload
+        for event in (
+            h11.Request(
+                method="POST",
+                target=f"/{method}",
+                headers=[
+                    ("host", f"{parsed.host}:{parsed.port}"),
+                    ("content-type", "application/connect+proto"),
+                    ("connect-protocol-version", "1"),
+                    ("content-length", str(len(body))),
+                ],
+            ),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            stream._writer.write(stream._http.send(event) or b"")
+        await stream._writer.drain()
+        return stream
+
+    async def _next_event(self) -> h11.Event:
+        while True:
+            event = self._http.next_event()
+            if event is not h11.NEED_DATA:
+                return cast(h11.Event, event)
+            self._http.receive_data(await self._reader.read(65536))
+
+    async def first_message(self) -> bytes:
+        """Reads the response headers and the first enveloped message."""
+        response = await self._next_event()
+        assert isinstance(response, h11.Response), response
+        assert response.status_code == 200, response
+        while len(self._body) < 5 or len(self._body) < 5 + struct.unpack(">I", self._body[1:5])[0]:
+            data = await self._next_event()
+            assert isinstance(data, h11.Data), data
+            self._body += data.data
+        return bytes(self._body[5 : 5 + struct.unpack(">I", self._body[1:5])[0]])
+
+    async def end_of_stream(self) -> dict[str, Any]:
+        """Reads to the end of the response: the end-of-stream message's JSON."""
+        while not isinstance(event := await self._next_event(), h11.EndOfMessage):
+            assert isinstance(event, h11.Data), event
+            self._body += event.data
+        offset = 0
+        while True:
+            flags, size = struct.unpack(">BI", self._body[offset : offset + 5])
+            if flags & 0x02:
+                return cast(dict[str, Any], json.loads(self._body[offset + 5 : offset + 5 + size]))
+            offset += 5 + size
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def test_a_browser_stream_that_stops_reading_is_ended_with_a_clear_status(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=sqlite_url,
+        subscriber_idle_timeout=0.5,
+        web=WebConfig("127.0.0.1:0", web_root=tmp_path),
+    )
+    async with serving(config) as server:
+        ticker = MARKETS[0].ticker
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+            PublishSession(channel) as publisher,
+        ):
+            await publisher.publish(markets=[MARKETS[0]])
+            # ≈6 MB of history: more than the buffers between the two ends hold (the server's
+            # kernel send buffer grows to 4 MB).
+            for start in range(0, 40_000, 10_000):
+                await publisher.publish(snapshots=snapshots(ticker, start, start + 10_000))
+        stream = await _StalledConnectStream.open(
+            _web(server),
+            "kfeed.v1.MarketService/StreamSnapshots",
+            pb.StreamSnapshotsRequest(tickers=[ticker], start_time=Timestamp(seconds=0)),
+        )
+        try:
+            first = pb.StreamSnapshotsResponse.FromString(await stream.first_message())
+            assert first.HasField("snapshot")
+            # Then it reads nothing: the server ends the stream and frees its subscription.
+            await eventually(
+                lambda: server.hub.subscriber_count == 0, within=30, what="the stream ended"
+            )
+            ended = await stream.end_of_stream()
+        finally:
+            stream.close()
+        assert ended["error"]["code"] == "resource_exhausted"
+        assert "subscriber_idle_timeout" in ended["error"]["message"]
+        assert "resume_token" in ended["error"]["message"]

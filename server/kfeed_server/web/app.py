@@ -42,6 +42,7 @@ from kfeed.v1 import (
 from kfeed_server.security import AuthInterceptor
 from kfeed_server.transport.errors import ApiError
 from kfeed_server.web.bridge import connect_service
+from kfeed_server.web.writes import BoundedWrites
 
 # The dashboard's build output (`make web`), next to the sources in the repository.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parents[3] / "web" / "dist"
@@ -107,8 +108,10 @@ def build_web_app(
     market_servicer: market_service_pb2_grpc.MarketServiceServicer,
     backtest_servicer: backtest_service_pb2_grpc.BacktestServiceServicer,
     auth: AuthInterceptor,
+    subscriber_idle_timeout: float,
 ) -> ASGIApp:
-    """The ASGI application of the web listener (routes in the module docstring)."""
+    """The ASGI application of the web listener (routes in the module docstring); every RPC
+    response write waits at most ``subscriber_idle_timeout`` for the client to read."""
     market = market_service_connect.MarketServiceASGIApplication(
         cast(
             market_service_connect.MarketService,
@@ -134,8 +137,8 @@ def build_web_app(
         )
     )
     routes: list[Route | Mount] = [
-        Mount(market.path, app=market),
-        Mount(backtests.path, app=backtests),
+        Mount(market.path, app=BoundedWrites(market, subscriber_idle_timeout)),
+        Mount(backtests.path, app=BoundedWrites(backtests, subscriber_idle_timeout)),
         _metrics_route(auth),
     ]
     if (config.web_root / "index.html").is_file():

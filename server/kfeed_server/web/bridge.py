@@ -11,7 +11,9 @@ What the gRPC interceptors do around a call is done here the same way, from the 
   limit — the very instance the gRPC server uses);
 - :class:`~kfeed_server.transport.errors.ApiError` to the same status, code, message and
   google.rpc details; anything else to INTERNAL without internals;
-- the access log line and the ``grpc_server_*`` metrics.
+- the access log line and the ``grpc_server_*`` metrics;
+- bounded writes of streamed responses (:mod:`kfeed_server.web.writes`): a client that stops
+  reading is ended with RESOURCE_EXHAUSTED naming ``subscriber_idle_timeout``.
 
 The servicers never touch their ``context`` argument (they raise ApiError instead); they get a
 :class:`WebCallContext` with the little of grpc.aio's context that makes sense over HTTP.
@@ -43,6 +45,7 @@ from kfeed_server.transport.caller import set_current_caller
 from kfeed_server.transport.errors import ApiError, internal_status
 from kfeed_server.transport.handlers import RpcType
 from kfeed_server.transport.interceptors import REQUEST_ID_KEY
+from kfeed_server.web.writes import raise_if_idle
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,7 @@ def _server_stream(
                     yield (
                         response_type.FromString(response) if type(response) is bytes else response
                     )
+                    raise_if_idle()
         except BaseException as error:
             raise this.failed(error) from None
         this.observation.finish(grpc.StatusCode.OK)
