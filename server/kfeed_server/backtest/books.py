@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kfeed_server.backtest.fees import PRICE_SCALE
-from kfeed_server.records import SnapshotRecord
+from kfeed_server.records import SnapshotRecord, TradeRecord
 
 Level = tuple[int, int]
 """(price in 1/10,000 USD, size in 1/100 contract)."""
@@ -39,6 +39,15 @@ class BookState:
             if level_price == price:
                 return size
         return 0
+
+
+ReplayedEvent = BookState | TradeRecord
+"""A book or a public trade, as the engine replays them between snapshots."""
+
+
+def event_time(event: ReplayedEvent) -> datetime:
+    """When ``event`` happened (exchange time)."""
+    return event.exchange_time if isinstance(event, BookState) else event.create_time
 
 
 def asks_to_take(book: BookState, buy_yes: bool) -> list[Level]:

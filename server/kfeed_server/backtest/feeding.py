@@ -24,6 +24,12 @@ from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.engine import BacktestResult, Progress
 from kfeed_server.backtest.fees import MarketFees, market_fees
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.market_events import (
+    EventCursor,
+    reads_books,
+    reads_trades,
+    window_events,
+)
 from kfeed_server.backtest.quality import (
     DataQuality,
     GapPolicy,
@@ -35,14 +41,16 @@ from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
 from kfeed_server.backtest.worker import (
     NO_LIMITS,
+    EventBatch,
     WorkerJob,
     WorkerLimits,
     WorkerStarted,
     replay_in_worker,
 )
+from kfeed_server.db.repositories.books import OrderBookRepository
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
-from kfeed_server.db.repositories.trades import FeedGapRepository
+from kfeed_server.db.repositories.trades import FeedGapRepository, TradeRepository
 from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
 
 log = logging.getLogger(__name__)
@@ -61,19 +69,25 @@ class FeedSettings:
     persist_interval: float
 
 
+@dataclass(frozen=True, slots=True)
+class FeedSources:
+    """The repositories a run's data comes from."""
+
+    snapshots: SnapshotRepository
+    markets: MarketRepository
+    feed_gaps: FeedGapRepository
+    books: OrderBookRepository
+    trades: TradeRepository
+
+
 class ReplayFeeder:
     """Runs configurations in a pool's workers over the stored rows they need."""
 
-    def __init__(
-        self,
-        snapshots: SnapshotRepository,
-        markets: MarketRepository,
-        feed_gaps: FeedGapRepository,
-        settings: FeedSettings,
-    ) -> None:
-        self._snapshots = snapshots
-        self._markets = markets
-        self._feed_gaps = feed_gaps
+    def __init__(self, sources: FeedSources, settings: FeedSettings) -> None:
+        self._snapshots = sources.snapshots
+        self._markets = sources.markets
+        self._feed_gaps = sources.feed_gaps
+        self._sources = sources
         self._settings = settings
 
     async def check_gaps(self, config: EngineConfig) -> list[FeedGapRecord]:
@@ -219,6 +233,14 @@ class ReplayFeeder:
             for connection in (control, worker_control, data_reader, data_writer):
                 connection.close()
 
+    def _events(self, config: EngineConfig, start: datetime, end: datetime) -> EventCursor | None:
+        """The books and trades the run replays (None: it reads neither)."""
+        books = self._sources.books if reads_books(config) else None
+        trades = self._sources.trades if reads_trades(config) else None
+        if books is None and trades is None:
+            return None
+        return EventCursor(window_events(books, trades, config.tickers, start, end))
+
     async def _market_fees(self, market: MarketRecord) -> MarketFees:
         """The market's fee terms from its series (stored events carry no fee overrides yet)."""
         series = (
@@ -240,17 +262,19 @@ class ReplayFeeder:
         is full, which bounds memory to a few chunks; reads are one chunk each, so the event loop
         never converts more than 4,096 rows at a time."""
         pending: list[SnapshotRecord] = []
+        events = self._events(config, start, end)
         try:
             async for rows in self._snapshots.list_for_backtest(
                 config.tickers, start, end, chunk_size=FINGERPRINT_CHUNK, max_snapshot_id=pinned
             ):
                 pending.extend(rows)
                 while len(pending) >= FINGERPRINT_CHUNK:
-                    chunk = encode_chunk(pending[:FINGERPRINT_CHUNK])
+                    await _send_rows(writer, pending[:FINGERPRINT_CHUNK], events)
                     del pending[:FINGERPRINT_CHUNK]
-                    await _send(writer, chunk)
             if pending:
-                await _send(writer, encode_chunk(pending))
+                await _send_rows(writer, pending, events)
+            if events is not None and (rest := await events.until(None)):
+                await _send(writer, EventBatch(rest))
             await _send(writer, None)
         except (BrokenPipeError, ConnectionResetError, OSError) as error:
             # The worker stopped reading (cancelled or failed): its future says why.
@@ -271,7 +295,16 @@ def run_data_quality(
     return data_quality(gaps, config.tickers, start, end)
 
 
-async def _send(writer: Connection, message: EncodedChunk | None) -> None:
+async def _send_rows(
+    writer: Connection, rows: Sequence[SnapshotRecord], events: EventCursor | None
+) -> None:
+    """Sends the books and trades up to the rows' last time, then the rows (one chunk)."""
+    if events is not None and (batch := await events.until(rows[-1].exchange_time)):
+        await _send(writer, EventBatch(batch))
+    await _send(writer, encode_chunk(rows))
+
+
+async def _send(writer: Connection, message: EncodedChunk | EventBatch | None) -> None:
     """Sends in a thread (a full pipe blocks). When the caller is cancelled the send still
     completes or fails before this returns, so the pipe is never closed under a running send."""
     sending = asyncio.ensure_future(asyncio.to_thread(writer.send, message))

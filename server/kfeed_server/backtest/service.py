@@ -25,7 +25,12 @@ from typing import Any
 from kfeed_server import build
 from kfeed_server.backtest.config import EngineConfig, fast_path_applies, validate_config
 from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY, BacktestCancelled, BacktestResult
-from kfeed_server.backtest.feeding import FeedSettings, ReplayFeeder, run_data_quality
+from kfeed_server.backtest.feeding import (
+    FeedSettings,
+    FeedSources,
+    ReplayFeeder,
+    run_data_quality,
+)
 from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
 from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps
 from kfeed_server.backtest.record import BacktestRecord
@@ -101,9 +106,13 @@ class BacktestRunner:
         self._markets = repositories.markets
         self._config = config or RunnerConfig()
         self._feeder = ReplayFeeder(
-            repositories.snapshots,
-            repositories.markets,
-            repositories.feed_gaps,
+            FeedSources(
+                repositories.snapshots,
+                repositories.markets,
+                repositories.feed_gaps,
+                repositories.books,
+                repositories.trades,
+            ),
             FeedSettings(self._config.progress_every, self._config.persist_interval),
         )
         # The exact commit when known (looked up once per process).

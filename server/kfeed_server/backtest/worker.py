@@ -3,8 +3,11 @@
 The worker reads no database. It gets two pipe ends with the job:
 
 * ``data`` (server → worker): ``EncodedChunk`` objects of at most 4,096 rows in replay order, then
-  ``None``. The socket buffer bounds what is in flight, so memory stays bounded whatever the
-  window's size: the server reads, encodes and sends the next chunk while the worker replays.
+  ``None``; before a chunk, an ``EventBatch`` of the books and trades up to its last row's time
+  (``market_events``: runs that read them), which the worker puts before the first row at or
+  after each event's time. The socket buffer bounds what is in flight, so memory stays bounded
+  whatever the window's size: the server reads, encodes and sends the next chunk while the
+  worker replays.
 * ``control`` (both ways): the worker sends ``WorkerStarted`` once, then a ``Progress`` every
   ``progress_every`` snapshots; any message from the server means "stop" (checked at each
   progress report, so a cancel lands within ``progress_every`` snapshots).
@@ -18,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from kfeed_server.backtest.books import ReplayedEvent, event_time
 from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk, market_columns
 from kfeed_server.backtest.config import EngineConfig, fast_path_applies
 from kfeed_server.backtest.engine import (
@@ -30,13 +35,14 @@ from kfeed_server.backtest.engine import (
     DEFAULT_PROGRESS_EVERY,
     BacktestCancelled,
     BacktestResult,
+    MarketEvent,
     Progress,
     run_backtest,
 )
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
-from kfeed_server.records import MarketRecord, SnapshotRecord
+from kfeed_server.records import MarketRecord
 
 if TYPE_CHECKING:
     from kfeed_server.backtest.fast import ColumnCollector
@@ -111,15 +117,36 @@ class WorkerStarted:
     worker shows as a broken pipe."""
 
 
-def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[SnapshotRecord]:
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Books and trades in time order, all at or before the next chunk's last row."""
+
+    events: Sequence[ReplayedEvent]
+
+
+def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[MarketEvent]:
+    """The rows of the chunks arriving, with the events of the batches put before the first row
+    at or after their time (the rest at the end)."""
+    waiting: deque[ReplayedEvent] = deque()
     while True:
-        chunk = data.recv()
-        if chunk is None:
+        message = data.recv()
+        if message is None:
+            yield from waiting
             return
-        if not isinstance(chunk, EncodedChunk):
-            raise TypeError(f"unexpected message on the data pipe: {type(chunk).__name__}")
-        fingerprinter.add_encoded(chunk)
-        yield from decode_chunk(chunk)
+        if isinstance(message, EventBatch):
+            waiting.extend(message.events)
+            continue
+        if not isinstance(message, EncodedChunk):
+            raise TypeError(f"unexpected message on the data pipe: {type(message).__name__}")
+        fingerprinter.add_encoded(message)
+        rows = decode_chunk(message)
+        if not waiting:
+            yield from rows
+            continue
+        for row in rows:
+            while waiting and event_time(waiting[0]) <= row.exchange_time:
+                yield waiting.popleft()
+            yield row
 
 
 def _collect(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -28,6 +28,7 @@ from kfeed_server.db.repositories._common import (
     chunks,
     insert_for,
     is_postgresql,
+    keyset_after,
     rows_per_statement,
 )
 from kfeed_server.records import (
@@ -234,6 +235,85 @@ class OrderBookRepository:
                 ticker, exchange_time, receive_time, sequence, Side(side), price, size
             )
         return BookHistory(checkpoint, [(r[0], r[1], r[2]) for r in rows], last, after)
+
+    async def replay_rows(
+        self, ticker: str, start: datetime, end: datetime, *, chunk_size: int = 4_096
+    ) -> AsyncIterator[list[BookCheckpointRecord | BookChangeRecord]]:
+        """What rebuilds ``ticker``'s book at every instant of ``[start, end)``, in chunks: the
+        latest checkpoint at or before ``start`` (when there is one), then the checkpoints and
+        changes after it and before ``end`` in exchange-time order, the changes of an instant
+        before a checkpoint at that instant (which holds them). Changes come in primary-key
+        order within an instant (side, price, sequence), so a level changed twice ends at its
+        later size. Each read is one keyset page of an index, in a session of its own (no
+        connection is held between chunks)."""
+        table, changes = book_checkpoints_table, book_changes_table
+        first = await self._all(
+            select(*_CHECKPOINT_COLUMNS)
+            .where(table.c.ticker == ticker, table.c.exchange_time <= start)
+            .order_by(table.c.exchange_time.desc(), table.c.receive_time.desc())
+            .limit(1)
+        )
+        checkpoints = [] if not first else [_checkpoint(first[0])]
+        after = checkpoints[0].exchange_time if checkpoints else start
+        later = table.c.exchange_time > after if checkpoints else table.c.exchange_time >= after
+        checkpoints += map(
+            _checkpoint,
+            await self._all(
+                select(*_CHECKPOINT_COLUMNS)
+                .where(table.c.ticker == ticker, later, table.c.exchange_time < end)
+                .order_by(table.c.exchange_time, table.c.receive_time)
+            ),
+        )
+        key = (changes.c.exchange_time, changes.c.side, changes.c.price, changes.c.sequence)
+        page_query = (
+            select(
+                changes.c.exchange_time, changes.c.receive_time, changes.c.sequence,
+                changes.c.side.cast(BigInteger), changes.c.price, changes.c.size,
+            )
+            .where(
+                changes.c.ticker == ticker,
+                changes.c.exchange_time > after,
+                changes.c.exchange_time < end,
+            )
+            .order_by(*key)
+            .limit(chunk_size)
+        )  # fmt: skip
+        statement = page_query
+        taken = 0  # checkpoints given out
+        while True:
+            page = [
+                BookChangeRecord(ticker, time, received, sequence, Side(side), price, size)
+                for time, received, sequence, side, price, size in await self._all(statement)
+            ]
+            more = len(page) == chunk_size
+            merged: list[BookCheckpointRecord | BookChangeRecord] = []
+            for change in page:
+                while taken < len(checkpoints) and (
+                    checkpoints[taken].exchange_time < change.exchange_time
+                ):
+                    merged.append(checkpoints[taken])
+                    taken += 1
+                merged.append(change)
+            if not more:
+                # A checkpoint at the last page's last instant holds its changes: it comes after
+                # them, so it waits until no page is left.
+                merged += checkpoints[taken:]
+            if merged:
+                yield merged
+            if not more:
+                return
+            last = page[-1]
+            statement = page_query.where(
+                keyset_after(key, (last.exchange_time, last.side, last.price, last.sequence))
+            )
+
+    async def _all(self, statement: Any) -> list[Any]:
+        """All rows of ``statement``, read outside a transaction (rows are only appended)."""
+        async with self._sessions() as session:
+            connection = await session.connection(
+                execution_options={"isolation_level": "AUTOCOMMIT"}
+            )
+            return list((await connection.execute(statement)).all())
 
     async def maintain_partitions(
         self, now: datetime, days_ahead: int, retention: timedelta | None
