@@ -49,10 +49,11 @@ async def test_replayed_books_are_the_books_rebuilt_at_each_instant(
     instants = [when for when, _ in timeline.truth]
     # From the first record, and from mid-way (the book in force then is placed at the start).
     for start in (at(0), instants[len(instants) // 2] - timedelta(microseconds=1)):
-        books = [
-            b async for b in window_events(repositories.books, None, [MARKET.ticker], start, END)
+        events = [
+            e async for e in window_events(repositories.books, None, [MARKET.ticker], start, END)
         ]
-        assert all(isinstance(b, BookState) for b in books)
+        books = [e for e in events if isinstance(e, BookState)]
+        assert books == events
         times = [b.exchange_time for b in books]
         assert times == sorted(set(times))
         assert times[0] == start or start == at(0)
@@ -60,7 +61,6 @@ async def test_replayed_books_are_the_books_rebuilt_at_each_instant(
         recorded = {t for t in instants if t > start and not timeline.in_gap(t)}
         assert recorded <= set(times)
         for book in books:
-            assert isinstance(book, BookState)
             expected = await rebuilt.book_at(MARKET.ticker, book.exchange_time)
             assert (book.yes_bids, book.no_bids) == (expected.yes, expected.no), book.exchange_time
             if not expected.in_feed_gap:
