@@ -186,6 +186,7 @@ class KfeedServer:
                 repositories.markets,
                 repositories.ingest.origin,
                 repositories.trades,
+                repositories.books,
             )
         self.metrics_endpoint: MetricsEndpoint | None = None
         # Page and resume tokens; keyed from the database in start() unless configured.
@@ -209,9 +210,7 @@ class KfeedServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        # StreamOrderBooks (issue #13) answers UNIMPLEMENTED from the generated base class until
-        # it is built; the ignore goes with it.
-        market_servicer = MarketServicer(  # type: ignore[abstract]
+        market_servicer = MarketServicer(
             self.repositories, self.hub, self.tokens, StreamLimits(config.max_streams_per_peer)
         )
         market_service_pb2_grpc.add_MarketServiceServicer_to_server(market_servicer, self._server)

@@ -364,3 +364,33 @@ class BookCheckpointRecord(NamedTuple):
     kind: CheckpointKind
     yes: Levels
     no: Levels
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedBookChange:
+    """A stored order-book change and its stream id (one sequence with the checkpoints,
+    increasing in commit order; StreamOrderBooks resumes by it)."""
+
+    stream_id: int
+    change: BookChangeRecord
+
+    @property
+    def ticker(self) -> str:
+        return self.change.ticker
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedBook:
+    """A full book on the order-book stream: a stored checkpoint (START, RESYNC or LOST) with its
+    stream id, or a book rebuilt where a stream starts (then ``stream_id`` is the position the
+    stream starts after)."""
+
+    stream_id: int
+    book: BookCheckpointRecord
+
+    @property
+    def ticker(self) -> str:
+        return self.book.ticker
+
+
+BookStreamRow = StreamedBookChange | StreamedBook

@@ -202,6 +202,45 @@ async def test_book_prints_a_ladder_at_an_instant(address: str, seeded: PublishS
     assert status == 1
 
 
+async def test_tail_book_shows_a_ladder_the_changes_since_then_live_ones(
+    address: str, seeded: PublishSession
+) -> None:
+    request = ingest_service_pb2.PublishRequest(producer="tests")
+    request.book_checkpoints.append(
+        checkpoint(TICKER, START, at(0), at(0), 7, {4200: 1050, 4100: 25}, {5500: 300})
+    )
+    change = BookChange(TICKER, micros(at(5)), micros(at(5)), 8, types_pb2.SIDE_YES, 4300, 99)
+    request.book_changes.CopyFrom(change_columns([change]))
+    assert (await seeded.send(request)).book_changes_stored == 1
+
+    async def publish_when_caught_up() -> None:
+        await asyncio.sleep(0.3)
+        live = ingest_service_pb2.PublishRequest(producer="tests")
+        gone = change._replace(exchange_time_us=micros(at(6)), sequence=9, price=4200, size=0)
+        live.book_changes.CopyFrom(change_columns([gone]))
+        await seeded.send(live)
+
+    publishing = asyncio.create_task(publish_when_caught_up())
+    status, text = await run(
+        "tail", TICKER, "--book", "--server", address, "--from", at(1).isoformat(),
+        "--limit", "3",
+    )  # fmt: skip
+    await publishing
+    lines = text.splitlines()
+    assert status == 0
+    assert f"{TICKER} book as of" in lines[0]
+    rows = [line.split() for line in lines if line.split()[:1] in (["no"], ["yes"])]
+    assert rows == [
+        ["no", "bid", "0.5500", "3.00", "yes", "ask", "0.4500"],
+        ["yes", "bid", "0.4200", "10.50", "no", "ask", "0.5800"],
+        ["yes", "bid", "0.4100", "0.25", "no", "ask", "0.5900"],
+    ]
+    changes = [line for line in lines if line.startswith("2")]  # timed lines
+    assert "yes bid 0.4300  new 0.99   yes bid 0.4300 × 0.99 | yes ask 0.4500 × 3.00" in changes[0]
+    assert "caught up: 2 replayed, now live" in text
+    assert "yes bid 0.4200  10.50 → gone   yes bid 0.4300 × 0.99" in changes[1]
+
+
 @pytest.mark.parametrize("suffix", ["parquet", "csv", "arrow"])
 async def test_export_writes_a_file_that_reads_back_exactly(
     address: str, seeded: PublishSession, tmp_path: Path, suffix: str

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from kfeed_server.db.repositories import Repositories
-from kfeed_server.db.repositories.books import insert_changes
+from kfeed_server.db.repositories.books import insert_book_rows
 from kfeed_server.records import BookChangeRecord, Side
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -39,15 +39,16 @@ async def test_partitions_are_made_ahead_and_dropped_by_retention(
     assert await books.maintain_partitions(NOW, 3, None) == ([], [])  # idempotent
     async with repositories.sessions.begin() as session:
         connection = await session.connection()
-        stored = await insert_changes(
+        stored = await insert_book_rows(
             connection,
             [
                 change(NOW, 10),
                 change(NOW + timedelta(days=2), 20),
                 change(NOW - timedelta(days=30), 30),
             ],
+            [],
         )
-    assert stored == 3
+    assert stored.changes == 3
     assert await _partition_rows(repositories) == {
         "order_book_changes_p20260310": 1,
         "order_book_changes_p20260312": 1,

@@ -32,6 +32,7 @@ class Followed:
             repositories.markets,
             origin,
             repositories.trades,
+            repositories.books,
         )
         self.subscription: Subscription = self.hub.subscribe(MarketSelector())
         self.notices: asyncio.Queue[CommitNotice | Resync] = asyncio.Queue()

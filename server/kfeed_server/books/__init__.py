@@ -11,12 +11,23 @@ docs/adr/0017-order-book-storage.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from kfeed_server.db.repositories import MarketRepository, OrderBookRepository
 from kfeed_server.db.repositories.books import BookHistory
-from kfeed_server.records import CheckpointKind, Levels, Side
+from kfeed_server.records import (
+    BookCheckpointRecord,
+    BookStreamRow,
+    CheckpointKind,
+    Levels,
+    Side,
+    StreamedBook,
+)
+
+# The latest book, however far the exchange's clock runs from ours.
+LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +112,56 @@ class OrderBooks:
                 raise BeforeMarketError(market.open_time)
             raise NotRecordedError(ticker)
         return rebuild(history, depth)
+
+
+class BookStream:
+    """What StreamOrderBooks reads: each market's full book where a stream starts, then the
+    stored rows after that position by stream id (``streaming.feed.StartingPointSource``)."""
+
+    def __init__(self, books: OrderBooks, repository: OrderBookRepository) -> None:
+        self._books = books
+        self._repository = repository
+
+    async def starting_point(
+        self, tickers: Sequence[str] | None, start_time: datetime | None
+    ) -> tuple[list[BookStreamRow], int]:
+        """Each market's book in force at ``start_time`` (None: now) that has one, and the
+        stream position they stand at: every row at or before it is in them. Rows after it may
+        be in them too (committed meanwhile, or stored late); replaying such a change sets a
+        level to the size it already has."""
+        if start_time is None:
+            position, time = await self._repository.max_stream_id(), LATEST
+        else:
+            position, time = await self._repository.position_before(start_time, tickers), start_time
+        markets = tickers if tickers is not None else await self._repository.tickers_with_books()
+        rows: list[BookStreamRow] = []
+        for ticker in markets:
+            try:
+                book = await self._books.book_at(ticker, time)
+            except (UnknownMarketError, BeforeMarketError, NotRecordedError):
+                continue  # its first book comes with its first recorded checkpoint
+            rows.append(StreamedBook(position, _as_checkpoint(book)))
+        return rows, position
+
+    async def list_after_id(
+        self,
+        after_id: int,
+        *,
+        tickers: Sequence[str] | None,
+        limit: int,
+        min_exchange_time: datetime | None = None,
+    ) -> list[BookStreamRow]:
+        return await self._repository.list_after_id(
+            after_id, tickers=tickers, limit=limit, min_exchange_time=min_exchange_time
+        )
+
+    async def max_stream_id(self) -> int:
+        return await self._repository.max_stream_id()
+
+
+def _as_checkpoint(book: BookAt) -> BookCheckpointRecord:
+    """A rebuilt book as the stream carries full books (LOST: flagged as in a feed gap)."""
+    kind = CheckpointKind.LOST if book.in_feed_gap else CheckpointKind.START
+    return BookCheckpointRecord(
+        book.ticker, book.exchange_time, book.receive_time, book.sequence, kind, book.yes, book.no
+    )

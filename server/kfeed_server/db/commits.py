@@ -44,11 +44,15 @@ class CommitNotice:
     # The trade stream id range it stored (0, 0: none).
     first_trade_id: int = 0
     last_trade_id: int = 0
+    # The order-book stream id range it stored (0, 0: none).
+    first_book_id: int = 0
+    last_book_id: int = 0
 
     def payload(self) -> str:
         return json.dumps(
             [self.origin, self.batch, self.first_snapshot_id, self.last_snapshot_id,
-             list(self.gap_ids), self.first_trade_id, self.last_trade_id],
+             list(self.gap_ids), self.first_trade_id, self.last_trade_id,
+             self.first_book_id, self.last_book_id],
             separators=(",", ":"),
         )  # fmt: skip
 
@@ -56,10 +60,10 @@ class CommitNotice:
     def parse(cls, payload: str) -> CommitNotice | None:
         """The notice ``payload`` describes; None when it is not one."""
         try:
-            origin, batch, first, last, gap_ids, first_trade, last_trade = json.loads(payload)
+            origin, batch, first, last, gap_ids, *stream_ids = json.loads(payload)
             notice = cls(
                 str(origin), int(batch), int(first), int(last), tuple(map(int, gap_ids)),
-                int(first_trade), int(last_trade),
+                *map(int, stream_ids[:4]),
             )  # fmt: skip
         except (ValueError, TypeError):
             return None
@@ -72,17 +76,20 @@ def batch_notices(
     snapshot_ids: Sequence[int],
     gap_ids: Sequence[int],
     trade_ids: Sequence[int] = (),
+    book_ids: Sequence[int] = (),
 ) -> list[CommitNotice]:
-    """The notices of one committed batch: none when it stored no snapshots, gaps or trades."""
-    if not snapshot_ids and not gap_ids and not trade_ids:
+    """The notices of one committed batch: none when it stored no snapshots, gaps, trades or
+    streamed order-book rows."""
+    if not snapshot_ids and not gap_ids and not trade_ids and not book_ids:
         return []
     first, last = (min(snapshot_ids), max(snapshot_ids)) if snapshot_ids else (0, 0)
     trades = (min(trade_ids), max(trade_ids)) if trade_ids else (0, 0)
+    books = (min(book_ids), max(book_ids)) if book_ids else (0, 0)
     parts = [
         tuple(gap_ids[start : start + GAP_IDS_PER_NOTICE])
         for start in range(0, len(gap_ids), GAP_IDS_PER_NOTICE)
     ] or [()]
-    notices = [CommitNotice(origin, batch, first, last, parts[0], *trades)]
+    notices = [CommitNotice(origin, batch, first, last, parts[0], *trades, *books)]
     notices += [CommitNotice(origin, batch, gap_ids=part) for part in parts[1:]]
     return notices
 

@@ -301,6 +301,7 @@ class OrderBookChange(Base):
     0004_order_books; kfeed_server.db.repositories.books keeps the partitions)."""
 
     __tablename__ = "order_book_changes"
+    __table_args__ = (Index("ix_order_book_changes_stream_id", "stream_id"),)
 
     ticker: Mapped[str] = mapped_column(primary_key=True)
     exchange_time: Mapped[datetime] = mapped_column(primary_key=True)
@@ -310,6 +311,9 @@ class OrderBookChange(Base):
     size: Mapped[int]
     # The exchange's sequence number of the frame (0: unknown).
     sequence: Mapped[int] = mapped_column(primary_key=True)
+    # Assigned in commit order by the (serialised) writer, shared with the checkpoints: what
+    # StreamOrderBooks resumes by (migration 0006_book_stream_ids).
+    stream_id: Mapped[int]
 
 
 BOOK_PARTITION_PREFIX = "order_book_changes_"
@@ -328,6 +332,7 @@ class OrderBookCheckpoint(Base):
         UniqueConstraint(
             "ticker", "exchange_time", "kind", "receive_time", name="uq_order_book_checkpoints_key"
         ),
+        Index("ix_order_book_checkpoints_stream_id", "stream_id"),
         {"sqlite_autoincrement": True},
     )
 
@@ -340,6 +345,8 @@ class OrderBookCheckpoint(Base):
     # (price, size) pairs as little-endian int64s, best first (kfeed_server.books.levels).
     yes_levels: Mapped[bytes] = mapped_column(LargeBinary)
     no_levels: Mapped[bytes] = mapped_column(LargeBinary)
+    # The book stream's position, shared with the changes (see OrderBookChange.stream_id).
+    stream_id: Mapped[int]
 
 
 series_table: Table = Base.metadata.tables["series"]

@@ -1,7 +1,8 @@
 """One subscriber's feed: stored history, one caught-up marker, then live — no gap, no duplicate.
 
 The same feed serves every stream of stored rows that carry an id increasing in commit order:
-snapshots (StreamSnapshots) and trades (StreamTrades, rows ``StreamedTrade``).
+snapshots (StreamSnapshots), trades (StreamTrades, rows ``StreamedTrade``) and order-book rows
+(StreamOrderBooks, whose streams begin with each market's full book: ``StartingPointSource``).
 
 The switch works because the subscription to the hub starts *before* history is read: whatever
 commits while history is being read is either read from the database or waiting in the
@@ -58,6 +59,18 @@ class SnapshotSource(RowSource[SnapshotRecord], Protocol):
     """Snapshot reads, with the latest snapshot per market (``include_latest``)."""
 
     async def latest_per_market(self, tickers: Sequence[str] | None) -> list[SnapshotRecord]: ...
+
+
+@runtime_checkable
+class StartingPointSource(RowSource[R], Protocol):
+    """A source whose streams (unless resumed) begin with rows that stand for everything up to a
+    position — order books: each market's full book — then go on after that position."""
+
+    async def starting_point(
+        self, tickers: Sequence[str] | None, start_time: datetime | None
+    ) -> tuple[list[R], int]:
+        """The rows to send first (at ``start_time``, or now) and the position they stand at."""
+        ...
 
 
 class OverflowPolicy:
@@ -167,10 +180,9 @@ class _Conflator(Generic[R]):
 
 
 async def _replay(
-    source: RowSource[R], request: FeedRequest, after_id: int
+    source: RowSource[R], request: FeedRequest, after_id: int, min_time: datetime | None
 ) -> AsyncIterator[list[R]]:
     """Stored history after ``after_id`` in id order, a chunk at a time."""
-    min_time = request.start_time if request.resume_after_id is None else None
     while True:
         page = await source.list_after_id(
             after_id, tickers=request.history_tickers, limit=REPLAY_PAGE_SIZE,
@@ -201,13 +213,27 @@ async def _history_then_live(
 ) -> AsyncIterator[FeedItem[R]]:
     last_id = 0
     replayed = 0
-    if request.resume_after_id is not None or request.start_time is not None:
-        last_id = request.resume_after_id or 0
-        async for page in _replay(source, request, last_id):
+    # Replay stored rows after last_id (from min_time, when set)?
+    replay, min_time = True, None
+    if request.resume_after_id is not None:
+        last_id = request.resume_after_id
+    elif isinstance(source, StartingPointSource):
+        start = await source.starting_point(request.history_tickers, request.start_time)
+        starting_rows, last_id = cast(tuple[list[R], int], start)
+        if starting_rows:
+            replayed += len(starting_rows)
+            yield RowRun(starting_rows, fixed_resume_after_id=last_id)
+        replay = request.start_time is not None  # else: live from the starting point
+    elif request.start_time is not None:
+        min_time = request.start_time
+    else:
+        replay = False
+    if replay:
+        async for page in _replay(source, request, last_id, min_time):
             last_id = page[-1].stream_id
             replayed += len(page)
             yield RowRun(page)
-    else:
+    elif not isinstance(source, StartingPointSource):
         last_id = await source.max_stream_id()
         if request.include_latest and isinstance(source, SnapshotSource):
             latest = await source.latest_per_market(request.history_tickers)

@@ -17,7 +17,13 @@ from typing import Protocol
 
 from kfeed_server.db.commits import CommitNotice, Resync
 from kfeed_server.db.repositories.ingest import BatchWriteResult
-from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord, StreamedTrade
+from kfeed_server.records import (
+    BookStreamRow,
+    FeedGapRecord,
+    MarketRecord,
+    SnapshotRecord,
+    StreamedTrade,
+)
 from kfeed_server.streaming.hub import SnapshotHub
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,9 @@ class DirectPublisher:
 
     def committed(self, markets: Sequence[MarketRecord], result: BatchWriteResult) -> None:
         self._hub.remember_markets(markets)
-        self._hub.publish(result.stored_snapshots, result.stored_gaps, result.stored_trades)
+        self._hub.publish(
+            result.stored_snapshots, result.stored_gaps, result.stored_trades, result.stored_books
+        )
 
 
 class CommittedRows(Protocol):
@@ -70,6 +78,16 @@ class CommittedTrades(Protocol):
     ) -> list[StreamedTrade]: ...
 
 
+class CommittedBookRows(Protocol):
+    """The order-book reads the follower needs (by stream id)."""
+
+    async def max_stream_id(self) -> int: ...
+
+    async def list_after_id(
+        self, after_id: int, *, tickers: Sequence[str] | None, limit: int
+    ) -> list[BookStreamRow]: ...
+
+
 class GapsById(Protocol):
     async def get_gaps(self, gap_ids: Sequence[int]) -> list[FeedGapRecord]: ...
 
@@ -89,10 +107,12 @@ class CommitFollower:
         markets: MarketsByTicker,
         origin: str,
         trades: CommittedTrades,
+        books: CommittedBookRows,
     ) -> None:
         self._hub = hub
         self._rows = rows
         self._trades = trades
+        self._books = books
         self._gaps = gaps
         self._markets = markets
         self._origin = origin
@@ -100,8 +120,9 @@ class CommitFollower:
         self.listening = asyncio.Event()
         # The highest snapshot id published; rows at or below it are never published again.
         self._published_id: int | None = None
-        # The same for trade stream ids.
+        # The same for trade and order-book stream ids.
         self._published_trade_id = 0
+        self._published_book_id = 0
         # This process's batches by notice batch number, until their notice arrives.
         self._own: OrderedDict[int, BatchWriteResult] = OrderedDict()
         self._own_added = asyncio.Event()
@@ -124,6 +145,7 @@ class CommitFollower:
         if self._published_id is None:
             self._published_id = await self._rows.max_snapshot_id()
             self._published_trade_id = await self._trades.max_stream_id()
+            self._published_book_id = await self._books.max_stream_id()
         async for notice in notices:
             try:
                 if isinstance(notice, Resync) or self._needs_catch_up:
@@ -148,7 +170,9 @@ class CommitFollower:
                 self._last_own_batch = notice.batch
                 self._last_own_batch_was_kept = own is not None
         if own is not None:
-            await self._publish(own.stored_snapshots, own.stored_gaps, own.stored_trades)
+            await self._publish(
+                own.stored_snapshots, own.stored_gaps, own.stored_trades, own.stored_books
+            )
             return
         snapshots: list[SnapshotRecord] = []
         if notice.first_snapshot_id:
@@ -163,7 +187,14 @@ class CommitFollower:
                 tickers=None,
                 limit=notice.last_trade_id - notice.first_trade_id + 1,
             )
-        await self._publish(snapshots, gaps, trades)
+        books: list[BookStreamRow] = []
+        if notice.first_book_id:
+            books = await self._books.list_after_id(
+                notice.first_book_id - 1,
+                tickers=None,
+                limit=notice.last_book_id - notice.first_book_id + 1,
+            )
+        await self._publish(snapshots, gaps, trades, books)
 
     async def _own_batch(self, batch: int) -> BatchWriteResult | None:
         """This process's batch ``batch``. Its notice can come before the servicer hands the
@@ -197,6 +228,13 @@ class CommitFollower:
             )
             await self._publish([], [], trades)
             if len(trades) < CATCH_UP_PAGE:
+                break
+        while True:
+            books = await self._books.list_after_id(
+                self._published_book_id, tickers=None, limit=CATCH_UP_PAGE
+            )
+            await self._publish([], [], books=books)
+            if len(books) < CATCH_UP_PAGE:
                 return
 
     async def _publish(
@@ -204,16 +242,24 @@ class CommitFollower:
         snapshots: list[SnapshotRecord],
         gaps: list[FeedGapRecord],
         trades: Sequence[StreamedTrade] = (),
+        books: Sequence[BookStreamRow] = (),
     ) -> None:
         published = self._published_id or 0
         fresh = [s for s in snapshots if s.snapshot_id > published]
         fresh_trades = [t for t in trades if t.stream_id > self._published_trade_id]
-        tickers = {s.ticker for s in fresh} | {t.ticker for t in fresh_trades}
+        fresh_books = [b for b in books if b.stream_id > self._published_book_id]
+        tickers = (
+            {s.ticker for s in fresh}
+            | {t.ticker for t in fresh_trades}
+            | {b.ticker for b in fresh_books}
+        )
         unknown = self._hub.unknown_tickers(tickers)
         if unknown:  # markets another server stored: event and series selectors need them
             self._hub.remember_markets(await self._markets.get_markets(sorted(unknown)))
-        self._hub.publish(fresh, gaps, fresh_trades)
+        self._hub.publish(fresh, gaps, fresh_trades, fresh_books)
         if fresh:
             self._published_id = max(s.snapshot_id for s in fresh)
         if fresh_trades:
             self._published_trade_id = fresh_trades[-1].stream_id
+        if fresh_books:
+            self._published_book_id = fresh_books[-1].stream_id

@@ -1,5 +1,6 @@
 """The stream hub: fans committed rows out to live subscribers — snapshots and feed gaps to
-snapshot streams, trades to trade streams (each subscription is of one ``StreamKind``).
+snapshot streams, trades to trade streams, order-book rows and feed gaps to book streams (each
+subscription is of one ``StreamKind``).
 
 Committed batches are published in commit order, which is snapshot-id order (writes are
 serialised), right after each commit (see ``streaming.follower``). Publishing never blocks and never
@@ -22,16 +23,24 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord, StreamedTrade
+from kfeed_server.records import (
+    BookStreamRow,
+    FeedGapRecord,
+    MarketRecord,
+    SnapshotRecord,
+    StreamedTrade,
+)
 
-LiveItem = SnapshotRecord | FeedGapRecord | StreamedTrade
+LiveItem = SnapshotRecord | FeedGapRecord | StreamedTrade | BookStreamRow
 
 
 class StreamKind(enum.Enum):
-    """What a subscription receives: snapshots and feed gaps, or trades."""
+    """What a subscription receives: snapshots and feed gaps, trades, or order-book rows and
+    feed gaps."""
 
     SNAPSHOTS = "snapshots"
     TRADES = "trades"
+    BOOKS = "books"
 
 
 DEFAULT_QUEUE_CAPACITY = 10_000
@@ -250,6 +259,7 @@ class SnapshotHub:
         snapshots: list[SnapshotRecord],
         gaps: list[FeedGapRecord],
         trades: Sequence[StreamedTrade] = (),
+        books: Sequence[BookStreamRow] = (),
     ) -> None:
         """Called after commit, in commit order. Never blocks."""
         if self.closed:
@@ -258,6 +268,7 @@ class SnapshotHub:
         by_kind: tuple[tuple[StreamKind, list[LiveItem]], ...] = (
             (StreamKind.SNAPSHOTS, [*snapshots, *gaps]),
             (StreamKind.TRADES, list(trades)),
+            (StreamKind.BOOKS, [*books, *gaps]),
         )
         for kind, items in by_kind:
             if items:

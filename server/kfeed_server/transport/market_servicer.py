@@ -10,11 +10,12 @@ import grpc
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
-from kfeed_server.books import OrderBooks
+from kfeed_server.books import BookStream, OrderBooks
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import MarketStatus, Page
 from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport import candles, export, market_structure, order_books
+from kfeed_server.transport.book_stream import BookStreams
 from kfeed_server.transport.convert import (
     market_to_proto,
     snapshot_fields,
@@ -66,6 +67,12 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
             stream_limits or StreamLimits(),
         )
         self._trade_streams = TradeStreams(self._streams, repositories.trades, tokens)
+        self._book_streams = BookStreams(
+            self._streams,
+            repositories.markets,
+            BookStream(self._books, repositories.books),
+            tokens,
+        )
 
     async def _require_market(self, ticker: str) -> None:
         if await self._markets.get_market(ticker) is None:
@@ -166,6 +173,12 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self, request: pb.StreamTradesRequest, context: Context
     ) -> AsyncIterator[bytes]:
         async for response in self._trade_streams.responses(request, context):
+            yield response
+
+    async def StreamOrderBooks(  # type: ignore[override]
+        self, request: pb.StreamOrderBooksRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        async for response in self._book_streams.responses(request, context):
             yield response
 
     async def ListEvents(

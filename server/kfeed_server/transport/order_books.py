@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import types_pb2
 from kfeed_server.books import (
+    LATEST,
     BeforeMarketError,
     BookAt,
     NotRecordedError,
@@ -18,7 +17,6 @@ from kfeed_server.transport.errors import InvalidArgument, NotFound
 from kfeed_server.transport.requests import optional_time, require_ticker
 
 MAX_DEPTH = 10_000
-LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 def book_depth(depth: int) -> int:
@@ -51,7 +49,6 @@ async def get_order_book(
 ) -> pb.GetOrderBookResponse:
     ticker = require_ticker(request.ticker)
     depth = book_depth(request.depth)
-    # absent: the latest book, however far the exchange's clock runs from ours
     time = optional_time(request, "time") or LATEST
     try:
         book = await books.book_at(ticker, time, depth)

@@ -43,7 +43,7 @@ from kfeed_server.transport.stream_frames import MAX_BATCH_SIZE, SnapshotFrames
 MAX_STREAM_TICKERS = 10_000
 
 Context = grpc.aio.ServicerContext[Any, Any]
-StreamRequest = pb.StreamSnapshotsRequest | pb.StreamTradesRequest
+StreamRequest = pb.StreamSnapshotsRequest | pb.StreamTradesRequest | pb.StreamOrderBooksRequest
 R = TypeVar("R", bound=StreamRow)
 # A stream's encoder: a feed item and max_batch_size → responses, each with the id it resumes after.
 Frames = Callable[[FeedItem[R], int], Iterator[tuple[bytes, int]]]
@@ -88,6 +88,8 @@ class SnapshotStreams:
         kind = (
             StreamKind.TRADES
             if isinstance(request, pb.StreamTradesRequest)
+            else StreamKind.BOOKS
+            if isinstance(request, pb.StreamOrderBooksRequest)
             else StreamKind.SNAPSHOTS
         )
         if len(request.tickers) > MAX_STREAM_TICKERS:

@@ -152,14 +152,19 @@ class SnapshotFrames:
             yield token + _length_delimited(_TAG_SNAPSHOT_BATCH, body), resume_after_id
 
 
-StreamResponse = TypeVar("StreamResponse", pb.StreamSnapshotsResponse, pb.StreamTradesResponse)
+StreamResponse = TypeVar(
+    "StreamResponse",
+    pb.StreamSnapshotsResponse,
+    pb.StreamTradesResponse,
+    pb.StreamOrderBooksResponse,
+)
 
 
 def event_message(
     delivery: Delivery, resume_token: Callable[[int], str], response: type[StreamResponse]
 ) -> StreamResponse:
-    """The response (of a snapshot or trade stream) for an event other than a row. Feed gaps
-    reach snapshot streams only."""
+    """The response (of a snapshot, trade or order-book stream) for an event other than a row.
+    Feed gaps of order-book streams are sent by ``book_stream``."""
     token = resume_token(delivery.resume_after_id)
     event = delivery.event
     if isinstance(event, CaughtUpEvent):

@@ -27,6 +27,7 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kfeed.v1 import market_service_pb2, types_pb2
+from kfeed_client.books import Level, LocalOrderBook, LocalOrderBooks
 from kfeed_client.client import KfeedClient, connect
 from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig
 from kfeed_client.money import contracts_to_decimal, dollars_to_decimal
@@ -167,10 +168,21 @@ def _configure_tail(parser: argparse.ArgumentParser) -> None:
     _add_option(parser, "--resume", "continue after this resume token from an earlier run")
     _add_switch(parser, "--include-latest", "start with each market's latest snapshot")
     _add_switch(parser, "--trades", "follow the public trades instead of snapshots")
+    _add_switch(parser, "--book", "follow the order books (a ladder, then every change)")
+    _add_option(
+        parser,
+        "--depth",
+        "with --book: levels a side in the ladders shown (0: all)",
+        default=10,
+        type=int,
+    )
     _add_option(parser, "--heartbeat", "seconds between heartbeats when idle", type=float)
     _add_option(parser, "--conflate", "at most one snapshot per market per N ms", type=int)
     _add_option(
-        parser, "--limit", "exit after this many snapshots (trades with --trades)", type=int
+        parser,
+        "--limit",
+        "exit after this many snapshots (trades with --trades, books and changes with --book)",
+        type=int,
     )
     _add_switch(parser, "--verbose", "also show heartbeats")
     _add_output_options(parser)
@@ -467,10 +479,121 @@ async def tail_trades(options: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _top_of_book(book: LocalOrderBook) -> str:
+    """The best YES bid and YES ask (1 − the best NO bid) with their sizes."""
+    yes, no = book.yes_bids(1), book.no_bids(1)
+    bid = f"{_price(yes[0][0])} × {_size(yes[0][1])}" if yes else "—"
+    ask = f"{_price(10_000 - no[0][0])} × {_size(no[0][1])}" if no else "—"
+    return f"yes bid {bid} | yes ask {ask}"
+
+
+def book_change_line(change: types_pb2.OrderBookChange, before: int, book: LocalOrderBook) -> str:
+    """One applied change: time, market, the level (size before → after), then the top of book."""
+    side = "[green]yes bid[/]" if change.side == types_pb2.SIDE_YES else "[red]no bid[/]"
+    after = change.size.hundredths
+    moved = f"{_size(before)} → {_size(after)}" if before else f"new {_size(after)}"
+    if not after:
+        moved = f"{_size(before)} → [dim]gone[/]"
+    return (
+        f"[dim]{_time(change.exchange_time)}[/] [bold]{change.ticker}[/]  {side} "
+        f"{_price(change.price.ten_thousandths)}  {moved}   {_top_of_book(book)}"
+    )
+
+
+class BookPrinter:
+    """Shows an order-book stream readably: a ladder for each full book, a line per change."""
+
+    def __init__(self, console: Console, depth: int, verbose: bool) -> None:
+        self._console = console
+        self._depth = depth
+        self._verbose = verbose
+        self.books = LocalOrderBooks()
+
+    def _ladder(self, book: LocalOrderBook, why: str) -> None:
+        time = f" as of {_time(book.exchange_time)} UTC" if book.exchange_time else ""
+        self._console.print(f"[bold]{book.ticker}[/] {why}{time}", highlight=False)
+        if book.in_feed_gap:
+            self._console.print("[yellow]! the feed had a gap here: this book may be incomplete[/]")
+        ladder = book_ladder(book.yes_bids(self._depth), book.no_bids(self._depth))
+        self._console.print(ladder, soft_wrap=True)
+
+    def show(self, message: market_service_pb2.StreamOrderBooksResponse) -> int:
+        """Print ``message`` (already unbatched); how many books and changes it held."""
+        kind = message.WhichOneof("event")
+        if kind == "book":
+            self._ladder(self.books.apply(message) or LocalOrderBook(message.book.ticker), "book")
+            return 1
+        if kind == "change":
+            change = message.change
+            local = self.books.books.get(change.ticker)
+            side = (
+                None
+                if local is None
+                else (local.yes if change.side == types_pb2.SIDE_YES else local.no)
+            )
+            before = 0 if side is None else side.get(change.price.ten_thousandths, 0)
+            book = self.books.apply(message)
+            assert book is not None
+            self._console.print(book_change_line(change, before, book), soft_wrap=True,
+                                highlight=False)  # fmt: skip
+            return 1
+        line = None
+        if kind == "caught_up":
+            line = (
+                f"[cyan]── caught up: {message.caught_up.replayed_count} replayed, now live ──[/]"
+            )
+        elif kind == "feed_gap":
+            line = _feed_gap_line(message.feed_gap)
+        elif kind == "subscriber_gap":
+            line = f"[red]! fell behind: {message.subscriber_gap.dropped_count} skipped[/]"
+        elif kind == "heartbeat" and self._verbose:
+            line = f"[dim]· heartbeat {_time(message.heartbeat.server_time)}[/]"
+        if line is not None:
+            self._console.print(line, soft_wrap=True, highlight=False)
+        return 0
+
+
+async def tail_books(options: argparse.Namespace, console: Console) -> int:
+    """`tail --book`: follow the order books until interrupted (or ``--limit`` books and
+    changes)."""
+    last_token = options.resume or ""
+    shown = 0
+    printer = BookPrinter(console, options.depth, options.verbose)
+    try:
+        async with _connect(options) as client:
+            stream = client.stream_order_books(
+                options.tickers,
+                start_time=options.start,
+                resume_token=options.resume,
+                event_ticker=options.event,
+                series_ticker=options.series,
+                heartbeat_interval=(
+                    timedelta(seconds=options.heartbeat) if options.heartbeat else None
+                ),
+            )
+            async for message in stream:
+                last_token = message.resume_token or last_token
+                if options.json:
+                    if options.verbose or not message.HasField("heartbeat"):
+                        console.out(_json(message), highlight=False)
+                    shown += message.HasField("book") + message.HasField("change")
+                else:
+                    shown += printer.show(message)
+                if options.limit is not None and shown >= options.limit:
+                    break
+    finally:
+        # Printed also on Ctrl-C, so the next run can continue exactly here.
+        if last_token and not options.json:
+            print(f"resume with: --resume {last_token}", file=sys.stderr)
+    return 0
+
+
 async def tail(options: argparse.Namespace, console: Console) -> int:
     """`tail`: follow the feed until interrupted (or ``--limit`` snapshots)."""
     if options.trades:
         return await tail_trades(options, console)
+    if options.book:
+        return await tail_books(options, console)
     last_token = options.resume or ""
     shown = 0
     tracker = ChangeTracker()
@@ -615,22 +738,33 @@ async def candles(options: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def book_ladder(book: types_pb2.OrderBook) -> Table:
-    """The book as a ladder: YES bids (and the NO asks they are) above, NO bids below, each
-    side best first. A YES bid at X is a NO ask at 1 − X, so the YES ask is 1 − the best NO bid."""
+def _price(units: int) -> str:
+    return _dollars(types_pb2.Dollars(ten_thousandths=units))
+
+
+def _size(units: int) -> str:
+    return _contracts(types_pb2.Contracts(hundredths=units))
+
+
+def book_ladder(yes_bids: Sequence[Level], no_bids: Sequence[Level]) -> Table:
+    """The book as a ladder: NO bids (the YES asks they are) above, YES bids below, each side
+    best nearest the middle. A YES bid at X is a NO ask at 1 − X, so the YES ask is 1 − the best
+    NO bid. Levels are (price, size) in wire units, best first."""
     table = Table(box=None)
     for header in ("side", "price", "size", "as the other side"):
         table.add_column(header, justify="left" if header == "side" else "right")
-    for level in reversed(book.no_bids):  # the YES asks, highest first, down to the best
-        ask = types_pb2.Dollars(ten_thousandths=10_000 - level.price.ten_thousandths)
-        table.add_row("[red]no bid[/]", _dollars(level.price), _contracts(level.size),
-                      f"yes ask {_dollars(ask)}")  # fmt: skip
+    for price, size in reversed(no_bids):  # the YES asks, highest first, down to the best
+        table.add_row("[red]no bid[/]", _price(price), _size(size),
+                      f"yes ask {_price(10_000 - price)}")  # fmt: skip
     table.add_section()
-    for level in book.yes_bids:
-        ask = types_pb2.Dollars(ten_thousandths=10_000 - level.price.ten_thousandths)
-        table.add_row("[green]yes bid[/]", _dollars(level.price), _contracts(level.size),
-                      f"no ask {_dollars(ask)}")  # fmt: skip
+    for price, size in yes_bids:
+        table.add_row("[green]yes bid[/]", _price(price), _size(size),
+                      f"no ask {_price(10_000 - price)}")  # fmt: skip
     return table
+
+
+def _proto_levels(levels: Sequence[types_pb2.PriceLevel]) -> list[Level]:
+    return [(level.price.ten_thousandths, level.size.hundredths) for level in levels]
 
 
 async def book(options: argparse.Namespace, console: Console) -> int:
@@ -647,7 +781,8 @@ async def book(options: argparse.Namespace, console: Console) -> int:
     )
     if found.in_feed_gap:
         console.print("[yellow]! the feed had a gap here: this book may be incomplete[/]")
-    console.print(book_ladder(found), soft_wrap=True)
+    ladder = book_ladder(_proto_levels(found.yes_bids), _proto_levels(found.no_bids))
+    console.print(ladder, soft_wrap=True)
     return 0
 
 

@@ -399,6 +399,39 @@ class KfeedClient:
             request.heartbeat_interval.CopyFrom(to_duration(heartbeat_interval))
         return resumable_stream(self.markets, request, retry=retry)
 
+    def stream_order_books(
+        self,
+        tickers: Iterable[str] = (),
+        *,
+        start_time: datetime | None = None,
+        resume_token: str | None = None,
+        depth: int = 0,
+        event_ticker: str | None = None,
+        series_ticker: str | None = None,
+        heartbeat_interval: timedelta | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> AsyncGenerator[market_service_pb2.StreamOrderBooksResponse, None]:
+        """The order books of the selected markets (no tickers and no event/series: all): each
+        market's full book (at ``start_time``, or now; none after ``resume_token``), every
+        change since, a caught-up marker, then live changes, and a full book again after a feed
+        gap — resumed after a disconnect like :meth:`stream_snapshots`. Batches are handed out a
+        book or change a message (the batch's token on its last). ``depth`` trims full books
+        only; :class:`kfeed_client.books.LocalOrderBooks` applies the messages."""
+        request = market_service_pb2.StreamOrderBooksRequest(
+            tickers=list(tickers),
+            resume_token=resume_token or "",
+            depth=depth,
+            event_ticker=event_ticker or "",
+            series_ticker=series_ticker or "",
+            max_batch_size=max_batch_size,
+        )
+        if start_time is not None:
+            request.start_time.CopyFrom(to_timestamp(start_time))
+        if heartbeat_interval is not None:
+            request.heartbeat_interval.CopyFrom(to_duration(heartbeat_interval))
+        return resumable_stream(self.markets, request, retry=retry)
+
 
 def _set_window(
     request: (

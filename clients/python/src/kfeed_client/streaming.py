@@ -1,5 +1,5 @@
-"""A StreamSnapshots (or StreamTrades) subscription that survives disconnects with no gap and no
-duplicate.
+"""A StreamSnapshots (or StreamTrades, or StreamOrderBooks) subscription that survives
+disconnects with no gap and no duplicate.
 
 Every message the server sends carries a resume token: the position right after that message.
 The subscriber remembers the last token it saw; when the stream breaks it reconnects (with
@@ -10,7 +10,8 @@ exactly what was missed and then goes live again. A status that retrying cannot 
 Snapshots may arrive batched (``max_batch_size``: many per message, far cheaper to send and to
 read); the iterator hands them out one message per snapshot all the same, each with the token
 that resumes right after it. Trades arrive as the server sends them (a ``trade_batch`` carries one
-token, resuming after its last trade).
+token, resuming after its last trade). Order-book batches are handed out one book or change a
+message; the batch's token rides on its last (the others carry none).
 """
 
 from __future__ import annotations
@@ -113,14 +114,34 @@ def unbatched(message: pb.StreamSnapshotsResponse) -> list[pb.StreamSnapshotsRes
     return split
 
 
-StreamRequest = TypeVar("StreamRequest", bound=pb.StreamSnapshotsRequest | pb.StreamTradesRequest)
+def unbatched_books(message: pb.StreamOrderBooksResponse) -> list[pb.StreamOrderBooksResponse]:
+    """``message`` as one message per book or change (a ``batch`` split, anything else as is);
+    the batch's resume token goes with its last update."""
+    if not message.HasField("batch"):
+        return [message]
+    updates = message.batch.updates
+    return [
+        pb.StreamOrderBooksResponse(
+            resume_token=message.resume_token if index == len(updates) - 1 else "",
+            book=update.book if update.HasField("book") else None,
+            change=update.change if update.HasField("change") else None,
+        )
+        for index, update in enumerate(updates)
+    ]
+
+
+StreamRequest = TypeVar(
+    "StreamRequest",
+    bound=pb.StreamSnapshotsRequest | pb.StreamTradesRequest | pb.StreamOrderBooksRequest,
+)
 
 
 def resumed_request(request: StreamRequest, resume_token: str) -> StreamRequest:
     """``request`` continuing after ``resume_token``.
 
     The start time and the latest-snapshot preamble are dropped: the token already says where
-    to continue, and repeating the preamble would deliver those snapshots twice.
+    to continue, and repeating the preamble would deliver those snapshots twice (an order-book
+    stream resumed from a token sends no starting books either).
     """
     resumed = copy.deepcopy(request)
     resumed.resume_token = resume_token
@@ -128,6 +149,22 @@ def resumed_request(request: StreamRequest, resume_token: str) -> StreamRequest:
     if isinstance(resumed, pb.StreamSnapshotsRequest):
         resumed.include_latest = False
     return resumed
+
+
+def _open(
+    stub: pb_grpc.MarketServiceAsyncStub,
+    request: pb.StreamSnapshotsRequest | pb.StreamTradesRequest | pb.StreamOrderBooksRequest,
+) -> (
+    grpc.aio.UnaryStreamCall[pb.StreamSnapshotsRequest, pb.StreamSnapshotsResponse]
+    | grpc.aio.UnaryStreamCall[pb.StreamTradesRequest, pb.StreamTradesResponse]
+    | grpc.aio.UnaryStreamCall[pb.StreamOrderBooksRequest, pb.StreamOrderBooksResponse]
+):
+    """The call of the stream ``request`` asks for."""
+    if isinstance(request, pb.StreamTradesRequest):
+        return stub.StreamTrades(request)
+    if isinstance(request, pb.StreamOrderBooksRequest):
+        return stub.StreamOrderBooks(request)
+    return stub.StreamSnapshots(request)
 
 
 @overload
@@ -152,16 +189,29 @@ def resumable_stream(
 ) -> AsyncGenerator[pb.StreamTradesResponse, None]: ...
 
 
-async def resumable_stream(
+@overload
+def resumable_stream(
     stub: pb_grpc.MarketServiceAsyncStub,
-    request: pb.StreamSnapshotsRequest | pb.StreamTradesRequest,
+    request: pb.StreamOrderBooksRequest,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
     resume_on_gap: bool = True,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> AsyncGenerator[pb.StreamSnapshotsResponse | pb.StreamTradesResponse, None]:
-    """Yield the messages of StreamSnapshots(``request``) (StreamTrades for a trades request),
-    reconnecting and resuming as needed.
+) -> AsyncGenerator[pb.StreamOrderBooksResponse, None]: ...
+
+
+async def resumable_stream(
+    stub: pb_grpc.MarketServiceAsyncStub,
+    request: pb.StreamSnapshotsRequest | pb.StreamTradesRequest | pb.StreamOrderBooksRequest,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    resume_on_gap: bool = True,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncGenerator[
+    pb.StreamSnapshotsResponse | pb.StreamTradesResponse | pb.StreamOrderBooksResponse, None
+]:
+    """Yield the messages of StreamSnapshots(``request``) (StreamTrades for a trades request,
+    StreamOrderBooks for an order-book one), reconnecting and resuming as needed.
 
     With ``resume_on_gap`` a subscriber-gap marker (the server dropped live snapshots because
     this subscriber fell behind) is not passed on: the stream is reopened from the marker's
@@ -171,14 +221,7 @@ async def resumable_stream(
     """
     failures = 0
     while True:
-        call: (
-            grpc.aio.UnaryStreamCall[pb.StreamTradesRequest, pb.StreamTradesResponse]
-            | grpc.aio.UnaryStreamCall[pb.StreamSnapshotsRequest, pb.StreamSnapshotsResponse]
-        ) = (
-            stub.StreamTrades(request)
-            if isinstance(request, pb.StreamTradesRequest)
-            else stub.StreamSnapshots(request)
-        )
+        call = _open(stub, request)
         last_error: grpc.aio.AioRpcError | None = None
         fell_behind = False
         try:
@@ -195,6 +238,10 @@ async def resumable_stream(
                     break
                 if isinstance(message, pb.StreamTradesResponse):
                     yield message
+                    continue
+                if isinstance(message, pb.StreamOrderBooksResponse):
+                    for book_message in unbatched_books(message):
+                        yield book_message
                     continue
                 for single in unbatched(message):
                     yield single

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import asyncpg
-from sqlalchemy import BigInteger, Column, MetaData, Table, select, text
+from sqlalchemy import BigInteger, Column, MetaData, Table, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeDecorator
@@ -34,16 +36,19 @@ from kfeed_server.db.repositories._common import (
 from kfeed_server.records import (
     BookChangeRecord,
     BookCheckpointRecord,
+    BookStreamRow,
     CheckpointKind,
     Levels,
     Side,
+    StreamedBook,
+    StreamedBookChange,
 )
 
 log = logging.getLogger(__name__)
 
 # From this many changes on, PostgreSQL batches go through COPY.
 COPY_THRESHOLD = 200
-_CHANGE_COLUMNS = list(BookChangeRecord._fields)
+_CHANGE_COLUMNS = [*BookChangeRecord._fields, "stream_id"]
 _CHANGE_KEY = ("ticker", "exchange_time", "side", "price", "sequence")
 _DAY = timedelta(days=1)
 
@@ -61,6 +66,7 @@ _INSERT_STAGED_SQL = f"""
 INSERT INTO {book_changes_table.name} ({", ".join(_CHANGE_COLUMNS)})
 SELECT {", ".join(_CHANGE_COLUMNS)} FROM {_staging.name}
 ON CONFLICT ({", ".join(_CHANGE_KEY)}) DO NOTHING
+RETURNING stream_id
 """
 
 
@@ -75,24 +81,88 @@ def unpack_levels(packed: bytes) -> Levels:
     return tuple(zip(numbers[::2], numbers[1::2], strict=True))
 
 
-async def insert_changes(connection: AsyncConnection, changes: Sequence[BookChangeRecord]) -> int:
-    """Store the changes not stored yet; how many were new."""
+@dataclass(slots=True)
+class StoredBookRows:
+    """What one batch stored of order books: the counts, and the rows a book stream delivers
+    (changes and START, RESYNC and LOST checkpoints) in stream-id order."""
+
+    changes: int = 0
+    checkpoints: int = 0
+    streamed: list[BookStreamRow] = field(default_factory=list)
+
+
+def _max_stream_id_query() -> Any:
+    return select(
+        func.coalesce(select(func.max(book_changes_table.c.stream_id)).scalar_subquery(), 0),
+        func.coalesce(select(func.max(book_checkpoints_table.c.stream_id)).scalar_subquery(), 0),
+    )
+
+
+async def insert_book_rows(
+    connection: AsyncConnection,
+    changes: Sequence[BookChangeRecord],
+    checkpoints: Sequence[BookCheckpointRecord],
+) -> StoredBookRows:
+    """Store the changes and checkpoints not stored yet, with stream ids above the stored
+    maximum (writes are serialised, so the ids increase in commit order).
+
+    A batch's rows are numbered in exchange-time order, a change before a checkpoint of the same
+    instant (a checkpoint holds every change at or before its time), so each market's stream
+    order is the order a rebuild applies them in."""
+    if not changes and not checkpoints:
+        return StoredBookRows()
+    highest = max((await connection.execute(_max_stream_id_query())).one())
+    # (exchange time, checkpoint after change, sequence, which list, index) in stream order
+    order = sorted(
+        [(c.exchange_time, 0, c.sequence, 0, i) for i, c in enumerate(changes)]
+        + [(k.exchange_time, 1, k.sequence or 0, 1, i) for i, k in enumerate(checkpoints)]
+    )
+    change_ids = [0] * len(changes)
+    checkpoint_ids = [0] * len(checkpoints)
+    for stream_id, (*_, which, index) in enumerate(order, start=highest + 1):
+        (checkpoint_ids if which else change_ids)[index] = stream_id
+    stored_change_ids = await _insert_changes(connection, changes, change_ids)
+    stored_checkpoint_ids = await _insert_checkpoints(connection, checkpoints, checkpoint_ids)
+    streamed: list[BookStreamRow] = [
+        StreamedBookChange(stream_id, change)
+        for stream_id, change in zip(change_ids, changes, strict=True)
+        if stream_id in stored_change_ids
+    ]
+    streamed += [
+        StreamedBook(stream_id, checkpoint)
+        for stream_id, checkpoint in zip(checkpoint_ids, checkpoints, strict=True)
+        if stream_id in stored_checkpoint_ids and checkpoint.kind is not CheckpointKind.PERIODIC
+    ]
+    streamed.sort(key=attrgetter("stream_id"))
+    return StoredBookRows(len(stored_change_ids), len(stored_checkpoint_ids), streamed)
+
+
+async def _insert_changes(
+    connection: AsyncConnection, changes: Sequence[BookChangeRecord], stream_ids: list[int]
+) -> set[int]:
+    """Store the changes not stored yet; the stream ids of those stored."""
     if not changes:
-        return 0
+        return set()
     if is_postgresql(connection) and len(changes) >= COPY_THRESHOLD:
-        return await _copy_changes(connection, changes)
+        return await _copy_changes(connection, changes, stream_ids)
     statement = (
         insert_for(connection, book_changes_table)
         .on_conflict_do_nothing(index_elements=[book_changes_table.c[name] for name in _CHANGE_KEY])
-        .returning(book_changes_table.c.sequence)
+        .returning(book_changes_table.c.stream_id)
     )
-    stored = 0
-    for chunk in chunks(changes, rows_per_statement(len(_CHANGE_COLUMNS))):
-        stored += len((await connection.execute(statement, [c._asdict() for c in chunk])).all())
+    rows = [
+        {**c._asdict(), "stream_id": stream_id}
+        for c, stream_id in zip(changes, stream_ids, strict=True)
+    ]
+    stored: set[int] = set()
+    for chunk in chunks(rows, rows_per_statement(len(_CHANGE_COLUMNS))):
+        stored.update((await connection.execute(statement, list(chunk))).scalars())
     return stored
 
 
-async def _copy_changes(connection: AsyncConnection, changes: Sequence[BookChangeRecord]) -> int:
+async def _copy_changes(
+    connection: AsyncConnection, changes: Sequence[BookChangeRecord], stream_ids: list[int]
+) -> set[int]:
     """Binary COPY straight into the (partitioned) table inside a savepoint: the live case, all
     new. A batch with a stored row (a resend) goes through a staging table and
     ``INSERT … ON CONFLICT DO NOTHING`` instead."""
@@ -101,7 +171,10 @@ async def _copy_changes(connection: AsyncConnection, changes: Sequence[BookChang
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
     # Plain tuples with plain ints: asyncpg reads them fastest.
-    rows = [(c[0], c[1], c[2], c[3], int(c[4]), c[5], c[6]) for c in changes]
+    rows = [
+        (c[0], c[1], c[2], c[3], int(c[4]), c[5], c[6], stream_id)
+        for c, stream_id in zip(changes, stream_ids, strict=True)
+    ]
     await driver.execute("SAVEPOINT kfeed_book_copy")
     try:
         await driver.copy_records_to_table(
@@ -111,19 +184,18 @@ async def _copy_changes(connection: AsyncConnection, changes: Sequence[BookChang
         await driver.execute("ROLLBACK TO SAVEPOINT kfeed_book_copy")
     else:
         await driver.execute("RELEASE SAVEPOINT kfeed_book_copy")
-        return len(rows)
+        return set(stream_ids)
     await connection.execute(CreateTable(_staging, if_not_exists=True))
     await driver.copy_records_to_table(_staging.name, records=rows, columns=_CHANGE_COLUMNS)
-    status: str = await driver.execute(_INSERT_STAGED_SQL)
-    return int(status.rsplit(" ", 1)[-1])
+    return {row[0] for row in await driver.fetch(_INSERT_STAGED_SQL)}
 
 
-async def insert_checkpoints(
-    connection: AsyncConnection, checkpoints: Sequence[BookCheckpointRecord]
-) -> int:
-    """Store the checkpoints not stored yet; how many were new."""
+async def _insert_checkpoints(
+    connection: AsyncConnection, checkpoints: Sequence[BookCheckpointRecord], stream_ids: list[int]
+) -> set[int]:
+    """Store the checkpoints not stored yet; the stream ids of those stored."""
     if not checkpoints:
-        return 0
+        return set()
     rows = [
         {
             "ticker": c.ticker,
@@ -133,8 +205,9 @@ async def insert_checkpoints(
             "kind": c.kind,
             "yes_levels": pack_levels(c.yes),
             "no_levels": pack_levels(c.no),
+            "stream_id": stream_id,
         }
-        for c in checkpoints
+        for c, stream_id in zip(checkpoints, stream_ids, strict=True)
     ]
     table = book_checkpoints_table
     statement = (
@@ -142,11 +215,11 @@ async def insert_checkpoints(
         .on_conflict_do_nothing(
             index_elements=[table.c[n] for n in ("ticker", "exchange_time", "kind", "receive_time")]
         )
-        .returning(table.c.id)
+        .returning(table.c.stream_id)
     )
-    stored = 0
+    stored: set[int] = set()
     for chunk in chunks(rows, rows_per_statement(len(rows[0]))):
-        stored += len((await connection.execute(statement, list(chunk))).all())
+        stored.update((await connection.execute(statement, list(chunk))).scalars())
     return stored
 
 
@@ -314,6 +387,95 @@ class OrderBookRepository:
                 execution_options={"isolation_level": "AUTOCOMMIT"}
             )
             return list((await connection.execute(statement)).all())
+
+    async def max_stream_id(self) -> int:
+        """The highest order-book stream id; 0 when no book row is stored."""
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return int(max((await connection.execute(_max_stream_id_query())).one()))
+
+    async def list_after_id(
+        self,
+        after_id: int,
+        *,
+        tickers: Sequence[str] | None,
+        limit: int,
+        min_exchange_time: datetime | None = None,
+    ) -> list[BookStreamRow]:
+        """The rows a book stream delivers with ``stream_id > after_id``, in stream-id order:
+        changes and START, RESYNC and LOST checkpoints (PERIODIC ones only bound rebuilds), of
+        ``tickers`` (None: every market), optionally at or after ``min_exchange_time``."""
+        if tickers is not None and not tickers:
+            return []
+        changes, checkpoints = book_changes_table.c, book_checkpoints_table.c
+        change_query = (
+            select(changes.stream_id, *(changes[name] for name in BookChangeRecord._fields))
+            .where(changes.stream_id > after_id)
+            .order_by(changes.stream_id)
+            .limit(limit)
+        )
+        checkpoint_query = (
+            select(book_checkpoints_table.c.stream_id, *_CHECKPOINT_COLUMNS)
+            .where(
+                checkpoints.stream_id > after_id,
+                checkpoints.kind != CheckpointKind.PERIODIC,
+            )
+            .order_by(checkpoints.stream_id)
+            .limit(limit)
+        )
+        if tickers is not None:
+            change_query = change_query.where(changes.ticker.in_(list(tickers)))
+            checkpoint_query = checkpoint_query.where(checkpoints.ticker.in_(list(tickers)))
+        if min_exchange_time is not None:
+            change_query = change_query.where(changes.exchange_time >= min_exchange_time)
+            checkpoint_query = checkpoint_query.where(
+                checkpoints.exchange_time >= min_exchange_time
+            )
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows: list[BookStreamRow] = [
+                StreamedBookChange(
+                    stream_id,
+                    BookChangeRecord(ticker, time, received, seq, Side(side), price, size),
+                )
+                for stream_id, ticker, time, received, seq, side, price, size in (
+                    await connection.execute(change_query)
+                )
+            ]
+            rows += [
+                StreamedBook(row[0], _checkpoint(row[1:]))
+                for row in await connection.execute(checkpoint_query)
+            ]
+        rows.sort(key=attrgetter("stream_id"))
+        return rows[:limit]
+
+    async def position_before(self, time: datetime, tickers: Sequence[str] | None) -> int:
+        """The stream position just before the first row of ``tickers`` (None: every market)
+        with an exchange time after ``time``: every row at or before it is at or before
+        ``time``. The current position when no row is later than ``time``."""
+        highest = await self.max_stream_id()
+        firsts: list[int] = []
+        async with self._sessions() as session:
+            connection = await session.connection()
+            for table in (book_changes_table, book_checkpoints_table):
+                query = select(func.min(table.c.stream_id)).where(
+                    table.c.exchange_time > time, table.c.stream_id <= highest
+                )
+                if tickers is not None:
+                    query = query.where(table.c.ticker.in_(list(tickers)))
+                first = await connection.scalar(query)
+                if first is not None:
+                    firsts.append(int(first))
+        return min(firsts) - 1 if firsts else highest
+
+    async def tickers_with_books(self) -> list[str]:
+        """The markets with at least one recorded book, by ticker."""
+        ticker = book_checkpoints_table.c.ticker
+        async with self._sessions() as session:
+            connection = await session.connection()
+            return list(
+                (await connection.execute(select(ticker).distinct().order_by(ticker))).scalars()
+            )
 
     async def maintain_partitions(
         self, now: datetime, days_ahead: int, retention: timedelta | None

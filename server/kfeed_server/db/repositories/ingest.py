@@ -46,13 +46,14 @@ from kfeed_server.db.repositories._common import (
     is_postgresql,
     rows_per_statement,
 )
-from kfeed_server.db.repositories.books import insert_changes, insert_checkpoints
+from kfeed_server.db.repositories.books import insert_book_rows
 from kfeed_server.db.repositories.markets import record_rows, series_rows, upsert_rows
 from kfeed_server.db.repositories.snapshots import SNAPSHOT_COLUMNS, latest_per_market
 from kfeed_server.db.repositories.trades import FEED_GAP_COLUMNS, TRADE_COLUMNS
 from kfeed_server.records import (
     BookChangeRecord,
     BookCheckpointRecord,
+    BookStreamRow,
     EventRecord,
     FeedGapRecord,
     MarketRecord,
@@ -102,6 +103,8 @@ class BatchWriteResult:
     notice_batch: int | None = None
     # The new trades (with stream ids, in id order).
     stored_trades: list[StreamedTrade] = field(default_factory=list)
+    # The new order-book rows a book stream delivers (with stream ids, in id order).
+    stored_books: list[BookStreamRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,10 +456,11 @@ class IngestWriter:
                     stored_snapshots = await _insert_snapshots_by_values(connection, kept)
             stored_trades, trades_count = await _insert_trades(connection, trades)
             stored_gaps = await _upsert_gaps(connection, feed_gaps)
-            book_changes_count = await insert_changes(connection, book_changes)
-            book_checkpoints_count = await insert_checkpoints(connection, book_checkpoints)
+            books = await insert_book_rows(connection, book_changes, book_checkpoints)
             notice_batch = None
-            if is_postgresql(connection) and (stored_snapshots or stored_gaps or stored_trades):
+            if is_postgresql(connection) and (
+                stored_snapshots or stored_gaps or stored_trades or books.streamed
+            ):
                 notice_batch = next(self._batches)
                 for notice in batch_notices(
                     self.origin,
@@ -464,6 +468,7 @@ class IngestWriter:
                     [s.snapshot_id for s in stored_snapshots],
                     [g.gap_id for g in stored_gaps],
                     [t.stream_id for t in stored_trades],
+                    [b.stream_id for b in books.streamed],
                 ):  # delivered at commit, in commit order
                     await connection.execute(select(func.pg_notify(CHANNEL, notice.payload())))
         counts = WriteCounts(
@@ -474,11 +479,13 @@ class IngestWriter:
             trades=trades_count,
             feed_gaps=len(stored_gaps),
             snapshots_unchanged=unchanged,
-            book_changes=book_changes_count,
-            book_checkpoints=book_checkpoints_count,
+            book_changes=books.changes,
+            book_checkpoints=books.checkpoints,
         )
         return _Committed(
-            BatchWriteResult(counts, stored_snapshots, stored_gaps, notice_batch, stored_trades),
+            BatchWriteResult(
+                counts, stored_snapshots, stored_gaps, notice_batch, stored_trades, books.streamed
+            ),
             max_id_before,
         )
 
