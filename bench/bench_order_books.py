@@ -56,7 +56,9 @@ from kfeed_server.db.repositories.books import pack_levels
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 20.0
 TARGET_WHOLE_PATH_PER_S = 20_000.0
-_COLUMNS = ["ticker", "exchange_time", "receive_time", "sequence", "side", "price", "size"]
+_COLUMNS = [
+    "ticker", "exchange_time", "receive_time", "sequence", "side", "price", "size", "stream_id",
+]  # fmt: skip
 _NOW = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -85,8 +87,9 @@ def _tuples(changes: Sequence[BookChange]) -> list[tuple[Any, ...]]:
     delta = timedelta
     return [
         (c.ticker, _EPOCH + delta(microseconds=c.exchange_time_us),
-         _EPOCH + delta(microseconds=c.receive_time_us), c.sequence, c.side, c.price, c.size)
-        for c in changes
+         _EPOCH + delta(microseconds=c.receive_time_us), c.sequence, c.side, c.price, c.size,
+         stream_id)
+        for stream_id, c in enumerate(changes, start=1)
     ]  # fmt: skip
 
 
@@ -228,12 +231,13 @@ async def get_order_book(changes: int, queries: int) -> dict[str, object]:
                     books[side][price] = size
                 else:
                     books[side].pop(price, None)
-                rows.append((ticker, moment, moment, i + 1, side + 1, price, size))
+                rows.append((ticker, moment, moment, i + 1, side + 1, price, size, i + 2))
                 if (i + 1) % 1_000 == 0:
                     yes, no = (tuple(sorted(b.items(), reverse=True)) for b in books)
                     checkpoints.append(
-                        (ticker, moment, moment, None, 3, pack_levels(yes), pack_levels(no))
-                    )
+                        (ticker, moment, moment, None, 3, pack_levels(yes), pack_levels(no),
+                         changes + 2 + len(checkpoints))
+                    )  # fmt: skip
                 if len(rows) == 100_000:
                     await raw.copy_records_to_table("order_book_changes", records=rows,
                                                     columns=_COLUMNS)  # fmt: skip
@@ -244,9 +248,9 @@ async def get_order_book(changes: int, queries: int) -> dict[str, object]:
                 )
             await raw.copy_records_to_table(
                 "order_book_checkpoints",
-                records=[(ticker, start, start, None, 1, b"", b""), *checkpoints],
+                records=[(ticker, start, start, None, 1, b"", b"", 1), *checkpoints],
                 columns=["ticker", "exchange_time", "receive_time", "sequence", "kind",
-                         "yes_levels", "no_levels"],
+                         "yes_levels", "no_levels", "stream_id"],
             )  # fmt: skip
             await raw.execute("ANALYZE")
             load_seconds = time.perf_counter() - loaded
