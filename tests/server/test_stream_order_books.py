@@ -20,7 +20,8 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_client.books import LocalOrderBook, LocalOrderBooks
 from kfeed_ingest.kalshi.books import LOST, RESYNC, START, BookChange, checkpoint, micros
-from tests.server.test_order_books import MARKET, Ladder, Timeline, levels, request_of, stamp
+from tests.server.test_order_books import levels, stamp
+from tests.support.book_timeline import MARKET, Ladder, Timeline, request_of
 from tests.support.factories import at, make_gap
 from tests.support.servers import PublishSession, bad_request_fields
 
