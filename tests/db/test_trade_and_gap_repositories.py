@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from kfeed_server.db.repositories import Repositories
-from kfeed_server.records import Side, TradeRecord
+from kfeed_server.records import FeedGapRecord, Side, TradeRecord
 from tests.support.factories import at, make_gap, make_trade
 
 
@@ -39,3 +39,44 @@ async def test_gaps_by_id_and_ticker(repositories: Repositories) -> None:
     only_a = await repositories.feed_gaps.list_gaps(tickers=["A"], after_id=0, limit=10)
     assert [g.ticker for g in only_a] == ["A", "A"]
     assert await repositories.feed_gaps.list_gaps(tickers=[], after_id=0, limit=10) == []
+
+
+async def test_gaps_newest_first_by_window_and_ticker(repositories: Repositories) -> None:
+    # Two gaps per second (the id breaks ties); gap 3 is recovered at second 2, gap 4 names no
+    # market (a whole subscription), the odd ones are of market A.
+    gaps = [
+        make_gap(
+            i,
+            detect_time=at(i // 2),
+            ticker="" if i == 4 else "A" if i % 2 else "B",
+            recovered=i == 3,
+            recover_time=at(2) if i == 3 else None,
+        )
+        for i in range(8)
+    ]
+    stored = (await repositories.ingest.write_batch(feed_gaps=gaps)).stored_gaps
+    newest_first = sorted(stored, key=lambda g: (g.detect_time, g.gap_id), reverse=True)
+    seen: list[FeedGapRecord] = []
+    before: tuple[datetime, int] | None = None
+    while True:
+        page = await repositories.feed_gaps.list_newest_first(
+            tickers=None, start=None, end=None, limit=3, before=before
+        )
+        seen.extend(page.items)
+        if page.next_cursor is None:
+            break
+        before = (page.items[-1].detect_time, page.items[-1].gap_id)
+        assert page.next_cursor == before
+    assert seen == newest_first
+
+    of_a = await repositories.feed_gaps.list_newest_first(
+        tickers=["A"], start=None, end=None, limit=10
+    )
+    assert of_a.items == [g for g in newest_first if g.ticker in ("A", "")]
+    # Open at second 2 (gap 3 recovered exactly then is not), detected before second 3.
+    window = await repositories.feed_gaps.list_newest_first(
+        tickers=None, start=at(2), end=at(3), limit=10
+    )
+    assert window.items == [
+        g for g in newest_first if g.detect_time < at(3) and g.gap_id != stored[3].gap_id
+    ]

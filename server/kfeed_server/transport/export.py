@@ -26,8 +26,8 @@ from kfeed_server.db.repositories.export import (
     ExportFilter,
     ExportSpec,
 )
-from kfeed_server.transport.errors import InvalidArgument, NotFound
-from kfeed_server.transport.requests import optional_ticker, require_ticker, time_window
+from kfeed_server.transport.errors import NotFound
+from kfeed_server.transport.requests import optional_ticker, ticker_list, time_window
 
 MAX_EXPORT_TICKERS = 10_000
 MESSAGE_TARGET_BYTES = 3 * 1024 * 1024
@@ -46,9 +46,7 @@ Response = TypeVar(
 async def export_filter(markets: MarketRepository, request: ExportRequest) -> ExportFilter:
     """The rows an export request selects; INVALID_ARGUMENT naming the field, NOT_FOUND for a
     ticker that is not a known market."""
-    if len(request.tickers) > MAX_EXPORT_TICKERS:
-        raise InvalidArgument.field("tickers", f"at most {MAX_EXPORT_TICKERS} tickers")
-    tickers = [require_ticker(t, f"tickers[{i}]") for i, t in enumerate(request.tickers)]
+    tickers = ticker_list(request.tickers, MAX_EXPORT_TICKERS)
     event_ticker = optional_ticker(request.event_ticker, "event_ticker")
     series_ticker = optional_ticker(request.series_ticker, "series_ticker")
     start, end = time_window(request)

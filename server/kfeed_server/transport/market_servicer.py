@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -17,6 +17,7 @@ from kfeed_server.streaming.hub import SnapshotHub
 from kfeed_server.transport import candles, export, market_structure, order_books
 from kfeed_server.transport.book_stream import BookStreams
 from kfeed_server.transport.convert import (
+    feed_gap_to_proto,
     market_to_proto,
     snapshot_fields,
     snapshot_to_proto,
@@ -29,6 +30,7 @@ from kfeed_server.transport.requests import (
     enum_values,
     optional_ticker,
     require_ticker,
+    ticker_list,
     time_window,
 )
 from kfeed_server.transport.snapshot_stream import SnapshotStreams, StreamLimits
@@ -37,6 +39,8 @@ from kfeed_server.transport.trade_stream import TradeStreams
 MARKETS_PAGE = PageSizeLimits(default=100, maximum=1000)
 SNAPSHOTS_PAGE = PageSizeLimits(default=1000, maximum=10_000)
 TRADES_PAGE = PageSizeLimits(default=1000, maximum=10_000)
+FEED_GAPS_PAGE = PageSizeLimits(default=100, maximum=1000)
+MAX_FEED_GAP_TICKERS = 1000
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
@@ -55,6 +59,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         self._markets = repositories.markets
         self._snapshots = repositories.snapshots
         self._trades = repositories.trades
+        self._feed_gaps = repositories.feed_gaps
         self._candle_sources = repositories.candle_sources
         self._books = OrderBooks(repositories.markets, repositories.books)
         self._exports = repositories.exports
@@ -159,6 +164,31 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
         )
         return pb.ListTradesResponse(
             trades=[trade_to_proto(t) for t in trades], next_page_token=next_page_token
+        )
+
+    async def ListFeedGaps(
+        self, request: pb.ListFeedGapsRequest, context: Context
+    ) -> pb.ListFeedGapsResponse:
+        tickers = sorted(set(ticker_list(request.tickers, MAX_FEED_GAP_TICKERS)))
+        limit = FEED_GAPS_PAGE.resolve(request.page_size)
+        start, end = time_window(request)
+        query = ("ListFeedGaps", tuple(tickers), start, end)
+        cursor = self._tokens.decode_page_token(request.page_token, query, shape=(datetime, int))
+        known = await self._markets.existing_tickers(tickers)
+        for ticker in tickers:
+            if ticker not in known:
+                raise NotFound("market", ticker)
+        page = await self._feed_gaps.list_newest_first(
+            tickers=tickers or None,
+            start=start,
+            end=end,
+            limit=limit,
+            # decode_page_token checked the cursor's shape.
+            before=cast(tuple[datetime, int] | None, cursor),
+        )
+        return pb.ListFeedGapsResponse(
+            feed_gaps=[feed_gap_to_proto(g) for g in page.items],
+            next_page_token=self._tokens.encode_page_token(page.next_cursor, query),
         )
 
     # Yields responses encoded once and shared by subscribers (bytes, see stream_frames) rather

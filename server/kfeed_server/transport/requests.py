@@ -86,6 +86,13 @@ def optional_ticker(value: str, field: str) -> str | None:
     return require_ticker(value, field) if value else None
 
 
+def ticker_list(values: Sequence[str], maximum: int, field: str = "tickers") -> list[str]:
+    """A repeated ticker field: at most ``maximum``, each valid (the error names its index)."""
+    if len(values) > maximum:
+        raise InvalidArgument.field(field, f"at most {maximum} tickers")
+    return [require_ticker(t, f"{field}[{i}]") for i, t in enumerate(values)]
+
+
 def name_problem(value: str, max_length: int = MAX_NAME_LENGTH) -> str | None:
     """Why ``value`` is not a valid id or name (None when it is; "" is valid: callers decide
     whether it is required). Ids and names follow the ticker rules."""

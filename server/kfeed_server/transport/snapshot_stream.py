@@ -36,7 +36,7 @@ from kfeed_server.transport.requests import (
     duration_seconds,
     optional_ticker,
     optional_time,
-    require_ticker,
+    ticker_list,
 )
 from kfeed_server.transport.stream_frames import MAX_BATCH_SIZE, SnapshotFrames
 
@@ -92,11 +92,9 @@ class SnapshotStreams:
             if isinstance(request, pb.StreamOrderBooksRequest)
             else StreamKind.SNAPSHOTS
         )
-        if len(request.tickers) > MAX_STREAM_TICKERS:
-            raise InvalidArgument.field("tickers", f"at most {MAX_STREAM_TICKERS} tickers")
+        tickers = ticker_list(request.tickers, MAX_STREAM_TICKERS)
         if not 0 <= request.max_batch_size <= MAX_BATCH_SIZE:
             raise InvalidArgument.field("max_batch_size", f"must be between 0 and {MAX_BATCH_SIZE}")
-        tickers = [require_ticker(t, f"tickers[{i}]") for i, t in enumerate(request.tickers)]
         event_ticker = optional_ticker(request.event_ticker, "event_ticker")
         series_ticker = optional_ticker(request.series_ticker, "series_ticker")
         resume_after_id = (

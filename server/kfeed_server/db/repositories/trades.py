@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kfeed_server.db.models import feed_gaps_table, trades_table
 from kfeed_server.db.repositories._common import (
     chunks,
+    keyset_after,
     page_of,
     record_columns,
     rows_per_statement,
@@ -136,16 +137,44 @@ class FeedGapRepository:
         c = feed_gaps_table.c
         statement = (
             select(*FEED_GAP_COLUMNS)
-            .where(
-                or_(c.ticker.in_(list(tickers)), c.ticker == ""),
-                c.detect_time < end,
-                or_(c.recover_time.is_(None), c.recover_time > start, c.recovered.is_(False)),
-            )
+            .where(_of_markets(tickers), c.detect_time < end, _open_after(start))
             .order_by(c.id)
         )
         async with self._sessions() as session:
             connection = await session.connection()
             return [FeedGapRecord(*row) for row in await connection.execute(statement)]
+
+    async def list_newest_first(
+        self,
+        *,
+        tickers: Sequence[str] | None,
+        start: datetime | None,
+        end: datetime | None,
+        limit: int,
+        before: tuple[datetime, int] | None = None,
+    ) -> Page[FeedGapRecord]:
+        """Gaps of ``tickers`` or of no ticker (None: every gap) still open at ``start`` and
+        detected before ``end`` (None: unbounded), newest first by (detect_time, id), after the
+        keyset cursor ``before``; ``next_cursor`` is the last row's (detect_time, id) when more
+        rows exist."""
+        c = feed_gaps_table.c
+        statement = (
+            select(*FEED_GAP_COLUMNS).order_by(c.detect_time.desc(), c.id.desc()).limit(limit + 1)
+        )
+        if tickers is not None:
+            statement = statement.where(_of_markets(tickers))
+        if start is not None:
+            statement = statement.where(_open_after(start))
+        if end is not None:
+            statement = statement.where(c.detect_time < end)
+        if before is not None:
+            statement = statement.where(
+                keyset_after((c.detect_time, c.id), before, descending=True)
+            )
+        async with self._sessions() as session:
+            connection = await session.connection()
+            rows = [FeedGapRecord(*row) for row in await connection.execute(statement)]
+        return page_of(rows, limit, lambda last: (last.detect_time, last.gap_id))
 
     async def get_gaps(self, gap_ids: Sequence[int]) -> list[FeedGapRecord]:
         """The gaps with these ids, in id order (unknown ids are left out)."""
@@ -157,3 +186,15 @@ class FeedGapRepository:
                 statement = select(*FEED_GAP_COLUMNS).where(c.id.in_(chunk)).order_by(c.id)
                 found.extend(FeedGapRecord(*row) for row in await connection.execute(statement))
         return found
+
+
+def _of_markets(tickers: Sequence[str]) -> ColumnElement[bool]:
+    """Gaps of ``tickers``, and gaps of a whole subscription (no ticker), which concern them too."""
+    c = feed_gaps_table.c
+    return or_(c.ticker.in_(list(tickers)), c.ticker == "")
+
+
+def _open_after(start: datetime) -> ColumnElement[bool]:
+    """Gaps not recovered by ``start``."""
+    c = feed_gaps_table.c
+    return or_(c.recover_time.is_(None), c.recover_time > start, c.recovered.is_(False))

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .market_service_pb2 import ExportOrderBookChangesRequest, ExportOrderBookChangesResponse, ExportSnapshotsRequest, ExportSnapshotsResponse, ExportTradesRequest, ExportTradesResponse, GetEventRequest, GetEventResponse, GetLatestSnapshotRequest, GetLatestSnapshotResponse, GetMarketRequest, GetMarketResponse, GetOrderBookRequest, GetOrderBookResponse, GetSeriesRequest, GetSeriesResponse, ListCandlesRequest, ListCandlesResponse, ListEventsRequest, ListEventsResponse, ListMarketsRequest, ListMarketsResponse, ListSeriesRequest, ListSeriesResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListTradesRequest, ListTradesResponse, StreamOrderBooksRequest, StreamOrderBooksResponse, StreamSnapshotsRequest, StreamSnapshotsResponse, StreamTradesRequest, StreamTradesResponse
+from .market_service_pb2 import ExportOrderBookChangesRequest, ExportOrderBookChangesResponse, ExportSnapshotsRequest, ExportSnapshotsResponse, ExportTradesRequest, ExportTradesResponse, GetEventRequest, GetEventResponse, GetLatestSnapshotRequest, GetLatestSnapshotResponse, GetMarketRequest, GetMarketResponse, GetOrderBookRequest, GetOrderBookResponse, GetSeriesRequest, GetSeriesResponse, ListCandlesRequest, ListCandlesResponse, ListEventsRequest, ListEventsResponse, ListFeedGapsRequest, ListFeedGapsResponse, ListMarketsRequest, ListMarketsResponse, ListSeriesRequest, ListSeriesResponse, ListSnapshotsRequest, ListSnapshotsResponse, ListTradesRequest, ListTradesResponse, StreamOrderBooksRequest, StreamOrderBooksResponse, StreamSnapshotsRequest, StreamSnapshotsResponse, StreamTradesRequest, StreamTradesResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -146,6 +146,12 @@ class MarketService(Protocol):
     async def get_series(self, request: GetSeriesRequest, ctx: RequestContext[GetSeriesRequest, GetSeriesResponse], /) -> GetSeriesResponse:
         """
         Gets one series.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_feed_gaps(self, request: ListFeedGapsRequest, ctx: RequestContext[ListFeedGapsRequest, ListFeedGapsResponse], /) -> ListFeedGapsResponse:
+        """
+        Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -349,6 +355,17 @@ class MarketServiceASGIApplication(ConnectASGIApplication[MarketService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get_series,
+                ),
+                "/kfeed.v1.MarketService/ListFeedGaps": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListFeedGaps",
+                        service_name="kfeed.v1.MarketService",
+                        input=ListFeedGapsRequest,
+                        output=ListFeedGapsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_feed_gaps,
                 ),
             },
             interceptors=interceptors,
@@ -788,6 +805,29 @@ class MarketServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def list_feed_gaps(
+        self,
+        request: ListFeedGapsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListFeedGapsResponse:
+        """
+        Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListFeedGaps",
+                service_name="kfeed.v1.MarketService",
+                input=ListFeedGapsRequest,
+                output=ListFeedGapsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class MarketServiceSync(Protocol):
     """
@@ -898,6 +938,12 @@ class MarketServiceSync(Protocol):
     def get_series(self, request: GetSeriesRequest, ctx: RequestContext[GetSeriesRequest, GetSeriesResponse], /) -> GetSeriesResponse:
         """
         Gets one series.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_feed_gaps(self, request: ListFeedGapsRequest, ctx: RequestContext[ListFeedGapsRequest, ListFeedGapsResponse], /) -> ListFeedGapsResponse:
+        """
+        Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -1099,6 +1145,17 @@ class MarketServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get_series,
+                ),
+                "/kfeed.v1.MarketService/ListFeedGaps": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListFeedGaps",
+                        service_name="kfeed.v1.MarketService",
+                        input=ListFeedGapsRequest,
+                        output=ListFeedGapsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_feed_gaps,
                 ),
             },
             interceptors=interceptors,
@@ -1532,6 +1589,29 @@ class MarketServiceClientSync(ConnectClientSync):
                 service_name="kfeed.v1.MarketService",
                 input=GetSeriesRequest,
                 output=GetSeriesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_feed_gaps(
+        self,
+        request: ListFeedGapsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListFeedGapsResponse:
+        """
+        Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListFeedGaps",
+                service_name="kfeed.v1.MarketService",
+                input=ListFeedGapsRequest,
+                output=ListFeedGapsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -1367,3 +1367,75 @@ class GetSeriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSeriesResponse: _TypeAlias = GetSeriesResponse  # noqa: Y015
+
+@_typing.final
+class ListFeedGapsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKERS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum gaps to return: 0 means the default (100); at most 1000."""
+    page_token: _builtins.str
+    """A token from a previous response's `next_page_token`; other fields must match."""
+    @_builtins.property
+    def tickers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only gaps of these markets, and gaps that name no market (a whole subscription), when any
+        are given; empty means every gap.
+        """
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only gaps not recovered by this time (still open, or recovered after it); unset means from
+        the beginning.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive upper bound on detect time; unset means up to now."""
+
+    def __init__(
+        self,
+        *,
+        tickers: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tickers", b"tickers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeedGapsRequest: _TypeAlias = ListFeedGapsRequest  # noqa: Y015
+
+@_typing.final
+class ListFeedGapsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_GAPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def feed_gaps(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.FeedGap]:
+        """Ordered newest first by (detect time, gap id)."""
+
+    def __init__(
+        self,
+        *,
+        feed_gaps: _abc.Iterable[_types_pb2.FeedGap] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_gaps", b"feed_gaps", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeedGapsResponse: _TypeAlias = ListFeedGapsResponse  # noqa: Y015

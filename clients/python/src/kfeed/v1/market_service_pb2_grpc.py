@@ -123,6 +123,11 @@ class MarketServiceStub:
                 request_serializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesRequest.SerializeToString,
                 response_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesResponse.FromString,
                 _registered_method=True)
+        self.ListFeedGaps = channel.unary_unary(
+                '/kfeed.v1.MarketService/ListFeedGaps',
+                request_serializer=kfeed_dot_v1_dot_market__service__pb2.ListFeedGapsRequest.SerializeToString,
+                response_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListFeedGapsResponse.FromString,
+                _registered_method=True)
 
 
 class MarketServiceServicer:
@@ -254,6 +259,13 @@ class MarketServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFeedGaps(self, request, context):
+        """Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MarketServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +353,11 @@ def add_MarketServiceServicer_to_server(servicer, server):
                     servicer.GetSeries,
                     request_deserializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesRequest.FromString,
                     response_serializer=kfeed_dot_v1_dot_market__service__pb2.GetSeriesResponse.SerializeToString,
+            ),
+            'ListFeedGaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeedGaps,
+                    request_deserializer=kfeed_dot_v1_dot_market__service__pb2.ListFeedGapsRequest.FromString,
+                    response_serializer=kfeed_dot_v1_dot_market__service__pb2.ListFeedGapsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -806,6 +823,33 @@ class MarketService:
             '/kfeed.v1.MarketService/GetSeries',
             kfeed_dot_v1_dot_market__service__pb2.GetSeriesRequest.SerializeToString,
             kfeed_dot_v1_dot_market__service__pb2.GetSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeedGaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfeed.v1.MarketService/ListFeedGaps',
+            kfeed_dot_v1_dot_market__service__pb2.ListFeedGapsRequest.SerializeToString,
+            kfeed_dot_v1_dot_market__service__pb2.ListFeedGapsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,8 @@ class MarketServiceStub:
     """Lists series, ordered by series ticker."""
     GetSeries: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.GetSeriesRequest, _market_service_pb2.GetSeriesResponse]
     """Gets one series."""
+    ListFeedGaps: _grpc.UnaryUnaryMultiCallable[_market_service_pb2.ListFeedGapsRequest, _market_service_pb2.ListFeedGapsResponse]
+    """Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first."""
 
 @_typing.type_check_only
 class MarketServiceAsyncStub(MarketServiceStub):
@@ -127,6 +129,8 @@ class MarketServiceAsyncStub(MarketServiceStub):
     """Lists series, ordered by series ticker."""
     GetSeries: _aio.UnaryUnaryMultiCallable[_market_service_pb2.GetSeriesRequest, _market_service_pb2.GetSeriesResponse]  # type: ignore[assignment]
     """Gets one series."""
+    ListFeedGaps: _aio.UnaryUnaryMultiCallable[_market_service_pb2.ListFeedGapsRequest, _market_service_pb2.ListFeedGapsResponse]  # type: ignore[assignment]
+    """Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first."""
 
 class MarketServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read access to recorded markets, snapshots and trades, and live snapshot feeds.
@@ -276,5 +280,13 @@ class MarketServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_market_service_pb2.GetSeriesResponse, _abc.Awaitable[_market_service_pb2.GetSeriesResponse]]:
         """Gets one series."""
+
+    @_abc_1.abstractmethod
+    def ListFeedGaps(
+        self,
+        request: _market_service_pb2.ListFeedGapsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_market_service_pb2.ListFeedGapsResponse, _abc.Awaitable[_market_service_pb2.ListFeedGapsResponse]]:
+        """Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first."""
 
 def add_MarketServiceServicer_to_server(servicer: MarketServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

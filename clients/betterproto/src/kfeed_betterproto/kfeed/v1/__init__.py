@@ -60,6 +60,8 @@ __all__ = (
     "ListEventsResponse",
     "ListExecutionsRequest",
     "ListExecutionsResponse",
+    "ListFeedGapsRequest",
+    "ListFeedGapsResponse",
     "ListMarketWatermarksRequest",
     "ListMarketWatermarksResponse",
     "ListMarketsRequest",
@@ -1832,6 +1834,59 @@ class ListExecutionsResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "ListExecutionsResponse", ListExecutionsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListFeedGapsRequest(betterproto2.Message):
+    tickers: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Only gaps of these markets, and gaps that name no market (a whole subscription), when any
+    are given; empty means every gap.
+    """
+
+    start_time: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Only gaps not recovered by this time (still open, or recovered after it); unset means from
+    the beginning.
+    """
+
+    end_time: "datetime.datetime | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+    """
+    Exclusive upper bound on detect time; unset means up to now.
+    """
+
+    page_size: "int" = betterproto2.field(4, betterproto2.TYPE_INT32)
+    """
+    Maximum gaps to return: 0 means the default (100); at most 1000.
+    """
+
+    page_token: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    A token from a previous response's `next_page_token`; other fields must match.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListFeedGapsRequest", ListFeedGapsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListFeedGapsResponse(betterproto2.Message):
+    feed_gaps: "list[FeedGap]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Ordered newest first by (detect time, gap id).
+    """
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Token for the next page; empty on the last page.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "ListFeedGapsResponse", ListFeedGapsResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -3918,6 +3973,17 @@ class MarketServiceStub:
             GetSeriesResponse.FromString,
         )(message)
 
+    def list_feed_gaps(self, message: "ListFeedGapsRequest") -> "ListFeedGapsResponse":
+        """
+        Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
+        """
+
+        return self._channel.unary_unary(
+            "/kfeed.v1.MarketService/ListFeedGaps",
+            ListFeedGapsRequest.SerializeToString,
+            ListFeedGapsResponse.FromString,
+        )(message)
+
 
 class MarketServiceAsyncStub(betterproto2_grpclib.ServiceStub):
     """
@@ -4288,6 +4354,27 @@ class MarketServiceAsyncStub(betterproto2_grpclib.ServiceStub):
             "/kfeed.v1.MarketService/GetSeries",
             message,
             GetSeriesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_feed_gaps(
+        self,
+        message: "ListFeedGapsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListFeedGapsResponse":
+        """
+        Lists stored feed gaps (sequence gaps ingest detected on the exchange feed), newest first.
+        """
+
+        return await self._unary_unary(
+            "/kfeed.v1.MarketService/ListFeedGaps",
+            message,
+            ListFeedGapsResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
