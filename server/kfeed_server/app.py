@@ -222,6 +222,7 @@ class KfeedServer:
                 on_refused=record_refused_batch,
                 on_rows_refused=record_refused_rows,
                 tokens=self.tokens,
+                writing=self.hub.writing,
             ),
             self._server,
         )

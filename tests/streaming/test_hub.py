@@ -1,6 +1,7 @@
 """The hub routes each item to the subscriptions of its market only (by ticker, event, series, or
-all), keeps each subscriber's order, wakes subscribers a slice at a time, and remembers how deep
-a queue got before it overflowed."""
+all), keeps each subscriber's order, shares one chunk between subscribers offered the same items,
+lets only a few subscribers take their items at once, and remembers how deep a queue got before
+it overflowed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kfeed_server.records import SnapshotRecord
 from kfeed_server.streaming import hub as hub_module
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, Subscription
 from tests.support.factories import make_gap, make_market, make_snapshot
+from tests.support.waiting import eventually
 
 A = make_market("KX-A", event_ticker="EV-1", series_ticker="SER-1")
 B = make_market("KX-B", event_ticker="EV-1", series_ticker="SER-2")
@@ -73,26 +75,87 @@ async def test_unsubscribed_subscriptions_leave_every_route() -> None:
     assert hub.subscriber_count == 0
 
 
-async def test_subscribers_are_woken_a_slice_per_turn_of_the_loop() -> None:
+async def test_only_a_few_subscribers_hold_a_turn_at_once() -> None:
     hub = SnapshotHub()
-    subscriptions = [hub.subscribe(MarketSelector()) for _ in range(3 * hub_module.WAKE_SLICE)]
+    limit = hub_module.CONCURRENT_TURNS
+    subscriptions = [hub.subscribe(MarketSelector()) for _ in range(3 * limit)]
+    holding: set[int] = set()
+    most_holding = 0
+    release = asyncio.Event()
+
+    async def subscriber(index: int, subscription: Subscription) -> None:
+        nonlocal most_holding
+        await subscription.wait(10)
+        subscription.take_chunks()
+        holding.add(index)
+        most_holding = max(most_holding, len(holding))
+        await release.wait()
+        holding.discard(index)
+        await subscription.wait(0)  # back to wait: the turn ends
+
+    tasks = [asyncio.create_task(subscriber(i, s)) for i, s in enumerate(subscriptions)]
+    await asyncio.sleep(0)  # every subscriber is waiting
+    hub.publish(stored("KX-A"), [])
+    await eventually(lambda: len(holding) == limit)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert most_holding == limit
+
+
+async def test_fewer_subscribers_take_turns_while_ingest_writes() -> None:
+    hub = SnapshotHub()
+    subscriptions = [hub.subscribe(MarketSelector()) for _ in range(hub_module.CONCURRENT_TURNS)]
     woken: list[int] = []
 
-    async def waiter(index: int, subscription: Subscription) -> None:
+    async def subscriber(index: int, subscription: Subscription) -> None:
         await subscription.wait(10)
         woken.append(index)
 
-    tasks = [asyncio.create_task(waiter(i, s)) for i, s in enumerate(subscriptions)]
-    await asyncio.sleep(0)  # every waiter is waiting
+    tasks = [asyncio.create_task(subscriber(i, s)) for i, s in enumerate(subscriptions)]
+    await asyncio.sleep(0)
+    with hub.writing():
+        hub.publish(stored("KX-A"), [])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(woken) == hub_module.TURNS_WHILE_WRITING
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)  # the rest once the write is done
+
+
+async def test_a_turn_that_runs_too_long_stops_holding_the_others_back() -> None:
+    hub = SnapshotHub()
+    limit = hub_module.CONCURRENT_TURNS
+    subscriptions = [hub.subscribe(MarketSelector()) for _ in range(limit + 1)]
+    woken: list[int] = []
+
+    async def stuck(index: int, subscription: Subscription) -> None:
+        await subscription.wait(10)
+        woken.append(index)
+        await asyncio.Event().wait()  # never comes back to wait
+
+    tasks = [asyncio.create_task(stuck(i, s)) for i, s in enumerate(subscriptions)]
+    await asyncio.sleep(0)
     hub.publish(stored("KX-A"), [])
-    turns = 0
-    while len(woken) < len(subscriptions):
-        await asyncio.sleep(0)
-        turns += 1
-        assert turns < 100
-    await asyncio.gather(*tasks)
-    assert turns >= 3  # not all in one turn
-    assert sorted(woken) == list(range(len(subscriptions)))
+    await eventually(lambda: len(woken) == limit + 1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_subscribers_following_the_same_markets_share_one_chunk() -> None:
+    hub = SnapshotHub()
+    everything = [hub.subscribe(MarketSelector()) for _ in range(2)]
+    on_a = [hub.subscribe(MarketSelector(frozenset({"KX-A"}))) for _ in range(2)]
+    on_both = hub.subscribe(MarketSelector(frozenset({"KX-A", "KX-B"})))
+    hub.publish(stored("KX-A", "KX-B", "KX-A"), [])
+    first, second = (s.take_chunks() for s in everything)
+    assert first[0] is second[0]
+    assert first[0].serial is not None
+    a_first, a_second = (s.take_chunks() for s in on_a)
+    assert a_first[0] is a_second[0]
+    assert len(a_first[0].items) == 2
+    mine = on_both.take_chunks()
+    assert mine[0].serial is None  # several markets merged: made for this subscription only
+    assert [item.ticker for item in mine[0].items] == ["KX-A", "KX-B", "KX-A"]
 
 
 def test_an_overflow_is_remembered_at_the_depth_it_reached() -> None:

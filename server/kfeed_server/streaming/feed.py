@@ -20,7 +20,13 @@ from datetime import UTC, datetime
 from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from kfeed_server.records import FeedGapRecord, SnapshotRecord
-from kfeed_server.streaming.hub import MarketSelector, SnapshotHub, StreamKind, Subscription
+from kfeed_server.streaming.hub import (
+    LiveChunk,
+    MarketSelector,
+    SnapshotHub,
+    StreamKind,
+    Subscription,
+)
 
 # History is read in ordered chunks of this many rows; each becomes one run of snapshots.
 REPLAY_PAGE_SIZE = 10_000
@@ -136,6 +142,9 @@ class RowRun(Generic[R]):
     # The position after each of them when it is not the snapshot's own id: the latest-snapshot
     # preamble, sent out of id order, resumes after the id the stream went live at.
     fixed_resume_after_id: int | None = None
+    # The hub's chunks these rows are, whole and in order, when they are (live, unconflated):
+    # transport encodes a shared chunk once for every subscriber it reaches.
+    chunks: Sequence[LiveChunk] | None = None
 
     def resume_after_id(self, index: int) -> int:
         """Where to resume after the row at ``index`` of this run."""
@@ -257,10 +266,20 @@ class _ReadyItems(Generic[R]):
         self.items: list[FeedItem[R]] = []
         self._rows: list[R] = []
         self._coalesced: list[int] = []
+        # The whole chunks the current run is made of (None once a row came on its own).
+        self._chunks: list[LiveChunk] | None = []
 
     def row(self, row: R, coalesced_count: int = 0) -> None:
         self._rows.append(row)
         self._coalesced.append(coalesced_count)
+        self._chunks = None
+
+    def chunk(self, chunk: LiveChunk) -> None:
+        """All the rows of ``chunk``, unconflated."""
+        self._rows.extend(cast(Sequence[R], chunk.items))
+        self._coalesced.extend([0] * len(chunk.items))
+        if self._chunks is not None:
+            self._chunks.append(chunk)
 
     def event(self, delivery: Delivery) -> None:
         self._close_run()
@@ -269,8 +288,9 @@ class _ReadyItems(Generic[R]):
     def _close_run(self) -> None:
         if self._rows:
             coalesced = self._coalesced if any(self._coalesced) else None
-            self.items.append(RowRun(self._rows, coalesced))
+            self.items.append(RowRun(self._rows, coalesced, chunks=self._chunks))
             self._rows, self._coalesced = [], []
+        self._chunks = []
 
     def take(self) -> list[FeedItem[R]]:
         self._close_run()
@@ -299,18 +319,25 @@ async def _live(
             if conflator is not None:
                 conflator.pending.clear()
             ready.event(Delivery(SubscriberGapEvent(dropped), last_id))
-        for item in subscription.take_all():
-            if isinstance(item, FeedGapRecord):
-                ready.event(Delivery(FeedGapEvent(item), last_id))
+        for chunk in subscription.take_chunks():
+            if not chunk.rows:
+                for gap in chunk.items:
+                    ready.event(Delivery(FeedGapEvent(cast(FeedGapRecord, gap)), last_id))
                 continue
-            row = cast(R, item)  # the hub routes to a subscription rows of its kind only
-            if row.stream_id <= last_id:
-                continue  # already delivered from history
-            if conflator is None:
-                last_id = row.stream_id
-                ready.row(row)
-            else:
-                conflator.add(row)
+            # The hub routes to a subscription rows of its kind only, in id order.
+            rows = cast(Sequence[R], chunk.items)
+            if conflator is None and rows[0].stream_id > last_id:
+                last_id = rows[-1].stream_id
+                ready.chunk(chunk)
+                continue
+            for row in rows:
+                if row.stream_id <= last_id:
+                    continue  # already delivered from history
+                if conflator is None:
+                    last_id = row.stream_id
+                    ready.row(row)
+                else:
+                    conflator.add(row)
         if conflator is not None and conflator.pending and loop.time() >= next_flush:
             for conflated, coalesced_count in conflator.flush():
                 last_id = conflated.stream_id

@@ -9,9 +9,14 @@ it fill up is marked overflowed instead of slowing anyone down.
 
 Routing is by market: the hub indexes subscriptions by ticker, event and series (and keeps those
 that follow every market apart), so a batch costs work in proportion to the deliveries it makes,
-not to the number of subscriptions times the batch. Subscribers are woken in slices of
-``WAKE_SLICE``, yielding to the event loop between slices, so that a thousand subscribers woken
-by one batch do not hold the loop (and the ingest that shares it) in one go.
+not to the number of subscriptions times the batch. Every subscription offered the same items
+gets the same ``LiveChunk`` (one per batch for those following everything, one per market for
+those following it by name), so transport can encode a chunk once for all of them.
+
+Subscribers take their items in turns: at most ``CONCURRENT_TURNS`` hold one at a time (a turn
+runs from the wake-up until the subscriber comes back to wait, its writes included), so the
+event loop's queue never holds more than that many subscribers' work in front of an ingest
+write, however many subscribers one batch wakes.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kfeed_server.records import (
@@ -44,8 +51,25 @@ class StreamKind(enum.Enum):
 
 
 DEFAULT_QUEUE_CAPACITY = 10_000
-# Subscribers woken per turn of the event loop after a publish.
-WAKE_SLICE = 16
+# Subscribers taking their items at once. Small: an ingest write waits behind at most this many
+# subscribers' work in the event loop's queue.
+CONCURRENT_TURNS = 16
+# A turn older than this stops counting against the limit: a subscriber slow to take its writes
+# (a full transport buffer) must not hold the others back.
+TURN_SECONDS = 0.05
+# While an ingest batch is being stored: fan-out goes on, at this many turns at once.
+TURNS_WHILE_WRITING = 2
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LiveChunk:
+    """Items offered together, in commit order, all rows (snapshots or trades) or all feed gaps.
+    One chunk is shared by every subscription it was offered to; ``serial`` names it for
+    encodings kept across subscribers (None: made for one subscription only)."""
+
+    items: Sequence[LiveItem]
+    serial: int | None
+    rows: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +94,17 @@ class Subscription:
         capacity: int,
         request_wake: Callable[[Subscription], None] | None = None,
         kind: StreamKind = StreamKind.SNAPSHOTS,
+        end_turn: Callable[[Subscription], None] | None = None,
     ) -> None:
         self.selector = selector
         self.kind = kind
         # Asks the hub for a turn when items are waiting (None: take them at once).
         self._request_wake = request_wake
+        # Tells the hub this subscriber's turn is over.
+        self._end_turn = end_turn
         self._capacity = capacity
-        self._items: deque[LiveItem] = deque()
+        self._chunks: deque[LiveChunk] = deque()
+        self._depth = 0
         self._ready = asyncio.Event()
         self.closed = False
         # Set when the queue overflowed; the items dropped since then.
@@ -86,35 +114,41 @@ class Subscription:
         # read it: an overflow clears the queue, and the alert must still see it.
         self.peak_depth = 0
 
-    def offer(self, items: list[LiveItem]) -> None:
-        """Queue ``items`` (already routed to this subscriber); on overflow drop the backlog and
+    def offer(self, chunk: LiveChunk) -> None:
+        """Queue ``chunk`` (already routed to this subscriber); on overflow drop the backlog and
         flag it. The hub wakes the subscriber."""
-        if not items or self.closed:
+        if not chunk.items or self.closed:
             return
-        queue = self._items
-        depth = len(queue) + len(items)
+        depth = self._depth + len(chunk.items)
         if depth > self.peak_depth:
             self.peak_depth = depth
         if self.overflowed or depth > self._capacity:
             self.dropped += depth
-            queue.clear()
+            self._chunks.clear()
+            self._depth = 0
             self.overflowed = True
         else:
-            queue.extend(items)
+            self._chunks.append(chunk)
+            self._depth = depth
 
     def wake(self) -> None:
         self._ready.set()
 
     @property
     def needs_waking(self) -> bool:
-        return not self._ready.is_set() and (bool(self._items) or self.overflowed)
+        return not self._ready.is_set() and (bool(self._chunks) or self.overflowed)
+
+    def take_chunks(self) -> list[LiveChunk]:
+        """Everything queued, oldest first, as offered (non-blocking)."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._depth = 0
+        self._ready.clear()
+        return chunks
 
     def take_all(self) -> list[LiveItem]:
-        """Everything queued, oldest first (non-blocking)."""
-        items = list(self._items)
-        self._items.clear()
-        self._ready.clear()
-        return items
+        """Everything queued, oldest first, item by item (non-blocking)."""
+        return [item for chunk in self.take_chunks() for item in chunk.items]
 
     def take_overflow(self) -> int:
         """How many items were dropped since the overflow; resets the flag."""
@@ -123,18 +157,20 @@ class Subscription:
 
     def take_peak_depth(self) -> int:
         """The high-water mark since the last call; starts again from the current depth."""
-        peak, self.peak_depth = self.peak_depth, len(self._items)
+        peak, self.peak_depth = self.peak_depth, self._depth
         return peak
 
     async def wait(self, seconds: float) -> None:
         """Until something is queued, the subscription is closed, or ``seconds`` pass.
 
-        Items already waiting are taken on this subscriber's turn: the hub grants turns a slice
-        at a time, so a subscriber that keeps finding its queue full does not take the event
-        loop from ingest and everyone else."""
+        Calling it ends this subscriber's turn. Items already waiting are taken on a new turn:
+        the hub grants a few at a time, so a subscriber that keeps finding its queue full does
+        not take the event loop from ingest and everyone else."""
+        if self._end_turn is not None:
+            self._end_turn(self)
         if self.closed:
             return
-        if self._items or self.overflowed:
+        if self._chunks or self.overflowed:
             if not self._ready.is_set() and self._request_wake is not None:
                 self._request_wake(self)
                 await self._ready.wait()
@@ -146,7 +182,7 @@ class Subscription:
 
     @property
     def depth(self) -> int:
-        return len(self._items)
+        return self._depth
 
     def close(self) -> None:
         self.closed = True
@@ -177,9 +213,12 @@ class SnapshotHub:
         self._routes_of = {kind: _Routes() for kind in StreamKind}
         # ticker -> (event ticker, series ticker), for event/series selectors.
         self._directory: dict[str, tuple[str, str]] = {}
-        # Subscriptions with news, waiting for their slice of wake-ups.
+        # Subscriptions with news waiting for a turn, in order; those holding one (since when).
         self._to_wake: dict[Subscription, None] = {}
-        self._waking: asyncio.Task[None] | None = None
+        self._turns: dict[Subscription, float] = {}
+        self._retry: asyncio.TimerHandle | None = None
+        self._chunk_serials = itertools.count()
+        self._writers = 0
         self.closed = False
 
     def remember_markets(self, markets: Iterable[MarketRecord]) -> None:
@@ -209,7 +248,7 @@ class SnapshotHub:
         kind: StreamKind = StreamKind.SNAPSHOTS,
     ) -> Subscription:
         subscription = Subscription(
-            selector, capacity or self.queue_capacity, self._request_wake, kind
+            selector, capacity or self.queue_capacity, self._request_wake, kind, self._end_turn
         )
         if self.closed:
             subscription.close()
@@ -224,6 +263,7 @@ class SnapshotHub:
             self._subscriptions.discard(subscription)
             self._forget_routes(subscription.selector, subscription)
         self._to_wake.pop(subscription, None)
+        self._end_turn(subscription)
         subscription.close()
 
     def _forget_routes(self, selector: MarketSelector, subscription: Subscription) -> None:
@@ -265,26 +305,37 @@ class SnapshotHub:
         if self.closed:
             return
         offered: list[Subscription] = []
-        by_kind: tuple[tuple[StreamKind, list[LiveItem]], ...] = (
-            (StreamKind.SNAPSHOTS, [*snapshots, *gaps]),
-            (StreamKind.TRADES, list(trades)),
-            (StreamKind.BOOKS, [*books, *gaps]),
+        # A batch's gaps follow its rows, as chunks of their own (streams frame them apart).
+        by_kind: tuple[tuple[StreamKind, Sequence[LiveItem], bool], ...] = (
+            (StreamKind.SNAPSHOTS, snapshots, True),
+            (StreamKind.SNAPSHOTS, gaps, False),
+            (StreamKind.TRADES, trades, True),
+            (StreamKind.BOOKS, books, True),
+            (StreamKind.BOOKS, gaps, False),
         )
-        for kind, items in by_kind:
+        for kind, items, rows in by_kind:
             if items:
-                offered += self._offer(self._routes_of[kind], items)
+                offered += self._offer(self._routes_of[kind], items, rows)
         self._schedule_wake_ups(offered)
 
-    def _offer(self, routes: _Routes, items: list[LiveItem]) -> list[Subscription]:
+    def _chunk(self, items: Sequence[LiveItem], rows: bool) -> LiveChunk:
+        """A chunk that may be offered to several subscriptions."""
+        return LiveChunk(items, next(self._chunk_serials), rows)
+
+    def _offer(self, routes: _Routes, items: Sequence[LiveItem], rows: bool) -> list[Subscription]:
         """Offer ``items`` to the subscriptions of ``routes`` that follow them; those offered."""
         offered: list[Subscription] = list(routes.to_all)
-        for subscription in offered:
-            subscription.offer(items)
+        if offered:
+            everything = self._chunk(items, rows)
+            for subscription in offered:
+                subscription.offer(everything)
         if routes.by_market:
-            offered += self._route_by_market(routes, items)
+            offered += self._route_by_market(routes, items, rows)
         return offered
 
-    def _route_by_market(self, routes: _Routes, items: list[LiveItem]) -> list[Subscription]:
+    def _route_by_market(
+        self, routes: _Routes, items: Sequence[LiveItem], rows: bool
+    ) -> list[Subscription]:
         """Offer each market-following subscription the items of its markets, in order."""
         by_ticker: dict[str, list[LiveItem]] = {}
         for item in items:
@@ -302,48 +353,81 @@ class SnapshotHub:
                     wanted[subscription] = [ticker]
                 else:
                     tickers.append(ticker)
+        chunks: dict[str, LiveChunk] = {}
         for subscription, tickers in wanted.items():
             if len(tickers) == 1:
-                subscription.offer(by_ticker[tickers[0]])
+                ticker = tickers[0]
+                chunk = chunks.get(ticker)
+                if chunk is None:
+                    chunk = chunks[ticker] = self._chunk(by_ticker[ticker], rows)
+                subscription.offer(chunk)
             else:  # several markets: keep the batch's order across them
                 followed = set(tickers)
-                subscription.offer([item for item in items if item.ticker in followed])
+                mine = [item for item in items if item.ticker in followed]
+                subscription.offer(LiveChunk(mine, None, rows))
         return list(wanted)
 
     def _request_wake(self, subscription: Subscription) -> None:
-        """Give ``subscription`` a turn in the next slice (it has items waiting)."""
+        """Give ``subscription`` a turn when one is free (it has items waiting)."""
         if subscription in self._subscriptions:
             self._to_wake[subscription] = None
-            if self._waking is None:
-                self._waking = asyncio.get_running_loop().create_task(self._wake_in_slices())
+            self._grant_turns()
         else:
             subscription.wake()
 
-    def _schedule_wake_ups(self, subscriptions: list[Subscription]) -> None:
-        to_wake = self._to_wake
-        for subscription in subscriptions:
-            if subscription.needs_waking:
-                to_wake[subscription] = None
-        if not to_wake or self._waking is not None:
-            return
-        try:
-            self._waking = asyncio.get_running_loop().create_task(self._wake_in_slices())
-        except RuntimeError:  # no event loop (a synchronous caller): wake everyone now
-            for subscription in to_wake:
-                subscription.wake()
-            to_wake.clear()
+    def _end_turn(self, subscription: Subscription) -> None:
+        if self._turns.pop(subscription, None) is not None and self._to_wake:
+            self._grant_turns()
 
-    async def _wake_in_slices(self) -> None:
-        to_wake = self._to_wake
+    def _schedule_wake_ups(self, subscriptions: list[Subscription]) -> None:
+        to_wake, turns = self._to_wake, self._turns
+        for subscription in subscriptions:
+            # One holding a turn takes what came meanwhile when it next waits.
+            if subscription.needs_waking and subscription not in turns:
+                to_wake[subscription] = None
+        if to_wake:
+            self._grant_turns()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held while ingest stores a batch: fewer subscribers take turns meanwhile, so the
+        write's steps wait behind less fan-out work in the event loop."""
+        self._writers += 1
         try:
-            while to_wake:
-                for _ in range(min(WAKE_SLICE, len(to_wake))):
-                    subscription = next(iter(to_wake))
-                    del to_wake[subscription]
-                    subscription.wake()
-                await asyncio.sleep(0)
+            yield
         finally:
-            self._waking = None
+            self._writers -= 1
+            if not self._writers and self._to_wake:
+                self._grant_turns()
+
+    def _grant_turns(self) -> None:
+        """Wake waiting subscribers while fewer than the limit hold a turn."""
+        to_wake, turns = self._to_wake, self._turns
+        limit = TURNS_WHILE_WRITING if self._writers else CONCURRENT_TURNS
+        now = time.monotonic()
+        if len(turns) >= limit:  # turns running too long stop counting
+            expired = [s for s, since in turns.items() if now - since > TURN_SECONDS]
+            for subscription in expired:
+                del turns[subscription]
+        while to_wake and len(turns) < limit:
+            subscription = next(iter(to_wake))
+            del to_wake[subscription]
+            turns[subscription] = now
+            subscription.wake()
+        if to_wake and self._retry is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a synchronous caller): wake everyone now
+                for subscription in to_wake:
+                    subscription.wake()
+                to_wake.clear()
+                return
+            self._retry = loop.call_later(TURN_SECONDS, self._retry_grants)
+
+    def _retry_grants(self) -> None:
+        self._retry = None
+        if self._to_wake:
+            self._grant_turns()
 
     @property
     def subscriber_count(self) -> int:
@@ -367,3 +451,7 @@ class SnapshotHub:
         self._subscriptions.clear()
         self._routes_of = {kind: _Routes() for kind in StreamKind}
         self._to_wake.clear()
+        self._turns.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None

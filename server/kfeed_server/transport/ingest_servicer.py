@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -448,7 +450,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         on_refused: Callable[[], None] = _ignore_refused,
         on_rows_refused: Callable[[Mapping[str, int]], None] = _ignore_refused_rows,
         tokens: RequestTokens | None = None,
+        writing: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
+        # Held while a batch is stored: live fan-out gives way to it (streaming.hub).
+        self._writing = writing
         self._on_rows_refused = on_rows_refused
         self._on_stored = on_stored
         self._on_refused = on_refused
@@ -576,4 +581,6 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[pb.PublishRequest], context: Context
     ) -> AsyncIterator[pb.PublishResponse]:
         async for request in request_iterator:
-            yield await self._store(request)
+            with self._writing():
+                response = await self._store(request)
+            yield response

@@ -16,8 +16,8 @@ way.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar, cast
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import types_pb2
@@ -31,6 +31,7 @@ from kfeed_server.streaming.feed import (
     SnapshotRun,
     SubscriberGapEvent,
 )
+from kfeed_server.streaming.hub import LiveChunk
 from kfeed_server.transport.convert import feed_gap_to_proto, snapshot_fields, timestamp
 from kfeed_server.transport.requests import RequestTokens
 
@@ -46,6 +47,8 @@ _TAG_UPDATE_TOKEN = b"\x1a"  # SnapshotUpdate.resume_token = 3
 MAX_BATCH_SIZE = 10_000
 # Encoded snapshots kept for live subscribers: several seconds of a busy feed.
 ENCODED_CACHE_SIZE = 65_536
+# Encoded live chunks (a batch, or one market's part of it) kept for the subscribers they reach.
+ENCODED_CHUNK_CACHE_SIZE = 4_096
 
 
 def varint(value: int) -> bytes:
@@ -85,6 +88,8 @@ class SnapshotFrames:
         # snapshot id -> (SnapshotUpdate bytes; its batch entry, the update with its own token as
         # a SnapshotBatch.updates field; that token, resuming right after the snapshot).
         self._encoded: OrderedDict[int, tuple[bytes, bytes, bytes]] = OrderedDict()
+        # live chunk serial -> its snapshots as consecutive SnapshotBatch.updates fields.
+        self._chunk_entries: OrderedDict[int, bytes] = OrderedDict()
 
     def _token(self, resume_after_id: int) -> bytes:
         return self._tokens.encode_resume_token(resume_after_id).encode()
@@ -121,6 +126,23 @@ class SnapshotFrames:
         token = _length_delimited(_TAG_UPDATE_TOKEN, self._resume_token(run, index))
         return _length_delimited(_TAG_UPDATES, update + token)
 
+    def _chunk_body(self, chunk: LiveChunk) -> bytes:
+        """The snapshots of a live chunk as SnapshotBatch.updates fields, joined once per chunk
+        for every subscriber it reaches."""
+        if chunk.serial is None:
+            return self._joined_entries(chunk)
+        cache = self._chunk_entries
+        body = cache.get(chunk.serial)
+        if body is None:
+            body = cache[chunk.serial] = self._joined_entries(chunk)
+            if len(cache) > ENCODED_CHUNK_CACHE_SIZE:
+                cache.popitem(last=False)
+        return body
+
+    def _joined_entries(self, chunk: LiveChunk) -> bytes:
+        snapshots = cast(Sequence[SnapshotRecord], chunk.items)
+        return b"".join([self._encoded_snapshot(snapshot)[1] for snapshot in snapshots])
+
     def _alone(self, run: SnapshotRun, index: int) -> bytes:
         """The run's snapshot at ``index`` as a StreamSnapshotsResponse.snapshot field."""
         update = self._encoded_snapshot(run.rows[index])[0]
@@ -141,6 +163,14 @@ class SnapshotFrames:
             return
         count = len(item.rows)
         size = max(max_batch_size, 1)
+        if item.chunks is not None and 1 < count <= size:  # whole live chunks, one message
+            token = _length_delimited(_TAG_RESUME_TOKEN, self._resume_token(item, count - 1))
+            body = b"".join([self._chunk_body(chunk) for chunk in item.chunks])
+            yield (
+                token + _length_delimited(_TAG_SNAPSHOT_BATCH, body),
+                item.resume_after_id(count - 1),
+            )
+            return
         for start in range(0, count, size):
             end = min(start + size, count)
             resume_after_id = item.resume_after_id(end - 1)
