@@ -124,3 +124,35 @@ async def test_the_token_comes_from_the_flag_or_kfeed_token(
         )
         assert code == 2, bad
         assert "at most four decimals" in bad
+
+
+@pytest.mark.e2e
+async def test_run_walks_forward_and_prints_each_fold(
+    database_url: str,
+    backtest_server: KfeedServer,
+    recorded: list[SnapshotRecord],
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the CLI only talks gRPC: one database is enough")
+    text = await _kfeed_backtest(
+        backtest_server,
+        "run",
+        "--strategy", "threshold",
+        "--ticker", TICKER,
+        "--from", at(0).isoformat(),
+        "--to", at(600).isoformat(),
+        "--sweep", "buy_below=0.30,0.40",
+        "--walk-forward", "2",
+        "--in-sample-fraction", "0.5",
+    )  # fmt: skip
+    assert "walk-forward, best in-sample by total_pnl" in text
+    # Fold windows: [0, 150) → [150, 300) and [300, 450) → [450, 600) seconds after at(0).
+    for start, middle, end in ((0, 150, 300), (300, 450, 600)):
+        moments = [at(s).strftime("%Y-%m-%d %H:%M:%S") for s in (start, middle, end)]
+        assert f"{moments[0]} → {moments[1]}" in text
+        assert f"{moments[1]} → {moments[2]}" in text
+    code, refused = await _run(
+        backtest_server, "run", "--strategy", "threshold", "--ticker", TICKER,
+        "--walk-forward", "2",
+    )  # fmt: skip
+    assert code == 2 and "--walk-forward needs a grid" in refused, refused

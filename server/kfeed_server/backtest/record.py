@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.metrics import BacktestMetrics
 from kfeed_server.backtest.quality import DataQuality
-from kfeed_server.backtest.sweep import SweepSpec
+from kfeed_server.backtest.sweep import SweepSpec, WalkForwardOutcome
 from kfeed_server.records import BacktestState
 
 
@@ -53,6 +53,8 @@ class BacktestRecord:
     data_quality: DataQuality | None = None
     # The name of the token that created it (only it or an admin may cancel it).
     created_by: str = ""
+    # A walk-forward sweep's parent: its folds, once its children are done.
+    walk_forward_folds: tuple[WalkForwardOutcome, ...] = ()
 
     @property
     def strategy(self) -> str:

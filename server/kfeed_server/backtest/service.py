@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,8 +34,14 @@ from kfeed_server.backtest.feeding import (
 from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
 from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps
 from kfeed_server.backtest.record import BacktestRecord
-from kfeed_server.backtest.sweep import SweepSpec
-from kfeed_server.backtest.sweep_runs import sweep_outcome, sweep_points, sweep_progress
+from kfeed_server.backtest.sweep import SweepSpec, WalkForwardFold, WalkForwardOutcome
+from kfeed_server.backtest.sweep_runs import (
+    best_run,
+    sweep_outcome,
+    sweep_points,
+    sweep_progress,
+    walk_forward_points,
+)
 from kfeed_server.backtest.tracking import TrackedRun, progress_values, replaced
 from kfeed_server.backtest.worker import NotCompiled, WorkerLimits
 from kfeed_server.db.repositories import Repositories
@@ -181,20 +187,24 @@ class BacktestRunner:
         Raises ConfigError (fields as in the proto: ``strategy``, ``parameters.<name>``,
         ``sweep.grid.<name>``, ``sweep.rank_by``, ...) and UnknownMarkets."""
         config = validate_config(config)
-        point_configs = (
-            None if sweep is None else sweep_points(config, sweep, self._config.max_sweep_points)
-        )
+        folds: list[tuple[WalkForwardFold, list[EngineConfig]]] = []
+        if sweep is not None and sweep.walk_forward is not None:
+            folds = walk_forward_points(config, sweep, self._config.max_sweep_points)
+            point_configs: list[EngineConfig] | None = [c for _, fold in folds for c in fold]
+        elif sweep is not None:
+            point_configs = sweep_points(config, sweep, self._config.max_sweep_points)
+        else:
+            point_configs = None
         known = await self._markets.existing_tickers(config.tickers)
         unknown = [ticker for ticker in config.tickers if ticker not in known]
         if unknown:
             raise UnknownMarkets(unknown)
-        now = _now()
         parent = BacktestRecord(
             backtest_id=_new_backtest_id(),
             config=config,
             sweep=sweep,
             code_version=self._code_version,
-            create_time=now,
+            create_time=_now(),
             created_by=created_by,
         )
         await self._backtests.create(parent)
@@ -203,22 +213,37 @@ class BacktestRunner:
             self._spawn(self._run_single(tracked, config, on_change=None))
             return parent
         assert sweep is not None
-        children = []
-        for index, point_config in enumerate(point_configs):
-            child = BacktestRecord(
-                backtest_id=_new_backtest_id(),
-                parent_backtest_id=parent.backtest_id,
-                config=point_config,
-                code_version=self._code_version,
-                # Strictly after the parent, in grid order, so listings are stable.
-                create_time=now + timedelta(microseconds=index + 1),
-                created_by=created_by,
-            )
-            await self._backtests.create(child)
-            children.append(self._track(child))
+        children = [
+            await self._create_child(parent, point_config, index)
+            for index, point_config in enumerate(point_configs)
+        ]
         tracked_parent = self._track(parent, children)
-        self._spawn(self._run_sweep(tracked_parent, point_configs, sweep.rank_by))
+        if folds:
+            per_fold = len(folds[0][1])
+            plan = [
+                (fold, children[i * per_fold : (i + 1) * per_fold])
+                for i, (fold, _) in enumerate(folds)
+            ]
+            self._spawn(self._run_walk_forward(tracked_parent, plan, sweep.rank_by))
+        else:
+            self._spawn(self._run_sweep(tracked_parent, point_configs, sweep.rank_by))
         return parent
+
+    async def _create_child(
+        self, parent: BacktestRecord, config: EngineConfig, index: int
+    ) -> TrackedRun:
+        """Stores and tracks a sweep's ``index``-th child, PENDING."""
+        child = BacktestRecord(
+            backtest_id=_new_backtest_id(),
+            parent_backtest_id=parent.backtest_id,
+            config=config,
+            code_version=self._code_version,
+            # Strictly after the parent, in grid order, so listings are stable.
+            create_time=parent.create_time + timedelta(microseconds=index + 1),
+            created_by=parent.created_by,
+        )
+        await self._backtests.create(child)
+        return self._track(child)
 
     async def get(self, backtest_id: str) -> BacktestRecord | None:
         """The backtest (live progress while it runs), or None."""
@@ -445,10 +470,11 @@ class BacktestRunner:
     async def _persist_progress(self, record: BacktestRecord) -> None:
         await self._backtests.update(record.backtest_id, **progress_values(record))
 
-    async def _run_compiled(self, parent: TrackedRun, configs: Sequence[EngineConfig]) -> bool:
-        """Runs a sweep's points in one worker over the rows read once (the compiled path);
-        False, with nothing run, when a point cannot take it."""
-        children = parent.children
+    async def _run_compiled(
+        self, parent: TrackedRun, children: Sequence[TrackedRun], configs: Sequence[EngineConfig]
+    ) -> bool:
+        """Runs a sweep's points (``children``, of one window) in one worker over the rows read
+        once (the compiled path); False, with nothing run, when a point cannot take it."""
         try:
             gaps = await self._feeder.check_gaps(configs[0])
         except UnrecoveredGaps as error:
@@ -492,6 +518,26 @@ class BacktestRunner:
             await self._store_result(child, result, run_data_quality(config, gaps, result), None)
         return True
 
+    async def _run_points(
+        self,
+        parent: TrackedRun,
+        children: Sequence[TrackedRun],
+        on_change: Callable[[], None],
+    ) -> None:
+        """Runs sweep points of one window: compiled in one worker when they all can, else one
+        run per point."""
+        configs = [child.record.config for child in children]
+        compiled = all(fast_path_applies(c) for c in configs) and await self._run_compiled(
+            parent, children, configs
+        )
+        if not compiled:
+            await asyncio.gather(
+                *(
+                    self._run_single(child, config, on_change=on_change)
+                    for child, config in zip(children, configs, strict=True)
+                )
+            )
+
     async def _run_sweep(
         self, parent: TrackedRun, configs: Sequence[EngineConfig], rank_by: str
     ) -> None:
@@ -501,16 +547,7 @@ class BacktestRunner:
             parent.publish(sweep_progress(parent.record, [c.record for c in children]))
 
         try:
-            compiled = all(fast_path_applies(c) for c in configs) and await self._run_compiled(
-                parent, configs
-            )
-            if not compiled:
-                await asyncio.gather(
-                    *(
-                        self._run_single(child, config, on_change=refresh)
-                        for child, config in zip(children, configs, strict=True)
-                    )
-                )
+            await self._run_points(parent, children, refresh)
             if parent.stop_requested.is_set():
                 await self._finish_stopped(parent, None)
             else:
@@ -518,4 +555,50 @@ class BacktestRunner:
                 await self._finish(parent, None, **outcome)
         except Exception as error:
             log.exception("sweep %s failed", parent.record.backtest_id)
+            await self._finish(parent, None, state=BacktestState.FAILED, error_message=f"{error!r}")
+
+    async def _run_walk_forward(
+        self,
+        parent: TrackedRun,
+        plan: Sequence[tuple[WalkForwardFold, Sequence[TrackedRun]]],
+        rank_by: str,
+    ) -> None:
+        """Per fold in time order: the grid in-sample, then the best point (by ``rank_by``)
+        out-of-sample, a child created once the in-sample runs are done."""
+
+        def refresh() -> None:
+            parent.publish(sweep_progress(parent.record, [c.record for c in parent.children]))
+
+        try:
+            outcomes: list[WalkForwardOutcome] = []
+            for index, (fold, in_sample) in enumerate(plan):
+                await self._run_points(parent, in_sample, refresh)
+                best = best_run([c.record for c in in_sample], rank_by)
+                if parent.stop_requested.is_set() or best is None:
+                    break
+                tested_config = replace(
+                    best.config, start_time=fold.out_of_sample_start, end_time=fold.end
+                )
+                tested = await self._create_child(
+                    parent.record, tested_config, len(parent.children)
+                )
+                parent.children = (*parent.children, tested)
+                await self._run_single(tested, tested_config, on_change=refresh)
+                outcomes.append(
+                    WalkForwardOutcome(index, fold, best.backtest_id, tested.record.backtest_id)
+                )
+            if parent.stop_requested.is_set():
+                await self._finish_stopped(parent, None)
+                return
+            outcome = sweep_outcome([c.record for c in parent.children], rank_by)
+            if outcome["state"] is BacktestState.SUCCEEDED:
+                # The folds are the result: no single child's metrics stand for the sweep.
+                outcome = {
+                    "state": BacktestState.SUCCEEDED,
+                    "fraction_done": 1.0,
+                    "walk_forward_folds": tuple(outcomes),
+                }
+            await self._finish(parent, None, **outcome)
+        except Exception as error:
+            log.exception("walk-forward sweep %s failed", parent.record.backtest_id)
             await self._finish(parent, None, state=BacktestState.FAILED, error_message=f"{error!r}")

@@ -21,11 +21,22 @@ DEFAULT_RANK_BY = "total_pnl"
 
 
 @dataclass(frozen=True, slots=True)
+class WalkForwardSpec:
+    """Walk-forward splits of a sweep's window: ``folds`` equal folds, each ``in_sample_fraction``
+    in-sample, the rest out-of-sample."""
+
+    folds: int
+    in_sample_fraction: float
+
+
+@dataclass(frozen=True, slots=True)
 class SweepSpec:
-    """A parameter grid (one child run per point) and the metric ranking the children."""
+    """A parameter grid (one child run per point) and the metric ranking the children; with
+    ``walk_forward``, the grid runs per fold in-sample and the best point out-of-sample."""
 
     grid: Mapping[str, Sequence[ParamValue]]
     rank_by: str = DEFAULT_RANK_BY
+    walk_forward: WalkForwardSpec | None = None
 
 
 METRIC_ALIASES = {
@@ -103,6 +114,17 @@ class WalkForwardFold:
     in_sample_start: datetime
     out_of_sample_start: datetime
     end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WalkForwardOutcome:
+    """A walk-forward sweep's fold as stored with its parent: the windows, the best in-sample
+    child and the child that ran its configuration out of sample ("" when none ran)."""
+
+    fold_index: int
+    fold: WalkForwardFold
+    best_in_sample_id: str
+    out_of_sample_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.params import ConfigError
 from kfeed_server.backtest.record import BacktestRecord
-from kfeed_server.backtest.sweep import SweepSpec, rank, sweep_grid
+from kfeed_server.backtest.sweep import (
+    SweepSpec,
+    WalkForwardFold,
+    rank,
+    sweep_grid,
+    walk_forward_splits,
+)
 from kfeed_server.backtest.tracking import replaced
 from kfeed_server.records import BacktestState
 
@@ -30,6 +37,52 @@ def sweep_points(config: EngineConfig, sweep: SweepSpec, max_points: int) -> lis
     if points > max_points:
         raise ConfigError("sweep.grid", f"{points} points; at most {max_points}")
     return sweep_grid(config, sweep.grid)
+
+
+def walk_forward_points(
+    config: EngineConfig, sweep: SweepSpec, max_points: int
+) -> list[tuple[WalkForwardFold, list[EngineConfig]]]:
+    """Each fold of a walk-forward sweep with its grid points' in-sample configurations.
+    ConfigError as ``sweep_points``, on ``end_time`` for an open window, on
+    ``sweep.walk_forward.*`` for bad splits, and when the runs (each fold's points plus its
+    out-of-sample run) exceed ``max_points``."""
+    walk_forward = sweep.walk_forward
+    assert walk_forward is not None
+    if config.start_time is None or config.end_time is None:
+        raise ConfigError("end_time", "a walk-forward sweep needs start_time and end_time")
+    if walk_forward.folds > max_points:
+        raise ConfigError("sweep.walk_forward.folds", f"at most {max_points}")
+    points = sweep_points(config, sweep, max_points)
+    folds = walk_forward_splits(
+        config.start_time, config.end_time, walk_forward.folds, walk_forward.in_sample_fraction
+    )
+    runs = len(folds) * (len(points) + 1)
+    if runs > max_points:
+        raise ConfigError(
+            "sweep.walk_forward.folds",
+            f"{len(folds)} folds of {len(points)} points and 1 test: {runs} runs; at most "
+            f"{max_points}",
+        )
+    if any(not f.in_sample_start < f.out_of_sample_start < f.end for f in folds):
+        raise ConfigError("sweep.walk_forward.in_sample_fraction", "leaves a fold's window empty")
+    return [
+        (
+            fold,
+            [
+                replace(p, start_time=fold.in_sample_start, end_time=fold.out_of_sample_start)
+                for p in points
+            ],
+        )
+        for fold in folds
+    ]
+
+
+def best_run(children: Sequence[BacktestRecord], rank_by: str) -> BacktestRecord | None:
+    """The best SUCCEEDED run by ``rank_by`` (None when none succeeded)."""
+    succeeded = [r for r in children if r.state is BacktestState.SUCCEEDED and r.metrics]
+    if not succeeded:
+        return None
+    return succeeded[rank([r.metrics for r in succeeded if r.metrics], rank_by)[0]]
 
 
 def sweep_progress(parent: BacktestRecord, children: Sequence[BacktestRecord]) -> BacktestRecord:

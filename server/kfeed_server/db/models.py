@@ -242,6 +242,8 @@ class Backtest(Base):
     created_by: Mapped[str] = mapped_column(server_default="")
     data_quality: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
     event_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # A walk-forward sweep's parent: its folds (NULL otherwise).
+    walk_forward_folds: Mapped[list[Any] | None] = mapped_column(JsonDocument)
 
 
 class BacktestExecution(Base):

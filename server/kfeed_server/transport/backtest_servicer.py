@@ -8,6 +8,7 @@ a known market is NOT_FOUND (as in MarketService.StreamSnapshots); an unknown ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +37,12 @@ from kfeed_server.backtest.orders import FillModel
 from kfeed_server.backtest.quality import DataQuality, GapPolicy
 from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.service import BacktestRunner, UnknownMarkets
-from kfeed_server.backtest.sweep import DEFAULT_RANK_BY, SweepSpec
+from kfeed_server.backtest.sweep import (
+    DEFAULT_RANK_BY,
+    SweepSpec,
+    WalkForwardOutcome,
+    WalkForwardSpec,
+)
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord
 from kfeed_server.transport.caller import Caller, current_caller
 from kfeed_server.transport.convert import contracts, dollars, timestamp
@@ -171,7 +177,13 @@ def sweep_from_proto(sweep: pb.ParameterSweep) -> SweepSpec:
         ]
         for name, values in sorted(sweep.grid.items())
     }
-    return SweepSpec(grid=grid, rank_by=sweep.rank_by or DEFAULT_RANK_BY)
+    walk_forward = None
+    if sweep.HasField("walk_forward"):
+        fraction = sweep.walk_forward.in_sample_fraction
+        if not math.isfinite(fraction):
+            raise InvalidArgument.field("sweep.walk_forward.in_sample_fraction", "not a number")
+        walk_forward = WalkForwardSpec(sweep.walk_forward.folds, fraction)
+    return SweepSpec(grid=grid, rank_by=sweep.rank_by or DEFAULT_RANK_BY, walk_forward=walk_forward)
 
 
 # --- domain → messages ---------------------------------------------------------------------------
@@ -218,7 +230,7 @@ def _sweep_to_proto(
     sweep: SweepSpec, strategy: str, registry: StrategyRegistry
 ) -> pb.ParameterSweep:
     types = _parameter_types(strategy, registry)
-    return pb.ParameterSweep(
+    message = pb.ParameterSweep(
         grid={
             name: pb.ParameterValues(
                 values=[parameter_to_proto(v, types.get(name)) for v in values]
@@ -226,6 +238,21 @@ def _sweep_to_proto(
             for name, values in sweep.grid.items()
         },
         rank_by=sweep.rank_by,
+    )
+    if sweep.walk_forward is not None:
+        message.walk_forward.folds = sweep.walk_forward.folds
+        message.walk_forward.in_sample_fraction = sweep.walk_forward.in_sample_fraction
+    return message
+
+
+def _fold_to_proto(outcome: WalkForwardOutcome) -> pb.WalkForwardFold:
+    return pb.WalkForwardFold(
+        fold=outcome.fold_index,
+        in_sample_start=timestamp(outcome.fold.in_sample_start),
+        out_of_sample_start=timestamp(outcome.fold.out_of_sample_start),
+        end=timestamp(outcome.fold.end),
+        best_in_sample_backtest_id=outcome.best_in_sample_id,
+        out_of_sample_backtest_id=outcome.out_of_sample_id,
     )
 
 
@@ -275,6 +302,7 @@ def backtest_to_proto(
         parent_backtest_id=record.parent_backtest_id or "",
         creator=record.created_by,
         ranked_child_ids=record.ranked_child_ids,
+        walk_forward_folds=[_fold_to_proto(f) for f in record.walk_forward_folds],
     )
     if record.metrics is not None:
         message.metrics.CopyFrom(metrics_to_proto(record.metrics))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -307,6 +308,40 @@ async def _ranked_children(client: KfeedClient, parent: pb.Backtest) -> list[pb.
     return [by_id[i] for i in parent.ranked_child_ids if i in by_id]
 
 
+async def folds_table(client: KfeedClient, parent: pb.Backtest) -> Table:
+    """A walk-forward sweep: per fold, its windows, the best in-sample run (its parameters and
+    ranking metric's PnL) and that configuration's out-of-sample PnL."""
+    children = {
+        child.backtest_id: child
+        async for child in _backtests(client, parent_backtest_id=parent.backtest_id)
+    }
+    table = Table(title=f"walk-forward, best in-sample by {parent.sweep.rank_by}")
+    for column in ("fold", "in-sample", "out-of-sample", "parameters", "IS PnL", "OOS PnL"):
+        table.add_column(column, justify="right" if "PnL" in column else "left")
+
+    def pnl(backtest_id: str) -> str:
+        child = children.get(backtest_id)
+        if child is None or not child.HasField("metrics"):
+            return "-"
+        return format_dollars(child.metrics.total_pnl.ten_thousandths)
+
+    def moment(stamp: Timestamp) -> str:
+        return stamp.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    for fold in parent.walk_forward_folds:
+        best = children.get(fold.best_in_sample_backtest_id)
+        chosen = {} if best is None else dict(best.config.parameters)
+        table.add_row(
+            str(fold.fold),
+            f"{moment(fold.in_sample_start)} → {moment(fold.out_of_sample_start)}",
+            f"{moment(fold.out_of_sample_start)} → {moment(fold.end)}",
+            " ".join(f"{k}={format_parameter(v)}" for k, v in sorted(chosen.items())) or "-",
+            pnl(fold.best_in_sample_backtest_id),
+            pnl(fold.out_of_sample_backtest_id),
+        )
+    return table
+
+
 def create_request(
     options: argparse.Namespace, strategies: Sequence[pb.Strategy]
 ) -> pb.CreateBacktestRequest:
@@ -339,6 +374,11 @@ def create_request(
             request.sweep.grid[name].values.extend(
                 parameter_value(v, specs.get(name)) for v in values.split(",")
             )
+    if options.walk_forward:
+        if not options.sweep:
+            raise UsageError("--walk-forward needs a grid (--sweep)")
+        request.sweep.walk_forward.folds = options.walk_forward
+        request.sweep.walk_forward.in_sample_fraction = options.in_sample_fraction
     return request
 
 
@@ -380,6 +420,9 @@ async def run(options: argparse.Namespace, client: KfeedClient, console: Console
         console.print(provenance_table(final))
         return 1
     full = await _get(client, final.backtest_id, full=True)
+    if full.walk_forward_folds:
+        console.print(await folds_table(client, full))
+        return 0
     if full.HasField("sweep"):
         ranked = await _ranked_children(client, full)
         console.print(backtests_table(ranked, f"sweep ranked by {full.sweep.rank_by}"))
@@ -418,6 +461,8 @@ async def show(options: argparse.Namespace, client: KfeedClient, console: Consol
     if backtest.HasField("metrics"):
         console.print(metrics_table(backtest))
     console.print(provenance_table(backtest))
+    if backtest.walk_forward_folds:
+        console.print(await folds_table(client, backtest))
     if backtest.ranked_child_ids:
         ranked = await _ranked_children(client, backtest)
         console.print(backtests_table(ranked, f"sweep ranked by {backtest.sweep.rank_by}"))
@@ -470,6 +515,19 @@ def build_parser(prog: str = "kfeed backtest") -> argparse.ArgumentParser:
         "--sweep", action="append", default=[], help="NAME=V1,V2,... grid values, repeatable"
     )
     run_parser.add_argument("--rank-by", default="", help="metric ranking sweep runs (total_pnl)")
+    run_parser.add_argument(
+        "--walk-forward",
+        type=int,
+        default=0,
+        metavar="FOLDS",
+        help="walk-forward the sweep over FOLDS equal folds of the window (needs --from/--to)",
+    )
+    run_parser.add_argument(
+        "--in-sample-fraction",
+        type=float,
+        default=0.7,
+        help="share of each walk-forward fold that is in-sample (0.7)",
+    )
     run_parser.add_argument("--initial-cash", default="", help="starting cash in dollars (1000)")
     run_parser.add_argument(
         "--fill-model",

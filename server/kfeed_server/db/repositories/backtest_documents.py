@@ -7,7 +7,7 @@ as the configuration grows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +17,12 @@ from kfeed_server.backtest.fees import FeeRounding
 from kfeed_server.backtest.metrics import BacktestMetrics
 from kfeed_server.backtest.orders import FillModel
 from kfeed_server.backtest.quality import DataQuality, GapPolicy, MarketCoverage
-from kfeed_server.backtest.sweep import SweepSpec
+from kfeed_server.backtest.sweep import (
+    SweepSpec,
+    WalkForwardFold,
+    WalkForwardOutcome,
+    WalkForwardSpec,
+)
 
 _CONFIG_DEFAULTS = EngineConfig(strategy="", tickers=())
 _MICROSECOND = timedelta(microseconds=1)
@@ -86,15 +91,56 @@ def config_from_document(document: Mapping[str, Any]) -> EngineConfig:
 
 def sweep_document(sweep: SweepSpec) -> dict[str, Any]:
     """``sweep`` as the JSON document stored with a sweep's parent."""
-    return {
+    document: dict[str, Any] = {
         "grid": {name: list(values) for name, values in sweep.grid.items()},
         "rank_by": sweep.rank_by,
     }
+    if sweep.walk_forward is not None:
+        walk_forward = sweep.walk_forward
+        document["walk_forward"] = [walk_forward.folds, walk_forward.in_sample_fraction]
+    return document
 
 
 def sweep_from_document(document: Mapping[str, Any]) -> SweepSpec:
     """The sweep ``sweep_document`` stored."""
-    return SweepSpec(grid=dict(document["grid"]), rank_by=document["rank_by"])
+    walk_forward = document.get("walk_forward")
+    return SweepSpec(
+        grid=dict(document["grid"]),
+        rank_by=document["rank_by"],
+        walk_forward=None if walk_forward is None else WalkForwardSpec(*walk_forward),
+    )
+
+
+def folds_document(folds: Sequence[WalkForwardOutcome]) -> list[Any]:
+    """A walk-forward parent's folds as JSON: one list per fold."""
+    return [
+        [
+            f.fold_index,
+            _time(f.fold.in_sample_start),
+            _time(f.fold.out_of_sample_start),
+            _time(f.fold.end),
+            f.best_in_sample_id,
+            f.out_of_sample_id,
+        ]
+        for f in folds
+    ]
+
+
+def folds_from_document(document: Sequence[Any]) -> tuple[WalkForwardOutcome, ...]:
+    """The folds ``folds_document`` stored."""
+    return tuple(
+        WalkForwardOutcome(
+            index,
+            WalkForwardFold(
+                datetime.fromisoformat(in_sample),
+                datetime.fromisoformat(out_of_sample),
+                datetime.fromisoformat(end),
+            ),
+            best,
+            tested,
+        )
+        for index, in_sample, out_of_sample, end, best, tested in document
+    )
 
 
 def metrics_document(metrics: BacktestMetrics) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from kfeed_server.db.repositories._common import (
 from kfeed_server.db.repositories.backtest_documents import (
     config_document,
     config_from_document,
+    folds_document,
+    folds_from_document,
     metrics_document,
     metrics_from_document,
     quality_document,
@@ -34,7 +36,14 @@ from kfeed_server.db.repositories.backtest_documents import (
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
 
 # Fields stored as JSON documents (the strategy column is written from the configuration).
-_DOCUMENT_FIELDS = ("config", "sweep", "metrics", "ranked_child_ids", "data_quality")
+_DOCUMENT_FIELDS = (
+    "config",
+    "sweep",
+    "metrics",
+    "ranked_child_ids",
+    "data_quality",
+    "walk_forward_folds",
+)
 _BACKTEST_FIELDS = frozenset(f.name for f in dataclasses.fields(BacktestRecord))
 _PLAIN_FIELDS = tuple(
     f.name for f in dataclasses.fields(BacktestRecord) if f.name not in _DOCUMENT_FIELDS
@@ -47,7 +56,7 @@ _PLAIN_COUNT = len(_PLAIN_FIELDS)
 
 def _backtest_from_row(row: Row[Any]) -> BacktestRecord:
     plain = dict(zip(_PLAIN_FIELDS, row[:_PLAIN_COUNT], strict=True))
-    config, sweep, metrics, ranked, quality = row[_PLAIN_COUNT:]
+    config, sweep, metrics, ranked, quality, folds = row[_PLAIN_COUNT:]
     return BacktestRecord(
         **plain,
         config=config_from_document(config),
@@ -55,6 +64,7 @@ def _backtest_from_row(row: Row[Any]) -> BacktestRecord:
         metrics=None if metrics is None else metrics_from_document(metrics),
         ranked_child_ids=tuple(ranked),
         data_quality=None if quality is None else quality_from_document(quality),
+        walk_forward_folds=folds_from_document(folds or []),
     )
 
 
@@ -76,6 +86,9 @@ def _column_values(values: dict[str, Any]) -> dict[str, Any]:
         columns["data_quality"] = None if quality is None else quality_document(quality)
     if "ranked_child_ids" in columns:
         columns["ranked_child_ids"] = list(columns["ranked_child_ids"])
+    if "walk_forward_folds" in columns:
+        folds = columns["walk_forward_folds"]
+        columns["walk_forward_folds"] = folds_document(folds) if folds else None
     return columns
 
 

@@ -496,6 +496,7 @@ class ParameterSweep(_message.Message):
 
     GRID_FIELD_NUMBER: _builtins.int
     RANK_BY_FIELD_NUMBER: _builtins.int
+    WALK_FORWARD_FIELD_NUMBER: _builtins.int
     rank_by: _builtins.str
     """Metric that ranks the children: a BacktestMetrics field name, or sharpe, sortino, return,
     pnl. Higher ranks first, except max_drawdown, max_drawdown_fraction, max_drawdown_duration,
@@ -505,19 +506,96 @@ class ParameterSweep(_message.Message):
     def grid(self) -> _containers.MessageMap[_builtins.str, Global___ParameterValues]:
         """Values to try, by parameter name."""
 
+    @_builtins.property
+    def walk_forward(self) -> Global___WalkForward:
+        """If set, a walk-forward analysis: the grid runs on each fold's in-sample window, and the best
+        in-sample configuration (by rank_by) runs on the fold's out-of-sample window after it.
+        """
+
     def __init__(
         self,
         *,
         grid: _abc.Mapping[_builtins.str, Global___ParameterValues] | None = ...,
         rank_by: _builtins.str = ...,
+        walk_forward: Global___WalkForward | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["walk_forward", b"walk_forward"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grid", b"grid", "rank_by", b"rank_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grid", b"grid", "rank_by", b"rank_by", "walk_forward", b"walk_forward"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ParameterSweep: _TypeAlias = ParameterSweep  # noqa: Y015
+
+@_typing.final
+class WalkForward(_message.Message):
+    """Walk-forward splits of a closed window (config.start_time to config.end_time)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLDS_FIELD_NUMBER: _builtins.int
+    IN_SAMPLE_FRACTION_FIELD_NUMBER: _builtins.int
+    folds: _builtins.int
+    """Consecutive, equal folds of the window (at least 1)."""
+    in_sample_fraction: _builtins.float
+    """Share of each fold's time that is in-sample (strictly between 0 and 1); the rest of the fold
+    is out-of-sample.
+    """
+    def __init__(
+        self,
+        *,
+        folds: _builtins.int = ...,
+        in_sample_fraction: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folds", b"folds", "in_sample_fraction", b"in_sample_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WalkForward: _TypeAlias = WalkForward  # noqa: Y015
+
+@_typing.final
+class WalkForwardFold(_message.Message):
+    """One walk-forward fold of a finished sweep parent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLD_FIELD_NUMBER: _builtins.int
+    IN_SAMPLE_START_FIELD_NUMBER: _builtins.int
+    OUT_OF_SAMPLE_START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    BEST_IN_SAMPLE_BACKTEST_ID_FIELD_NUMBER: _builtins.int
+    OUT_OF_SAMPLE_BACKTEST_ID_FIELD_NUMBER: _builtins.int
+    fold: _builtins.int
+    """0-based, in time order."""
+    best_in_sample_backtest_id: _builtins.str
+    """The fold's best in-sample child (by rank_by)."""
+    out_of_sample_backtest_id: _builtins.str
+    """The child that ran the best in-sample configuration out of sample (empty when none ran)."""
+    @_builtins.property
+    def in_sample_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def out_of_sample_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        fold: _builtins.int = ...,
+        in_sample_start: _timestamp_pb2.Timestamp | None = ...,
+        out_of_sample_start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        best_in_sample_backtest_id: _builtins.str = ...,
+        out_of_sample_backtest_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "in_sample_start", b"in_sample_start", "out_of_sample_start", b"out_of_sample_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_in_sample_backtest_id", b"best_in_sample_backtest_id", "end", b"end", "fold", b"fold", "in_sample_start", b"in_sample_start", "out_of_sample_backtest_id", b"out_of_sample_backtest_id", "out_of_sample_start", b"out_of_sample_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WalkForwardFold: _TypeAlias = WalkForwardFold  # noqa: Y015
 
 @_typing.final
 class ParameterValues(_message.Message):
@@ -808,6 +886,7 @@ class Backtest(_message.Message):
     EQUITY_CURVE_FIELD_NUMBER: _builtins.int
     DATA_QUALITY_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
+    WALK_FORWARD_FOLDS_FIELD_NUMBER: _builtins.int
     backtest_id: _builtins.str
     """Server-assigned id."""
     state: Global___BacktestState.ValueType
@@ -853,6 +932,10 @@ class Backtest(_message.Message):
     def data_quality(self) -> Global___DataQuality:
         """Set once the run has read its data."""
 
+    @_builtins.property
+    def walk_forward_folds(self) -> _containers.RepeatedCompositeFieldContainer[Global___WalkForwardFold]:
+        """For a walk-forward sweep parent: its folds, once its children are done."""
+
     def __init__(
         self,
         *,
@@ -873,10 +956,11 @@ class Backtest(_message.Message):
         equity_curve: _abc.Iterable[Global___EquityPoint] | None = ...,
         data_quality: Global___DataQuality | None = ...,
         creator: _builtins.str = ...,
+        walk_forward_folds: _abc.Iterable[Global___WalkForwardFold] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "metrics", b"metrics", "progress", b"progress", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "sweep", b"sweep"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest_id", b"backtest_id", "code_version", b"code_version", "config", b"config", "create_time", b"create_time", "creator", b"creator", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "equity_curve", b"equity_curve", "error_message", b"error_message", "metrics", b"metrics", "parent_backtest_id", b"parent_backtest_id", "progress", b"progress", "ranked_child_ids", b"ranked_child_ids", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "state", b"state", "sweep", b"sweep"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest_id", b"backtest_id", "code_version", b"code_version", "config", b"config", "create_time", b"create_time", "creator", b"creator", "data_fingerprint", b"data_fingerprint", "data_quality", b"data_quality", "equity_curve", b"equity_curve", "error_message", b"error_message", "metrics", b"metrics", "parent_backtest_id", b"parent_backtest_id", "progress", b"progress", "ranked_child_ids", b"ranked_child_ids", "run_end_time", b"run_end_time", "run_start_time", b"run_start_time", "state", b"state", "sweep", b"sweep", "walk_forward_folds", b"walk_forward_folds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

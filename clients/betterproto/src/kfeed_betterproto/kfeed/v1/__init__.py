@@ -116,6 +116,8 @@ __all__ = (
     "SubscriberGap",
     "Trade",
     "TradeBatch",
+    "WalkForward",
+    "WalkForwardFold",
     "WatchBacktestRequest",
     "WatchBacktestResponse",
 )
@@ -778,6 +780,13 @@ class Backtest(betterproto2.Message):
     """
     The name of the token that created it ("anonymous" without authentication; empty for runs
     older than the field). Only it or an admin may cancel the run.
+    """
+
+    walk_forward_folds: "list[WalkForwardFold]" = betterproto2.field(
+        22, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    For a walk-forward sweep parent: its folds, once its children are done.
     """
 
 
@@ -2589,6 +2598,14 @@ class ParameterSweep(betterproto2.Message):
     fees_paid and brier_score, where lower ranks first. Empty means total_pnl.
     """
 
+    walk_forward: "WalkForward | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    If set, a walk-forward analysis: the grid runs on each fold's in-sample window, and the best
+    in-sample configuration (by rank_by) runs on the fold's out-of-sample window after it.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "ParameterSweep", ParameterSweep)
 
@@ -3387,6 +3404,64 @@ class TradeBatch(betterproto2.Message):
 
 
 default_message_pool.register_message("kfeed.v1", "TradeBatch", TradeBatch)
+
+
+@dataclass(eq=False, repr=False)
+class WalkForward(betterproto2.Message):
+    """
+    Walk-forward splits of a closed window (config.start_time to config.end_time).
+    """
+
+    folds: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    Consecutive, equal folds of the window (at least 1).
+    """
+
+    in_sample_fraction: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
+    """
+    Share of each fold's time that is in-sample (strictly between 0 and 1); the rest of the fold
+    is out-of-sample.
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "WalkForward", WalkForward)
+
+
+@dataclass(eq=False, repr=False)
+class WalkForwardFold(betterproto2.Message):
+    """
+    One walk-forward fold of a finished sweep parent.
+    """
+
+    fold: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    0-based, in time order.
+    """
+
+    in_sample_start: "datetime.datetime | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+
+    out_of_sample_start: "datetime.datetime | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+
+    end: "datetime.datetime | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
+    )
+
+    best_in_sample_backtest_id: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    The fold's best in-sample child (by rank_by).
+    """
+
+    out_of_sample_backtest_id: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    The child that ran the best in-sample configuration out of sample (empty when none ran).
+    """
+
+
+default_message_pool.register_message("kfeed.v1", "WalkForwardFold", WalkForwardFold)
 
 
 @dataclass(eq=False, repr=False)

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kfeed/v1/backtest_service.proto.
  */
 export const file_kfeed_v1_backtest_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9rZmVlZC92MS9iYWNrdGVzdF9zZXJ2aWNlLnByb3RvEghrZmVlZC52MSKmAQoOUGFyYW1ldGVyVmFsdWUSFwoNaW50ZWdlcl92YWx1ZRgBIAEoA0gAEhYKDG51bWJlcl92YWx1ZRgCIAEoAUgAEioKDWRvbGxhcnNfdmFsdWUYAyABKAsyES5rZmVlZC52MS5Eb2xsYXJzSAASFwoNYm9vbGVhbl92YWx1ZRgEIAEoCEgAEhYKDHN0cmluZ192YWx1ZRgFIAEoCUgAQgYKBGtpbmQi4AEKDVBhcmFtZXRlclNwZWMSDAoEbmFtZRgBIAEoCRIlCgR0eXBlGAIgASgOMhcua2ZlZWQudjEuUGFyYW1ldGVyVHlwZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCg1kZWZhdWx0X3ZhbHVlGAQgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWUSKQoHbWluaW11bRgFIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlEikKB21heGltdW0YBiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJWYWx1ZSJaCghTdHJhdGVneRIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEisKCnBhcmFtZXRlcnMYAyADKAsyFy5rZmVlZC52MS5QYXJhbWV0ZXJTcGVjIhcKFUxpc3RTdHJhdGVnaWVzUmVxdWVzdCJAChZMaXN0U3RyYXRlZ2llc1Jlc3BvbnNlEiYKCnN0cmF0ZWdpZXMYASADKAsyEi5rZmVlZC52MS5TdHJhdGVneSL5BQoOQmFja3Rlc3RDb25maWcSEAoIc3RyYXRlZ3kYASABKAkSPAoKcGFyYW1ldGVycxgCIAMoCzIoLmtmZWVkLnYxLkJhY2t0ZXN0Q29uZmlnLlBhcmFtZXRlcnNFbnRyeRIPCgd0aWNrZXJzGAMgAygJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgxpbml0aWFsX2Nhc2gYBiABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiYKHnRha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgHIAEoAxIrCgxmZWVfcm91bmRpbmcYCCABKA4yFS5rZmVlZC52MS5GZWVSb3VuZGluZxIjCghzbGlwcGFnZRgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSKQoMbWF4X3Bvc2l0aW9uGAogASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEh0KFWNhcF9ieV9kaXNwbGF5ZWRfc2l6ZRgLIAEoCBInCgpmaWxsX21vZGVsGAwgASgOMhMua2ZlZWQudjEuRmlsbE1vZGVsEiYKHm1ha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgNIAEoAxIqCgdsYXRlbmN5GA4gASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEioKInF1ZXVlX2NhbmNlbF9zaGFyZV90ZW5fdGhvdXNhbmR0aHMYDyABKAMSHAoUZmVlX3NjaGVkdWxlX3ZlcnNpb24YECABKAkSJwoKZ2FwX3BvbGljeRgRIAEoDjITLmtmZWVkLnYxLkdhcFBvbGljeRpLCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEicKBXZhbHVlGAIgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWU6AjgBIpsBCg5QYXJhbWV0ZXJTd2VlcBIwCgRncmlkGAEgAygLMiIua2ZlZWQudjEuUGFyYW1ldGVyU3dlZXAuR3JpZEVudHJ5Eg8KB3JhbmtfYnkYAiABKAkaRgoJR3JpZEVudHJ5EgsKA2tleRgBIAEoCRIoCgV2YWx1ZRgCIAEoCzIZLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlczoCOAEiOwoPUGFyYW1ldGVyVmFsdWVzEigKBnZhbHVlcxgBIAMoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlIocBChBCYWNrdGVzdFByb2dyZXNzEhUKDWZyYWN0aW9uX2RvbmUYASABKAESGwoTc25hcHNob3RzX3Byb2Nlc3NlZBgCIAEoAxIXCg9zbmFwc2hvdHNfdG90YWwYAyABKAMSJgoLaW50ZXJpbV9wbmwYBCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIoQBCg9EYXRhRmluZ2VycHJpbnQSEQoJcm93X2NvdW50GAEgASgDEhkKEWZpcnN0X3NuYXBzaG90X2lkGAIgASgDEhgKEGxhc3Rfc25hcHNob3RfaWQYAyABKAMSFAoMY29udGVudF9oYXNoGAQgASgJEhMKC2V2ZW50X2NvdW50GAUgASgDIpcBCgtEYXRhUXVhbGl0eRIRCglnYXBfY291bnQYASABKAMSKwoIZ2FwX3RpbWUYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHQoVdW5yZWNvdmVyZWRfZ2FwX2NvdW50GAMgASgDEikKB21hcmtldHMYBCADKAsyGC5rZmVlZC52MS5NYXJrZXRDb3ZlcmFnZSJyCg5NYXJrZXRDb3ZlcmFnZRIOCgZ0aWNrZXIYASABKAkSEAoIY292ZXJhZ2UYAiABKAESEQoJZ2FwX2NvdW50GAMgASgDEisKCGdhcF90aW1lGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIsMDCg9CYWNrdGVzdE1ldHJpY3MSJAoJdG90YWxfcG5sGAEgASgLMhEua2ZlZWQudjEuRG9sbGFycxIUCgx0b3RhbF9yZXR1cm4YAiABKAESFAoMc2hhcnBlX3JhdGlvGAMgASgBEhUKDXNvcnRpbm9fcmF0aW8YBCABKAESJwoMbWF4X2RyYXdkb3duGAUgASgLMhEua2ZlZWQudjEuRG9sbGFycxIdChVtYXhfZHJhd2Rvd25fZnJhY3Rpb24YBiABKAESOAoVbWF4X2RyYXdkb3duX2R1cmF0aW9uGAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhAKCHdpbl9yYXRlGAggASgBEhUKDXByb2ZpdF9mYWN0b3IYCSABKAESJQoKZXhwZWN0YW5jeRgKIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSEwoLdHJhZGVfY291bnQYCyABKAMSJAoJZmVlc19wYWlkGAwgASgLMhEua2ZlZWQudjEuRG9sbGFycxIQCghleHBvc3VyZRgNIAEoARIYCgticmllcl9zY29yZRgOIAEoAUgAiAEBQg4KDF9icmllcl9zY29yZSJaCgtFcXVpdHlQb2ludBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIhCgZlcXVpdHkYAiABKAsyES5rZmVlZC52MS5Eb2xsYXJzIo4FCghCYWNrdGVzdBITCgtiYWNrdGVzdF9pZBgBIAEoCRIoCgZjb25maWcYAiABKAsyGC5rZmVlZC52MS5CYWNrdGVzdENvbmZpZxImCgVzdGF0ZRgDIAEoDjIXLmtmZWVkLnYxLkJhY2t0ZXN0U3RhdGUSLAoIcHJvZ3Jlc3MYBCABKAsyGi5rZmVlZC52MS5CYWNrdGVzdFByb2dyZXNzEioKB21ldHJpY3MYBSABKAsyGS5rZmVlZC52MS5CYWNrdGVzdE1ldHJpY3MSMwoQZGF0YV9maW5nZXJwcmludBgGIAEoCzIZLmtmZWVkLnYxLkRhdGFGaW5nZXJwcmludBIUCgxjb2RlX3ZlcnNpb24YByABKAkSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDnJ1bl9zdGFydF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxydW5fZW5kX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWVycm9yX21lc3NhZ2UYCyABKAkSGgoScGFyZW50X2JhY2t0ZXN0X2lkGAwgASgJEhgKEHJhbmtlZF9jaGlsZF9pZHMYDSADKAkSJwoFc3dlZXAYDiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJTd2VlcBIrCgxlcXVpdHlfY3VydmUYDyADKAsyFS5rZmVlZC52MS5FcXVpdHlQb2ludBIrCgxkYXRhX3F1YWxpdHkYFCABKAsyFS5rZmVlZC52MS5EYXRhUXVhbGl0eRIPCgdjcmVhdG9yGBUgASgJImoKFUNyZWF0ZUJhY2t0ZXN0UmVxdWVzdBIoCgZjb25maWcYASABKAsyGC5rZmVlZC52MS5CYWNrdGVzdENvbmZpZxInCgVzd2VlcBgCIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclN3ZWVwIj4KFkNyZWF0ZUJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCJPChJHZXRCYWNrdGVzdFJlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkSJAoEdmlldxgCIAEoDjIWLmtmZWVkLnYxLkJhY2t0ZXN0VmlldyI7ChNHZXRCYWNrdGVzdFJlc3BvbnNlEiQKCGJhY2t0ZXN0GAEgASgLMhIua2ZlZWQudjEuQmFja3Rlc3QikwEKFExpc3RCYWNrdGVzdHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEhAKCHN0cmF0ZWd5GAMgASgJEiYKBXN0YXRlGAQgASgOMhcua2ZlZWQudjEuQmFja3Rlc3RTdGF0ZRIaChJwYXJlbnRfYmFja3Rlc3RfaWQYBSABKAkiVwoVTGlzdEJhY2t0ZXN0c1Jlc3BvbnNlEiUKCWJhY2t0ZXN0cxgBIAMoCzISLmtmZWVkLnYxLkJhY2t0ZXN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKUAwoJRXhlY3V0aW9uEhAKCHNlcXVlbmNlGAEgASgDEg4KBnRpY2tlchgCIAEoCRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzbmFwc2hvdF9pZBgEIAEoAxIcCgRzaWRlGAUgASgOMg4ua2ZlZWQudjEuU2lkZRIlCgZhY3Rpb24YBiABKA4yFS5rZmVlZC52MS5PcmRlckFjdGlvbhIiCgVjb3VudBgHIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxIgCgVwcmljZRgIIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSHgoDZmVlGAkgASgLMhEua2ZlZWQudjEuRG9sbGFycxIlCgpjYXNoX2FmdGVyGAogASgLMhEua2ZlZWQudjEuRG9sbGFycxIrCg5wb3NpdGlvbl9hZnRlchgLIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxInCgxyZWFsaXplZF9wbmwYDCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIlMKFUxpc3RFeGVjdXRpb25zUmVxdWVzdBITCgtiYWNrdGVzdF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJaChZMaXN0RXhlY3V0aW9uc1Jlc3BvbnNlEicKCmV4ZWN1dGlvbnMYASADKAsyEy5rZmVlZC52MS5FeGVjdXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlwKFFdhdGNoQmFja3Rlc3RSZXF1ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJEi8KDG1pbl9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI9ChVXYXRjaEJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCIsChVDYW5jZWxCYWNrdGVzdFJlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkiPgoWQ2FuY2VsQmFja3Rlc3RSZXNwb25zZRIkCghiYWNrdGVzdBgBIAEoCzISLmtmZWVkLnYxLkJhY2t0ZXN0KrkBCg1QYXJhbWV0ZXJUeXBlEh4KGlBBUkFNRVRFUl9UWVBFX1VOU1BFQ0lGSUVEEAASGgoWUEFSQU1FVEVSX1RZUEVfSU5URUdFUhABEhkKFVBBUkFNRVRFUl9UWVBFX05VTUJFUhACEhoKFlBBUkFNRVRFUl9UWVBFX0RPTExBUlMQAxIaChZQQVJBTUVURVJfVFlQRV9CT09MRUFOEAQSGQoVUEFSQU1FVEVSX1RZUEVfU1RSSU5HEAUqYwoLRmVlUm91bmRpbmcSHAoYRkVFX1JPVU5ESU5HX1VOU1BFQ0lGSUVEEAASFQoRRkVFX1JPVU5ESU5HX0NFTlQQARIfChtGRUVfUk9VTkRJTkdfVEVOX1RIT1VTQU5EVEgQAipTCglGaWxsTW9kZWwSGgoWRklMTF9NT0RFTF9VTlNQRUNJRklFRBAAEhQKEEZJTExfTU9ERUxfVE9VQ0gQARIUChBGSUxMX01PREVMX0RFUFRIEAIqUwoJR2FwUG9saWN5EhoKFkdBUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABITCg9HQVBfUE9MSUNZX0ZMQUcQARIVChFHQVBfUE9MSUNZX1JFRlVTRRACKr4BCg1CYWNrdGVzdFN0YXRlEh4KGkJBQ0tURVNUX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWQkFDS1RFU1RfU1RBVEVfUEVORElORxABEhoKFkJBQ0tURVNUX1NUQVRFX1JVTk5JTkcQAhIcChhCQUNLVEVTVF9TVEFURV9TVUNDRUVERUQQAxIZChVCQUNLVEVTVF9TVEFURV9GQUlMRUQQBBIcChhCQUNLVEVTVF9TVEFURV9DQU5DRUxMRUQQBSpeCgxCYWNrdGVzdFZpZXcSHQoZQkFDS1RFU1RfVklFV19VTlNQRUNJRklFRBAAEhcKE0JBQ0tURVNUX1ZJRVdfQkFTSUMQARIWChJCQUNLVEVTVF9WSUVXX0ZVTEwQAiqIAQoLT3JkZXJBY3Rpb24SHAoYT1JERVJfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFAoQT1JERVJfQUNUSU9OX0JVWRABEhUKEU9SREVSX0FDVElPTl9TRUxMEAISFwoTT1JERVJfQUNUSU9OX1NFVFRMRRADEhUKEU9SREVSX0FDVElPTl9NQVJLEAQy1wQKD0JhY2t0ZXN0U2VydmljZRJTCg5MaXN0U3RyYXRlZ2llcxIfLmtmZWVkLnYxLkxpc3RTdHJhdGVnaWVzUmVxdWVzdBogLmtmZWVkLnYxLkxpc3RTdHJhdGVnaWVzUmVzcG9uc2USUwoOQ3JlYXRlQmFja3Rlc3QSHy5rZmVlZC52MS5DcmVhdGVCYWNrdGVzdFJlcXVlc3QaIC5rZmVlZC52MS5DcmVhdGVCYWNrdGVzdFJlc3BvbnNlEkoKC0dldEJhY2t0ZXN0Ehwua2ZlZWQudjEuR2V0QmFja3Rlc3RSZXF1ZXN0Gh0ua2ZlZWQudjEuR2V0QmFja3Rlc3RSZXNwb25zZRJQCg1MaXN0QmFja3Rlc3RzEh4ua2ZlZWQudjEuTGlzdEJhY2t0ZXN0c1JlcXVlc3QaHy5rZmVlZC52MS5MaXN0QmFja3Rlc3RzUmVzcG9uc2USUwoOTGlzdEV4ZWN1dGlvbnMSHy5rZmVlZC52MS5MaXN0RXhlY3V0aW9uc1JlcXVlc3QaIC5rZmVlZC52MS5MaXN0RXhlY3V0aW9uc1Jlc3BvbnNlElIKDVdhdGNoQmFja3Rlc3QSHi5rZmVlZC52MS5XYXRjaEJhY2t0ZXN0UmVxdWVzdBofLmtmZWVkLnYxLldhdGNoQmFja3Rlc3RSZXNwb25zZTABElMKDkNhbmNlbEJhY2t0ZXN0Eh8ua2ZlZWQudjEuQ2FuY2VsQmFja3Rlc3RSZXF1ZXN0GiAua2ZlZWQudjEuQ2FuY2VsQmFja3Rlc3RSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_kfeed_v1_types]);
+  fileDesc("Ch9rZmVlZC92MS9iYWNrdGVzdF9zZXJ2aWNlLnByb3RvEghrZmVlZC52MSKmAQoOUGFyYW1ldGVyVmFsdWUSFwoNaW50ZWdlcl92YWx1ZRgBIAEoA0gAEhYKDG51bWJlcl92YWx1ZRgCIAEoAUgAEioKDWRvbGxhcnNfdmFsdWUYAyABKAsyES5rZmVlZC52MS5Eb2xsYXJzSAASFwoNYm9vbGVhbl92YWx1ZRgEIAEoCEgAEhYKDHN0cmluZ192YWx1ZRgFIAEoCUgAQgYKBGtpbmQi4AEKDVBhcmFtZXRlclNwZWMSDAoEbmFtZRgBIAEoCRIlCgR0eXBlGAIgASgOMhcua2ZlZWQudjEuUGFyYW1ldGVyVHlwZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCg1kZWZhdWx0X3ZhbHVlGAQgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWUSKQoHbWluaW11bRgFIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlEikKB21heGltdW0YBiABKAsyGC5rZmVlZC52MS5QYXJhbWV0ZXJWYWx1ZSJaCghTdHJhdGVneRIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEisKCnBhcmFtZXRlcnMYAyADKAsyFy5rZmVlZC52MS5QYXJhbWV0ZXJTcGVjIhcKFUxpc3RTdHJhdGVnaWVzUmVxdWVzdCJAChZMaXN0U3RyYXRlZ2llc1Jlc3BvbnNlEiYKCnN0cmF0ZWdpZXMYASADKAsyEi5rZmVlZC52MS5TdHJhdGVneSL5BQoOQmFja3Rlc3RDb25maWcSEAoIc3RyYXRlZ3kYASABKAkSPAoKcGFyYW1ldGVycxgCIAMoCzIoLmtmZWVkLnYxLkJhY2t0ZXN0Q29uZmlnLlBhcmFtZXRlcnNFbnRyeRIPCgd0aWNrZXJzGAMgAygJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgxpbml0aWFsX2Nhc2gYBiABKAsyES5rZmVlZC52MS5Eb2xsYXJzEiYKHnRha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgHIAEoAxIrCgxmZWVfcm91bmRpbmcYCCABKA4yFS5rZmVlZC52MS5GZWVSb3VuZGluZxIjCghzbGlwcGFnZRgJIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSKQoMbWF4X3Bvc2l0aW9uGAogASgLMhMua2ZlZWQudjEuQ29udHJhY3RzEh0KFWNhcF9ieV9kaXNwbGF5ZWRfc2l6ZRgLIAEoCBInCgpmaWxsX21vZGVsGAwgASgOMhMua2ZlZWQudjEuRmlsbE1vZGVsEiYKHm1ha2VyX2ZlZV9yYXRlX3Rlbl90aG91c2FuZHRocxgNIAEoAxIqCgdsYXRlbmN5GA4gASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEioKInF1ZXVlX2NhbmNlbF9zaGFyZV90ZW5fdGhvdXNhbmR0aHMYDyABKAMSHAoUZmVlX3NjaGVkdWxlX3ZlcnNpb24YECABKAkSJwoKZ2FwX3BvbGljeRgRIAEoDjITLmtmZWVkLnYxLkdhcFBvbGljeRpLCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEicKBXZhbHVlGAIgASgLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWU6AjgBIsgBCg5QYXJhbWV0ZXJTd2VlcBIwCgRncmlkGAEgAygLMiIua2ZlZWQudjEuUGFyYW1ldGVyU3dlZXAuR3JpZEVudHJ5Eg8KB3JhbmtfYnkYAiABKAkSKwoMd2Fsa19mb3J3YXJkGAMgASgLMhUua2ZlZWQudjEuV2Fsa0ZvcndhcmQaRgoJR3JpZEVudHJ5EgsKA2tleRgBIAEoCRIoCgV2YWx1ZRgCIAEoCzIZLmtmZWVkLnYxLlBhcmFtZXRlclZhbHVlczoCOAEiOAoLV2Fsa0ZvcndhcmQSDQoFZm9sZHMYASABKAUSGgoSaW5fc2FtcGxlX2ZyYWN0aW9uGAIgASgBIv0BCg9XYWxrRm9yd2FyZEZvbGQSDAoEZm9sZBgBIAEoBRIzCg9pbl9zYW1wbGVfc3RhcnQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjcKE291dF9vZl9zYW1wbGVfc3RhcnQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKA2VuZBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIgoaYmVzdF9pbl9zYW1wbGVfYmFja3Rlc3RfaWQYBSABKAkSIQoZb3V0X29mX3NhbXBsZV9iYWNrdGVzdF9pZBgGIAEoCSI7Cg9QYXJhbWV0ZXJWYWx1ZXMSKAoGdmFsdWVzGAEgAygLMhgua2ZlZWQudjEuUGFyYW1ldGVyVmFsdWUihwEKEEJhY2t0ZXN0UHJvZ3Jlc3MSFQoNZnJhY3Rpb25fZG9uZRgBIAEoARIbChNzbmFwc2hvdHNfcHJvY2Vzc2VkGAIgASgDEhcKD3NuYXBzaG90c190b3RhbBgDIAEoAxImCgtpbnRlcmltX3BubBgEIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMihAEKD0RhdGFGaW5nZXJwcmludBIRCglyb3dfY291bnQYASABKAMSGQoRZmlyc3Rfc25hcHNob3RfaWQYAiABKAMSGAoQbGFzdF9zbmFwc2hvdF9pZBgDIAEoAxIUCgxjb250ZW50X2hhc2gYBCABKAkSEwoLZXZlbnRfY291bnQYBSABKAMilwEKC0RhdGFRdWFsaXR5EhEKCWdhcF9jb3VudBgBIAEoAxIrCghnYXBfdGltZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIdChV1bnJlY292ZXJlZF9nYXBfY291bnQYAyABKAMSKQoHbWFya2V0cxgEIAMoCzIYLmtmZWVkLnYxLk1hcmtldENvdmVyYWdlInIKDk1hcmtldENvdmVyYWdlEg4KBnRpY2tlchgBIAEoCRIQCghjb3ZlcmFnZRgCIAEoARIRCglnYXBfY291bnQYAyABKAMSKwoIZ2FwX3RpbWUYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iwwMKD0JhY2t0ZXN0TWV0cmljcxIkCgl0b3RhbF9wbmwYASABKAsyES5rZmVlZC52MS5Eb2xsYXJzEhQKDHRvdGFsX3JldHVybhgCIAEoARIUCgxzaGFycGVfcmF0aW8YAyABKAESFQoNc29ydGlub19yYXRpbxgEIAEoARInCgxtYXhfZHJhd2Rvd24YBSABKAsyES5rZmVlZC52MS5Eb2xsYXJzEh0KFW1heF9kcmF3ZG93bl9mcmFjdGlvbhgGIAEoARI4ChVtYXhfZHJhd2Rvd25fZHVyYXRpb24YByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEAoId2luX3JhdGUYCCABKAESFQoNcHJvZml0X2ZhY3RvchgJIAEoARIlCgpleHBlY3RhbmN5GAogASgLMhEua2ZlZWQudjEuRG9sbGFycxITCgt0cmFkZV9jb3VudBgLIAEoAxIkCglmZWVzX3BhaWQYDCABKAsyES5rZmVlZC52MS5Eb2xsYXJzEhAKCGV4cG9zdXJlGA0gASgBEhgKC2JyaWVyX3Njb3JlGA4gASgBSACIAQFCDgoMX2JyaWVyX3Njb3JlIloKC0VxdWl0eVBvaW50EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiEKBmVxdWl0eRgCIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMixQUKCEJhY2t0ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJEigKBmNvbmZpZxgCIAEoCzIYLmtmZWVkLnYxLkJhY2t0ZXN0Q29uZmlnEiYKBXN0YXRlGAMgASgOMhcua2ZlZWQudjEuQmFja3Rlc3RTdGF0ZRIsCghwcm9ncmVzcxgEIAEoCzIaLmtmZWVkLnYxLkJhY2t0ZXN0UHJvZ3Jlc3MSKgoHbWV0cmljcxgFIAEoCzIZLmtmZWVkLnYxLkJhY2t0ZXN0TWV0cmljcxIzChBkYXRhX2ZpbmdlcnByaW50GAYgASgLMhkua2ZlZWQudjEuRGF0YUZpbmdlcnByaW50EhQKDGNvZGVfdmVyc2lvbhgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOcnVuX3N0YXJ0X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDHJ1bl9lbmRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNZXJyb3JfbWVzc2FnZRgLIAEoCRIaChJwYXJlbnRfYmFja3Rlc3RfaWQYDCABKAkSGAoQcmFua2VkX2NoaWxkX2lkcxgNIAMoCRInCgVzd2VlcBgOIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclN3ZWVwEisKDGVxdWl0eV9jdXJ2ZRgPIAMoCzIVLmtmZWVkLnYxLkVxdWl0eVBvaW50EisKDGRhdGFfcXVhbGl0eRgUIAEoCzIVLmtmZWVkLnYxLkRhdGFRdWFsaXR5Eg8KB2NyZWF0b3IYFSABKAkSNQoSd2Fsa19mb3J3YXJkX2ZvbGRzGBYgAygLMhkua2ZlZWQudjEuV2Fsa0ZvcndhcmRGb2xkImoKFUNyZWF0ZUJhY2t0ZXN0UmVxdWVzdBIoCgZjb25maWcYASABKAsyGC5rZmVlZC52MS5CYWNrdGVzdENvbmZpZxInCgVzd2VlcBgCIAEoCzIYLmtmZWVkLnYxLlBhcmFtZXRlclN3ZWVwIj4KFkNyZWF0ZUJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCJPChJHZXRCYWNrdGVzdFJlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkSJAoEdmlldxgCIAEoDjIWLmtmZWVkLnYxLkJhY2t0ZXN0VmlldyI7ChNHZXRCYWNrdGVzdFJlc3BvbnNlEiQKCGJhY2t0ZXN0GAEgASgLMhIua2ZlZWQudjEuQmFja3Rlc3QikwEKFExpc3RCYWNrdGVzdHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEhAKCHN0cmF0ZWd5GAMgASgJEiYKBXN0YXRlGAQgASgOMhcua2ZlZWQudjEuQmFja3Rlc3RTdGF0ZRIaChJwYXJlbnRfYmFja3Rlc3RfaWQYBSABKAkiVwoVTGlzdEJhY2t0ZXN0c1Jlc3BvbnNlEiUKCWJhY2t0ZXN0cxgBIAMoCzISLmtmZWVkLnYxLkJhY2t0ZXN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKUAwoJRXhlY3V0aW9uEhAKCHNlcXVlbmNlGAEgASgDEg4KBnRpY2tlchgCIAEoCRIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzbmFwc2hvdF9pZBgEIAEoAxIcCgRzaWRlGAUgASgOMg4ua2ZlZWQudjEuU2lkZRIlCgZhY3Rpb24YBiABKA4yFS5rZmVlZC52MS5PcmRlckFjdGlvbhIiCgVjb3VudBgHIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxIgCgVwcmljZRgIIAEoCzIRLmtmZWVkLnYxLkRvbGxhcnMSHgoDZmVlGAkgASgLMhEua2ZlZWQudjEuRG9sbGFycxIlCgpjYXNoX2FmdGVyGAogASgLMhEua2ZlZWQudjEuRG9sbGFycxIrCg5wb3NpdGlvbl9hZnRlchgLIAEoCzITLmtmZWVkLnYxLkNvbnRyYWN0cxInCgxyZWFsaXplZF9wbmwYDCABKAsyES5rZmVlZC52MS5Eb2xsYXJzIlMKFUxpc3RFeGVjdXRpb25zUmVxdWVzdBITCgtiYWNrdGVzdF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJaChZMaXN0RXhlY3V0aW9uc1Jlc3BvbnNlEicKCmV4ZWN1dGlvbnMYASADKAsyEy5rZmVlZC52MS5FeGVjdXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlwKFFdhdGNoQmFja3Rlc3RSZXF1ZXN0EhMKC2JhY2t0ZXN0X2lkGAEgASgJEi8KDG1pbl9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI9ChVXYXRjaEJhY2t0ZXN0UmVzcG9uc2USJAoIYmFja3Rlc3QYASABKAsyEi5rZmVlZC52MS5CYWNrdGVzdCIsChVDYW5jZWxCYWNrdGVzdFJlcXVlc3QSEwoLYmFja3Rlc3RfaWQYASABKAkiPgoWQ2FuY2VsQmFja3Rlc3RSZXNwb25zZRIkCghiYWNrdGVzdBgBIAEoCzISLmtmZWVkLnYxLkJhY2t0ZXN0KrkBCg1QYXJhbWV0ZXJUeXBlEh4KGlBBUkFNRVRFUl9UWVBFX1VOU1BFQ0lGSUVEEAASGgoWUEFSQU1FVEVSX1RZUEVfSU5URUdFUhABEhkKFVBBUkFNRVRFUl9UWVBFX05VTUJFUhACEhoKFlBBUkFNRVRFUl9UWVBFX0RPTExBUlMQAxIaChZQQVJBTUVURVJfVFlQRV9CT09MRUFOEAQSGQoVUEFSQU1FVEVSX1RZUEVfU1RSSU5HEAUqYwoLRmVlUm91bmRpbmcSHAoYRkVFX1JPVU5ESU5HX1VOU1BFQ0lGSUVEEAASFQoRRkVFX1JPVU5ESU5HX0NFTlQQARIfChtGRUVfUk9VTkRJTkdfVEVOX1RIT1VTQU5EVEgQAipTCglGaWxsTW9kZWwSGgoWRklMTF9NT0RFTF9VTlNQRUNJRklFRBAAEhQKEEZJTExfTU9ERUxfVE9VQ0gQARIUChBGSUxMX01PREVMX0RFUFRIEAIqUwoJR2FwUG9saWN5EhoKFkdBUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABITCg9HQVBfUE9MSUNZX0ZMQUcQARIVChFHQVBfUE9MSUNZX1JFRlVTRRACKr4BCg1CYWNrdGVzdFN0YXRlEh4KGkJBQ0tURVNUX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWQkFDS1RFU1RfU1RBVEVfUEVORElORxABEhoKFkJBQ0tURVNUX1NUQVRFX1JVTk5JTkcQAhIcChhCQUNLVEVTVF9TVEFURV9TVUNDRUVERUQQAxIZChVCQUNLVEVTVF9TVEFURV9GQUlMRUQQBBIcChhCQUNLVEVTVF9TVEFURV9DQU5DRUxMRUQQBSpeCgxCYWNrdGVzdFZpZXcSHQoZQkFDS1RFU1RfVklFV19VTlNQRUNJRklFRBAAEhcKE0JBQ0tURVNUX1ZJRVdfQkFTSUMQARIWChJCQUNLVEVTVF9WSUVXX0ZVTEwQAiqIAQoLT3JkZXJBY3Rpb24SHAoYT1JERVJfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFAoQT1JERVJfQUNUSU9OX0JVWRABEhUKEU9SREVSX0FDVElPTl9TRUxMEAISFwoTT1JERVJfQUNUSU9OX1NFVFRMRRADEhUKEU9SREVSX0FDVElPTl9NQVJLEAQy1wQKD0JhY2t0ZXN0U2VydmljZRJTCg5MaXN0U3RyYXRlZ2llcxIfLmtmZWVkLnYxLkxpc3RTdHJhdGVnaWVzUmVxdWVzdBogLmtmZWVkLnYxLkxpc3RTdHJhdGVnaWVzUmVzcG9uc2USUwoOQ3JlYXRlQmFja3Rlc3QSHy5rZmVlZC52MS5DcmVhdGVCYWNrdGVzdFJlcXVlc3QaIC5rZmVlZC52MS5DcmVhdGVCYWNrdGVzdFJlc3BvbnNlEkoKC0dldEJhY2t0ZXN0Ehwua2ZlZWQudjEuR2V0QmFja3Rlc3RSZXF1ZXN0Gh0ua2ZlZWQudjEuR2V0QmFja3Rlc3RSZXNwb25zZRJQCg1MaXN0QmFja3Rlc3RzEh4ua2ZlZWQudjEuTGlzdEJhY2t0ZXN0c1JlcXVlc3QaHy5rZmVlZC52MS5MaXN0QmFja3Rlc3RzUmVzcG9uc2USUwoOTGlzdEV4ZWN1dGlvbnMSHy5rZmVlZC52MS5MaXN0RXhlY3V0aW9uc1JlcXVlc3QaIC5rZmVlZC52MS5MaXN0RXhlY3V0aW9uc1Jlc3BvbnNlElIKDVdhdGNoQmFja3Rlc3QSHi5rZmVlZC52MS5XYXRjaEJhY2t0ZXN0UmVxdWVzdBofLmtmZWVkLnYxLldhdGNoQmFja3Rlc3RSZXNwb25zZTABElMKDkNhbmNlbEJhY2t0ZXN0Eh8ua2ZlZWQudjEuQ2FuY2VsQmFja3Rlc3RSZXF1ZXN0GiAua2ZlZWQudjEuQ2FuY2VsQmFja3Rlc3RSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_kfeed_v1_types]);
 
 /**
  * A strategy parameter's value.
@@ -322,6 +322,14 @@ export type ParameterSweep = Message<"kfeed.v1.ParameterSweep"> & {
    * @generated from field: string rank_by = 2;
    */
   rankBy: string;
+
+  /**
+   * If set, a walk-forward analysis: the grid runs on each fold's in-sample window, and the best
+   * in-sample configuration (by rank_by) runs on the fold's out-of-sample window after it.
+   *
+   * @generated from field: kfeed.v1.WalkForward walk_forward = 3;
+   */
+  walkForward?: WalkForward | undefined;
 };
 
 /**
@@ -330,6 +338,85 @@ export type ParameterSweep = Message<"kfeed.v1.ParameterSweep"> & {
  */
 export const ParameterSweepSchema: GenMessage<ParameterSweep> = /*@__PURE__*/
   messageDesc(file_kfeed_v1_backtest_service, 6);
+
+/**
+ * Walk-forward splits of a closed window (config.start_time to config.end_time).
+ *
+ * @generated from message kfeed.v1.WalkForward
+ */
+export type WalkForward = Message<"kfeed.v1.WalkForward"> & {
+  /**
+   * Consecutive, equal folds of the window (at least 1).
+   *
+   * @generated from field: int32 folds = 1;
+   */
+  folds: number;
+
+  /**
+   * Share of each fold's time that is in-sample (strictly between 0 and 1); the rest of the fold
+   * is out-of-sample.
+   *
+   * @generated from field: double in_sample_fraction = 2;
+   */
+  inSampleFraction: number;
+};
+
+/**
+ * Describes the message kfeed.v1.WalkForward.
+ * Use `create(WalkForwardSchema)` to create a new message.
+ */
+export const WalkForwardSchema: GenMessage<WalkForward> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_backtest_service, 7);
+
+/**
+ * One walk-forward fold of a finished sweep parent.
+ *
+ * @generated from message kfeed.v1.WalkForwardFold
+ */
+export type WalkForwardFold = Message<"kfeed.v1.WalkForwardFold"> & {
+  /**
+   * 0-based, in time order.
+   *
+   * @generated from field: int32 fold = 1;
+   */
+  fold: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp in_sample_start = 2;
+   */
+  inSampleStart?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp out_of_sample_start = 3;
+   */
+  outOfSampleStart?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end = 4;
+   */
+  end?: Timestamp | undefined;
+
+  /**
+   * The fold's best in-sample child (by rank_by).
+   *
+   * @generated from field: string best_in_sample_backtest_id = 5;
+   */
+  bestInSampleBacktestId: string;
+
+  /**
+   * The child that ran the best in-sample configuration out of sample (empty when none ran).
+   *
+   * @generated from field: string out_of_sample_backtest_id = 6;
+   */
+  outOfSampleBacktestId: string;
+};
+
+/**
+ * Describes the message kfeed.v1.WalkForwardFold.
+ * Use `create(WalkForwardFoldSchema)` to create a new message.
+ */
+export const WalkForwardFoldSchema: GenMessage<WalkForwardFold> = /*@__PURE__*/
+  messageDesc(file_kfeed_v1_backtest_service, 8);
 
 /**
  * @generated from message kfeed.v1.ParameterValues
@@ -346,7 +433,7 @@ export type ParameterValues = Message<"kfeed.v1.ParameterValues"> & {
  * Use `create(ParameterValuesSchema)` to create a new message.
  */
 export const ParameterValuesSchema: GenMessage<ParameterValues> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 7);
+  messageDesc(file_kfeed_v1_backtest_service, 9);
 
 /**
  * How far a backtest has got. For a sweep parent: the children's mean fraction, summed counts
@@ -385,7 +472,7 @@ export type BacktestProgress = Message<"kfeed.v1.BacktestProgress"> & {
  * Use `create(BacktestProgressSchema)` to create a new message.
  */
 export const BacktestProgressSchema: GenMessage<BacktestProgress> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 8);
+  messageDesc(file_kfeed_v1_backtest_service, 10);
 
 /**
  * What a backtest read, so that changed data shows.
@@ -429,7 +516,7 @@ export type DataFingerprint = Message<"kfeed.v1.DataFingerprint"> & {
  * Use `create(DataFingerprintSchema)` to create a new message.
  */
 export const DataFingerprintSchema: GenMessage<DataFingerprint> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 9);
+  messageDesc(file_kfeed_v1_backtest_service, 11);
 
 /**
  * Recorded feed gaps that overlap a backtest's markets and window.
@@ -467,7 +554,7 @@ export type DataQuality = Message<"kfeed.v1.DataQuality"> & {
  * Use `create(DataQualitySchema)` to create a new message.
  */
 export const DataQualitySchema: GenMessage<DataQuality> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 10);
+  messageDesc(file_kfeed_v1_backtest_service, 12);
 
 /**
  * One market's share of the window not covered by a recorded feed gap.
@@ -503,7 +590,7 @@ export type MarketCoverage = Message<"kfeed.v1.MarketCoverage"> & {
  * Use `create(MarketCoverageSchema)` to create a new message.
  */
 export const MarketCoverageSchema: GenMessage<MarketCoverage> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 11);
+  messageDesc(file_kfeed_v1_backtest_service, 13);
 
 /**
  * A backtest's results. Periods for Sharpe and Sortino are daily returns of the equity curve,
@@ -602,7 +689,7 @@ export type BacktestMetrics = Message<"kfeed.v1.BacktestMetrics"> & {
  * Use `create(BacktestMetricsSchema)` to create a new message.
  */
 export const BacktestMetricsSchema: GenMessage<BacktestMetrics> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 12);
+  messageDesc(file_kfeed_v1_backtest_service, 14);
 
 /**
  * One point of the equity curve.
@@ -628,7 +715,7 @@ export type EquityPoint = Message<"kfeed.v1.EquityPoint"> & {
  * Use `create(EquityPointSchema)` to create a new message.
  */
 export const EquityPointSchema: GenMessage<EquityPoint> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 13);
+  messageDesc(file_kfeed_v1_backtest_service, 15);
 
 /**
  * A backtest run.
@@ -741,6 +828,13 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
    * @generated from field: string creator = 21;
    */
   creator: string;
+
+  /**
+   * For a walk-forward sweep parent: its folds, once its children are done.
+   *
+   * @generated from field: repeated kfeed.v1.WalkForwardFold walk_forward_folds = 22;
+   */
+  walkForwardFolds: WalkForwardFold[];
 };
 
 /**
@@ -748,7 +842,7 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
  * Use `create(BacktestSchema)` to create a new message.
  */
 export const BacktestSchema: GenMessage<Backtest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 14);
+  messageDesc(file_kfeed_v1_backtest_service, 16);
 
 /**
  * @generated from message kfeed.v1.CreateBacktestRequest
@@ -772,7 +866,7 @@ export type CreateBacktestRequest = Message<"kfeed.v1.CreateBacktestRequest"> & 
  * Use `create(CreateBacktestRequestSchema)` to create a new message.
  */
 export const CreateBacktestRequestSchema: GenMessage<CreateBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 15);
+  messageDesc(file_kfeed_v1_backtest_service, 17);
 
 /**
  * @generated from message kfeed.v1.CreateBacktestResponse
@@ -789,7 +883,7 @@ export type CreateBacktestResponse = Message<"kfeed.v1.CreateBacktestResponse"> 
  * Use `create(CreateBacktestResponseSchema)` to create a new message.
  */
 export const CreateBacktestResponseSchema: GenMessage<CreateBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 16);
+  messageDesc(file_kfeed_v1_backtest_service, 18);
 
 /**
  * @generated from message kfeed.v1.GetBacktestRequest
@@ -811,7 +905,7 @@ export type GetBacktestRequest = Message<"kfeed.v1.GetBacktestRequest"> & {
  * Use `create(GetBacktestRequestSchema)` to create a new message.
  */
 export const GetBacktestRequestSchema: GenMessage<GetBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 17);
+  messageDesc(file_kfeed_v1_backtest_service, 19);
 
 /**
  * @generated from message kfeed.v1.GetBacktestResponse
@@ -828,7 +922,7 @@ export type GetBacktestResponse = Message<"kfeed.v1.GetBacktestResponse"> & {
  * Use `create(GetBacktestResponseSchema)` to create a new message.
  */
 export const GetBacktestResponseSchema: GenMessage<GetBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 18);
+  messageDesc(file_kfeed_v1_backtest_service, 20);
 
 /**
  * @generated from message kfeed.v1.ListBacktestsRequest
@@ -873,7 +967,7 @@ export type ListBacktestsRequest = Message<"kfeed.v1.ListBacktestsRequest"> & {
  * Use `create(ListBacktestsRequestSchema)` to create a new message.
  */
 export const ListBacktestsRequestSchema: GenMessage<ListBacktestsRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 19);
+  messageDesc(file_kfeed_v1_backtest_service, 21);
 
 /**
  * @generated from message kfeed.v1.ListBacktestsResponse
@@ -895,7 +989,7 @@ export type ListBacktestsResponse = Message<"kfeed.v1.ListBacktestsResponse"> & 
  * Use `create(ListBacktestsResponseSchema)` to create a new message.
  */
 export const ListBacktestsResponseSchema: GenMessage<ListBacktestsResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 20);
+  messageDesc(file_kfeed_v1_backtest_service, 22);
 
 /**
  * One fill (or settlement) in a backtest.
@@ -981,7 +1075,7 @@ export type Execution = Message<"kfeed.v1.Execution"> & {
  * Use `create(ExecutionSchema)` to create a new message.
  */
 export const ExecutionSchema: GenMessage<Execution> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 21);
+  messageDesc(file_kfeed_v1_backtest_service, 23);
 
 /**
  * @generated from message kfeed.v1.ListExecutionsRequest
@@ -1010,7 +1104,7 @@ export type ListExecutionsRequest = Message<"kfeed.v1.ListExecutionsRequest"> & 
  * Use `create(ListExecutionsRequestSchema)` to create a new message.
  */
 export const ListExecutionsRequestSchema: GenMessage<ListExecutionsRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 22);
+  messageDesc(file_kfeed_v1_backtest_service, 24);
 
 /**
  * @generated from message kfeed.v1.ListExecutionsResponse
@@ -1032,7 +1126,7 @@ export type ListExecutionsResponse = Message<"kfeed.v1.ListExecutionsResponse"> 
  * Use `create(ListExecutionsResponseSchema)` to create a new message.
  */
 export const ListExecutionsResponseSchema: GenMessage<ListExecutionsResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 23);
+  messageDesc(file_kfeed_v1_backtest_service, 25);
 
 /**
  * @generated from message kfeed.v1.WatchBacktestRequest
@@ -1056,7 +1150,7 @@ export type WatchBacktestRequest = Message<"kfeed.v1.WatchBacktestRequest"> & {
  * Use `create(WatchBacktestRequestSchema)` to create a new message.
  */
 export const WatchBacktestRequestSchema: GenMessage<WatchBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 24);
+  messageDesc(file_kfeed_v1_backtest_service, 26);
 
 /**
  * @generated from message kfeed.v1.WatchBacktestResponse
@@ -1075,7 +1169,7 @@ export type WatchBacktestResponse = Message<"kfeed.v1.WatchBacktestResponse"> & 
  * Use `create(WatchBacktestResponseSchema)` to create a new message.
  */
 export const WatchBacktestResponseSchema: GenMessage<WatchBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 25);
+  messageDesc(file_kfeed_v1_backtest_service, 27);
 
 /**
  * @generated from message kfeed.v1.CancelBacktestRequest
@@ -1092,7 +1186,7 @@ export type CancelBacktestRequest = Message<"kfeed.v1.CancelBacktestRequest"> & 
  * Use `create(CancelBacktestRequestSchema)` to create a new message.
  */
 export const CancelBacktestRequestSchema: GenMessage<CancelBacktestRequest> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 26);
+  messageDesc(file_kfeed_v1_backtest_service, 28);
 
 /**
  * @generated from message kfeed.v1.CancelBacktestResponse
@@ -1109,7 +1203,7 @@ export type CancelBacktestResponse = Message<"kfeed.v1.CancelBacktestResponse"> 
  * Use `create(CancelBacktestResponseSchema)` to create a new message.
  */
 export const CancelBacktestResponseSchema: GenMessage<CancelBacktestResponse> = /*@__PURE__*/
-  messageDesc(file_kfeed_v1_backtest_service, 27);
+  messageDesc(file_kfeed_v1_backtest_service, 29);
 
 /**
  * The type of a strategy parameter.
