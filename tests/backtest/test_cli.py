@@ -155,4 +155,5 @@ async def test_run_walks_forward_and_prints_each_fold(
         backtest_server, "run", "--strategy", "threshold", "--ticker", TICKER,
         "--walk-forward", "2",
     )  # fmt: skip
-    assert code == 2 and "--walk-forward needs a grid" in refused, refused
+    assert code == 2, refused
+    assert "--walk-forward needs a grid" in refused

@@ -1,7 +1,7 @@
 """A walk-forward sweep's folds, stored with its parent.
 
-Revision ID: 0006_backtest_walk_forward
-Revises: 0005_trade_stream_ids
+Revision ID: 0007_backtest_walk_forward
+Revises: 0006_book_stream_ids
 Create Date: 2026-12-05
 
 ``backtests.walk_forward_folds`` is a JSON document (per fold: its windows, the best in-sample
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0006_backtest_walk_forward"
-down_revision: str | Sequence[str] | None = "0005_trade_stream_ids"
+revision: str = "0007_backtest_walk_forward"
+down_revision: str | Sequence[str] | None = "0006_book_stream_ids"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
