@@ -70,6 +70,9 @@ class EventRecord:
     category: str = ""
     mutually_exclusive: bool = False
     strike_time: datetime | None = None
+    # Kalshi's event-level fee overrides ("" / None: the series' terms apply).
+    fee_type_override: str = ""
+    fee_multiplier_override_ten_thousandths: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kfeed.v1 import types_pb2
-from kfeed_ingest.kalshi.models import KalshiCandlestick, KalshiMarket, KalshiSeries, KalshiTrade
+from kfeed_ingest.kalshi.models import (
+    KalshiCandlestick,
+    KalshiEvent,
+    KalshiMarket,
+    KalshiSeries,
+    KalshiTrade,
+)
 from kfeed_ingest.kalshi.normalise import (
     FixedPointError,
     SnapshotDeduper,
@@ -22,6 +28,7 @@ from kfeed_ingest.kalshi.normalise import (
     market_status,
     parse_count,
     parse_price,
+    event_message,
     series_message,
     snapshot_from_candlestick,
     snapshot_from_market,
@@ -171,6 +178,19 @@ def test_series_fee_multiplier_is_exact() -> None:
     series = series_message(KalshiSeries(ticker="KXS", fee_multiplier=0.35, tags=None))
     assert series.fee_multiplier_ten_thousandths == 3500
     assert series_message(KalshiSeries(ticker="KXS")).fee_multiplier_ten_thousandths == 10000
+
+
+def test_event_fee_overrides_are_kept_exactly_and_absent_ones_stay_unset() -> None:
+    overridden = event_message(
+        KalshiEvent.model_validate(
+            {"event_ticker": "KXE", "fee_type_override": "flat", "fee_multiplier_override": 0.35}
+        )
+    )
+    assert overridden.fee_type_override == "flat"
+    assert overridden.fee_multiplier_override_ten_thousandths == 3_500
+    plain = event_message(KalshiEvent(event_ticker="KXE"))
+    assert plain.fee_type_override == ""
+    assert not plain.HasField("fee_multiplier_override_ten_thousandths")
 
 
 def test_best_yes_ask_is_one_minus_best_no_bid_whatever_the_order() -> None:

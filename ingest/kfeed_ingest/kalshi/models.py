@@ -118,6 +118,9 @@ class KalshiEvent(KalshiModel):
     strike_date: OptionalTime = None
     strike_period: str | None = None
     markets: list[KalshiMarket] | None = None
+    # Event-level fee overrides (Kalshi's fee rules; absent on most events).
+    fee_type_override: str | None = None
+    fee_multiplier_override: float | str | None = None
 
 
 class KalshiTrade(KalshiModel):

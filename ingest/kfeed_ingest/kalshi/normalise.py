@@ -188,6 +188,12 @@ def event_message(event: KalshiEvent) -> types_pb2.Event:
         category=event.category,
         mutually_exclusive=event.mutually_exclusive,
         strike_time=timestamp(event.strike_date),
+        fee_type_override=event.fee_type_override or "",
+        fee_multiplier_override_ten_thousandths=(
+            None
+            if event.fee_multiplier_override in (None, "")
+            else _fee_multiplier(event.fee_multiplier_override)
+        ),
     )
 
 

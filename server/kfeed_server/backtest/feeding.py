@@ -242,11 +242,17 @@ class ReplayFeeder:
         return EventCursor(window_events(books, trades, config.tickers, start, end))
 
     async def _market_fees(self, market: MarketRecord) -> MarketFees:
-        """The market's fee terms from its series (stored events carry no fee overrides yet)."""
+        """The market's fee terms: its series' fee type and multiplier, each replaced by its
+        event's override when the event has one."""
         series = (
             await self._markets.get_series(market.series_ticker) if market.series_ticker else None
         )
-        return market_fees(series)
+        event = await self._markets.get_event(market.event_ticker) if market.event_ticker else None
+        if event is None:
+            return market_fees(series)
+        return market_fees(
+            series, event.fee_type_override, event.fee_multiplier_override_ten_thousandths
+        )
 
     async def _feed(
         self,

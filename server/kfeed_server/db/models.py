@@ -100,6 +100,9 @@ class Event(Base):
     mutually_exclusive: Mapped[bool]
     strike_time: Mapped[datetime | None]
     update_time: Mapped[datetime]
+    # Kalshi's event-level fee overrides ("" / NULL: the series' terms apply).
+    fee_type_override: Mapped[str] = mapped_column(server_default="")
+    fee_multiplier_override_ten_thousandths: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Market(Base):

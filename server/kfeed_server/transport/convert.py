@@ -155,6 +155,8 @@ def event_to_proto(record: EventRecord) -> types_pb2.Event:
         sub_title=record.sub_title,
         category=record.category,
         mutually_exclusive=record.mutually_exclusive,
+        fee_type_override=record.fee_type_override,
+        fee_multiplier_override_ten_thousandths=record.fee_multiplier_override_ten_thousandths,
     )
     if record.strike_time is not None:
         event.strike_time.CopyFrom(timestamp(record.strike_time))
@@ -182,6 +184,12 @@ def event_from_proto(message: types_pb2.Event) -> EventRecord:
         category=message.category,
         mutually_exclusive=message.mutually_exclusive,
         strike_time=optional_timestamp(message, "strike_time"),
+        fee_type_override=message.fee_type_override,
+        fee_multiplier_override_ten_thousandths=(
+            message.fee_multiplier_override_ten_thousandths
+            if message.HasField("fee_multiplier_override_ten_thousandths")
+            else None
+        ),
     )
 
 

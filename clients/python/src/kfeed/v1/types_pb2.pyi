@@ -241,6 +241,8 @@ class Event(_message.Message):
     CATEGORY_FIELD_NUMBER: _builtins.int
     MUTUALLY_EXCLUSIVE_FIELD_NUMBER: _builtins.int
     STRIKE_TIME_FIELD_NUMBER: _builtins.int
+    FEE_TYPE_OVERRIDE_FIELD_NUMBER: _builtins.int
+    FEE_MULTIPLIER_OVERRIDE_TEN_THOUSANDTHS_FIELD_NUMBER: _builtins.int
     event_ticker: _builtins.str
     """Event ticker, e.g. "KXHIGHNY-26NOV25"."""
     series_ticker: _builtins.str
@@ -249,6 +251,12 @@ class Event(_message.Message):
     category: _builtins.str
     mutually_exclusive: _builtins.bool
     """True when at most one of the event's markets can resolve YES."""
+    fee_type_override: _builtins.str
+    """Kalshi's event-level fee overrides: a fee type that replaces the series' `fee_type`
+    (empty: none) and a multiplier that replaces its `fee_multiplier_ten_thousandths` (unset:
+    none).
+    """
+    fee_multiplier_override_ten_thousandths: _builtins.int
     @_builtins.property
     def strike_time(self) -> _timestamp_pb2.Timestamp:
         """When the event's outcome is determined, if known."""
@@ -263,12 +271,16 @@ class Event(_message.Message):
         category: _builtins.str = ...,
         mutually_exclusive: _builtins.bool = ...,
         strike_time: _timestamp_pb2.Timestamp | None = ...,
+        fee_type_override: _builtins.str = ...,
+        fee_multiplier_override_ten_thousandths: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["strike_time", b"strike_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fee_multiplier_override_ten_thousandths", b"_fee_multiplier_override_ten_thousandths", "fee_multiplier_override_ten_thousandths", b"fee_multiplier_override_ten_thousandths", "strike_time", b"strike_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "event_ticker", b"event_ticker", "mutually_exclusive", b"mutually_exclusive", "series_ticker", b"series_ticker", "strike_time", b"strike_time", "sub_title", b"sub_title", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fee_multiplier_override_ten_thousandths", b"_fee_multiplier_override_ten_thousandths", "category", b"category", "event_ticker", b"event_ticker", "fee_multiplier_override_ten_thousandths", b"fee_multiplier_override_ten_thousandths", "fee_type_override", b"fee_type_override", "mutually_exclusive", b"mutually_exclusive", "series_ticker", b"series_ticker", "strike_time", b"strike_time", "sub_title", b"sub_title", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__fee_multiplier_override_ten_thousandths: _TypeAlias = _typing.Literal["fee_multiplier_override_ten_thousandths"]  # noqa: Y015
+    _WhichOneofArgType__fee_multiplier_override_ten_thousandths: _TypeAlias = _typing.Literal["_fee_multiplier_override_ten_thousandths", b"_fee_multiplier_override_ten_thousandths"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fee_multiplier_override_ten_thousandths) -> _WhichOneofReturnType__fee_multiplier_override_ten_thousandths | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
 

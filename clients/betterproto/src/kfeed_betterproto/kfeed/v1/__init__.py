@@ -1234,6 +1234,17 @@ class Event(betterproto2.Message):
     When the event's outcome is determined, if known.
     """
 
+    fee_type_override: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    Kalshi's event-level fee overrides: a fee type that replaces the series' `fee_type`
+    (empty: none) and a multiplier that replaces its `fee_multiplier_ten_thousandths` (unset:
+    none).
+    """
+
+    fee_multiplier_override_ten_thousandths: "int | None" = betterproto2.field(
+        9, betterproto2.TYPE_INT64, optional=True
+    )
+
 
 default_message_pool.register_message("kfeed.v1", "Event", Event)
 
