@@ -34,14 +34,14 @@ def ladder(book: Book) -> Ladder:
 class Timeline:
     """A market's true book over time and what a recorder that misses part of it publishes."""
 
-    def __init__(self, seed: int, steps: int) -> None:
+    def __init__(self, seed: int, steps: int, ticker: str = MARKET.ticker) -> None:
         rng = random.Random(seed)
         self.truth: list[tuple[datetime, Ladder]] = []
         self.records: list[BookChange | ingest_service_pb2.OrderBookCheckpoint] = []
         self.unknown: list[tuple[datetime, datetime]] = []  # [LOST, RESYNC) windows
         book: Book = ({}, {})
         now = at(0)
-        self.records.append(checkpoint(MARKET.ticker, START, now, now, 1, {}, {}))
+        self.records.append(checkpoint(ticker, START, now, now, 1, {}, {}))
         recording, lost_at, sequence, since_checkpoint = True, now, 1, 0
         for _ in range(steps):
             now += timedelta(milliseconds=rng.randint(1, 400))
@@ -58,7 +58,7 @@ class Timeline:
                 side_proto = types_pb2.SIDE_YES if side == 0 else types_pb2.SIDE_NO
                 micros_now = micros(now)
                 changed.append(
-                    BookChange(MARKET.ticker, micros_now, micros_now, sequence, side_proto,
+                    BookChange(ticker, micros_now, micros_now, sequence, side_proto,
                                price, size)
                 )  # fmt: skip
             self.truth.append((now, ladder(book)))
@@ -67,7 +67,7 @@ class Timeline:
                     previous = self.truth[-2][0] if len(self.truth) > 1 else now
                     self.records.append(
                         checkpoint(
-                            MARKET.ticker, PERIODIC, previous, now, None, *self._at(previous)
+                            ticker, PERIODIC, previous, now, None, *self._at(previous)
                         )
                     )
                     since_checkpoint = 0
@@ -76,12 +76,12 @@ class Timeline:
                 if rng.random() < 0.05:
                     recording, lost_at = False, now
                     self.records.append(
-                        checkpoint(MARKET.ticker, LOST, now, now, None, book[0], book[1])
+                        checkpoint(ticker, LOST, now, now, None, book[0], book[1])
                     )
             elif rng.random() < 0.3:
                 resync = now + timedelta(microseconds=1)
                 self.records.append(
-                    checkpoint(MARKET.ticker, RESYNC, resync, resync, sequence, book[0], book[1])
+                    checkpoint(ticker, RESYNC, resync, resync, sequence, book[0], book[1])
                 )
                 self.unknown.append((lost_at, resync))
                 recording, since_checkpoint = True, 0

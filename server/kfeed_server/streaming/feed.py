@@ -238,10 +238,14 @@ async def _history_then_live(
     else:
         replay = False
     if replay:
+        # Rows up to here are all read by the replay, delivered or left out by min_time: the
+        # stream stands after them even when the last of them was left out.
+        floor = await source.max_stream_id() if min_time is not None else 0
         async for page in _replay(source, request, last_id, min_time):
             last_id = page[-1].stream_id
             replayed += len(page)
             yield RowRun(page)
+        last_id = max(last_id, floor)
     elif not isinstance(source, StartingPointSource):
         last_id = await source.max_stream_id()
         if request.include_latest and isinstance(source, SnapshotSource):
