@@ -66,18 +66,14 @@ class Timeline:
                 if since_checkpoint >= 7:  # between instants, as the ingest does
                     previous = self.truth[-2][0] if len(self.truth) > 1 else now
                     self.records.append(
-                        checkpoint(
-                            ticker, PERIODIC, previous, now, None, *self._at(previous)
-                        )
+                        checkpoint(ticker, PERIODIC, previous, now, None, *self._at(previous))
                     )
                     since_checkpoint = 0
                 self.records += changed
                 since_checkpoint += len(changed)
                 if rng.random() < 0.05:
                     recording, lost_at = False, now
-                    self.records.append(
-                        checkpoint(ticker, LOST, now, now, None, book[0], book[1])
-                    )
+                    self.records.append(checkpoint(ticker, LOST, now, now, None, book[0], book[1]))
             elif rng.random() < 0.3:
                 resync = now + timedelta(microseconds=1)
                 self.records.append(
