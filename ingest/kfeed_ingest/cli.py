@@ -126,7 +126,8 @@ class IngestCommand(CommandSettings):
         description="seconds a batch collects rows before it is sent (rows are spooled at once)",
     )
     poll_books: bool = Field(
-        default=True, description="--mode poll: read each open market's order book every pass"
+        default=True,
+        description="--mode poll and backfill: read each open market's order book (every pass)",
     )
     book_checkpoint_changes: int = Field(
         default=1000, ge=1, description="a full order book every N changes of a market"

@@ -734,7 +734,7 @@ class Ingestor:
 
     async def backfill(self, start: datetime, end: datetime) -> None:
         """Settled markets, trades and candlesticks over ``[start, end]``, on both sides of the
-        historical cutoff."""
+        historical cutoff; the REST order book of those still open (``poll_books``)."""
         cutoff: datetime | None = None
         try:
             cutoff = (await self.rest.get_historical_cutoff()).trades_created_ts
@@ -751,6 +751,12 @@ class Ingestor:
             series_ticker = await self.send_market(market)
             await self._backfill_trades(ticker, start, end, cutoff, seen_trades)
             await self._backfill_candles(ticker, series_ticker, start, end, historical)
+            # A market still open has a book now (a settled one has none): as poll reads it.
+            if (
+                self.options.poll_books
+                and market_status(market.status) == types_pb2.MARKET_STATUS_OPEN
+            ):
+                await self._send_rest_book(ticker)
         await self.sink.flush()
         logger.info("backfill: %d markets, %d trades", len(markets), len(seen_trades))
 

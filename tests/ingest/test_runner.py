@@ -97,12 +97,7 @@ async def test_poll_once_stores_exactly_what_the_exchange_shows(
     for ticker, book in books.items():
         yes, no = exchange.markets[ticker].orderbook()
         assert book.kind == ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_START
-        assert [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.book.yes_bids] == (
-            sorted(yes, reverse=True)
-        )
-        assert [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.book.no_bids] == (
-            sorted(no, reverse=True)
-        )
+        assert _checkpoint_levels(book) == (sorted(yes, reverse=True), sorted(no, reverse=True))
     assert len(Spool.open(tmp_path / "spool")) == 0
 
 
@@ -172,6 +167,40 @@ async def test_backfill_reads_settled_markets_trades_and_candles_across_the_cuto
     ]
     assert {s.ticker for s in backfilled} & historical
     assert {s.ticker for s in backfilled} - historical
+
+
+def _checkpoint_levels(
+    checkpoint: ingest_service_pb2.OrderBookCheckpoint,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    book = checkpoint.book
+    return (
+        [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.yes_bids],
+        [(lv.price.ten_thousandths, lv.size.hundredths) for lv in book.no_bids],
+    )
+
+
+async def test_backfill_publishes_the_rest_book_of_markets_still_open(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    async with signed_simulator() as sim:
+        exchange = sim.handle.exchange
+        origin = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=exchange.origin_us)
+        tickers = sim.open_tickers(2)
+        command = _command(
+            sim, server, tmp_path, mode="backfill", once=True, tickers=tickers,
+            start=origin - timedelta(days=1), end=origin + timedelta(days=400),
+        )  # fmt: skip
+        assert await command.run() == 0
+        truth = {t: exchange.markets[t].orderbook() for t in tickers}
+    books = {c.book.ticker: c for r in server.service.stored.values() for c in r.book_checkpoints}
+    assert set(books) == set(tickers)
+    for ticker, checkpoint in books.items():
+        yes, no = truth[ticker]
+        assert checkpoint.kind == ingest_service_pb2.ORDER_BOOK_CHECKPOINT_KIND_START
+        assert _checkpoint_levels(checkpoint) == (
+            sorted(yes, reverse=True),
+            sorted(no, reverse=True),
+        )
 
 
 async def test_unacked_batches_of_a_failed_once_run_are_sent_by_the_next_run(
