@@ -1,7 +1,8 @@
 """Order books end to end with real processes: `kfeed sim` (sequence gaps, dropped sockets) →
 `kfeed ingest --mode ws` → `kfeed serve` (SQLite and PostgreSQL). GetOrderBook at random past
 instants equals the simulator's true book at that instant, level for level, except inside the
-windows the recording flags as gaps."""
+windows the recording flags as gaps; a StreamOrderBooks subscriber that applies what it
+receives holds the simulator's books live, through the gaps and the dropped socket."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc, types_pb2
+from kfeed_client.books import LocalOrderBooks
 from tests.support.processes import Server, Simulator, ingest_args, start_kfeed
 
 Ladder = tuple[list[tuple[int, int]], list[tuple[int, int]]]
@@ -74,11 +76,13 @@ async def book_at(
 async def _latest_books_match(
     simulator: Simulator,
     stub: market_service_pb2_grpc.MarketServiceAsyncStub,
+    applied: LocalOrderBooks,
     created_before_us: int | None = None,
     within: float = 30.0,
 ) -> list[str]:
-    """Waits until every open market's latest stored book is the simulator's current one;
-    the differences left at the deadline (empty once they match)."""
+    """Waits until every open market's latest stored book, and the book a stream subscriber
+    applied, is the simulator's current one; the differences left at the deadline (empty once
+    they match)."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
         truth = await book_truth(simulator)
@@ -93,9 +97,25 @@ async def _latest_books_match(
             if book is None or book.in_feed_gap or ladder(book) != expected:
                 shown = "none" if book is None else f"gap={book.in_feed_gap} {ladder(book)}"
                 differences.append(f"{market['ticker']}: {shown} != {expected}")
+            streamed = applied.books.get(market["ticker"])
+            if (
+                streamed is None
+                or streamed.in_feed_gap
+                or ((streamed.yes_bids(), streamed.no_bids()) != expected)
+            ):
+                differences.append(f"{market['ticker']} streamed: {streamed} != {expected}")
         if not differences or asyncio.get_running_loop().time() > deadline:
             return differences
         await asyncio.sleep(0.5)
+
+
+async def _apply_stream(
+    stub: market_service_pb2_grpc.MarketServiceAsyncStub, applied: LocalOrderBooks
+) -> None:
+    """Follow every market's book from now on, as a client does."""
+    request = market_service_pb2.StreamOrderBooksRequest(max_batch_size=100)
+    async for message in stub.StreamOrderBooks(request):
+        applied.apply(message)
 
 
 async def _steps(simulator: Simulator, count: int) -> None:
@@ -123,6 +143,8 @@ async def test_books_at_random_past_instants_equal_the_exchange_books(
         stub: market_service_pb2_grpc.MarketServiceAsyncStub = (
             market_service_pb2_grpc.MarketServiceStub(channel)
         )
+        applied = LocalOrderBooks()  # from before the first book: each comes live
+        following = asyncio.create_task(_apply_stream(stub, applied))
         try:
             async with asyncio.timeout(60):
                 while "connected to" not in ingest.log():  # noqa: ASYNC110 (a log, no event)
@@ -130,7 +152,7 @@ async def test_books_at_random_past_instants_equal_the_exchange_books(
             await asyncio.sleep(1)  # subscribed: the first books are in
             # a full book is placed in time by the next timed frame after it
             await _steps(simulator, 2)
-            assert await _latest_books_match(simulator, stub) == []
+            assert await _latest_books_match(simulator, stub, applied) == []
             await _steps(simulator, 10)
             await simulator.set_faults(sequence_gap_rate=0.03)
             await _steps(simulator, 15)
@@ -147,8 +169,10 @@ async def test_books_at_random_past_instants_equal_the_exchange_books(
             await asyncio.sleep(2.5)  # a discovery pass follows the markets created meanwhile
             await _steps(simulator, 3)
             created_before = max(s["ts_us"] for m in settled["markets"] for s in m["states"])
-            assert await _latest_books_match(simulator, stub, created_before) == []
+            assert await _latest_books_match(simulator, stub, applied, created_before) == []
+            assert not following.done()  # the stream went on through gaps and the lost socket
         finally:
+            following.cancel()
             assert await ingest.stop() == 0, ingest.log()
 
         truth = await book_truth(simulator)
