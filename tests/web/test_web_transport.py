@@ -26,10 +26,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
 from kfeed.v1 import backtest_service_pb2 as bt
-from kfeed.v1 import backtest_service_pb2_grpc, market_service_pb2_grpc
+from kfeed.v1 import backtest_service_pb2_grpc, ingest_service_pb2, market_service_pb2_grpc
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1.backtest_service_connect import BacktestServiceClient
 from kfeed.v1.market_service_connect import MarketServiceClient
+from kfeed.v1.types_pb2 import SIDE_NO
+from kfeed_ingest.kalshi.books import START, BookChange, change_columns, checkpoint, micros
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.security import AuthInterceptor, SecurityConfig
 from kfeed_server.web import WebConfig, WebListener, build_web_app
@@ -150,6 +152,40 @@ async def test_server_stream_replays_then_goes_live(
     assert all(m.resume_token for m in received)
     # The client hung up: the server notices the disconnect and frees the subscription.
     await eventually(lambda: web_server.hub.subscriber_count == 0, within=20)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_order_book_stream_starts_with_the_book_then_goes_live(
+    web_server: KfeedServer, protocol: ProtocolType
+) -> None:
+    ticker = MARKETS[1].ticker
+    start = make_snapshot(ticker, 0).exchange_time
+    first = ingest_service_pb2.PublishRequest(producer="tests")
+    first.book_checkpoints.append(checkpoint(ticker, START, start, start, 1, {4200: 500}, {}))
+    live = ingest_service_pb2.PublishRequest(producer="tests")
+    moment = micros(start) + 1_000_000
+    live.book_changes.CopyFrom(
+        change_columns([BookChange(ticker, moment, moment, 2, SIDE_NO, 5500, 300)])
+    )
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{web_server.port}") as channel,
+        PublishSession(channel) as publisher,
+    ):
+        await publisher.send(first)
+        received: list[pb.StreamOrderBooksResponse] = []
+        async with MarketServiceClient(_web(web_server), protocol=protocol) as client:
+            messages = aiter(
+                client.stream_order_books(pb.StreamOrderBooksRequest(tickers=[ticker]))
+            )
+            while not (received and received[-1].HasField("caught_up")):
+                received.append(await asyncio.wait_for(anext(messages), 20))
+            await publisher.send(live)
+            received.append(await asyncio.wait_for(anext(messages), 20))
+            await messages.aclose()  # type: ignore[attr-defined]
+    assert [m.WhichOneof("event") for m in received] == ["book", "caught_up", "change"]
+    assert received[0].book.yes_bids[0].price.ten_thousandths == 4200
+    assert received[2].change.price.ten_thousandths == 5500
+    assert all(m.resume_token for m in received)
 
 
 async def test_unbuilt_rpcs_answer_unimplemented(tmp_path: Path) -> None:
