@@ -7,6 +7,9 @@ UV := $(shell command -v uv 2>/dev/null || echo uv)
 VENV_STAMP := .venv/.kfeed-synced
 NODE_STAMP := node_modules/.kfeed-installed
 PYTEST_ARGS ?=
+# Two xdist workers, one test file each at a time (module fixtures stay shared): most of the suite
+# waits on real processes, so two workers fit a 2-core machine. `make test PYTEST_WORKERS=0` runs serially.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help install demo test web browser gen check-gen lint buf-lint buf-breaking typecheck bench ci clean
 
@@ -48,7 +51,7 @@ demo: $(VENV_STAMP) web/dist/index.html ## Run the simulator, the server on SQLi
 	uv run kfeed demo
 
 test: $(VENV_STAMP) $(NODE_STAMP) web/dist/index.html browser ## Run the test suite (SQLite and PostgreSQL at 127.0.0.1:5432; browser tests in Chromium)
-	uv run pytest $(PYTEST_ARGS)
+	uv run pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 gen: $(VENV_STAMP) ## Regenerate all generated code from proto/
 	uv run python scripts/gen.py
