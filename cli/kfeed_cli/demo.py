@@ -3,7 +3,7 @@ live, in one go.
 
 Each part runs as its own process, exactly as in production (``kfeed sim``, ``kfeed serve``,
 ``kfeed ingest --mode ws``); the demo only starts them in order, signs the ingest's requests with
-a key pair it creates, shows how to watch the feed, and stops everything cleanly on Ctrl-C.
+the key pair the sim hands out, shows how to watch the feed, and stops everything cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -132,19 +132,6 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
-def _ensure_key_pair(data_dir: Path) -> tuple[Path, Path]:
-    # Imported here: only the demo needs the simulator's key helper.
-    from kfeed_sim.signing import generate_key_pair
-
-    private_path, public_path = data_dir / "demo-key.pem", data_dir / "demo-key.pub.pem"
-    if not (private_path.exists() and public_path.exists()):
-        private_pem, public_pem = generate_key_pair()
-        private_path.write_bytes(private_pem)
-        private_path.chmod(0o600)
-        public_path.write_bytes(public_pem)
-    return private_path, public_path
-
-
 class DemoCommand(CommandSettings):
     """Run sim + serve (SQLite in --data-dir) + ingest, live, until Ctrl-C."""
 
@@ -188,7 +175,8 @@ class DemoCommand(CommandSettings):
     async def _run(self, console: Console) -> int:
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        private_key, public_key = _ensure_key_pair(self.data_dir)
+        # The sim hands out the key pair (as Kalshi does) before it listens.
+        private_key, public_key = self.data_dir / "demo-key.pem", self.data_dir / "demo-key.pub.pem"
         stop = StopSignals()
 
         children: list[_Child] = []
@@ -226,6 +214,7 @@ class DemoCommand(CommandSettings):
             "--listen", self.sim_listen, "--seed", str(self.seed),
             "--markets", str(self.markets), "--tick-interval", str(self.tick_interval),
             "--api-key-id", DEMO_KEY_ID, "--api-public-key-file", str(public_key),
+            "--api-private-key-file", str(private_key),
         ], logs)  # fmt: skip
         children.append(sim)
         await _wait_for_port(sim_host, int(sim_port), sim)

@@ -18,8 +18,8 @@ from kfeed_server.backtest import (
     sweep_grid,
     validate_config,
 )
-from kfeed_server.backtest.params import ParamValue
-from kfeed_server.backtest.sweep import WalkForwardFold, walk_forward, walk_forward_splits
+from kfeed_server.backtest.sweep import walk_forward, walk_forward_splits
+from kfeed_server.records.backtest import ParamValue, WalkForwardFold
 from tests.support.backtest import T0, at, quote
 
 BASE = EngineConfig("threshold", ("A",))

@@ -9,8 +9,9 @@ import pytest
 
 from kfeed.v1 import backtest_service_pb2 as pb
 from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
-from kfeed_server.backtest.quality import DataQuality, MarketCoverage, data_quality
+from kfeed_server.backtest.quality import data_quality
 from kfeed_server.records import FeedGapRecord, SnapshotRecord
+from kfeed_server.records.backtest import DataQuality, MarketCoverage
 from tests.support.backtest_service import TICKER, run_to_end, threshold_config
 from tests.support.factories import at, make_gap
 from tests.support.servers import PublishSession

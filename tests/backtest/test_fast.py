@@ -12,8 +12,8 @@ import pytest
 from kfeed_server.backtest import EngineConfig, FeeRounding, Fingerprinter, run_backtest
 from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast
 from kfeed_server.backtest.fees import FeeType, MarketFees
-from kfeed_server.backtest.orders import FillModel
 from kfeed_server.records import MarketResult, SnapshotRecord
+from kfeed_server.records.backtest import FillModel
 from tests.support.backtest import at, quote, settled
 
 TICKERS = ("A", "B", "C")

@@ -7,14 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kfeed_server.backtest import EngineConfig, FeeRounding, taker_fee, validate_config
-from kfeed_server.backtest.fees import (
-    FEE_SCHEDULE_VERSION,
-    FeeModel,
-    FeeType,
-    MarketFees,
-    market_fees,
-)
+from kfeed_server.backtest.fees import FeeModel, FeeType, MarketFees, market_fees
 from kfeed_server.records import SeriesRecord
+from kfeed_server.records.backtest import FEE_SCHEDULE_VERSION
 
 
 @pytest.mark.parametrize(

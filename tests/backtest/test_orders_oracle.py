@@ -12,7 +12,7 @@ from kfeed_server.backtest import EngineConfig, Order, run_backtest
 from kfeed_server.backtest.books import BookState
 from kfeed_server.backtest.engine import MarketEvent
 from kfeed_server.backtest.fees import FeeType, MarketFees
-from kfeed_server.backtest.orders import Cancel, FillModel, Instruction
+from kfeed_server.backtest.orders import Cancel, Instruction
 from kfeed_server.backtest.strategy import MarketView, PortfolioView, Strategy, StrategyRegistry
 from kfeed_server.records import (
     MarketResult,
@@ -21,6 +21,7 @@ from kfeed_server.records import (
     SnapshotRecord,
     TradeRecord,
 )
+from kfeed_server.records.backtest import FillModel
 from tests.support.backtest import at, quote, scripted_registry, settled
 
 BUY, SELL = OrderAction.BUY, OrderAction.SELL

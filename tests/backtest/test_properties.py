@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from kfeed_server.backtest import EngineConfig, FeeRounding, Order, run_backtest
 from kfeed_server.backtest.engine import MarketEvent
 from kfeed_server.backtest.fees import FeeType, MarketFees
-from kfeed_server.backtest.orders import Cancel, FillModel, Instruction
+from kfeed_server.backtest.orders import Cancel, Instruction
 from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord, TradeRecord
+from kfeed_server.records.backtest import FillModel
 from tests.support.backtest import at, quote, scripted_registry, settled
 
 TICKERS = ("A", "B")

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta
 import pytest
 
 from kfeed_server.backtest import BacktestMetrics, EngineConfig, FeeRounding
-from kfeed_server.backtest.sweep import SweepSpec
 from kfeed_server.db.repositories import BacktestRecord, Repositories
 from kfeed_server.records import (
     BacktestState,
@@ -17,6 +16,7 @@ from kfeed_server.records import (
     OrderAction,
     Side,
 )
+from kfeed_server.records.backtest import SweepSpec
 from tests.support.factories import at
 
 

@@ -7,7 +7,7 @@ worker process, and ``sweep_grid`` / ``rank`` for sweeps. See docs/BACKTESTING.m
 
 from kfeed_server.backtest import strategies as _builtins  # noqa: F401  (registers the built-ins)
 from kfeed_server.backtest.books import BookState
-from kfeed_server.backtest.config import DEFAULT_INITIAL_CASH, EngineConfig, validate_config
+from kfeed_server.backtest.config import validate_config
 from kfeed_server.backtest.engine import (
     BacktestCancelled,
     BacktestResult,
@@ -15,27 +15,10 @@ from kfeed_server.backtest.engine import (
     StrategyError,
     run_backtest,
 )
-from kfeed_server.backtest.fees import (
-    FEE_SCHEDULE_VERSION,
-    KALSHI_MAKER_FEE_RATE,
-    KALSHI_TAKER_FEE_RATE,
-    FeeModel,
-    FeeRounding,
-    FeeType,
-    MarketFees,
-    market_fees,
-    taker_fee,
-)
+from kfeed_server.backtest.fees import FeeModel, FeeType, MarketFees, market_fees, taker_fee
 from kfeed_server.backtest.fingerprint import DataFingerprint, Fingerprinter, fingerprint
-from kfeed_server.backtest.metrics import BacktestMetrics
-from kfeed_server.backtest.orders import Cancel, Fill, FillModel, Instruction
-from kfeed_server.backtest.params import (
-    ConfigError,
-    Parameters,
-    ParameterSpec,
-    ParameterType,
-    ParamValue,
-)
+from kfeed_server.backtest.orders import Cancel, Fill, Instruction
+from kfeed_server.backtest.params import ConfigError, Parameters, ParameterSpec, ParameterType
 from kfeed_server.backtest.strategies import (
     FavouriteStrategy,
     MeanReversionStrategy,
@@ -52,6 +35,17 @@ from kfeed_server.backtest.strategy import (
     register_strategy,
 )
 from kfeed_server.backtest.sweep import rank, sweep_grid
+from kfeed_server.records.backtest import (
+    DEFAULT_INITIAL_CASH,
+    FEE_SCHEDULE_VERSION,
+    KALSHI_MAKER_FEE_RATE,
+    KALSHI_TAKER_FEE_RATE,
+    BacktestMetrics,
+    EngineConfig,
+    FeeRounding,
+    FillModel,
+    ParamValue,
+)
 
 __all__ = [
     "DEFAULT_INITIAL_CASH",

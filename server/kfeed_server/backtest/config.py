@@ -1,67 +1,29 @@
-"""The engine's configuration: the domain mirror of the proto ``BacktestConfig``."""
+"""Validates the engine's configuration (``records.backtest.EngineConfig``); picks its path."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import timedelta
 
 from kfeed_server.backtest.fees import (
     DEFAULT_MARKET_FEES,
-    FEE_SCHEDULE_VERSION,
-    KALSHI_MAKER_FEE_RATE,
-    KALSHI_TAKER_FEE_RATE,
     MULTIPLIER_SCALE,
     PRICE_SCALE,
-    FeeRounding,
     MarketFees,
 )
-from kfeed_server.backtest.orders import FillModel
-from kfeed_server.backtest.params import ConfigError, ParamValue, resolve_parameters
-from kfeed_server.backtest.quality import GapPolicy
+from kfeed_server.backtest.params import ConfigError, resolve_parameters
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
+from kfeed_server.records.backtest import (
+    FEE_SCHEDULE_VERSION,
+    EngineConfig,
+    FeeRounding,
+    FillModel,
+    GapPolicy,
+)
 
-DEFAULT_INITIAL_CASH = 10_000_000
-"""$1,000 in 1/10,000 USD."""
 MAX_LATENCY = timedelta(hours=1)
 """The longest decision-to-arrival delay accepted."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """Everything that determines a backtest's result (with the data).
-
-    Money in 1/10,000 USD, counts in 1/100 contract. Snapshots with exchange time in
-    ``[start_time, end_time)`` are replayed; None leaves that side open. Unlike the proto, zero is
-    not "use the default" here: the transport maps unset proto fields onto these defaults.
-    """
-
-    strategy: str
-    tickers: tuple[str, ...]
-    parameters: dict[str, ParamValue] = field(default_factory=dict)
-    start_time: datetime | None = None
-    end_time: datetime | None = None
-    initial_cash: int = DEFAULT_INITIAL_CASH
-    taker_fee_rate_ten_thousandths: int = KALSHI_TAKER_FEE_RATE
-    fee_rounding: FeeRounding = FeeRounding.CENT
-    # Extra price per contract on every fill, against the strategy.
-    slippage: int = 0
-    # Largest position per market (YES plus NO), in 1/100 contract; 0 means unlimited.
-    max_position: int = 0
-    cap_by_displayed_size: bool = False
-    fill_model: FillModel = FillModel.TOUCH
-    # Kalshi's maker coefficient (1/10,000), charged only in series with maker fees.
-    maker_fee_rate_ten_thousandths: int = KALSHI_MAKER_FEE_RATE
-    # Delay between a strategy's decision and its arrival at the exchange.
-    latency: timedelta = timedelta(0)
-    # Share (1/10,000) of a level's cancellations taken as being ahead of a resting order: 0 is
-    # the risk-averse queue (cancellations are all behind you), 10,000 the optimistic one.
-    queue_cancel_share_ten_thousandths: int = 0
-    # The fee rules' version (``fees.FEE_SCHEDULE_VERSION``); validation sets it.
-    fee_schedule_version: str = FEE_SCHEDULE_VERSION
-    # What the service does about recorded feed gaps in the window (the engine ignores it).
-    gap_policy: GapPolicy = GapPolicy.FLAG
-
 
 FAST_STRATEGIES = frozenset({"threshold"})
 """Strategies the compiled path (``backtest.fast``) runs."""

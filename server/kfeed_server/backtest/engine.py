@@ -21,18 +21,16 @@ from kfeed_server.backtest.books import (
     asks_to_take,
     top_of_book,
 )
-from kfeed_server.backtest.config import EngineConfig, validate_config
+from kfeed_server.backtest.config import validate_config
 from kfeed_server.backtest.fees import (
     COUNT_SCALE,
     DEFAULT_MARKET_FEES,
     PRICE_SCALE,
     FeeModel,
-    FeeRounding,
     MarketFees,
 )
 from kfeed_server.backtest.fingerprint import DataFingerprint, Fingerprinter
 from kfeed_server.backtest.metrics import (
-    BacktestMetrics,
     brier_score,
     daily_returns,
     downsample,
@@ -41,7 +39,7 @@ from kfeed_server.backtest.metrics import (
     sharpe_ratio,
     sortino_ratio,
 )
-from kfeed_server.backtest.orders import Cancel, Fill, FillModel, Instruction, Order
+from kfeed_server.backtest.orders import Cancel, Fill, Instruction, Order
 from kfeed_server.backtest.params import Parameters
 from kfeed_server.backtest.strategy import Strategy, StrategyRegistry, default_registry
 from kfeed_server.records import (
@@ -55,6 +53,7 @@ from kfeed_server.records import (
     SnapshotRecord,
     TradeRecord,
 )
+from kfeed_server.records.backtest import BacktestMetrics, EngineConfig, FeeRounding, FillModel
 
 MarketEvent = SnapshotRecord | BookState | TradeRecord
 """What a run replays, in time order."""

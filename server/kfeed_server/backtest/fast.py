@@ -24,21 +24,15 @@ import numpy as np
 from numba import njit
 
 from kfeed_server.backtest.chunks import MARKET_COLUMNS
-from kfeed_server.backtest.config import EngineConfig, fast_path_applies, validate_config
+from kfeed_server.backtest.config import fast_path_applies, validate_config
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     BacktestResult,
     _yes_payout,
 )
-from kfeed_server.backtest.fees import (
-    DEFAULT_MARKET_FEES,
-    FeeRounding,
-    FeeType,
-    MarketFees,
-)
+from kfeed_server.backtest.fees import DEFAULT_MARKET_FEES, FeeType, MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.metrics import (
-    BacktestMetrics,
     Drawdown,
     daily_returns,
     round_trip_stats,
@@ -56,6 +50,7 @@ from kfeed_server.records import (
     Side,
     SnapshotRecord,
 )
+from kfeed_server.records.backtest import BacktestMetrics, EngineConfig, FeeRounding
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

@@ -20,7 +20,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kfeed_server.backtest.chunks import EncodedChunk, encode_chunk
-from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.engine import BacktestResult, Progress
 from kfeed_server.backtest.fees import MarketFees, market_fees
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
@@ -30,14 +29,7 @@ from kfeed_server.backtest.market_events import (
     reads_trades,
     window_events,
 )
-from kfeed_server.backtest.quality import (
-    DataQuality,
-    GapPolicy,
-    UnrecoveredGaps,
-    data_quality,
-    unrecovered,
-)
-from kfeed_server.backtest.record import BacktestRecord
+from kfeed_server.backtest.quality import UnrecoveredGaps, data_quality, unrecovered
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
 from kfeed_server.backtest.worker import (
     NO_LIMITS,
@@ -52,6 +44,7 @@ from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
 from kfeed_server.db.repositories.trades import FeedGapRepository, TradeRepository
 from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
+from kfeed_server.records.backtest import BacktestRecord, DataQuality, EngineConfig, GapPolicy
 
 log = logging.getLogger(__name__)
 

@@ -25,36 +25,18 @@ import enum
 from dataclasses import dataclass
 
 from kfeed_server.records import SeriesRecord
+from kfeed_server.records.backtest import KALSHI_MAKER_FEE_RATE, KALSHI_TAKER_FEE_RATE, FeeRounding
 
+# The rules' version is ``records.backtest.FEE_SCHEDULE_VERSION``: change it with them.
 PRICE_SCALE = 10_000
 """1/10,000 USD per dollar: a contract pays PRICE_SCALE when it wins."""
 COUNT_SCALE = 100
 """1/100 contract per contract."""
-KALSHI_TAKER_FEE_RATE = 700
-"""Kalshi's taker fee coefficient 0.07, in 1/10,000."""
-KALSHI_MAKER_FEE_RATE = 175
-"""Kalshi's maker fee coefficient 0.0175, in 1/10,000 (series with maker fees only)."""
-FEE_SCHEDULE_VERSION = "kalshi-2025.1"
-"""The version of the rules in this module; a run stores it, and it changes with the rules."""
 MULTIPLIER_SCALE = 10_000
 """1/10,000 per unit of fee multiplier: 10,000 is a multiplier of 1.0."""
 
 # 10^10 (see the module docstring): the fee numerator's scale over 1/10,000 USD.
 _FEE_DENOMINATOR = PRICE_SCALE * COUNT_SCALE * PRICE_SCALE
-
-
-class FeeRounding(enum.IntEnum):
-    """How each fill's fee is rounded up; values equal the proto ``FeeRounding`` numbers.
-    UNSPECIFIED means CENT."""
-
-    UNSPECIFIED = 0
-    CENT = 1
-    TEN_THOUSANDTH = 2
-
-    @property
-    def unit(self) -> int:
-        """The rounding unit in 1/10,000 USD."""
-        return 1 if self is FeeRounding.TEN_THOUSANDTH else 100
 
 
 class FeeType(enum.StrEnum):

@@ -12,8 +12,9 @@ from typing import Any
 
 from kfeed_server.backtest.books import BookState
 from kfeed_server.backtest.chunks import MARSHAL_VERSION, EncodedChunk, encode_market_data
-from kfeed_server.backtest.fees import DEFAULT_MARKET_FEES, FEE_SCHEDULE_VERSION, MarketFees
+from kfeed_server.backtest.fees import DEFAULT_MARKET_FEES, MarketFees
 from kfeed_server.records import MarketRecord, SnapshotRecord, TradeRecord
+from kfeed_server.records.backtest import FEE_SCHEDULE_VERSION
 
 FINGERPRINT_CHUNK = 4_096
 """Rows per SHA-256 update of the fingerprint (part of its definition)."""

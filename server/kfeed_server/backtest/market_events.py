@@ -21,8 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
 from kfeed_server.backtest.books import BookState, ReplayedEvent, event_time
-from kfeed_server.backtest.config import EngineConfig, fast_path_applies
-from kfeed_server.backtest.orders import FillModel
+from kfeed_server.backtest.config import fast_path_applies
 from kfeed_server.backtest.strategy import Strategy, StrategyRegistry, default_registry
 from kfeed_server.db.repositories.books import OrderBookRepository
 from kfeed_server.db.repositories.trades import TradeRepository
@@ -31,6 +30,7 @@ from kfeed_server.records import (
     BookCheckpointRecord,
     Side,
 )
+from kfeed_server.records.backtest import EngineConfig, FillModel
 
 EVENT_PAGE = 4_096
 """Rows per read of the books and trades."""

@@ -17,26 +17,6 @@ ANNUALISATION_DAYS = 365
 
 
 @dataclass(frozen=True, slots=True)
-class BacktestMetrics:
-    """The proto ``BacktestMetrics``: money in 1/10,000 USD, ratios as floats."""
-
-    total_pnl: int
-    total_return: float
-    sharpe_ratio: float
-    sortino_ratio: float
-    max_drawdown: int
-    max_drawdown_fraction: float
-    max_drawdown_duration: timedelta
-    win_rate: float
-    profit_factor: float
-    expectancy: int
-    trade_count: int
-    fees_paid: int
-    exposure: float
-    brier_score: float | None
-
-
-@dataclass(frozen=True, slots=True)
 class Drawdown:
     """The deepest fall of equity below its running peak: ``depth`` in 1/10,000 USD, ``fraction``
     of the peak (each the maximum over the curve, so they may come from different falls), and

@@ -5,24 +5,10 @@ Money in 1/10,000 USD, counts in 1/100 contract. See docs/BACKTESTING.md ("Order
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kfeed_server.records import OrderAction, Side
-
-
-class FillModel(enum.IntEnum):
-    """How taker orders meet the book; values equal the proto ``FillModel`` numbers.
-    UNSPECIFIED means TOUCH."""
-
-    UNSPECIFIED = 0
-    # The best price of the latest snapshot, for the whole count (capped by the displayed size
-    # only with ``cap_by_displayed_size``).
-    TOUCH = 1
-    # Walk the recorded book level by level: partial fills, the average price, never more than
-    # was displayed.
-    DEPTH = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,8 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeAlias
 
-ParamValue: TypeAlias = int | float | bool | str
-"""One parameter value (see the module docstring for the type mapping)."""
+from kfeed_server.records.backtest import ParamValue
 
 
 class ConfigError(ValueError):

@@ -8,43 +8,11 @@ coverage is the share of the window outside the union of its gaps.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kfeed_server.records import FeedGapRecord
-
-
-class GapPolicy(enum.IntEnum):
-    """What a run does about gaps; values equal the proto ``GapPolicy`` numbers. UNSPECIFIED
-    means FLAG."""
-
-    UNSPECIFIED = 0
-    # Run, and report the gaps.
-    FLAG = 1
-    # Fail before running when an unrecovered gap overlaps the window.
-    REFUSE = 2
-
-
-@dataclass(frozen=True, slots=True)
-class MarketCoverage:
-    """One market's gaps in the window."""
-
-    ticker: str
-    coverage: float
-    gap_count: int
-    gap_time: timedelta
-
-
-@dataclass(frozen=True, slots=True)
-class DataQuality:
-    """The gaps overlapping a run's markets and window."""
-
-    gap_count: int
-    gap_time: timedelta
-    unrecovered_gap_count: int
-    markets: tuple[MarketCoverage, ...]
+from kfeed_server.records.backtest import DataQuality, MarketCoverage
 
 
 class UnrecoveredGaps(Exception):

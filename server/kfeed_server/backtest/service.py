@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kfeed_server import build
-from kfeed_server.backtest.config import EngineConfig, fast_path_applies, validate_config
+from kfeed_server.backtest.config import fast_path_applies, validate_config
 from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY, BacktestCancelled, BacktestResult
 from kfeed_server.backtest.feeding import (
     FeedSettings,
@@ -32,9 +32,7 @@ from kfeed_server.backtest.feeding import (
     run_data_quality,
 )
 from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
-from kfeed_server.backtest.quality import DataQuality, UnrecoveredGaps
-from kfeed_server.backtest.record import BacktestRecord
-from kfeed_server.backtest.sweep import SweepSpec, WalkForwardFold, WalkForwardOutcome
+from kfeed_server.backtest.quality import UnrecoveredGaps
 from kfeed_server.backtest.sweep_runs import (
     best_run,
     sweep_outcome,
@@ -46,6 +44,14 @@ from kfeed_server.backtest.tracking import TrackedRun, progress_values, replaced
 from kfeed_server.backtest.worker import NotCompiled, WorkerLimits
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
+from kfeed_server.records.backtest import (
+    BacktestRecord,
+    DataQuality,
+    EngineConfig,
+    SweepSpec,
+    WalkForwardFold,
+    WalkForwardOutcome,
+)
 
 log = logging.getLogger(__name__)
 

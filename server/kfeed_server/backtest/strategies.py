@@ -10,13 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from kfeed_server.backtest.fees import PRICE_SCALE
 from kfeed_server.backtest.orders import Cancel, Fill, Instruction
-from kfeed_server.backtest.params import (
-    ConfigError,
-    Parameters,
-    ParameterSpec,
-    ParameterType,
-    ParamValue,
-)
+from kfeed_server.backtest.params import ConfigError, Parameters, ParameterSpec, ParameterType
 from kfeed_server.backtest.strategy import (
     MarketView,
     Order,
@@ -25,6 +19,7 @@ from kfeed_server.backtest.strategy import (
     register_strategy,
 )
 from kfeed_server.records import OrderAction, Side, SnapshotRecord
+from kfeed_server.records.backtest import ParamValue
 
 _NO_ORDERS: tuple[Order, ...] = ()
 # Enum members as module constants: attribute access on an Enum class is slow in Python 3.11, and

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from kfeed_server.backtest.books import BookState
 from kfeed_server.backtest.orders import Fill, Instruction, Order
-from kfeed_server.backtest.params import ConfigError, Parameters, ParameterSpec, ParamValue
+from kfeed_server.backtest.params import ConfigError, Parameters, ParameterSpec
 from kfeed_server.records import MarketRecord, Side, SnapshotRecord, TradeRecord
+from kfeed_server.records.backtest import ParamValue
 
 if TYPE_CHECKING:
     from kfeed_server.backtest.engine import RestingOrderView

@@ -8,36 +8,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 
-from kfeed_server.backtest.config import EngineConfig, validate_config
+from kfeed_server.backtest.config import validate_config
 from kfeed_server.backtest.engine import BacktestResult, MarketEvent, run_backtest
 from kfeed_server.backtest.fees import MarketFees
-from kfeed_server.backtest.metrics import BacktestMetrics
-from kfeed_server.backtest.params import ConfigError, ParamValue
+from kfeed_server.backtest.params import ConfigError
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
 from kfeed_server.records import MarketRecord
-
-DEFAULT_RANK_BY = "total_pnl"
-"""What a sweep ranks by when the request names no metric."""
-
-
-@dataclass(frozen=True, slots=True)
-class WalkForwardSpec:
-    """Walk-forward splits of a sweep's window: ``folds`` equal folds, each ``in_sample_fraction``
-    in-sample, the rest out-of-sample."""
-
-    folds: int
-    in_sample_fraction: float
-
-
-@dataclass(frozen=True, slots=True)
-class SweepSpec:
-    """A parameter grid (one child run per point) and the metric ranking the children; with
-    ``walk_forward``, the grid runs per fold in-sample and the best point out-of-sample."""
-
-    grid: Mapping[str, Sequence[ParamValue]]
-    rank_by: str = DEFAULT_RANK_BY
-    walk_forward: WalkForwardSpec | None = None
-
+from kfeed_server.records.backtest import (
+    BacktestMetrics,
+    EngineConfig,
+    ParamValue,
+    WalkForwardFold,
+)
 
 METRIC_ALIASES = {
     "sharpe": "sharpe_ratio",
@@ -104,27 +86,6 @@ def rank(results: Sequence[BacktestResult | BacktestMetrics], metric_name: str) 
 
 
 # --- walk-forward ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WalkForwardFold:
-    """One fold: parameters are chosen on [in_sample_start, out_of_sample_start) and tested on
-    [out_of_sample_start, end)."""
-
-    in_sample_start: datetime
-    out_of_sample_start: datetime
-    end: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class WalkForwardOutcome:
-    """A walk-forward sweep's fold as stored with its parent: the windows, the best in-sample
-    child and the child that ran its configuration out of sample ("" when none ran)."""
-
-    fold_index: int
-    fold: WalkForwardFold
-    best_in_sample_id: str
-    out_of_sample_id: str
 
 
 @dataclass(frozen=True, slots=True)

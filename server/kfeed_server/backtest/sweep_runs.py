@@ -13,18 +13,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from kfeed_server.backtest.config import EngineConfig
 from kfeed_server.backtest.params import ConfigError
-from kfeed_server.backtest.record import BacktestRecord
-from kfeed_server.backtest.sweep import (
-    SweepSpec,
-    WalkForwardFold,
-    rank,
-    sweep_grid,
-    walk_forward_splits,
-)
+from kfeed_server.backtest.sweep import rank, sweep_grid, walk_forward_splits
 from kfeed_server.backtest.tracking import replaced
 from kfeed_server.records import BacktestState
+from kfeed_server.records.backtest import BacktestRecord, EngineConfig, SweepSpec, WalkForwardFold
 
 
 def sweep_points(config: EngineConfig, sweep: SweepSpec, max_points: int) -> list[EngineConfig]:

@@ -10,7 +10,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kfeed_server.backtest.engine import Progress
-from kfeed_server.backtest.record import BacktestRecord
+from kfeed_server.records.backtest import BacktestRecord
 
 SHUTDOWN_MESSAGE = "the server shut down before the backtest finished"
 PROGRESS_FIELDS = ("fraction_done", "snapshots_processed", "snapshots_total", "interim_pnl")

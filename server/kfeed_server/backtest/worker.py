@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from kfeed_server.backtest.books import ReplayedEvent, event_time
 from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk, market_columns
-from kfeed_server.backtest.config import EngineConfig, fast_path_applies
+from kfeed_server.backtest.config import fast_path_applies
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     DEFAULT_PROGRESS_EVERY,
@@ -43,6 +43,7 @@ from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
 from kfeed_server.records import MarketRecord
+from kfeed_server.records.backtest import EngineConfig
 
 if TYPE_CHECKING:
     from kfeed_server.backtest.fast import ColumnCollector

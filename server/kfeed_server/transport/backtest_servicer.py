@@ -31,19 +31,20 @@ from kfeed_server.backtest import (
     default_registry,
 )
 from kfeed_server.backtest.config import MAX_LATENCY
-from kfeed_server.backtest.fees import KALSHI_MAKER_FEE_RATE
-from kfeed_server.backtest.metrics import BacktestMetrics
-from kfeed_server.backtest.orders import FillModel
-from kfeed_server.backtest.quality import DataQuality, GapPolicy
-from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.backtest.service import BacktestRunner, UnknownMarkets
-from kfeed_server.backtest.sweep import (
+from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord
+from kfeed_server.records.backtest import (
     DEFAULT_RANK_BY,
+    KALSHI_MAKER_FEE_RATE,
+    BacktestMetrics,
+    BacktestRecord,
+    DataQuality,
+    FillModel,
+    GapPolicy,
     SweepSpec,
     WalkForwardOutcome,
     WalkForwardSpec,
 )
-from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord
 from kfeed_server.transport.caller import Caller, current_caller
 from kfeed_server.transport.convert import contracts, dollars, timestamp
 from kfeed_server.transport.errors import InvalidArgument, NotFound, PermissionDenied

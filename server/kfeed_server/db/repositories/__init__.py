@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.db.engine import session_factory
 from kfeed_server.db.repositories.backtests import BacktestRepository
 from kfeed_server.db.repositories.books import OrderBookRepository
@@ -17,6 +16,7 @@ from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.secrets import SecretRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
 from kfeed_server.db.repositories.trades import FeedGapRepository, TradeRepository
+from kfeed_server.records.backtest import BacktestRecord
 
 
 @dataclass(frozen=True, slots=True)

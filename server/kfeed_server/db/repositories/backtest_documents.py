@@ -12,12 +12,14 @@ from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from kfeed_server.backtest.config import EngineConfig
-from kfeed_server.backtest.fees import FeeRounding
-from kfeed_server.backtest.metrics import BacktestMetrics
-from kfeed_server.backtest.orders import FillModel
-from kfeed_server.backtest.quality import DataQuality, GapPolicy, MarketCoverage
-from kfeed_server.backtest.sweep import (
+from kfeed_server.records.backtest import (
+    BacktestMetrics,
+    DataQuality,
+    EngineConfig,
+    FeeRounding,
+    FillModel,
+    GapPolicy,
+    MarketCoverage,
     SweepSpec,
     WalkForwardFold,
     WalkForwardOutcome,

@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kfeed_server.backtest.record import BacktestRecord
 from kfeed_server.db.models import backtests_table, equity_points_table, executions_table
 from kfeed_server.db.repositories._common import (
     chunks,
@@ -34,6 +33,7 @@ from kfeed_server.db.repositories.backtest_documents import (
     sweep_from_document,
 )
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
+from kfeed_server.records.backtest import BacktestRecord
 
 # Fields stored as JSON documents (the strategy column is written from the configuration).
 _DOCUMENT_FIELDS = (
