@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -20,10 +20,11 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_client.books import LocalOrderBook, LocalOrderBooks
 from kfeed_ingest.kalshi.books import LOST, RESYNC, START, BookChange, checkpoint, micros
+from kfeed_server.app import KfeedServer, ServerConfig
 from tests.server.test_order_books import levels, stamp
 from tests.support.book_timeline import MARKET, Ladder, Timeline, request_of
 from tests.support.factories import at, make_gap
-from tests.support.servers import PublishSession, bad_request_fields
+from tests.support.servers import PublishSession, bad_request_fields, serving
 
 Stream = grpc.aio.UnaryStreamCall[pb.StreamOrderBooksRequest, pb.StreamOrderBooksResponse]
 Messages = list[pb.StreamOrderBooksResponse]
@@ -240,3 +241,47 @@ async def test_bad_requests_get_the_right_status_naming_the_field(
             stub.StreamOrderBooks(pb.StreamOrderBooksRequest(resume_token=token)), caught_up
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+async def server_with_small_queues(database_url: str) -> AsyncIterator[KfeedServer]:
+    config = ServerConfig(
+        listen="127.0.0.1:0", database_url=database_url, subscriber_queue_capacity=50
+    )
+    async with serving(config) as server:
+        yield server
+
+
+async def test_a_stalled_subscriber_gets_a_gap_marker_and_resuming_from_it_fills_the_gap(
+    server_with_small_queues: KfeedServer,
+) -> None:
+    address = f"127.0.0.1:{server_with_small_queues.port}"
+    request = pb.StreamOrderBooksRequest(tickers=[MARKET.ticker], start_time=stamp(at(0)))
+    timeline = Timeline(seed=21, steps=1_500)
+    async with grpc.aio.insecure_channel(address) as channel:
+        publisher = PublishSession(channel)
+        await publisher.publish(markets=[MARKET])
+        # Without BDP probing a client that stops reading lets the server write only ~100 KB.
+        stalled_channel = grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+        stalled = pb_grpc.MarketServiceStub(stalled_channel).StreamOrderBooks(request)
+        await read_until(stalled, caught_up)
+        await publish_records(publisher, timeline.records, 100)
+        await publisher.close()
+        before_gap = await read_until(
+            stalled, lambda m: bool(m) and m[-1].HasField("subscriber_gap")
+        )
+        stalled.cancel()
+        await stalled_channel.close()
+        assert before_gap[-1].subscriber_gap.dropped_count > 0
+        stub = pb_grpc.MarketServiceStub(channel)
+        resumed = stub.StreamOrderBooks(
+            pb.StreamOrderBooksRequest(
+                tickers=[MARKET.ticker], resume_token=before_gap[-1].resume_token
+            )
+        )
+        rest = await read_until(resumed, caught_up)
+        resumed.cancel()
+        fresh = stub.StreamOrderBooks(request)
+        everything = await read_until(fresh, caught_up)
+        fresh.cancel()
+    assert updates(before_gap) + updates(rest) == updates(everything)
