@@ -18,6 +18,7 @@ from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.backtest.loading import StrategyLoadError, load_strategy_modules
 from kfeed_server.backtest.strategy import StrategyRegistry
+from kfeed_server.backtest.worker import KILL_GRACE
 from kfeed_server.records import SnapshotRecord
 from kfeed_server.transport.convert import timestamp
 from tests.support.backtest_service import TEST_RUNNER, TICKER, watch_to_end
@@ -31,7 +32,9 @@ TIME_LIMIT = 3.0
 @pytest.fixture
 async def backtest_server(database_url: str) -> AsyncIterator[KfeedServer]:
     """A server configured to trust the user strategy module, with a short run time limit."""
-    runner = dataclasses.replace(TEST_RUNNER, strategy_modules=(MODULE,), time_limit=TIME_LIMIT)
+    runner = dataclasses.replace(
+        TEST_RUNNER, workers=2, strategy_modules=(MODULE,), time_limit=TIME_LIMIT
+    )
     config = ServerConfig(listen="127.0.0.1:0", database_url=database_url, backtest=runner)
     async with serving(config) as server:
         yield server
@@ -102,6 +105,26 @@ async def test_a_strategy_that_runs_away_fails_at_the_time_limit(
     assert after.state == pb.BACKTEST_STATE_SUCCEEDED, after.error_message
 
 
+async def test_a_strategy_that_swallows_the_time_limit_is_killed_and_harms_no_other_run(
+    stub: pb_grpc.BacktestServiceAsyncStub, recorded: list[SnapshotRecord]
+) -> None:
+    started = time.monotonic()
+    created = await stub.CreateBacktest(pb.CreateBacktestRequest(config=_config("user_swallows")))
+    swallowing = asyncio.create_task(watch_to_end(stub, created.backtest.backtest_id))
+    # Meanwhile the other worker slot runs a run to success.
+    beside = (await _run(stub, "user_bid_under"))[-1]
+    assert beside.state == pb.BACKTEST_STATE_SUCCEEDED, beside.error_message
+    async with asyncio.timeout(TIME_LIMIT + KILL_GRACE + 30):  # without the kill: forever
+        failed = (await swallowing)[-1]
+    assert failed.state == pb.BACKTEST_STATE_FAILED
+    assert f"time limit of {TIME_LIMIT:g} s" in failed.error_message
+    assert "was killed" in failed.error_message
+    assert TIME_LIMIT + KILL_GRACE <= time.monotonic() - started < TIME_LIMIT + KILL_GRACE + 15
+    # The killed worker's slot gets a fresh pool: runs go on in both slots.
+    after = await asyncio.gather(_run(stub, "user_bid_under"), _run(stub, "user_bid_under"))
+    assert [m[-1].state for m in after] == [pb.BACKTEST_STATE_SUCCEEDED] * 2
+
+
 def test_a_module_that_cannot_load_is_a_clear_error() -> None:
     with pytest.raises(StrategyLoadError, match="no_such_module"):
         load_strategy_modules(["tests.support.no_such_module"], StrategyRegistry())
@@ -110,6 +133,7 @@ def test_a_module_that_cannot_load_is_a_clear_error() -> None:
         "user_bid_under",
         "user_raises",
         "user_spins",
+        "user_swallows",
     ]
 
 

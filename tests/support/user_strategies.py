@@ -3,6 +3,7 @@ as a user's package would be: nothing here is registered at import."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -88,3 +89,18 @@ class Spins(Strategy):
     ) -> Sequence[Instruction]:
         while True:
             time.sleep(0.01)
+
+
+class Swallows(Strategy):
+    """Never returns from its first snapshot and swallows every exception, the time limit's
+    included: only killing its process stops it."""
+
+    name = "user_swallows"
+    description = "A user's strategy that runs away and catches BaseException."
+
+    def on_snapshot(
+        self, snapshot: SnapshotRecord, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        while True:
+            with contextlib.suppress(BaseException):  # the point: nothing gets out
+                time.sleep(0.01)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
+import os
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -32,9 +35,11 @@ from kfeed_server.backtest.market_events import (
 from kfeed_server.backtest.quality import UnrecoveredGaps, data_quality, unrecovered
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
 from kfeed_server.backtest.worker import (
+    KILL_GRACE,
     NO_LIMITS,
     EventBatch,
     WorkerJob,
+    WorkerKilled,
     WorkerLimits,
     WorkerStarted,
     replay_in_worker,
@@ -165,6 +170,7 @@ class ReplayFeeder:
         data_reader, data_writer = multiprocessing.Pipe(duplex=False)
         control, worker_control = multiprocessing.Pipe()
         loop = asyncio.get_running_loop()
+        runaway = _Runaway(limits.time_limit)
         # In a thread: the first submit starts the pool's forkserver, which imports (and warms)
         # the worker's modules; the event loop must not wait for that.
         submitted = await asyncio.to_thread(
@@ -181,6 +187,7 @@ class ReplayFeeder:
                         # shows as a broken pipe.
                         data_reader.close()
                         worker_control.close()
+                        runaway.started(message.pid, loop.time())
                     elif isinstance(message, Progress):
                         tracked.publish(with_progress(tracked.record, message))
                         if on_change is not None:
@@ -200,9 +207,15 @@ class ReplayFeeder:
             while not future.done():
                 await asyncio.wait(
                     watched,
-                    timeout=self._settings.persist_interval,
+                    timeout=runaway.wait(self._settings.persist_interval, loop.time()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
+                if not future.done() and runaway.kill_if_due(loop.time()):
+                    # The strategy swallowed the limit (or never returned to Python code): the
+                    # worker is gone, its pool broken; the service retires that pool.
+                    with contextlib.suppress(Exception):
+                        await future
+                    raise WorkerKilled(limits.time_limit)
                 if stop_requested.done() and not feeder.done():
                     # A worker waiting for rows would not see the stop: ending the data stream
                     # wakes it (and a slow read ends early).
@@ -280,6 +293,33 @@ class ReplayFeeder:
             log.debug("backtest feed ended early: %r", error)
         finally:
             writer.close()
+
+
+class _Runaway:
+    """The time limit enforced from outside: a worker still running ``KILL_GRACE`` seconds past
+    its limit (counted from its start) is killed with SIGKILL, which no strategy can catch."""
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._pid: int | None = None
+        self._deadline = math.inf
+
+    def started(self, pid: int, now: float) -> None:
+        if self._limit > 0:
+            self._pid, self._deadline = pid, now + self._limit + KILL_GRACE
+
+    def wait(self, interval: float, now: float) -> float:
+        """How long to wait for the run before looking again."""
+        return max(0.0, min(interval, self._deadline - now))
+
+    def kill_if_due(self, now: float) -> bool:
+        """Kills the worker when its deadline has passed; whether it did."""
+        if self._pid is None or now < self._deadline:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
+        log.warning("killed backtest worker %d: past its time limit", self._pid)
+        return True
 
 
 def run_data_quality(

@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -41,7 +41,7 @@ from kfeed_server.backtest.sweep_runs import (
     walk_forward_points,
 )
 from kfeed_server.backtest.tracking import TrackedRun, progress_values, replaced
-from kfeed_server.backtest.worker import NotCompiled, WorkerLimits
+from kfeed_server.backtest.worker import NotCompiled, WorkerKilled, WorkerLimits
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import BacktestState, EquityPointRecord, ExecutionRecord, Page
 from kfeed_server.records.backtest import (
@@ -129,12 +129,16 @@ class BacktestRunner:
         )
         # The exact commit when known (looked up once per process).
         self._code_version = code_version if code_version is not None else build.code_version()
-        self._executor: ProcessPoolExecutor | None = None
+        # One single-process pool per worker slot: a worker killed for running away (or dying)
+        # breaks only its own pool, never the runs in the other slots.
+        self._executors: list[ProcessPoolExecutor | None] = [None] * self._config.workers
         # User strategies: registered here for validation and ListStrategies, imported again by
         # each worker before it runs one.
         self._strategy_modules = (*self._config.strategy_modules, *entry_point_modules())
         load_strategy_modules(self._strategy_modules)
-        self._slots = asyncio.Semaphore(self._config.workers)
+        self._free_slots: asyncio.Queue[int] = asyncio.Queue()
+        for slot in range(self._config.workers):
+            self._free_slots.put_nowait(slot)
         self._tracked: dict[str, TrackedRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -165,22 +169,25 @@ class BacktestRunner:
             tracked.request_stop(by_user=False)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace)
-        self._shutdown_pool()
+        for slot in range(len(self._executors)):
+            self._retire_pool(slot)
 
-    def _shutdown_pool(self) -> None:
-        executor, self._executor = self._executor, None
+    def _retire_pool(self, slot: int) -> None:
+        """Shuts the slot's pool down (the next run in the slot starts a fresh one)."""
+        executor, self._executors[slot] = self._executors[slot], None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
+    def _pool(self, slot: int) -> ProcessPoolExecutor:
+        executor = self._executors[slot]
+        if executor is None:
             context = multiprocessing.get_context(self._config.start_method)
             if self._config.start_method == "forkserver":
                 context.set_forkserver_preload(
                     ["kfeed_server.backtest.worker", "kfeed_server.backtest.warm_up"]
                 )
-            self._executor = ProcessPoolExecutor(self._config.workers, mp_context=context)
-        return self._executor
+            executor = self._executors[slot] = ProcessPoolExecutor(1, mp_context=context)
+        return executor
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -384,45 +391,56 @@ class BacktestRunner:
                 tracked, on_change, state=BacktestState.FAILED, error_message=tracked.stop_reason
             )
 
-    async def _acquire_slot(self, tracked: TrackedRun) -> bool:
-        """Waits for a free worker; False (and no slot held) when a stop came first."""
-        acquire = asyncio.ensure_future(self._slots.acquire())
+    async def _acquire_slot(self, tracked: TrackedRun) -> int | None:
+        """Waits for a free worker slot; None (and no slot held) when a stop came first."""
+        acquire = asyncio.ensure_future(self._free_slots.get())
         stopped = asyncio.ensure_future(tracked.stop_requested.wait())
         await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if not acquire.done():
             acquire.cancel()
         try:
-            await acquire
+            slot = await acquire
         except asyncio.CancelledError:
-            return False
+            return None
         if tracked.stop_requested.is_set():
-            self._slots.release()
-            return False
-        return True
+            self._free_slots.put_nowait(slot)
+            return None
+        return slot
+
+    @contextlib.contextmanager
+    def _holding(self, slot: int) -> Iterator[ProcessPoolExecutor]:
+        """The slot's pool while a run uses it; a pool whose worker died or was killed is
+        retired (only this slot's), and the slot is free again afterwards."""
+        try:
+            yield self._pool(slot)
+        except (BrokenProcessPool, WorkerKilled):
+            self._retire_pool(slot)
+            raise
+        finally:
+            self._free_slots.put_nowait(slot)
 
     async def _run_single(
         self, tracked: TrackedRun, config: EngineConfig, on_change: Callable[[], None] | None
     ) -> None:
         try:
             gaps = await self._feeder.check_gaps(config)
-            if not await self._acquire_slot(tracked):
+            slot = await self._acquire_slot(tracked)
+            if slot is None:
                 await self._finish_stopped(tracked, on_change)
                 return
-            try:
+            with self._holding(slot) as pool:
                 await self._update(
                     tracked, on_change, state=BacktestState.RUNNING, run_start_time=_now()
                 )
                 result = await self._feeder.replay(
-                    self._pool(),
+                    pool,
                     tracked,
                     config,
                     self._persist_progress,
                     on_change,
                     WorkerLimits(self._strategy_modules, self._config.time_limit),
                 )
-            finally:
-                self._slots.release()
             quality = run_data_quality(config, gaps, result)
             await self._store_result(tracked, result, quality, on_change)
         except UnrecoveredGaps as error:
@@ -436,8 +454,6 @@ class BacktestRunner:
                 # Stopping may surface as a broken pipe or an early end of data in the worker.
                 await self._finish_stopped(tracked, on_change)
                 return
-            if isinstance(error, BrokenProcessPool):
-                self._shutdown_pool()  # the next run starts a fresh pool
             log.exception("backtest %s failed", tracked.record.backtest_id)
             await self._finish(
                 tracked,
@@ -489,23 +505,24 @@ class BacktestRunner:
                     child, None, state=BacktestState.FAILED, error_message=str(error)
                 )
             return True
-        if not await self._acquire_slot(parent):
+        slot = await self._acquire_slot(parent)
+        if slot is None:
             for child in children:
                 await self._finish_stopped(child, None)
             return True
         try:
-            for child in children:
-                await self._update(child, None, state=BacktestState.RUNNING, run_start_time=_now())
-            try:
+            with self._holding(slot) as pool:
+                for child in children:
+                    await self._update(
+                        child, None, state=BacktestState.RUNNING, run_start_time=_now()
+                    )
                 results = await self._feeder.replay_sweep(
-                    self._pool(),
+                    pool,
                     parent,
                     configs,
                     self._persist_progress,
                     WorkerLimits(self._strategy_modules, self._config.time_limit),
                 )
-            finally:
-                self._slots.release()
         except NotCompiled:
             return False
         except BacktestCancelled:
@@ -513,8 +530,6 @@ class BacktestRunner:
                 await self._finish_stopped(child, None)
             return True
         except Exception as error:
-            if isinstance(error, BrokenProcessPool):
-                self._shutdown_pool()
             log.exception("sweep %s failed", parent.record.backtest_id)
             message = f"{type(error).__name__}: {error}"
             for child in children:

@@ -19,6 +19,7 @@ future.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections import deque
@@ -72,6 +73,18 @@ class TimeLimitExceeded(TimeoutError):
         return f"the run exceeded its time limit of {self.limit:g} s (does the strategy loop?)"
 
 
+class WorkerKilled(TimeLimitExceeded):
+    """The run outlived its time limit by ``KILL_GRACE`` (its strategy swallowed the limit's
+    exception, or never returned to Python code): the server killed the worker process."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; the worker did not stop and was killed"
+
+
+KILL_GRACE = 2.0
+"""Seconds past its time limit after which the server kills a run's worker from outside."""
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
     """Raises TimeLimitExceeded in this (the worker's main) thread after ``seconds``."""
@@ -115,7 +128,9 @@ class NotCompiled(Exception):
 @dataclass(frozen=True, slots=True)
 class WorkerStarted:
     """The worker holds its pipe ends: the server may close its copies of them, so that a dead
-    worker shows as a broken pipe."""
+    worker shows as a broken pipe. ``pid`` is the worker process's, for the time limit's kill."""
+
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +251,7 @@ def replay_in_worker(
 ) -> BacktestResult | list[BacktestResult]:
     """Runs ``job`` over the rows arriving on ``data``; see the module docstring."""
     try:
-        control.send(WorkerStarted())
+        control.send(WorkerStarted(os.getpid()))
         # Cached after the first run in this process.
         load_strategy_modules(job.limits.strategy_modules)
         fingerprinter = Fingerprinter()
