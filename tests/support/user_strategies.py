@@ -91,7 +91,7 @@ class Spins(Strategy):
             time.sleep(0.01)
 
 
-class Swallows(Strategy):
+class SwallowsTheLimit(Strategy):
     """Never returns from its first snapshot and swallows every exception, the time limit's
     included: only killing its process stops it."""
 
