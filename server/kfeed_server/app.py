@@ -136,6 +136,10 @@ class ServerConfig(ServerFlags):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     # The browser dashboard and Connect/gRPC-Web (--web-listen); None: not served.
     web: WebConfig | None = None
+    # One of several worker processes on the same port (``kfeed serve --workers``, see
+    # kfeed_server.workers): the port is bound with SO_REUSEPORT, and the supervisor has already
+    # marked the previous run's unfinished backtests FAILED (a worker must not fail another's).
+    worker: bool = False
 
 
 def _shown(url: str) -> str:
@@ -207,7 +211,8 @@ class KfeedServer:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # Only workers share their port: otherwise a second server on it is an error.
+                ("grpc.so_reuseport", 1 if config.worker else 0),
             ],
         )
         market_servicer = MarketServicer(
@@ -287,7 +292,8 @@ class KfeedServer:
             self.tokens.set_key(
                 await self.repositories.secrets.get_or_create(TOKEN_KEY, new_token_key)
             )
-        await self.backtests.recover()
+        if not self.config.worker:
+            await self.backtests.recover()
         await self._maintain_book_partitions()
         self._partition_upkeep = asyncio.ensure_future(self._keep_book_partitions())
         await self._follow_commits()
@@ -355,8 +361,31 @@ class KfeedServer:
             log.info("kfeed server stopped")
 
 
-async def run_until_signalled(config: ServerConfig) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+async def prepare_database(config: ServerConfig) -> None:
+    """What one process does for several workers before they start: migrate (unless told not
+    to), check the schema, make the token key, and mark the previous run's unfinished backtests
+    FAILED."""
+    engine = create_engine(config.database_url)
+    try:
+        if config.migrate:
+            await upgrade_to_head(engine)
+        if not await schema_is_current(engine):
+            raise CommandError(
+                "the database schema is not at the latest migration; run with --migrate"
+            )
+        repositories = build_repositories(engine)
+        await repositories.secrets.get_or_create(TOKEN_KEY, new_token_key)
+        await BacktestRunner(repositories, config.backtest).recover()
+    except (OSError, SQLAlchemyError, asyncpg.PostgresError) as error:
+        raise CommandError(
+            f"cannot use the database {_shown(config.database_url)}: {_reason(error)}"
+        ) from error
+    finally:
+        await engine.dispose()
+
+
+def check_listen_beyond_loopback(config: ServerConfig) -> None:
+    """Refuse (SystemExit) to serve beyond loopback without authentication."""
     if not is_loopback_address(config.listen) and not config.security.authenticates:
         raise SystemExit(
             f"refusing to listen on {config.listen}: beyond loopback kfeed requires "
@@ -371,6 +400,11 @@ async def run_until_signalled(config: ServerConfig) -> None:
             f"refusing to serve the dashboard on {config.web.listen}: beyond loopback kfeed "
             "requires authentication (--auth-tokens-file), which is not configured"
         )
+
+
+async def run_until_signalled(config: ServerConfig) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    check_listen_beyond_loopback(config)
     try:
         server = KfeedServer(config)
     except OSError as error:  # the SQLite file's folder cannot be made

@@ -16,6 +16,7 @@ from kfeed_server.security import SecurityConfig
 from kfeed_server.security.config import SecurityFlags
 from kfeed_server.web import WebConfig
 from kfeed_server.web.app import DEFAULT_WEB_ROOT
+from kfeed_server.workers import check_workers, run_workers
 from kfeed_settings import CommandError, CommandSettings
 
 
@@ -41,6 +42,11 @@ class ServeCommand(CommandSettings, SecurityFlags, ServerFlags):
     backtest_time_limit: float = Field(
         default=3_600.0, gt=0, description="seconds one backtest run may take before it fails"
     )
+    workers: int = Field(
+        default=1,
+        description="server processes sharing the port (SO_REUSEPORT); above 1 needs PostgreSQL"
+        " (docs/adr/0018-serve-workers.md)",
+    )
 
     def cli_cmd(self) -> None:
         configure_logging(self.log_level, self.log_format)
@@ -60,7 +66,11 @@ class ServeCommand(CommandSettings, SecurityFlags, ServerFlags):
                 else None
             ),
         )
-        asyncio.run(run_until_signalled(config))
+        check_workers(config, self.workers)
+        if self.workers > 1:
+            asyncio.run(run_workers(config, self.workers, self.log_level, self.log_format))
+        else:
+            asyncio.run(run_until_signalled(config))
 
 
 def _values(command: ServeCommand, flags: type[BaseModel]) -> dict[str, Any]:
