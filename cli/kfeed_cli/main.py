@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # gRPC's C core logs failures (a port in use) that the one line below already reports.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
+        # From here a Ctrl-C is a KeyboardInterrupt, reported below (the console script's entry
+        # point, kfeed_cli.entry, ends start-up at once until now).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         _run(name, rest)
     except KeyboardInterrupt:
         if debug:

@@ -301,3 +301,34 @@ async def test_ctrl_c_while_starting_is_one_line(
     assert process.returncode in (130, -signal.SIGINT), text
     if process.returncode == 130:
         assert text.strip().splitlines()[-1] == f"kfeed {command}: interrupted", text
+
+
+@pytest.mark.parametrize("loaded", ["kfeed_cli.entry", "kfeed_cli.main"])
+async def test_ctrl_c_as_soon_as_python_runs_kfeed_is_one_line(loaded: str) -> None:
+    """The `kfeed` console script, interrupted the moment Python has loaded ``loaded`` (its import
+    time line, printed as each import ends, is the clock): from the first module of kfeed that
+    Python runs, a Ctrl-C is one line and exit status 130, while the commands' modules load."""
+    script = Path(sys.executable).with_name("kfeed")
+    process = await asyncio.create_subprocess_exec(
+        script, "sim", "--listen", "127.0.0.1:0",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "KFEED_DEBUG": "", "PYTHONPROFILEIMPORTTIME": "1"},
+    )  # fmt: skip
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not seen or not seen[-1].endswith(f"| {loaded}"):
+                line = await process.stderr.readline()
+                assert line, f"{script} ended before loading {loaded}:\n" + "\n".join(seen)
+                seen.append(line.decode(errors="replace").rstrip())
+        process.send_signal(signal.SIGINT)
+        rest = (await asyncio.wait_for(process.stderr.read(), 30)).decode(errors="replace")
+        returncode = await asyncio.wait_for(process.wait(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    said = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert (returncode, said) == (130, ["kfeed sim: interrupted"]), rest
