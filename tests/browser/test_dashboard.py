@@ -1,17 +1,26 @@
 """The dashboard in Chromium against sim → ingest → `kfeed serve --web-listen`: live markets, a
-market's chart and trades, a backtest from the form to SUCCEEDED with its equity curve."""
+market's chart and trades, scrolling back through older candles with past feed gaps marked, a
+backtest from the form to SUCCEEDED with its equity curve."""
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import grpc
 import pytest
 from playwright.async_api import Page, expect
 
+from kfeed.v1 import market_service_pb2 as pb
+from kfeed.v1 import market_service_pb2_grpc as pb_grpc
+from kfeed_server.records import FeedGapRecord, MarketRecord, MarketStatus
+from kfeed_server.transport.convert import timestamp
 from tests.browser.conftest import VIEWER_TIME_ZONE, Dashboard
+from tests.support.factories import make_snapshot
+from tests.support.servers import PublishSession
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -110,8 +119,17 @@ async def test_market_page_shows_chart_and_trades(
     trade = await page.get_by_test_id("trade-row").first.text_content()
     assert trade is not None
     assert "$" in trade
+    # The sim's markets have books (ingest records them from the WebSocket): the ladder shows
+    # them and keeps applying StreamOrderBooks updates as the sim steps.
     depth = page.get_by_test_id("depth")
-    await expect(depth).to_contain_text(re.compile(r"YES bid|not available|no depth|waiting"))
+    await expect(depth).to_contain_text("YES bid", timeout=20_000)
+    await expect(depth.get_by_test_id("stream-state")).to_have_text("live")
+    applied = int(await depth.get_attribute("data-updates") or 0)
+    await page.wait_for_function(
+        "seen => Number(document.querySelector('[data-testid=depth]').dataset.updates) > seen",
+        arg=applied,
+        timeout=30_000,
+    )
     await page.screenshot(path=screenshots / "market.png", full_page=True)
 
 
@@ -198,3 +216,96 @@ async def test_a_sweep_from_the_form_ranks_its_runs_and_they_compare_side_by_sid
     await expect(compare).to_contain_text("count=5")
     await expect(compare).to_contain_text("total PnL")
     await page.screenshot(path=screenshots / "backtests-compare.png", full_page=True)
+
+
+@dataclass(frozen=True)
+class PastMarket:
+    ticker: str
+    gap_id: int
+
+
+@pytest.fixture(scope="module")
+async def stored_past(live_stack: Dashboard) -> PastMarket:
+    """A market of its own next to the sim's: a snapshot every 4 minutes for the last 30 hours
+    (1m candles span several ListCandles windows of 500) and one feed gap 3 hours ago, all
+    stored before any page opens."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    market = MarketRecord(
+        ticker="KXPAST-26DEC05-T1",
+        event_ticker="KXPAST-26DEC05",
+        series_ticker="KXPAST",
+        title="A market with a long past",
+        status=MarketStatus.OPEN,
+        open_time=now - timedelta(days=2),
+        close_time=now + timedelta(days=2),
+    )
+    steps = 30 * 15
+    history = [
+        make_snapshot(
+            market.ticker,
+            i,
+            exchange_time=now - timedelta(minutes=4 * (steps - i)),
+            receive_time=now - timedelta(minutes=4 * (steps - i)),
+            yes_bid=4000 + 7 * (i % 40),
+            yes_ask=4200 + 7 * (i % 40),
+        )
+        for i in range(steps)
+    ]
+    gap = FeedGapRecord(
+        channel="ticker",
+        subscription_id=9,
+        expected_sequence=100,
+        received_sequence=104,
+        detect_time=now - timedelta(hours=3),
+        ticker=market.ticker,
+        recovered=True,
+        recover_time=now - timedelta(hours=3) + timedelta(seconds=5),
+    )
+    async with (
+        grpc.aio.insecure_channel(live_stack.grpc_address) as channel,
+        PublishSession(channel) as publisher,
+    ):
+        await publisher.publish(markets=[market], snapshots=history, gaps=[gap])
+        # The sim's newer gaps of whole subscriptions come first: ask for the past ones.
+        stored = await pb_grpc.MarketServiceStub(channel).ListFeedGaps(
+            pb.ListFeedGapsRequest(
+                tickers=[market.ticker], end_time=timestamp(gap.detect_time + timedelta(seconds=1))
+            )
+        )
+    (gap_id,) = [g.gap_id for g in stored.feed_gaps if g.ticker == market.ticker]
+    return PastMarket(market.ticker, gap_id)
+
+
+async def test_market_page_scrolls_back_through_older_candles_and_marks_past_gaps(
+    live_stack: Dashboard, stored_past: PastMarket, page: Page, screenshots: Path
+) -> None:
+    candle_calls: list[str] = []
+    page.on(
+        "request",
+        lambda request: candle_calls.append(request.url) if "/ListCandles" in request.url else None,
+    )
+    await page.goto(live_stack.url + "#/market/" + stored_past.ticker)
+    chart = page.get_by_test_id("price-chart")
+    await expect(chart).to_have_attribute("data-candles", re.compile(r"^[1-9]"), timeout=20_000)
+    # The gap was stored before the page opened: it comes from ListFeedGaps, not the stream.
+    await expect(chart).to_have_attribute(
+        "data-gaps", re.compile(rf"(^| ){stored_past.gap_id}( |$)"), timeout=10_000
+    )
+    canvas = chart.locator("canvas").first
+    box = await canvas.bounding_box()
+    assert box is not None
+    shown = int(await chart.get_attribute("data-candles") or 0)
+    calls = len(candle_calls)
+    # Drag the time axis to the right (back in time) until older candles are drawn.
+    middle_y = box["y"] + box["height"] / 2
+    for _ in range(10):
+        await page.mouse.move(box["x"] + 40, middle_y)
+        await page.mouse.down()
+        await page.mouse.move(box["x"] + box["width"] - 40, middle_y, steps=8)
+        await page.mouse.up()
+        if int(await chart.get_attribute("data-candles") or 0) > shown:
+            break
+    await expect(chart).not_to_have_attribute("data-candles", str(shown), timeout=10_000)
+    assert int(await chart.get_attribute("data-candles") or 0) > shown
+    assert len(candle_calls) > calls, "older candles came from more ListCandles calls"
+    await page.screenshot(path=screenshots / "market-scroll-back.png", full_page=True)

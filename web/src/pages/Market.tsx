@@ -2,6 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { useQuery, useTransport } from "@connectrpc/connect-query";
+import { keepPreviousData, useQuery as useTanstackQuery } from "@tanstack/react-query";
 import {
   MarketService,
   type StreamOrderBooksResponse,
@@ -34,12 +35,15 @@ import { chartSeconds, makeChart } from "../components/charts";
 import { Notice, StreamBadge } from "../components/Notice";
 import { Time as TimeCell } from "../components/Time";
 import { dollarsNumber, formatContracts, formatDollars, toDate } from "../format";
+import { mergeGaps } from "../gaps";
 import { useServerStream } from "../streams";
 import { statusName } from "./Markets";
 
 const INTERVALS = { "1m": 60, "1h": 3600, "1d": 86_400 } as const;
 type IntervalName = keyof typeof INTERVALS;
 const CANDLES_PER_PAGE = 500;
+const INITIAL_CANDLES = 150;
+const MAX_GAP_MARKERS = 10_000;
 const HISTORY_SECONDS = 6 * 3600;
 type PriceKind = "bid" | "ask" | "trades";
 
@@ -61,8 +65,9 @@ function snapshotPrice(snapshot: MarketSnapshot, kind: PriceKind): number | unde
   return price && price.tenThousandths > 0n ? dollarsNumber(price) : undefined;
 }
 
-/** Candles (ListCandles, scroll back for older pages), updated live, with feed-gap markers. */
-function PriceChart({ ticker, snapshots, gaps }: {
+/** Candles (ListCandles, scroll back for older pages), updated live, with feed-gap markers:
+ * the stored gaps open in the loaded range (ListFeedGaps) and the live ones. */
+function PriceChart({ ticker, snapshots, gaps: liveGaps }: {
   ticker: string;
   snapshots: MarketSnapshot[];
   gaps: FeedGap[];
@@ -83,6 +88,26 @@ function PriceChart({ ticker, snapshots, gaps }: {
   const loading = useRef(false);
   const exhausted = useRef(false);
   const seconds = INTERVALS[interval];
+  const [loadedSince, setLoadedSince] = useState<Date>();
+  const storedGaps = useTanstackQuery({
+    queryKey: ["feed-gaps", ticker, loadedSince?.getTime()],
+    enabled: loadedSince !== undefined,
+    placeholderData: keepPreviousData,
+    retry: false,
+    queryFn: async () => {
+      const found: FeedGap[] = [];
+      let pageToken = "";
+      do {
+        const page = await client.listFeedGaps({
+          tickers: [ticker], startTime: timestampFromDate(loadedSince!), pageSize: 1000, pageToken,
+        });
+        found.push(...page.feedGaps);
+        pageToken = page.nextPageToken;
+      } while (pageToken && found.length < MAX_GAP_MARKERS);
+      return found;
+    },
+  });
+  const gaps = useMemo(() => mergeGaps(storedGaps.data ?? [], liveGaps), [storedGaps.data, liveGaps]);
 
   useEffect(() => {
     const element = container.current!;
@@ -119,6 +144,7 @@ function PriceChart({ ticker, snapshots, gaps }: {
       pageToken = page.nextPageToken;
     } while (pageToken);
     oldestLoaded.current = start;
+    setLoadedSince(start);
     const known = new Set(bars.current.map((b) => b.time));
     bars.current = [...older.filter((b) => !known.has(b.time)), ...bars.current].sort(
       (a, b) => (a.time as number) - (b.time as number),
@@ -138,7 +164,11 @@ function PriceChart({ ticker, snapshots, gaps }: {
     loading.current = true;
     loadBefore(new Date(Date.now() + seconds * 1000))
       .then(() => {
-        if (!cancelled) chart.current?.timeScale().fitContent();
+        if (cancelled) return;
+        // The newest candles, readable; older ones (and older pages) by scrolling back.
+        const count = bars.current.length;
+        if (count > INITIAL_CANDLES) chart.current?.timeScale().setVisibleLogicalRange({ from: count - INITIAL_CANDLES, to: count + 2 });
+        else chart.current?.timeScale().fitContent();
       })
       .catch((error: unknown) => { if (!cancelled) setCandlesError(error); })
       .finally(() => { loading.current = false; });
@@ -220,7 +250,8 @@ function PriceChart({ ticker, snapshots, gaps }: {
   }, [gaps, seconds, candlesMissing]);
 
   return (
-    <div className="panel" data-testid="price-chart" data-candles={loaded} data-points={snapshots.length}>
+    <div className="panel" data-testid="price-chart" data-candles={loaded} data-points={snapshots.length}
+      data-gaps={gaps.map((gap) => gap.gapId).join(" ")}>
       <div className="toolbar">
         <h2>Price</h2>
         {(Object.keys(INTERVALS) as IntervalName[]).map((name) => (
@@ -252,19 +283,29 @@ function levelsOf(levels: PriceLevel[]): Levels {
   return new Map(levels.map((l) => [l.price?.tenThousandths ?? 0n, l.size?.hundredths ?? 0n]));
 }
 
-/** The depth ladder: YES bids and NO bids, best first, updated from StreamOrderBooks. */
+/** The depth ladder: YES bids and NO bids, best first, live from StreamOrderBooks (in batches). */
 function DepthLadder({ ticker }: { ticker: string }) {
   const transport = useTransport();
   const client = useMemo(() => createClient(MarketService, transport), [transport]);
   const [book, setBook] = useState<{ yes: Levels; no: Levels; inGap: boolean }>();
+  // Updates applied (full books and level changes), and whether the stored past has been sent.
+  const [applied, setApplied] = useState(0);
+  const [caughtUp, setCaughtUp] = useState(false);
   const stream = useServerStream<StreamOrderBooksResponse>(
     `books/${ticker}`,
     (signal, resumeToken) =>
-      client.streamOrderBooks({ tickers: [ticker], depth: 0, resumeToken, heartbeatInterval: { seconds: 15n } }, { signal }),
+      client.streamOrderBooks(
+        { tickers: [ticker], depth: 0, resumeToken, maxBatchSize: 500, heartbeatInterval: { seconds: 15n } },
+        { signal },
+      ),
     (message) => {
+      if (message.event.case === "caughtUp") setCaughtUp(true);
       const updates = message.event.case === "batch"
         ? message.event.value.updates.map((u) => u.update)
         : [message.event];
+      const count = updates.filter((u) => u.case === "book" || u.case === "change").length;
+      if (!count) return;
+      setApplied((n) => n + count);
       setBook((current) => {
         let next = current;
         for (const update of updates) {
@@ -283,19 +324,6 @@ function DepthLadder({ ticker }: { ticker: string }) {
       });
     },
   );
-  // Without StreamOrderBooks on this server, poll GetOrderBook instead.
-  const polled = useQuery(
-    MarketService.method.getOrderBook,
-    { ticker, depth: 0 },
-    { enabled: stream.state === "unavailable", refetchInterval: 2000 },
-  );
-  useEffect(() => {
-    const polledBook = polled.data?.book;
-    if (polledBook) setBook({ yes: levelsOf(polledBook.yesBids), no: levelsOf(polledBook.noBids), inGap: polledBook.inFeedGap });
-  }, [polled.data]);
-  const polledError = stream.state === "unavailable" ? polled.error : null;
-  const noBook = polledError !== null && ConnectError.from(polledError).code === Code.NotFound;
-  const unavailable = polledError !== null && !noBook;
   const rows = (levels: Levels | undefined) =>
     [...(levels ?? new Map<bigint, bigint>()).entries()].sort((a, b) => (b[0] > a[0] ? 1 : -1)).slice(0, 12);
   const yes = rows(book?.yes);
@@ -317,14 +345,13 @@ function DepthLadder({ ticker }: { ticker: string }) {
     </table>
   );
   return (
-    <div className="panel" data-testid="depth">
-      <div className="toolbar"><h2>Depth</h2><StreamBadge state={stream.state === "unavailable" ? "polling" : stream.state} />{book?.inGap && <span className="badge stream-failed">in feed gap</span>}</div>
-      {stream.state === "unavailable" && !unavailable && <p className="sub">live book stream not available on this server: polling</p>}
-      {unavailable ? (
-        <Notice error={polled.error} what="Order books" />
-      ) : !book && !noBook ? (
+    <div className="panel" data-testid="depth" data-updates={applied}>
+      <div className="toolbar"><h2>Depth</h2><StreamBadge state={stream.state} />{book?.inGap && <span className="badge stream-failed">in feed gap</span>}</div>
+      {stream.state === "unavailable" ? (
+        <p className="notice unavailable" data-testid="unavailable">Order books: not available on this server.</p>
+      ) : !book && !caughtUp ? (
         <p className="sub">{stream.state === "failed" ? stream.error : "waiting for the book…"}</p>
-      ) : noBook || yes.length + no.length === 0 ? (
+      ) : yes.length + no.length === 0 ? (
         <p className="sub">no depth recorded for this market</p>
       ) : (
         <div className="ladders">{side("YES bid", yes, "yes")}{side("NO bid", no, "no")}</div>
@@ -392,7 +419,7 @@ export function MarketPage({ ticker }: { ticker: string }) {
   const [snapshots, setSnapshots] = useState<MarketSnapshot[]>([]);
   const [gaps, setGaps] = useState<FeedGap[]>([]);
   useEffect(() => () => cancelAnimationFrame(frame.current), []);
-  // History of the last hours (for the gap markers and the chart without candles), then live.
+  // History of the last hours (for the chart without candles), then live; new feed gaps.
   const stream = useServerStream<StreamSnapshotsResponse>(
     `market/${ticker}`,
     (signal, resumeToken) =>

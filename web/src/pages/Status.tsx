@@ -2,15 +2,18 @@ import { createClient } from "@connectrpc/connect";
 import { useTransport } from "@connectrpc/connect-query";
 import { MarketService, type StreamSnapshotsResponse } from "@gen/kfeed/v1/market_service_pb.js";
 import type { FeedGap } from "@gen/kfeed/v1/types_pb.js";
+import { useQuery as useRpcQuery } from "@connectrpc/connect-query";
 import { useQuery } from "@tanstack/react-query";
 import { useMemo, useRef, useState } from "react";
 import { noteError, token } from "../client";
 import { Notice, StreamBadge } from "../components/Notice";
 import { Time } from "../components/Time";
 import { formatNumber } from "../format";
+import { mergeGaps } from "../gaps";
 import { useServerStream } from "../streams";
 
 type Samples = Map<string, number>;
+const RECENT_GAPS = 50;
 
 /** Prometheus text: `name{labels} value` lines, summed per name{labels} as written. */
 function parseMetrics(text: string): Samples {
@@ -80,23 +83,26 @@ export function StatusPage() {
     refetchInterval: 2000,
     retry: false,
   });
-  const [gaps, setGaps] = useState<FeedGap[]>([]);
-  // Live only (no history): feed gaps as ingest reports them; snapshots conflated to 5 s.
+  const [liveGaps, setGaps] = useState<FeedGap[]>([]);
+  // The newest stored gaps, then live ones as ingest reports them (the snapshots, conflated to
+  // 5 s and batched, are not shown).
+  const stored = useRpcQuery(MarketService.method.listFeedGaps, { pageSize: RECENT_GAPS }, { retry: false });
   const stream = useServerStream<StreamSnapshotsResponse>(
     "status/gaps",
     (signal, resumeToken) =>
       client.streamSnapshots(
-        { resumeToken, conflationInterval: { seconds: 5n }, heartbeatInterval: { seconds: 15n } },
+        { resumeToken, conflationInterval: { seconds: 5n }, maxBatchSize: 500, heartbeatInterval: { seconds: 15n } },
         { signal },
       ),
     (message) => {
       if (message.event.case === "feedGap") {
         const gap = message.event.value;
         // A gap is sent again when it is recovered: keep its latest state, once.
-        setGaps((current) => [gap, ...current.filter((g) => g.gapId !== gap.gapId)].slice(0, 50));
+        setGaps((current) => [gap, ...current.filter((g) => g.gapId !== gap.gapId)].slice(0, RECENT_GAPS));
       }
     },
   );
+  const gaps = mergeGaps(stored.data?.feedGaps ?? [], liveGaps).slice(0, RECENT_GAPS);
   if (health.error) noteError(health.error);
   const samples = metrics.data;
   return (
@@ -126,7 +132,8 @@ export function StatusPage() {
         </div>
       </div>
       {metrics.error ? <p className="notice error">Metrics: {String((metrics.error as Error).message)}</p> : null}
-      <h2>Recent feed gaps (since this page opened)</h2>
+      <h2>Recent feed gaps</h2>
+      {stored.error ? <Notice error={stored.error} what="Stored feed gaps" /> : null}
       <table>
         <thead><tr><th>detected</th><th>market</th><th>channel</th><th className="num">expected seq</th><th className="num">received seq</th><th>recovered</th></tr></thead>
         <tbody>
