@@ -270,10 +270,13 @@ async def whole_path(
     *,
     table: str = "market_snapshots",
     rows_named: str = "snapshots",
+    sim_options: Sequence[str] = (),
 ) -> dict[str, object]:
     """Rows committed to ``table`` per second over ``window`` seconds (after ``warmup``) of
-    sim → ingest (ws) → serve → PostgreSQL, and the CPU share of each process meanwhile (1.0 =
-    one core). The result's keys name the rows ``rows_named``."""
+    sim → ingest (ws) → serve → PostgreSQL, the CPU share of each process meanwhile (1.0 = one
+    core) and its CPU time per committed row: on a shared machine the rate says how much CPU the
+    processes got, the CPU per row what the path costs. The result's keys name the rows
+    ``rows_named``; ``sim_options`` go to ``kfeed sim``."""
     sim_port, server_port = free_port(), free_port()
     processes: dict[str, asyncio.subprocess.Process] = {}
     async with temporary_postgres_database(f"kfeed_bench_path_{table}") as database:
@@ -289,7 +292,7 @@ async def whole_path(
                     "--markets", str(markets), "--tick-interval", str(tick),
                     "--history-steps", "2", "--firehose", "--ws-queue-size", "200000",
                     "--no-legacy-integer-fields", "--api-key-id", "bench",
-                    "--api-public-key-file", str(work / "key.pub.pem"),
+                    "--api-public-key-file", str(work / "key.pub.pem"), *sim_options,
                 ], work)  # fmt: skip
                 processes["serve"] = await start_kfeed("serve", [
                     "--listen", f"127.0.0.1:{server_port}",
@@ -325,16 +328,20 @@ async def whole_path(
                     await raw.close()
             finally:
                 await stop_processes(*processes.values())
-    seconds = ended - started
-    cpu = {n: round((cpu_after[n] - cpu_before[n]) / seconds, 2) for n in processes}
-    cpu["postgres"] = round((postgres_after - postgres_before) / seconds, 2)
+    seconds, committed = ended - started, rows_after - rows_before
+    used = {n: cpu_after[n] - cpu_before[n] for n in processes}
+    used["postgres"] = postgres_after - postgres_before
+    cpu = {n: round(taken / seconds, 2) for n, taken in used.items()}
+    per_row = {n: round(taken * 1e6 / max(committed, 1), 1) for n, taken in used.items()}
     return {
         "markets": markets,
         "tick_seconds": tick,
         "window_seconds": round(seconds, 1),
-        f"committed_{rows_named}_per_s": round((rows_after - rows_before) / seconds),
+        f"committed_{rows_named}_per_s": round(committed / seconds),
         f"stored_{rows_named}": rows_after,
         "cpu_cores": cpu,
+        f"cpu_us_per_{rows_named[:-1]}": per_row,
+        "load_average": os.getloadavg()[0],
     }
 
 

@@ -11,15 +11,20 @@ over a market with 1,000,000 stored changes; the whole sim → PostgreSQL path; 
    with a checkpoint every 1,000 changes (``kfeed ingest``'s default), loaded by COPY; then
    ``--queries`` GetOrderBook calls at uniformly random instants over gRPC, one at a time.
    Target: p99 < 20 ms.
-3. **Whole path**: ``kfeed sim --firehose`` → ``kfeed ingest --mode ws`` → ``kfeed serve`` →
-   PostgreSQL, real processes; committed changes/s is ``count(*)`` of ``order_book_changes``
-   over a steady window. Target ≥ 20,000 changes/s.
+3. **Whole path**: ``kfeed sim --firehose --firehose-depth-changes N`` → ``kfeed ingest --mode
+   ws`` → ``kfeed serve`` → PostgreSQL, real processes. Every open market changes its top and N
+   levels below it at every step (N + 1 ``orderbook_delta`` frames and one ``ticker`` frame: a
+   book moves far more often below the top than at it), so the sim offers ≈ markets × (N + 1) /
+   tick changes/s. Committed changes/s is ``count(*)`` of ``order_book_changes`` over a steady
+   window; the CPU time of each process per committed change says what the path costs. Target
+   ≥ 20,000 changes/s.
 4. **Bytes per change**: the change table's size on disk (heap + key index) per row, and what
    column-wise compression of the same rows gives (zlib over delta-encoded columns, a stand-in
    for TimescaleDB / Parquet-style compression).
 
     uv run python -m bench.bench_order_books [--batch N] [--batches N] [--rounds N]
-        [--changes N] [--queries N] [--markets N] [--tick S] [--warmup S] [--window S]
+        [--changes N] [--queries N] [--markets N] [--depth-changes N] [--tick S] [--warmup S]
+        [--window S]
         [--skip-publish] [--skip-get] [--skip-whole-path]
 
 The last line printed is a JSON summary.
@@ -205,6 +210,44 @@ def compressed_bytes_per_change(changes: Sequence[BookChange]) -> float:
 # --- 2. GetOrderBook over 1,000,000 changes ----------------------------------------------------
 
 
+async def load_book_history(
+    raw: asyncpg.Connection, ticker: str, start: datetime, changes: int, rng: random.Random
+) -> None:
+    """``changes`` changes of ``ticker`` from ``start`` (500 price levels a side, one every
+    10 ms) with a PERIODIC checkpoint every 1,000, COPYed into the tables; then ANALYZE."""
+    books: tuple[dict[int, int], dict[int, int]] = ({}, {})
+    rows: list[tuple[Any, ...]] = []
+    checkpoints: list[tuple[Any, ...]] = []
+    for i in range(changes):
+        moment = start + timedelta(milliseconds=10 * i)
+        side = i % 2
+        price = 1 + rng.randrange(500) * 19
+        size = rng.choice((0, rng.randint(1, 10**6)))
+        if size:
+            books[side][price] = size
+        else:
+            books[side].pop(price, None)
+        rows.append((ticker, moment, moment, i + 1, side + 1, price, size, i + 2))
+        if (i + 1) % 1_000 == 0:
+            yes, no = (tuple(sorted(b.items(), reverse=True)) for b in books)
+            checkpoints.append(
+                (ticker, moment, moment, None, 3, pack_levels(yes), pack_levels(no),
+                 changes + 2 + len(checkpoints))
+            )  # fmt: skip
+        if len(rows) == 100_000:
+            await raw.copy_records_to_table("order_book_changes", records=rows, columns=_COLUMNS)
+            rows = []
+    if rows:
+        await raw.copy_records_to_table("order_book_changes", records=rows, columns=_COLUMNS)
+    await raw.copy_records_to_table(
+        "order_book_checkpoints",
+        records=[(ticker, start, start, None, 1, b"", b"", 1), *checkpoints],
+        columns=["ticker", "exchange_time", "receive_time", "sequence", "kind",
+                 "yes_levels", "no_levels", "stream_id"],
+    )  # fmt: skip
+    await raw.execute("ANALYZE")
+
+
 async def get_order_book(changes: int, queries: int) -> dict[str, object]:
     rng = random.Random(5)
     ticker = "KXBENCH-0000"
@@ -218,41 +261,8 @@ async def get_order_book(changes: int, queries: int) -> dict[str, object]:
         await call.done_writing()
         raw = await asyncpg.connect(asyncpg_dsn(database))
         try:
-            books: tuple[dict[int, int], dict[int, int]] = ({}, {})
-            rows: list[tuple[Any, ...]] = []
-            checkpoints: list[tuple[Any, ...]] = []
             loaded = time.perf_counter()
-            for i in range(changes):
-                moment = start + timedelta(milliseconds=10 * i)
-                side = i % 2
-                price = 1 + rng.randrange(500) * 19
-                size = rng.choice((0, rng.randint(1, 10**6)))
-                if size:
-                    books[side][price] = size
-                else:
-                    books[side].pop(price, None)
-                rows.append((ticker, moment, moment, i + 1, side + 1, price, size, i + 2))
-                if (i + 1) % 1_000 == 0:
-                    yes, no = (tuple(sorted(b.items(), reverse=True)) for b in books)
-                    checkpoints.append(
-                        (ticker, moment, moment, None, 3, pack_levels(yes), pack_levels(no),
-                         changes + 2 + len(checkpoints))
-                    )  # fmt: skip
-                if len(rows) == 100_000:
-                    await raw.copy_records_to_table("order_book_changes", records=rows,
-                                                    columns=_COLUMNS)  # fmt: skip
-                    rows = []
-            if rows:
-                await raw.copy_records_to_table(
-                    "order_book_changes", records=rows, columns=_COLUMNS
-                )
-            await raw.copy_records_to_table(
-                "order_book_checkpoints",
-                records=[(ticker, start, start, None, 1, b"", b"", 1), *checkpoints],
-                columns=["ticker", "exchange_time", "receive_time", "sequence", "kind",
-                         "yes_levels", "no_levels", "stream_id"],
-            )  # fmt: skip
-            await raw.execute("ANALYZE")
+            await load_book_history(raw, ticker, start, changes, rng)
             load_seconds = time.perf_counter() - loaded
         finally:
             await raw.close()
@@ -290,7 +300,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--changes", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1_000)
-    parser.add_argument("--markets", type=int, default=1_000)
+    parser.add_argument("--markets", type=int, default=150)
+    parser.add_argument("--depth-changes", type=int, default=8)
     parser.add_argument("--tick", type=float, default=0.05)
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--window", type=float, default=20.0)
@@ -323,6 +334,7 @@ def main() -> None:
                 args.window,
                 table="order_book_changes",
                 rows_named="changes",
+                sim_options=["--firehose-depth-changes", str(args.depth_changes)],
             )
         )
         print(f"whole path: {path}", flush=True)

@@ -27,9 +27,9 @@ from kfeed_ingest.kalshi.books import (
     START,
     BookChange,
     CheckpointPolicy,
-    append_change,
     change_columns,
     checkpoint,
+    recorded_change_columns,
 )
 from kfeed_ingest.kalshi.models import KalshiEvent, KalshiMarket, KalshiTrade
 from kfeed_ingest.kalshi.normalise import (
@@ -133,7 +133,16 @@ Row = (
 )
 
 
-def _add_row(request: ingest_service_pb2.PublishRequest, message: Row) -> None:
+def _add_row(
+    request: ingest_service_pb2.PublishRequest,
+    message: types_pb2.Series
+    | types_pb2.Event
+    | types_pb2.Market
+    | types_pb2.MarketSnapshot
+    | types_pb2.Trade
+    | types_pb2.FeedGap
+    | ingest_service_pb2.OrderBookCheckpoint,
+) -> None:
     if isinstance(message, types_pb2.Series):
         request.series.append(message)
     elif isinstance(message, types_pb2.Event):
@@ -144,12 +153,24 @@ def _add_row(request: ingest_service_pb2.PublishRequest, message: Row) -> None:
         request.snapshots.append(message)
     elif isinstance(message, types_pb2.Trade):
         request.trades.append(message)
-    elif isinstance(message, BookChange):
-        append_change(request.book_changes, message)
     elif isinstance(message, ingest_service_pb2.OrderBookCheckpoint):
         request.book_checkpoints.append(message)
     else:
         request.feed_gaps.append(message)
+
+
+def _recorded_rows(rows: Sequence[Row]) -> ingest_service_pb2.PublishRequest:
+    """``rows`` as one request to record in the spool: book changes as columns without a
+    dictionary (merged records stay valid), everything else as messages."""
+    request = ingest_service_pb2.PublishRequest()
+    changes = [row for row in rows if isinstance(row, BookChange)]
+    if changes:
+        request.book_changes.CopyFrom(recorded_change_columns(changes))
+    if len(changes) < len(rows):
+        for row in rows:
+            if not isinstance(row, BookChange):
+                _add_row(request, row)
+    return request
 
 
 @dataclass(slots=True)
@@ -164,14 +185,21 @@ class _Batch:
     book_changes: list[BookChange] = field(default_factory=list)
     trade_ids: set[str] = field(default_factory=set)
     rows: int = 0
+    # Rows added but not in the spool yet (recorded together, see BatchSink), and whether an
+    # earlier record of this batch exists (the first one carries the producer).
+    unrecorded: list[Row] = field(default_factory=list)
+    recorded: bool = False
 
 
 class BatchSink:
     """Collects messages into ``PublishRequest`` batches of at most ``batch_rows`` rows.
 
-    Each row is recorded in the spool the moment it is added (see :meth:`Spool.record_rows`),
-    so a process killed while a batch is being collected loses none of it: the next run sends
-    the batch. Batches are published one at a time, in the order they were collected.
+    Rows reach the spool as they are read (see :meth:`Spool.record_rows`): the rows added while
+    the event loop is busy are recorded together, in one write, as soon as the ingest next waits
+    (for its socket, the server, Kalshi's REST API), and before the batch is published. So a
+    process killed while a batch is being collected loses none of the rows it made before it
+    last waited: at most those made from one read of the socket. Batches are published one at a
+    time, in the order they were collected.
     """
 
     def __init__(self, publisher: Publisher, batch_rows: int) -> None:
@@ -183,7 +211,8 @@ class BatchSink:
         self.rows = 0
 
     async def add(self, message: Row) -> None:
-        """Add one message (recorded in the spool at once); publishes the batch when full."""
+        """Add one message (recorded in the spool when the loop next turns); publishes the
+        batch when full."""
         if (
             isinstance(message, types_pb2.Trade)
             and self._batch is not None
@@ -196,11 +225,9 @@ class BatchSink:
         if batch is None:
             batch = self._batch = _Batch(self._spool.reserve_batch_id())
             batch.request.producer = self._publisher.producer
-        row = ingest_service_pb2.PublishRequest()
-        if batch.rows == 0:
-            row.producer = self._publisher.producer
-        _add_row(row, message)
-        self._spool.record_rows(batch.batch_id, row)
+        if not batch.unrecorded:
+            asyncio.get_running_loop().call_soon(self._record, batch)
+        batch.unrecorded.append(message)
         if isinstance(message, types_pb2.MarketSnapshot):
             batch.snapshots.append(message)
         elif isinstance(message, BookChange):
@@ -214,11 +241,23 @@ class BatchSink:
         if batch.rows >= self._batch_rows:
             await self.flush()
 
+    def _record(self, batch: _Batch) -> None:
+        """Write ``batch``'s unrecorded rows to the spool (one record)."""
+        rows, batch.unrecorded = batch.unrecorded, []
+        if not rows:
+            return
+        request = _recorded_rows(rows)
+        if not batch.recorded:
+            request.producer = self._publisher.producer
+            batch.recorded = True
+        self._spool.record_rows(batch.batch_id, request)
+
     async def flush(self) -> None:
         """Publish what has been collected (nothing if empty)."""
         batch, self._batch = self._batch, None
         if batch is None:
             return
+        self._record(batch)  # safe in the spool while an earlier batch is being published
         if batch.snapshots:
             batch.request.snapshot_columns.CopyFrom(snapshot_columns(batch.snapshots))
         if batch.book_changes:

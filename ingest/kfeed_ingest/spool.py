@@ -12,8 +12,9 @@ A batch is fsynced before it may be sent, so a crash between append and ack lose
 start every batch without an ack record is pending again, in append order. Ack records are only
 flushed, not fsynced: losing one merely resends a batch, which the server stores once.
 
-Rows are recorded (``R``) the moment they are read, while their batch is still being collected:
-written to the operating system at once (no fsync), so killing the process loses none of them.
+Rows are recorded (``R``) as they are read, while their batch is still being collected (the
+ingest writes the rows of one event-loop turn as one record): written to the operating system at
+once (no fsync), so killing the process loses none of them.
 The batch's ``B`` record supersedes its ``R`` records; on start, ``R`` records without their
 ``B`` are merged into that batch, which is then pending like any other.
 

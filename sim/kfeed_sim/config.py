@@ -60,6 +60,14 @@ class SimFlags(BaseModel):
         " step (one book level and a ticker frame; trades rarer), so the sim sends about"
         " markets / tick_interval states per second",
     )
+    firehose_depth_changes: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="with --firehose, this many more levels below the best bids take a new size"
+        " in every open market at every step: book deltas that no ticker frame reports (order"
+        " book load tests)",
+    )
     history_steps: int = Field(default=240, ge=0, description="past steps generated at start")
     legacy_integer_fields: bool = Field(
         default=True, description="emit the pre-2026-03-12 integer cent/count fields too"

@@ -540,7 +540,21 @@ class Exchange:
         shown = market.state.yes_bid_size if yes_side else market.state.yes_ask_size
         size = rng.randint(1, 400) * COUNT_SCALE
         book[max(book)] = size if size != shown else size + COUNT_SCALE
+        if self.config.firehose_depth_changes:
+            self._churn_depth(market, self.config.firehose_depth_changes)
         return trades
+
+    def _churn_depth(self, market: Market, changes: int) -> None:
+        """New sizes at ``changes`` distinct levels below the best bids (the top stays)."""
+        rng = self._rng
+        below_top = [
+            (book, price)
+            for book in (market.yes_book, market.no_book)
+            for price in sorted(book)[:-1]
+        ]
+        for book, price in rng.sample(below_top, min(changes, len(below_top))):
+            size = rng.randint(1, 400) * COUNT_SCALE
+            book[price] = size if size != book[price] else size + COUNT_SCALE
 
     def _trade(self, market: Market, counts: tuple[int, ...]) -> list[Trade]:
         rng = self._rng

@@ -7,6 +7,7 @@ them, as Kalshi sent them before 2026-03-12.
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,6 +287,20 @@ class Renderer:
         if self.legacy:
             body |= {"price": legacy_cents(delta.price), "delta": legacy_count(delta.delta)}
         return body
+
+    def orderbook_delta_text(self, delta: BookDelta) -> str:
+        """:meth:`orderbook_delta_msg` as compact JSON, written directly: the same text as
+        ``json.dumps`` of it, several times cheaper (the firehose sends one per book change)."""
+        legacy = (
+            f',"price":{legacy_cents(delta.price)},"delta":{legacy_count(delta.delta)}'
+            if self.legacy
+            else ""
+        )
+        return (
+            f'{{"market_ticker":{json.dumps(delta.ticker)},"price_dollars":"{dollars(delta.price)}"'
+            f',"delta_fp":"{count_fp(delta.delta)}","side":"{delta.side}"'
+            f',"ts_ms":{delta.ts_us // 1_000}{legacy}}}'
+        )
 
     def lifecycle_msg(self, event: LifecycleEvent, market: Market) -> JSON:
         """``market_lifecycle_v2`` ``msg``."""

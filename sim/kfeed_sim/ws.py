@@ -67,6 +67,10 @@ def encode(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _encoded(render: Callable[..., JSON], *args: Any) -> str:
+    return encode(render(*args))
+
+
 def data_frame(kind: str, sid: int, seq: int, encoded_msg: str) -> str:
     """``{"type":…,"sid":…,"seq":…,"msg":…}`` around a ``msg`` encoded once for all sockets
     (the same text as :func:`encode` of the whole frame)."""
@@ -347,26 +351,29 @@ class WebSocketHub:
         if not wanted:
             return
         markets, render = self.exchange.markets, self.render
-        messages: list[tuple[str, str, Callable[[], JSON]]] = []
+        # (channel, ticker, what renders the encoded msg)
+        messages: list[tuple[str, str, Callable[[], str]]] = []
         if "market_lifecycle_v2" in wanted:
             messages += [
                 (
                     "market_lifecycle_v2",
                     e.ticker,
-                    partial(render.lifecycle_msg, e, markets[e.ticker]),
+                    partial(_encoded, render.lifecycle_msg, e, markets[e.ticker]),
                 )
                 for e in events.lifecycle
             ]
         if "orderbook_delta" in wanted:
+            delta_text = render.orderbook_delta_text
             messages += [
-                ("orderbook_delta", d.ticker, partial(render.orderbook_delta_msg, d))
-                for d in events.book_deltas
+                ("orderbook_delta", d.ticker, partial(delta_text, d)) for d in events.book_deltas
             ]
         if "trade" in wanted:
-            messages += [("trade", t.ticker, partial(render.trade_msg, t)) for t in events.trades]
+            messages += [
+                ("trade", t.ticker, partial(_encoded, render.trade_msg, t)) for t in events.trades
+            ]
         if "ticker" in wanted:
             messages += [
-                ("ticker", ticker, partial(render.ticker_msg, ticker, state))
+                ("ticker", ticker, partial(_encoded, render.ticker_msg, ticker, state))
                 for ticker, state in zip(events.ticker_markets, events.tickers, strict=True)
             ]
         encoded: list[str | None] = [None] * len(messages)
@@ -380,5 +387,5 @@ class WebSocketHub:
                     if subscription.channel == channel and subscription.covers(ticker):
                         text = encoded[index]
                         if text is None:
-                            text = encoded[index] = encode(render_msg())
+                            text = encoded[index] = render_msg()
                         self._send_data(connection, subscription, channel, text)

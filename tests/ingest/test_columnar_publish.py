@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 from kfeed.v1 import types_pb2
+from kfeed_ingest.kalshi.books import BookChange
 from kfeed_ingest.publisher import Backoff, Publisher
 from kfeed_ingest.runner import BatchSink
-from kfeed_ingest.spool import Spool
+from kfeed_ingest.spool import JOURNAL_NAME, Spool
 from kfeed_server.app import ServerConfig
 from kfeed_server.records import DataSource
 from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
@@ -68,3 +70,36 @@ async def test_a_kfeed_server_stores_the_columns_as_the_snapshots_sent(
         )
     stored = [snapshot_to_proto(record.with_id(0)) for record in page.items]
     assert stored == _snapshots()
+
+
+async def test_rows_reach_the_spool_together_once_the_loop_turns(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    """The rows added while the loop is busy are one spool record, written when the ingest next
+    waits (not one write a row): a copy of the journal taken before that has none of them, one
+    taken after recovers them as their batch, book changes as columns."""
+    journals = {name: tmp_path / name for name in ("live", "before", "after")}
+    changes = [
+        BookChange(MARKET.ticker, 1_000 + n, 2_000 + n, n + 1, types_pb2.SIDE_YES, 4_200 + n, n)
+        for n in range(3)
+    ]
+    async with Publisher(server.target, Spool.open(journals["live"]), producer="rows") as publisher:
+        sink = BatchSink(publisher, batch_rows=100)
+        await sink.add(market_to_proto(MARKET))
+        for change in changes:
+            await sink.add(change)
+        for copy in ("before", "after"):
+            if copy == "after":
+                await asyncio.sleep(0)
+            journals[copy].mkdir()
+            shutil.copy(journals["live"] / JOURNAL_NAME, journals[copy] / JOURNAL_NAME)
+        await sink.flush()
+    with Spool.open(journals["before"]) as spool:
+        assert spool.pending() == []
+    with Spool.open(journals["after"]) as spool:
+        [batch] = spool.pending()
+    assert batch.producer == "rows"
+    assert list(batch.markets) == [market_to_proto(MARKET)]
+    assert list(batch.book_changes.tickers) == [MARKET.ticker] * 3
+    assert list(batch.book_changes.price) == [4_200, 4_201, 4_202]
+    assert list(batch.book_changes.exchange_sequence) == [1, 2, 3]

@@ -19,10 +19,10 @@ from kfeed_ingest.kalshi.books import (
     RESYNC,
     START,
     BookChange,
-    append_change,
     change_columns,
     checkpoint,
     micros,
+    recorded_change_columns,
 )
 from kfeed_server.app import KfeedServer
 from kfeed_server.transport.convert import market_to_proto
@@ -112,12 +112,14 @@ async def test_changes_without_a_dictionary_as_merged_spool_rows_are_stored(
     request.book_checkpoints.append(
         checkpoint(MARKET.ticker, START, at(0), at(0), None, {4200: 100}, {})
     )
-    for row in range(3):  # rows recorded one by one, merged as the spool merges them
+    for rows in ((1, 2), (3,)):  # rows recorded in two records, merged as the spool merges them
         part = ingest_service_pb2.PublishRequest()
-        append_change(
-            part.book_changes,
-            BookChange(MARKET.ticker, micros(at(row + 1)), micros(at(row + 1)), row + 1,
-                       types_pb2.SIDE_NO, 5000 + row, 700),
+        part.book_changes.CopyFrom(
+            recorded_change_columns([
+                BookChange(MARKET.ticker, micros(at(row)), micros(at(row)), row,
+                           types_pb2.SIDE_NO, 4999 + row, 700)
+                for row in rows
+            ])
         )  # fmt: skip
         request.MergeFrom(part)
     assert (await publisher.send(request)).book_changes_stored == 3

@@ -23,9 +23,18 @@ LIFECYCLE = [
 ]
 
 
-def exchange(seed: int = 5, steps: int = 150, firehose: bool = False) -> Exchange:
+def exchange(
+    seed: int = 5, steps: int = 150, firehose: bool = False, depth_changes: int = 0
+) -> Exchange:
     model = Exchange(
-        SimConfig(seed=seed, markets=8, start_time=START, history_steps=80, firehose=firehose)
+        SimConfig(
+            seed=seed,
+            markets=8,
+            start_time=START,
+            history_steps=80,
+            firehose=firehose,
+            firehose_depth_changes=depth_changes,
+        )
     )
     for _ in range(steps):
         model.step()
@@ -101,9 +110,9 @@ def test_books_are_bids_only_and_never_crossed(firehose: bool) -> None:
             assert market.state.no_ask == 10_000 - market.state.yes_bid
 
 
-@pytest.mark.parametrize("firehose", [False, True])
-def test_book_deltas_replay_onto_the_previous_book(firehose: bool) -> None:
-    model = exchange(steps=0, firehose=firehose)
+@pytest.mark.parametrize(("firehose", "depth_changes"), [(False, 0), (True, 0), (True, 6)])
+def test_book_deltas_replay_onto_the_previous_book(firehose: bool, depth_changes: int) -> None:
+    model = exchange(steps=0, firehose=firehose, depth_changes=depth_changes)
     books = {
         ticker: {side: dict(bids) for side, bids in zip("yn", market.orderbook(), strict=True)}
         for ticker, market in model.markets.items()
@@ -160,6 +169,14 @@ def test_firehose_changes_every_open_market_at_every_step_with_about_one_delta()
     assert min(open_counts) >= 8
     assert changed_counts == open_counts
     assert deltas < 2 * sum(open_counts)
+
+
+def test_firehose_depth_changes_add_deltas_below_the_top_without_ticker_frames() -> None:
+    deep = exchange(steps=0, firehose=True, depth_changes=6)
+    open_counts, changed_counts, deltas = open_markets_changed(deep, 60)
+    assert changed_counts == open_counts  # still one ticker frame per market and step
+    assert deltas >= 7 * sum(open_counts)  # the top's change and six more
+    assert deltas > 3 * open_markets_changed(exchange(steps=0, firehose=True), 60)[2]
 
 
 def test_without_firehose_markets_rest_now_and_then_and_books_churn() -> None:

@@ -7,11 +7,13 @@ from collections import defaultdict
 from typing import Any
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kfeed_sim.fixed_point import parse_dollars
-from kfeed_sim.market_model import MarketStatus
+from kfeed_sim.market_model import BookDelta, MarketStatus
 from kfeed_sim.server import SimHandle
+from kfeed_sim.shapes import Renderer
 from kfeed_sim.ws import data_frame, encode
 from tests.support.sim import SimFactory
 from tests.support.wsclient import sim_socket
@@ -253,6 +255,16 @@ def test_a_data_frame_is_the_compact_json_of_the_whole_frame() -> None:
         {"type": "ticker", "sid": 3, "seq": 17, "msg": msg}
     )
     assert encode(msg) == json.dumps(msg, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_delta_written_directly_is_the_compact_json_of_its_msg(legacy: bool) -> None:
+    render = Renderer(legacy=legacy)
+    for delta in (
+        BookDelta("KXA-1", "yes", 4_217, -1_250, 1_765_000_000_123_456),
+        BookDelta('KX"B\\-2', "no", 10, 7, 0),
+    ):
+        assert render.orderbook_delta_text(delta) == encode(render.orderbook_delta_msg(delta))
 
 
 async def test_get_snapshot_names_markets_and_resubscribing_sends_no_book(

@@ -85,13 +85,9 @@ def checkpoint(
     return ingest_service_pb2.OrderBookCheckpoint(book=book, kind=kind)
 
 
-def change_columns(
-    changes: Sequence[BookChange],
-) -> ingest_service_pb2.OrderBookChangeColumns:
-    """``changes`` as columns, rows in the same order."""
-    ticker_numbers: dict[str, int] = {}
-    columns = ingest_service_pb2.OrderBookChangeColumns(
-        ticker_index=[ticker_numbers.setdefault(c.ticker, len(ticker_numbers)) for c in changes],
+def _value_columns(changes: Sequence[BookChange]) -> ingest_service_pb2.OrderBookChangeColumns:
+    """Every column of ``changes`` but the tickers, rows in the same order."""
+    return ingest_service_pb2.OrderBookChangeColumns(
         exchange_time_micros=[c.exchange_time_us for c in changes],
         receive_time_micros=[c.receive_time_us for c in changes],
         exchange_sequence=[c.sequence for c in changes],
@@ -99,17 +95,27 @@ def change_columns(
         price=[c.price for c in changes],
         size=[c.size for c in changes],
     )
+
+
+def change_columns(
+    changes: Sequence[BookChange],
+) -> ingest_service_pb2.OrderBookChangeColumns:
+    """``changes`` as columns, rows in the same order."""
+    ticker_numbers: dict[str, int] = {}
+    columns = _value_columns(changes)
+    columns.ticker_index.extend(
+        [ticker_numbers.setdefault(c.ticker, len(ticker_numbers)) for c in changes]
+    )
     columns.tickers.extend(ticker_numbers)
     return columns
 
 
-def append_change(columns: ingest_service_pb2.OrderBookChangeColumns, change: BookChange) -> None:
-    """Append one change in the form without a dictionary (``ticker_index`` empty, one ticker
-    per row), which stays valid when such messages are merged (the spool's recorded rows)."""
-    columns.tickers.append(change.ticker)
-    columns.exchange_time_micros.append(change.exchange_time_us)
-    columns.receive_time_micros.append(change.receive_time_us)
-    columns.exchange_sequence.append(change.sequence)
-    columns.side.append(change.side)
-    columns.price.append(change.price)
-    columns.size.append(change.size)
+def recorded_change_columns(
+    changes: Sequence[BookChange],
+) -> ingest_service_pb2.OrderBookChangeColumns:
+    """``changes`` as columns in the form without a dictionary (``ticker_index`` empty, one
+    ticker per row), which stays valid when such messages are merged (the spool's recorded
+    rows)."""
+    columns = _value_columns(changes)
+    columns.tickers.extend([c.ticker for c in changes])
+    return columns

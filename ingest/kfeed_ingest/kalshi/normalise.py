@@ -8,6 +8,7 @@ exchange produced it) is kept apart from its receive time (when ingest read it).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ COUNT_SCALE = 100
 """Fixed-point units per contract."""
 ONE_DOLLAR = PRICE_SCALE
 _CENT = PRICE_SCALE // 100
+_PARSED_KEPT = 65_536  # distinct strings remembered by parse_price and parse_count each
 
 
 class FixedPointError(ValueError):
@@ -56,11 +58,15 @@ def _parse_fixed(text: str, scale: int, what: str) -> int:
     return int(scaled)
 
 
+# The WebSocket parses two of these per book change, mostly the same few strings again: a
+# bounded memo makes that a dictionary lookup (a refused string is parsed, and refused, again).
+@functools.lru_cache(maxsize=_PARSED_KEPT)
 def parse_price(text: str) -> int:
     """``"0.4200"`` → ``4200``: a dollar string in 1/10,000 USD, rejecting a finer fraction."""
     return _parse_fixed(text, PRICE_SCALE, "price")
 
 
+@functools.lru_cache(maxsize=_PARSED_KEPT)
 def parse_count(text: str) -> int:
     """``"1500.00"`` → ``150000``: a contract count in 1/100 contract, rejecting a finer one."""
     return _parse_fixed(text, COUNT_SCALE, "count")
@@ -274,6 +280,15 @@ def snapshot_from_market(
     )
 
 
+def _best_bid(side: dict[int, int]) -> int | None:
+    """The highest price with a size (the highest price of all, in C, when it has one: books
+    hold no empty levels, so this is the usual case)."""
+    best = max(side, default=None)
+    if best is None or side[best] > 0:
+        return best
+    return max((price for price, count in side.items() if count > 0), default=None)
+
+
 _PriceField = Literal["yes_bid", "yes_ask", "no_bid", "no_ask"]
 _SizeField = Literal["yes_bid_size", "yes_ask_size"]
 
@@ -295,8 +310,7 @@ class TopOfBook:
     @classmethod
     def from_levels(cls, yes: dict[int, int], no: dict[int, int]) -> TopOfBook:
         """From ``{price: count}`` maps of each side's bids (levels with no size are ignored)."""
-        yes_bid = max((price for price, count in yes.items() if count > 0), default=None)
-        no_bid = max((price for price, count in no.items() if count > 0), default=None)
+        yes_bid, no_bid = _best_bid(yes), _best_bid(no)
         return cls(
             yes_bid=yes_bid,
             yes_bid_size=None if yes_bid is None else yes[yes_bid],

@@ -35,7 +35,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -174,6 +174,33 @@ class _BookDeltaMsg(KalshiModel):
     delta_fp: str
     side: str
     ts_ms: int | None = None
+
+
+class _BookDelta(NamedTuple):
+    market_ticker: str
+    price_dollars: str
+    delta_fp: str
+    side: str
+    ts_ms: int | None
+
+
+def _book_delta(msg: Mapping[str, Any]) -> _BookDelta:
+    """An ``orderbook_delta`` msg. The usual shape (exact types) is read directly, several times
+    faster than through the model (one of these per book change); any other goes through
+    :class:`_BookDeltaMsg`, which coerces or refuses it."""
+    fields = (
+        msg.get("market_ticker"),
+        msg.get("price_dollars"),
+        msg.get("delta_fp"),
+        msg.get("side"),
+    )
+    ts_ms = msg.get("ts_ms")
+    if all(type(value) is str for value in fields) and (ts_ms is None or type(ts_ms) is int):
+        return _BookDelta(*fields, ts_ms)  # type: ignore[arg-type]
+    model = _BookDeltaMsg.model_validate(msg)
+    return _BookDelta(
+        model.market_ticker, model.price_dollars, model.delta_fp, model.side, model.ts_ms
+    )
 
 
 def _exchange_time(ts_ms: int | None, ts: int | None = None) -> datetime | None:
@@ -733,7 +760,7 @@ class LiveSession:
         if kind == "orderbook_snapshot":
             return self._on_book_snapshot(_BookSnapshotMsg.model_validate(msg), seq, now)
         if kind == ORDERBOOK:
-            return self._on_book_delta(_BookDeltaMsg.model_validate(msg), seq, now, subscription)
+            return self._on_book_delta(_book_delta(msg), seq, now, subscription)
         if kind == TICKER:
             return self._on_ticker(_TickerMsg.model_validate(msg), seq, now)
         logger.debug("ignoring a %s frame", kind)
@@ -792,7 +819,7 @@ class LiveSession:
 
     def _on_book_delta(
         self,
-        delta: _BookDeltaMsg,
+        delta: _BookDelta,
         seq: int | None,
         now: datetime,
         subscription: _Subscription | None,
