@@ -15,7 +15,7 @@ import math
 import multiprocessing
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -199,7 +199,8 @@ class ReplayFeeder:
         loop.add_reader(control.fileno(), on_message)
         if tracked.stop_requested.is_set():
             control.send("stop")
-        feeder = asyncio.create_task(self._feed(data_writer, config, start, end, pinned))
+        events = self._events(config, fees, start, end)
+        feeder = asyncio.create_task(self._feed(data_writer, config, start, end, pinned, events))
         stop_requested = asyncio.ensure_future(tracked.stop_requested.wait())
         watched: set[asyncio.Future[Any]] = {future, feeder, stop_requested}
         try:
@@ -239,10 +240,12 @@ class ReplayFeeder:
             for connection in (control, worker_control, data_reader, data_writer):
                 connection.close()
 
-    def _events(self, config: EngineConfig, start: datetime, end: datetime) -> EventCursor | None:
+    def _events(
+        self, config: EngineConfig, fees: Mapping[str, MarketFees], start: datetime, end: datetime
+    ) -> EventCursor | None:
         """The books and trades the run replays (None: it reads neither)."""
         books = self._sources.books if reads_books(config) else None
-        trades = self._sources.trades if reads_trades(config) else None
+        trades = self._sources.trades if reads_trades(config, fees) else None
         if books is None and trades is None:
             return None
         return EventCursor(window_events(books, trades, config.tickers, start, end))
@@ -267,14 +270,15 @@ class ReplayFeeder:
         start: datetime,
         end: datetime,
         pinned: int,
+        events: EventCursor | None,
     ) -> None:
         """Sends the window's rows to the worker in encoded chunks of ``FINGERPRINT_CHUNK`` rows
-        (the fingerprint's chunking), then None, and closes the pipe (also when cancelled: the
-        worker then sees the end of the data at once). Sending waits in a thread while the pipe
-        is full, which bounds memory to a few chunks; reads are one chunk each, so the event loop
-        never converts more than 4,096 rows at a time."""
+        (the fingerprint's chunking; ``events`` ahead of the rows they precede), then None, and
+        closes the pipe (also when cancelled: the worker then sees the end of the data at once).
+        Sending waits in a thread while the pipe is full, which bounds memory to a few chunks;
+        reads are one chunk each, so the event loop never converts more than 4,096 rows at a
+        time."""
         pending: list[SnapshotRecord] = []
-        events = self._events(config, start, end)
         try:
             async for rows in self._snapshots.list_for_backtest(
                 config.tickers, start, end, chunk_size=FINGERPRINT_CHUNK, max_snapshot_id=pinned

@@ -17,11 +17,12 @@ START or RESYNC, and the run's data-quality report counts the gap.
 from __future__ import annotations
 
 import heapq
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 
 from kfeed_server.backtest.books import BookState, ReplayedEvent, event_time
 from kfeed_server.backtest.config import fast_path_applies
+from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.strategy import Strategy, StrategyRegistry, default_registry
 from kfeed_server.db.repositories.books import OrderBookRepository
 from kfeed_server.db.repositories.trades import TradeRepository
@@ -43,9 +44,10 @@ def reads_books(config: EngineConfig, registry: StrategyRegistry = default_regis
     return registry.get(config.strategy).on_book is not Strategy.on_book
 
 
-def reads_trades(config: EngineConfig) -> bool:
-    """Whether a run of ``config`` replays the public trades (every run on the event engine)."""
-    return not fast_path_applies(config)
+def reads_trades(config: EngineConfig, fees: Mapping[str, MarketFees]) -> bool:
+    """Whether a run of ``config`` with its markets' ``fees`` replays the public trades (every
+    run on the event engine)."""
+    return not fast_path_applies(config, fees)
 
 
 class BookFold:
