@@ -133,6 +133,7 @@ def test_a_module_that_cannot_load_is_a_clear_error() -> None:
     registry = StrategyRegistry()
     assert sorted(load_strategy_modules([MODULE], registry)) == [
         "user_bid_under",
+        "user_dawdles",
         "user_raises",
         "user_spins",
         "user_swallows",

@@ -154,7 +154,7 @@ async def live_stack(
     tmp_path_factory: pytest.TempPathFactory, dashboard_built: Path
 ) -> AsyncIterator[Dashboard]:
     """sim (stepping every 0.5 s, with WebSocket sequence gaps now and then) → ingest
-    (WebSocket) → serve with the dashboard, on SQLite."""
+    (WebSocket) → serve with the dashboard (and the test user strategies), on SQLite."""
     directory = tmp_path_factory.mktemp("browser-stack")
     log_dir = directory / "logs"
     log_dir.mkdir()
@@ -173,7 +173,12 @@ async def live_stack(
         processes.append(sim)
         await wait_for_http(f"http://127.0.0.1:{sim_port}/trade-api/v2/exchange/status", sim)
         url, grpc_address, serve = await start_dashboard(
-            log_dir, directory / "kfeed.db", dashboard_built
+            log_dir,
+            directory / "kfeed.db",
+            dashboard_built,
+            # user_dawdles: a run slow enough for the Cancel test.
+            "--strategy-module",
+            "tests.support.user_strategies",
         )
         processes.append(serve)
         ingest = await start_kfeed("ingest", [

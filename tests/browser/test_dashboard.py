@@ -1,6 +1,6 @@
 """The dashboard in Chromium against sim → ingest → `kfeed serve --web-listen`: live markets, a
 market's chart and trades, scrolling back through older candles with past feed gaps marked, a
-backtest from the form to SUCCEEDED with its equity curve."""
+backtest from the form to SUCCEEDED with its equity curve, and one cancelled while it runs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Locator, Page, expect
 
+from kfeed.v1 import backtest_service_pb2 as bt
+from kfeed.v1 import backtest_service_pb2_grpc as bt_grpc
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.records import FeedGapRecord, MarketRecord, MarketStatus
@@ -190,13 +192,19 @@ async def test_status_page_shows_health_ingest_and_subscribers(
     await page.screenshot(path=screenshots / "status.png", full_page=True)
 
 
-async def test_a_sweep_from_the_form_ranks_its_runs_and_they_compare_side_by_side(
-    live_stack: Dashboard, page: Page, screenshots: Path
-) -> None:
+async def _backtest_form(page: Page, live_stack: Dashboard, strategy: str) -> Locator:
+    """The Backtests page's form, with ``strategy`` chosen."""
     await page.goto(live_stack.url + "#/backtests")
     form = page.get_by_test_id("backtest-form")
     await expect(form).to_be_visible(timeout=15_000)
-    await form.get_by_label("strategy").select_option("favourite_hold")
+    await form.get_by_label("strategy").select_option(strategy)
+    return form
+
+
+async def test_a_sweep_from_the_form_ranks_its_runs_and_they_compare_side_by_side(
+    live_stack: Dashboard, page: Page, screenshots: Path
+) -> None:
+    form = await _backtest_form(page, live_stack, "favourite_hold")
     await form.get_by_label("sweep count").check()
     await form.locator("input[name=count]").fill("1, 5")
     await form.get_by_role("button", name="Run").click()
@@ -226,9 +234,9 @@ class PastMarket:
 
 @pytest.fixture(scope="module")
 async def stored_past(live_stack: Dashboard) -> PastMarket:
-    """A market of its own next to the sim's: a snapshot every 4 minutes for the last 30 hours
-    (1m candles span several ListCandles windows of 500) and one feed gap 3 hours ago, all
-    stored before any page opens."""
+    """A market of its own next to the sim's: snapshots over the last 30 hours (1m candles span
+    several ListCandles windows of 500) and one feed gap 3 hours ago, all stored before any page
+    opens."""
     now = datetime.now(UTC).replace(microsecond=0)
     market = MarketRecord(
         ticker="KXPAST-26DEC05-T1",
@@ -239,15 +247,19 @@ async def stored_past(live_stack: Dashboard) -> PastMarket:
         open_time=now - timedelta(days=2),
         close_time=now + timedelta(days=2),
     )
-    steps = 30 * 15
+    # 20,000 snapshots, one every 5.4 s: more than a worker replays between two checks for a
+    # stop (8,192), for the Cancel test.
+    steps = 20_000
     history = [
         make_snapshot(
             market.ticker,
             i,
-            exchange_time=now - timedelta(minutes=4 * (steps - i)),
-            receive_time=now - timedelta(minutes=4 * (steps - i)),
+            exchange_time=now - timedelta(milliseconds=5400 * (steps - i)),
+            receive_time=now - timedelta(milliseconds=5400 * (steps - i)),
             yes_bid=4000 + 7 * (i % 40),
             yes_ask=4200 + 7 * (i % 40),
+            no_bid=5800 - 7 * (i % 40),
+            no_ask=6000 - 7 * (i % 40),
         )
         for i in range(steps)
     ]
@@ -265,7 +277,9 @@ async def stored_past(live_stack: Dashboard) -> PastMarket:
         grpc.aio.insecure_channel(live_stack.grpc_address) as channel,
         PublishSession(channel) as publisher,
     ):
-        await publisher.publish(markets=[market], snapshots=history, gaps=[gap])
+        await publisher.publish(markets=[market], gaps=[gap])
+        for start in range(0, steps, 5000):
+            await publisher.publish(snapshots=history[start : start + 5000])
         # The sim's newer gaps of whole subscriptions come first: ask for the past ones.
         stored = await pb_grpc.MarketServiceStub(channel).ListFeedGaps(
             pb.ListFeedGapsRequest(
@@ -309,3 +323,28 @@ async def test_market_page_scrolls_back_through_older_candles_and_marks_past_gap
     assert int(await chart.get_attribute("data-candles") or 0) > shown
     assert len(candle_calls) > calls, "older candles came from more ListCandles calls"
     await page.screenshot(path=screenshots / "market-scroll-back.png", full_page=True)
+
+
+async def test_cancel_ends_a_running_backtest_cancelled_in_the_page_and_the_server(
+    live_stack: Dashboard, stored_past: PastMarket, page: Page
+) -> None:
+    # user_dawdles over the market's ≈16,000 snapshots of the last day takes ≈8 s or more: it is
+    # still running when Cancel is clicked; the worker sees the stop at its next check (at the
+    # start, then every 8,192 snapshots).
+    form = await _backtest_form(page, live_stack, "user_dawdles")
+    await expect(form.get_by_label("markets").locator("option:checked")).not_to_have_count(0)
+    await form.get_by_label("markets").select_option(stored_past.ticker)
+    await form.get_by_role("button", name="Run").click()
+    await expect(page).to_have_url(re.compile(r"#/backtests/[^/]+$"), timeout=15_000)
+    detail = page.get_by_test_id("backtest-detail")
+    await expect(detail).to_have_attribute("data-state", "running", timeout=60_000)
+    await detail.get_by_role("button", name="Cancel").click()
+    await expect(detail).to_have_attribute("data-state", "cancelled", timeout=30_000)
+    backtest_id = page.url.rsplit("/", 1)[1]
+    async with grpc.aio.insecure_channel(live_stack.grpc_address) as channel:
+        stored = await bt_grpc.BacktestServiceStub(channel).GetBacktest(
+            bt.GetBacktestRequest(backtest_id=backtest_id)
+        )
+    assert stored.backtest.state == bt.BACKTEST_STATE_CANCELLED
+    progress = stored.backtest.progress
+    assert progress.snapshots_processed < progress.snapshots_total, "it stopped before the end"

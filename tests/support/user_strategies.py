@@ -104,3 +104,17 @@ class SwallowsTheLimit(Strategy):
         while True:
             with contextlib.suppress(BaseException):  # the point: nothing gets out
                 time.sleep(0.01)
+
+
+class Dawdles(Strategy):
+    """Takes half a millisecond over every snapshot: a run slow enough to be cancelled while it
+    runs (a stop is seen at the engine's progress reports)."""
+
+    name = "user_dawdles"
+    description = "A user's strategy that takes its time (0.5 ms a snapshot)."
+
+    def on_snapshot(
+        self, snapshot: SnapshotRecord, market: MarketView, portfolio: PortfolioView
+    ) -> Sequence[Instruction]:
+        time.sleep(0.0005)
+        return ()
