@@ -36,7 +36,11 @@ async def test_refused_rows_are_dead_lettered_and_the_feed_goes_on(
         snapshots=[columns_row],
         trades=[trade_to_proto(make_trade(TICKER, 0)), bad_trade],
     )
-    second = ingest_service_pb2.PublishRequest(trades=[trade_to_proto(make_trade(TICKER, 2))])
+    # A trade of the first batch again, with another count: refused against the stored one.
+    resent_differently = trade_to_proto(make_trade(TICKER, 0, count=200))
+    second = ingest_service_pb2.PublishRequest(
+        trades=[trade_to_proto(make_trade(TICKER, 2)), resent_differently]
+    )
     dead_letter_path = tmp_path / "dead" / "letters.jsonl"
     spool = Spool.open(tmp_path / "spool")
     publisher = Publisher(
@@ -53,7 +57,7 @@ async def test_refused_rows_are_dead_lettered_and_the_feed_goes_on(
             await publisher.flush()
     assert len(spool) == 0
     assert (publisher.stats.acked, publisher.stats.rejected) == (2, 0)
-    assert publisher.stats.refused_rows == 2
+    assert publisher.stats.refused_rows == 3
     stored = await kfeed_server.repositories.trades.list_range(
         TICKER, start=None, end=None, limit=10
     )
@@ -67,6 +71,7 @@ async def test_refused_rows_are_dead_lettered_and_the_feed_goes_on(
     assert [(x["batch_id"], x["field"], x["index"]) for x in letters] == [
         (1, "markets", 0),
         (1, "trades", 1),
+        (2, "trades", 1),
     ]
     assert letters[0]["violations"][0]["field"] == "markets[0].title"
     assert letters[0]["row"]["title"] == "a\x00b"
@@ -74,4 +79,6 @@ async def test_refused_rows_are_dead_lettered_and_the_feed_goes_on(
         {"field": "trades[1].no_price", "description": "must be $1 − yes_price"}
     ]
     assert letters[1]["row"]["trade_id"] == bad_trade.trade_id
+    assert [v["field"] for v in letters[2]["violations"]] == ["trades[1].count"]
+    assert letters[2]["row"]["trade_id"] == resent_differently.trade_id
     assert all(x["producer"] == "dead-letter-test" for x in letters)

@@ -5,6 +5,8 @@ whole batch there)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
@@ -12,6 +14,7 @@ from google.rpc import code_pb2
 from kfeed.v1 import ingest_service_pb2 as pb
 from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
 from kfeed_server.app import KfeedServer
+from kfeed_server.records import Side
 from kfeed_server.transport.convert import (
     MAX_TIMESTAMP_SECONDS,
     market_to_proto,
@@ -179,3 +182,37 @@ async def test_the_same_trade_twice_in_a_batch_is_stored_once_with_its_exact_tim
     assert (ack.code, ack.trades_stored, refused(ack)) == (code_pb2.OK, 1, [])
     page = await kfeed_server.repositories.trades.list_range(TICKER, start=None, end=None, limit=10)
     assert [t.create_time for t in page.items] == [exact.create_time]
+
+
+async def test_a_trade_resent_later_as_another_trade_is_refused_and_an_identical_one_is_not(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    stored = make_trade(TICKER, 0)
+    ack = await publisher.publish(markets=[MARKET], trades=[stored])
+    assert ack.trades_stored == 1
+    other_price = replace(stored, yes_price=stored.yes_price + 100, no_price=stored.no_price - 100)
+    other_side_and_count = replace(stored, taker_side=Side.NO, count=stored.count + 1)
+    new = make_trade(TICKER, 1)
+    ack = await publisher.publish(trades=[new, other_price])
+    assert (ack.code, ack.trades_stored) == (code_pb2.OK, 1)
+    assert refused(ack) == [("trades", 1, ["trades[1].yes_price", "trades[1].no_price"])]
+    assert "stored: 4000" in ack.refused_rows[0].field_violations[0].description
+    ack = await publisher.publish(trades=[other_side_and_count])
+    assert refused(ack) == [("trades", 0, ["trades[0].count", "trades[0].taker_side"])]
+    assert "stored: YES" in ack.refused_rows[0].field_violations[1].description
+    again = await publisher.publish(trades=[stored])  # an identical resend: a harmless no-op
+    assert (again.trades_stored, refused(again)) == (0, [])
+    page = await kfeed_server.repositories.trades.list_range(TICKER, start=None, end=None, limit=10)
+    assert page.items == [stored, new]
+
+
+async def test_a_more_exact_time_does_not_refine_a_stored_trade_that_differs_otherwise(
+    publisher: PublishSession, kfeed_server: KfeedServer
+) -> None:
+    exact = make_trade(TICKER, 0)
+    whole_second = replace(exact, create_time=exact.create_time.replace(microsecond=0))
+    await publisher.publish(markets=[MARKET], trades=[whole_second])
+    ack = await publisher.publish(trades=[replace(exact, count=exact.count * 2)])
+    assert (ack.trades_stored, refused(ack)) == (0, [("trades", 0, ["trades[0].count"])])
+    page = await kfeed_server.repositories.trades.list_range(TICKER, start=None, end=None, limit=10)
+    assert page.items == [whole_second]

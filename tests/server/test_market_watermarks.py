@@ -13,7 +13,7 @@ from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import MarketStatus, TradeRecord
 from tests.support.factories import make_market, make_snapshot, make_trade
-from tests.support.servers import PublishSession
+from tests.support.servers import PublishSession, refused
 
 WHOLE_SECOND = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
 
@@ -102,6 +102,8 @@ async def test_a_precise_time_refines_a_whole_second_and_nothing_else_moves_a_tr
     ]
     ack = await publisher.publish(trades=rest)
     assert ack.trades_stored == 1  # the refined one
+    # A time in another second is another trade under the same id: refused, the stored one kept.
+    assert refused(ack) == [("trades", 1, ["trades[1].create_time"])]
     again = await publisher.publish(trades=[websocket[0]])
     assert again.trades_stored == 0  # a whole second never overrides a precise time
     page = await kfeed_server.repositories.trades.list_range(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import secrets
 from collections import Counter
@@ -23,6 +24,7 @@ from kfeed.v1 import ingest_service_pb2 as pb
 from kfeed.v1 import ingest_service_pb2_grpc as pb_grpc
 from kfeed.v1 import types_pb2
 from kfeed_server.db.repositories import BatchWriteResult, Repositories
+from kfeed_server.db.repositories.ingest import TradeConflict
 from kfeed_server.records import DataSource, MarketResult, MarketStatus, Side, SnapshotRecord
 from kfeed_server.streaming.follower import LivePublisher
 from kfeed_server.transport.book_publish import BookRows, read_book_rows
@@ -323,6 +325,29 @@ def _same_trade(a: types_pb2.Trade, b: types_pb2.Trade) -> bool:
     return a_untimed == b_untimed
 
 
+def _stored_trade_violations(
+    request: pb.PublishRequest, refused: RefusedRows, conflicts: Sequence[TradeConflict]
+) -> list[FieldViolation]:
+    """A violation per differing field of each trade whose id names another, stored trade (the
+    conflicts index the trades stored, which are the request's not in ``refused``)."""
+    written = [i for i in range(len(request.trades)) if ("trades", i) not in refused]
+    return [
+        FieldViolation(
+            f"trades[{written[conflict.index]}].{name}",
+            "differs from the trade stored under this trade_id (stored: "
+            f"{_shown(getattr(conflict.stored, name))})",
+        )
+        for conflict in conflicts
+        for name in conflict.fields
+    ]
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, enum.Enum):
+        return value.name
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
 def _snapshot_record(m: types_pb2.MarketSnapshot) -> SnapshotRecord | None:
     """The record of a valid snapshot message; None when anything in it is invalid, which
     ``validate_batch`` then spells out. The checks run on the record, cheaper than on messages."""
@@ -534,6 +559,17 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             if checked.violations:  # cannot happen: every violation named a refused row
                 return self._refuse_batch(request, checked.violations)
         result = await self._write(checked)
+        if result.trade_conflicts:
+            conflicts = _stored_trade_violations(request, refused, result.trade_conflicts)
+            split_violations(request, conflicts, refused)
+            log.warning(
+                "batch %d from %r: %d trades refused (%s: %s), the stored ones kept",
+                request.batch_id,
+                request.producer,
+                len(result.trade_conflicts),
+                conflicts[0].field,
+                conflicts[0].description,
+            )
         if refused:
             self._on_rows_refused(Counter(field for field, _ in refused))
         return pb.PublishResponse(

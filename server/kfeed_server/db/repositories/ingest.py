@@ -92,6 +92,16 @@ _STAGING_COLUMNS = [*_SNAPSHOT_FIELDS, "ordinal"]
 
 
 @dataclass(frozen=True, slots=True)
+class TradeConflict:
+    """A trade whose id names a different trade already stored, which stays as it is. ``index``
+    is the trade's position in ``write_batch``'s ``trades``; ``fields`` the fields that differ."""
+
+    index: int
+    stored: TradeRecord
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class BatchWriteResult:
     """What one ``write_batch`` stored: counts, and the new snapshots (with ids, in id order) and
     new or changed gaps, for the server to publish to live subscribers after commit."""
@@ -105,6 +115,8 @@ class BatchWriteResult:
     stored_trades: list[StreamedTrade] = field(default_factory=list)
     # The new order-book rows a book stream delivers (with stream ids, in id order).
     stored_books: list[BookStreamRow] = field(default_factory=list)
+    # Trades of the batch whose id names a different stored trade: not stored.
+    trade_conflicts: list[TradeConflict] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +271,43 @@ def _refines(
     )
 
 
+# What makes a trade itself, besides its time (which the WebSocket gives to the second only).
+_TRADE_FACTS = ("ticker", "yes_price", "no_price", "count", "taker_side")
+
+
+def trade_differences(stored: TradeRecord, resent: TradeRecord) -> tuple[str, ...]:
+    """The fields in which ``resent`` is another trade than ``stored`` under the same id; empty
+    when it is the same trade: equal, or equal but for a time one of them gives to the whole
+    second only, within that second."""
+    differences = [n for n in _TRADE_FACTS if getattr(stored, n) != getattr(resent, n)]
+    times = (stored.create_time, resent.create_time)
+    same_moment = times[0] == times[1] or (
+        times[0].replace(microsecond=0) == times[1].replace(microsecond=0)
+        and 0 in (times[0].microsecond, times[1].microsecond)
+    )
+    if not same_moment:
+        differences.append("create_time")
+    return tuple(differences)
+
+
+async def _trade_conflicts(
+    connection: AsyncConnection, trades: Sequence[TradeRecord], ids: set[str]
+) -> list[TradeConflict]:
+    """The trades among ``trades`` with one of ``ids`` (stored already, and neither inserted nor
+    refined now) that differ from the stored trade of their id."""
+    c = trades_table.c
+    stored: dict[str, TradeRecord] = {}
+    for chunk in chunks(sorted(ids), rows_per_statement(1)):
+        rows = await connection.execute(select(*TRADE_COLUMNS).where(c.trade_id.in_(chunk)))
+        stored.update((row.trade_id, TradeRecord(*row)) for row in rows)
+    conflicts = []
+    for index, trade in enumerate(trades):
+        kept = stored.get(trade.trade_id)
+        if kept is not None and (fields := trade_differences(kept, trade)):
+            conflicts.append(TradeConflict(index, kept, fields))
+    return conflicts
+
+
 def _one_per_trade_id(trades: Sequence[TradeRecord]) -> list[TradeRecord]:
     """A batch's trades with one row per trade id (PostgreSQL refuses to upsert a row twice in
     one statement): the first, or a later one whose time refines it (see ``_refines``)."""
@@ -277,37 +326,45 @@ def _one_per_trade_id(trades: Sequence[TradeRecord]) -> list[TradeRecord]:
 
 async def _insert_trades(
     connection: AsyncConnection, trades: Sequence[TradeRecord]
-) -> tuple[list[StreamedTrade], int]:
+) -> tuple[list[StreamedTrade], int, list[TradeConflict]]:
     """Insert (or refine) ``trades``: the newly stored ones with their stream ids, in id order,
-    and how many rows were written (refined ones too).
+    how many rows were written (refined ones too), and the trades refused because their id names
+    a different stored trade (see ``trade_differences``; an identical resend is no conflict).
 
     Ids are assigned here, above the stored maximum: writes are serialised (the write lock), so
     they increase in commit order. A refined trade keeps its id and is not returned."""
     if not trades:
-        return [], 0
-    if len({t.trade_id for t in trades}) != len(trades):
-        trades = _one_per_trade_id(trades)
+        return [], 0, []
+    unique = (
+        _one_per_trade_id(trades) if len({t.trade_id for t in trades}) != len(trades) else trades
+    )
     c = trades_table.c
     max_before = (await connection.execute(select(func.max(c.stream_id)))).scalar() or 0
-    rows = record_rows(trades)
+    rows = record_rows(unique)
     for stream_id, row in enumerate(rows, start=max_before + 1):
         row["stream_id"] = stream_id
     insert = insert_for(connection, trades_table)
     statement = insert.on_conflict_do_update(
         index_elements=[c.trade_id],
         set_={"create_time": insert.excluded.create_time},
-        where=_refines(connection, c.create_time, insert.excluded.create_time),
+        # Only the same trade is refined; another one under its id is a conflict, below.
+        where=and_(
+            _refines(connection, c.create_time, insert.excluded.create_time),
+            *(c[name] == insert.excluded[name] for name in _TRADE_FACTS),
+        ),
     ).returning(c.stream_id, *TRADE_COLUMNS)
     stored: list[StreamedTrade] = []
-    written = 0
+    written_ids: set[str] = set()
     for chunk in chunks(rows, rows_per_statement(len(rows[0]))):
         returned = (await connection.execute(statement, list(chunk))).all()
-        written += len(returned)
         for stream_id, *trade in returned:
+            written_ids.add(trade[0])
             if stream_id > max_before:  # inserted now (a refined one keeps its older id)
                 stored.append(StreamedTrade(stream_id, TradeRecord(*trade)))
     stored.sort(key=attrgetter("stream_id"))
-    return stored, written
+    resent = {t.trade_id for t in unique} - written_ids
+    conflicts = await _trade_conflicts(connection, trades, resent) if resent else []
+    return stored, len(written_ids), conflicts
 
 
 async def _upsert_gaps(
@@ -454,7 +511,7 @@ class IngestWriter:
                     stored_snapshots = await _insert_snapshots_by_copy(connection, kept, latest)
                 else:
                     stored_snapshots = await _insert_snapshots_by_values(connection, kept)
-            stored_trades, trades_count = await _insert_trades(connection, trades)
+            stored_trades, trades_count, trade_conflicts = await _insert_trades(connection, trades)
             stored_gaps = await _upsert_gaps(connection, feed_gaps)
             books = await insert_book_rows(connection, book_changes, book_checkpoints)
             notice_batch = None
@@ -484,7 +541,13 @@ class IngestWriter:
         )
         return _Committed(
             BatchWriteResult(
-                counts, stored_snapshots, stored_gaps, notice_batch, stored_trades, books.streamed
+                counts,
+                stored_snapshots,
+                stored_gaps,
+                notice_batch,
+                stored_trades,
+                books.streamed,
+                trade_conflicts,
             ),
             max_id_before,
         )
