@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pyarrow as pa
 import pytest
 from google.protobuf import duration_pb2
 
@@ -48,11 +49,9 @@ async def _engine_result_on_stored_rows(
     server: KfeedServer, tickers: tuple[str, ...], buy_below: int = 4_000
 ) -> Any:
     repositories = server.repositories
-    rows = [
-        row
-        async for chunk in repositories.snapshots.list_for_backtest(tickers, at(0), at(10_000))
-        for row in chunk
-    ]
+    stored = await repositories.snapshots.list_after_id(0, tickers=tickers, limit=1_000_000)
+    window = [row for row in stored if at(0) <= row.exchange_time < at(10_000)]
+    rows = sorted(window, key=lambda row: (row.exchange_time, row.snapshot_id))
     markets: dict[str, MarketRecord] = {}
     for ticker in tickers:
         market = await repositories.markets.get_market(ticker)
@@ -150,18 +149,16 @@ async def test_runs_are_deterministic_and_changed_data_changes_the_fingerprint(
 def gated_reads(backtest_server: KfeedServer, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Backtest reads deliver their first chunk, then wait for the returned event: runs stay
     RUNNING (their worker waiting for rows) until it is set."""
-    snapshots = backtest_server.repositories.snapshots
-    original = snapshots.list_for_backtest
+    columns = backtest_server.repositories.exports
+    original = columns.snapshots_for_backtest
     gate = asyncio.Event()
 
-    async def first_chunk_then_wait(
-        *args: Any, **kwargs: Any
-    ) -> AsyncIterator[list[SnapshotRecord]]:
-        async for chunk in original(*args, **kwargs):
-            yield chunk
+    async def first_chunk_then_wait(*args: Any, **kwargs: Any) -> AsyncIterator[pa.RecordBatch]:
+        async for batch in original(*args, **kwargs):
+            yield batch
             await gate.wait()
 
-    monkeypatch.setattr(snapshots, "list_for_backtest", first_chunk_then_wait)
+    monkeypatch.setattr(columns, "snapshots_for_backtest", first_chunk_then_wait)
     return gate
 
 
@@ -432,14 +429,14 @@ async def test_shutdown_fails_running_backtests_and_start_fails_stale_ones(
         await publish_snapshots(publisher, wave_snapshots(TICKER, ROWS_PAST_ONE_CHUNK))
         await publisher.close()
         gate = asyncio.Event()
-        original = server.repositories.snapshots.list_for_backtest
+        original = server.repositories.exports.snapshots_for_backtest
 
-        async def never_ending(*args: Any, **kwargs: Any) -> AsyncIterator[list[SnapshotRecord]]:
-            async for chunk in original(*args, **kwargs):
-                yield chunk
+        async def never_ending(*args: Any, **kwargs: Any) -> AsyncIterator[pa.RecordBatch]:
+            async for batch in original(*args, **kwargs):
+                yield batch
             await gate.wait()
 
-        monkeypatch.setattr(server.repositories.snapshots, "list_for_backtest", never_ending)
+        monkeypatch.setattr(server.repositories.exports, "snapshots_for_backtest", never_ending)
         stub = pb_grpc.BacktestServiceStub(channel)
         created = await stub.CreateBacktest(pb.CreateBacktestRequest(config=threshold_config()))
         await _running(stub, created.backtest.backtest_id)

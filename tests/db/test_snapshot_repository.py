@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta, timezone
 
+from kfeed_server.backtest.chunks import ColumnChunker, decode_chunk, encode_chunk
+from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import SnapshotRecord
 from tests.support.factories import at, make_snapshot
@@ -146,17 +148,36 @@ async def test_max_snapshot_id(repositories: Repositories) -> None:
     assert await repositories.snapshots.max_snapshot_id() == stored[-1].snapshot_id
 
 
+async def _backtest_chunks(
+    repositories: Repositories,
+    tickers: list[str],
+    start: datetime,
+    end: datetime,
+    *,
+    chunk_size: int = FINGERPRINT_CHUNK,
+    max_snapshot_id: int | None = None,
+) -> list[list[SnapshotRecord]]:
+    """What a backtest reads (as columns, cut into encoded chunks), decoded back into records;
+    every chunk's bytes are what encoding the same records gives."""
+    pin = max_snapshot_id or await repositories.snapshots.max_snapshot_id()
+    chunker = ColumnChunker(chunk_size)
+    encoded = []
+    batches = repositories.exports.snapshots_for_backtest(tickers, start, end, max_snapshot_id=pin)
+    async for batch in batches:
+        encoded += chunker.add(batch)
+    last = chunker.finish()
+    encoded += [] if last is None else [last]
+    chunks = [decode_chunk(chunk) for chunk in encoded]
+    assert encoded == [encode_chunk(chunk) for chunk in chunks]
+    return chunks
+
+
 async def test_backtest_reads_in_chunks_in_time_then_id_order(repositories: Repositories) -> None:
     await _store(
         repositories,
         [make_snapshot(t, i, exchange_time=at(i // 2)) for i in range(25) for t in ("A", "B", "C")],
     )
-    chunks = [
-        chunk
-        async for chunk in repositories.snapshots.list_for_backtest(
-            ["A", "B"], at(1), at(10), chunk_size=4
-        )
-    ]
+    chunks = await _backtest_chunks(repositories, ["A", "B"], at(1), at(10), chunk_size=4)
     rows = [s for chunk in chunks for s in chunk]
     assert all(len(chunk) == 4 for chunk in chunks[:-1])
     keys = [(s.exchange_time, s.snapshot_id) for s in rows]
@@ -172,13 +193,8 @@ async def test_backtest_reads_pinned_to_a_max_id(repositories: Repositories) -> 
     stored = await _store(repositories, [make_snapshot("A", i) for i in range(5)])
     pin = stored[2].snapshot_id
     await _store(repositories, [make_snapshot("A", 10 + i) for i in range(5)])
-    rows = [
-        s
-        async for chunk in repositories.snapshots.list_for_backtest(
-            ["A"], at(0), at(100), max_snapshot_id=pin
-        )
-        for s in chunk
-    ]
+    chunks = await _backtest_chunks(repositories, ["A"], at(0), at(100), max_snapshot_id=pin)
+    rows = [s for chunk in chunks for s in chunk]
     assert [s.snapshot_id for s in rows] == [s.snapshot_id for s in stored[:3]]
     assert (
         await repositories.snapshots.count_for_backtest(["A"], at(0), at(100), max_snapshot_id=pin)
@@ -190,8 +206,8 @@ async def test_backtest_reads_pinned_to_a_max_id(repositories: Repositories) -> 
 async def test_backtest_reads_cross_gaps_bursts_and_ties_in_order(
     repositories: Repositories,
 ) -> None:
-    """The read goes by adaptive time slices: data years apart, a burst far denser than a chunk
-    at one instant, and rows sharing a time across markets must all come back, once, in order."""
+    """Data years apart, a burst far denser than a chunk at one instant, and rows sharing a time
+    across markets all come back, once, in order, whatever the chunk size."""
     rng = random.Random(5)
     times = [at(0)] * 40  # a burst: 40 rows at one instant, across markets
     times += [at(rng.uniform(1, 600)) for _ in range(150)]  # minutes apart
@@ -207,12 +223,7 @@ async def test_backtest_reads_cross_gaps_bursts_and_ties_in_order(
         key=lambda s: (s.exchange_time, s.snapshot_id),
     )
     for chunk_size in (1, 7, 64, 10_000):
-        chunks = [
-            chunk
-            async for chunk in repositories.snapshots.list_for_backtest(
-                ["A", "C"], *window, chunk_size=chunk_size
-            )
-        ]
+        chunks = await _backtest_chunks(repositories, ["A", "C"], *window, chunk_size=chunk_size)
         assert [s for chunk in chunks for s in chunk] == expected
         assert all(len(chunk) == chunk_size for chunk in chunks[:-1])
 

@@ -14,6 +14,7 @@ import pytest
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.streaming import feed as feed_module
 from kfeed_server.transport.convert import timestamp
 from tests.server.test_stream_snapshots import (
     A,
@@ -41,6 +42,20 @@ def batched_ids(messages: Messages) -> list[int]:
         elif message.HasField("snapshot_batch"):
             ids.extend(u.snapshot.snapshot_id for u in message.snapshot_batch.updates)
     return ids
+
+
+def delivered_updates(messages: Messages) -> list[pb.SnapshotUpdate]:
+    """Every snapshot delivered, as its update with the token resuming right after it."""
+    updates: list[pb.SnapshotUpdate] = []
+    for message in messages:
+        if message.HasField("snapshot"):
+            alone = pb.SnapshotUpdate()
+            alone.CopyFrom(message.snapshot)
+            alone.resume_token = message.resume_token
+            updates.append(alone)
+        else:
+            updates.extend(message.snapshot_batch.updates)
+    return updates
 
 
 def has_batched(n: int) -> Callable[[Messages], bool]:
@@ -87,6 +102,30 @@ async def test_history_arrives_in_batches_and_every_token_resumes_exactly(
         rest = await read_until(resumed, caught_up)
         resumed.cancel()
         assert batched_ids(rest) == stored_ids[delivered:]
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 4])
+async def test_a_long_replay_read_as_columns_sends_what_a_replay_of_rows_sends(
+    stub: pb_grpc.MarketServiceAsyncStub,
+    stored_ids: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    max_batch_size: int,
+) -> None:
+    request = pb.StreamSnapshotsRequest(start_time=timestamp(at(0)), max_batch_size=max_batch_size)
+    of_rows = stub.StreamSnapshots(request)
+    expected = await read_until(of_rows, caught_up)
+    of_rows.cancel()
+    # A page of 7 rows, then the rest (23) as columns, 10 rows a query on the server's own
+    # columnar connection (ADBC on PostgreSQL, a read-only sqlite3 one on SQLite).
+    monkeypatch.setattr(feed_module, "ROWS_BEFORE_COLUMNS", 7)
+    monkeypatch.setattr(feed_module, "COLUMN_REPLAY_ROWS", 10)
+    of_columns = stub.StreamSnapshots(request)
+    received = await read_until(of_columns, caught_up)
+    of_columns.cancel()
+    assert batched_ids(received) == stored_ids
+    # Messages are cut per chunk read, so compare what each snapshot arrived with.
+    assert delivered_updates(received) == delivered_updates(expected)
+    assert received[-1] == expected[-1]
 
 
 async def test_live_snapshots_ready_together_share_a_message(

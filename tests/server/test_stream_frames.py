@@ -3,17 +3,32 @@ builds, for any run of snapshots and any max_batch_size."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import types_pb2
-from kfeed_server.records import FeedGapRecord
-from kfeed_server.streaming.feed import CaughtUpEvent, Delivery, FeedGapEvent, SnapshotRun
+from kfeed_server.records import (
+    OPTIONAL_SNAPSHOT_FIELDS,
+    DataSource,
+    FeedGapRecord,
+    MarketStatus,
+    SnapshotRecord,
+)
+from kfeed_server.streaming.feed import (
+    CaughtUpEvent,
+    ColumnRun,
+    Delivery,
+    FeedGapEvent,
+    SnapshotRun,
+)
 from kfeed_server.transport.convert import snapshot_to_proto
 from kfeed_server.transport.requests import RequestTokens, new_token_key
-from kfeed_server.transport.stream_frames import SnapshotFrames, varint
-from tests.support.factories import make_gap, make_snapshot
+from kfeed_server.transport.stream_frames import SnapshotFrames
+from kfeed_server.transport.wire import varint
+from tests.support.factories import make_gap, make_snapshot, replay_columns
 
 TOKENS = RequestTokens(new_token_key())
 
@@ -88,3 +103,50 @@ def test_varint_matches_the_wire_format() -> None:
     for value in (1, 127, 128, 300, 2**31, 2**63 - 1):
         encoded = types_pb2.MarketSnapshot(snapshot_id=value).SerializeToString()
         assert encoded == b"\x08" + varint(value)
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+OPTIONAL_VALUE = st.one_of(st.none(), st.just(0), st.integers(-5, 300), INT64)
+TIMES = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+)
+
+
+@st.composite
+def stored_snapshots(draw: st.DrawFn) -> list[SnapshotRecord]:
+    count = draw(st.integers(1, 30))
+    first_id = draw(st.integers(1, 2**62))
+    steps = draw(st.lists(st.integers(1, 2**20), min_size=count, max_size=count))
+    rows = []
+    snapshot_id = first_id
+    for step in steps:
+        values = {name: draw(OPTIONAL_VALUE) for name in OPTIONAL_SNAPSHOT_FIELDS}
+        record = SnapshotRecord(
+            ticker=draw(st.text(min_size=1, max_size=20)),
+            exchange_time=draw(TIMES),
+            receive_time=draw(TIMES),
+            source=draw(st.sampled_from(DataSource)),
+            status=draw(st.sampled_from(MarketStatus)),
+            snapshot_id=snapshot_id,
+            **values,
+        )
+        rows.append(record)
+        snapshot_id += step
+    return rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=stored_snapshots(), max_batch_size=st.integers(0, 12))
+def test_a_replay_read_as_columns_sends_the_bytes_a_replay_of_rows_sends(
+    rows: list[SnapshotRecord], max_batch_size: int
+) -> None:
+    from_rows = SnapshotFrames(TOKENS).frames(SnapshotRun(rows), max_batch_size)
+    run = ColumnRun(replay_columns(rows), rows[-1].snapshot_id)
+    from_columns = SnapshotFrames(TOKENS).frames(run, max_batch_size)
+    assert list(from_columns) == list(from_rows)
+
+
+def test_resume_tokens_issued_together_are_the_tokens_issued_one_by_one() -> None:
+    ids = [1, 2, 255, 2**40 + 3, 2**63 - 1]
+    together = TOKENS.encode_resume_tokens(ids, stream="trades")
+    assert together.decode() == "".join(TOKENS.encode_resume_token(i, "trades") for i in ids)

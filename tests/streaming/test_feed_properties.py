@@ -8,9 +8,10 @@ marker, and every response's token resumes after the last snapshot it carried.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from kfeed_server.streaming.feed import FeedRequest, feed_items
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
 from kfeed_server.transport.requests import RequestTokens, new_token_key
 from kfeed_server.transport.stream_frames import SnapshotFrames
-from tests.support.factories import at, make_snapshot
+from tests.support.factories import at, make_snapshot, replay_columns
 
 TICKERS = ("KX-A", "KX-B", "KX-C")
 
@@ -59,6 +60,22 @@ class CommittingStore:
         await asyncio.sleep(0)
         return rows[:limit]
 
+    async def snapshots_after_id(
+        self,
+        after_id: int,
+        *,
+        tickers: Sequence[str] | None,
+        min_exchange_time: datetime | None,
+        limit: int,
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """The same rows as columns, in batches of two (a query yields several)."""
+        rows = await self.list_after_id(
+            after_id, tickers=tickers, limit=limit, min_exchange_time=min_exchange_time
+        )
+        for start in range(0, len(rows), 2):
+            yield replay_columns(rows[start : start + 2])
+            await asyncio.sleep(0)
+
     async def latest_per_market(self, tickers: Sequence[str] | None) -> list[SnapshotRecord]:
         latest: dict[str, SnapshotRecord] = {}
         for row in self.rows:
@@ -82,15 +99,18 @@ batches = st.lists(
 def small_replay_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     # Several history pages per stream, so commits can land between them.
     monkeypatch.setattr(feed_module, "REPLAY_PAGE_SIZE", 3)
+    monkeypatch.setattr(feed_module, "ROWS_BEFORE_COLUMNS", 3)
+    monkeypatch.setattr(feed_module, "COLUMN_REPLAY_ROWS", 5)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     before=st.integers(0, 10),
     schedule=batches,
     start=st.sampled_from(["time", "resume", "live"]),
     followed=st.sets(st.sampled_from(TICKERS), max_size=2),
     max_batch_size=st.sampled_from([0, 1, 2, 5, 500]),
+    columns=st.booleans(),
 )
 def test_no_gap_and_no_duplicate_across_the_switch(
     before: int,
@@ -98,8 +118,10 @@ def test_no_gap_and_no_duplicate_across_the_switch(
     start: str,
     followed: set[str],
     max_batch_size: int,
+    columns: bool,
 ) -> None:
-    asyncio.run(_run(before, schedule, start, frozenset(followed), max_batch_size))
+    """``columns``: history after the first page read as columns, as a snapshot stream does."""
+    asyncio.run(_run(before, schedule, start, frozenset(followed), max_batch_size, columns))
 
 
 def _snapshot_ids(message: pb.StreamSnapshotsResponse) -> list[int]:
@@ -114,6 +136,7 @@ async def _run(
     start: str,
     followed: frozenset[str],
     max_batch_size: int,
+    columns: bool,
 ) -> None:
     store, hub = CommittingStore(), SnapshotHub()
     counter = iter(range(1_000_000))
@@ -132,7 +155,7 @@ async def _run(
         heartbeat_interval=0.005,  # keeps events coming, so the loop below re-checks
         history_tickers=sorted(followed) or None,
     )
-    feed = feed_items(request, hub, store)
+    feed = feed_items(request, hub, store, store if columns else None)
     frames = SnapshotFrames(TOKENS)
 
     async def writer() -> None:

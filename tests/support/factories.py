@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pyarrow as pa
+
+from kfeed_server.db.repositories.export import SNAPSHOT_REPLAY
 from kfeed_server.records import (
     DataSource,
     EventRecord,
@@ -101,3 +105,12 @@ def make_gap(i: int, **overrides: Any) -> FeedGapRecord:
         detect_time=at(i),
     )
     return replace(gap, **overrides)
+
+
+def replay_columns(rows: Sequence[SnapshotRecord]) -> pa.RecordBatch:
+    """Stored snapshots as the columns a replay reads them in (``SNAPSHOT_REPLAY``)."""
+    fields = SNAPSHOT_REPLAY.schema.names
+    values = {name: [getattr(r, name) for r in rows] for name in fields}
+    for name in ("source", "status"):
+        values[name] = [int(v) for v in values[name]]
+    return pa.RecordBatch.from_pydict(values, schema=SNAPSHOT_REPLAY.schema)

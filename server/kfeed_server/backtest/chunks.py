@@ -24,6 +24,9 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from kfeed_server.records import (
     OPTIONAL_SNAPSHOT_FIELDS,
     DataSource,
@@ -95,6 +98,92 @@ def encode_chunk(rows: Sequence[SnapshotRecord]) -> EncodedChunk:
         rows[0].snapshot_id,
         rows[-1].snapshot_id,
     )
+
+
+# Microsecond counts up to 2^53 convert to float exactly, and then one division by 10^6 rounds as
+# ``datetime.timestamp()`` does (an exact integer division, correctly rounded): ±285 years of 1970.
+_EXACT_MICROS = 2**53
+
+
+def _seconds(times: pa.ChunkedArray[Any]) -> list[float]:
+    """Times as POSIX seconds, equal to ``datetime.timestamp()`` of each."""
+    micros = times.cast(pa.int64()).to_numpy()
+    if len(micros) and int(np.abs(micros).max()) >= _EXACT_MICROS:
+        return [m / 1_000_000 for m in micros.tolist()]
+    return (micros / 1_000_000).tolist()  # type: ignore[no-any-return]
+
+
+def _values(column: pa.ChunkedArray[Any]) -> list[Any]:
+    """A column's Python values, None where null."""
+    if column.null_count:
+        return column.to_pylist()
+    return column.to_numpy().tolist()  # type: ignore[no-any-return]
+
+
+def _encode_columns(rows: pa.Table) -> EncodedChunk:
+    """``rows`` (not empty; the replay schema of db.repositories.export) as one chunk, byte for
+    byte what ``encode_chunk`` makes of the same rows as records."""
+    column = rows.column
+    ids = _values(column("snapshot_id"))
+    market_data = marshal.dumps(
+        (
+            [ids, *(_values(column(name)) for name in MARKET_COLUMNS[1:])],
+            _seconds(column("exchange_time")),
+            _values(column("status")),
+        ),
+        MARSHAL_VERSION,
+    )
+    metadata = marshal.dumps(
+        (_seconds(column("receive_time")), _values(column("source"))), MARSHAL_VERSION
+    )
+    return EncodedChunk(market_data, metadata, rows.num_rows, ids[0], ids[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class TimedChunk:
+    """An encoded chunk and the exchange time of its last row (books and trades up to it are
+    sent before it)."""
+
+    chunk: EncodedChunk
+    last_exchange_time: datetime
+
+
+def _timed(rows: pa.Table) -> TimedChunk:
+    last_time: datetime = rows.column("exchange_time")[-1].as_py()
+    return TimedChunk(_encode_columns(rows), last_time)
+
+
+class ColumnChunker:
+    """Cuts snapshots read as columns (record batches of the replay schema, of any sizes, in the
+    run's order) into encoded chunks of ``size`` rows: no record per row on the way."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> list[TimedChunk]:
+        """The chunks completed by ``batch``."""
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        if self._pending_rows < self._size:
+            return []
+        rows = pa.Table.from_batches(self._pending)
+        whole = self._pending_rows - self._pending_rows % self._size
+        chunks = [
+            _timed(rows.slice(start, self._size)) for start in range(0, whole, self._size)
+        ]
+        self._pending = rows.slice(whole).to_batches()
+        self._pending_rows -= whole
+        return chunks
+
+    def finish(self) -> TimedChunk | None:
+        """The last, shorter chunk (None when nothing is left)."""
+        if not self._pending_rows:
+            return None
+        chunk = _timed(pa.Table.from_batches(self._pending))
+        self._pending, self._pending_rows = [], 0
+        return chunk
 
 
 def decode_chunk(chunk: EncodedChunk) -> list[SnapshotRecord]:

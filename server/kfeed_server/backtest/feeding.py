@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kfeed_server.backtest.chunks import EncodedChunk, encode_chunk
+from kfeed_server.backtest.chunks import ColumnChunker, EncodedChunk, TimedChunk
 from kfeed_server.backtest.engine import BacktestResult, Progress
 from kfeed_server.backtest.fees import MarketFees, market_fees
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
@@ -45,10 +45,11 @@ from kfeed_server.backtest.worker import (
     replay_in_worker,
 )
 from kfeed_server.db.repositories.books import OrderBookRepository
+from kfeed_server.db.repositories.export import ArrowExportReader
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.db.repositories.snapshots import SnapshotRepository
 from kfeed_server.db.repositories.trades import FeedGapRepository, TradeRepository
-from kfeed_server.records import FeedGapRecord, MarketRecord, SnapshotRecord
+from kfeed_server.records import FeedGapRecord, MarketRecord
 from kfeed_server.records.backtest import BacktestRecord, DataQuality, EngineConfig, GapPolicy
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class FeedSources:
     feed_gaps: FeedGapRepository
     books: OrderBookRepository
     trades: TradeRepository
+    # The snapshots read as columns.
+    columns: ArrowExportReader
 
 
 class ReplayFeeder:
@@ -275,20 +278,19 @@ class ReplayFeeder:
         """Sends the window's rows to the worker in encoded chunks of ``FINGERPRINT_CHUNK`` rows
         (the fingerprint's chunking; ``events`` ahead of the rows they precede), then None, and
         closes the pipe (also when cancelled: the worker then sees the end of the data at once).
-        Sending waits in a thread while the pipe is full, which bounds memory to a few chunks;
-        reads are one chunk each, so the event loop never converts more than 4,096 rows at a
-        time."""
-        pending: list[SnapshotRecord] = []
+        The rows are read as columns (COPY binary into Arrow on PostgreSQL, off the event loop)
+        and encoded from them: no record per row. Sending waits in a thread while the pipe is
+        full, which bounds memory to a few chunks and one read batch."""
+        chunker = ColumnChunker(FINGERPRINT_CHUNK)
         try:
-            async for rows in self._snapshots.list_for_backtest(
-                config.tickers, start, end, chunk_size=FINGERPRINT_CHUNK, max_snapshot_id=pinned
-            ):
-                pending.extend(rows)
-                while len(pending) >= FINGERPRINT_CHUNK:
-                    await _send_rows(writer, pending[:FINGERPRINT_CHUNK], events)
-                    del pending[:FINGERPRINT_CHUNK]
-            if pending:
-                await _send_rows(writer, pending, events)
+            batches = self._sources.columns.snapshots_for_backtest(
+                config.tickers, start, end, max_snapshot_id=pinned
+            )
+            async for batch in batches:
+                for chunk in chunker.add(batch):
+                    await _send_chunk(writer, chunk, events)
+            if (last := chunker.finish()) is not None:
+                await _send_chunk(writer, last, events)
             if events is not None and (rest := await events.until(None)):
                 await _send(writer, EventBatch(rest))
             await _send(writer, None)
@@ -338,13 +340,11 @@ def run_data_quality(
     return data_quality(gaps, config.tickers, start, end)
 
 
-async def _send_rows(
-    writer: Connection, rows: Sequence[SnapshotRecord], events: EventCursor | None
-) -> None:
-    """Sends the books and trades up to the rows' last time, then the rows (one chunk)."""
-    if events is not None and (batch := await events.until(rows[-1].exchange_time)):
+async def _send_chunk(writer: Connection, chunk: TimedChunk, events: EventCursor | None) -> None:
+    """Sends the books and trades up to the chunk's last time, then the chunk."""
+    if events is not None and (batch := await events.until(chunk.last_exchange_time)):
         await _send(writer, EventBatch(batch))
-    await _send(writer, encode_chunk(rows))
+    await _send(writer, chunk.chunk)
 
 
 async def _send(writer: Connection, message: EncodedChunk | EventBatch | None) -> None:

@@ -124,6 +124,7 @@ class BacktestRunner:
                 repositories.feed_gaps,
                 repositories.books,
                 repositories.trades,
+                repositories.exports,
             ),
             FeedSettings(self._config.progress_every, self._config.persist_interval),
         )

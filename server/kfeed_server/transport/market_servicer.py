@@ -70,6 +70,7 @@ class MarketServicer(pb_grpc.MarketServiceServicer):
             hub,
             tokens,
             stream_limits or StreamLimits(),
+            repositories.exports,
         )
         self._trade_streams = TradeStreams(self._streams, repositories.trades, tokens)
         self._book_streams = BookStreams(

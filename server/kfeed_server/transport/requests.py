@@ -19,7 +19,7 @@ import re
 import secrets
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -207,6 +207,8 @@ _PAGE_DOMAIN = b"kfeed.page-token.v1:"
 _RESUME_DOMAIN = b"kfeed.resume-token.v1:"
 _SNAPSHOT_ID = struct.Struct(">Q")
 INT64_MAX = 2**63 - 1
+# A resume token: base64 of a 16-byte MAC and an 8-byte id, 24 bytes, so no padding.
+RESUME_TOKEN_LENGTH = 32
 
 
 def new_token_key() -> bytes:
@@ -325,6 +327,24 @@ class RequestTokens:
             if len(cache) > _RESUME_TOKEN_CACHE:
                 cache.popitem(last=False)
         return token
+
+    def encode_resume_tokens(self, ids: Iterable[int], stream: str = "") -> bytes:
+        """The tokens ``encode_resume_token`` gives each of ``ids``, one after another, each
+        ``RESUME_TOKEN_LENGTH`` ASCII bytes (a column replay's; not cached)."""
+        if self._key is None:
+            raise Unavailable("the server is starting: try again shortly")
+        # The MAC state after the key and domain, copied per id: ≈0.5 µs a token.
+        keyed = hashlib.blake2b(_resume_domain(stream), key=self._key, digest_size=_MAC_BYTES)
+        pack = _SNAPSHOT_ID.pack
+        raw = bytearray()
+        for snapshot_id in ids:
+            payload = pack(snapshot_id)
+            mac = keyed.copy()
+            mac.update(payload)
+            raw += mac.digest()
+            raw += payload
+        # MAC and id are 24 bytes, a multiple of 3: base64 of the whole is each token's in turn.
+        return base64.urlsafe_b64encode(raw)
 
     def decode_resume_token(self, token: str, field: str = "resume_token", stream: str = "") -> int:
         """The id in ``token``; INVALID_ARGUMENT unless this server issued it for ``stream``."""

@@ -20,6 +20,7 @@ import grpc
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.streaming.feed import (
+    ColumnHistory,
     FeedItem,
     FeedRequest,
     OverflowPolicy,
@@ -74,9 +75,11 @@ class SnapshotStreams:
         hub: SnapshotHub,
         tokens: RequestTokens,
         limits: StreamLimits,
+        columns: ColumnHistory | None = None,
     ) -> None:
         self._markets = markets
         self._snapshots = snapshots
+        self._columns = columns
         self._hub = hub
         self._tokens = tokens
         self._limits = limits
@@ -161,8 +164,9 @@ class SnapshotStreams:
         """The stream's responses, encoded, until it ends (shutdown, overflow or cancel)."""
         feed_request = await self.feed_request(request)
         responses = self.serve(
-            feed_request, self._snapshots, self._frames.frames, request.max_batch_size, context
-        )
+            feed_request, self._snapshots, self._frames.frames, request.max_batch_size, context,
+            self._columns,
+        )  # fmt: skip
         async for response in responses:
             yield response
 
@@ -173,13 +177,15 @@ class SnapshotStreams:
         frames: Frames[R],
         max_batch_size: int,
         context: Context,
+        columns: ColumnHistory | None = None,
     ) -> AsyncIterator[bytes]:
         """A validated stream's responses, encoded by ``frames``, until it ends (shutdown,
-        overflow or cancel)."""
+        overflow or cancel). ``columns``: long snapshot replays read as columns."""
         peer = peer_address(context.peer())
         self._admit(peer)
+        items = feed_items(feed_request, self._hub, source, columns)
         try:
-            async with contextlib.aclosing(feed_items(feed_request, self._hub, source)) as feed:
+            async with contextlib.aclosing(items) as feed:
                 async for item in feed:
                     for frame, _ in frames(item, max_batch_size):
                         yield frame

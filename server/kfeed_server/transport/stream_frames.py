@@ -24,6 +24,7 @@ from kfeed.v1 import types_pb2
 from kfeed_server.records import SnapshotRecord
 from kfeed_server.streaming.feed import (
     CaughtUpEvent,
+    ColumnRun,
     Delivery,
     FeedGapEvent,
     FeedItem,
@@ -33,16 +34,19 @@ from kfeed_server.streaming.feed import (
 )
 from kfeed_server.streaming.hub import LiveChunk
 from kfeed_server.transport.convert import feed_gap_to_proto, snapshot_fields, timestamp
+from kfeed_server.transport.column_frames import column_frames
 from kfeed_server.transport.requests import RequestTokens
-
-# Wire tags (field number << 3 | wire type 2, length-delimited; 0 for a varint).
-_TAG_RESUME_TOKEN = b"\x0a"  # StreamSnapshotsResponse.resume_token = 1
-_TAG_SNAPSHOT = b"\x12"  # StreamSnapshotsResponse.snapshot = 2
-_TAG_SNAPSHOT_BATCH = b"\x3a"  # StreamSnapshotsResponse.snapshot_batch = 7
-_TAG_UPDATES = b"\x0a"  # SnapshotBatch.updates = 1
-_TAG_UPDATE_SNAPSHOT = b"\x0a"  # SnapshotUpdate.snapshot = 1
-_TAG_COALESCED_COUNT = b"\x10"  # SnapshotUpdate.coalesced_count = 2 (varint)
-_TAG_UPDATE_TOKEN = b"\x1a"  # SnapshotUpdate.resume_token = 3
+from kfeed_server.transport.wire import (
+    TAG_COALESCED_COUNT,
+    TAG_RESUME_TOKEN,
+    TAG_SNAPSHOT,
+    TAG_SNAPSHOT_BATCH,
+    TAG_UPDATE_SNAPSHOT,
+    TAG_UPDATE_TOKEN,
+    TAG_UPDATES,
+    length_delimited,
+    varint,
+)
 
 MAX_BATCH_SIZE = 10_000
 # Encoded snapshots kept for live subscribers: several seconds of a busy feed.
@@ -51,26 +55,10 @@ ENCODED_CACHE_SIZE = 65_536
 ENCODED_CHUNK_CACHE_SIZE = 4_096
 
 
-def varint(value: int) -> bytes:
-    """``value`` (≥ 0) as a protobuf varint."""
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_delimited(tag: bytes, payload: bytes) -> bytes:
-    return tag + varint(len(payload)) + payload
-
-
 def _snapshot_update(snapshot: SnapshotRecord) -> bytes:
     """SnapshotUpdate{snapshot} as bytes (its coalesced count, when any, is appended later)."""
     encoded = types_pb2.MarketSnapshot(**snapshot_fields(snapshot)).SerializeToString()
-    return _length_delimited(_TAG_UPDATE_SNAPSHOT, encoded)
+    return length_delimited(TAG_UPDATE_SNAPSHOT, encoded)
 
 
 class SnapshotFrames:
@@ -101,8 +89,8 @@ class SnapshotFrames:
         if encoded is None:
             update = _snapshot_update(snapshot)
             token = self._token(snapshot_id)
-            entry = _length_delimited(
-                _TAG_UPDATES, update + _length_delimited(_TAG_UPDATE_TOKEN, token)
+            entry = length_delimited(
+                TAG_UPDATES, update + length_delimited(TAG_UPDATE_TOKEN, token)
             )
             encoded = cache[snapshot_id] = (update, entry, token)
             if len(cache) > self._cache_size:
@@ -122,9 +110,9 @@ class SnapshotFrames:
         if not coalesced and run.fixed_resume_after_id is None:
             return entry
         if coalesced:
-            update += _TAG_COALESCED_COUNT + varint(coalesced)
-        token = _length_delimited(_TAG_UPDATE_TOKEN, self._resume_token(run, index))
-        return _length_delimited(_TAG_UPDATES, update + token)
+            update += TAG_COALESCED_COUNT + varint(coalesced)
+        token = length_delimited(TAG_UPDATE_TOKEN, self._resume_token(run, index))
+        return length_delimited(TAG_UPDATES, update + token)
 
     def _chunk_body(self, chunk: LiveChunk) -> bytes:
         """The snapshots of a live chunk as SnapshotBatch.updates fields, joined once per chunk
@@ -148,8 +136,8 @@ class SnapshotFrames:
         update = self._encoded_snapshot(run.rows[index])[0]
         coalesced = run.coalesced_count(index)
         if coalesced:
-            update += _TAG_COALESCED_COUNT + varint(coalesced)
-        return _length_delimited(_TAG_SNAPSHOT, update)
+            update += TAG_COALESCED_COUNT + varint(coalesced)
+        return length_delimited(TAG_SNAPSHOT, update)
 
     def frames(
         self, item: FeedItem[SnapshotRecord], max_batch_size: int
@@ -161,25 +149,28 @@ class SnapshotFrames:
             )
             yield message.SerializeToString(), item.resume_after_id
             return
+        if isinstance(item, ColumnRun):
+            yield from column_frames(item, self._tokens, max_batch_size)
+            return
         count = len(item.rows)
         size = max(max_batch_size, 1)
         if item.chunks is not None and 1 < count <= size:  # whole live chunks, one message
-            token = _length_delimited(_TAG_RESUME_TOKEN, self._resume_token(item, count - 1))
+            token = length_delimited(TAG_RESUME_TOKEN, self._resume_token(item, count - 1))
             body = b"".join([self._chunk_body(chunk) for chunk in item.chunks])
             yield (
-                token + _length_delimited(_TAG_SNAPSHOT_BATCH, body),
+                token + length_delimited(TAG_SNAPSHOT_BATCH, body),
                 item.resume_after_id(count - 1),
             )
             return
         for start in range(0, count, size):
             end = min(start + size, count)
             resume_after_id = item.resume_after_id(end - 1)
-            token = _length_delimited(_TAG_RESUME_TOKEN, self._resume_token(item, end - 1))
+            token = length_delimited(TAG_RESUME_TOKEN, self._resume_token(item, end - 1))
             if end - start == 1:
                 yield token + self._alone(item, start), resume_after_id
                 continue
             body = b"".join([self._entry(item, index) for index in range(start, end)])
-            yield token + _length_delimited(_TAG_SNAPSHOT_BATCH, body), resume_after_id
+            yield token + length_delimited(TAG_SNAPSHOT_BATCH, body), resume_after_id
 
 
 StreamResponse = TypeVar(

@@ -15,7 +15,7 @@ import grpc
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.records import StreamedTrade
-from kfeed_server.streaming.feed import Delivery, FeedItem, RowSource
+from kfeed_server.streaming.feed import Delivery, FeedItem, RowRun, RowSource
 from kfeed_server.streaming.hub import StreamKind
 from kfeed_server.transport.convert import trade_to_proto
 from kfeed_server.transport.requests import RequestTokens
@@ -43,6 +43,7 @@ class TradeFrames:
             message = event_message(item, self._token, pb.StreamTradesResponse)
             yield message.SerializeToString(), item.resume_after_id
             return
+        assert isinstance(item, RowRun)  # trades are never replayed as columns
         size = max(max_batch_size, 1)
         for start in range(0, len(item.rows), size):
             run = item.rows[start : start + size]

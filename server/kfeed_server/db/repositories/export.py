@@ -18,7 +18,7 @@ import enum
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -81,7 +81,7 @@ class ExportColumn:
     def raw_type(self) -> TypeEngine[Any]:
         """The SQL type read without SQLAlchemy's conversions (a time is its stored integer on
         SQLite, an enum its number)."""
-        if self.enum_type is not None:
+        if self.enum_type is not None or self.arrow_type == pa.int16():
             return SmallInteger()
         if self.arrow_type == pa.string():
             return Text()
@@ -111,6 +111,8 @@ class ExportSpec:
     ticker: ColumnElement[str]
     time: ColumnElement[datetime]
     order_by: tuple[ColumnElement[Any], ...]
+    # The stored row id (increasing in commit order), for reads that continue after one.
+    row_id: ColumnElement[int] | None = None
     schema: pa.Schema = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,13 +122,17 @@ class ExportSpec:
 @dataclass(frozen=True, slots=True)
 class ExportFilter:
     """Which rows: of ``tickers`` (None: any), of the markets of ``event_ticker`` and/or
-    ``series_ticker``, with ``start <= time < end``."""
+    ``series_ticker``, with ``start <= time < end``; with ``after_row_id`` / ``last_row_id``
+    only rows of a higher / not higher id (the spec's ``row_id``); at most ``limit`` of them."""
 
     tickers: Sequence[str] | None = None
     event_ticker: str | None = None
     series_ticker: str | None = None
     start: datetime | None = None
     end: datetime | None = None
+    after_row_id: int | None = None
+    last_row_id: int | None = None
+    limit: int | None = None
 
 
 _s = snapshots_table.c
@@ -186,6 +192,22 @@ TRADE_EXPORT = ExportSpec(
 )
 
 
+SNAPSHOT_REPLAY = ExportSpec(
+    # A stream's replay (transport/column_frames.py encodes it): the snapshot columns with the
+    # enums as their stored numbers, in id order.
+    columns=tuple(
+        ExportColumn(c.name, c.source, pa.int16()) if c.enum_type is not None else c
+        for c in SNAPSHOT_EXPORT.columns
+    ),
+    ticker=_s.ticker,
+    time=_s.exchange_time,
+    order_by=(_s.id,),
+    row_id=_s.id,
+)
+
+# A backtest's read: the same columns in replay order, (exchange time, id).
+SNAPSHOT_BACKTEST = replace(SNAPSHOT_REPLAY, order_by=(_s.exchange_time, _s.id))
+
 _b = book_changes_table.c
 
 BOOK_CHANGE_EXPORT = ExportSpec(
@@ -223,7 +245,13 @@ def export_query(spec: ExportSpec, rows: ExportFilter) -> Select[Any]:
         statement = statement.where(spec.time >= rows.start)
     if rows.end is not None:
         statement = statement.where(spec.time < rows.end)
-    return statement.order_by(*spec.order_by)
+    if rows.after_row_id is not None or rows.last_row_id is not None:
+        assert spec.row_id is not None, "a row id bound needs a spec with a row id"
+        if rows.after_row_id is not None:
+            statement = statement.where(spec.row_id > rows.after_row_id)
+        if rows.last_row_id is not None:
+            statement = statement.where(spec.row_id <= rows.last_row_id)
+    return statement.order_by(*spec.order_by).limit(rows.limit)
 
 
 def literal_sql(spec: ExportSpec, rows: ExportFilter, dialect: Dialect) -> str:
@@ -262,6 +290,31 @@ class ArrowExportReader:
             return _threaded_batches(partial(_SqliteStream.open, database, sql, spec))
         return self._sqlalchemy_batches(spec, export_query(spec, rows))
 
+    def snapshots_after_id(
+        self,
+        after_id: int,
+        *,
+        tickers: Sequence[str] | None,
+        min_exchange_time: datetime | None,
+        limit: int,
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """Up to ``limit`` snapshots with ``snapshot_id > after_id`` in id order, of ``tickers``
+        (None: every market), not older than ``min_exchange_time``: a stream's replay read as
+        columns (``SNAPSHOT_REPLAY`` batches; streaming.feed.ColumnHistory)."""
+        rows = ExportFilter(
+            tickers=tickers, start=min_exchange_time, after_row_id=after_id, limit=limit
+        )
+        return self.batches(SNAPSHOT_REPLAY, rows)
+
+    def snapshots_for_backtest(
+        self, tickers: Sequence[str], start: datetime, end: datetime, *, max_snapshot_id: int
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """The snapshots of ``tickers`` with ``start <= exchange_time < end`` and an id up to
+        ``max_snapshot_id`` (the run's pinned data set), in (exchange_time, snapshot_id) order,
+        as ``SNAPSHOT_BACKTEST`` batches: one query, sorted by the database."""
+        rows = ExportFilter(tickers=tickers, start=start, end=end, last_row_id=max_snapshot_id)
+        return self.batches(SNAPSHOT_BACKTEST, rows)
+
     async def _sqlalchemy_batches(
         self, spec: ExportSpec, statement: Select[Any]
     ) -> AsyncIterator[pa.RecordBatch]:
@@ -289,13 +342,17 @@ async def _threaded_batches(
 ) -> AsyncIterator[pa.RecordBatch]:
     # One thread runs every driver call of this export in turn: a driver connection is not
     # thread-safe, and a cancelled export must not close it under a read still in flight (the
-    # close is queued behind it, and not awaited, so a cancellation cannot skip it).
+    # close is queued behind it, and not awaited, so a cancellation cannot skip it). The next
+    # batch is read while the caller handles this one: the driver decodes without the GIL, and
+    # the database produces rows meanwhile.
     loop = asyncio.get_running_loop()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfeed-export")
     try:
         stream = await loop.run_in_executor(worker, open_stream)
         try:
-            while (batch := await loop.run_in_executor(worker, stream.read_next)) is not None:
+            reading = loop.run_in_executor(worker, stream.read_next)
+            while (batch := await reading) is not None:
+                reading = loop.run_in_executor(worker, stream.read_next)
                 yield batch
         finally:
             worker.submit(stream.close)

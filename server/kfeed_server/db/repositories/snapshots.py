@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Text, bindparam, func, select
@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from kfeed_server.db.models import snapshots_table
 from kfeed_server.db.repositories._common import (
     is_postgresql,
-    keyset_after,
     page_of,
     record_columns,
     time_range_page_query,
@@ -22,10 +21,6 @@ from kfeed_server.db.repositories._common import (
 from kfeed_server.records import Page, SnapshotRecord
 
 SNAPSHOT_COLUMNS = record_columns(snapshots_table, SnapshotRecord, {"snapshot_id": "id"})
-BACKTEST_CHUNK_SIZE = 10_000
-# The time slices backtest reads start at a minute and adapt (see list_for_backtest).
-_FIRST_SLICE = timedelta(minutes=1)
-_SHORTEST_SLICE = timedelta(microseconds=1)
 
 _s = snapshots_table.c
 
@@ -192,59 +187,6 @@ class SnapshotRepository:
     # The name the stream feed reads it by (streaming.feed.RowSource).
     max_stream_id = max_snapshot_id
 
-    async def list_for_backtest(
-        self,
-        tickers: Sequence[str],
-        start: datetime,
-        end: datetime,
-        *,
-        chunk_size: int = BACKTEST_CHUNK_SIZE,
-        max_snapshot_id: int | None = None,
-    ) -> AsyncIterator[list[SnapshotRecord]]:
-        """The snapshots of ``tickers`` with ``start <= exchange_time < end`` in (exchange_time,
-        snapshot_id) order, in chunks of ``chunk_size`` (the last may be shorter).
-        ``max_snapshot_id`` pins the data set while ingest goes on (ids are committed in order),
-        so a run reads exactly what it counted.
-
-        Each query reads one time slice. The index is per market (ticker, exchange_time, id), so
-        a query over several markets sorts every row it matches: "the next chunk after the
-        cursor" over the rest of the window made each chunk cost the whole remaining window
-        (quadratic: 1,000,000 rows took ≈20 s on SQLite). A slice bounds that sort to about one
-        chunk's rows; its length adapts to the data's density."""
-        if not tickers:
-            return
-        # The slice's bounds are the only bounds on the time (they lie within the window): given
-        # the window's too, SQLite bounds its index scan by the window's start, not the slice's.
-        conditions = _backtest_window(tickers, None, None, max_snapshot_id)
-        after: tuple[datetime, int] | None = None
-        slice_start, span = start, _FIRST_SLICE
-        pending: list[SnapshotRecord] = []
-        while slice_start < end:
-            slice_end = end if end - slice_start <= span else slice_start + span
-            statement = (
-                select(*SNAPSHOT_COLUMNS)
-                .where(*conditions, _s.exchange_time >= slice_start, _s.exchange_time < slice_end)
-                .order_by(_s.exchange_time, _s.id)
-                .limit(chunk_size)
-            )
-            if after is not None:
-                statement = statement.where(keyset_after((_s.exchange_time, _s.id), after))
-            rows = await self._all(statement)
-            pending += rows
-            while len(pending) >= chunk_size:
-                yield pending[:chunk_size]
-                del pending[:chunk_size]
-            if len(rows) == chunk_size:  # the slice goes on: continue it, in a shorter slice
-                last = rows[-1]
-                after, slice_start = (last.exchange_time, last.snapshot_id), last.exchange_time
-                span = max(span / 2, _SHORTEST_SLICE)
-            else:  # the slice is done; widen the next while it comes back under half full
-                slice_start = slice_end
-                if not rows or len(rows) * 2 < chunk_size:
-                    span *= 2
-        if pending:
-            yield pending
-
     async def count_for_backtest(
         self,
         tickers: Sequence[str],
@@ -253,7 +195,8 @@ class SnapshotRepository:
         *,
         max_snapshot_id: int | None = None,
     ) -> int:
-        """How many snapshots ``list_for_backtest`` yields for the same arguments."""
+        """How many snapshots a backtest over these arguments reads
+        (``ArrowExportReader.snapshots_for_backtest``)."""
         if not tickers:
             return 0
         statement = select(func.count()).where(
