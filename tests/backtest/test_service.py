@@ -34,6 +34,7 @@ from tests.support.backtest_service import (
     all_executions,
     publish_snapshots,
     run_to_end,
+    stored_window,
     threshold_config,
     watch_to_end,
     wave_snapshots,
@@ -49,9 +50,7 @@ async def _engine_result_on_stored_rows(
     server: KfeedServer, tickers: tuple[str, ...], buy_below: int = 4_000
 ) -> Any:
     repositories = server.repositories
-    stored = await repositories.snapshots.list_after_id(0, tickers=tickers, limit=1_000_000)
-    window = [row for row in stored if at(0) <= row.exchange_time < at(10_000)]
-    rows = sorted(window, key=lambda row: (row.exchange_time, row.snapshot_id))
+    rows = await stored_window(repositories, tickers, at(0), at(10_000))
     markets: dict[str, MarketRecord] = {}
     for ticker in tickers:
         market = await repositories.markets.get_market(ticker)

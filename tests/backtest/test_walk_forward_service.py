@@ -17,7 +17,7 @@ from kfeed_server.backtest.sweep import walk_forward
 from kfeed_server.records import MarketRecord, SnapshotRecord
 from kfeed_server.transport.backtest_servicer import metrics_to_proto
 from kfeed_server.transport.convert import dollars, timestamp
-from tests.support.backtest_service import TICKER, run_to_end, threshold_config
+from tests.support.backtest_service import TICKER, run_to_end, stored_window, threshold_config
 from tests.support.factories import at
 from tests.support.servers import bad_request_fields
 
@@ -60,11 +60,7 @@ async def test_a_walk_forward_sweep_reports_each_fold_as_the_library_computes_it
 
     # The library over the same stored rows and market.
     repositories = backtest_server.repositories
-    rows = [
-        row
-        async for chunk in repositories.snapshots.list_for_backtest((TICKER,), at(0), at(600))
-        for row in chunk
-    ]
+    rows = await stored_window(repositories, (TICKER,), at(0), at(600))
     market = await repositories.markets.get_market(TICKER)
     assert isinstance(market, MarketRecord)
     base = EngineConfig(

@@ -161,14 +161,15 @@ async def _backtest_chunks(
     every chunk's bytes are what encoding the same records gives."""
     pin = max_snapshot_id or await repositories.snapshots.max_snapshot_id()
     chunker = ColumnChunker(chunk_size)
-    encoded = []
+    timed = []
     batches = repositories.exports.snapshots_for_backtest(tickers, start, end, max_snapshot_id=pin)
     async for batch in batches:
-        encoded += chunker.add(batch)
+        timed += chunker.add(batch)
     last = chunker.finish()
-    encoded += [] if last is None else [last]
-    chunks = [decode_chunk(chunk) for chunk in encoded]
-    assert encoded == [encode_chunk(chunk) for chunk in chunks]
+    timed += [] if last is None else [last]
+    chunks = [decode_chunk(t.chunk) for t in timed]
+    assert [t.chunk for t in timed] == [encode_chunk(chunk) for chunk in chunks]
+    assert [t.last_exchange_time for t in timed] == [chunk[-1].exchange_time for chunk in chunks]
     return chunks
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from kfeed.v1 import backtest_service_pb2 as pb
 from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
 from kfeed_server.backtest.service import RunnerConfig
+from kfeed_server.db.repositories import Repositories
 from kfeed_server.records import MarketRecord, MarketResult, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import dollars, timestamp
 from tests.support.factories import at, make_market, make_snapshot
@@ -110,3 +112,13 @@ async def all_executions(
         token = page.next_page_token
         if not token:
             return executions
+
+
+async def stored_window(
+    repositories: Repositories, tickers: Sequence[str], start: datetime, end: datetime
+) -> list[SnapshotRecord]:
+    """The stored snapshots a backtest over ``tickers`` and [start, end) replays, in its order
+    (exchange time, then id), read as records."""
+    stored = await repositories.snapshots.list_after_id(0, tickers=tickers, limit=10_000_000)
+    window = [row for row in stored if start <= row.exchange_time < end]
+    return sorted(window, key=lambda row: (row.exchange_time, row.snapshot_id))

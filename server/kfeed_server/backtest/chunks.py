@@ -170,9 +170,7 @@ class ColumnChunker:
             return []
         rows = pa.Table.from_batches(self._pending)
         whole = self._pending_rows - self._pending_rows % self._size
-        chunks = [
-            _timed(rows.slice(start, self._size)) for start in range(0, whole, self._size)
-        ]
+        chunks = [_timed(rows.slice(start, self._size)) for start in range(0, whole, self._size)]
         self._pending = rows.slice(whole).to_batches()
         self._pending_rows -= whole
         return chunks

@@ -27,7 +27,7 @@ from kfeed_server.records import (
     CheckpointKind,
     StreamedBookChange,
 )
-from kfeed_server.streaming.feed import Delivery, FeedGapEvent, FeedItem
+from kfeed_server.streaming.feed import Delivery, FeedGapEvent, FeedItem, RowRun
 from kfeed_server.streaming.hub import StreamKind
 from kfeed_server.transport.convert import feed_gap_to_proto, timestamp
 from kfeed_server.transport.errors import InvalidArgument
@@ -99,6 +99,7 @@ class BookFrames:
                 message = event_message(item, self._token, pb.StreamOrderBooksResponse)
             yield message.SerializeToString(), item.resume_after_id
             return
+        assert isinstance(item, RowRun)  # order books are never replayed as columns
         size = max(max_batch_size, 1)
         for start in range(0, len(item.rows), size):
             run = item.rows[start : start + size]

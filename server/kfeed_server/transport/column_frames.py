@@ -82,6 +82,21 @@ class _Field:
         raise NotImplementedError
 
 
+def _everywhere(present: Bools | None) -> Bools | None:
+    """None when ``present`` holds for every row: no mask to apply."""
+    return None if present is None or present.all() else present
+
+
+def _copy_bytes(out: Bytes, at: Int64s, data: Bytes, starts: Int64s, lengths: Int64s) -> None:
+    """``out[at[i]:at[i] + lengths[i]] = data[starts[i]:starts[i] + lengths[i]]`` for every row,
+    rows of one length at a time (tickers come in few lengths, tokens in one)."""
+    distinct = np.unique(lengths).tolist()
+    for length in distinct:
+        rows: Bools | slice = slice(None) if len(distinct) == 1 else lengths == length
+        offsets = np.arange(length, dtype=np.int64)
+        out[at[rows][:, None] + offsets] = data[starts[rows][:, None] + offsets]
+
+
 def _where(present: Bools | None, at: Int64s) -> tuple[Bools | slice, Int64s]:
     rows: Bools | slice = slice(None) if present is None else present
     return rows, at[rows]
@@ -97,7 +112,7 @@ class _Varint(_Field):
         self._tag = tag
         self._values = values.view(np.uint64)  # negative int64: ten bytes, as protobuf does
         self._value_sizes = varint_sizes(self._values)
-        self._present = present
+        self._present = present = _everywhere(present)
         sizes = self._value_sizes + len(tag)
         self.sizes = sizes if present is None else sizes * present
 
@@ -126,11 +141,7 @@ class _Blob(_Field):
         _put_tag(out, where, self._tag)
         where = where + len(self._tag)
         _put_varints(out, where, lengths.view(np.uint64), length_sizes)
-        where = where + length_sizes
-        first_of_row = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        within = np.arange(int(lengths.sum()), dtype=np.int64) - first_of_row
-        source = np.repeat(self._starts[rows], lengths) + within
-        out[np.repeat(where, lengths) + within] = self._data[source]
+        _copy_bytes(out, where + length_sizes, self._data, self._starts[rows], lengths)
 
 
 class _Message(_Field):
@@ -140,7 +151,7 @@ class _Message(_Field):
     def __init__(self, tag: bytes, fields: Sequence[_Field], present: Bools | None) -> None:
         self._tag = tag
         self._fields = fields
-        self._present = present
+        self._present = present = _everywhere(present)
         inner_sizes = np.zeros_like(fields[0].sizes)
         for field in fields:
             inner_sizes += field.sizes

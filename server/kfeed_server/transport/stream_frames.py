@@ -33,8 +33,8 @@ from kfeed_server.streaming.feed import (
     SubscriberGapEvent,
 )
 from kfeed_server.streaming.hub import LiveChunk
-from kfeed_server.transport.convert import feed_gap_to_proto, snapshot_fields, timestamp
 from kfeed_server.transport.column_frames import column_frames
+from kfeed_server.transport.convert import feed_gap_to_proto, snapshot_fields, timestamp
 from kfeed_server.transport.requests import RequestTokens
 from kfeed_server.transport.wire import (
     TAG_COALESCED_COUNT,
