@@ -47,6 +47,8 @@ COUNT_UNIT = "contracts/100"
 # Rows per batch read from SQLite (PostgreSQL batches are the driver's, ≈16 MiB).
 SQLITE_BATCH_ROWS = 65_536
 EXPORT_APPLICATION_NAME = "kfeed-export"
+# Stream replays read as columns at once per server (each on a connection of its own).
+MAX_COLUMN_REPLAYS = 4
 
 
 def _enum_names(members: type[enum.IntEnum]) -> pa.Array[Any]:
@@ -277,6 +279,10 @@ class ArrowExportReader:
     def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._engine = engine
         self._sessions = sessions
+        # Each columnar read holds a connection of its own: stream replays, which many
+        # subscribers may start at once, take turns for a few (the others wait, as they would
+        # for a pooled connection).
+        self._replay_slots = asyncio.Semaphore(MAX_COLUMN_REPLAYS)
 
     def batches(self, spec: ExportSpec, rows: ExportFilter) -> AsyncIterator[pa.RecordBatch]:
         """The rows of ``spec`` that ``rows`` selects, in the spec's order, as record batches
@@ -304,7 +310,14 @@ class ArrowExportReader:
         rows = ExportFilter(
             tickers=tickers, start=min_exchange_time, after_row_id=after_id, limit=limit
         )
-        return self.batches(SNAPSHOT_REPLAY, rows)
+        return self._taking_turns(self.batches(SNAPSHOT_REPLAY, rows))
+
+    async def _taking_turns(
+        self, batches: AsyncIterator[pa.RecordBatch]
+    ) -> AsyncIterator[pa.RecordBatch]:
+        async with self._replay_slots:
+            async for batch in batches:
+                yield batch
 
     def snapshots_for_backtest(
         self, tickers: Sequence[str], start: datetime, end: datetime, *, max_snapshot_id: int
