@@ -24,6 +24,8 @@ from tests.support.processes import Server, Simulator, ingest_args, start_kfeed
 from tests.support.servers import serving
 from tests.support.waiting import eventually
 
+pytestmark = pytest.mark.e2e
+
 COUNT = 25_000  # 250 contracts: sim levels hold 1-400, so orders often walk several levels
 FAR_FUTURE_US = 2**62
 FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
