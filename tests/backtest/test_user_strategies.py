@@ -116,15 +116,16 @@ async def test_a_strategy_that_swallows_the_time_limit_is_killed_and_harms_no_ot
     assert beside.state == pb.BACKTEST_STATE_SUCCEEDED, beside.error_message
     async with asyncio.timeout(TIME_LIMIT + KILL_GRACE + 30):  # without the kill: forever
         failed = (await swallowing)[-1]
-    assert failed.state == pb.BACKTEST_STATE_FAILED
-    assert f"time limit of {TIME_LIMIT:g} s" in failed.error_message
-    assert "was killed" in failed.error_message
+    assert failed.state == pb.BACKTEST_STATE_FAILED, failed
+    assert f"time limit of {TIME_LIMIT:g} s" in failed.error_message, failed.error_message
+    assert "was killed" in failed.error_message, failed.error_message
     # Not before the limit and its grace (the worker's start, which may wait for the forkserver,
     # comes on top; the timeout above bounds the whole).
     assert time.monotonic() - started >= TIME_LIMIT + KILL_GRACE
     # The killed worker's slot gets a fresh pool: runs go on in both slots.
     after = await asyncio.gather(_run(stub, "user_bid_under"), _run(stub, "user_bid_under"))
-    assert [m[-1].state for m in after] == [pb.BACKTEST_STATE_SUCCEEDED] * 2
+    outcomes = [(m[-1].state, m[-1].error_message) for m in after]
+    assert outcomes == [(pb.BACKTEST_STATE_SUCCEEDED, "")] * 2, outcomes
 
 
 def test_a_module_that_cannot_load_is_a_clear_error() -> None:
