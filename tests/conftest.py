@@ -220,3 +220,11 @@ def json_log_lines() -> Iterator[list[str]]:
     finally:
         root.removeHandler(handler)
         root.setLevel(previous_level)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e is marked `e2e` (a conftest's `pytestmark` marks nothing)."""
+    e2e_dir = Path(__file__).parent / "e2e"
+    for item in items:
+        if item.path.is_relative_to(e2e_dir):
+            item.add_marker(pytest.mark.e2e)

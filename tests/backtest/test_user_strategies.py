@@ -100,7 +100,8 @@ async def test_a_strategy_that_runs_away_fails_at_the_time_limit(
     failed = (await _run(stub, "user_spins"))[-1]
     assert failed.state == pb.BACKTEST_STATE_FAILED
     assert f"time limit of {TIME_LIMIT:g} s" in failed.error_message
-    assert time.monotonic() - started < TIME_LIMIT + 10
+    # The limit ends the run; the margin covers a loaded machine starting the worker slowly.
+    assert time.monotonic() - started < TIME_LIMIT + 30
     after = (await _run(stub, "user_bid_under"))[-1]
     assert after.state == pb.BACKTEST_STATE_SUCCEEDED, after.error_message
 

@@ -10,8 +10,6 @@ import pytest
 from kfeed_sim.signing import generate_key_pair
 from tests.support.processes import KEY_ID, Server, Simulator, free_port, start_kfeed, wait_for_http
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
