@@ -19,17 +19,20 @@ Baseline for the acks: the same publishing with no subscriber, in the same run.
 
     uv run python -m bench.bench_stream_scale [--case markets|held|overload|all] [--seconds S]
         [--today DIR]   # also the server of another tree (git archive REV | tar -x -C DIR)
+        [--postgres [--workers N]]   # a temporary PostgreSQL database; `kfeed serve --workers N`
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,12 @@ from typing import Any
 import grpc
 
 from bench.bench_fanout import percentile, run_subscribers
-from bench.support import kfeed_serve_process, print_summary
+from bench.support import (
+    kfeed_serve_process,
+    print_summary,
+    sqlalchemy_url,
+    temporary_postgres_database,
+)
 from kfeed_server.records import DataSource, MarketRecord, MarketStatus, SnapshotRecord
 from tests.support.servers import PublishSession
 
@@ -71,10 +79,25 @@ def _snapshots(batch_number: int, count: int) -> list[SnapshotRecord]:
 
 
 def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    """The resident memory of ``pid`` and its children (`kfeed serve --workers` runs several)."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for process in (pid, *map(int, children)):
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@contextlib.asynccontextmanager
+async def _database(postgres: bool) -> AsyncIterator[str]:
+    """A fresh database: SQLite in a temporary folder, or a temporary PostgreSQL database."""
+    if postgres:
+        async with temporary_postgres_database("kfeed_bench_stream_scale") as database:
+            yield sqlalchemy_url(database)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite+aiosqlite:///{folder}/bench.db"
 
 
 async def _publish_paced(
@@ -105,15 +128,23 @@ def _ms(values: list[float], fraction: float) -> float:
     return round(1000 * percentile(values, fraction), 1) if values else float("nan")
 
 
-async def run_case(case: str, seconds: float, today: Path | None = None) -> dict[str, Any]:
+async def run_case(
+    case: str,
+    seconds: float,
+    today: Path | None = None,
+    *,
+    postgres: bool = False,
+    workers: int = 1,
+) -> dict[str, Any]:
     """One case against this checkout's server, or with ``today`` the server of that tree."""
     subscribers = 10_000 if case == "held" else 1_000
     rate = 100 if case == "held" else 1_000
-    with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite+aiosqlite:///{folder}/bench.db"
+    async with _database(postgres) as url:
         options = ["--log-level", "WARNING"]
         if today is None:
             options += ["--max-streams-per-peer", str(2 * subscribers)]
+            if workers > 1:
+                options += ["--workers", str(workers)]
         async with (
             kfeed_serve_process(url, *options, code=today) as (address, server),
             grpc.aio.insecure_channel(address) as channel,
@@ -148,6 +179,8 @@ async def run_case(case: str, seconds: float, today: Path | None = None) -> dict
     summary: dict[str, Any] = {
         "case": case,
         "server": "this checkout" if today is None else str(today),
+        "database": "postgresql" if postgres else "sqlite",
+        "workers": workers if today is None else 1,
         "subscribers": subscribers,
         "published_per_s": rate,
         "published": published,
@@ -181,11 +214,13 @@ async def run_case(case: str, seconds: float, today: Path | None = None) -> dict
     return summary
 
 
-async def run_benchmark(cases: list[str], seconds: float, today: Path | None) -> dict[str, object]:
+async def run_benchmark(
+    cases: list[str], seconds: float, today: Path | None, postgres: bool, workers: int
+) -> dict[str, object]:
     results = []
     for case in cases:
         for code in (None, today) if today is not None else (None,):
-            results.append(await run_case(case, seconds, code))
+            results.append(await run_case(case, seconds, code, postgres=postgres, workers=workers))
             print(json.dumps(results[-1], sort_keys=True), file=sys.stderr, flush=True)
     return {
         "benchmark": "stream_scale",
@@ -209,10 +244,16 @@ def main() -> None:
         help="also run each case against the server in this source tree, e.g. the code before "
         "this round: git archive REV | tar -x -C DIR",
     )
+    parser.add_argument("--postgres", action="store_true", help="a temporary PostgreSQL database")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="kfeed serve --workers (needs --postgres)"
+    )
     args = parser.parse_args()
     cases = ["markets", "overload", "held"] if args.case == "all" else [args.case]
     started = time.perf_counter()
-    summary = asyncio.run(run_benchmark(cases, args.seconds, args.today))
+    summary = asyncio.run(
+        run_benchmark(cases, args.seconds, args.today, args.postgres, args.workers)
+    )
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     print_summary(summary)
 
