@@ -75,6 +75,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # two thirds of 10,000 subscribers opening their streams at once (as a restart's reconnections
 # do); docs/PERFORMANCE.md.
 MAX_PENDING_CALLS = 20_000
+# How long such a call may wait (gRPC's default, 30 s, cancelled the last of 10,000 opened at
+# once on a loaded machine).
+MAX_PENDING_CALL_SECONDS = 300
 
 
 class ServerFlags(BaseModel):
@@ -220,6 +223,7 @@ class KfeedServer:
                 ("grpc.so_reuseport", 1 if config.worker else 0),
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                 ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+                ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_CALL_SECONDS),
             ],
         )
         market_servicer = MarketServicer(
