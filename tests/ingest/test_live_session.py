@@ -336,3 +336,31 @@ def test_periodic_checkpoints_come_between_instants() -> None:
     assert isinstance(checkpoint, ingest_service_pb2.OrderBookCheckpoint)
     assert checkpoint.book.exchange_time.ToDatetime(tzinfo=UTC) == at(1)
     assert checkpoint.book.yes_bids[0].size.hundredths == 1300
+
+
+def test_dropping_the_last_awaited_market_closes_the_book_gap_as_it_leaves() -> None:
+    live = session(A, B)
+    live.handle(book_frame(1, A), at(0.5))
+    live.handle(book_frame(2, B), at(0.6))
+    live.handle(delta_frame(3, A, at(1), "0.4200", "-4.00"), at(1))
+    (gap,) = gaps(live.handle(delta_frame(5, A, at(2), "0.4100", "1.00"), at(2)))
+    assert not gap.recovered
+    assert gaps(live.handle(book_frame(6, A), at(2.5))) == []  # B's book is still awaited
+    # B finalized and is dropped: its snapshot never comes, and the gap must not wait for it
+    items = live.update_markets({}, [B])
+    (recovered,) = gaps(items)
+    assert recovered.recovered
+    assert (recovered.subscription_id, recovered.expected_sequence) == (BOOK_SID, 4)
+    assert not live.awaiting_books
+    # closed once: a later book does not recover it again
+    assert gaps(live.handle(book_frame(7, A), at(3))) == []
+
+
+def test_dropping_a_market_keeps_the_book_gap_open_while_others_are_awaited() -> None:
+    live = session(A, B)
+    live.handle(book_frame(1, A), at(0.5))
+    live.handle(delta_frame(2, A, at(1), "0.4200", "-4.00"), at(1))
+    live.handle(delta_frame(4, A, at(2), "0.4100", "1.00"), at(2))
+    assert gaps(live.update_markets({}, [B])) == []  # A's book is still awaited
+    (recovered,) = gaps(live.handle(book_frame(5, A), at(2.5)))
+    assert recovered.recovered

@@ -405,11 +405,12 @@ class LiveSession:
 
     def update_markets(
         self, added: Mapping[str, types_pb2.MarketSnapshot], removed: Iterable[str]
-    ) -> list[ingest_service_pb2.OrderBookCheckpoint]:
+    ) -> list[FeedItem]:
         """Follow the ``added`` markets too (their live state starts from these REST snapshots)
         and stop following ``removed``. The subscriptions are edited in place
         (``update_subscription``), so nothing is lost to a reconnect. The LOST markers of the
-        removed markets' books, which stop being recorded."""
+        removed markets' books, which stop being recorded, and the order-book gaps closed by
+        their leaving (see :meth:`_books_recovered`)."""
         if self.tickers is None:
             return []  # subscribed to every market already
         gone = set(removed) & set(self.tickers)
@@ -419,7 +420,8 @@ class LiveSession:
         for ticker, seed in new.items():
             self.known[ticker] = seed
             self.markets.pop(ticker, None)
-        stopped = self.lost_books(sorted(gone), datetime.now(UTC))
+        now = datetime.now(UTC)
+        stopped: list[FeedItem] = [*self.lost_books(sorted(gone), now)]
         for ticker in gone:
             self.known.pop(ticker, None)
             self.markets.pop(ticker, None)
@@ -428,6 +430,9 @@ class LiveSession:
             if self.resync is not None:
                 self.resync.tickers.discard(ticker)
         self._sync_subscriptions()
+        if gone:
+            # A dropped market's snapshot never comes: its resync must not hold the gaps open.
+            stopped += self._books_recovered(now)
         return stopped
 
     def _sync_subscriptions(self) -> None:
@@ -972,6 +977,12 @@ class LiveSession:
 
     def _on_fresh_book(self, ticker: str, now: datetime) -> list[FeedItem]:
         self.awaiting_books.discard(ticker)
+        return self._books_recovered(now)
+
+    def _books_recovered(self, now: datetime) -> list[FeedItem]:
+        """The order-book gaps, recovered, once no book is awaited: every followed market's book
+        is fresh again, and a dropped market's ends at its LOST marker (docs/INGEST_RULES.md,
+        "Feed gaps")."""
         if self.awaiting_books or not self.unrecovered_books:
             return []
         logger.info("order books re-synchronised after %d gap(s)", len(self.unrecovered_books))
