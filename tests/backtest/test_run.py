@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -19,9 +20,13 @@ from kfeed_server.backtest import (
     fingerprint,
     run_backtest,
 )
+from kfeed_server.backtest.engine import DEFAULT_PROGRESS_EVERY
 from kfeed_server.backtest.fees import FeeType, MarketFees
+from kfeed_server.backtest.orders import Instruction
+from kfeed_server.backtest.strategy import MarketView, PortfolioView, StrategyRegistry
 from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
 from tests.support.backtest import quote, scripted_registry, settled
+from tests.support.user_strategies import Dawdles
 
 
 def _random_walk(count: int, seed: int) -> list[SnapshotRecord]:
@@ -135,6 +140,37 @@ def test_should_stop_cancels_promptly() -> None:
         )
     assert caught.value.snapshots_processed == 100
     assert consumed == 100
+
+
+def test_a_slow_strategy_is_cancelled_promptly() -> None:
+    """user_dawdles takes 0.5 ms a snapshot: a stop waiting for the next progress report (8,192
+    snapshots) would land ≈4 s later; the time-based check sees it within ≈0.1 s."""
+    requested_at: float | None = None
+
+    class StopsItselfWhileDawdling(Dawdles):
+        def on_snapshot(
+            self, snapshot: SnapshotRecord, market: MarketView, portfolio: PortfolioView
+        ) -> Sequence[Instruction]:
+            nonlocal requested_at
+            if snapshot.snapshot_id == 200:
+                requested_at = time.monotonic()
+            return super().on_snapshot(snapshot, market, portfolio)
+
+    registry = StrategyRegistry()
+    registry.register(StopsItselfWhileDawdling)
+    config = EngineConfig(Dawdles.name, ("A", "B", "C"))
+    with pytest.raises(BacktestCancelled) as caught:
+        run_backtest(
+            config,
+            MARKETS,
+            _random_walk(20_000, seed=3),
+            registry=registry,
+            should_stop=lambda: requested_at is not None,
+        )
+    assert requested_at is not None
+    # Generous on a loaded machine, and still far below the ≈4 s of the progress-only check.
+    assert time.monotonic() - requested_at < 1.5
+    assert 200 <= caught.value.snapshots_processed < DEFAULT_PROGRESS_EVERY
 
 
 def test_a_stop_before_the_start_reads_nothing() -> None:

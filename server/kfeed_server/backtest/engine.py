@@ -13,6 +13,7 @@ import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from time import monotonic
 
 from kfeed_server.backtest.books import (
     UNKNOWN_SIZE,
@@ -61,7 +62,13 @@ MarketEvent = SnapshotRecord | BookState | TradeRecord
 DEFAULT_MAX_EQUITY_POINTS = 10_000
 """Equity points a result keeps at most (metrics always use the full-resolution curve)."""
 DEFAULT_PROGRESS_EVERY = 8_192
-"""Snapshots between progress reports and cancellation checks."""
+"""Snapshots between progress reports (and cancellation checks, with the two below)."""
+
+STOP_CHECK_EVERY = 64
+"""Snapshots between looks at the clock: a slow strategy's stop request is also checked ..."""
+
+STOP_CHECK_SECONDS = 0.1
+"""... once this much wall time has passed since the last check, whichever comes first."""
 
 _ONE_DAY = timedelta(days=1)
 # Enum members as module constants: attribute access on an Enum class is slow in Python 3.11.
@@ -921,6 +928,9 @@ class _Run:
         next_day = _BEFORE_ALL  # forces begin_event on the first snapshot
         processed = 0
         next_report = progress_every
+        # One comparison per snapshot, as before: the clock is read every STOP_CHECK_EVERY.
+        next_check = min(STOP_CHECK_EVERY, next_report)
+        last_check = monotonic()
         positions_get = self._positions.get
         snapshot_type = SnapshotRecord
         for snapshot in events:
@@ -968,9 +978,16 @@ class _Run:
             else:
                 curve_equity[-1] = equity
             processed += 1
-            if processed >= next_report:
-                next_report += progress_every
-                self.report(processed, total, progress, should_stop)
+            if processed >= next_check:
+                if processed >= next_report:
+                    next_report += progress_every
+                    self.report(processed, total, progress, should_stop)
+                    last_check = monotonic()
+                elif should_stop is not None and monotonic() - last_check >= STOP_CHECK_SECONDS:
+                    last_check = monotonic()
+                    if should_stop():
+                        raise BacktestCancelled(processed)
+                next_check = min(processed + STOP_CHECK_EVERY, next_report)
         if self.first_time is not None:
             self.last_time = max(self.last_time or self.first_time, self.time)
         return processed
@@ -1088,8 +1105,10 @@ def run_backtest(
     ``markets`` gives each ticker's result and settlement time; ``fees`` each ticker's fee terms
     (series fee type and multiplier; absent: quadratic × 1). ``total`` (the expected snapshot
     count) only scales ``fraction_done``. ``progress`` and ``should_stop`` are called every
-    ``progress_every`` snapshots, so a cancel lands within that many; BacktestCancelled is raised
-    then. Raises ConfigError for a bad configuration and StrategyError for a malformed order.
+    ``progress_every`` snapshots; ``should_stop`` also every ``STOP_CHECK_EVERY`` snapshots once
+    ``STOP_CHECK_SECONDS`` of wall time have passed since the last check, so a cancel lands
+    promptly however slow the strategy; BacktestCancelled is raised then. Raises ConfigError for
+    a bad configuration and StrategyError for a malformed order.
 
     By default the engine fingerprints the events it replays. A caller that already hashes the
     snapshot rows as it produces them (the service hashes the encoded chunks it ships to the

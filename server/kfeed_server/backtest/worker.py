@@ -10,7 +10,8 @@ The worker reads no database. It gets two pipe ends with the job:
   worker replays.
 * ``control`` (both ways): the worker sends ``WorkerStarted`` once, then a ``Progress`` every
   ``progress_every`` snapshots; any message from the server means "stop" (checked at each
-  progress report, so a cancel lands within ``progress_every`` snapshots).
+  progress report, and every ``STOP_CHECK_EVERY`` snapshots once ``STOP_CHECK_SECONDS`` have
+  passed, so a cancel lands promptly even under a slow strategy).
 
 The result (or the exception: BacktestCancelled, StrategyError, ...) returns through the pool's
 future.
