@@ -294,6 +294,29 @@ def test_a_book_is_recorded_from_the_frame_after_it_then_change_by_change() -> N
     assert change == BookChange(A, micros(at(1)), micros(at(1)), 2, types_pb2.SIDE_YES, 4200, 600)
 
 
+def test_a_delta_of_another_shape_is_read_through_the_model_and_a_bad_one_refused() -> None:
+    """The usual shape is read directly; anything else goes through the model: a time sent as
+    a numeric string and a price with trailing zeros still give the same change, a price that
+    is not a number is refused (counted, the book asked for again), never stored."""
+    changes = []
+    for price, ts_ms in (("0.4200", None), ("0.420000", "string")):
+        live = session(A)
+        live.handle(book_frame(1, A), at(0.5))
+        delta = delta_frame(2, A, at(1), price, "-4.00")
+        if ts_ms == "string":
+            delta["msg"]["ts_ms"] = str(delta["msg"]["ts_ms"])
+        changes += [i for i in book_records(live.handle(delta, at(1))) if isinstance(i, BookChange)]
+    assert changes[0] == changes[1]
+    assert changes[0] == BookChange(
+        A, micros(at(1)), micros(at(1)), 2, types_pb2.SIDE_YES, 4200, 600
+    )
+    live = session(A)
+    live.handle(book_frame(1, A), at(0.5))
+    items = live.handle(delta_frame(2, A, at(1), "forty", "-4.00"), at(1))
+    assert not [i for i in items if isinstance(i, BookChange)]
+    assert live.stats.bad_frames == 1
+
+
 def test_a_book_gap_marks_the_book_lost_and_asks_for_it_by_market() -> None:
     live = session(A, B)
     live.handle(book_frame(1, A), at(0.5))

@@ -184,19 +184,23 @@ class _BookDelta(NamedTuple):
     ts_ms: int | None
 
 
+_BOOK_DELTA_TEXTS = ("market_ticker", "price_dollars", "delta_fp", "side")
+
+
 def _book_delta(msg: Mapping[str, Any]) -> _BookDelta:
     """An ``orderbook_delta`` msg. The usual shape (exact types) is read directly, several times
     faster than through the model (one of these per book change); any other goes through
     :class:`_BookDeltaMsg`, which coerces or refuses it."""
-    fields = (
-        msg.get("market_ticker"),
-        msg.get("price_dollars"),
-        msg.get("delta_fp"),
-        msg.get("side"),
-    )
+    ticker, price, delta, side = (msg.get(name) for name in _BOOK_DELTA_TEXTS)
     ts_ms = msg.get("ts_ms")
-    if all(type(value) is str for value in fields) and (ts_ms is None or type(ts_ms) is int):
-        return _BookDelta(*fields, ts_ms)  # type: ignore[arg-type]
+    if (
+        type(ticker) is str
+        and type(price) is str
+        and type(delta) is str
+        and type(side) is str
+        and (ts_ms is None or type(ts_ms) is int)
+    ):
+        return _BookDelta(ticker, price, delta, side, ts_ms)
     model = _BookDeltaMsg.model_validate(msg)
     return _BookDelta(
         model.market_ticker, model.price_dollars, model.delta_fp, model.side, model.ts_ms
