@@ -1,6 +1,6 @@
-"""The compiled threshold path gives exactly the event engine's result: executions, curve,
-fingerprint and every metric, over random markets with settlements, caps, slippage, position and
-cash limits, fee terms and windows."""
+"""The compiled path (threshold, favourite-hold) gives exactly the event engine's result:
+executions, curve, fingerprint and every metric, over random markets with settlements, caps,
+slippage, position and cash limits, fee terms and windows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from kfeed_server.backtest import EngineConfig, FeeRounding, Fingerprinter, run_backtest
 from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast
 from kfeed_server.backtest.fees import FeeType, MarketFees
-from kfeed_server.records import MarketResult, SnapshotRecord
+from kfeed_server.records import MarketResult, Side, SnapshotRecord
 from kfeed_server.records.backtest import FillModel
 from tests.support.backtest import at, quote, settled
 
@@ -63,19 +63,26 @@ CASES = [
 ]
 
 
+RULES = [
+    EngineConfig("threshold", TICKERS, {"buy_below": 4_600, "sell_above": 5_400, "count": 250}),
+    # Favourites at 55-90 cents: YES and NO positions, held to settlement, with forecasts.
+    EngineConfig("favourite_hold", TICKERS, {"min_price": 5_500, "max_price": 9_000, "count": 250}),
+]
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("changes", CASES)
-def test_the_compiled_path_equals_the_engine(seed: int, changes: dict[str, object]) -> None:
+@pytest.mark.parametrize("rule", RULES, ids=lambda c: c.strategy)
+def test_the_compiled_path_equals_the_engine(
+    seed: int, changes: dict[str, object], rule: EngineConfig
+) -> None:
     rows = _walk(1_500, seed)
     markets = {
         "A": settled("A", MarketResult.YES, 3_000),
         "B": settled("B", MarketResult.NO, 20_000),  # after the data: settles in finish()
     }
     fees = {"A": MarketFees(FeeType.QUADRATIC, 5_000), "C": MarketFees(FeeType.FLAT, 10_000)}
-    config = replace(
-        EngineConfig("threshold", TICKERS, {"buy_below": 4_600, "sell_above": 5_400, "count": 250}),
-        **changes,  # type: ignore[arg-type]
-    )
+    config = replace(rule, **changes)  # type: ignore[arg-type]
     start, end = config.start_time, config.end_time
     window = [r for r in rows if (start is None or r.exchange_time >= start)
               and (end is None or r.exchange_time < end)]  # fmt: skip
@@ -85,6 +92,11 @@ def test_the_compiled_path_equals_the_engine(seed: int, changes: dict[str, objec
     )
     assert result is not None
     assert expected.metrics.trade_count > 0
+    if rule.strategy == "favourite_hold" and not changes:
+        # Both sides held, and forecasts graded: the NO path and the Brier score are compared
+        # (small cash or a short window may hold one side only).
+        assert {e.side for e in expected.executions} == {Side.YES, Side.NO}
+        assert expected.metrics.brier_score is not None
     assert result.executions == expected.executions
     assert result.equity_curve == expected.equity_curve
     assert result.metrics == expected.metrics

@@ -25,13 +25,13 @@ from kfeed_server.records.backtest import (
 MAX_LATENCY = timedelta(hours=1)
 """The longest decision-to-arrival delay accepted."""
 
-FAST_STRATEGIES = frozenset({"threshold"})
+FAST_STRATEGIES = frozenset({"threshold", "favourite_hold"})
 """Strategies the compiled path (``backtest.fast``) runs."""
 _NO_BOUND = 2**62
 
 
 def fast_path_applies(config: EngineConfig, fees: Mapping[str, MarketFees] | None = None) -> bool:
-    """Whether the compiled path (``backtest.fast``) runs ``config``: the threshold strategy, the
+    """Whether the compiled path (``backtest.fast``) runs ``config``: a FAST_STRATEGIES rule, the
     TOUCH fill model, no latency, and a fee numerator (rate × multiplier × count × P(1 − P))
     within int64."""
     if not (

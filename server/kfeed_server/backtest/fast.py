@@ -1,4 +1,5 @@
-"""The compiled path: the threshold rule over snapshot columns, in a numba kernel.
+"""The compiled path: the threshold and favourite-hold rules over snapshot columns, in one numba
+kernel.
 
 It gives exactly what ``run_backtest`` gives for the same configuration and snapshots (the tests
 compare both on random data, fills, fees, settlements, marks, curve and metrics), at column speed:
@@ -6,7 +7,8 @@ the rows become numpy columns once (``SnapshotColumns``), the kernel replays the
 code, and only the executions and at most ``max_equity_points`` curve points become Python
 objects. A sweep reads the columns once and runs the kernel per grid point.
 
-Eligible runs (``fast_path_applies``): the ``threshold`` strategy, the TOUCH fill model, no
+Eligible runs (``fast_path_applies``): the ``threshold`` or ``favourite_hold`` strategy, the
+TOUCH fill model, no
 latency, snapshots only (no books or trades). Everything else goes through the event engine.
 The kernel is compiled on first use and cached on disk (numba ``cache=True``), so a worker pays
 the compile cost once, not per run.
@@ -18,7 +20,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -34,6 +36,7 @@ from kfeed_server.backtest.fees import DEFAULT_MARKET_FEES, FeeType, MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.metrics import (
     Drawdown,
+    brier_score,
     daily_returns,
     round_trip_stats,
     sharpe_ratio,
@@ -45,6 +48,7 @@ from kfeed_server.records import (
     EquityPointRecord,
     ExecutionRecord,
     MarketRecord,
+    MarketResult,
     MarketStatus,
     OrderAction,
     Side,
@@ -168,6 +172,12 @@ def concatenate(parts: Sequence[SnapshotColumns]) -> SnapshotColumns:
 
 # --- the kernel ----------------------------------------------------------------------------------
 
+# The rules the kernel runs (``strategy``), by strategy name.
+_THRESHOLD = 0
+_FAVOURITE = 1
+_RULES = {"threshold": _THRESHOLD, "favourite_hold": _FAVOURITE}
+_BOUNDS = {"threshold": ("buy_below", "sell_above"), "favourite_hold": ("min_price", "max_price")}
+
 
 @njit(cache=True)
 def _fee(count: int, price: int, rate: int, multiplier: int, flat: bool, unit: int) -> int:
@@ -180,16 +190,19 @@ def _fee(count: int, price: int, rate: int, multiplier: int, flat: bool, unit: i
 # Bounds-checked: an index error raises instead of corrupting memory (and with unchecked indexing
 # LLVM's optimiser has produced a crashing build of this loop here).
 @njit(cache=True, boundscheck=True)
-def _threshold_kernel(
+def _taker_kernel(
     code: np.ndarray,
     time_us: np.ndarray,
     sid: np.ndarray,
     yes_bid: np.ndarray,
     yes_ask: np.ndarray,
+    no_bid: np.ndarray,
+    no_ask: np.ndarray,
     yes_bid_size: np.ndarray,
     yes_ask_size: np.ndarray,
-    buy_below: int,
-    sell_above: int,
+    strategy: int,
+    lower: int,
+    upper: int,
     order_count: int,
     initial_cash: int,
     rate: int,
@@ -213,10 +226,20 @@ def _threshold_kernel(
     cost: np.ndarray,
     mark: np.ndarray,
     latest_bid: np.ndarray,
+    latest_no_bid: np.ndarray,
     latest_sid: np.ndarray,
+    yes_side: np.ndarray,
+    forecast_p: np.ndarray,
+    forecast_code: np.ndarray,
     scalars: np.ndarray,
 ) -> None:
-    """Replays the rows; fills the output arrays and ``scalars`` (see ``_run_kernel``)."""
+    """Replays the rows; fills the output arrays and ``scalars`` (see ``_run_kernel``).
+
+    ``strategy`` picks the rule: _THRESHOLD (buy YES at an ask <= ``lower``, sell at a bid >=
+    ``upper``) or _FAVOURITE (flat: buy YES at an ask in [``lower``, ``upper``], else NO at a NO ask
+    in it, stating the price as the forecast; hold to settlement). ``yes_side`` is each
+    position's side (1 YES, 0 NO): a NO position is marked at the NO bid and settles at
+    $1 − the YES payout."""
     cash = initial_cash
     marked = 0
     n_ex = 0
@@ -236,6 +259,7 @@ def _threshold_kernel(
     now = -1
     next_due = 0
     n_due = due_time.size
+    n_forecasts = 0
     trip_pnl = np.zeros(held.size, dtype=np.int64)
     for i in range(code.size):
         c = code[i]
@@ -250,6 +274,8 @@ def _threshold_kernel(
             next_due += 1
             latest_sid[dc] = -2  # settled: no more orders
             if held[dc] > 0:
+                if yes_side[dc] == 0:
+                    payout = 10_000 - payout
                 # begin_event(when)
                 if day_end < 0:
                     first_time = when
@@ -275,6 +301,7 @@ def _threshold_kernel(
                 ex[n_ex, 7] = cash
                 ex[n_ex, 8] = 0
                 ex[n_ex, 9] = realized
+                ex[n_ex, 10] = yes_side[dc]
                 n_ex += 1
                 trips[n_trips] = trip_pnl[dc]
                 n_trips += 1
@@ -311,13 +338,17 @@ def _threshold_kernel(
         if latest_sid[c] != -2:
             latest_sid[c] = sid[i]
         latest_bid[c] = bid
+        latest_no_bid[c] = no_bid[i]
         if held[c] > 0:
-            m = held[c] * bid // 100 if bid >= 0 else 0
+            held_bid = bid if yes_side[c] else no_bid[i]
+            m = held[c] * held_bid // 100 if held_bid >= 0 else 0
             marked += m - mark[c]
             mark[c] = m
         settled = latest_sid[c] == -2
+        # The buy a flat market gets: its side (1 YES, 0 NO, -1 none).
+        buy_yes = -1
         if held[c] > 0:
-            if bid >= 0 and bid >= sell_above:
+            if strategy == _THRESHOLD and bid >= 0 and bid >= upper:
                 # SELL the whole position at the bid.
                 n = held[c]
                 if capped and yes_bid_size[i] >= 0:
@@ -352,6 +383,7 @@ def _threshold_kernel(
                         ex[n_ex, 7] = cash
                         ex[n_ex, 8] = held[c]
                         ex[n_ex, 9] = realized
+                        ex[n_ex, 10] = 1
                         n_ex += 1
                         if held[c] == 0:
                             trips[n_trips] = trip_pnl[c]
@@ -364,25 +396,41 @@ def _threshold_kernel(
                             if open_positions == 0:
                                 exposed += t - open_since
                                 open_since = -1
-        elif ask >= 0 and ask <= buy_below:
-            # BUY order_count at the ask.
+        elif strategy == _THRESHOLD:
+            if ask >= 0 and ask <= lower:
+                buy_yes = 1
+        elif ask >= 0 and lower <= ask <= upper:
+            buy_yes = 1
+            # Forecasts count whether or not the order fills (as the engine's do).
+            forecast_p[n_forecasts] = ask / 10_000
+            forecast_code[n_forecasts] = c
+            n_forecasts += 1
+        elif no_ask[i] >= 0 and lower <= no_ask[i] <= upper:
+            buy_yes = 0
+            forecast_p[n_forecasts] = 1.0 - no_ask[i] / 10_000
+            forecast_code[n_forecasts] = c
+            n_forecasts += 1
+        if buy_yes >= 0:
+            # BUY order_count at the side's ask (a NO buy takes the YES bids' size).
+            take = ask if buy_yes else no_ask[i]
+            size = yes_ask_size[i] if buy_yes else yes_bid_size[i]
             n = order_count
             if settled:
                 n = 0
-            if capped and yes_ask_size[i] >= 0:
-                n = min(n, yes_ask_size[i])
+            if capped and size >= 0:
+                n = min(n, size)
             if max_position > 0:
                 n = min(n, max_position)
-            price = min(ask + slippage, 10_000)
+            price = min(take + slippage, 10_000)
             if n > 0:
-                total = -(-n * price // 100) + _fee(n, ask, rate, multipliers[c], flats[c], unit)
+                total = -(-n * price // 100) + _fee(n, take, rate, multipliers[c], flats[c], unit)
                 if total > cash:
                     low = 0
                     high = n
                     while high - low > 1:
                         middle = (low + high) // 2
                         need = -(-middle * price // 100) + _fee(
-                            middle, ask, rate, multipliers[c], flats[c], unit
+                            middle, take, rate, multipliers[c], flats[c], unit
                         )
                         if need <= cash:
                             low = middle
@@ -392,7 +440,7 @@ def _threshold_kernel(
             if n <= 0:
                 rejected += 1
             else:
-                fee = _fee(n, ask, rate, multipliers[c], flats[c], unit)
+                fee = _fee(n, take, rate, multipliers[c], flats[c], unit)
                 total = -(-n * price // 100) + fee
                 cash -= total
                 if open_positions == 0 and open_since < 0:
@@ -400,7 +448,9 @@ def _threshold_kernel(
                 open_positions += 1
                 held[c] = n
                 cost[c] = total
-                m = n * bid // 100 if bid >= 0 else 0
+                yes_side[c] = buy_yes
+                held_bid = bid if buy_yes else no_bid[i]
+                m = n * held_bid // 100 if held_bid >= 0 else 0
                 marked += m - mark[c]
                 mark[c] = m
                 fees_paid += fee
@@ -413,8 +463,9 @@ def _threshold_kernel(
                 ex[n_ex, 5] = price
                 ex[n_ex, 6] = fee
                 ex[n_ex, 7] = cash
-                ex[n_ex, 8] = n
+                ex[n_ex, 8] = n if buy_yes else -n
                 ex[n_ex, 9] = 0
+                ex[n_ex, 10] = buy_yes
                 n_ex += 1
         equity = cash + marked
         if n_curve > 0 and curve[n_curve - 1, 0] == t:
@@ -433,6 +484,8 @@ def _threshold_kernel(
         payout = due_payout[next_due]
         next_due += 1
         if held[dc] > 0:
+            if yes_side[dc] == 0:
+                payout = 10_000 - payout
             if day_end < 0:
                 first_time = when
                 day_end = first_day_us + ((when - first_day_us) // 86_400_000_000 + 1) * (
@@ -457,6 +510,7 @@ def _threshold_kernel(
             ex[n_ex, 7] = cash
             ex[n_ex, 8] = 0
             ex[n_ex, 9] = realized
+            ex[n_ex, 10] = yes_side[dc]
             n_ex += 1
             trips[n_trips] = trip_pnl[dc]
             n_trips += 1
@@ -493,6 +547,7 @@ def _threshold_kernel(
     scalars[10] = exposed
     scalars[11] = first_time
     scalars[12] = last_time
+    scalars[13] = n_forecasts
 
 
 @njit(cache=True, boundscheck=True)
@@ -586,7 +641,26 @@ def _prepare(
     )
 
 
-def _run_kernel(config: EngineConfig, prepared: _Prepared) -> tuple[np.ndarray, ...]:
+class _KernelOutput(NamedTuple):
+    """The kernel's output arrays (``_taker_kernel``'s arguments of the same names)."""
+
+    ex: np.ndarray
+    curve: np.ndarray
+    closes: np.ndarray
+    trips: np.ndarray
+    held: np.ndarray
+    cost: np.ndarray
+    mark: np.ndarray
+    latest_bid: np.ndarray
+    latest_no_bid: np.ndarray
+    latest_sid: np.ndarray
+    yes_side: np.ndarray
+    forecast_p: np.ndarray
+    forecast_code: np.ndarray
+    scalars: np.ndarray
+
+
+def _run_kernel(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
     columns = prepared.columns
     n = len(columns)
     markets = len(columns.tickers)
@@ -597,7 +671,7 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> tuple[np.ndarray, 
     last = int(columns.time_us.max()) if n else 0
     due_last = int(prepared.due_time.max()) if prepared.due_time.size else last
     days = (max(last, due_last) - min(first, last)) // _DAY_US + 3
-    ex = np.zeros((n + markets + 1, 10), dtype=np.int64)
+    ex = np.zeros((n + markets + 1, 11), dtype=np.int64)
     curve = np.zeros((n + markets + 1, 2), dtype=np.int64)
     closes = np.zeros(days + markets + 1, dtype=np.int64)
     trips = np.zeros(n + markets + 1, dtype=np.int64)
@@ -605,18 +679,26 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> tuple[np.ndarray, 
     cost = np.zeros(markets, dtype=np.int64)
     mark = np.zeros(markets, dtype=np.int64)
     latest_bid = np.full(markets, _NONE, dtype=np.int64)
+    latest_no_bid = np.full(markets, _NONE, dtype=np.int64)
     latest_sid = np.full(markets, _NONE, dtype=np.int64)
+    yes_side = np.ones(markets, dtype=np.int64)
+    forecast_p = np.zeros(n, dtype=np.float64)
+    forecast_code = np.zeros(n, dtype=np.int64)
     scalars = np.zeros(16, dtype=np.int64)
-    _threshold_kernel(
+    low, high = _BOUNDS[config.strategy]
+    _taker_kernel(
         columns.code,
         columns.time_us,
         columns.snapshot_id,
         columns.yes_bid,
         columns.yes_ask,
+        columns.no_bid,
+        columns.no_ask,
         columns.yes_bid_size,
         columns.yes_ask_size,
-        int(parameters["buy_below"]),
-        int(parameters["sell_above"]),
+        _RULES[config.strategy],
+        int(parameters[low]),
+        int(parameters[high]),
         int(parameters["count"]),
         config.initial_cash,
         config.taker_fee_rate_ten_thousandths,
@@ -640,10 +722,17 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> tuple[np.ndarray, 
         cost,
         mark,
         latest_bid,
+        latest_no_bid,
         latest_sid,
+        yes_side,
+        forecast_p,
+        forecast_code,
         scalars,
     )
-    return ex, curve, closes, trips, held, cost, mark, latest_bid, latest_sid, scalars
+    return _KernelOutput(
+        ex, curve, closes, trips, held, cost, mark, latest_bid, latest_no_bid, latest_sid,
+        yes_side, forecast_p, forecast_code, scalars,
+    )  # fmt: skip
 
 
 _ACTIONS = {1: OrderAction.BUY, 2: OrderAction.SELL, 3: OrderAction.SETTLE}
@@ -657,10 +746,9 @@ def _result(
     fingerprinter: Fingerprinter,
     max_points: int,
 ) -> BacktestResult:
-    ex, curve, closes, trips, held, cost, mark, latest_bid, latest_sid, scalars = _run_kernel(
-        config, prepared
-    )
-    values = [int(v) for v in scalars.tolist()]
+    out = _run_kernel(config, prepared)
+    ex, curve, closes, trips = out.ex, out.curve, out.closes, out.trips
+    values = [int(v) for v in out.scalars.tolist()]
     cash, marked, n_ex, n_curve, n_closes, n_trips, fees_paid, trades = values[:8]
     rejected, processed, exposed_us, first_us, last_us = values[8:13]
     tickers = prepared.columns.tickers
@@ -670,7 +758,7 @@ def _result(
             tickers[row[1]],
             _from_us(row[0]),
             row[2],
-            Side.YES,
+            Side.YES if row[10] else Side.NO,
             _ACTIONS[row[3]],
             row[4],
             row[5],
@@ -686,23 +774,25 @@ def _result(
     if last_time is not None:
         mark_time = config.end_time or last_time
         for code in sorted(range(len(tickers)), key=tickers.__getitem__):
-            count = int(held[code])
+            count = int(out.held[code])
             if count <= 0:
                 continue
+            yes = bool(out.yes_side[code])
+            bid = out.latest_bid[code] if yes else out.latest_no_bid[code]
             executions.append(
                 ExecutionRecord(
                     len(executions) + 1,
                     tickers[code],
                     mark_time,
-                    max(int(latest_sid[code]), 0),
-                    Side.YES,
+                    max(int(out.latest_sid[code]), 0),
+                    Side.YES if yes else Side.NO,
                     OrderAction.MARK,
                     count,
-                    max(int(latest_bid[code]), 0),
+                    max(int(bid), 0),
                     0,
                     cash,
-                    count,
-                    int(mark[code]) - int(cost[code]),
+                    count if yes else -count,
+                    int(out.mark[code]) - int(out.cost[code]),
                 )
             )
     times = curve[:n_curve, 0]
@@ -718,6 +808,7 @@ def _result(
         exposure=exposed_us / span if span > 0 else 0.0,
         fees_paid=fees_paid,
         trade_count=trades,
+        brier=_brier(markets, tickers, out.forecast_p[: values[13]], out.forecast_code),
     )
     picks = _picks(n_curve, max_points)
     kept_times = _datetimes(times[picks])
@@ -753,6 +844,7 @@ def _metrics(
     exposure: float,
     fees_paid: int,
     trade_count: int,
+    brier: float | None,
 ) -> BacktestMetrics:
     """The engine's metrics (``engine._metrics``) from the kernel's arrays."""
     initial = config.initial_cash
@@ -779,8 +871,24 @@ def _metrics(
         trade_count=trade_count,
         fees_paid=fees_paid,
         exposure=exposure,
-        brier_score=None,
+        brier_score=brier,
     )
+
+
+def _brier(
+    markets: Mapping[str, MarketRecord],
+    tickers: Sequence[str],
+    probabilities: np.ndarray,
+    codes: np.ndarray,
+) -> float | None:
+    """The engine's Brier score of the kernel's forecasts: those of markets settled YES or NO."""
+    outcomes = {MarketResult.YES: 1, MarketResult.NO: 0}
+    graded = []
+    for probability, code in zip(probabilities.tolist(), codes.tolist(), strict=False):
+        market = markets.get(tickers[code])
+        if market is not None and market.result in outcomes:
+            graded.append((probability, outcomes[market.result]))
+    return brier_score(graded)
 
 
 def run_fast(
