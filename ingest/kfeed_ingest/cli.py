@@ -135,6 +135,11 @@ class IngestCommand(CommandSettings):
     book_checkpoint_seconds: float = Field(
         default=60.0, gt=0, description="... or every T seconds of its changes, if sooner"
     )
+    repair_grace: float = Field(
+        default=2.0,
+        ge=0,
+        description="ws mode, on stopping: seconds pending gap-repair reads may still take",
+    )
     window: int = Field(default=16, ge=1, description="batches in flight before waiting for acks")
     flush_timeout: float = Field(
         default=60.0, gt=0, description="--once: seconds to wait for the last acks"
@@ -240,6 +245,7 @@ class IngestCommand(CommandSettings):
                     candle_period_minutes=self.candle_period,
                     flush_timeout=self.flush_timeout,
                     poll_books=self.poll_books,
+                    repair_grace=self.repair_grace,
                     book_checkpoints=CheckpointPolicy(
                         self.book_checkpoint_changes, self.book_checkpoint_seconds
                     ),

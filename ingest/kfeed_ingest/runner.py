@@ -104,6 +104,8 @@ class RunOptions:
     candle_period_minutes: int = 60
     book_checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     poll_books: bool = True
+    # ws mode, on a graceful stop: seconds the pending gap-repair reads may take.
+    repair_grace: float = 2.0
 
 
 @dataclass(slots=True)
@@ -650,9 +652,7 @@ class Ingestor:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
-            for marker in client.lost_books():  # the books stop being recorded here
-                await self._route(marker)
-            await self.sink.flush()
+            await self._leave(client)
 
     async def _follow(self, client: KalshiWebSocketClient) -> None:
         """Discovery passes every ``discovery_interval``, each telling the socket which markets
@@ -729,12 +729,19 @@ class Ingestor:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.once_ws_timeout):
                 await self._consume(client, waiting)
-        for marker in client.lost_books():
-            await self._route(marker)
-        await self.sink.flush()
+        await self._leave(client)
         if waiting:
             logger.warning("no live data within the time limit for %s", sorted(waiting))
             self.report.read_errors += 1
+
+    async def _leave(self, client: KalshiWebSocketClient) -> None:
+        """After the stream: the pending gap repairs (``repair_grace``), the LOST markers of the
+        books, which stop being recorded here, all spooled."""
+        for item in await client.finish_repairs(self.options.repair_grace):
+            await self._route(item)
+        for marker in client.lost_books():
+            await self._route(marker)
+        await self.sink.flush()
 
     async def _consume(self, client: KalshiWebSocketClient, waiting: set[str] | None) -> None:
         """Route live items into batches; with ``waiting``, stop once each market has spoken."""

@@ -80,8 +80,8 @@ async def test_ws_feed_with_sequence_gaps_recovers_and_matches_truth(
         # Books and quotes right again do not mean every repair is done: a trade or ticker gap
         # is marked recovered by a REST read the ingest makes a moment later (0.25 s after the
         # gap, then the read). Once caught up, every gap is stored (the gaps went out before the
-        # last step's snapshots); stopping the ingest before their reads would leave them
-        # unrecovered, so wait for that instead.
+        # last step's snapshots). A stop would still make those reads (--repair-grace; the test
+        # below), but this one checks that the running ingest makes them.
         await eventually(
             lambda: _every_gap_recovered(server), within=30, what="every gap recovered"
         )
@@ -93,3 +93,38 @@ async def test_ws_feed_with_sequence_gaps_recovers_and_matches_truth(
     gaps = await _stored_gaps(server)
     assert gaps, "the sim skipped sequence numbers but no gap was recorded"
     assert [gap for gap in gaps if not gap.recovered] == []
+
+
+_REST_LATENCY_MS = 3_000  # every REST read: the repair of a gap is still in flight at SIGTERM
+
+
+async def _repairable_gaps(server: Server) -> list[FeedGapRecord]:
+    """The stored gaps a REST read repairs (an order-book gap waits for a socket snapshot)."""
+    return [gap for gap in await _stored_gaps(server) if gap.channel != "orderbook_delta"]
+
+
+async def test_a_gap_detected_just_before_sigterm_is_repaired_before_the_ingest_exits(
+    simulator: Simulator, server: Server, tmp_path: Path, log_dir: Path
+) -> None:
+    args = ingest_args(simulator, server, tmp_path / "spool", "--mode", "ws")
+    ingest = await start_kfeed("ingest", [*args, "--repair-grace", "20"], log_dir)
+    try:
+        assert await _caught_up(simulator, server) == []
+        await simulator.set_faults(latency_ms=_REST_LATENCY_MS, sequence_gap_rate=0.3)
+
+        async def an_unrecovered_gap_is_stored() -> bool:
+            if any(not gap.recovered for gap in await _repairable_gaps(server)):
+                return True
+            await simulator.step()
+            return False
+
+        await eventually(an_unrecovered_gap_is_stored, within=30, what="an unrecovered gap")
+        await simulator.set_faults(sequence_gap_rate=0.0)
+        # Its repair read waits out the REST latency: SIGTERM comes first.
+        assert any(not gap.recovered for gap in await _repairable_gaps(server))
+    finally:
+        assert await ingest.stop(within=40) == 0, ingest.log()
+
+    gaps = await _repairable_gaps(server)
+    assert gaps
+    assert [gap for gap in gaps if not gap.recovered] == [], ingest.log()[-3000:]

@@ -157,11 +157,14 @@ class KalshiWebSocketClient:
                     previous = self._session = session
                     session.subscribe_all()
                     self._socket, self._session = socket, session
-                    async for item in self._serve(socket, session):
-                        received += 1
-                        if isinstance(item, types_pb2.MarketSnapshot):
-                            self._remember(item)
-                        yield item
+                    # Closed before the socket: an unfinished REST repair goes back to the
+                    # session (finish_repairs or the next connection makes it).
+                    async with contextlib.aclosing(self._serve(socket, session)) as serving:
+                        async for item in serving:
+                            received += 1
+                            if isinstance(item, types_pb2.MarketSnapshot):
+                                self._remember(item)
+                            yield item
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 hint = _REFUSED_HINTS.get(status, "")
@@ -215,6 +218,31 @@ class KalshiWebSocketClient:
             return []
         self.clock = session.clock
         return [*session.lost_books(None, datetime.now(UTC))]
+
+    async def finish_repairs(self, grace: float) -> list[FeedItem]:
+        """On a graceful stop, once :meth:`stream` is closed: the REST repairs the connection
+        still wanted (in flight or being collected), read and applied now, for at most
+        ``grace`` seconds in all. Their gaps come out recovered; what is unread by then stays
+        unrecovered, the honest state (order-book gaps always do: their repair is a snapshot
+        on the socket)."""
+        session = self._session
+        if session is None:
+            return []
+        items: list[FeedItem] = []
+        resync = session.take_resync()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while resync is not None:
+                    result = await self._read_rest(resync)
+                    if result is None:
+                        break
+                    items += session.apply_resync(
+                        resync, result.markets, result.trades, datetime.now(UTC)
+                    )
+                    resync = session.take_resync()  # markets the socket had moved past
+        if resync is not None or session.unrecovered_books:
+            logger.warning("stopping with gap repairs unfinished: those gaps stay unrecovered")
+        return items
 
     def _remember(self, snapshot: types_pb2.MarketSnapshot) -> None:
         # A copy: the session updates its seeds' status, and the handed-out message is not ours.
@@ -307,6 +335,8 @@ class KalshiWebSocketClient:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                         await task
+            if reading is not None and in_flight is not None:
+                session.retry_resync(in_flight)  # not applied: still to be made
 
     async def _read_rest(self, resync: RestResync) -> _RestRead | None:
         """One REST pass for ``resync``: the markets, then the trades since the gap (None when
