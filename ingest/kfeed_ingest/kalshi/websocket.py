@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -250,7 +250,7 @@ class KalshiWebSocketClient:
 
     async def _serve(
         self, socket: ClientConnection, session: LiveSession
-    ) -> AsyncIterator[FeedItem]:
+    ) -> AsyncGenerator[FeedItem, None]:
         """Frames in, items out; REST passes run beside the socket, one at a time."""
         loop = asyncio.get_running_loop()
         receiving: asyncio.Task[str | bytes] | None = None
