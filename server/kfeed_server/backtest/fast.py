@@ -1,5 +1,5 @@
-"""The compiled path: the threshold and favourite-hold rules over snapshot columns, in one numba
-kernel.
+"""The compiled path: the threshold, mean-reversion and favourite-hold rules over snapshot
+columns, in one numba kernel.
 
 It gives exactly what ``run_backtest`` gives for the same configuration and snapshots (the tests
 compare both on random data, fills, fees, settlements, marks, curve and metrics), at column speed:
@@ -7,8 +7,7 @@ the rows become numpy columns once (``SnapshotColumns``), the kernel replays the
 code, and only the executions and at most ``max_equity_points`` curve points become Python
 objects. A sweep reads the columns once and runs the kernel per grid point.
 
-Eligible runs (``fast_path_applies``): the ``threshold`` or ``favourite_hold`` strategy, the
-TOUCH fill model, no
+Eligible runs (``fast_path_applies``): a ``FAST_STRATEGIES`` strategy, the TOUCH fill model, no
 latency, snapshots only (no books or trades). Everything else goes through the event engine.
 The kernel is compiled on first use and cached on disk (numba ``cache=True``), so a worker pays
 the compile cost once, not per run.
@@ -16,6 +15,7 @@ the compile cost once, not per run.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -175,7 +175,8 @@ def concatenate(parts: Sequence[SnapshotColumns]) -> SnapshotColumns:
 # The rules the kernel runs (``strategy``), by strategy name.
 _THRESHOLD = 0
 _FAVOURITE = 1
-_RULES = {"threshold": _THRESHOLD, "favourite_hold": _FAVOURITE}
+_MEAN_REVERSION = 2
+_RULES = {"threshold": _THRESHOLD, "favourite_hold": _FAVOURITE, "mean_reversion": _MEAN_REVERSION}
 _BOUNDS = {"threshold": ("buy_below", "sell_above"), "favourite_hold": ("min_price", "max_price")}
 
 
@@ -185,6 +186,30 @@ def _fee(count: int, price: int, rate: int, multiplier: int, flat: bool, unit: i
     total = rate * multiplier * count * spread
     denominator = 10_000 * 100 * 10_000 * 10_000 * unit
     return -(-total // denominator) * unit
+
+
+@njit(cache=True, boundscheck=True)
+def _write_execution(
+    ex: np.ndarray,
+    row: int,
+    time: int,
+    market: int,
+    snapshot_id: int,
+    action: int,
+    count: int,
+    price: int,
+    fee: int,
+    cash: int,
+    position_after: int,
+    realized: int,
+    yes: int,
+) -> int:
+    """Writes one execution (the columns ``_result`` reads) at ``row``; returns the next row."""
+    for column, value in enumerate(
+        (time, market, snapshot_id, action, count, price, fee, cash, position_after, realized, yes)
+    ):
+        ex[row, column] = value
+    return row + 1
 
 
 # Bounds-checked: an index error raises instead of corrupting memory (and with unchecked indexing
@@ -203,6 +228,9 @@ def _taker_kernel(
     strategy: int,
     lower: int,
     upper: int,
+    window: int,
+    entry_z: float,
+    exit_z: float,
     order_count: int,
     initial_cash: int,
     rate: int,
@@ -236,10 +264,11 @@ def _taker_kernel(
     """Replays the rows; fills the output arrays and ``scalars`` (see ``_run_kernel``).
 
     ``strategy`` picks the rule: _THRESHOLD (buy YES at an ask <= ``lower``, sell at a bid >=
-    ``upper``) or _FAVOURITE (flat: buy YES at an ask in [``lower``, ``upper``], else NO at a NO ask
-    in it, stating the price as the forecast; hold to settlement). ``yes_side`` is each
-    position's side (1 YES, 0 NO): a NO position is marked at the NO bid and settles at
-    $1 − the YES payout."""
+    ``upper``), _FAVOURITE (flat: buy YES at an ask in [``lower``, ``upper``], else NO at a NO
+    ask in it, stating the price as the forecast; hold to settlement) or _MEAN_REVERSION (the
+    rolling z-score of the YES mid over ``window`` mids: enter at ``entry_z``, exit at
+    ``exit_z``). ``yes_side`` is each position's side (1 YES, 0 NO): a NO position is bought at
+    the NO ask, marked and sold at the NO bid, and settles at $1 − the YES payout."""
     cash = initial_cash
     marked = 0
     n_ex = 0
@@ -260,6 +289,12 @@ def _taker_kernel(
     next_due = 0
     n_due = due_time.size
     n_forecasts = 0
+    link = np.zeros(code.size, dtype=np.int64)
+    window_tail = np.zeros(held.size, dtype=np.int64)
+    window_head = np.zeros(held.size, dtype=np.int64)
+    window_count = np.zeros(held.size, dtype=np.int64)
+    mid_sum = np.zeros(held.size, dtype=np.int64)
+    mid_squares = np.zeros(held.size, dtype=np.int64)
     trip_pnl = np.zeros(held.size, dtype=np.int64)
     for i in range(code.size):
         c = code[i]
@@ -291,18 +326,9 @@ def _taker_kernel(
                 cash += amount
                 realized = amount - cost[dc]
                 trip_pnl[dc] += realized
-                ex[n_ex, 0] = when
-                ex[n_ex, 1] = dc
-                ex[n_ex, 2] = 0
-                ex[n_ex, 3] = 3
-                ex[n_ex, 4] = held[dc]
-                ex[n_ex, 5] = payout
-                ex[n_ex, 6] = 0
-                ex[n_ex, 7] = cash
-                ex[n_ex, 8] = 0
-                ex[n_ex, 9] = realized
-                ex[n_ex, 10] = yes_side[dc]
-                n_ex += 1
+                n_ex = _write_execution(
+                    ex, n_ex, when, dc, 0, 3, held[dc], payout, 0, cash, 0, realized, yes_side[dc]
+                )
                 trips[n_trips] = trip_pnl[dc]
                 n_trips += 1
                 trip_pnl[dc] = 0
@@ -347,55 +373,38 @@ def _taker_kernel(
         settled = latest_sid[c] == -2
         # The buy a flat market gets: its side (1 YES, 0 NO, -1 none).
         buy_yes = -1
-        if held[c] > 0:
-            if strategy == _THRESHOLD and bid >= 0 and bid >= upper:
-                # SELL the whole position at the bid.
-                n = held[c]
-                if capped and yes_bid_size[i] >= 0:
-                    n = min(n, yes_bid_size[i])
-                if settled or n <= 0:
-                    rejected += 1
+        sell = False
+        if strategy == _MEAN_REVERSION:
+            if bid >= 0 and ask >= 0:
+                # The market's window of doubled mids: rows chained by ``link``, oldest first.
+                mid = bid + ask
+                if window_count[c] == 0:
+                    window_tail[c] = i
                 else:
-                    price = max(bid - slippage, 0)
-                    fee = _fee(n, bid, rate, multipliers[c], flats[c], unit)
-                    gross = n * price // 100
-                    if cash + gross - fee < 0:
-                        rejected += 1
-                    else:
-                        cash += gross - fee
-                        released = cost[c] * n // held[c]
-                        realized = gross - fee - released
-                        cost[c] -= released
-                        held[c] -= n
-                        trip_pnl[c] += realized
-                        m = held[c] * bid // 100
-                        marked += m - mark[c]
-                        mark[c] = m
-                        fees_paid += fee
-                        trades += 1
-                        ex[n_ex, 0] = t
-                        ex[n_ex, 1] = c
-                        ex[n_ex, 2] = sid[i]
-                        ex[n_ex, 3] = 2
-                        ex[n_ex, 4] = n
-                        ex[n_ex, 5] = price
-                        ex[n_ex, 6] = fee
-                        ex[n_ex, 7] = cash
-                        ex[n_ex, 8] = held[c]
-                        ex[n_ex, 9] = realized
-                        ex[n_ex, 10] = 1
-                        n_ex += 1
-                        if held[c] == 0:
-                            trips[n_trips] = trip_pnl[c]
-                            n_trips += 1
-                            trip_pnl[c] = 0
-                            marked -= mark[c]
-                            mark[c] = 0
-                            cost[c] = 0
-                            open_positions -= 1
-                            if open_positions == 0:
-                                exposed += t - open_since
-                                open_since = -1
+                    link[window_head[c]] = i
+                window_head[c] = i
+                window_count[c] += 1
+                mid_sum[c] += mid
+                mid_squares[c] += mid * mid
+                if window_count[c] > window:
+                    gone = yes_bid[window_tail[c]] + yes_ask[window_tail[c]]
+                    mid_sum[c] -= gone
+                    mid_squares[c] -= gone * gone
+                    window_tail[c] = link[window_tail[c]]
+                    window_count[c] -= 1
+                k = window_count[c]
+                # The strategy's z_score: n² × variance = n × Σx² − (Σx)², exact in integers.
+                scaled_variance = k * mid_squares[c] - mid_sum[c] * mid_sum[c]
+                if k >= window and scaled_variance > 0:
+                    z = (k * mid - mid_sum[c]) / math.sqrt(scaled_variance)
+                    if held[c] > 0:
+                        sell = z >= -exit_z if yes_side[c] else z <= exit_z
+                    elif z <= -entry_z:
+                        buy_yes = 1
+                    elif z >= entry_z:
+                        buy_yes = 0
+        elif held[c] > 0:
+            sell = strategy == _THRESHOLD and bid >= 0 and bid >= upper
         elif strategy == _THRESHOLD:
             if ask >= 0 and ask <= lower:
                 buy_yes = 1
@@ -410,12 +419,66 @@ def _taker_kernel(
             forecast_p[n_forecasts] = 1.0 - no_ask[i] / 10_000
             forecast_code[n_forecasts] = c
             n_forecasts += 1
+        if sell:
+            # SELL the whole position at its side's bid (a NO sale takes the YES asks' size).
+            yes = yes_side[c]
+            held_bid = bid if yes else no_bid[i]
+            size = yes_bid_size[i] if yes else yes_ask_size[i]
+            n = held[c]
+            if capped and size >= 0:
+                n = min(n, size)
+            if settled or n <= 0 or held_bid < 0:
+                rejected += 1
+            else:
+                price = max(held_bid - slippage, 0)
+                fee = _fee(n, held_bid, rate, multipliers[c], flats[c], unit)
+                gross = n * price // 100
+                if cash + gross - fee < 0:
+                    rejected += 1
+                else:
+                    cash += gross - fee
+                    released = cost[c] * n // held[c]
+                    realized = gross - fee - released
+                    cost[c] -= released
+                    held[c] -= n
+                    trip_pnl[c] += realized
+                    m = held[c] * held_bid // 100
+                    marked += m - mark[c]
+                    mark[c] = m
+                    fees_paid += fee
+                    trades += 1
+                    n_ex = _write_execution(
+                        ex,
+                        n_ex,
+                        t,
+                        c,
+                        sid[i],
+                        2,
+                        n,
+                        price,
+                        fee,
+                        cash,
+                        held[c] if yes else -held[c],
+                        realized,
+                        yes,
+                    )
+                    if held[c] == 0:
+                        trips[n_trips] = trip_pnl[c]
+                        n_trips += 1
+                        trip_pnl[c] = 0
+                        marked -= mark[c]
+                        mark[c] = 0
+                        cost[c] = 0
+                        open_positions -= 1
+                        if open_positions == 0:
+                            exposed += t - open_since
+                            open_since = -1
         if buy_yes >= 0:
             # BUY order_count at the side's ask (a NO buy takes the YES bids' size).
             take = ask if buy_yes else no_ask[i]
             size = yes_ask_size[i] if buy_yes else yes_bid_size[i]
             n = order_count
-            if settled:
+            if settled or take < 0:
                 n = 0
             if capped and size >= 0:
                 n = min(n, size)
@@ -455,18 +518,9 @@ def _taker_kernel(
                 mark[c] = m
                 fees_paid += fee
                 trades += 1
-                ex[n_ex, 0] = t
-                ex[n_ex, 1] = c
-                ex[n_ex, 2] = sid[i]
-                ex[n_ex, 3] = 1
-                ex[n_ex, 4] = n
-                ex[n_ex, 5] = price
-                ex[n_ex, 6] = fee
-                ex[n_ex, 7] = cash
-                ex[n_ex, 8] = n if buy_yes else -n
-                ex[n_ex, 9] = 0
-                ex[n_ex, 10] = buy_yes
-                n_ex += 1
+                n_ex = _write_execution(
+                    ex, n_ex, t, c, sid[i], 1, n, price, fee, cash, n if buy_yes else -n, 0, buy_yes
+                )
         equity = cash + marked
         if n_curve > 0 and curve[n_curve - 1, 0] == t:
             curve[n_curve - 1, 1] = equity
@@ -500,18 +554,9 @@ def _taker_kernel(
             cash += amount
             realized = amount - cost[dc]
             trip_pnl[dc] += realized
-            ex[n_ex, 0] = when
-            ex[n_ex, 1] = dc
-            ex[n_ex, 2] = 0
-            ex[n_ex, 3] = 3
-            ex[n_ex, 4] = held[dc]
-            ex[n_ex, 5] = payout
-            ex[n_ex, 6] = 0
-            ex[n_ex, 7] = cash
-            ex[n_ex, 8] = 0
-            ex[n_ex, 9] = realized
-            ex[n_ex, 10] = yes_side[dc]
-            n_ex += 1
+            n_ex = _write_execution(
+                ex, n_ex, when, dc, 0, 3, held[dc], payout, 0, cash, 0, realized, yes_side[dc]
+            )
             trips[n_trips] = trip_pnl[dc]
             n_trips += 1
             trip_pnl[dc] = 0
@@ -685,7 +730,7 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
     forecast_p = np.zeros(n, dtype=np.float64)
     forecast_code = np.zeros(n, dtype=np.int64)
     scalars = np.zeros(16, dtype=np.int64)
-    low, high = _BOUNDS[config.strategy]
+    low, high = _BOUNDS.get(config.strategy, ("", ""))
     _taker_kernel(
         columns.code,
         columns.time_us,
@@ -697,8 +742,11 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
         columns.yes_bid_size,
         columns.yes_ask_size,
         _RULES[config.strategy],
-        int(parameters[low]),
-        int(parameters[high]),
+        int(parameters.get(low, 0)),
+        int(parameters.get(high, 0)),
+        int(parameters.get("window", 0)),
+        float(parameters.get("entry_z", 0.0)),
+        float(parameters.get("exit_z", 0.0)),
         int(parameters["count"]),
         config.initial_cash,
         config.taker_fee_rate_ten_thousandths,
