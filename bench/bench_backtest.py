@@ -7,6 +7,9 @@ line printed is a one-line JSON summary. The two implementations must agree on t
 
 The numpy time includes reading the columns out of the records (the input both implementations get:
 stored rows, not pre-built arrays); the kernel alone is reported too.
+
+The other compiled rules (mean reversion, favourite-hold) are timed against the engine over the
+same records, and must give an equal result (``--rules-only``: just those).
 """
 
 from __future__ import annotations
@@ -164,6 +167,55 @@ def run_compiled(
     return Timing(ended - began, result.metrics.total_pnl), ended - columns_ready
 
 
+OTHER_RULES = (
+    EngineConfig("mean_reversion", (), {"window": 20, "entry_z": 2.0, "count": COUNT}),
+    EngineConfig("favourite_hold", (), {"min_price": 6_000, "max_price": 9_000, "count": COUNT}),
+)
+
+
+def compare_rule(
+    rule: EngineConfig,
+    snapshots: list[SnapshotRecord],
+    tickers: tuple[str, ...],
+    chunks: Fingerprinter,
+    repeat: int,
+) -> dict[str, object]:
+    """``rule`` through the engine once (the slow side) and compiled from the records ``repeat``
+    times (every run kept), both fingerprinted from the encoded chunks as in the service; the
+    results must be equal."""
+    config = replace(rule, tickers=tickers)
+    began = time.perf_counter()
+    expected = run_backtest(config, {}, snapshots, fingerprinter=chunks.copy())
+    engine_seconds = time.perf_counter() - began
+    runs = []
+    from_columns = []
+    equal = True
+    for _ in range(repeat):
+        began = time.perf_counter()
+        columns = columns_from_records(snapshots, tickers)
+        columns_ready = time.perf_counter()
+        result = run_fast(config, {}, columns, chunks.copy())
+        runs.append(time.perf_counter() - began)
+        from_columns.append(time.perf_counter() - columns_ready)
+        equal = equal and result == expected
+    ratio = engine_seconds / min(runs)
+    print(
+        f"{rule.strategy}: engine {engine_seconds:.3f} s, compiled from the records "
+        f"{[round(r, 3) for r in runs]} s: {ratio:.1f}x (from the columns "
+        f"{[round(r, 3) for r in from_columns]} s); trades {expected.metrics.trade_count}, "
+        f"equal: {equal}"
+    )
+    return {
+        "rule": rule.strategy,
+        "engine_seconds": round(engine_seconds, 4),
+        "compiled_runs_seconds": [round(r, 4) for r in runs],
+        "compiled_from_columns_seconds": [round(r, 4) for r in from_columns],
+        "ratio_compiled_vs_engine": round(ratio, 2),
+        "trade_count": expected.metrics.trade_count,
+        "equal": equal,
+    }
+
+
 def run_sweep(
     snapshots: list[SnapshotRecord], tickers: tuple[str, ...], fingerprinter: Fingerprinter
 ) -> tuple[float, int]:
@@ -235,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markets", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=3, help="best of N for each implementation")
+    parser.add_argument(
+        "--rules-only", action="store_true", help="only the other compiled rules vs the engine"
+    )
     args = parser.parse_args(argv)
 
     snapshots = synthetic_snapshots(args.snapshots, args.markets, args.seed)
@@ -242,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     # The records live for the whole run: keep the cyclic collector from rescanning them.
     gc.collect()
     gc.freeze()
+    warm_up()
+    rules = [
+        compare_rule(rule, snapshots, tickers, encoded_fingerprinter(snapshots), args.repeat)
+        for rule in OTHER_RULES
+    ]
+    rules_equal = all(r["equal"] for r in rules)
+    if args.rules_only:
+        print(json.dumps({"benchmark": "backtest_rules", "snapshots": args.snapshots,
+                          "markets": args.markets, "rules": rules}, sort_keys=True))  # fmt: skip
+        return 0 if rules_equal else 1
     engine = min(
         (run_engine(snapshots, tickers, engine_hashes=False) for _ in range(args.repeat)),
         key=lambda t: t.seconds,
@@ -257,9 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint_seconds = min(_time_fingerprint(snapshots) for _ in range(args.repeat))
     encoding_seconds = min(_time_encoding(snapshots) for _ in range(args.repeat))
 
-    # The compiled path: warm (numba's disk cache), then best of N with every run kept for the
+    # The compiled path (warmed above, from numba's disk cache): best of N, every run kept for the
     # spread; its fingerprint comes from the service's encoded chunks, as for the engine.
-    warm_up()
     chunks = encoded_fingerprinter(snapshots)
     compiled_runs = [run_compiled(snapshots, tickers, chunks.copy()) for _ in range(args.repeat)]
     compiled, _ = min(compiled_runs, key=lambda r: r[0].seconds)
@@ -316,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sweep  : {sweep_points} points {sweep_seconds:.3f} s = "
         f"{sweep_seconds / compiled.seconds:.2f}x one run (target <= 10)"
     )
-    agree = agree and compiled.pnl == engine.pnl
+    agree = agree and compiled.pnl == engine.pnl and rules_equal
     summary = {
         "benchmark": "backtest_threshold",
         "snapshots": args.snapshots,
@@ -348,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep_points": sweep_points,
         "sweep_seconds": round(sweep_seconds, 4),
         "sweep_over_one_run": round(sweep_seconds / compiled.seconds, 3),
+        "rules": rules,
     }
     print(json.dumps(summary, sort_keys=True))
     return 0 if agree else 1
