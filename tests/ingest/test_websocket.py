@@ -63,24 +63,31 @@ async def rest_client(sim: SignedSim) -> AsyncIterator[KalshiRestClient]:
         yield rest
 
 
+async def seeded_client(
+    sim: SignedSim, rest: KalshiRestClient, tickers: list[str]
+) -> KalshiWebSocketClient:
+    """A client of ``tickers``, its live state seeded from REST as the runner does."""
+    now = datetime.now(UTC)
+    known = {
+        m.ticker: snapshot_from_market(m, now) async for m in rest.iter_markets(tickers=tickers)
+    }
+    return KalshiWebSocketClient(
+        sim.handle.ws_url,
+        sim.credentials,
+        tickers,
+        rest=rest,
+        known=known,
+        backoff=Backoff(initial=0.01, maximum=0.05),
+        coalesce_seconds=0.02,
+        resync_delay=0.05,
+    )
+
+
 @contextlib.asynccontextmanager
 async def collecting(sim: SignedSim, tickers: list[str]) -> AsyncIterator[Collected]:
     """A client streaming ``tickers``, its live state seeded from REST as the runner does."""
     async with rest_client(sim) as rest:
-        now = datetime.now(UTC)
-        known = {
-            m.ticker: snapshot_from_market(m, now) async for m in rest.iter_markets(tickers=tickers)
-        }
-        client = KalshiWebSocketClient(
-            sim.handle.ws_url,
-            sim.credentials,
-            tickers,
-            rest=rest,
-            known=known,
-            backoff=Backoff(initial=0.01, maximum=0.05),
-            coalesce_seconds=0.02,
-            resync_delay=0.05,
-        )
+        client = await seeded_client(sim, rest, tickers)
         collected = Collected(client)
 
         async def run() -> None:
@@ -370,3 +377,49 @@ async def test_recorded_books_equal_the_exchange_at_every_step_despite_gaps_and_
         # the last step of every market is known again
         for ticker in tickers:
             assert recorded_book_at(collected.book, ticker, exchange.now_us) is not None
+
+
+def _unrecovered_repairable(gaps: list[types_pb2.FeedGap]) -> set[tuple[int, int]]:
+    """Gaps a REST read repairs (not order-book ones) that are not recovered yet."""
+    keys = {
+        (g.subscription_id, g.expected_sequence) for g in gaps if g.channel != "orderbook_delta"
+    }
+    return keys - {(g.subscription_id, g.expected_sequence) for g in gaps if g.recovered}
+
+
+async def test_a_repair_in_flight_when_the_stream_is_closed_is_made_by_finish_repairs() -> None:
+    """The end of ``--once`` (and a stop): the stream is closed while a gap's REST read waits
+    out the exchange's latency, or while its items are handed out; finish_repairs still makes
+    or hands out the rest of it, and the gap comes out recovered."""
+    async with signed_simulator() as sim, rest_client(sim) as rest:
+        tickers = sim.open_tickers()
+        client = await seeded_client(sim, rest, tickers)
+        collected = Collected(client)
+        items = client.stream()
+
+        async def keep_stepping() -> None:
+            while True:
+                await _step(sim, 1)
+
+        stepping = asyncio.create_task(keep_stepping())
+        gapped = False
+        async with asyncio.timeout(30):
+            async for item in items:
+                collected.add(item)
+                if not gapped and client.stats.frames >= 4 + len(tickers):
+                    sim.handle.set_faults(FaultConfig(sequence_gap_rate=0.3, latency_ms=1_000))
+                    gapped = True
+                if not _unrecovered_repairable(collected.gaps):
+                    continue
+                sim.handle.set_faults(FaultConfig(latency_ms=1_000))  # no more gaps
+                # its read taken (no longer being collected): close mid-read, or amid its items
+                if client._session is not None and client._session.resync is None:
+                    break
+        stepping.cancel()
+        await items.aclose()
+        sim.handle.set_faults(FaultConfig())
+        lost = _unrecovered_repairable(collected.gaps)
+        for item in await client.finish_repairs(grace=10):
+            collected.add(item)
+        assert lost
+        assert _unrecovered_repairable(collected.gaps) == set()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,6 +119,8 @@ class KalshiWebSocketClient:
         # never placed before what the old one recorded.
         self.clock: datetime | None = None
         self._session: LiveSession | None = None
+        # A REST repair's items not yet handed out when the stream was closed (finish_repairs).
+        self._unyielded: deque[FeedItem] = deque()
 
     def _headers(self) -> dict[str, str]:
         if self._credentials is None:
@@ -228,7 +231,8 @@ class KalshiWebSocketClient:
         session = self._session
         if session is None:
             return []
-        items: list[FeedItem] = []
+        items: list[FeedItem] = [*self._unyielded]  # a repair the stream was closed amid
+        self._unyielded.clear()
         resync = session.take_resync()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
@@ -316,10 +320,13 @@ class KalshiWebSocketClient:
                         if result is None:
                             session.retry_resync(in_flight)
                         else:
-                            for item in session.apply_resync(
-                                in_flight, result.markets, result.trades, datetime.now(UTC)
-                            ):
-                                yield item
+                            self._unyielded.extend(
+                                session.apply_resync(
+                                    in_flight, result.markets, result.trades, datetime.now(UTC)
+                                )
+                            )
+                            while self._unyielded:
+                                yield self._unyielded.popleft()
                     if receiving in done:
                         raw, receiving = receiving.result(), None
                 if raw is not None:
