@@ -84,6 +84,8 @@ async def wait_for_http(url: str, running: KfeedProcess) -> None:
     try:
         await wait_until_answering(url, STARTUP_SECONDS, running.assert_running)
     except TimeoutError:
+        # A process that never came up is not left running beyond the failed test.
+        await running.stop(signal.SIGKILL)
         raise TimeoutError(f"{url} never answered:\n{running.log()}") from None
 
 
@@ -92,6 +94,7 @@ async def wait_for_serving(address: str, running: KfeedProcess) -> None:
         try:
             await wait_until_serving(channel, STARTUP_SECONDS, running.assert_running)
         except TimeoutError:
+            await running.stop(signal.SIGKILL)
             raise TimeoutError(f"{address} never became SERVING:\n{running.log()}") from None
 
 
