@@ -14,10 +14,10 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -447,30 +447,58 @@ def _trade_stream_lines(
 
 async def tail_trades(options: argparse.Namespace, console: Console) -> int:
     """`tail --trades`: follow the public tape until interrupted (or ``--limit`` trades)."""
+
+    def show(message: market_service_pb2.StreamTradesResponse) -> None:
+        for line in _trade_stream_lines(message, options.verbose):
+            console.print(line, soft_wrap=True, highlight=False)
+
+    return await _follow(
+        options,
+        console,
+        lambda client, common: client.stream_trades(options.tickers, **common),
+        show,
+        lambda message: len(message.trade_batch.trades) + message.HasField("trade"),
+    )
+
+
+_StreamResponse = TypeVar(
+    "_StreamResponse",
+    market_service_pb2.StreamSnapshotsResponse,
+    market_service_pb2.StreamTradesResponse,
+    market_service_pb2.StreamOrderBooksResponse,
+)
+
+
+async def _follow(
+    options: argparse.Namespace,
+    console: Console,
+    open_stream: Callable[[KfeedClient, dict[str, Any]], AsyncIterator[_StreamResponse]],
+    show: Callable[[_StreamResponse], object],
+    counted: Callable[[_StreamResponse], int],
+) -> int:
+    """Follow one `tail` stream until interrupted, or until ``--limit`` of the items ``counted``
+    has been shown: JSON lines, or what ``show`` prints; then the token to resume with."""
     last_token = options.resume or ""
     shown = 0
+    common: dict[str, Any] = {
+        "start_time": options.start,
+        "resume_token": options.resume,
+        "event_ticker": options.event,
+        "series_ticker": options.series,
+        "heartbeat_interval": timedelta(seconds=options.heartbeat) if options.heartbeat else None,
+    }
     try:
         async with _connect(options) as client:
-            stream = client.stream_trades(
-                options.tickers,
-                start_time=options.start,
-                resume_token=options.resume,
-                event_ticker=options.event,
-                series_ticker=options.series,
-                heartbeat_interval=(
-                    timedelta(seconds=options.heartbeat) if options.heartbeat else None
-                ),
-            )
-            async for message in stream:
+            async for message in open_stream(client, common):
                 last_token = message.resume_token or last_token
                 if options.json:
                     if options.verbose or not message.HasField("heartbeat"):
                         console.out(_json(message), highlight=False)
                 else:
-                    for line in _trade_stream_lines(message, options.verbose):
-                        console.print(line, soft_wrap=True, highlight=False)
-                shown += len(message.trade_batch.trades) + message.HasField("trade")
-                if options.limit is not None and shown >= options.limit:
+                    show(message)
+                items = counted(message)
+                shown += items
+                if items and options.limit is not None and shown >= options.limit:
                     break
     finally:
         # Printed also on Ctrl-C, so the next run can continue exactly here.
@@ -556,36 +584,14 @@ class BookPrinter:
 async def tail_books(options: argparse.Namespace, console: Console) -> int:
     """`tail --book`: follow the order books until interrupted (or ``--limit`` books and
     changes)."""
-    last_token = options.resume or ""
-    shown = 0
     printer = BookPrinter(console, options.depth, options.verbose)
-    try:
-        async with _connect(options) as client:
-            stream = client.stream_order_books(
-                options.tickers,
-                start_time=options.start,
-                resume_token=options.resume,
-                event_ticker=options.event,
-                series_ticker=options.series,
-                heartbeat_interval=(
-                    timedelta(seconds=options.heartbeat) if options.heartbeat else None
-                ),
-            )
-            async for message in stream:
-                last_token = message.resume_token or last_token
-                if options.json:
-                    if options.verbose or not message.HasField("heartbeat"):
-                        console.out(_json(message), highlight=False)
-                    shown += message.HasField("book") + message.HasField("change")
-                else:
-                    shown += printer.show(message)
-                if options.limit is not None and shown >= options.limit:
-                    break
-    finally:
-        # Printed also on Ctrl-C, so the next run can continue exactly here.
-        if last_token and not options.json:
-            print(f"resume with: --resume {last_token}", file=sys.stderr)
-    return 0
+    return await _follow(
+        options,
+        console,
+        lambda client, common: client.stream_order_books(options.tickers, **common),
+        printer.show,
+        lambda message: message.HasField("book") + message.HasField("change"),
+    )
 
 
 async def tail(options: argparse.Namespace, console: Console) -> int:
@@ -594,43 +600,27 @@ async def tail(options: argparse.Namespace, console: Console) -> int:
         return await tail_trades(options, console)
     if options.book:
         return await tail_books(options, console)
-    last_token = options.resume or ""
-    shown = 0
     tracker = ChangeTracker()
-    try:
-        async with _connect(options) as client:
-            stream = client.stream_snapshots(
-                options.tickers,
-                start_time=options.start,
-                resume_token=options.resume,
-                event_ticker=options.event,
-                series_ticker=options.series,
-                include_latest=options.include_latest,
-                heartbeat_interval=(
-                    timedelta(seconds=options.heartbeat) if options.heartbeat else None
-                ),
-                conflation_interval=(
-                    timedelta(milliseconds=options.conflate) if options.conflate else None
-                ),
-            )
-            async for message in stream:
-                last_token = message.resume_token or last_token
-                if options.json:
-                    if options.verbose or not message.HasField("heartbeat"):
-                        console.out(_json(message), highlight=False)
-                else:
-                    line = _stream_line(message, options.verbose, tracker)
-                    if line is not None:
-                        console.print(line, soft_wrap=True, highlight=False)
-                if message.HasField("snapshot"):
-                    shown += 1
-                    if options.limit is not None and shown >= options.limit:
-                        break
-    finally:
-        # Printed also on Ctrl-C, so the next run can continue exactly here.
-        if last_token and not options.json:
-            print(f"resume with: --resume {last_token}", file=sys.stderr)
-    return 0
+
+    def show(message: market_service_pb2.StreamSnapshotsResponse) -> None:
+        line = _stream_line(message, options.verbose, tracker)
+        if line is not None:
+            console.print(line, soft_wrap=True, highlight=False)
+
+    return await _follow(
+        options,
+        console,
+        lambda client, common: client.stream_snapshots(
+            options.tickers,
+            include_latest=options.include_latest,
+            conflation_interval=(
+                timedelta(milliseconds=options.conflate) if options.conflate else None
+            ),
+            **common,
+        ),
+        show,
+        lambda message: int(message.HasField("snapshot")),
+    )
 
 
 _MARKET_COLUMNS = ("ticker", "status", "event", "close time", "title")
