@@ -14,7 +14,7 @@ than the last one delivered" is exactly "not delivered yet".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast, runtime_checkable
@@ -175,6 +175,14 @@ class RowRun(Generic[R]):
 
     def coalesced_count(self, index: int) -> int:
         return 0 if self.coalesced_counts is None else self.coalesced_counts[index]
+
+    def batches(self, max_batch_size: int) -> Iterator[tuple[Sequence[R], int]]:
+        """The rows, up to ``max_batch_size`` (at least one) at a time, each batch with where
+        to resume after its last row."""
+        size = max(max_batch_size, 1)
+        for start in range(0, len(self.rows), size):
+            batch = self.rows[start : start + size]
+            yield batch, self.resume_after_id(start + len(batch) - 1)
 
 
 SnapshotRun = RowRun[SnapshotRecord]

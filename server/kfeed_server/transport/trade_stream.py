@@ -44,10 +44,7 @@ class TradeFrames:
             yield message.SerializeToString(), item.resume_after_id
             return
         assert isinstance(item, RowRun)  # trades are never replayed as columns
-        size = max(max_batch_size, 1)
-        for start in range(0, len(item.rows), size):
-            run = item.rows[start : start + size]
-            resume_after_id = item.resume_after_id(start + len(run) - 1)
+        for run, resume_after_id in item.batches(max_batch_size):
             response = pb.StreamTradesResponse(resume_token=self._token(resume_after_id))
             if len(run) == 1:
                 response.trade.CopyFrom(trade_to_proto(run[0].trade))
