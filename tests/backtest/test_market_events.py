@@ -5,7 +5,9 @@ databases, a real server."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ from kfeed_server.backtest import BookState
 from kfeed_server.backtest.books import event_time
 from kfeed_server.backtest.market_events import window_events
 from kfeed_server.books import OrderBooks
+from kfeed_server.db.repositories.export import ArrowExportReader
 from kfeed_server.records import TradeRecord
 from kfeed_server.transport.convert import timestamp
 from tests.support.backtest_service import (
@@ -136,3 +139,67 @@ async def test_a_depth_run_through_create_backtest_walks_the_stored_book(
     assert second.metrics == first.metrics
     assert second.data_fingerprint.event_count == 2
     assert second.data_fingerprint.content_hash != first.data_fingerprint.content_hash
+
+
+async def test_books_and_trades_committed_while_a_run_reads_are_not_read_by_it(
+    stub: pb_grpc.BacktestServiceAsyncStub,
+    publisher: PublishSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await publisher.publish(markets=[make_market(TICKER)])
+    await publish_snapshots(
+        publisher,
+        [
+            make_snapshot(TICKER, i, yes_bid=3_800, yes_ask=4_000, no_bid=6_000, no_ask=6_200,
+                          yes_bid_size=1_000, yes_ask_size=100)
+            for i in range(3)
+        ],
+    )  # fmt: skip
+    opened = at(0) - timedelta(milliseconds=1)
+    start = checkpoint(TICKER, START, opened, opened, 1, {3_800: 1_000}, {6_000: 50, 5_900: 500})
+    assert (await publisher.send(request_of([start], 0))).code == 0
+    assert (await publisher.publish(trades=[make_trade(TICKER, 0)])).code == 0
+    config = threshold_config(buy_below=4_000, sell_above=9_000, count=300)
+    config.fill_model = pb.FILL_MODEL_DEPTH
+    before = await run_to_end(stub, config)
+    assert before.state == pb.BACKTEST_STATE_SUCCEEDED, before.error_message
+    # The book in force at the start and the one trade.
+    assert before.data_fingerprint.event_count == 2
+
+    # The next run commits a book change and a trade inside its window once it has pinned its
+    # data and read its first snapshots, before it reads the books and trades (they are read
+    # lazily, as the snapshot chunks go out): it must not see them.
+    original = ArrowExportReader.snapshots_for_backtest
+    committed: list[int] = []
+
+    async def commit_while_reading(
+        self: ArrowExportReader, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async for batch in original(self, *args, **kwargs):
+            yield batch
+            if not committed:
+                gone = BookChange(
+                    TICKER, micros(at(1)), micros(at(1)), 2, types_pb2.SIDE_NO, 6_000, 0
+                )
+                committed.append((await publisher.send(request_of([gone], 0))).book_changes_stored)
+                ack = await publisher.publish(trades=[make_trade(TICKER, 2)])
+                committed.append(ack.trades_stored)
+
+    monkeypatch.setattr(ArrowExportReader, "snapshots_for_backtest", commit_while_reading)
+    during = await run_to_end(stub, config)
+    monkeypatch.setattr(ArrowExportReader, "snapshots_for_backtest", original)
+    assert committed == [1, 1]  # both were stored while the run read
+    assert during.state == pb.BACKTEST_STATE_SUCCEEDED, during.error_message
+    # It read what the run before read: same fingerprint, same result.
+    assert during.data_fingerprint == before.data_fingerprint
+    assert during.metrics == before.metrics
+    assert during.equity_curve == before.equity_curve
+    assert [e.SerializeToString() for e in await all_executions(stub, during.backtest_id)] == [
+        e.SerializeToString() for e in await all_executions(stub, before.backtest_id)
+    ]
+
+    # A run started after the commits reads them: one more book instant and one more trade.
+    after = await run_to_end(stub, config)
+    assert after.data_fingerprint.event_count == 4
+    assert after.data_fingerprint.content_hash != before.data_fingerprint.content_hash
+    assert after.data_fingerprint.row_count == before.data_fingerprint.row_count

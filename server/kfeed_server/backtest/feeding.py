@@ -1,9 +1,10 @@
 """Replay feeding: runs one configuration in a worker process and feeds it the window's rows.
 
-The server pins the data set (the highest snapshot id at the start), counts the window, sends the
-rows to the worker in encoded chunks through a pipe while the worker replays the previous chunk,
-relays the worker's progress to the ``TrackedRun`` and its stop requests to the worker. The worker
-(``worker.py``) reads no database. See docs/BACKTESTING.md ("The service").
+The server pins the data set (the highest snapshot id, and book and trade stream ids, at the
+start), counts the window, sends the rows to the worker in encoded chunks through a pipe while the
+worker replays the previous chunk, relays the worker's progress to the ``TrackedRun`` and its
+stop requests to the worker. The worker (``worker.py``) reads no database. See
+docs/BACKTESTING.md ("The service").
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kfeed_server.backtest.fees import MarketFees, market_fees
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.backtest.market_events import (
     EventCursor,
+    EventPins,
     reads_books,
     reads_trades,
     window_events,
@@ -148,8 +150,12 @@ class ReplayFeeder:
     ) -> BacktestResult | list[BacktestResult]:
         start = config.start_time or OPEN_START
         end = config.end_time or OPEN_END
-        # Pins the data set: ingest may go on, the run reads exactly what it counted.
+        # Pins the data set: ingest may go on, the run reads exactly what it counted, and the
+        # books and trades stored by now (market_events.EventPins).
         pinned = await self._snapshots.max_snapshot_id()
+        pins = EventPins(
+            await self._sources.books.max_stream_id(), await self._sources.trades.max_stream_id()
+        )
         total = await self._snapshots.count_for_backtest(
             config.tickers, start, end, max_snapshot_id=pinned
         )
@@ -202,7 +208,7 @@ class ReplayFeeder:
         loop.add_reader(control.fileno(), on_message)
         if tracked.stop_requested.is_set():
             control.send("stop")
-        events = self._events(config, fees, start, end)
+        events = self._events(config, fees, start, end, pins)
         feeder = asyncio.create_task(self._feed(data_writer, config, start, end, pinned, events))
         stop_requested = asyncio.ensure_future(tracked.stop_requested.wait())
         watched: set[asyncio.Future[Any]] = {future, feeder, stop_requested}
@@ -244,14 +250,20 @@ class ReplayFeeder:
                 connection.close()
 
     def _events(
-        self, config: EngineConfig, fees: Mapping[str, MarketFees], start: datetime, end: datetime
+        self,
+        config: EngineConfig,
+        fees: Mapping[str, MarketFees],
+        start: datetime,
+        end: datetime,
+        pins: EventPins,
     ) -> EventCursor | None:
-        """The books and trades the run replays (None: it reads neither)."""
+        """The books and trades the run replays, stored up to ``pins`` (None: it reads
+        neither)."""
         books = self._sources.books if reads_books(config) else None
         trades = self._sources.trades if reads_trades(config, fees) else None
         if books is None and trades is None:
             return None
-        return EventCursor(window_events(books, trades, config.tickers, start, end))
+        return EventCursor(window_events(books, trades, config.tickers, start, end, pins))
 
     async def _market_fees(self, market: MarketRecord) -> MarketFees:
         """The market's fee terms: its series' fee type and multiplier, each replaced by its

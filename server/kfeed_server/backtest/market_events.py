@@ -12,12 +12,17 @@ strategy with ``on_book``; trades for every run on the event engine (the queue m
 orders and ``on_trade``). The compiled path reads neither. A book's feed gaps are not guessed
 over: a LOST checkpoint keeps the last known book (as GetOrderBook returns it) until the next
 START or RESYNC, and the run's data-quality report counts the gap.
+
+Both are pinned like the snapshots (``EventPins``): a run reads the rows stored up to the highest
+stream ids of the books and trades when it started, so rows committed while it reads do not change
+what it reads (a trade's later refinement of its time, which keeps its id, is the exception).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from kfeed_server.backtest.books import BookState, ReplayedEvent, event_time
@@ -93,11 +98,27 @@ class BookFold:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class EventPins:
+    """The stored positions a run reads books and trades up to (their highest stream ids when
+    it started; None: unpinned), as its snapshots are read up to the highest snapshot id: rows
+    committed while the run reads are not seen, so a rerun over the same pins reads the same
+    rows and gets the same fingerprint."""
+
+    books: int | None = None
+    trades: int | None = None
+
+
+UNPINNED = EventPins()
+
+
 async def _books(
-    repository: OrderBookRepository, ticker: str, start: datetime, end: datetime
+    repository: OrderBookRepository, ticker: str, start: datetime, end: datetime, pinned: int | None
 ) -> AsyncIterator[ReplayedEvent]:
     fold = BookFold(ticker, start)
-    async for rows in repository.replay_rows(ticker, start, end, chunk_size=EVENT_PAGE):
+    async for rows in repository.replay_rows(
+        ticker, start, end, chunk_size=EVENT_PAGE, max_stream_id=pinned
+    ):
         for row in rows:
             book = fold.add(row)
             if book is not None:
@@ -108,12 +129,12 @@ async def _books(
 
 
 async def _trades(
-    repository: TradeRepository, ticker: str, start: datetime, end: datetime
+    repository: TradeRepository, ticker: str, start: datetime, end: datetime, pinned: int | None
 ) -> AsyncIterator[ReplayedEvent]:
     after: tuple[datetime, str] | None = None
     while True:
         page = await repository.list_range(
-            ticker, start=start, end=end, limit=EVENT_PAGE, after=after
+            ticker, start=start, end=end, limit=EVENT_PAGE, after=after, max_stream_id=pinned
         )
         for trade in page.items:
             yield trade
@@ -134,15 +155,17 @@ async def window_events(
     tickers: Sequence[str],
     start: datetime,
     end: datetime,
+    pins: EventPins = UNPINNED,
 ) -> AsyncIterator[ReplayedEvent]:
     """The books (when ``books`` is given) and trades (when ``trades`` is given) of ``tickers``
-    in ``[start, end)``, merged in time order (see the module docstring)."""
+    in ``[start, end)`` stored up to ``pins``, merged in time order (see the module
+    docstring)."""
     sources: list[AsyncIterator[ReplayedEvent]] = []
     for ticker in tickers:
         if books is not None:
-            sources.append(_books(books, ticker, start, end))
+            sources.append(_books(books, ticker, start, end, pins.books))
         if trades is not None:
-            sources.append(_trades(trades, ticker, start, end))
+            sources.append(_trades(trades, ticker, start, end, pins.trades))
     heap: list[tuple[tuple[datetime, int, str], int, ReplayedEvent]] = []
     for index, source in enumerate(sources):
         first = await anext(source, None)

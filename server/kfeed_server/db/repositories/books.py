@@ -15,7 +15,7 @@ from operator import attrgetter
 from typing import Any, NamedTuple
 
 import asyncpg
-from sqlalchemy import BigInteger, Column, MetaData, Table, func, select, text
+from sqlalchemy import BigInteger, Column, MetaData, Table, func, select, text, true
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeDecorator
@@ -367,7 +367,13 @@ class OrderBookRepository:
         return BookHistory(checkpoint, [(r[0], r[1], r[2]) for r in rows], last, after)
 
     async def replay_rows(
-        self, ticker: str, start: datetime, end: datetime, *, chunk_size: int = 4_096
+        self,
+        ticker: str,
+        start: datetime,
+        end: datetime,
+        *,
+        chunk_size: int = 4_096,
+        max_stream_id: int | None = None,
     ) -> AsyncIterator[list[BookCheckpointRecord | BookChangeRecord]]:
         """What rebuilds ``ticker``'s book at every instant of ``[start, end)``, in chunks: the
         latest checkpoint at or before ``start`` (when there is one), then the checkpoints and
@@ -375,11 +381,19 @@ class OrderBookRepository:
         before a checkpoint at that instant (which holds them). Changes come in primary-key
         order within an instant (side, price, sequence), so a level changed twice ends at its
         later size. Each read is one keyset page of an index, in a session of its own (no
-        connection is held between chunks)."""
+        connection is held between chunks). With ``max_stream_id`` (a backtest's pinned
+        position) only rows stored at or before it are read: stream ids increase in commit
+        order, so rows committed while the reads go on are left out."""
         table, changes = book_checkpoints_table, book_changes_table
+        pinned_checkpoints = (
+            table.c.stream_id <= max_stream_id if max_stream_id is not None else true()
+        )
+        pinned_changes = (
+            changes.c.stream_id <= max_stream_id if max_stream_id is not None else true()
+        )
         first = await self._all(
             select(*_CHECKPOINT_COLUMNS)
-            .where(table.c.ticker == ticker, table.c.exchange_time <= start)
+            .where(table.c.ticker == ticker, table.c.exchange_time <= start, pinned_checkpoints)
             .order_by(table.c.exchange_time.desc(), table.c.receive_time.desc())
             .limit(1)
         )
@@ -390,7 +404,9 @@ class OrderBookRepository:
             _checkpoint,
             await self._all(
                 select(*_CHECKPOINT_COLUMNS)
-                .where(table.c.ticker == ticker, later, table.c.exchange_time < end)
+                .where(
+                    table.c.ticker == ticker, later, table.c.exchange_time < end, pinned_checkpoints
+                )
                 .order_by(table.c.exchange_time, table.c.receive_time)
             ),
         )
@@ -404,6 +420,7 @@ class OrderBookRepository:
                 changes.c.ticker == ticker,
                 changes.c.exchange_time > after,
                 changes.c.exchange_time < end,
+                pinned_changes,
             )
             .order_by(*key)
             .limit(chunk_size)

@@ -37,13 +37,18 @@ class TradeRepository:
         end: datetime | None,
         limit: int,
         after: tuple[datetime, str] | None = None,
+        max_stream_id: int | None = None,
     ) -> Page[TradeRecord]:
         """Trades of ``ticker`` with ``start <= create_time < end`` ordered by (create_time,
         trade_id), after the keyset cursor ``after``; ``next_cursor`` is (create_time, trade_id)
-        of the last row when more rows exist."""
+        of the last row when more rows exist. With ``max_stream_id`` (a backtest's pinned
+        position), only trades stored at or before it: ids increase in commit order."""
         c = trades_table.c
+        selected = select(*TRADE_COLUMNS).where(c.ticker == ticker)
+        if max_stream_id is not None:
+            selected = selected.where(c.stream_id <= max_stream_id)
         statement = time_range_page_query(
-            select(*TRADE_COLUMNS).where(c.ticker == ticker),
+            selected,
             c.create_time,
             c.trade_id,
             start=start,
