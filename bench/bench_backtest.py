@@ -8,8 +8,8 @@ line printed is a one-line JSON summary. The two implementations must agree on t
 The numpy time includes reading the columns out of the records (the input both implementations get:
 stored rows, not pre-built arrays); the kernel alone is reported too.
 
-The other compiled rules (mean reversion, favourite-hold) are timed against the engine over the
-same records, and must give an equal result (``--rules-only``: just those).
+The other compiled rules (mean reversion, favourite-hold, momentum) are timed against the engine
+over the same records, and must give an equal result (``--rules-only``: just those).
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def run_compiled(
 OTHER_RULES = (
     EngineConfig("mean_reversion", (), {"window": 20, "entry_z": 2.0, "count": COUNT}),
     EngineConfig("favourite_hold", (), {"min_price": 6_000, "max_price": 9_000, "count": COUNT}),
+    EngineConfig("momentum", (), {"lookback": 10, "threshold": 200, "count": COUNT}),
 )
 
 

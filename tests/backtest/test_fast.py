@@ -1,18 +1,23 @@
-"""The compiled path (threshold, favourite-hold) gives exactly the event engine's result:
-executions, curve, fingerprint and every metric, over random markets with settlements, caps,
-slippage, position and cash limits, fee terms and windows."""
+"""The compiled path (threshold, favourite-hold, mean reversion, momentum) gives exactly the
+event engine's result (``BacktestResult ==``: executions, curve, fingerprint, every metric and
+count), over random markets with settlements, caps, slippage, position and cash limits, fee terms
+of each type and windows, and on the edges (an empty window, one snapshot, a market settling
+between two snapshots); the runs it cannot take exactly go to the engine."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
 
 from kfeed_server.backtest import EngineConfig, FeeRounding, Fingerprinter, run_backtest
+from kfeed_server.backtest.config import fast_path_applies
 from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast
 from kfeed_server.backtest.fees import FeeType, MarketFees
-from kfeed_server.records import MarketResult, Side, SnapshotRecord
+from kfeed_server.backtest.market_events import reads_trades
+from kfeed_server.records import MarketResult, OrderAction, Side, SnapshotRecord
 from kfeed_server.records.backtest import FillModel
 from tests.support.backtest import at, quote, settled
 
@@ -71,6 +76,8 @@ RULES = [
     EngineConfig(
         "mean_reversion", TICKERS, {"window": 8, "entry_z": 1.2, "exit_z": 0.3, "count": 250}
     ),
+    # Moves of at least $0.015 over 3 mids: YES and NO entries, exits on reversals.
+    EngineConfig("momentum", TICKERS, {"lookback": 3, "threshold": 150, "count": 250}),
 ]
 
 
@@ -85,7 +92,11 @@ def test_the_compiled_path_equals_the_engine(
         "A": settled("A", MarketResult.YES, 3_000),
         "B": settled("B", MarketResult.NO, 20_000),  # after the data: settles in finish()
     }
-    fees = {"A": MarketFees(FeeType.QUADRATIC, 5_000), "C": MarketFees(FeeType.FLAT, 10_000)}
+    fees = {
+        "A": MarketFees(FeeType.QUADRATIC, 5_000),
+        "B": MarketFees(FeeType.QUADRATIC_WITH_MAKER_FEES, 15_000),
+        "C": MarketFees(FeeType.FLAT, 10_000),
+    }
     config = replace(rule, **changes)  # type: ignore[arg-type]
     start, end = config.start_time, config.end_time
     window = [r for r in rows if (start is None or r.exchange_time >= start)
@@ -105,11 +116,7 @@ def test_the_compiled_path_equals_the_engine(
     assert result.equity_curve == expected.equity_curve
     assert result.metrics == expected.metrics
     assert result.fingerprint == expected.fingerprint
-    assert result.rejected_orders == expected.rejected_orders
-    assert (result.replayed_from, result.replayed_to) == (
-        expected.replayed_from,
-        expected.replayed_to,
-    )
+    assert result == expected
 
 
 def test_a_sweep_reads_the_columns_once_and_falls_back_where_it_must() -> None:
@@ -118,10 +125,84 @@ def test_a_sweep_reads_the_columns_once_and_falls_back_where_it_must() -> None:
     base = EngineConfig("threshold", TICKERS, {"buy_below": 4_000, "sell_above": 6_000})
     configs = [
         replace(base, parameters={"buy_below": low, "sell_above": 6_000}) for low in (3_500, 4_500)
-    ] + [replace(base, fill_model=FillModel.DEPTH), EngineConfig("momentum", TICKERS)]
+    ] + [replace(base, fill_model=FillModel.DEPTH), EngineConfig("spread_maker", TICKERS)]
     results = sweep_fast(configs, {}, columns, [_fingerprinter(rows) for _ in configs])
     assert results[2] is None
     assert results[3] is None
     for config, result in zip(configs[:2], results[:2], strict=True):
         assert result is not None
         assert result.metrics == run_backtest(config, {}, rows).metrics
+
+
+EDGE_RULES = [
+    replace(RULES[0], parameters={"buy_below": 4_000, "sell_above": 6_000, "count": 300}),
+    replace(RULES[1], parameters={"min_price": 3_500, "max_price": 9_500, "count": 300}),
+    replace(RULES[2], parameters={"window": 2, "entry_z": 0.5, "exit_z": 0.0, "count": 300}),
+    replace(RULES[3], parameters={"lookback": 1, "threshold": 100, "count": 300}),
+]
+
+
+def _edge_rows() -> list[SnapshotRecord]:
+    # A: 3,900/4,100 then 3,500/3,700 then 4,600/4,800 (every rule trades); A settles YES at
+    # 2.5 min, between its second and third snapshots, so the third is after settlement.
+    # B: one snapshot only.
+    return [
+        quote("A", 1, 1, 3_900, 4_100, yes_bid_size=500, yes_ask_size=500),
+        quote("B", 1.5, 2, 6_000, 6_400),
+        quote("A", 2, 3, 3_500, 3_700),
+        quote("A", 3, 4, 4_600, 4_800),
+    ]
+
+
+@pytest.mark.parametrize(
+    "fees",
+    [
+        {},
+        {"A": MarketFees(FeeType.QUADRATIC_WITH_MAKER_FEES, 20_000)},
+        {"A": MarketFees(FeeType.FLAT, 10_000), "B": MarketFees(FeeType.FLAT, 5_000)},
+    ],
+    ids=["quadratic", "with_maker_fees", "flat"],
+)
+@pytest.mark.parametrize(
+    "window",
+    [(None, None), (at(2), at(2.5)), (at(10), at(20)), (at(1.5), at(1.6))],
+    ids=["all", "one_A_snapshot", "empty", "one_B_snapshot"],
+)
+@pytest.mark.parametrize("rule", EDGE_RULES, ids=lambda c: c.strategy)
+def test_the_compiled_path_equals_the_engine_on_the_edges(
+    rule: EngineConfig, window: tuple[datetime | None, datetime | None], fees: dict[str, MarketFees]
+) -> None:
+    rows = _edge_rows()
+    start, end = window
+    config = replace(rule, tickers=("A", "B"), start_time=start, end_time=end)
+    kept = [r for r in rows if (start is None or r.exchange_time >= start)
+            and (end is None or r.exchange_time < end)]  # fmt: skip
+    markets = {"A": settled("A", MarketResult.YES, 2.5)}
+    expected = run_backtest(config, markets, kept, fees=fees)
+    result = run_fast(
+        config, markets, columns_from_records(kept, ("A", "B")), _fingerprinter(kept), fees=fees
+    )
+    assert result == expected
+    if window == (None, None):
+        # Something traded, was settled mid-run and was refused after the settlement.
+        assert any(e.action is OrderAction.SETTLE for e in expected.executions)
+        assert expected.metrics.trade_count > 0
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda c: c.strategy)
+@pytest.mark.parametrize(
+    "changes",
+    [{"latency": timedelta(milliseconds=1)}, {"fill_model": FillModel.DEPTH}],
+    ids=["latency", "depth"],
+)
+def test_runs_the_kernel_cannot_take_exactly_run_in_the_engine(
+    rule: EngineConfig, changes: dict[str, object]
+) -> None:
+    # The kernel neither delays instructions nor walks books: such runs read trades (and books)
+    # and go through the event engine.
+    config = replace(rule, **changes)  # type: ignore[arg-type]
+    assert fast_path_applies(rule)
+    assert not fast_path_applies(config)
+    assert reads_trades(config, {})
+    rows = _edge_rows()
+    assert run_fast(config, {}, columns_from_records(rows, TICKERS), _fingerprinter(rows)) is None

@@ -25,7 +25,7 @@ from kfeed_server.records.backtest import (
 MAX_LATENCY = timedelta(hours=1)
 """The longest decision-to-arrival delay accepted."""
 
-FAST_STRATEGIES = frozenset({"threshold", "favourite_hold", "mean_reversion"})
+FAST_STRATEGIES = frozenset({"threshold", "favourite_hold", "mean_reversion", "momentum"})
 """Strategies the compiled path (``backtest.fast``) runs."""
 _NO_BOUND = 2**62
 

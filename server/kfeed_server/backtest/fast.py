@@ -1,5 +1,5 @@
-"""The compiled path: the threshold, mean-reversion and favourite-hold rules over snapshot
-columns, in one numba kernel.
+"""The compiled path: the threshold, mean-reversion, momentum and favourite-hold rules over
+snapshot columns, in one numba kernel.
 
 It gives exactly what ``run_backtest`` gives for the same configuration and snapshots (the tests
 compare both on random data, fills, fees, settlements, marks, curve and metrics), at column speed:
@@ -176,7 +176,13 @@ def concatenate(parts: Sequence[SnapshotColumns]) -> SnapshotColumns:
 _THRESHOLD = 0
 _FAVOURITE = 1
 _MEAN_REVERSION = 2
-_RULES = {"threshold": _THRESHOLD, "favourite_hold": _FAVOURITE, "mean_reversion": _MEAN_REVERSION}
+_MOMENTUM = 3
+_RULES = {
+    "threshold": _THRESHOLD,
+    "favourite_hold": _FAVOURITE,
+    "mean_reversion": _MEAN_REVERSION,
+    "momentum": _MOMENTUM,
+}
 _BOUNDS = {"threshold": ("buy_below", "sell_above"), "favourite_hold": ("min_price", "max_price")}
 
 
@@ -265,10 +271,13 @@ def _taker_kernel(
 
     ``strategy`` picks the rule: _THRESHOLD (buy YES at an ask <= ``lower``, sell at a bid >=
     ``upper``), _FAVOURITE (flat: buy YES at an ask in [``lower``, ``upper``], else NO at a NO
-    ask in it, stating the price as the forecast; hold to settlement) or _MEAN_REVERSION (the
+    ask in it, stating the price as the forecast; hold to settlement), _MEAN_REVERSION (the
     rolling z-score of the YES mid over ``window`` mids: enter at ``entry_z``, exit at
-    ``exit_z``). ``yes_side`` is each position's side (1 YES, 0 NO): a NO position is bought at
-    the NO ask, marked and sold at the NO bid, and settles at $1 − the YES payout."""
+    ``exit_z``) or _MOMENTUM (the doubled mid's change over the market's last ``window`` mids,
+    the lookback plus one: flat, buy YES at a change >= ``lower``, NO at <= −``lower``; sell
+    YES on a fall, NO on a rise). ``yes_side`` is each position's side (1 YES, 0 NO): a NO
+    position is bought at the NO ask, marked and sold at the NO bid, and settles at $1 − the YES
+    payout."""
     cash = initial_cash
     marked = 0
     n_ex = 0
@@ -374,7 +383,7 @@ def _taker_kernel(
         # The buy a flat market gets: its side (1 YES, 0 NO, -1 none).
         buy_yes = -1
         sell = False
-        if strategy == _MEAN_REVERSION:
+        if strategy in (_MEAN_REVERSION, _MOMENTUM):
             if bid >= 0 and ask >= 0:
                 # The market's window of doubled mids: rows chained by ``link``, oldest first.
                 mid = bid + ask
@@ -393,16 +402,27 @@ def _taker_kernel(
                     window_tail[c] = link[window_tail[c]]
                     window_count[c] -= 1
                 k = window_count[c]
-                # The strategy's z_score: n² × variance = n × Σx² − (Σx)², exact in integers.
-                scaled_variance = k * mid_squares[c] - mid_sum[c] * mid_sum[c]
-                if k >= window and scaled_variance > 0:
-                    z = (k * mid - mid_sum[c]) / math.sqrt(scaled_variance)
-                    if held[c] > 0:
-                        sell = z >= -exit_z if yes_side[c] else z <= exit_z
-                    elif z <= -entry_z:
-                        buy_yes = 1
-                    elif z >= entry_z:
-                        buy_yes = 0
+                if strategy == _MOMENTUM:
+                    if k >= window:
+                        # The window's oldest mid is the one ``lookback`` mids ago.
+                        change = mid - (yes_bid[window_tail[c]] + yes_ask[window_tail[c]])
+                        if held[c] > 0:
+                            sell = change < 0 if yes_side[c] else change > 0
+                        elif change >= lower:
+                            buy_yes = 1
+                        elif change <= -lower:
+                            buy_yes = 0
+                else:
+                    # The strategy's z_score: n² × variance = n × Σx² − (Σx)², exact.
+                    scaled_variance = k * mid_squares[c] - mid_sum[c] * mid_sum[c]
+                    if k >= window and scaled_variance > 0:
+                        z = (k * mid - mid_sum[c]) / math.sqrt(scaled_variance)
+                        if held[c] > 0:
+                            sell = z >= -exit_z if yes_side[c] else z <= exit_z
+                        elif z <= -entry_z:
+                            buy_yes = 1
+                        elif z >= entry_z:
+                            buy_yes = 0
         elif held[c] > 0:
             sell = strategy == _THRESHOLD and bid >= 0 and bid >= upper
         elif strategy == _THRESHOLD:
@@ -731,6 +751,11 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
     forecast_code = np.zeros(n, dtype=np.int64)
     scalars = np.zeros(16, dtype=np.int64)
     low, high = _BOUNDS.get(config.strategy, ("", ""))
+    lower, upper = int(parameters.get(low, 0)), int(parameters.get(high, 0))
+    window = int(parameters.get("window", 0))
+    if config.strategy == "momentum":
+        # Doubled mids are compared: the threshold doubled, the window the lookback plus one.
+        lower, window = 2 * int(parameters["threshold"]), int(parameters["lookback"]) + 1
     _taker_kernel(
         columns.code,
         columns.time_us,
@@ -742,9 +767,9 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
         columns.yes_bid_size,
         columns.yes_ask_size,
         _RULES[config.strategy],
-        int(parameters.get(low, 0)),
-        int(parameters.get(high, 0)),
-        int(parameters.get("window", 0)),
+        lower,
+        upper,
+        window,
         float(parameters.get("entry_z", 0.0)),
         float(parameters.get("exit_z", 0.0)),
         int(parameters["count"]),
