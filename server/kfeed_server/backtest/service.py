@@ -33,6 +33,7 @@ from kfeed_server.backtest.feeding import (
 )
 from kfeed_server.backtest.loading import entry_point_modules, load_strategy_modules
 from kfeed_server.backtest.quality import UnrecoveredGaps
+from kfeed_server.backtest.stitching import RunSegment, stitched_metrics
 from kfeed_server.backtest.sweep_runs import (
     best_run,
     sweep_outcome,
@@ -56,6 +57,8 @@ from kfeed_server.records.backtest import (
 log = logging.getLogger(__name__)
 
 RESTART_MESSAGE = "the server stopped before the backtest finished"
+EXECUTION_PAGE = 10_000
+"""Executions per read when a walk-forward sweep stitches its out-of-sample runs."""
 
 
 def _default_workers() -> int:
@@ -579,6 +582,22 @@ class BacktestRunner:
             log.exception("sweep %s failed", parent.record.backtest_id)
             await self._finish(parent, None, state=BacktestState.FAILED, error_message=f"{error!r}")
 
+    async def _segment(self, record: BacktestRecord) -> RunSegment:
+        """A finished run's metrics, stored equity curve and executions, to stitch."""
+        assert record.metrics is not None  # a SUCCEEDED run stores its metrics
+        executions: list[ExecutionRecord] = []
+        after = -1
+        while True:
+            page = await self._backtests.list_executions(
+                record.backtest_id, limit=EXECUTION_PAGE, after_sequence=after
+            )
+            executions += page.items
+            if page.next_cursor is None:
+                break
+            after = page.items[-1].sequence
+        curve = await self._backtests.equity_curve(record.backtest_id)
+        return RunSegment(record.metrics, curve, executions)
+
     async def _run_walk_forward(
         self,
         parent: TrackedRun,
@@ -593,6 +612,7 @@ class BacktestRunner:
 
         try:
             outcomes: list[WalkForwardOutcome] = []
+            tested_runs: list[TrackedRun] = []
             for index, (fold, in_sample) in enumerate(plan):
                 await self._run_points(parent, in_sample, refresh)
                 best = best_run([c.record for c in in_sample], rank_by)
@@ -606,6 +626,7 @@ class BacktestRunner:
                 )
                 parent.children = (*parent.children, tested)
                 await self._run_single(tested, tested_config, on_change=refresh)
+                tested_runs.append(tested)
                 outcomes.append(
                     WalkForwardOutcome(index, fold, best.backtest_id, tested.record.backtest_id)
                 )
@@ -614,12 +635,17 @@ class BacktestRunner:
                 return
             outcome = sweep_outcome([c.record for c in parent.children], rank_by)
             if outcome["state"] is BacktestState.SUCCEEDED:
-                # The folds are the result: no single child's metrics stand for the sweep.
+                # The folds are the result, and their out-of-sample runs stitched in time order:
+                # no single child's metrics stand for the sweep.
                 outcome = {
                     "state": BacktestState.SUCCEEDED,
                     "fraction_done": 1.0,
                     "walk_forward_folds": tuple(outcomes),
                 }
+                if tested_runs and all(run.record.metrics for run in tested_runs):
+                    segments = [await self._segment(run.record) for run in tested_runs]
+                    initial_cash = parent.record.config.initial_cash
+                    outcome["metrics"] = stitched_metrics(initial_cash, segments)
             await self._finish(parent, None, **outcome)
         except Exception as error:
             log.exception("walk-forward sweep %s failed", parent.record.backtest_id)

@@ -422,6 +422,9 @@ async def run(options: argparse.Namespace, client: KfeedClient, console: Console
     full = await _get(client, final.backtest_id, full=True)
     if full.walk_forward_folds:
         console.print(await folds_table(client, full))
+        if full.HasField("metrics"):
+            # The folds' out-of-sample runs stitched into one.
+            console.print(metrics_table(full))
         return 0
     if full.HasField("sweep"):
         ranked = await _ranked_children(client, full)

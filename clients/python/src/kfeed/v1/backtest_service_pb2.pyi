@@ -906,7 +906,10 @@ class Backtest(_message.Message):
     def progress(self) -> Global___BacktestProgress: ...
     @_builtins.property
     def metrics(self) -> Global___BacktestMetrics:
-        """Set once SUCCEEDED."""
+        """Set once SUCCEEDED. A sweep parent: its best child's. A walk-forward sweep parent: its folds'
+        out-of-sample runs stitched in time order into one run (each shifted by the PnL before it)
+        and measured as a single run is, without a Brier score (docs/BACKTESTING.md).
+        """
 
     @_builtins.property
     def data_fingerprint(self) -> Global___DataFingerprint:
@@ -934,7 +937,9 @@ class Backtest(_message.Message):
 
     @_builtins.property
     def walk_forward_folds(self) -> _containers.RepeatedCompositeFieldContainer[Global___WalkForwardFold]:
-        """For a walk-forward sweep parent: its folds, once its children are done."""
+        """For a walk-forward sweep parent: its folds, once its children are done (their combined
+        out-of-sample result is `metrics`).
+        """
 
     def __init__(
         self,

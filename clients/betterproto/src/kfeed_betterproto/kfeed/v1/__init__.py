@@ -716,7 +716,9 @@ class Backtest(betterproto2.Message):
         5, betterproto2.TYPE_MESSAGE, optional=True
     )
     """
-    Set once SUCCEEDED.
+    Set once SUCCEEDED. A sweep parent: its best child's. A walk-forward sweep parent: its folds'
+    out-of-sample runs stitched in time order into one run (each shifted by the PnL before it)
+    and measured as a single run is, without a Brier score (docs/BACKTESTING.md).
     """
 
     data_fingerprint: "DataFingerprint | None" = betterproto2.field(
@@ -786,7 +788,8 @@ class Backtest(betterproto2.Message):
         22, betterproto2.TYPE_MESSAGE, repeated=True
     )
     """
-    For a walk-forward sweep parent: its folds, once its children are done.
+    For a walk-forward sweep parent: its folds, once its children are done (their combined
+    out-of-sample result is `metrics`).
     """
 
 

@@ -746,7 +746,9 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
   progress?: BacktestProgress | undefined;
 
   /**
-   * Set once SUCCEEDED.
+   * Set once SUCCEEDED. A sweep parent: its best child's. A walk-forward sweep parent: its folds'
+   * out-of-sample runs stitched in time order into one run (each shifted by the PnL before it)
+   * and measured as a single run is, without a Brier score (docs/BACKTESTING.md).
    *
    * @generated from field: kfeed.v1.BacktestMetrics metrics = 5;
    */
@@ -830,7 +832,8 @@ export type Backtest = Message<"kfeed.v1.Backtest"> & {
   creator: string;
 
   /**
-   * For a walk-forward sweep parent: its folds, once its children are done.
+   * For a walk-forward sweep parent: its folds, once its children are done (their combined
+   * out-of-sample result is `metrics`).
    *
    * @generated from field: repeated kfeed.v1.WalkForwardFold walk_forward_folds = 22;
    */
