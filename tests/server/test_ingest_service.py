@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
+import pytest
 from google.rpc import code_pb2
 
 from kfeed.v1 import ingest_service_pb2, market_service_pb2, market_service_pb2_grpc, types_pb2
@@ -13,6 +16,7 @@ from kfeed_ingest.columns import snapshot_columns
 from kfeed_server.app import KfeedServer
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
 from kfeed_server.transport.convert import market_to_proto, snapshot_to_proto
+from tests.server.test_stream_replay_live import read_one
 from tests.support.factories import make_market, make_snapshot, make_trade
 from tests.support.servers import PublishSession, refused
 
@@ -258,3 +262,42 @@ async def test_columns_of_unknown_market_are_refused(publisher: PublishSession) 
     assert refused(ack) == [
         ("snapshot_columns", row, ["snapshot_columns.tickers[0]"]) for row in range(4)
     ]
+
+
+async def test_batch_whose_producer_goes_away_mid_write_is_stored_and_streamed_live(
+    kfeed_server: KfeedServer,
+    channel: grpc.aio.Channel,
+    publisher: PublishSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await publisher.publish(markets=[MARKET])
+    markets = market_service_pb2_grpc.MarketServiceStub(channel)
+    request = market_service_pb2.StreamSnapshotsRequest(tickers=[MARKET.ticker])
+    live = markets.StreamSnapshots(request)
+    assert (await read_one(live)).HasField("caught_up")
+    writer = kfeed_server.repositories.ingest
+    write_batch = writer.write_batch
+    writing, finish = asyncio.Event(), asyncio.Event()
+
+    async def held_write(**rows: Any) -> Any:
+        writing.set()
+        await finish.wait()  # the producer is gone by now: its call was cancelled
+        return await write_batch(**rows)
+
+    monkeypatch.setattr(writer, "write_batch", held_write)
+    gone = PublishSession(channel)
+    sent = asyncio.create_task(
+        gone.publish(snapshots=[make_snapshot(MARKET.ticker, i) for i in range(3)])
+    )
+    await asyncio.wait_for(writing.wait(), 10)
+    sent.cancel()  # a killed ingest: its stream ends while the batch is being written
+    with pytest.raises(asyncio.CancelledError):
+        await sent
+    await gone.close()
+    finish.set()
+    received = [await read_one(live) for _ in range(3)]
+    live.cancel()
+    assert [m.snapshot.snapshot.yes_bid.ten_thousandths for m in received] == [4000, 4001, 4002]
+    monkeypatch.setattr(writer, "write_batch", write_batch)
+    ack = await publisher.publish(snapshots=[make_snapshot(MARKET.ticker, 3)])
+    assert (ack.code, ack.snapshots_stored) == (code_pb2.OK, 1)

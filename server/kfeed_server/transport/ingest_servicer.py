@@ -584,6 +584,20 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         )
 
     async def _write(self, checked: _Checked) -> BatchWriteResult:
+        # A producer that goes away (a killed ingest) cancels its Publish call; the batch's
+        # transaction and its hand-off to live subscribers run to the end all the same. Cut off
+        # between them, live streams would skip rows the database holds (SQLite publishes them
+        # from here), and a transaction cut off inside the driver can keep SQLite's write lock.
+        write = asyncio.ensure_future(self._write_and_publish(checked))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            while not write.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(write)
+            raise
+
+    async def _write_and_publish(self, checked: _Checked) -> BatchWriteResult:
         request, snapshots = checked.request, checked.snapshots
         markets = [market_from_proto(m) for m in request.markets]
         async with self._write_lock:
