@@ -23,6 +23,7 @@ BENCHMARKS = (
     "bench.bench_replicas",
     "bench.bench_export",
     "bench.bench_web_stream",
+    "bench.bench_dashboard",
 )
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from playwright.async_api import Page, expect
 
-from tests.browser.conftest import start_dashboard
+from tests.support.dashboard import start_dashboard
 from tests.support.factories import make_market, make_snapshot
 from tests.support.processes import KfeedProcess
 from tests.support.security import INGEST_TOKEN, READ_TOKEN, bearer, write_tokens_file

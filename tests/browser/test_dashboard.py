@@ -20,15 +20,12 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.records import FeedGapRecord, MarketRecord, MarketStatus
 from kfeed_server.transport.convert import timestamp
-from tests.browser.conftest import VIEWER_TIME_ZONE, Dashboard
+from tests.browser.conftest import VIEWER_TIME_ZONE
+from tests.support.dashboard import Dashboard
 from tests.support.factories import make_snapshot
 from tests.support.servers import PublishSession
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-# Loopback, a warm server: the first page is usable well within this.
-FIRST_PAGE_BUDGET_MS = 2000
-
 
 async def _row_prices(page: Page) -> list[str]:
     texts: list[str] = await page.locator("[data-testid=market-row]").evaluate_all(
@@ -39,17 +36,14 @@ async def _row_prices(page: Page) -> list[str]:
     return texts
 
 
-async def test_markets_page_is_usable_fast_and_updates_live(
+async def test_markets_page_shows_live_prices_and_updates_live(
     live_stack: Dashboard, page: Page, screenshots: Path
 ) -> None:
     await page.goto(live_stack.url)
     first_row = page.locator("[data-testid=market-row]").first
     await expect(first_row).to_be_visible(timeout=15_000)
-    # Usable: market rows with live prices, measured from navigation start in the page itself.
+    # Usable: market rows with live prices (how fast: bench/bench_dashboard.py, not a test).
     await expect(first_row.locator("[data-testid=bid]")).to_have_text(re.compile(r"\$"))
-    usable_ms = await page.evaluate("performance.now()")
-    print(f"first page usable after {usable_ms:.0f} ms")
-    assert usable_ms < FIRST_PAGE_BUDGET_MS, f"first page usable after {usable_ms:.0f} ms"
 
     await expect(page.get_by_test_id("stream-state").first).to_have_text("live")
     before = await _row_prices(page)
