@@ -27,6 +27,7 @@ from tests.support.servers import PublishSession
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
+
 async def _row_prices(page: Page) -> list[str]:
     texts: list[str] = await page.locator("[data-testid=market-row]").evaluate_all(
         "rows => rows.map(r => r.querySelector('[data-testid=bid]').textContent"
