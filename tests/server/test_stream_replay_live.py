@@ -4,7 +4,9 @@ before the stream starts, where it starts (a past time or live), which markets i
 max_batch_size, and the batches a writer publishes while the stream replays — commits land
 between the replay's history reads (pages are made small) and across the switch. Whatever the
 draw: one caught-up marker, no gap and no duplicate, the applied books equal GetOrderBook at the
-end, and resuming from any token continues exactly."""
+end, and resuming from any token continues exactly. And the race forced: rows older than a
+stream's start_time that commit only after it went live are left out, as its replay leaves
+them out, and so by a stream resumed with the same start_time."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from kfeed_server.transport.convert import timestamp
 from tests.server.test_order_books import levels
 from tests.server.test_stream_order_books import ladder_of, updates
 from tests.support.book_timeline import Timeline, request_of
-from tests.support.factories import at, make_market, make_trade
+from tests.support.factories import at, make_market, make_snapshot, make_trade
 from tests.support.servers import PublishSession
 
 SEEDS = range(4)
@@ -205,37 +207,44 @@ async def test_trades_replay_then_live_while_commits_race_the_switch(
     )
     if rng.random() < 0.6:
         request.start_time.CopyFrom(timestamp(at(rng.randint(0, len(trades) + 5))))
+    # After the writer, one last trade on a followed market, later than every start: the stream
+    # delivers in commit order, so once it arrives everything committed before it has too (a
+    # heartbeat proves nothing here: under load the commit follower can be slower than it).
+    last = make_trade(sorted(selected)[0], len(trades) + 10)
+    batches.append(sender([last]))
+    in_commit_order.append(last.trade_id)
     stub = pb_grpc.MarketServiceStub(channel)
     stream = stub.StreamTrades(request)
     writing = asyncio.create_task(write(rng, batches[before:]))
     messages: list[pb.StreamTradesResponse] = []
     received: list[str] = []
-    written = False
-    while True:
+    while last.trade_id not in received:
         message = await read_one(stream)
         messages.append(message)
         received += [t.trade_id for t in trade_list(message)]
-        if written and message.HasField("heartbeat"):
-            break  # quiet after the last commit
-        written = writing.done()
+    while not messages[-1].HasField("heartbeat"):  # anything sent after it (a duplicate) counts
+        messages.append(await read_one(stream))
+        received += [t.trade_id for t in trade_list(messages[-1])]
     stream.cancel()
     await writing
     assert [m.WhichOneof("event") for m in messages].count("caught_up") == 1
     assert all(m.resume_token for m in messages)
     if request.HasField("start_time"):
         start = request.start_time.ToDatetime(tzinfo=trades[0].create_time.tzinfo)
-        by_id = {t.trade_id: t for t in trades}
+        by_id = {t.trade_id: t for t in [*trades, last]}
         assert received == [i for i in in_commit_order if by_id[i].create_time >= start]
     else:  # live: from some point on, every trade, in commit order, once
         assert received == in_commit_order[len(in_commit_order) - len(received) :]
     for position in rng.sample(range(len(messages)), min(3, len(messages))):
-        resumed = stub.StreamTrades(
-            pb.StreamTradesRequest(
-                tickers=followed,
-                resume_token=messages[position].resume_token,
-                max_batch_size=request.max_batch_size,
-            )
+        # The same start_time with the token: it selects the rows after the token's position.
+        resumed_request = pb.StreamTradesRequest(
+            tickers=followed,
+            resume_token=messages[position].resume_token,
+            max_batch_size=request.max_batch_size,
         )
+        if request.HasField("start_time"):
+            resumed_request.start_time.CopyFrom(request.start_time)
+        resumed = stub.StreamTrades(resumed_request)
         rest: list[pb.StreamTradesResponse] = []
         while not (rest and rest[-1].HasField("caught_up")):
             rest.append(await read_one(resumed))
@@ -248,3 +257,119 @@ def trade_list(message: pb.StreamTradesResponse) -> list[types_pb2.Trade]:
     if message.HasField("trade"):
         return [message.trade]
     return list(message.trade_batch.trades)
+
+
+# Rows at these seconds are stored before the streams open; the start is between them.
+STORED_AT = (0, 10, 20, 30)
+START = 25
+# Then, once the streams are live: rows older than the start (alone, and in one batch with a
+# newer one), then a row later than everything, published last.
+LIVE_BATCHES = ((5,), (15, 35), (40,))
+LAST = 40
+StreamResponse = pb.StreamSnapshotsResponse | pb.StreamTradesResponse
+RowStream = (
+    grpc.aio.UnaryStreamCall[pb.StreamSnapshotsRequest, pb.StreamSnapshotsResponse]
+    | grpc.aio.UnaryStreamCall[pb.StreamTradesRequest, pb.StreamTradesResponse]
+)
+
+
+class Rows:
+    """Snapshots or trades of one market for the start_time tests: publish rows at given
+    seconds, open a stream, and read which rows (by their second) a message carries."""
+
+    def __init__(self, kind: str, publisher: PublishSession, channel: grpc.aio.Channel) -> None:
+        self.kind = kind
+        self.ticker = f"KXSTART-{kind.upper()}"
+        self._publisher = publisher
+        self._stub = pb_grpc.MarketServiceStub(channel)
+
+    async def publish(self, seconds: Sequence[int]) -> None:
+        if self.kind == "trades":
+            ack = await self._publisher.publish(
+                trades=[make_trade(self.ticker, s) for s in seconds]
+            )
+        else:
+            ack = await self._publisher.publish(
+                snapshots=[make_snapshot(self.ticker, s) for s in seconds]
+            )
+        assert ack.code == code_pb2.OK
+
+    def open(self, start: int | None = None, resume_token: str = "") -> RowStream:
+        request = pb.StreamTradesRequest() if self.kind == "trades" else pb.StreamSnapshotsRequest()
+        request.tickers.append(self.ticker)
+        request.resume_token = resume_token
+        request.heartbeat_interval.CopyFrom(HEARTBEAT)
+        request.max_batch_size = 3
+        if start is not None:
+            request.start_time.CopyFrom(timestamp(at(start)))
+        if isinstance(request, pb.StreamTradesRequest):
+            return self._stub.StreamTrades(request)
+        return self._stub.StreamSnapshots(request)
+
+    def seconds(self, message: StreamResponse) -> list[int]:
+        """The rows ``message`` carries, by their exchange (trade: create) second."""
+        if isinstance(message, pb.StreamTradesResponse):
+            times = [t.create_time for t in trade_list(message)]
+        else:
+            singles = [message.snapshot] if message.HasField("snapshot") else []
+            batched = message.snapshot_batch.updates
+            times = [u.snapshot.exchange_time for u in [*singles, *batched]]
+        base = timestamp(at(0)).seconds
+        return [time.seconds - base for time in times]
+
+
+async def read_rows(
+    rows: Rows,
+    stream: RowStream,
+    until: Callable[[StreamResponse], bool],
+) -> tuple[list[StreamResponse], list[int]]:
+    """Messages up to the first ``until`` accepts, and the rows they carried."""
+    messages: list[StreamResponse] = []
+    while not (messages and until(messages[-1])):
+        message = await asyncio.wait_for(stream.read(), timeout=10)
+        assert isinstance(message, (pb.StreamSnapshotsResponse, pb.StreamTradesResponse))
+        messages.append(message)
+    return messages, [s for m in messages for s in rows.seconds(m)]
+
+
+def is_caught_up(message: StreamResponse) -> bool:
+    return message.HasField("caught_up")
+
+
+@pytest.mark.parametrize("kind", ["snapshots", "trades"])
+async def test_start_time_leaves_out_old_rows_committed_after_the_stream_went_live(
+    publisher: PublishSession, channel: grpc.aio.Channel, kind: str
+) -> None:
+    """The race forced: rows older than the start commit only once the stream is live. The
+    stream with the start leaves them out as its replay would have; one without a start (live)
+    delivers them; resuming the filtered stream from a token before they committed, with the
+    same start_time, leaves them out too — and the resuming request's start_time is what
+    selects: without one, they come."""
+    rows = Rows(kind, publisher, channel)
+    await publisher.publish(markets=[make_market(rows.ticker)])
+    await rows.publish(STORED_AT)
+    filtered, live = rows.open(START), rows.open()
+    history, replayed = await read_rows(rows, filtered, is_caught_up)
+    await read_rows(rows, live, is_caught_up)
+    assert replayed == [30]
+    for batch in LIVE_BATCHES:
+        await rows.publish(batch)
+
+    def has_last(message: StreamResponse) -> bool:
+        return LAST in rows.seconds(message)
+
+    _, after_start = await read_rows(rows, filtered, has_last)
+    _, everything = await read_rows(rows, live, has_last)
+    # Rows sent after the last one (a duplicate) would come before the next heartbeat.
+    _, extra = await read_rows(rows, filtered, lambda m: m.HasField("heartbeat"))
+    filtered.cancel()
+    live.cancel()
+    assert after_start == [35, 40]
+    assert everything == [5, 15, 35, 40]
+    assert extra == []
+    token = history[-1].resume_token  # at the switch, before the live rows committed
+    for start, expected in ((START, [35, 40]), (None, [5, 15, 35, 40])):
+        resumed = rows.open(start, resume_token=token)
+        _, rest = await read_rows(rows, resumed, is_caught_up)
+        resumed.cancel()
+        assert rest == expected, start

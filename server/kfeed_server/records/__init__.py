@@ -149,6 +149,11 @@ class SnapshotRecord(NamedTuple):
         """The id streams resume by."""
         return self.snapshot_id
 
+    @property
+    def stream_time(self) -> datetime:
+        """The time a stream's ``start_time`` selects by."""
+        return self.exchange_time
+
 
 # SnapshotRecord's optional integer fields, in field order (the columnar wire format's
 # presence bits and the backtest chunk encoding both follow it).
@@ -194,6 +199,10 @@ class StreamedTrade:
     @property
     def ticker(self) -> str:
         return self.trade.ticker
+
+    @property
+    def stream_time(self) -> datetime:
+        return self.trade.create_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +390,10 @@ class StreamedBookChange:
     def ticker(self) -> str:
         return self.change.ticker
 
+    @property
+    def stream_time(self) -> datetime:
+        return self.change.exchange_time
+
 
 @dataclass(frozen=True, slots=True)
 class StreamedBook:
@@ -394,6 +407,10 @@ class StreamedBook:
     @property
     def ticker(self) -> str:
         return self.book.ticker
+
+    @property
+    def stream_time(self) -> datetime:
+        return self.book.exchange_time
 
 
 BookStreamRow = StreamedBookChange | StreamedBook

@@ -40,13 +40,17 @@ COLUMN_REPLAY_ROWS = 1_000_000
 
 
 class StreamRow(Protocol):
-    """A streamed row: its market, and its id (increasing in commit order)."""
+    """A streamed row: its market, its id (increasing in commit order), and its time
+    (exchange time; a trade's create time) — what a stream's ``start_time`` selects by."""
 
     @property
     def ticker(self) -> str: ...
 
     @property
     def stream_id(self) -> int: ...
+
+    @property
+    def stream_time(self) -> datetime: ...
 
 
 R = TypeVar("R", bound=StreamRow)
@@ -109,9 +113,11 @@ class OverflowPolicy:
 class FeedRequest:
     selector: MarketSelector
     kind: StreamKind = StreamKind.SNAPSHOTS
-    # Replay rows with exchange (trades: create) time at or after this.
+    # Deliver only rows with exchange (trades: create) time at or after this, stored and live
+    # alike; order books instead start from the books in force at this time.
     start_time: datetime | None = None
-    # Continue after this row id (wins over start_time).
+    # Continue after this row id: where the stream starts, start_time still selecting the rows
+    # (order books: start_time is then unused — the token's position stands for it).
     resume_after_id: int | None = None
     include_latest: bool = False
     heartbeat_interval: float = 5.0
@@ -294,6 +300,8 @@ async def _history_then_live(
     replay, min_time = True, None
     if request.resume_after_id is not None:
         last_id = request.resume_after_id
+        if not isinstance(source, StartingPointSource):
+            min_time = request.start_time
     elif isinstance(source, StartingPointSource):
         start = await source.starting_point(request.history_tickers, request.start_time)
         starting_rows, last_id = cast(tuple[list[R], int], start)
@@ -330,7 +338,7 @@ async def _history_then_live(
                 replayed += len(preamble)
                 yield cast(RowRun[R], RowRun(preamble, fixed_resume_after_id=last_id))
     yield Delivery(CaughtUpEvent(replayed), last_id)
-    live: AsyncIterator[FeedItem[R]] = _live(request, subscription, last_id)
+    live: AsyncIterator[FeedItem[R]] = _live(request, subscription, last_id, min_time)
     async for item in live:
         yield item
 
@@ -374,9 +382,18 @@ class _ReadyItems(Generic[R]):
         return items
 
 
+def _all_from(rows: Sequence[R], min_time: datetime | None) -> bool:
+    """Whether every one of ``rows`` is at or after ``min_time`` (None: no filter)."""
+    return min_time is None or all(row.stream_time >= min_time for row in rows)
+
+
 async def _live(
-    request: FeedRequest, subscription: Subscription, last_id: int
+    request: FeedRequest, subscription: Subscription, last_id: int, min_time: datetime | None
 ) -> AsyncIterator[FeedItem[R]]:
+    """Live rows after ``last_id``; those older than ``min_time`` are left out as the replay
+    leaves them out, so which rows a stream delivers does not depend on whether they committed
+    before or after it went live (a row left out does not move the resume position: a stream
+    resumed with the same ``start_time`` leaves it out again)."""
     loop = asyncio.get_running_loop()
     conflation = request.conflation_interval
     conflator: _Conflator[R] | None = _Conflator() if conflation else None
@@ -402,13 +419,15 @@ async def _live(
                 continue
             # The hub routes to a subscription rows of its kind only, in id order.
             rows = cast(Sequence[R], chunk.items)
-            if conflator is None and rows[0].stream_id > last_id:
+            if conflator is None and rows[0].stream_id > last_id and _all_from(rows, min_time):
                 last_id = rows[-1].stream_id
                 ready.chunk(chunk)
                 continue
             for row in rows:
                 if row.stream_id <= last_id:
                     continue  # already delivered from history
+                if min_time is not None and row.stream_time < min_time:
+                    continue
                 if conflator is None:
                     last_id = row.stream_id
                     ready.row(row)
