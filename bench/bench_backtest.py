@@ -8,8 +8,9 @@ line printed is a one-line JSON summary. The two implementations must agree on t
 The numpy time includes reading the columns out of the records (the input both implementations get:
 stored rows, not pre-built arrays); the kernel alone is reported too.
 
-The other compiled rules (mean reversion, favourite-hold, momentum) are timed against the engine
-over the same records, and must give an equal result (``--rules-only``: just those).
+The other compiled rules (mean reversion, favourite-hold, momentum, and the spread maker over the
+records and a synthetic trade every 5 snapshots) are timed against the engine over the same
+records, and must give an equal result (``--rules-only``: just those).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import numpy as np
 
 from kfeed_server.backtest import EngineConfig, Fingerprinter, fingerprint, run_backtest
 from kfeed_server.backtest.chunks import encode_chunk
+from kfeed_server.backtest.config import COMPILED_WITH_TRADES
+from kfeed_server.backtest.engine import MarketEvent
 from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast, warm_up
 from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
-from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
+from kfeed_server.records import DataSource, MarketStatus, Side, SnapshotRecord, TradeRecord
 
 BUY_BELOW = 4_000
 SELL_ABOVE = 6_000
@@ -77,6 +80,38 @@ def synthetic_snapshots(count: int, markets: int, seed: int) -> list[SnapshotRec
             )
         )
     return snapshots
+
+
+def synthetic_trades(snapshots: list[SnapshotRecord], seed: int) -> list[TradeRecord]:
+    """A public trade half a second after every 5th snapshot, a cent through its YES bid (a
+    taker selling YES) or its ask (buying YES), 1-4 contracts: the synthetic snapshots show no
+    sizes, so the market maker's resting orders fill on trades through their price."""
+    rng = np.random.default_rng(seed)
+    trades = []
+    for k in range(0, len(snapshots), 5):
+        row = snapshots[k]
+        assert row.yes_bid is not None
+        assert row.yes_ask is not None
+        sells = bool(rng.random() < 0.5)
+        price = row.yes_bid - 100 if sells else row.yes_ask + 100
+        trades.append(
+            TradeRecord(f"T{k}", row.ticker, price, 10_000 - price, int(rng.integers(1, 5)) * 100,
+                        Side.NO if sells else Side.YES,
+                        row.exchange_time + timedelta(milliseconds=500))
+        )  # fmt: skip
+    return trades
+
+
+def with_trades(snapshots: list[SnapshotRecord], trades: list[TradeRecord]) -> list[MarketEvent]:
+    """The engine's input: each trade before the first snapshot at or after its time."""
+    events: list[MarketEvent] = []
+    k = 0
+    for row in snapshots:
+        while k < len(trades) and trades[k].create_time <= row.exchange_time:
+            events.append(trades[k])
+            k += 1
+        events.append(row)
+    return events + trades[k:]
 
 
 def encoded_fingerprinter(snapshots: list[SnapshotRecord]) -> Fingerprinter:
@@ -171,6 +206,8 @@ OTHER_RULES = (
     EngineConfig("mean_reversion", (), {"window": 20, "entry_z": 2.0, "count": COUNT}),
     EngineConfig("favourite_hold", (), {"min_price": 6_000, "max_price": 9_000, "count": COUNT}),
     EngineConfig("momentum", (), {"lookback": 10, "threshold": 200, "count": COUNT}),
+    # Resting orders with the queue model, over the snapshots and the synthetic trades.
+    EngineConfig("spread_maker", (), {"min_spread": 200, "max_inventory": 500, "count": COUNT}),
 )
 
 
@@ -180,13 +217,16 @@ def compare_rule(
     tickers: tuple[str, ...],
     chunks: Fingerprinter,
     repeat: int,
+    trades: list[TradeRecord],
 ) -> dict[str, object]:
     """``rule`` through the engine once (the slow side) and compiled from the records ``repeat``
     times (every run kept), both fingerprinted from the encoded chunks as in the service; the
-    results must be equal."""
+    results must be equal. The market maker also replays ``trades`` (both sides)."""
     config = replace(rule, tickers=tickers)
+    replayed = trades if config.strategy in COMPILED_WITH_TRADES else []
+    events = with_trades(snapshots, replayed) if replayed else snapshots
     began = time.perf_counter()
-    expected = run_backtest(config, {}, snapshots, fingerprinter=chunks.copy())
+    expected = run_backtest(config, {}, events, fingerprinter=chunks.copy())
     engine_seconds = time.perf_counter() - began
     runs = []
     from_columns = []
@@ -195,7 +235,7 @@ def compare_rule(
         began = time.perf_counter()
         columns = columns_from_records(snapshots, tickers)
         columns_ready = time.perf_counter()
-        result = run_fast(config, {}, columns, chunks.copy())
+        result = run_fast(config, {}, columns, chunks.copy(), trades=replayed)
         runs.append(time.perf_counter() - began)
         from_columns.append(time.perf_counter() - columns_ready)
         equal = equal and result == expected
@@ -299,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     warm_up()
+    trades = synthetic_trades(snapshots, args.seed)
+    chunks = encoded_fingerprinter(snapshots)
     rules = [
-        compare_rule(rule, snapshots, tickers, encoded_fingerprinter(snapshots), args.repeat)
-        for rule in OTHER_RULES
+        compare_rule(rule, snapshots, tickers, chunks, args.repeat, trades) for rule in OTHER_RULES
     ]
     rules_equal = all(r["equal"] for r in rules)
     if args.rules_only:
@@ -325,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # The compiled path (warmed above, from numba's disk cache): best of N, every run kept for the
     # spread; its fingerprint comes from the service's encoded chunks, as for the engine.
-    chunks = encoded_fingerprinter(snapshots)
     compiled_runs = [run_compiled(snapshots, tickers, chunks.copy()) for _ in range(args.repeat)]
     compiled, _ = min(compiled_runs, key=lambda r: r[0].seconds)
     compiled_from_columns = min(seconds for _, seconds in compiled_runs)

@@ -16,19 +16,25 @@ from kfeed.v1 import backtest_service_pb2_grpc as pb_grpc
 from kfeed.v1 import types_pb2
 from kfeed_ingest.kalshi.books import START, BookChange, checkpoint, micros
 from kfeed_server.app import KfeedServer
-from kfeed_server.backtest import BookState
+from kfeed_server.backtest import BookState, EngineConfig, run_backtest
 from kfeed_server.backtest.books import event_time
+from kfeed_server.backtest.config import fast_path_applies
+from kfeed_server.backtest.engine import MarketEvent
 from kfeed_server.backtest.market_events import window_events
 from kfeed_server.books import OrderBooks
 from kfeed_server.db.repositories.export import ArrowExportReader
-from kfeed_server.records import TradeRecord
-from kfeed_server.transport.convert import timestamp
+from kfeed_server.records import Side, SnapshotRecord, TradeRecord
+from kfeed_server.records.backtest import ParamValue
+from kfeed_server.transport.backtest_servicer import metrics_to_proto
+from kfeed_server.transport.convert import dollars, timestamp
 from tests.support.backtest_service import (
     TICKER,
     all_executions,
     publish_snapshots,
     run_to_end,
+    stored_window,
     threshold_config,
+    wave_snapshots,
 )
 from tests.support.book_timeline import MARKET, Timeline, publish_timeline, request_of
 from tests.support.factories import at, make_market, make_snapshot, make_trade
@@ -203,3 +209,52 @@ async def test_books_and_trades_committed_while_a_run_reads_are_not_read_by_it(
     assert after.data_fingerprint.event_count == 4
     assert after.data_fingerprint.content_hash != before.data_fingerprint.content_hash
     assert after.data_fingerprint.row_count == before.data_fingerprint.row_count
+
+
+async def test_a_spread_maker_run_reads_the_trades_compiled_and_equals_the_engine(
+    backtest_server: KfeedServer, stub: pb_grpc.BacktestServiceAsyncStub, publisher: PublishSession
+) -> None:
+    await publisher.publish(markets=[make_market(TICKER)])
+    await publish_snapshots(publisher, wave_snapshots(TICKER, 300))
+    rows = await stored_window(backtest_server.repositories, (TICKER,), at(0), at(300))
+    # Every 7th second half a second after a snapshot, a taker sells 2 contracts at a cent under
+    # its YES bid: through a bid resting there, which fills as a maker.
+    trades = [
+        make_trade(TICKER, i, yes_price=row.yes_bid - 100, no_price=10_100 - row.yes_bid,
+                   count=200, taker_side=Side.NO, create_time=row.exchange_time
+                   + timedelta(milliseconds=500))
+        for i, row in enumerate(rows) if i % 7 == 3 and row.yes_bid is not None
+    ]  # fmt: skip
+    assert (await publisher.publish(trades=trades)).code == 0
+    parameters: dict[str, ParamValue] = {"min_spread": 200, "max_inventory": 400, "count": 200}
+    config = pb.BacktestConfig(
+        strategy="spread_maker",
+        tickers=[TICKER],
+        parameters={
+            "min_spread": pb.ParameterValue(dollars_value=dollars(200)),
+            "max_inventory": pb.ParameterValue(integer_value=400),
+            "count": pb.ParameterValue(integer_value=200),
+        },
+    )
+    config.start_time.CopyFrom(timestamp(at(0)))
+    config.end_time.CopyFrom(timestamp(at(300)))
+    run = await run_to_end(stub, config)
+    assert run.state == pb.BACKTEST_STATE_SUCCEEDED, run.error_message
+
+    # The engine over the same stored rows and trades (each trade before the next snapshot).
+    engine_config = EngineConfig(
+        "spread_maker", (TICKER,), parameters, start_time=at(0), end_time=at(300)
+    )
+    assert fast_path_applies(engine_config)  # the service ran it compiled
+    market = await backtest_server.repositories.markets.get_market(TICKER)
+    assert market is not None
+    events: list[MarketEvent] = sorted(
+        [*rows, *trades],
+        key=lambda e: (e.create_time if isinstance(e, TradeRecord) else e.exchange_time,
+                       isinstance(e, SnapshotRecord)),
+    )  # fmt: skip
+    expected = run_backtest(engine_config, {TICKER: market}, events)
+    assert expected.maker_fills > 5
+    assert run.metrics == metrics_to_proto(expected.metrics)
+    assert run.data_fingerprint.event_count == len(trades)
+    assert run.data_fingerprint.content_hash == expected.fingerprint.content_hash

@@ -25,8 +25,12 @@ from kfeed_server.records.backtest import (
 MAX_LATENCY = timedelta(hours=1)
 """The longest decision-to-arrival delay accepted."""
 
-FAST_STRATEGIES = frozenset({"threshold", "favourite_hold", "mean_reversion", "momentum"})
+FAST_STRATEGIES = frozenset(
+    {"threshold", "favourite_hold", "mean_reversion", "momentum", "spread_maker"}
+)
 """Strategies the compiled path (``backtest.fast``) runs."""
+COMPILED_WITH_TRADES = frozenset({"spread_maker"})
+"""Compiled strategies that replay the public trades (the queue model of resting orders)."""
 _NO_BOUND = 2**62
 
 
@@ -45,10 +49,13 @@ def fast_path_applies(config: EngineConfig, fees: Mapping[str, MarketFees] | Non
         (fees.get(t, DEFAULT_MARKET_FEES).multiplier for t in config.tickers),
         default=MULTIPLIER_SCALE,
     )
-    count = config.parameters.get("count", 100)
-    if not isinstance(count, int):
+    # The largest order: ``count``, or for the market maker its inventory (what it offers).
+    counts = [config.parameters.get(name, 100) for name in ("count", "max_inventory")]
+    if not all(isinstance(count, int) for count in counts):
         return False
-    return config.taker_fee_rate_ten_thousandths * multiplier * count * 25_000_000 < _NO_BOUND
+    count = max(c for c in counts if isinstance(c, int))
+    rate = max(config.taker_fee_rate_ten_thousandths, config.maker_fee_rate_ten_thousandths)
+    return rate * multiplier * count * 25_000_000 < _NO_BOUND
 
 
 def validate_config(

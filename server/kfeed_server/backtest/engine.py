@@ -936,6 +936,8 @@ class _Run:
         for snapshot in events:
             if snapshot.__class__ is not snapshot_type:
                 self._other_event(snapshot, tickers, start, end, fingerprinter)
+                # A settlement it brought due may have added a curve point: one point per time.
+                last_time = curve_times[-1] if curve_times else None
                 continue
             now = snapshot.exchange_time
             ticker = snapshot.ticker

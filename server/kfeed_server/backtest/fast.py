@@ -25,15 +25,22 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import njit
 
+from kfeed_server.backtest import maker_kernel
 from kfeed_server.backtest.chunks import MARKET_COLUMNS
-from kfeed_server.backtest.config import fast_path_applies, validate_config
+from kfeed_server.backtest.config import (
+    COMPILED_WITH_TRADES,
+    fast_path_applies,
+    validate_config,
+)
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
     BacktestResult,
+    StrategyError,
     _yes_payout,
 )
 from kfeed_server.backtest.fees import DEFAULT_MARKET_FEES, FeeType, MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
+from kfeed_server.backtest.kernel_parts import kernel_fee, write_execution
 from kfeed_server.backtest.metrics import (
     Drawdown,
     brier_score,
@@ -42,6 +49,7 @@ from kfeed_server.backtest.metrics import (
     sharpe_ratio,
     sortino_ratio,
 )
+from kfeed_server.backtest.orders import Order
 from kfeed_server.backtest.strategy import StrategyRegistry, default_registry
 from kfeed_server.records import (
     DataSource,
@@ -53,6 +61,7 @@ from kfeed_server.records import (
     OrderAction,
     Side,
     SnapshotRecord,
+    TradeRecord,
 )
 from kfeed_server.records.backtest import BacktestMetrics, EngineConfig, FeeRounding
 
@@ -186,38 +195,6 @@ _RULES = {
 _BOUNDS = {"threshold": ("buy_below", "sell_above"), "favourite_hold": ("min_price", "max_price")}
 
 
-@njit(cache=True)
-def _fee(count: int, price: int, rate: int, multiplier: int, flat: bool, unit: int) -> int:
-    spread = 5_000 * 5_000 if flat else price * (10_000 - price)
-    total = rate * multiplier * count * spread
-    denominator = 10_000 * 100 * 10_000 * 10_000 * unit
-    return -(-total // denominator) * unit
-
-
-@njit(cache=True, boundscheck=True)
-def _write_execution(
-    ex: np.ndarray,
-    row: int,
-    time: int,
-    market: int,
-    snapshot_id: int,
-    action: int,
-    count: int,
-    price: int,
-    fee: int,
-    cash: int,
-    position_after: int,
-    realized: int,
-    yes: int,
-) -> int:
-    """Writes one execution (the columns ``_result`` reads) at ``row``; returns the next row."""
-    for column, value in enumerate(
-        (time, market, snapshot_id, action, count, price, fee, cash, position_after, realized, yes)
-    ):
-        ex[row, column] = value
-    return row + 1
-
-
 # Bounds-checked: an index error raises instead of corrupting memory (and with unchecked indexing
 # LLVM's optimiser has produced a crashing build of this loop here).
 @njit(cache=True, boundscheck=True)
@@ -335,7 +312,7 @@ def _taker_kernel(
                 cash += amount
                 realized = amount - cost[dc]
                 trip_pnl[dc] += realized
-                n_ex = _write_execution(
+                n_ex = write_execution(
                     ex, n_ex, when, dc, 0, 3, held[dc], payout, 0, cash, 0, realized, yes_side[dc]
                 )
                 trips[n_trips] = trip_pnl[dc]
@@ -451,7 +428,7 @@ def _taker_kernel(
                 rejected += 1
             else:
                 price = max(held_bid - slippage, 0)
-                fee = _fee(n, held_bid, rate, multipliers[c], flats[c], unit)
+                fee = kernel_fee(n, held_bid, rate, multipliers[c], flats[c], unit)
                 gross = n * price // 100
                 if cash + gross - fee < 0:
                     rejected += 1
@@ -467,7 +444,7 @@ def _taker_kernel(
                     mark[c] = m
                     fees_paid += fee
                     trades += 1
-                    n_ex = _write_execution(
+                    n_ex = write_execution(
                         ex,
                         n_ex,
                         t,
@@ -506,13 +483,15 @@ def _taker_kernel(
                 n = min(n, max_position)
             price = min(take + slippage, 10_000)
             if n > 0:
-                total = -(-n * price // 100) + _fee(n, take, rate, multipliers[c], flats[c], unit)
+                total = -(-n * price // 100) + kernel_fee(
+                    n, take, rate, multipliers[c], flats[c], unit
+                )
                 if total > cash:
                     low = 0
                     high = n
                     while high - low > 1:
                         middle = (low + high) // 2
-                        need = -(-middle * price // 100) + _fee(
+                        need = -(-middle * price // 100) + kernel_fee(
                             middle, take, rate, multipliers[c], flats[c], unit
                         )
                         if need <= cash:
@@ -523,7 +502,7 @@ def _taker_kernel(
             if n <= 0:
                 rejected += 1
             else:
-                fee = _fee(n, take, rate, multipliers[c], flats[c], unit)
+                fee = kernel_fee(n, take, rate, multipliers[c], flats[c], unit)
                 total = -(-n * price // 100) + fee
                 cash -= total
                 if open_positions == 0 and open_since < 0:
@@ -538,7 +517,7 @@ def _taker_kernel(
                 mark[c] = m
                 fees_paid += fee
                 trades += 1
-                n_ex = _write_execution(
+                n_ex = write_execution(
                     ex, n_ex, t, c, sid[i], 1, n, price, fee, cash, n if buy_yes else -n, 0, buy_yes
                 )
         equity = cash + marked
@@ -574,7 +553,7 @@ def _taker_kernel(
             cash += amount
             realized = amount - cost[dc]
             trip_pnl[dc] += realized
-            n_ex = _write_execution(
+            n_ex = write_execution(
                 ex, n_ex, when, dc, 0, 3, held[dc], payout, 0, cash, 0, realized, yes_side[dc]
             )
             trips[n_trips] = trip_pnl[dc]
@@ -672,6 +651,36 @@ class _Prepared:
     due_code: np.ndarray
     due_payout: np.ndarray
     first_day_us: int
+    makers_pay: np.ndarray
+    # The public trades given (all of them: each run keeps those of its window).
+    trades: tuple[TradeRecord, ...]
+    trade_columns: TradeColumns
+
+
+@dataclass(frozen=True, slots=True)
+class TradeColumns:
+    """Public trades as columns: ``code`` indexes the tickers (-1: another market), times in µs
+    since the epoch, ``hits_yes`` 1 when the taker bought NO (it sold into the YES bids)."""
+
+    code: np.ndarray
+    time_us: np.ndarray
+    yes_price: np.ndarray
+    no_price: np.ndarray
+    count: np.ndarray
+    hits_yes: np.ndarray
+
+
+def trade_columns(trades: Sequence[TradeRecord], tickers: Sequence[str]) -> TradeColumns:
+    """``trades`` as columns."""
+    code_of = {ticker: code for code, ticker in enumerate(tickers)}
+    return TradeColumns(
+        np.array([code_of.get(t.ticker, _NONE) for t in trades], dtype=np.int64),
+        np.array([_to_us(t.create_time) for t in trades], dtype=np.int64),
+        np.array([t.yes_price for t in trades], dtype=np.int64),
+        np.array([t.no_price for t in trades], dtype=np.int64),
+        np.array([t.count for t in trades], dtype=np.int64),
+        np.array([t.taker_side is Side.NO for t in trades], dtype=np.int64),
+    )
 
 
 def _prepare(
@@ -679,11 +688,13 @@ def _prepare(
     markets: Mapping[str, MarketRecord],
     fees: Mapping[str, MarketFees],
     columns: SnapshotColumns,
+    trades: Sequence[TradeRecord],
 ) -> _Prepared:
     tickers = columns.tickers
     terms = [fees.get(t, DEFAULT_MARKET_FEES) for t in tickers]
     multipliers = np.array([f.multiplier for f in terms], dtype=np.int64)
     flats = np.array([f.fee_type is FeeType.FLAT for f in terms], dtype=np.bool_)
+    makers_pay = np.array([f.charges_makers for f in terms], dtype=np.bool_)
     due = []
     for code, ticker in enumerate(tickers):
         market = markets.get(ticker)
@@ -703,6 +714,9 @@ def _prepare(
         np.array([d[2] for d in due], dtype=np.int64),
         np.array([d[3] for d in due], dtype=np.int64),
         0,  # UTC midnights are whole days since the epoch
+        makers_pay,
+        tuple(trades),
+        trade_columns(trades, tickers),
     )
 
 
@@ -808,6 +822,85 @@ def _run_kernel(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
     )  # fmt: skip
 
 
+def _run_maker(config: EngineConfig, prepared: _Prepared) -> _KernelOutput:
+    """The spread maker's kernel (``maker_kernel``) over the prepared columns and trades, its
+    output in ``_taker_kernel``'s shape (YES positions only, no forecasts)."""
+    columns = prepared.columns
+    trades = prepared.trade_columns
+    n, markets = len(columns), len(columns.tickers)
+    parameters = config.parameters
+    first = int(columns.time_us.min()) if n else 0
+    last = int(columns.time_us.max()) if n else 0
+    due_last = int(prepared.due_time.max()) if prepared.due_time.size else last
+    days = (max(last, due_last) - min(first, last)) // _DAY_US + 3
+    # At most: a taker and two maker fills a snapshot, two maker fills a trade, a settlement each.
+    ex = np.zeros((3 * n + 2 * trades.code.size + markets + 1, 11), dtype=np.int64)
+    state = np.zeros((markets, maker_kernel.MARKET_FIELDS), dtype=np.int64)
+    state[:, maker_kernel.MARKET_ROW] = _NONE
+    scalars = np.zeros(maker_kernel.MAKER_SCALARS, dtype=np.int64)
+    out = _KernelOutput(
+        ex,
+        np.zeros((n + markets + 1, 2), dtype=np.int64),
+        np.zeros(days + markets + 1, dtype=np.int64),
+        np.zeros(ex.shape[0], dtype=np.int64),
+        state[:, maker_kernel.MARKET_HELD],
+        state[:, maker_kernel.MARKET_COST],
+        state[:, maker_kernel.MARKET_MARK],
+        np.zeros(0, dtype=np.int64),  # filled below
+        np.zeros(0, dtype=np.int64),
+        np.zeros(0, dtype=np.int64),
+        np.ones(markets, dtype=np.int64),
+        np.zeros(0, dtype=np.float64),
+        np.zeros(0, dtype=np.int64),
+        scalars,
+    )
+    maker_kernel.maker_kernel(
+        columns.code, columns.time_us, columns.snapshot_id, columns.yes_bid, columns.yes_ask,
+        columns.no_bid, columns.yes_bid_size, columns.yes_ask_size,
+        trades.code, trades.time_us, trades.yes_price, trades.no_price, trades.count,
+        trades.hits_yes,
+        int(parameters["min_spread"]), int(parameters["max_inventory"]), int(parameters["count"]),
+        config.initial_cash, config.taker_fee_rate_ten_thousandths,
+        config.maker_fee_rate_ten_thousandths, prepared.multipliers, prepared.flats,
+        prepared.makers_pay, FeeRounding(config.fee_rounding).unit, config.slippage,
+        config.cap_by_displayed_size, config.queue_cancel_share_ten_thousandths,
+        _to_us(config.start_time) if config.start_time is not None else -(2**62),
+        _to_us(config.end_time) if config.end_time is not None else 2**62,
+        prepared.due_time, prepared.due_code, prepared.due_payout,
+        out.ex, out.curve, out.closes, out.trips, state, scalars,
+    )  # fmt: skip
+    error_row = int(scalars[maker_kernel.ERROR_ROW])
+    if error_row >= 0:
+        _raise_refused(config, columns, error_row, scalars)
+    # The latest snapshot of each market, for the marks at the end.
+    rows = state[:, maker_kernel.MARKET_ROW]
+    seen = rows >= 0
+    safe = np.where(seen, rows, 0)
+    return out._replace(
+        latest_bid=np.where(seen, columns.yes_bid[safe] if n else _NONE, _NONE),
+        latest_no_bid=np.where(seen, columns.no_bid[safe] if n else _NONE, _NONE),
+        latest_sid=np.where(seen, columns.snapshot_id[safe] if n else _NONE, _NONE),
+    )
+
+
+def _raise_refused(
+    config: EngineConfig, columns: SnapshotColumns, row: int, scalars: np.ndarray
+) -> None:
+    """The engine's StrategyError for the order the kernel stopped at (a limit price outside
+    1..9,999: a quote at a $0 bid or a $1 ask)."""
+    bid = int(scalars[maker_kernel.ERROR_ORDER]) == 1
+    order = Order(
+        columns.tickers[int(columns.code[row])],
+        Side.YES,
+        OrderAction.BUY if bid else OrderAction.SELL,
+        int(scalars[maker_kernel.ERROR_COUNT]),
+        limit_price=int(columns.yes_bid[row] if bid else columns.yes_ask[row]),
+        client_order_id=1 if bid else 2,
+    )
+    raise StrategyError(f"limit_price must be an int in 1..9999: {order!r}")
+
+
+_MAKER_FILLS = 14
 _ACTIONS = {1: OrderAction.BUY, 2: OrderAction.SELL, 3: OrderAction.SETTLE}
 
 
@@ -819,7 +912,8 @@ def _result(
     fingerprinter: Fingerprinter,
     max_points: int,
 ) -> BacktestResult:
-    out = _run_kernel(config, prepared)
+    out = _run_maker(config, prepared) if config.strategy == "spread_maker" else None
+    out = out or _run_kernel(config, prepared)
     ex, curve, closes, trips = out.ex, out.curve, out.closes, out.trips
     values = [int(v) for v in out.scalars.tolist()]
     cash, marked, n_ex, n_curve, n_closes, n_trips, fees_paid, trades = values[:8]
@@ -886,6 +980,14 @@ def _result(
     picks = _picks(n_curve, max_points)
     kept_times = _datetimes(times[picks])
     kept_equity = equity[picks].tolist()
+    if config.strategy in COMPILED_WITH_TRADES:
+        # The trades the run replayed (as the engine fingerprints them).
+        start = config.start_time or datetime.min.replace(tzinfo=UTC)
+        end = config.end_time or datetime.max.replace(tzinfo=UTC)
+        in_markets = frozenset(config.tickers)
+        for trade in prepared.trades:
+            if trade.ticker in in_markets and start <= trade.create_time < end:
+                fingerprinter.add_event(trade)
     fingerprinter.add_terms(config.tickers, markets, fees, config.fee_schedule_version)
     data_fingerprint = fingerprinter.result()
     if data_fingerprint.row_count != processed:
@@ -901,6 +1003,7 @@ def _result(
         ],
         fingerprint=data_fingerprint,
         rejected_orders=rejected,
+        maker_fills=values[_MAKER_FILLS],
         replayed_from=first_time,
         replayed_to=last_time,
     )
@@ -973,12 +1076,16 @@ def run_fast(
     fees: Mapping[str, MarketFees] | None = None,
     registry: StrategyRegistry = default_registry,
     max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS,
+    trades: Sequence[TradeRecord] = (),
 ) -> BacktestResult | None:
     """``run_backtest``'s result for ``config`` over ``columns`` (whose rows ``fingerprinter``
-    already hashed, as the service's chunks are), or None when the compiled path does not apply
-    (then run the engine)."""
+    already hashed, as the service's chunks are) and, for a strategy that reads them
+    (``COMPILED_WITH_TRADES``), the public ``trades`` in time order (each replayed before the
+    first snapshot at or after its time, and fingerprinted here, as the engine does); None when
+    the compiled path does not apply (then run the engine). Raises StrategyError where the engine
+    would."""
     results = sweep_fast([config], markets, columns, [fingerprinter], fees=fees, registry=registry,
-                         max_equity_points=max_equity_points)  # fmt: skip
+                         max_equity_points=max_equity_points, trades=trades)  # fmt: skip
     return results[0]
 
 
@@ -991,10 +1098,11 @@ def sweep_fast(
     fees: Mapping[str, MarketFees] | None = None,
     registry: StrategyRegistry = default_registry,
     max_equity_points: int = DEFAULT_MAX_EQUITY_POINTS,
+    trades: Sequence[TradeRecord] = (),
 ) -> list[BacktestResult | None]:
     """One result per configuration over the same columns (read and prepared once), None for a
     configuration the compiled path does not run. Each configuration gets its own fingerprinter
-    (copies of one that hashed the rows)."""
+    (copies of one that hashed the rows); ``trades`` as for ``run_fast``."""
     fees = fees or {}
     prepared: _Prepared | None = None
     results: list[BacktestResult | None] = []
@@ -1004,23 +1112,25 @@ def sweep_fast(
             results.append(None)
             continue
         if prepared is None:
-            prepared = _prepare(config, markets, fees, columns)
+            prepared = _prepare(config, markets, fees, columns, trades)
         # Settlements depend on the window's end: prepare again when it differs.
-        points = _prepare(config, markets, fees, columns) if config.end_time else prepared
+        points = _prepare(config, markets, fees, columns, trades) if config.end_time else prepared
         results.append(_result(config, points, markets, fees, fingerprinter, max_equity_points))
     return results
 
 
 def warm_up() -> None:
-    """Compiles the kernel (or loads it from numba's disk cache) by running it on two rows."""
+    """Compiles the kernels (or loads them from numba's disk cache) by running each on two
+    rows."""
     rows = [
         SnapshotRecord("W", _EPOCH + timedelta(seconds=k), _EPOCH, DataSource.BACKFILL,
                        yes_bid=3_900, yes_ask=4_000, status=MarketStatus.OPEN, snapshot_id=k + 1)
         for k in range(2)
     ]  # fmt: skip
-    fingerprinter = Fingerprinter()
-    for row in rows:
-        fingerprinter.add(row)
-    run_fast(
-        EngineConfig("threshold", ("W",)), {}, columns_from_records(rows, ("W",)), fingerprinter
-    )
+    trades = [TradeRecord("W", "W", 3_800, 6_200, 100, Side.NO, _EPOCH + timedelta(seconds=1))]
+    for strategy in ("threshold", "spread_maker"):
+        fingerprinter = Fingerprinter()
+        for row in rows:
+            fingerprinter.add(row)
+        columns = columns_from_records(rows, ("W",))
+        run_fast(EngineConfig(strategy, ("W",)), {}, columns, fingerprinter, trades=trades)

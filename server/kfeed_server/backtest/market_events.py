@@ -9,7 +9,8 @@ instant and a resting order's queue has already been consumed by the trades of t
 
 Which runs read them (``reads_books`` / ``reads_trades``): books for the DEPTH fill model or a
 strategy with ``on_book``; trades for every run on the event engine (the queue model of resting
-orders and ``on_trade``). The compiled path reads neither. A book's feed gaps are not guessed
+orders and ``on_trade``) and the compiled ``spread_maker`` (its queue model); the rest of the
+compiled path reads neither. A book's feed gaps are not guessed
 over: a LOST checkpoint keeps the last known book (as GetOrderBook returns it) until the next
 START or RESYNC, and the run's data-quality report counts the gap.
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kfeed_server.backtest.books import BookState, ReplayedEvent, event_time
-from kfeed_server.backtest.config import fast_path_applies
+from kfeed_server.backtest.config import COMPILED_WITH_TRADES, fast_path_applies
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.strategy import Strategy, StrategyRegistry, default_registry
 from kfeed_server.db.repositories.books import OrderBookRepository
@@ -50,9 +51,9 @@ def reads_books(config: EngineConfig, registry: StrategyRegistry = default_regis
 
 
 def reads_trades(config: EngineConfig, fees: Mapping[str, MarketFees]) -> bool:
-    """Whether a run of ``config`` with its markets' ``fees`` replays the public trades (every
-    run on the event engine)."""
-    return not fast_path_applies(config, fees)
+    """Whether a run of ``config`` with its markets' ``fees`` replays the public trades: every
+    run on the event engine, and the compiled ones whose strategy queues resting orders."""
+    return not fast_path_applies(config, fees) or config.strategy in COMPILED_WITH_TRADES
 
 
 class BookFold:

@@ -44,7 +44,7 @@ from kfeed_server.backtest.engine import (
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
-from kfeed_server.records import MarketRecord
+from kfeed_server.records import MarketRecord, TradeRecord
 from kfeed_server.records.backtest import EngineConfig
 
 if TYPE_CHECKING:
@@ -172,15 +172,21 @@ def _collect(
     fingerprinter: Fingerprinter,
     report: Callable[[Progress], None],
     should_stop: Callable[[], bool],
-) -> ColumnCollector:
-    """The chunks' columns, collected as they arrive (progress and stops checked meanwhile)."""
+) -> tuple[ColumnCollector, list[TradeRecord]]:
+    """The chunks' columns, collected as they arrive (progress and stops checked meanwhile),
+    and the trades of the event batches (runs that read them), in time order."""
     # Imported here: the server process imports this module but never runs the compiled path
     # (numba stays out of it); the forkserver has it loaded already (warm_up).
     from kfeed_server.backtest.fast import ColumnCollector
 
     collector = ColumnCollector(job.config.tickers)
+    trades: list[TradeRecord] = []
     next_report = job.progress_every
     while (chunk := data.recv()) is not None:
+        if isinstance(chunk, EventBatch):
+            # Only trades: a compiled run reads no books (TOUCH, no ``on_book``).
+            trades += (e for e in chunk.events if isinstance(e, TradeRecord))
+            continue
         if not isinstance(chunk, EncodedChunk):
             raise TypeError(f"unexpected message on the data pipe: {type(chunk).__name__}")
         fingerprinter.add_encoded(chunk)
@@ -193,7 +199,7 @@ def _collect(
             report(Progress(len(collector), total, fraction, 0))
             if should_stop():
                 raise BacktestCancelled(0)
-    return collector
+    return collector, trades
 
 
 def _sweep_compiled(
@@ -206,7 +212,8 @@ def _sweep_compiled(
     """Every grid point over the same columns: read once, the kernel once per point."""
     from kfeed_server.backtest.fast import sweep_fast
 
-    columns = _collect(job, data, fingerprinter, report, should_stop).columns()
+    collector, trades = _collect(job, data, fingerprinter, report, should_stop)
+    columns = collector.columns()
     results = sweep_fast(
         job.sweep,
         job.markets,
@@ -214,6 +221,7 @@ def _sweep_compiled(
         [fingerprinter.copy() for _ in job.sweep],
         fees=job.fees,
         max_equity_points=job.max_equity_points,
+        trades=trades,
     )
     done = [r for r in results if r is not None]
     assert len(done) == len(results)  # fast_path_applies said so
@@ -232,7 +240,7 @@ def _replay_compiled(
     """The compiled path: the chunks' columns are collected, then the kernel replays them."""
     from kfeed_server.backtest.fast import run_fast
 
-    collector = _collect(job, data, fingerprinter, report, should_stop)
+    collector, trades = _collect(job, data, fingerprinter, report, should_stop)
     result = run_fast(
         job.config,
         job.markets,
@@ -240,6 +248,7 @@ def _replay_compiled(
         fingerprinter,
         fees=job.fees,
         max_equity_points=job.max_equity_points,
+        trades=trades,
     )
     assert result is not None  # fast_path_applies said so
     processed = result.fingerprint.row_count
