@@ -1,5 +1,6 @@
 """The compiled path: the threshold, mean-reversion, momentum and favourite-hold rules over
-snapshot columns, in one numba kernel.
+snapshot columns, in one numba kernel, and the spread maker over snapshots and trades in another
+(``maker_kernel``).
 
 It gives exactly what ``run_backtest`` gives for the same configuration and snapshots (the tests
 compare both on random data, fills, fees, settlements, marks, curve and metrics), at column speed:
@@ -8,7 +9,8 @@ code, and only the executions and at most ``max_equity_points`` curve points bec
 objects. A sweep reads the columns once and runs the kernel per grid point.
 
 Eligible runs (``fast_path_applies``): a ``FAST_STRATEGIES`` strategy, the TOUCH fill model, no
-latency, snapshots only (no books or trades). Everything else goes through the event engine.
+latency; no books, and trades only for ``COMPILED_WITH_TRADES`` (the spread maker's queues).
+Everything else goes through the event engine.
 The kernel is compiled on first use and cached on disk (numba ``cache=True``), so a worker pays
 the compile cost once, not per run.
 """
