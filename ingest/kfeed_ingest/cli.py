@@ -293,6 +293,13 @@ class IngestCommand(CommandSettings):
         stopper = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Stopped from outside (an embedding caller, a test): the work stops too, before
+            # the clients it uses are closed under it.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise
         finally:
             stop.remove()
             stopper.cancel()

@@ -440,3 +440,27 @@ async def test_sigkill_loses_no_trade_that_was_read_although_no_batch_was_comple
     assert len(expected) >= 5
     spooled = {t.trade_id for request in pending for t in request.trades}
     assert expected <= spooled, sorted(expected - spooled)
+
+
+async def test_cancelled_command_stops_its_work_before_closing_its_clients(
+    server: FakeIngestServer, tmp_path: Path
+) -> None:
+    """An embedding caller cancels `kfeed ingest`'s run: the reading stops with it. (It used to
+    go on after the Kalshi client was closed under it and end in an unretrieved exception.)"""
+
+    def reading() -> list[asyncio.Task[object]]:
+        return [
+            task
+            for task in asyncio.all_tasks()
+            if not task.done()
+            and getattr(task.get_coro(), "__qualname__", "") == "IngestCommand._mode"
+        ]
+
+    async with signed_simulator(tick_interval=0.2) as sim:
+        command = _command(sim, server, tmp_path, mode="ws", discovery_interval=1)
+        running = asyncio.ensure_future(command.run())
+        await eventually(lambda: bool(server.service.stored), within=30)
+        assert len(reading()) == 1
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        assert reading() == []
