@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
@@ -21,6 +21,11 @@ _URL_FORMS = "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DA
 SQLITE_BEGIN_MODE = "kfeed_sqlite_begin"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+
+class StorageUnavailable(Exception):
+    """The database cannot serve the statement now but may shortly: the connection was lost, or
+    SQLite's write lock stayed taken past the busy timeout. Callers answer "try again"."""
 
 
 def normalise_database_url(url: str) -> str:
@@ -54,17 +59,30 @@ def create_engine(url: str) -> AsyncEngine:
     url = normalise_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(url)
-    options: dict[str, Any] = {}
-    if parsed.get_backend_name() == "postgresql":
-        options = {
-            "pool_size": 10,
-            "max_overflow": 10,
-            "pool_pre_ping": True,
-            "pool_recycle": 1800,
-            "connect_args": {"server_settings": {"timezone": "UTC", "application_name": "kfeed"}},
-        }
-    return _create_async_engine(url, **options)
+        engine = _create_sqlite_engine(url)
+    else:
+        options: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            options = {
+                "pool_size": 10,
+                "max_overflow": 10,
+                "pool_pre_ping": True,
+                "pool_recycle": 1800,
+                "connect_args": {
+                    "server_settings": {"timezone": "UTC", "application_name": "kfeed"}
+                },
+            }
+        engine = _create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "handle_error", _transient_as_unavailable)
+    return engine
+
+
+def _transient_as_unavailable(context: ExceptionContext) -> None:
+    # SQLAlchemy raises what a "handle_error" listener raises in place of the driver's error.
+    original = context.original_exception
+    locked = "database is locked" in str(original) or "database is busy" in str(original)
+    if context.is_disconnect or (context.dialect.name == "sqlite" and locked):
+        raise StorageUnavailable(type(original).__name__) from original
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

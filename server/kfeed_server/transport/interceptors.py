@@ -19,10 +19,12 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
+from kfeed_server.db.engine import StorageUnavailable
 from kfeed_server.logs import request_id_var
 from kfeed_server.transport.errors import (
     ApiError,
     InvalidArgument,
+    Unavailable,
     Unimplemented,
     internal_status,
 )
@@ -70,6 +72,9 @@ async def _handle_failure(
         # A contract RPC not built yet: the generated base class raises this (for a streaming
         # RPC before grpc can answer UNIMPLEMENTED itself).
         error = Unimplemented(f"{method} is not implemented by this server")
+    if isinstance(error, StorageUnavailable):
+        log.warning("%s: the database is unavailable (%s)", method, error)
+        error = Unavailable("the database is unavailable right now: try again")
     if isinstance(error, ApiError):
         log.info("%s: %s %s", method, error.code.name, error.message)
         await _abort(context, error.to_status(), request_id)
