@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,6 +105,33 @@ async def test_tail_trades_shows_the_tape_the_caught_up_marker_then_live(
     assert [line.split()[2] for line in (*lines[:2], lines[3])] == [TICKER] * 3
     assert "taker yes  yes 0.4001  no 0.5999  × 1.00" in lines[0]
     assert "yes 0.4003  no 0.5997  × 2.50" in lines[3]
+
+
+async def test_tail_prints_a_resume_hint_that_continues_exactly(
+    address: str, seeded: PublishSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint keeps the start: a trade older than it, committed after the first run stopped,
+    is not shown by the run resumed from the hint."""
+    await seeded.publish(trades=[make_trade(TICKER, i) for i in range(3, 6)])
+    capsys.readouterr()
+    _, text = await run("tail", TICKER, "--trades", "--server", address,
+                        "--from", at(3).isoformat(), "--limit", "1")  # fmt: skip
+    shown = trade_prices(text)
+    hint = capsys.readouterr().err.strip().removeprefix("resume with: ").split()
+    late = make_trade(TICKER, 1, trade_id=f"{TICKER}-late")
+    await seeded.publish(trades=[late, make_trade(TICKER, 9)])
+    # The trades at or after the start not shown yet, then the last one.
+    left = 3 - len(shown) + 1
+    status, rest = await run("tail", TICKER, "--trades", "--server", address, *hint,
+                             "--limit", str(left))  # fmt: skip
+    assert status == 0
+    assert hint[::2] == ["--resume", "--from"]
+    assert shown + trade_prices(rest) == ["0.4003", "0.4004", "0.4005", "0.4009"]
+
+
+def trade_prices(text: str) -> list[str]:
+    """The YES price of each trade line ``tail --trades`` printed."""
+    return re.findall(r" yes (\d\.\d{4})  no ", text)
 
 
 async def test_an_unknown_market_is_a_one_line_error(

@@ -419,12 +419,13 @@ export function MarketPage({ ticker }: { ticker: string }) {
   const [snapshots, setSnapshots] = useState<MarketSnapshot[]>([]);
   const [gaps, setGaps] = useState<FeedGap[]>([]);
   useEffect(() => () => cancelAnimationFrame(frame.current), []);
-  // History of the last hours (for the chart without candles), then live; new feed gaps.
+  // History of the last hours (for the chart without candles), then live; new feed gaps. The
+  // start goes with the resume token too: it still selects the snapshots after the token.
   const stream = useServerStream<StreamSnapshotsResponse>(
     `market/${ticker}`,
     (signal, resumeToken) =>
       client.streamSnapshots(
-        { tickers: [ticker], startTime: resumeToken ? undefined : since, resumeToken, maxBatchSize: 1000, heartbeatInterval: { seconds: 15n } },
+        { tickers: [ticker], startTime: since, resumeToken, maxBatchSize: 1000, heartbeatInterval: { seconds: 15n } },
         { signal },
       ),
     (message) => {

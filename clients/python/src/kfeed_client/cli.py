@@ -503,7 +503,12 @@ async def _follow(
     finally:
         # Printed also on Ctrl-C, so the next run can continue exactly here.
         if last_token and not options.json:
-            print(f"resume with: --resume {last_token}", file=sys.stderr)
+            again = f"--resume {last_token}"
+            if options.start is not None and not options.book:
+                # The start still selects the rows after the token (a book stream's starting
+                # books are behind it already).
+                again += f" --from {options.start.isoformat()}"
+            print(f"resume with: {again}", file=sys.stderr)
     return 0
 
 

@@ -345,10 +345,13 @@ class KfeedClient:
 
         Starts after ``resume_token``, or at ``start_time`` in the past, or live (preceded by
         each market's latest snapshot with ``include_latest``); history comes first, then a
-        caught-up marker, then live snapshots. After a disconnect it reconnects with backoff
-        and continues after the last token it saw — no gap, no duplicate — and it ends only on
-        a status that retrying cannot fix (raised as ``grpc.aio.AioRpcError``) or when
-        ``retry.max_attempts`` consecutive attempts failed. See :func:`resumable_stream`.
+        caught-up marker, then live snapshots. With ``start_time`` only snapshots of exchange
+        time at or after it come, stored and live alike — also after ``resume_token``: to
+        continue a stream that had a start exactly, pass the same start. After a disconnect it
+        reconnects with backoff and continues after the last token it saw (its start kept) —
+        no gap, no duplicate — and it ends only on a status that retrying cannot fix (raised
+        as ``grpc.aio.AioRpcError``) or when ``retry.max_attempts`` consecutive attempts
+        failed. See :func:`resumable_stream`.
 
         Snapshots travel in batches of up to ``max_batch_size`` when several are ready (1: one
         per message); either way each is yielded as its own message with its own resume token.
@@ -385,6 +388,7 @@ class KfeedClient:
         """The public tape of the selected markets (no tickers and no event/series: all):
         stored trades after ``resume_token`` or from ``start_time`` (else none), a caught-up
         marker, then live trades — resumed after a disconnect like :meth:`stream_snapshots`.
+        With ``start_time`` only trades created at or after it come, as for snapshots.
         Ready trades travel in ``trade_batch`` messages of up to ``max_batch_size``."""
         request = market_service_pb2.StreamTradesRequest(
             tickers=list(tickers),

@@ -139,13 +139,16 @@ StreamRequest = TypeVar(
 def resumed_request(request: StreamRequest, resume_token: str) -> StreamRequest:
     """``request`` continuing after ``resume_token``.
 
-    The start time and the latest-snapshot preamble are dropped: the token already says where
-    to continue, and repeating the preamble would deliver those snapshots twice (an order-book
-    stream resumed from a token sends no starting books either).
+    A snapshot or trade stream keeps its start time: with a token it no longer says where to
+    start but still which rows to deliver (those at or after it), so the resumed stream leaves
+    out what the first one left out. The latest-snapshot preamble is dropped (repeating it
+    would deliver those snapshots twice), and so is an order-book stream's start time: its
+    starting books are behind the token already.
     """
     resumed = copy.deepcopy(request)
     resumed.resume_token = resume_token
-    resumed.ClearField("start_time")
+    if isinstance(resumed, pb.StreamOrderBooksRequest):
+        resumed.ClearField("start_time")
     if isinstance(resumed, pb.StreamSnapshotsRequest):
         resumed.include_latest = False
     return resumed

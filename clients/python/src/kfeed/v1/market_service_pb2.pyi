@@ -269,7 +269,10 @@ class StreamSnapshotsRequest(_message.Message):
     OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
-    """Continue exactly after the message that carried this token. Wins over `start_time`."""
+    """Continue exactly after the message that carried this token, given the same `start_time`
+    as the stream that carried it (the token holds a position, not the start: without one the
+    resumed stream also delivers the earlier snapshots committed after that position).
+    """
     event_ticker: _builtins.str
     """Only markets of this event, when set."""
     series_ticker: _builtins.str
@@ -289,7 +292,11 @@ class StreamSnapshotsRequest(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Replay stored snapshots with exchange time at or after this, then go live."""
+        """Only snapshots with exchange time at or after this: the stored ones are replayed, then the
+        live ones follow, whenever each was committed (one committed after the stream went live
+        with an earlier exchange time is left out as the replay would have left it out). With
+        `resume_token` it selects the snapshots after the token's position the same way.
+        """
 
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
@@ -470,8 +477,8 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 @_typing.final
 class SubscriberGap(_message.Message):
     """The subscriber fell behind and the server dropped snapshots instead of slowing down. The
-    stream's `resume_token` is the last one delivered: resuming from it in a new stream replays
-    exactly the dropped snapshots.
+    stream's `resume_token` is the last one delivered: resuming from it in a new stream (with the
+    same `start_time`) replays exactly the dropped snapshots.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1076,7 +1083,10 @@ class StreamTradesRequest(_message.Message):
     series_ticker: _builtins.str
     """Only markets of this series, when set."""
     resume_token: _builtins.str
-    """Continue exactly after the message that carried this token. Wins over `start_time`."""
+    """Continue exactly after the message that carried this token, given the same `start_time`
+    as the stream that carried it (the token holds a position, not the start: without one the
+    resumed stream also delivers the earlier trades committed after that position).
+    """
     overflow_policy: Global___OverflowPolicy.ValueType
     max_batch_size: _builtins.int
     """0 or 1: one trade per message; above 1 up to this many in one `trade_batch` message."""
@@ -1086,7 +1096,11 @@ class StreamTradesRequest(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Replay stored trades created at or after this, then go live."""
+        """Only trades created at or after this: the stored ones are replayed, then the live ones
+        follow, whenever each was committed (one committed after the stream went live with an
+        earlier create time is left out as the replay would have left it out). With
+        `resume_token` it selects the trades after the token's position the same way.
+        """
 
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:

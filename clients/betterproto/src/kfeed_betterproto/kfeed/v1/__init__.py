@@ -3165,12 +3165,17 @@ class StreamSnapshotsRequest(betterproto2.Message):
         2, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
     )
     """
-    Replay stored snapshots with exchange time at or after this, then go live.
+    Only snapshots with exchange time at or after this: the stored ones are replayed, then the
+    live ones follow, whenever each was committed (one committed after the stream went live
+    with an earlier exchange time is left out as the replay would have left it out). With
+    `resume_token` it selects the snapshots after the token's position the same way.
     """
 
     resume_token: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
     """
-    Continue exactly after the message that carried this token. Wins over `start_time`.
+    Continue exactly after the message that carried this token, given the same `start_time`
+    as the stream that carried it (the token holds a position, not the start: without one the
+    resumed stream also delivers the earlier snapshots committed after that position).
     """
 
     event_ticker: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
@@ -3285,12 +3290,17 @@ class StreamTradesRequest(betterproto2.Message):
         4, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
     )
     """
-    Replay stored trades created at or after this, then go live.
+    Only trades created at or after this: the stored ones are replayed, then the live ones
+    follow, whenever each was committed (one committed after the stream went live with an
+    earlier create time is left out as the replay would have left it out). With
+    `resume_token` it selects the trades after the token's position the same way.
     """
 
     resume_token: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
     """
-    Continue exactly after the message that carried this token. Wins over `start_time`.
+    Continue exactly after the message that carried this token, given the same `start_time`
+    as the stream that carried it (the token holds a position, not the start: without one the
+    resumed stream also delivers the earlier trades committed after that position).
     """
 
     heartbeat_interval: "datetime.timedelta | None" = betterproto2.field(
@@ -3358,8 +3368,8 @@ default_message_pool.register_message("kfeed.v1", "StreamTradesResponse", Stream
 class SubscriberGap(betterproto2.Message):
     """
     The subscriber fell behind and the server dropped snapshots instead of slowing down. The
-    stream's `resume_token` is the last one delivered: resuming from it in a new stream replays
-    exactly the dropped snapshots.
+    stream's `resume_token` is the last one delivered: resuming from it in a new stream (with the
+    same `start_time`) replays exactly the dropped snapshots.
     """
 
     dropped_count: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)

@@ -244,14 +244,19 @@ export type StreamSnapshotsRequest = Message<"kfeed.v1.StreamSnapshotsRequest"> 
   tickers: string[];
 
   /**
-   * Replay stored snapshots with exchange time at or after this, then go live.
+   * Only snapshots with exchange time at or after this: the stored ones are replayed, then the
+   * live ones follow, whenever each was committed (one committed after the stream went live
+   * with an earlier exchange time is left out as the replay would have left it out). With
+   * `resume_token` it selects the snapshots after the token's position the same way.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 2;
    */
   startTime?: Timestamp | undefined;
 
   /**
-   * Continue exactly after the message that carried this token. Wins over `start_time`.
+   * Continue exactly after the message that carried this token, given the same `start_time`
+   * as the stream that carried it (the token holds a position, not the start: without one the
+   * resumed stream also delivers the earlier snapshots committed after that position).
    *
    * @generated from field: string resume_token = 3;
    */
@@ -471,8 +476,8 @@ export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
 
 /**
  * The subscriber fell behind and the server dropped snapshots instead of slowing down. The
- * stream's `resume_token` is the last one delivered: resuming from it in a new stream replays
- * exactly the dropped snapshots.
+ * stream's `resume_token` is the last one delivered: resuming from it in a new stream (with the
+ * same `start_time`) replays exactly the dropped snapshots.
  *
  * @generated from message kfeed.v1.SubscriberGap
  */
@@ -1163,14 +1168,19 @@ export type StreamTradesRequest = Message<"kfeed.v1.StreamTradesRequest"> & {
   seriesTicker: string;
 
   /**
-   * Replay stored trades created at or after this, then go live.
+   * Only trades created at or after this: the stored ones are replayed, then the live ones
+   * follow, whenever each was committed (one committed after the stream went live with an
+   * earlier create time is left out as the replay would have left it out). With
+   * `resume_token` it selects the trades after the token's position the same way.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 4;
    */
   startTime?: Timestamp | undefined;
 
   /**
-   * Continue exactly after the message that carried this token. Wins over `start_time`.
+   * Continue exactly after the message that carried this token, given the same `start_time`
+   * as the stream that carried it (the token holds a position, not the start: without one the
+   * resumed stream also delivers the earlier trades committed after that position).
    *
    * @generated from field: string resume_token = 5;
    */
