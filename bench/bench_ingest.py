@@ -272,12 +272,14 @@ async def whole_path(
     table: str = "market_snapshots",
     rows_named: str = "snapshots",
     sim_options: Sequence[str] = (),
+    code: Path | None = None,
 ) -> dict[str, object]:
     """Rows committed to ``table`` per second over ``window`` seconds (after ``warmup``) of
     sim → ingest (ws) → serve → PostgreSQL, the CPU share of each process meanwhile (1.0 = one
     core) and its CPU time per committed row: on a shared machine the rate says how much CPU the
     processes got, the CPU per row what the path costs. The result's keys name the rows
-    ``rows_named``; ``sim_options`` go to ``kfeed sim``."""
+    ``rows_named``; ``sim_options`` go to ``kfeed sim``; with ``code`` (a source tree, e.g.
+    ``git archive REV | tar -x -C DIR``) the three processes run that tree's kfeed."""
     sim_port, server_port = free_port(), free_port()
     processes: dict[str, asyncio.subprocess.Process] = {}
     async with temporary_postgres_database(f"kfeed_bench_path_{table}") as database:
@@ -294,11 +296,11 @@ async def whole_path(
                     "--history-steps", "2", "--firehose", "--ws-queue-size", "200000",
                     "--no-legacy-integer-fields", "--api-key-id", "bench",
                     "--api-public-key-file", str(work / "key.pub.pem"), *sim_options,
-                ], work)  # fmt: skip
+                ], work, code)  # fmt: skip
                 processes["serve"] = await start_kfeed("serve", [
                     "--listen", f"127.0.0.1:{server_port}",
                     "--database-url", sqlalchemy_url(database),
-                ], work)  # fmt: skip
+                ], work, code)  # fmt: skip
 
                 async def sim_up() -> bool:
                     async with httpx.AsyncClient() as client:
@@ -311,7 +313,7 @@ async def whole_path(
                     "--api-key-id", "bench", "--api-private-key-file", str(work / "key.pem"),
                     "--spool-dir", str(work / "spool"), "--mode", "ws",
                     "--rate-limit", "100", "--log-level", "WARNING", "--batch-rows", "2000",
-                ], work)  # fmt: skip
+                ], work, code)  # fmt: skip
                 raw = await asyncpg.connect(asyncpg_dsn(database))
                 try:
                     count = f"SELECT count(*) FROM {table}"
@@ -375,6 +377,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--skip-publish", action="store_true")
     parser.add_argument("--skip-whole-path", action="store_true")
+    parser.add_argument(
+        "--code", type=Path, help="run the whole path's processes from this source tree"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     summary: dict[str, object] = {"benchmark": "ingest"}
@@ -385,7 +390,9 @@ def main() -> None:
         summary["publish_vs_copy"] = publish
         ok = ok and float(str(publish["ratio"])) >= TARGET_RATIO
     if not args.skip_whole_path:
-        path = asyncio.run(whole_path(args.markets, args.tick, args.warmup, args.window))
+        path = asyncio.run(
+            whole_path(args.markets, args.tick, args.warmup, args.window, code=args.code)
+        )
         print(f"whole path: {path}", flush=True)
         summary["whole_path"] = path
         rate = float(str(path["committed_snapshots_per_s"]))

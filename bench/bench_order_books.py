@@ -40,6 +40,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -308,6 +309,9 @@ def main() -> None:
     parser.add_argument("--skip-publish", action="store_true")
     parser.add_argument("--skip-get", action="store_true")
     parser.add_argument("--skip-whole-path", action="store_true")
+    parser.add_argument(
+        "--code", type=Path, help="run the whole path's processes from this source tree"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     summary: dict[str, object] = {"benchmark": "order_books"}
@@ -335,6 +339,7 @@ def main() -> None:
                 table="order_book_changes",
                 rows_named="changes",
                 sim_options=["--firehose-depth-changes", str(args.depth_changes)],
+                code=args.code,
             )
         )
         print(f"whole path: {path}", flush=True)
