@@ -7,6 +7,7 @@ Prices are integers in 1/10,000 USD (``4200`` is ``"0.4200"``); counts are integ
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 PRICE_SCALE = 10_000
 """Price units per dollar."""
@@ -17,6 +18,8 @@ ONE_DOLLAR = PRICE_SCALE
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+# Memoised: a firehose formats the same few prices and sizes again and again (one or two a frame).
+@lru_cache(maxsize=1 << 16)
 def dollars(price: int) -> str:
     """``4200`` → ``"0.4200"`` (four decimals, as in every ``*_dollars`` field)."""
     sign = "-" if price < 0 else ""
@@ -24,6 +27,7 @@ def dollars(price: int) -> str:
     return f"{sign}{whole}.{frac:04d}"
 
 
+@lru_cache(maxsize=1 << 16)
 def count_fp(count: int) -> str:
     """``150000`` → ``"1500.00"`` (two decimals, as in every ``*_fp`` field)."""
     sign = "-" if count < 0 else ""

@@ -11,6 +11,7 @@ import json
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from kfeed_sim.fixed_point import (
@@ -297,7 +298,7 @@ class Renderer:
             else ""
         )
         return (
-            f'{{"market_ticker":{json.dumps(delta.ticker)},"price_dollars":"{dollars(delta.price)}"'
+            f'{_quoted(delta.ticker)},"price_dollars":"{dollars(delta.price)}"'
             f',"delta_fp":"{count_fp(delta.delta)}","side":"{delta.side}"'
             f',"ts_ms":{delta.ts_us // 1_000}{legacy}}}'
         )
@@ -323,6 +324,12 @@ class Renderer:
         if event.event_type == "settled":
             body["settled_ts"] = event.ts_us // 1_000_000
         return body
+
+
+@lru_cache(maxsize=1 << 14)
+def _quoted(ticker: str) -> str:
+    """``{"market_ticker":"TICKER"`` (the start of a delta ``msg``), once a market."""
+    return f'{{"market_ticker":{json.dumps(ticker)}'
 
 
 def price_range(band: PriceRange) -> JSON:

@@ -7,7 +7,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -74,7 +74,13 @@ def _encoded(render: Callable[..., JSON], *args: Any) -> str:
 def data_frame(kind: str, sid: int, seq: int, encoded_msg: str) -> str:
     """``{"type":…,"sid":…,"seq":…,"msg":…}`` around a ``msg`` encoded once for all sockets
     (the same text as :func:`encode` of the whole frame)."""
-    return f'{{"type":{encode(kind)},"sid":{sid},"seq":{seq},"msg":{encoded_msg}}}'
+    return f'{_frame_start(kind)}{sid},"seq":{seq},"msg":{encoded_msg}}}'
+
+
+@lru_cache(maxsize=64)
+def _frame_start(kind: str) -> str:
+    """``{"type":KIND,"sid":`` (a handful of kinds)."""
+    return f'{{"type":{encode(kind)},"sid":'
 
 
 @dataclass
@@ -378,13 +384,13 @@ class WebSocketHub:
             ]
         encoded: list[str | None] = [None] * len(messages)
         for connection in self.connections:
-            subscriptions = list(connection.subscriptions.values())
-            channels = {s.channel for s in subscriptions}
+            # each channel's subscriptions, in the order they were made
+            by_channel: dict[str, list[Subscription]] = {}
+            for subscription in connection.subscriptions.values():
+                by_channel.setdefault(subscription.channel, []).append(subscription)
             for index, (channel, ticker, render_msg) in enumerate(messages):
-                if channel not in channels:
-                    continue
-                for subscription in subscriptions:
-                    if subscription.channel == channel and subscription.covers(ticker):
+                for subscription in by_channel.get(channel, ()):
+                    if subscription.covers(ticker):
                         text = encoded[index]
                         if text is None:
                             text = encoded[index] = render_msg()
