@@ -31,6 +31,7 @@ REST snapshot (exchange time = the market's ``updated_time``) and marks the gaps
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ from kfeed_ingest.kalshi.books import (
     CheckpointPolicy,
     checkpoint,
     micros,
+)
+from kfeed_ingest.kalshi.frames import (
+    BookDeltaFrame,
+    BookDeltaMsg,
+    TickerMsg,
+    UsualFrame,
+    decode_usual_frame,
 )
 from kfeed_ingest.kalshi.models import KalshiMarket, KalshiModel, KalshiTrade, from_epoch_ms
 from kfeed_ingest.kalshi.normalise import (
@@ -79,6 +87,9 @@ _STATUS_AFTER_EVENT: Mapping[str, types_pb2.MarketStatus.ValueType] = {
     "determined": types_pb2.MARKET_STATUS_DETERMINED,
     "settled": types_pb2.MARKET_STATUS_FINALIZED,
 }
+
+# What a sequence number can be (FeedGap and the stored changes hold int64).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 # Where a trade refetch starts when nothing at all is known about the exchange's clock.
 _BEGINNING = from_epoch_ms(0)
@@ -584,6 +595,23 @@ class LiveSession:
                 self._want_markets([ticker], status=True)
         return state
 
+    def handle_text(self, raw: str | bytes, now: datetime) -> list[FeedItem]:
+        """Apply one frame as the socket delivered it. A delta or ticker frame of the usual shape
+        is decoded straight into typed structs (:mod:`.frames`); any other goes through
+        ``json.loads`` and :meth:`handle`, which reads the usual ones the same way."""
+        usual = decode_usual_frame(raw)
+        if usual is not None:
+            return self.handle_usual(usual, now)
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            self.stats.bad_frames += 1
+            logger.error("skipping a WebSocket frame that is not JSON (%d bytes)", len(raw))
+            return []
+        if not isinstance(frame, dict):
+            return []
+        return self.handle(frame, now)
+
     def handle(self, frame: Mapping[str, Any], now: datetime) -> list[FeedItem]:
         """Apply one frame; the items it completes."""
         kind = frame.get("type")
@@ -602,7 +630,10 @@ class LiveSession:
         items: list[FeedItem] = []
         sid, seq = frame.get("sid"), frame.get("seq")
         subscription: _Subscription | None = None
-        if isinstance(sid, int) and isinstance(seq, int):
+        # (true and false are not numbers, though Python's bool is an int)
+        if type(sid) is int and type(seq) is int:
+            if not _INT64_MIN <= seq <= _INT64_MAX or not _INT64_MIN <= sid <= _INT64_MAX:
+                return self._out_of_range(str(kind), sid, seq, msg.get("market_ticker", ""), now)
             subscription = self._check_sequence(sid, seq, str(kind), now, items)
             if subscription is None:
                 return items
@@ -610,17 +641,61 @@ class LiveSession:
             return items  # in flight when the market was deleted from the subscription
         try:
             items += self._dispatch(
-                str(kind), msg, seq if isinstance(seq, int) else None, now, subscription
+                str(kind), msg, seq if type(seq) is int else None, now, subscription
             )
-        except (ValidationError, FixedPointError, KeyError, TypeError, ValueError) as exc:
-            self.stats.bad_frames += 1
-            logger.error("skipping a %s frame Kalshi sent in an unexpected shape: %s", kind, exc)
-            if kind in ("orderbook_snapshot", "orderbook_delta") and isinstance(sid, int):
-                items += self._resync_books(sid, [str(msg.get("market_ticker", ""))], now)
+        except (
+            ValidationError, FixedPointError, KeyError, TypeError, ValueError, OverflowError
+        ) as exc:  # fmt: skip
+            items += self._refused(str(kind), sid, msg.get("market_ticker", ""), exc, now)
         return items
 
+    def handle_usual(self, frame: UsualFrame, now: datetime) -> list[FeedItem]:
+        """Apply a delta or ticker frame decoded by :func:`.frames.decode_usual_frame`: the same
+        as :meth:`handle` of its JSON, without reading a dict (one of these per book change)."""
+        items: list[FeedItem] = []
+        msg = frame.msg
+        kind = ORDERBOOK if type(frame) is BookDeltaFrame else TICKER
+        sid, seq = frame.sid, frame.seq
+        if not _INT64_MIN <= seq <= _INT64_MAX or not _INT64_MIN <= sid <= _INT64_MAX:
+            return self._out_of_range(kind, sid, seq, msg.market_ticker, now)
+        subscription = self._check_sequence(sid, seq, kind, now, items)
+        if subscription is None:
+            return items
+        if not self._follows(msg.market_ticker):
+            return items  # in flight when the market was deleted from the subscription
+        try:
+            if isinstance(msg, BookDeltaMsg):
+                items += self._on_book_delta(msg, frame.seq, now, subscription)
+            else:
+                items += self._on_ticker(msg, frame.seq, now)
+        except (FixedPointError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            # (OverflowError: a time outside what a datetime holds, e.g. ts_ms = 10**20)
+            items += self._refused(kind, frame.sid, msg.market_ticker, exc, now)
+        return items
+
+    def _out_of_range(
+        self, kind: str, sid: int, seq: int, ticker: object, now: datetime
+    ) -> list[FeedItem]:
+        """A ``sid`` or ``seq`` no sequence number (int64) can hold: refused like any frame
+        of an unexpected shape (the book asked for again on its sid, when that one fits)."""
+        error = ValueError(f"sid {sid} / seq {seq} out of range")
+        return self._refused(
+            kind, sid if _INT64_MIN <= sid <= _INT64_MAX else None, ticker, error, now
+        )
+
+    def _refused(
+        self, kind: str, sid: object, ticker: object, exc: Exception, now: datetime
+    ) -> list[FeedItem]:
+        """A frame in a shape that cannot be used: counted and logged; a book it may have
+        changed is asked for again."""
+        self.stats.bad_frames += 1
+        logger.error("skipping a %s frame Kalshi sent in an unexpected shape: %s", kind, exc)
+        if kind in ("orderbook_snapshot", "orderbook_delta") and type(sid) is int:
+            return self._resync_books(sid, [str(ticker)], now)
+        return []
+
     def _follows(self, ticker: object) -> bool:
-        return self._covered is None or ticker in self._covered
+        return self._covered is None or (isinstance(ticker, str) and ticker in self._covered)
 
     def _on_subscribed(self, command_id: Any, sid: int, channel: str) -> None:
         command = self.commands.get(command_id) if isinstance(command_id, int) else None
@@ -828,7 +903,7 @@ class LiveSession:
 
     def _on_book_delta(
         self,
-        delta: _BookDelta,
+        delta: _BookDelta | BookDeltaMsg,
         seq: int | None,
         now: datetime,
         subscription: _Subscription | None,
@@ -896,7 +971,9 @@ class LiveSession:
         state.changes_since_checkpoint = 0
         return [checkpoint(ticker, PERIODIC, book_time, now, None, yes, no)]
 
-    def _on_ticker(self, tick: _TickerMsg, seq: int | None, now: datetime) -> list[FeedItem]:
+    def _on_ticker(
+        self, tick: _TickerMsg | TickerMsg, seq: int | None, now: datetime
+    ) -> list[FeedItem]:
         ticker, time = tick.market_ticker, _exchange_time(tick.ts_ms, tick.ts)
         state = self.market(ticker)
         if time is not None and state.activity_time is not None and time < state.activity_time:
