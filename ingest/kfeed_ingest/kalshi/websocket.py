@@ -263,6 +263,7 @@ class KalshiWebSocketClient:
         resync_wanted_since: float | None = None
         books_awaited_since: float | None = None
         last_frame = loop.time()
+        quiet = _QuietDeadline()
         try:
             while True:
                 for command in session.outbox:
@@ -296,15 +297,14 @@ class KalshiWebSocketClient:
                     continue
                 if books_awaited_since is not None:
                     deadlines.append(books_awaited_since + self._book_retry)
-                timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
+                deadline = min(deadlines) if deadlines else None
                 raw: str | bytes | None = None
                 if reading is None and receiving is None:
-                    # Only the socket to wait for (the usual case): no task per frame. A
-                    # cancelled recv() loses nothing.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(timeout):
-                            raw = await socket.recv()
+                    # Only the socket to wait for (the usual case): no task and no timer per
+                    # frame.
+                    raw = await quiet.recv(socket, deadline)
                 else:
+                    timeout = None if deadline is None else max(0.0, deadline - loop.time())
                     if receiving is None:
                         receiving = asyncio.ensure_future(socket.recv())
                     waiting: set[asyncio.Task[str | bytes] | asyncio.Task[_RestRead | None]] = {
@@ -337,6 +337,7 @@ class KalshiWebSocketClient:
                     for item in session.flush():
                         yield item
         finally:
+            quiet.close()
             for task in (receiving, reading):
                 if task is not None:
                     task.cancel()
@@ -370,15 +371,59 @@ class KalshiWebSocketClient:
 
     def _handle_raw(self, raw: str | bytes, session: LiveSession) -> list[FeedItem]:
         self.stats.frames += 1
+        return session.handle_text(raw, datetime.now(UTC))
+
+
+class _QuietDeadline:
+    """``socket.recv()`` until a deadline, without a timer per frame.
+
+    ``asyncio.timeout`` around each ``recv()`` schedules and cancels a timer per frame, as much
+    CPU as receiving the frame itself. Here one timer stays armed while frames keep coming:
+    when it fires before the current deadline it is moved there; only when the deadline has
+    passed while ``recv()`` still waits is the waiting task cancelled (a cancelled ``recv()``
+    loses nothing), and ``recv`` returns None."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._waiting: asyncio.Task[object] | None = None  # the task inside recv(), if any
+        self._expired = False
+
+    async def recv(self, socket: ClientConnection, deadline: float | None) -> str | bytes | None:
+        """The next message, or None once ``deadline`` (loop time; None: no deadline) passed."""
+        self._deadline = deadline
+        if deadline is not None and (self._timer is None or self._timer.when() > deadline):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._fire)
+        task = self._waiting = asyncio.current_task()
         try:
-            frame = json.loads(raw)
-        except ValueError:
-            self.stats.bad_frames += 1
-            logger.error("skipping a WebSocket frame that is not JSON (%d bytes)", len(raw))
-            return []
-        if not isinstance(frame, dict):
-            return []
-        return session.handle(frame, datetime.now(UTC))
+            return await socket.recv()
+        except asyncio.CancelledError:
+            if self._expired and task is not None:
+                self._expired = False
+                if task.uncancel() == 0:
+                    return None  # the deadline passed, not a cancellation from outside
+            raise
+        finally:
+            self._waiting = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        deadline, task = self._deadline, self._waiting
+        if task is None or deadline is None:
+            return  # not waiting (re-armed by the next recv), or nothing to wait for
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._fire)
+            return
+        self._expired = True
+        task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _copy(snapshot: types_pb2.MarketSnapshot) -> types_pb2.MarketSnapshot:
