@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, timedelta
 
 import grpc
 import pytest
@@ -23,7 +24,7 @@ from kfeed_ingest.kalshi.books import LOST, RESYNC, START, BookChange, checkpoin
 from kfeed_server.app import KfeedServer, ServerConfig
 from tests.server.test_order_books import levels, stamp
 from tests.support.book_timeline import MARKET, Ladder, Timeline, request_of
-from tests.support.factories import at, make_gap
+from tests.support.factories import at, make_gap, make_market
 from tests.support.servers import PublishSession, bad_request_fields, serving
 
 Stream = grpc.aio.UnaryStreamCall[pb.StreamOrderBooksRequest, pb.StreamOrderBooksResponse]
@@ -285,3 +286,54 @@ async def test_a_stalled_subscriber_gets_a_gap_marker_and_resuming_from_it_fills
         everything = await read_until(fresh, caught_up)
         fresh.cancel()
     assert updates(before_gap) + updates(rest) == updates(everything)
+
+
+async def test_the_starting_books_of_many_markets_equal_get_order_book_of_each(
+    publisher: PublishSession, channel: grpc.aio.Channel
+) -> None:
+    """The starting books of a stream over many markets (read for all of them at once) are
+    each market's GetOrderBook at the start, and the true book outside recorded gaps: at
+    instants inside gaps too, before a market's first checkpoint (no book), and with a market
+    that never had one."""
+    tickers = [f"KXMANY-{n}" for n in range(12)] + ["KXMANY-NONE"]
+    timelines = [Timeline(seed=40 + n, steps=120, ticker=t) for n, t in enumerate(tickers[:-1])]
+    await publisher.publish(markets=[make_market(ticker) for ticker in tickers])
+    for timeline in timelines:
+        await publish_records(publisher, timeline.records, 80)
+    stub = pb_grpc.MarketServiceStub(channel)
+    rng = random.Random(5)
+    everything = [moment for t in timelines for moment, _ in t.truth]
+    instants = [min(everything) - timedelta(seconds=1), *rng.sample(everything, 4)]
+    compared = 0
+    for start in instants:
+        stream = stub.StreamOrderBooks(
+            pb.StreamOrderBooksRequest(tickers=tickers, start_time=stamp(start))
+        )
+        first: dict[str, types_pb2.OrderBook] = {}  # the starting books: all before a change
+        messages = await read_until(stream, caught_up)
+        stream.cancel()
+        for message in messages:
+            for update in message.batch.updates if message.HasField("batch") else [message]:
+                if update.HasField("change") or not update.HasField("book"):
+                    break
+                first.setdefault(update.book.ticker, update.book)
+            else:
+                continue
+            break
+        for ticker in tickers:
+            try:
+                expected = await stub.GetOrderBook(
+                    pb.GetOrderBookRequest(ticker=ticker, time=stamp(start))
+                )
+            except grpc.aio.AioRpcError:  # no book at that instant: none streamed
+                # (a book after the start is a recorded checkpoint replayed, not a starting one)
+                streamed = first.get(ticker)
+                assert streamed is None or streamed.exchange_time.ToDatetime(UTC) > start
+                continue
+            # a starting book is followed by its changes: the first book of each market is it
+            assert first[ticker] == expected.book, (ticker, start)
+            timeline = timelines[tickers.index(ticker)]
+            if not timeline.in_gap(start):  # and both are the true book
+                assert levels(expected.book) == timeline.book_at(start), (ticker, start)
+                compared += 1
+    assert compared >= 2 * 12

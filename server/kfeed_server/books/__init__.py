@@ -113,6 +113,12 @@ class OrderBooks:
             raise NotRecordedError(ticker)
         return rebuild(history, depth)
 
+    async def books_at(self, tickers: Sequence[str], time: datetime) -> list[BookAt]:
+        """The books in force at ``time`` of those of ``tickers`` that have one (in that order),
+        every level: what :meth:`book_at` gives each, read for all of them at once."""
+        histories = await self._books.histories(tickers, time)
+        return [rebuild(histories[t]) for t in tickers if t in histories]
+
 
 class BookStream:
     """What StreamOrderBooks reads: each market's full book where a stream starts, then the
@@ -134,13 +140,9 @@ class BookStream:
         else:
             position, time = await self._repository.position_before(start_time, tickers), start_time
         markets = tickers if tickers is not None else await self._repository.tickers_with_books()
-        rows: list[BookStreamRow] = []
-        for ticker in markets:
-            try:
-                book = await self._books.book_at(ticker, time)
-            except (UnknownMarketError, BeforeMarketError, NotRecordedError):
-                continue  # its first book comes with its first recorded checkpoint
-            rows.append(StreamedBook(position, _as_checkpoint(book)))
+        # A market without a book yet gets its first with its first recorded checkpoint.
+        books = await self._books.books_at(list(markets), time)
+        rows: list[BookStreamRow] = [StreamedBook(position, _as_checkpoint(b)) for b in books]
         return rows, position
 
     async def list_after_id(

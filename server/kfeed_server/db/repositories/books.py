@@ -245,6 +245,9 @@ class BookHistory(NamedTuple):
     following: CheckpointKind | None
 
 
+_NO_HISTORY = BookHistory(None, [], None, None)
+
+
 def _checkpoint(row: Any) -> BookCheckpointRecord:
     return BookCheckpointRecord(
         row[0], row[1], row[2], row[3], CheckpointKind(row[4]),
@@ -254,19 +257,22 @@ def _checkpoint(row: Any) -> BookCheckpointRecord:
 
 _CHANGE_RUN = f"""
     FROM {book_changes_table.name}
-    WHERE ticker = $1 AND exchange_time > cp.exchange_time AND exchange_time <= $2"""
+    WHERE ticker = t.ticker AND exchange_time > cp.exchange_time AND exchange_time <= $2"""
 _RUN_ORDER = "exchange_time, sequence, side, price"
-# PostgreSQL: everything a rebuild reads, in one statement (one round trip): the checkpoint, the
-# kind of the next one, the run of changes after it as three arrays, and the last change's
-# times. Nothing after a LOST checkpoint is read.
-_HISTORY_SQL = f"""
-SELECT cp.exchange_time, cp.receive_time, cp.sequence, cp.kind, cp.yes_levels, cp.no_levels,
+# PostgreSQL: everything the rebuilds of several markets read, in one statement (one round
+# trip): per market, the checkpoint, the kind of the next one, the run of changes after it as
+# three arrays, and the last change's times. Nothing after a LOST checkpoint is read. A market
+# without a checkpoint at or before the time has no row.
+_HISTORIES_SQL = f"""
+SELECT t.ticker, cp.exchange_time, cp.receive_time, cp.sequence, cp.kind, cp.yes_levels,
+    cp.no_levels,
     (SELECT kind FROM {book_checkpoints_table.name}
-     WHERE ticker = $1 AND exchange_time > $2 ORDER BY exchange_time, receive_time LIMIT 1),
+     WHERE ticker = t.ticker AND exchange_time > $2 ORDER BY exchange_time, receive_time LIMIT 1),
     run.sides, run.prices, run.sizes, last.exchange_time, last.receive_time, last.sequence
-FROM (
+FROM unnest($1::text[]) AS t(ticker)
+CROSS JOIN LATERAL (
     SELECT exchange_time, receive_time, sequence, kind, yes_levels, no_levels
-    FROM {book_checkpoints_table.name} WHERE ticker = $1 AND exchange_time <= $2
+    FROM {book_checkpoints_table.name} WHERE ticker = t.ticker AND exchange_time <= $2
     ORDER BY exchange_time DESC, receive_time DESC LIMIT 1
 ) AS cp
 LEFT JOIN LATERAL (
@@ -279,28 +285,94 @@ LEFT JOIN LATERAL (
     ORDER BY exchange_time DESC, sequence DESC, side DESC, price DESC LIMIT 1
 ) AS last ON cp.kind <> $3
 """
+# Markets a statement reads at most (a stream may name thousands).
+_MARKETS_PER_READ = 1_000
 
 
-async def _postgresql_history(
-    connection: AsyncConnection, ticker: str, time: datetime
-) -> BookHistory:
+async def _postgresql_histories(
+    connection: AsyncConnection, tickers: Sequence[str], time: datetime
+) -> dict[str, BookHistory]:
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # asyncpg's, outside any transaction: one round trip
-    row = await driver.fetchrow(_HISTORY_SQL, ticker, time, int(CheckpointKind.LOST))
-    if row is None:
-        return BookHistory(None, [], None, None)
-    checkpoint = BookCheckpointRecord(
-        ticker, row[0], row[1], row[2], CheckpointKind(row[3]),
-        unpack_levels(row[4]), unpack_levels(row[5]),
-    )  # fmt: skip
-    sides, prices, sizes, last_time = row[7], row[8], row[9], row[10]
-    last = None
-    if last_time is not None:
-        last = BookChangeRecord(
-            ticker, last_time, row[11], row[12], Side(sides[-1]), prices[-1], sizes[-1]
+    histories: dict[str, BookHistory] = {}
+    for chunk in chunks(tickers, _MARKETS_PER_READ):
+        for row in await driver.fetch(_HISTORIES_SQL, list(chunk), time, int(CheckpointKind.LOST)):
+            ticker = row[0]
+            checkpoint = BookCheckpointRecord(
+                ticker, row[1], row[2], row[3], CheckpointKind(row[4]),
+                unpack_levels(row[5]), unpack_levels(row[6]),
+            )  # fmt: skip
+            sides, prices, sizes, last_time = row[8], row[9], row[10], row[11]
+            last = None
+            if last_time is not None:
+                last = BookChangeRecord(
+                    ticker, last_time, row[12], row[13], Side(sides[-1]), prices[-1], sizes[-1]
+                )
+            levels = list(zip(sides, prices, sizes, strict=True)) if sides else []
+            histories[ticker] = BookHistory(checkpoint, levels, last, _kind(row[7]))
+    return histories
+
+
+async def _sqlite_histories(
+    connection: AsyncConnection, tickers: Sequence[str], time: datetime
+) -> dict[str, BookHistory]:
+    """Two statements for every ``_MARKETS_PER_READ`` markets: each one's latest checkpoint at or
+    before ``time`` (with the next one's kind), then the changes after those checkpoints."""
+    table, changes = book_checkpoints_table, book_changes_table
+    later = table.alias("later")
+    following = (
+        select(later.c.kind)
+        .where(later.c.ticker == table.c.ticker, later.c.exchange_time > time)
+        .order_by(later.c.exchange_time, later.c.receive_time)
+        .limit(1)
+        .scalar_subquery()
+    )
+    newest_first = func.row_number().over(
+        partition_by=table.c.ticker,
+        order_by=(table.c.exchange_time.desc(), table.c.receive_time.desc()),
+    )
+    histories: dict[str, BookHistory] = {}
+    for chunk in chunks(tickers, _MARKETS_PER_READ):
+        ranked = (
+            select(*_CHECKPOINT_COLUMNS, following.label("following"), newest_first.label("rank"))
+            .where(table.c.ticker.in_(chunk), table.c.exchange_time <= time)
+            .subquery()
         )
-    levels = list(zip(sides, prices, sizes, strict=True)) if sides else []
-    return BookHistory(checkpoint, levels, last, _kind(row[6]))
+        latest = select(ranked).where(ranked.c.rank == 1).subquery()
+        runs: dict[str, list[Any]] = {}
+        for row in (await connection.execute(select(latest))).all():
+            checkpoint = _checkpoint(row)
+            histories[checkpoint.ticker] = BookHistory(checkpoint, [], None, _kind(row[7]))
+            runs[checkpoint.ticker] = []
+        run = (
+            select(
+                changes.c.ticker, changes.c.side.cast(BigInteger), changes.c.price,
+                changes.c.size, changes.c.exchange_time, changes.c.receive_time,
+                changes.c.sequence,
+            )
+            .join(latest, latest.c.ticker == changes.c.ticker)
+            .where(
+                latest.c.kind != int(CheckpointKind.LOST),
+                changes.c.exchange_time > latest.c.exchange_time,
+                changes.c.exchange_time <= time,
+            )
+            .order_by(
+                changes.c.ticker, changes.c.exchange_time, changes.c.sequence, changes.c.side,
+                changes.c.price,
+            )
+        )  # fmt: skip
+        for row in (await connection.execute(run)).all():
+            runs[row[0]].append(row)
+        for ticker, rows in runs.items():
+            if not rows:
+                continue
+            _, side, price, size, exchange_time, receive_time, sequence = rows[-1]
+            last = BookChangeRecord(
+                ticker, exchange_time, receive_time, sequence, Side(side), price, size
+            )
+            levels = [(r[1], r[2], r[3]) for r in rows]
+            histories[ticker] = histories[ticker]._replace(levels=levels, last_change=last)
+    return histories
 
 
 class OrderBookRepository:
@@ -310,61 +382,24 @@ class OrderBookRepository:
         self._sessions = sessions
 
     async def history(self, ticker: str, time: datetime) -> BookHistory:
-        """What rebuilds ``ticker``'s book at ``time``: two index range reads, in one statement on
-        PostgreSQL (a round trip costs more than the reads), two on SQLite (no transaction
-        around them: rows are only ever appended, and a change committed between the two reads
-        lies after the checkpoint the first found, so it is not missed)."""
-        table, changes = book_checkpoints_table, book_changes_table
-        following = (
-            select(table.c.kind)
-            .where(table.c.ticker == ticker, table.c.exchange_time > time)
-            .order_by(table.c.exchange_time, table.c.receive_time)
-            .limit(1)
-            .scalar_subquery()
-        )
+        """What rebuilds ``ticker``'s book at ``time`` (see :meth:`histories`)."""
+        return (await self.histories([ticker], time)).get(ticker, _NO_HISTORY)
+
+    async def histories(self, tickers: Sequence[str], time: datetime) -> dict[str, BookHistory]:
+        """What rebuilds each market's book at ``time``, for the markets that have a checkpoint
+        at or before it: one statement on PostgreSQL (a round trip costs more than the index
+        range reads), two on SQLite, for up to ``_MARKETS_PER_READ`` markets. No transaction
+        around them: rows are only ever appended, and a change committed between two reads lies
+        after the checkpoint the first found, so it is not missed."""
+        if not tickers:
+            return {}
         async with self._sessions() as session:
             connection = await session.connection(
                 execution_options={"isolation_level": "AUTOCOMMIT"}
             )
             if is_postgresql(connection):
-                return await _postgresql_history(connection, ticker, time)
-            before = (
-                await connection.execute(
-                    select(*_CHECKPOINT_COLUMNS, following)
-                    .where(table.c.ticker == ticker, table.c.exchange_time <= time)
-                    .order_by(table.c.exchange_time.desc(), table.c.receive_time.desc())
-                    .limit(1)
-                )
-            ).first()
-            if before is None:
-                return BookHistory(None, [], None, None)
-            checkpoint, after = _checkpoint(before), _kind(before[len(_CHECKPOINT_COLUMNS)])
-            if checkpoint.kind is CheckpointKind.LOST:
-                return BookHistory(checkpoint, [], None, after)
-            rows = (
-                await connection.execute(
-                    select(
-                        changes.c.side.cast(BigInteger), changes.c.price, changes.c.size,
-                        changes.c.exchange_time, changes.c.receive_time, changes.c.sequence,
-                    )
-                    .where(
-                        changes.c.ticker == ticker,
-                        changes.c.exchange_time > checkpoint.exchange_time,
-                        changes.c.exchange_time <= time,
-                    )
-                    .order_by(
-                        changes.c.exchange_time, changes.c.sequence, changes.c.side,
-                        changes.c.price,
-                    )
-                )
-            ).all()  # fmt: skip
-        last = None
-        if rows:
-            side, price, size, exchange_time, receive_time, sequence = rows[-1]
-            last = BookChangeRecord(
-                ticker, exchange_time, receive_time, sequence, Side(side), price, size
-            )
-        return BookHistory(checkpoint, [(r[0], r[1], r[2]) for r in rows], last, after)
+                return await _postgresql_histories(connection, tickers, time)
+            return await _sqlite_histories(connection, tickers, time)
 
     async def replay_rows(
         self,
