@@ -10,9 +10,9 @@ instant and a resting order's queue has already been consumed by the trades of t
 Which runs read them (``reads_books`` / ``reads_trades``): books for the DEPTH fill model or a
 strategy with ``on_book``; trades for every run on the event engine (the queue model of resting
 orders and ``on_trade``) and the compiled ``spread_maker`` (its queue model); the rest of the
-compiled path reads neither. A book's feed gaps are not guessed
-over: a LOST checkpoint keeps the last known book (as GetOrderBook returns it) until the next
-START or RESYNC, and the run's data-quality report counts the gap.
+compiled path reads neither. A book's feed gaps are not guessed over: a LOST checkpoint keeps the
+last known book (as GetOrderBook returns it) until the next START or RESYNC, and the run's
+data-quality report counts the gap.
 
 Both are pinned like the snapshots (``EventPins``): a run reads the rows stored up to the highest
 stream ids of the books and trades when it started, so rows committed while it reads do not change
