@@ -106,11 +106,10 @@ async def test_trades_come_before_books_of_their_instant_and_in_time_order(
     assert event_time(events[at_trade + 1]) == instants[5]
 
 
-async def test_a_depth_run_through_create_backtest_walks_the_stored_book(
-    stub: pb_grpc.BacktestServiceAsyncStub, publisher: PublishSession
-) -> None:
+async def _record_a_deep_book(publisher: PublishSession) -> pb.BacktestConfig:
+    """Records a market whose snapshots show one contract at a $0.40 YES ask while the stored
+    book holds more behind it; returns a DEPTH threshold run buying 3 contracts at <= $0.40."""
     await publisher.publish(markets=[make_market(TICKER)])
-    # The snapshots show one contract at a $0.40 YES ask; the stored book holds more behind it.
     await publish_snapshots(
         publisher,
         [
@@ -124,6 +123,13 @@ async def test_a_depth_run_through_create_backtest_walks_the_stored_book(
     assert (await publisher.send(request_of([start], 0))).code == 0
     config = threshold_config(buy_below=4_000, sell_above=9_000, count=300)
     config.fill_model = pb.FILL_MODEL_DEPTH
+    return config
+
+
+async def test_a_depth_run_through_create_backtest_walks_the_stored_book(
+    stub: pb_grpc.BacktestServiceAsyncStub, publisher: PublishSession
+) -> None:
+    config = await _record_a_deep_book(publisher)
     first = await run_to_end(stub, config)
     assert first.state == pb.BACKTEST_STATE_SUCCEEDED, first.error_message
     buys = [
@@ -152,21 +158,8 @@ async def test_books_and_trades_committed_while_a_run_reads_are_not_read_by_it(
     publisher: PublishSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await publisher.publish(markets=[make_market(TICKER)])
-    await publish_snapshots(
-        publisher,
-        [
-            make_snapshot(TICKER, i, yes_bid=3_800, yes_ask=4_000, no_bid=6_000, no_ask=6_200,
-                          yes_bid_size=1_000, yes_ask_size=100)
-            for i in range(3)
-        ],
-    )  # fmt: skip
-    opened = at(0) - timedelta(milliseconds=1)
-    start = checkpoint(TICKER, START, opened, opened, 1, {3_800: 1_000}, {6_000: 50, 5_900: 500})
-    assert (await publisher.send(request_of([start], 0))).code == 0
+    config = await _record_a_deep_book(publisher)
     assert (await publisher.publish(trades=[make_trade(TICKER, 0)])).code == 0
-    config = threshold_config(buy_below=4_000, sell_above=9_000, count=300)
-    config.fill_model = pb.FILL_MODEL_DEPTH
     before = await run_to_end(stub, config)
     assert before.state == pb.BACKTEST_STATE_SUCCEEDED, before.error_message
     # The book in force at the start and the one trade.
