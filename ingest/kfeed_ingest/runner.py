@@ -749,6 +749,9 @@ class Ingestor:
         flusher = asyncio.create_task(self._linger_flush())
         try:
             async for item in items:
+                if type(item) is BookChange:  # most items of a busy feed: straight to the batch
+                    await self.sink.add(item)
+                    continue
                 await self._route(item)
                 if waiting is not None and isinstance(item, types_pb2.MarketSnapshot):
                     waiting.discard(item.ticker)

@@ -380,12 +380,23 @@ class LiveSession:
     clock: datetime | None = None
 
     def __post_init__(self) -> None:
+        self._last_time: tuple[int, datetime] | None = None  # see _time_of_ms
         self._covered = None if self.tickers is None else set(self.tickers)
         # Anything the socket sends happened after the REST reads that seeded it.
         self._opened_at = max(
             (t for s in self.known.values() if (t := _time_of(s)) is not None), default=None
         )
         self._advance_clock(self._opened_at)
+
+    def _time_of_ms(self, ts_ms: int) -> datetime:
+        """``from_epoch_ms``, remembering the last one: the frames of one exchange instant (a
+        dozen or more on a busy feed) share their ``ts_ms``."""
+        last = self._last_time
+        if last is not None and last[0] == ts_ms:
+            return last[1]
+        moment = from_epoch_ms(ts_ms)
+        self._last_time = (ts_ms, moment)
+        return moment
 
     def _advance_clock(self, moment: datetime | None) -> None:
         if moment is not None and (self.clock is None or moment > self.clock):
@@ -909,7 +920,8 @@ class LiveSession:
         subscription: _Subscription | None,
     ) -> list[FeedItem]:
         """A level moved: the new size is recorded (a periodic checkpoint first when due)."""
-        exchange_time = _exchange_time(delta.ts_ms)
+        ts_ms = delta.ts_ms
+        exchange_time = None if ts_ms is None else self._time_of_ms(ts_ms)
         if subscription is not None and exchange_time is not None:
             subscription.last_book_time = exchange_time
         ticker = delta.market_ticker
@@ -937,7 +949,8 @@ class LiveSession:
         items.append(
             BookChange(
                 ticker,
-                micros(at),
+                # (Kalshi's times are whole milliseconds: the usual case needs no datetime sums)
+                ts_ms * 1_000 if at is exchange_time and ts_ms is not None else micros(at),
                 micros(now),
                 seq or 0,
                 types_pb2.SIDE_YES if delta.side == "yes" else types_pb2.SIDE_NO,
