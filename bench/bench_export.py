@@ -32,7 +32,12 @@ from bench.support import (
 )
 from kfeed_client import connect
 from kfeed_server.db import create_engine, upgrade_to_head
-from kfeed_server.db.repositories.export import SNAPSHOT_EXPORT, ExportFilter, literal_sql
+from kfeed_server.db.repositories.export import (
+    SNAPSHOT_EXPORT,
+    ExportFilter,
+    export_query,
+    literal_sql,
+)
 
 TARGET_RATIO = 0.5
 TARGET_ROWS_PER_SECOND = 1_000_000
@@ -67,7 +72,7 @@ async def fill(database: str, rows: int) -> str:
     engine = create_engine(sqlalchemy_url(database))
     try:
         await upgrade_to_head(engine)
-        sql = literal_sql(SNAPSHOT_EXPORT, ExportFilter(), engine.dialect)
+        sql = literal_sql(export_query(SNAPSHOT_EXPORT, ExportFilter()), engine.dialect)
     finally:
         await engine.dispose()
     connection = await asyncpg.connect(asyncpg_dsn(database))
