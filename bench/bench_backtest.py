@@ -26,11 +26,11 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from kfeed_server.backtest import EngineConfig, Fingerprinter, fingerprint, run_backtest
-from kfeed_server.backtest.chunks import encode_chunk
 from kfeed_server.backtest.config import COMPILED_WITH_TRADES
 from kfeed_server.backtest.engine import MarketEvent
 from kfeed_server.backtest.fast import columns_from_records, run_fast, sweep_fast, warm_up
-from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.feeding import SEND_ROWS
+from kfeed_server.backtest.replay_batches import batch_from_records
 from kfeed_server.records import DataSource, MarketStatus, Side, SnapshotRecord, TradeRecord
 
 BUY_BELOW = 4_000
@@ -114,12 +114,12 @@ def with_trades(snapshots: list[SnapshotRecord], trades: list[TradeRecord]) -> l
     return events + trades[k:]
 
 
-def encoded_fingerprinter(snapshots: list[SnapshotRecord]) -> Fingerprinter:
-    """What the service does in the server process while the worker replays: encode the rows in
-    4,096-row chunks (the encoding it ships to the worker anyway) and hash the chunks."""
+def columnar_fingerprinter(snapshots: list[SnapshotRecord]) -> Fingerprinter:
+    """What the service's worker does with the columns it receives: hash them batch by batch (the
+    batches built from the records here, as the database read builds them in the service)."""
     fingerprinter = Fingerprinter()
-    for first in range(0, len(snapshots), FINGERPRINT_CHUNK):
-        fingerprinter.add_encoded(encode_chunk(snapshots[first : first + FINGERPRINT_CHUNK]))
+    for first in range(0, len(snapshots), SEND_ROWS):
+        fingerprinter.add_batch(batch_from_records(snapshots[first : first + SEND_ROWS]))
     return fingerprinter
 
 
@@ -127,14 +127,14 @@ def run_engine(
     snapshots: list[SnapshotRecord], tickers: tuple[str, ...], *, engine_hashes: bool
 ) -> Timing:
     """The engine alone. ``engine_hashes``: the engine fingerprints the rows itself (direct
-    callers); otherwise the fingerprint comes from the encoded chunks, as in the service, and its
+    callers); otherwise the fingerprint comes from the columns, as in the service, and its
     cost is measured apart (it runs in the server process, in parallel with the worker)."""
     config = EngineConfig(
         strategy="threshold",
         tickers=tickers,
         parameters={"buy_below": BUY_BELOW, "sell_above": SELL_ABOVE, "count": COUNT},
     )
-    fingerprinter = None if engine_hashes else encoded_fingerprinter(snapshots)
+    fingerprinter = None if engine_hashes else columnar_fingerprinter(snapshots)
     began = time.perf_counter()
     result = run_backtest(config, {}, snapshots, total=len(snapshots), fingerprinter=fingerprinter)
     return Timing(time.perf_counter() - began, result.metrics.total_pnl)
@@ -215,18 +215,18 @@ def compare_rule(
     rule: EngineConfig,
     snapshots: list[SnapshotRecord],
     tickers: tuple[str, ...],
-    chunks: Fingerprinter,
+    hashed: Fingerprinter,
     repeat: int,
     trades: list[TradeRecord],
 ) -> dict[str, object]:
     """``rule`` through the engine once (the slow side) and compiled from the records ``repeat``
-    times (every run kept), both fingerprinted from the encoded chunks as in the service; the
+    times (every run kept), both fingerprinted from the columns as in the service; the
     results must be equal. The market maker also replays ``trades`` (both sides)."""
     config = replace(rule, tickers=tickers)
     replayed = trades if config.strategy in COMPILED_WITH_TRADES else []
     events = with_trades(snapshots, replayed) if replayed else snapshots
     began = time.perf_counter()
-    expected = run_backtest(config, {}, events, fingerprinter=chunks.copy())
+    expected = run_backtest(config, {}, events, fingerprinter=hashed.copy())
     engine_seconds = time.perf_counter() - began
     runs = []
     from_columns = []
@@ -235,7 +235,7 @@ def compare_rule(
         began = time.perf_counter()
         columns = columns_from_records(snapshots, tickers)
         columns_ready = time.perf_counter()
-        result = run_fast(config, {}, columns, chunks.copy(), trades=replayed)
+        result = run_fast(config, {}, columns, hashed.copy(), trades=replayed)
         runs.append(time.perf_counter() - began)
         from_columns.append(time.perf_counter() - columns_ready)
         equal = equal and result == expected
@@ -316,9 +316,16 @@ def _time_fingerprint(snapshots: list[SnapshotRecord]) -> float:
     return time.perf_counter() - began
 
 
-def _time_encoding(snapshots: list[SnapshotRecord]) -> float:
+def _time_column_hashing(snapshots: list[SnapshotRecord]) -> float:
+    batches = [
+        batch_from_records(snapshots[first : first + SEND_ROWS])
+        for first in range(0, len(snapshots), SEND_ROWS)
+    ]
     began = time.perf_counter()
-    encoded_fingerprinter(snapshots).result()
+    fingerprinter = Fingerprinter()
+    for batch in batches:
+        fingerprinter.add_batch(batch)
+    fingerprinter.result()
     return time.perf_counter() - began
 
 
@@ -340,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     warm_up()
     trades = synthetic_trades(snapshots, args.seed)
-    chunks = encoded_fingerprinter(snapshots)
+    hashed = columnar_fingerprinter(snapshots)
     rules = [
-        compare_rule(rule, snapshots, tickers, chunks, args.repeat, trades) for rule in OTHER_RULES
+        compare_rule(rule, snapshots, tickers, hashed, args.repeat, trades) for rule in OTHER_RULES
     ]
     rules_equal = all(r["equal"] for r in rules)
     if args.rules_only:
@@ -362,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     numpy_kernel = min(kernel for _, kernel in numpy_runs)
     # The provenance hash is part of every run; timed alone to show what the loop itself costs.
     fingerprint_seconds = min(_time_fingerprint(snapshots) for _ in range(args.repeat))
-    encoding_seconds = min(_time_encoding(snapshots) for _ in range(args.repeat))
+    hashing_seconds = min(_time_column_hashing(snapshots) for _ in range(args.repeat))
 
     # The compiled path (warmed above, from numba's disk cache): best of N, every run kept for the
-    # spread; its fingerprint comes from the service's encoded chunks, as for the engine.
-    compiled_runs = [run_compiled(snapshots, tickers, chunks.copy()) for _ in range(args.repeat)]
+    # spread; its fingerprint comes from the columns, as in the service.
+    compiled_runs = [run_compiled(snapshots, tickers, hashed.copy()) for _ in range(args.repeat)]
     compiled, _ = min(compiled_runs, key=lambda r: r[0].seconds)
     compiled_from_columns = min(seconds for _, seconds in compiled_runs)
-    sweep_runs = [run_sweep(snapshots, tickers, chunks) for _ in range(max(1, args.repeat - 1))]
+    sweep_runs = [run_sweep(snapshots, tickers, hashed) for _ in range(max(1, args.repeat - 1))]
     sweep_seconds, sweep_points = min(sweep_runs)
     code_of = {ticker: code for code, ticker in enumerate(tickers)}
     codes = np.fromiter((code_of[s.ticker] for s in snapshots), dtype=np.int64)
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     agree = engine.pnl == numpy_total.pnl == engine_hashing.pnl
     print(
         f"engine : {engine.seconds:8.3f} s  {engine_rate:12,.0f} snapshots/s  PnL {engine.pnl}"
-        "  (as the service runs it: rows fingerprinted from the encoded chunks)"
+        "  (as the service runs it: rows fingerprinted from the columns)"
     )
     print(
         f"engine+hash: {engine_hashing.seconds:8.3f} s  {hashing_rate:12,.0f} snapshots/s  "
@@ -397,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.snapshots / numpy_kernel:,.0f} snapshots/s)"
     )
     print(
-        f"fingerprint of records alone: {fingerprint_seconds:.3f} s; encode + hash the chunks "
-        f"(server process, in parallel with the worker): {encoding_seconds:.3f} s"
+        f"fingerprint of records alone: {fingerprint_seconds:.3f} s; hash the columns "
+        f"(the worker, while the server reads): {hashing_seconds:.3f} s"
     )
     print(f"ratio  : {ratio:.3f} (target >= {TARGET_RATIO})  PnL agree: {agree}")
     compiled_ratio = numpy_total.seconds / compiled.seconds
@@ -433,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy_kernel_seconds": round(numpy_kernel, 4),
         "ratio": round(ratio, 3),
         "fingerprint_seconds": round(fingerprint_seconds, 4),
-        "encode_and_hash_seconds": round(encoding_seconds, 4),
+        "column_hash_seconds": round(hashing_seconds, 4),
         "engine_hashing_seconds": round(engine_hashing.seconds, 4),
         "ratio_engine_hashing": round(hashing_rate / numpy_rate, 3),
         "target_ratio": TARGET_RATIO,

@@ -18,7 +18,7 @@ from kfeed.v1 import market_service_pb2, market_service_pb2_grpc
 from kfeed_server import __version__
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.backtest import EngineConfig, run_backtest
-from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.fingerprint import FINGERPRINT_VERSION
 from kfeed_server.backtest.service import RESTART_MESSAGE
 from kfeed_server.backtest.tracking import SHUTDOWN_MESSAGE
 from kfeed_server.build import code_version
@@ -43,7 +43,9 @@ from tests.support.factories import at, make_market
 from tests.support.servers import PublishSession, bad_request_fields, serving
 
 BOTH = (TICKER, OTHER_TICKER)
-ROWS_PAST_ONE_CHUNK = FINGERPRINT_CHUNK + 100
+# Rows added for the runs that must still be running when the test acts (the worker holds the
+# first read batch and waits for the end of the data).
+MORE_ROWS = 4_196
 
 
 async def _engine_result_on_stored_rows(
@@ -102,11 +104,13 @@ async def test_a_backtest_runs_to_success_with_the_engine_results(
         fingerprint.first_snapshot_id,
         fingerprint.last_snapshot_id,
         fingerprint.content_hash,
+        fingerprint.version,
     ) == (
         expected.fingerprint.row_count,
         expected.fingerprint.first_snapshot_id,
         expected.fingerprint.last_snapshot_id,
         expected.fingerprint.content_hash,
+        FINGERPRINT_VERSION,
     )
     assert fingerprint.row_count == len(recorded)
     assert backtest.progress.fraction_done == 1.0
@@ -146,18 +150,18 @@ async def test_runs_are_deterministic_and_changed_data_changes_the_fingerprint(
 
 @pytest.fixture
 def gated_reads(backtest_server: KfeedServer, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-    """Backtest reads deliver their first chunk, then wait for the returned event: runs stay
+    """Backtest reads deliver their first batch, then wait for the returned event: runs stay
     RUNNING (their worker waiting for rows) until it is set."""
     columns = backtest_server.repositories.exports
     original = columns.snapshots_for_backtest
     gate = asyncio.Event()
 
-    async def first_chunk_then_wait(*args: Any, **kwargs: Any) -> AsyncIterator[pa.RecordBatch]:
+    async def first_batch_then_wait(*args: Any, **kwargs: Any) -> AsyncIterator[pa.RecordBatch]:
         async for batch in original(*args, **kwargs):
             yield batch
             await gate.wait()
 
-    monkeypatch.setattr(columns, "snapshots_for_backtest", first_chunk_then_wait)
+    monkeypatch.setattr(columns, "snapshots_for_backtest", first_batch_then_wait)
     return gate
 
 
@@ -176,8 +180,7 @@ async def test_cancel_stops_running_and_pending_backtests(
     publisher: PublishSession,
     recorded: list[SnapshotRecord],
 ) -> None:
-    # More than one 4,096-row chunk, so the worker gets rows before the gated read ends.
-    await publish_snapshots(publisher, wave_snapshots(TICKER, ROWS_PAST_ONE_CHUNK, offset=600))
+    await publish_snapshots(publisher, wave_snapshots(TICKER, MORE_ROWS, offset=600))
     running = (
         await stub.CreateBacktest(pb.CreateBacktestRequest(config=threshold_config()))
     ).backtest
@@ -425,7 +428,7 @@ async def test_shutdown_fails_running_backtests_and_start_fails_stale_ones(
     ):
         publisher = PublishSession(channel)
         await publisher.publish(markets=[make_market(TICKER)])
-        await publish_snapshots(publisher, wave_snapshots(TICKER, ROWS_PAST_ONE_CHUNK))
+        await publish_snapshots(publisher, wave_snapshots(TICKER, MORE_ROWS))
         await publisher.close()
         gate = asyncio.Event()
         original = server.repositories.exports.snapshots_for_backtest

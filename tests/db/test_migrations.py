@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from alembic import command
@@ -12,11 +13,14 @@ from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kfeed_server.backtest import EngineConfig, fingerprint
 from kfeed_server.db import create_engine, downgrade_to_base, schema_is_current, upgrade_to_head
 from kfeed_server.db.migrate import alembic_config
 from kfeed_server.db.models import Base, is_partition, trades_table
+from kfeed_server.db.repositories import BacktestRecord, Repositories
 from kfeed_server.db.repositories.markets import record_rows
-from tests.support.factories import make_trade
+from kfeed_server.records import BacktestState
+from tests.support.factories import make_snapshot, make_trade
 
 KFEED_TABLES = set(Base.metadata.tables)
 
@@ -94,3 +98,32 @@ async def test_trades_stored_before_stream_ids_are_numbered_in_time_order(
         assert [trade_id for (trade_id,) in rows] == [
             make_trade("KXOLD", i).trade_id for i in range(3)
         ]
+
+
+async def test_backtests_stored_before_fingerprint_versions_are_version_1_and_still_verify(
+    engine: AsyncEngine, repositories: Repositories
+) -> None:
+    """A run fingerprinted before version 2 existed reads back as version 1, and the version 1
+    fingerprint of the same rows still equals its stored hash (version 2's does not)."""
+    rows = [make_snapshot("KXOLD", i) for i in range(10)]
+    printed = fingerprint(rows, tickers=("KXOLD",), version=1)
+    stored = BacktestRecord(
+        backtest_id="before-versions",
+        config=EngineConfig("threshold", ("KXOLD",)),
+        state=BacktestState.SUCCEEDED,
+        row_count=printed.row_count,
+        first_snapshot_id=printed.first_snapshot_id,
+        last_snapshot_id=printed.last_snapshot_id,
+        content_hash=printed.content_hash,
+    )
+    await repositories.backtests.create(stored)
+    async with engine.begin() as connection:
+        await connection.run_sync(
+            lambda c: command.downgrade(alembic_config(c), "0008_event_fee_overrides")
+        )
+    await upgrade_to_head(engine)
+    read = await repositories.backtests.get(stored.backtest_id)
+    assert read == replace(stored, fingerprint_version=1)
+    rerun = fingerprint(rows, tickers=("KXOLD",), version=read.fingerprint_version)
+    assert rerun.content_hash == read.content_hash
+    assert fingerprint(rows, tickers=("KXOLD",)).content_hash != read.content_hash

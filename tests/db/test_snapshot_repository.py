@@ -5,10 +5,16 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta, timezone
 
-from kfeed_server.backtest.chunks import ColumnChunker, decode_chunk, encode_chunk
-from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
+from kfeed_server.backtest.fingerprint import Fingerprinter, fingerprint
+from kfeed_server.backtest.replay_batches import (
+    REPLAY_SCHEMA,
+    batch_from_records,
+    records_from_batch,
+)
 from kfeed_server.db.repositories import Repositories
+from kfeed_server.db.repositories.export import MAX_MERGED_MARKETS
 from kfeed_server.records import SnapshotRecord
+from kfeed_server.records.backtest import FEE_SCHEDULE_VERSION
 from tests.support.factories import at, make_snapshot
 
 
@@ -148,39 +154,41 @@ async def test_max_snapshot_id(repositories: Repositories) -> None:
     assert await repositories.snapshots.max_snapshot_id() == stored[-1].snapshot_id
 
 
-async def _backtest_chunks(
+async def _backtest_rows(
     repositories: Repositories,
     tickers: list[str],
     start: datetime,
     end: datetime,
     *,
-    chunk_size: int = FINGERPRINT_CHUNK,
     max_snapshot_id: int | None = None,
-) -> list[list[SnapshotRecord]]:
-    """What a backtest reads (as columns, cut into encoded chunks), decoded back into records;
-    every chunk's bytes are what encoding the same records gives."""
+) -> list[SnapshotRecord]:
+    """What a backtest reads (replay batches of columns), as records. Every batch's columns are
+    what the same records give, and so is their fingerprint however the rows are cut."""
     pin = max_snapshot_id or await repositories.snapshots.max_snapshot_id()
-    chunker = ColumnChunker(chunk_size)
-    timed = []
-    batches = repositories.exports.snapshots_for_backtest(tickers, start, end, max_snapshot_id=pin)
-    async for batch in batches:
-        timed += chunker.add(batch)
-    last = chunker.finish()
-    timed += [] if last is None else [last]
-    chunks = [decode_chunk(t.chunk) for t in timed]
-    assert [t.chunk for t in timed] == [encode_chunk(chunk) for chunk in chunks]
-    assert [t.last_exchange_time for t in timed] == [chunk[-1].exchange_time for chunk in chunks]
-    return chunks
+    read = repositories.exports.snapshots_for_backtest(tickers, start, end, max_snapshot_id=pin)
+    batches = [batch async for batch in read]
+    rows = [row for batch in batches for row in records_from_batch(batch)]
+    for batch in batches:
+        rebuilt = batch_from_records(records_from_batch(batch))
+        for field in REPLAY_SCHEMA:
+            assert batch.column(field.name).equals(rebuilt.column(field.name)), field.name
+    expected = fingerprint(rows)
+    for size in (1, 7, 4_096):
+        fingerprinter = Fingerprinter()
+        for batch in batches:
+            for first in range(0, batch.num_rows, size):
+                fingerprinter.add_batch(batch.slice(first, size))
+        fingerprinter.add_terms((), {}, {}, FEE_SCHEDULE_VERSION)
+        assert fingerprinter.result() == expected
+    return rows
 
 
-async def test_backtest_reads_in_chunks_in_time_then_id_order(repositories: Repositories) -> None:
+async def test_backtest_reads_in_time_then_id_order(repositories: Repositories) -> None:
     await _store(
         repositories,
         [make_snapshot(t, i, exchange_time=at(i // 2)) for i in range(25) for t in ("A", "B", "C")],
     )
-    chunks = await _backtest_chunks(repositories, ["A", "B"], at(1), at(10), chunk_size=4)
-    rows = [s for chunk in chunks for s in chunk]
-    assert all(len(chunk) == 4 for chunk in chunks[:-1])
+    rows = await _backtest_rows(repositories, ["A", "B"], at(1), at(10))
     keys = [(s.exchange_time, s.snapshot_id) for s in rows]
     assert keys == sorted(keys)
     assert len(set(keys)) == len(keys)
@@ -194,8 +202,7 @@ async def test_backtest_reads_pinned_to_a_max_id(repositories: Repositories) -> 
     stored = await _store(repositories, [make_snapshot("A", i) for i in range(5)])
     pin = stored[2].snapshot_id
     await _store(repositories, [make_snapshot("A", 10 + i) for i in range(5)])
-    chunks = await _backtest_chunks(repositories, ["A"], at(0), at(100), max_snapshot_id=pin)
-    rows = [s for chunk in chunks for s in chunk]
+    rows = await _backtest_rows(repositories, ["A"], at(0), at(100), max_snapshot_id=pin)
     assert [s.snapshot_id for s in rows] == [s.snapshot_id for s in stored[:3]]
     assert (
         await repositories.snapshots.count_for_backtest(["A"], at(0), at(100), max_snapshot_id=pin)
@@ -208,7 +215,7 @@ async def test_backtest_reads_cross_gaps_bursts_and_ties_in_order(
     repositories: Repositories,
 ) -> None:
     """Data years apart, a burst far denser than a chunk at one instant, and rows sharing a time
-    across markets all come back, once, in order, whatever the chunk size."""
+    across markets all come back, once, in order (and fingerprint alike however they are cut)."""
     rng = random.Random(5)
     times = [at(0)] * 40  # a burst: 40 rows at one instant, across markets
     times += [at(rng.uniform(1, 600)) for _ in range(150)]  # minutes apart
@@ -223,10 +230,7 @@ async def test_backtest_reads_cross_gaps_bursts_and_ties_in_order(
         (s for s in stored if s.ticker in ("A", "C")),
         key=lambda s: (s.exchange_time, s.snapshot_id),
     )
-    for chunk_size in (1, 7, 64, 10_000):
-        chunks = await _backtest_chunks(repositories, ["A", "C"], *window, chunk_size=chunk_size)
-        assert [s for chunk in chunks for s in chunk] == expected
-        assert all(len(chunk) == chunk_size for chunk in chunks[:-1])
+    assert await _backtest_rows(repositories, ["A", "C"], *window) == expected
 
 
 async def test_a_range_page_starts_at_the_later_of_its_start_and_its_cursor(
@@ -245,3 +249,17 @@ async def test_a_range_page_starts_at_the_later_of_its_start_and_its_cursor(
     after_start = await list_range("A", start=at(5), end=at(9), limit=10, after=cursor(6))
     assert [s.snapshot_id for s in after_start.items] == [s.snapshot_id for s in stored[7:9]]
     assert after_start.next_cursor is None
+
+
+async def test_backtest_reads_of_many_markets_are_in_order_too(repositories: Repositories) -> None:
+    """More markets than one merged read takes (MAX_MERGED_MARKETS) come back in the same order
+    from one sorted query."""
+    tickers = [f"M{m:03}" for m in range(MAX_MERGED_MARKETS + 2)]
+    stored = await _store(
+        repositories,
+        [make_snapshot(t, i, exchange_time=at(i % 7)) for i in range(3) for t in tickers],
+    )
+    expected = sorted(stored, key=lambda s: (s.exchange_time, s.snapshot_id))
+    assert await _backtest_rows(repositories, tickers, at(0), at(100)) == expected
+    merged = await _backtest_rows(repositories, tickers[:MAX_MERGED_MARKETS], at(0), at(100))
+    assert merged == [s for s in expected if s.ticker in tickers[:MAX_MERGED_MARKETS]]

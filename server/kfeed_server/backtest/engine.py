@@ -1113,8 +1113,8 @@ def run_backtest(
     a bad configuration and StrategyError for a malformed order.
 
     By default the engine fingerprints the events it replays. A caller that already hashes the
-    snapshot rows as it produces them (the service hashes the encoded chunks it ships to the
-    worker) passes its ``fingerprinter`` instead; the run then checks that it replayed exactly as
+    snapshot rows as it produces them (the service's worker hashes the Arrow batches it receives)
+    passes its ``fingerprinter`` instead; the run then checks that it replayed exactly as
     many snapshots as were fingerprinted (ValueError otherwise), so provenance cannot drift from
     what ran. The fingerprint also covers each market's result, settlement time and value and its
     fee terms, so a rerun after a market settles gives a different fingerprint.

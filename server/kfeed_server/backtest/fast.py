@@ -25,10 +25,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from numba import njit
 
 from kfeed_server.backtest import maker_kernel
-from kfeed_server.backtest.chunks import MARKET_COLUMNS
 from kfeed_server.backtest.config import (
     COMPILED_WITH_TRADES,
     fast_path_applies,
@@ -73,9 +74,7 @@ _DAY_US = 86_400_000_000
 _NONE = -1  # a missing value in an int64 column (prices and sizes are never negative)
 _GET = {name: operator.attrgetter(name) for name in SnapshotRecord._fields}
 _INT_COLUMNS = ("yes_bid", "yes_ask", "no_bid", "no_ask", "yes_bid_size", "yes_ask_size")
-_CHUNK_NEEDS = {
-    name: MARKET_COLUMNS.index(name) for name in ("snapshot_id", "ticker", *_INT_COLUMNS)
-}
+_COLUMN_NAMES = ("code", "time_us", "snapshot_id", *_INT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,45 +138,52 @@ def _datetimes(values: np.ndarray) -> list[datetime]:
 
 
 class ColumnCollector:
-    """Builds ``SnapshotColumns`` from the column lists of consecutive chunks (``chunks``'s
-    encoding): lists are extended as chunks arrive and become arrays once."""
+    """Builds ``SnapshotColumns`` from consecutive replay batches (``replay_batches``): each
+    batch's columns become numpy arrays in C as it arrives (views where Arrow's layout is
+    numpy's), joined once at the end."""
 
     def __init__(self, tickers: Sequence[str]) -> None:
         self.tickers = tuple(tickers)
-        self._code_of = {ticker: code for code, ticker in enumerate(self.tickers)}
-        self._lists: dict[str, list[Any]] = {name: [] for name in _CHUNK_NEEDS}
-        self._times: list[float] = []
+        self._ticker_set = pa.array(self.tickers, pa.string())
+        self._parts: dict[str, list[np.ndarray]] = {name: [] for name in _COLUMN_NAMES}
+        self._rows = 0
 
-    def add(self, columns: Sequence[list[Any]], times: list[float]) -> None:
-        """Adds one chunk's columns (``chunks.market_columns``)."""
-        for name, index in _CHUNK_NEEDS.items():
-            self._lists[name].extend(columns[index])
-        self._times.extend(times)
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Adds one replay batch's rows."""
+        column = batch.column
+        parts = self._parts
+        codes = pc.index_in(column("ticker"), value_set=self._ticker_set)
+        parts["code"].append(_filled(codes).astype(np.int64))
+        parts["time_us"].append(column("exchange_time").cast(pa.int64()).to_numpy())
+        parts["snapshot_id"].append(column("snapshot_id").to_numpy())
+        for name in _INT_COLUMNS:
+            parts[name].append(_filled(column(name)))
+        self._rows += batch.num_rows
 
     def __len__(self) -> int:
-        return len(self._times)
+        return self._rows
 
     def columns(self) -> SnapshotColumns:
         """The columns collected so far."""
-        n = len(self._times)
-        code_of = self._code_of
-        codes = np.fromiter(
-            (code_of.get(t, _NONE) for t in self._lists["ticker"]), dtype=np.int64, count=n
-        )
-        time_us = np.rint(np.array(self._times, dtype=np.float64) * 1e6).astype(np.int64)
-        ids = np.array(self._lists["snapshot_id"], dtype=np.int64).reshape(n)
-        ints = [_int_column(self._lists[name]).reshape(n) for name in _INT_COLUMNS]
-        return SnapshotColumns(self.tickers, codes, time_us, ids, *ints)
+        arrays = [
+            np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+            for parts in self._parts.values()
+        ]
+        return SnapshotColumns(self.tickers, *arrays)
+
+
+def _filled(column: pa.Array[Any]) -> np.ndarray:
+    """An integer column as numpy, -1 (``_NONE``) where null."""
+    if column.null_count:
+        column = column.fill_null(_NONE)
+    return column.to_numpy()
 
 
 def concatenate(parts: Sequence[SnapshotColumns]) -> SnapshotColumns:
     """One set of columns from consecutive parts (same tickers)."""
     if len(parts) == 1:
         return parts[0]
-    arrays = [
-        np.concatenate([getattr(p, name) for p in parts])
-        for name in ("code", "time_us", "snapshot_id", *_INT_COLUMNS)
-    ]
+    arrays = [np.concatenate([getattr(p, name) for p in parts]) for name in _COLUMN_NAMES]
     return SnapshotColumns(parts[0].tickers, *arrays)
 
 
@@ -1081,7 +1087,7 @@ def run_fast(
     trades: Sequence[TradeRecord] = (),
 ) -> BacktestResult | None:
     """``run_backtest``'s result for ``config`` over ``columns`` (whose rows ``fingerprinter``
-    already hashed, as the service's chunks are) and, for a strategy that reads them
+    already hashed, as the service's worker does) and, for a strategy that reads them
     (``COMPILED_WITH_TRADES``), the public ``trades`` in time order (each replayed before the
     first snapshot at or after its time, and fingerprinted here, as the engine does); None when
     the compiled path does not apply (then run the engine). Raises StrategyError where the engine

@@ -1,9 +1,9 @@
 """Replay feeding: runs one configuration in a worker process and feeds it the window's rows.
 
 The server pins the data set (the highest snapshot id, and book and trade stream ids, at the
-start), counts the window, sends the rows to the worker in encoded chunks through a pipe while the
-worker replays the previous chunk, relays the worker's progress to the ``TrackedRun`` and its
-stop requests to the worker. The worker (``worker.py``) reads no database. See
+start), counts the window, sends the rows to the worker as Arrow record batches through a pipe
+while the worker replays the previous one, relays the worker's progress to the ``TrackedRun`` and
+its stop requests to the worker. The worker (``worker.py``) reads no database. See
 docs/BACKTESTING.md ("The service").
 """
 
@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kfeed_server.backtest.chunks import ColumnChunker, EncodedChunk, TimedChunk
+import pyarrow as pa
+
 from kfeed_server.backtest.engine import BacktestResult, Progress
 from kfeed_server.backtest.fees import MarketFees, market_fees
-from kfeed_server.backtest.fingerprint import FINGERPRINT_CHUNK
 from kfeed_server.backtest.market_events import (
     EventCursor,
     EventPins,
@@ -35,6 +35,7 @@ from kfeed_server.backtest.market_events import (
     window_events,
 )
 from kfeed_server.backtest.quality import UnrecoveredGaps, data_quality, unrecovered
+from kfeed_server.backtest.replay_batches import last_exchange_time, to_ipc
 from kfeed_server.backtest.tracking import TrackedRun, replaced, with_progress
 from kfeed_server.backtest.worker import (
     KILL_GRACE,
@@ -55,6 +56,10 @@ from kfeed_server.records import FeedGapRecord, MarketRecord
 from kfeed_server.records.backtest import BacktestRecord, DataQuality, EngineConfig, GapPolicy
 
 log = logging.getLogger(__name__)
+
+# Rows per batch sent to the worker (a read batch is cut to it): the worker reports progress and
+# sees a stop request once a batch, and the pipe holds a few of them.
+SEND_ROWS = 65_536
 
 # An open window side is read as these bounds.
 OPEN_START = datetime(1, 1, 2, tzinfo=UTC)
@@ -287,22 +292,19 @@ class ReplayFeeder:
         pinned: int,
         events: EventCursor | None,
     ) -> None:
-        """Sends the window's rows to the worker in encoded chunks of ``FINGERPRINT_CHUNK`` rows
-        (the fingerprint's chunking; ``events`` ahead of the rows they precede), then None, and
-        closes the pipe (also when cancelled: the worker then sees the end of the data at once).
-        The rows are read as columns (COPY binary into Arrow on PostgreSQL, off the event loop)
-        and encoded from them: no record per row. Sending waits in a thread while the pipe is
-        full, which bounds memory to a few chunks and one read batch."""
-        chunker = ColumnChunker(FINGERPRINT_CHUNK)
+        """Sends the window's rows to the worker as replay batches of at most ``SEND_ROWS`` rows
+        (``events`` ahead of the rows they precede), then None, and closes the pipe (also when
+        cancelled: the worker then sees the end of the data at once). The rows are read as
+        columns (COPY binary into Arrow on PostgreSQL, off the event loop) and cross the pipe as
+        Arrow IPC: no Python object per row on either side. Sending waits in a thread while the
+        pipe is full, which bounds memory to a few batches and one read batch."""
         try:
             batches = self._sources.columns.snapshots_for_backtest(
                 config.tickers, start, end, max_snapshot_id=pinned
             )
             async for batch in batches:
-                for chunk in chunker.add(batch):
-                    await _send_chunk(writer, chunk, events)
-            if (last := chunker.finish()) is not None:
-                await _send_chunk(writer, last, events)
+                for first in range(0, batch.num_rows, SEND_ROWS):
+                    await _send_batch(writer, batch.slice(first, SEND_ROWS), events)
             if events is not None and (rest := await events.until(None)):
                 await _send(writer, EventBatch(rest))
             await _send(writer, None)
@@ -352,17 +354,27 @@ def run_data_quality(
     return data_quality(gaps, config.tickers, start, end)
 
 
-async def _send_chunk(writer: Connection, chunk: TimedChunk, events: EventCursor | None) -> None:
-    """Sends the books and trades up to the chunk's last time, then the chunk."""
-    if events is not None and (batch := await events.until(chunk.last_exchange_time)):
-        await _send(writer, EventBatch(batch))
-    await _send(writer, chunk.chunk)
+async def _send_batch(
+    writer: Connection, batch: pa.RecordBatch, events: EventCursor | None
+) -> None:
+    """Sends the books and trades up to the batch's last time, then the batch."""
+    if events is not None and (earlier := await events.until(last_exchange_time(batch))):
+        await _send(writer, EventBatch(earlier))
+    await _send(writer, batch)
 
 
-async def _send(writer: Connection, message: EncodedChunk | EventBatch | None) -> None:
-    """Sends in a thread (a full pipe blocks). When the caller is cancelled the send still
-    completes or fails before this returns, so the pipe is never closed under a running send."""
-    sending = asyncio.ensure_future(asyncio.to_thread(writer.send, message))
+def _write(writer: Connection, message: pa.RecordBatch | EventBatch | None) -> None:
+    if isinstance(message, pa.RecordBatch):
+        writer.send_bytes(to_ipc(message))
+    else:
+        writer.send(message)
+
+
+async def _send(writer: Connection, message: pa.RecordBatch | EventBatch | None) -> None:
+    """Sends in a thread (a full pipe blocks; a batch is serialised there too). When the caller
+    is cancelled the send still completes or fails before this returns, so the pipe is never
+    closed under a running send."""
+    sending = asyncio.ensure_future(asyncio.to_thread(_write, writer, message))
     try:
         await asyncio.shield(sending)
     except asyncio.CancelledError:

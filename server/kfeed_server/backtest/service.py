@@ -489,6 +489,7 @@ class BacktestRunner:
             last_snapshot_id=fingerprint.last_snapshot_id,
             content_hash=fingerprint.content_hash,
             event_count=fingerprint.event_count,
+            fingerprint_version=fingerprint.version,
             fraction_done=1.0,
             snapshots_processed=fingerprint.row_count,
         )

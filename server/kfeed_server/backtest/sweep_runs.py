@@ -121,5 +121,6 @@ def sweep_outcome(children: Sequence[BacktestRecord], rank_by: str) -> dict[str,
         "last_snapshot_id": best.last_snapshot_id,
         "content_hash": best.content_hash,
         "event_count": best.event_count,
+        "fingerprint_version": best.fingerprint_version,
         "fraction_done": 1.0,
     }

@@ -2,12 +2,13 @@
 
 The worker reads no database. It gets two pipe ends with the job:
 
-* ``data`` (server → worker): ``EncodedChunk`` objects of at most 4,096 rows in replay order, then
-  ``None``; before a chunk, an ``EventBatch`` of the books and trades up to its last row's time
-  (``market_events``: runs that read them), which the worker puts before the first row at or
-  after each event's time. The socket buffer bounds what is in flight, so memory stays bounded
-  whatever the window's size: the server reads, encodes and sends the next chunk while the
-  worker replays.
+* ``data`` (server → worker): replay batches (``replay_batches``: the snapshot columns, each an
+  Arrow IPC stream sent with ``send_bytes``) in replay order, then ``None``; before a batch, an
+  ``EventBatch`` of the books and trades up to its last row's time (``market_events``: runs that
+  read them), which the worker puts before the first row at or after each event's time. The
+  objects are pickled (``send``); the worker tells them from Arrow by the IPC marker. The socket
+  buffer bounds what is in flight, so memory stays bounded whatever the window's size: the server
+  reads and sends the next batch while the worker fingerprints and replays this one.
 * ``control`` (both ways): the worker sends ``WorkerStarted`` once, then a ``Progress`` every
   ``progress_every`` snapshots; any message from the server means "stop" (checked at each
   progress report, and every ``STOP_CHECK_EVERY`` snapshots once ``STOP_CHECK_SECONDS`` have
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import threading
 from collections import deque
@@ -30,7 +32,6 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from kfeed_server.backtest.books import ReplayedEvent, event_time
-from kfeed_server.backtest.chunks import EncodedChunk, decode_chunk, market_columns
 from kfeed_server.backtest.config import fast_path_applies
 from kfeed_server.backtest.engine import (
     DEFAULT_MAX_EQUITY_POINTS,
@@ -44,10 +45,13 @@ from kfeed_server.backtest.engine import (
 from kfeed_server.backtest.fees import MarketFees
 from kfeed_server.backtest.fingerprint import Fingerprinter
 from kfeed_server.backtest.loading import load_strategy_modules
+from kfeed_server.backtest.replay_batches import IPC_MARKER, from_ipc, records_from_batch
 from kfeed_server.records import MarketRecord, TradeRecord
 from kfeed_server.records.backtest import EngineConfig
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from kfeed_server.backtest.fast import ColumnCollector
 
 
@@ -136,27 +140,36 @@ class WorkerStarted:
 
 @dataclass(frozen=True, slots=True)
 class EventBatch:
-    """Books and trades in time order, all at or before the next chunk's last row."""
+    """Books and trades in time order, all at or before the next batch's last row."""
 
     events: Sequence[ReplayedEvent]
 
 
-def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[MarketEvent]:
-    """The rows of the chunks arriving, with the events of the batches put before the first row
-    at or after their time (the rest at the end)."""
-    waiting: deque[ReplayedEvent] = deque()
+def _messages(data: Connection) -> Iterator[pa.RecordBatch | EventBatch]:
+    """What arrives on the data pipe until its ``None``: replay batches and event batches."""
     while True:
-        message = data.recv()
-        if message is None:
-            yield from waiting
+        message = data.recv_bytes()
+        if message[:4] == IPC_MARKER:
+            yield from_ipc(message)
+            continue
+        received = pickle.loads(message)
+        if received is None:
             return
+        if not isinstance(received, EventBatch):
+            raise TypeError(f"unexpected message on the data pipe: {type(received).__name__}")
+        yield received
+
+
+def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[MarketEvent]:
+    """The rows of the batches arriving, with the events of the event batches put before the
+    first row at or after their time (the rest at the end)."""
+    waiting: deque[ReplayedEvent] = deque()
+    for message in _messages(data):
         if isinstance(message, EventBatch):
             waiting.extend(message.events)
             continue
-        if not isinstance(message, EncodedChunk):
-            raise TypeError(f"unexpected message on the data pipe: {type(message).__name__}")
-        fingerprinter.add_encoded(message)
-        rows = decode_chunk(message)
+        fingerprinter.add_batch(message)
+        rows = records_from_batch(message)
         if not waiting:
             yield from rows
             continue
@@ -164,6 +177,7 @@ def _received_rows(data: Connection, fingerprinter: Fingerprinter) -> Iterator[M
             while waiting and event_time(waiting[0]) <= row.exchange_time:
                 yield waiting.popleft()
             yield row
+    yield from waiting
 
 
 def _collect(
@@ -173,7 +187,7 @@ def _collect(
     report: Callable[[Progress], None],
     should_stop: Callable[[], bool],
 ) -> tuple[ColumnCollector, list[TradeRecord]]:
-    """The chunks' columns, collected as they arrive (progress and stops checked meanwhile),
+    """The batches' columns, collected as they arrive (progress and stops checked meanwhile),
     and the trades of the event batches (runs that read them), in time order."""
     # Imported here: the server process imports this module but never runs the compiled path
     # (numba stays out of it); the forkserver has it loaded already (warm_up).
@@ -182,17 +196,16 @@ def _collect(
     collector = ColumnCollector(job.config.tickers)
     trades: list[TradeRecord] = []
     next_report = job.progress_every
-    while (chunk := data.recv()) is not None:
-        if isinstance(chunk, EventBatch):
+    for batch in _messages(data):
+        if isinstance(batch, EventBatch):
             # Only trades: a compiled run reads no books (TOUCH, no ``on_book``).
-            trades += (e for e in chunk.events if isinstance(e, TradeRecord))
+            trades += (e for e in batch.events if isinstance(e, TradeRecord))
             continue
-        if not isinstance(chunk, EncodedChunk):
-            raise TypeError(f"unexpected message on the data pipe: {type(chunk).__name__}")
-        fingerprinter.add_encoded(chunk)
-        collector.add(*market_columns(chunk))
+        fingerprinter.add_batch(batch)
+        collector.add(batch)
         if len(collector) >= next_report:
-            next_report += job.progress_every
+            while next_report <= len(collector):
+                next_report += job.progress_every
             total = job.snapshots_total
             # Reading is most of the work; the replay itself is the last moment.
             fraction = min(len(collector) / total, 1.0) * 0.9 if total else 0.0
@@ -237,7 +250,7 @@ def _replay_compiled(
     report: Callable[[Progress], None],
     should_stop: Callable[[], bool],
 ) -> BacktestResult:
-    """The compiled path: the chunks' columns are collected, then the kernel replays them."""
+    """The compiled path: the batches' columns are collected, then the kernel replays them."""
     from kfeed_server.backtest.fast import run_fast
 
     collector, trades = _collect(job, data, fingerprinter, report, should_stop)

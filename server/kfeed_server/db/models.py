@@ -23,6 +23,7 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Table,
     Text,
     UniqueConstraint,
@@ -245,6 +246,8 @@ class Backtest(Base):
     created_by: Mapped[str] = mapped_column(server_default="")
     data_quality: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
     event_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The fingerprint's definition (runs stored before the column: version 1).
+    fingerprint_version: Mapped[int] = mapped_column(SmallInteger, server_default="1")
     # A walk-forward sweep's parent: its folds (NULL otherwise).
     walk_forward_folds: Mapped[list[Any] | None] = mapped_column(JsonDocument)
 

@@ -230,6 +230,9 @@ class BacktestRecord:
     content_hash: str = ""
     # Books and trades read besides the snapshot rows.
     event_count: int = 0
+    # The definition content_hash follows (fingerprint.FINGERPRINT_VERSIONS; 0: not yet
+    # fingerprinted): hashes of different versions are not comparable.
+    fingerprint_version: int = 0
     code_version: str = ""
     create_time: datetime = field(default_factory=_now)
     run_start_time: datetime | None = None

@@ -315,6 +315,7 @@ def backtest_to_proto(
                 last_snapshot_id=record.last_snapshot_id,
                 content_hash=record.content_hash,
                 event_count=record.event_count,
+                version=record.fingerprint_version,
             )
         )
     if record.data_quality is not None:

@@ -161,6 +161,7 @@ def provenance_table(backtest: pb.Backtest) -> Table:
         ("rows read", f"{fingerprint.row_count:,}"),
         ("snapshot ids", f"{fingerprint.first_snapshot_id}..{fingerprint.last_snapshot_id}"),
         ("content hash (SHA-256)", fingerprint.content_hash or "-"),
+        ("fingerprint version", str(fingerprint.version) if fingerprint.version else "-"),
         ("books and trades read", f"{fingerprint.event_count:,}"),
         *_quality_rows(backtest),
         ("code version", backtest.code_version),

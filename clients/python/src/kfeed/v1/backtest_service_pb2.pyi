@@ -664,6 +664,7 @@ class DataFingerprint(_message.Message):
     LAST_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     CONTENT_HASH_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     row_count: _builtins.int
     first_snapshot_id: _builtins.int
     last_snapshot_id: _builtins.int
@@ -673,6 +674,11 @@ class DataFingerprint(_message.Message):
     """
     event_count: _builtins.int
     """Books and trades read besides the snapshot rows."""
+    version: _builtins.int
+    """The definition content_hash follows: 2 hashes the snapshot columns in a fixed little-endian
+    layout, 1 (runs stored before version 2 existed) a marshal encoding of 4,096-row chunks.
+    Hashes of different versions never match, even over the same data.
+    """
     def __init__(
         self,
         *,
@@ -681,10 +687,11 @@ class DataFingerprint(_message.Message):
         last_snapshot_id: _builtins.int = ...,
         content_hash: _builtins.str = ...,
         event_count: _builtins.int = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "event_count", b"event_count", "first_snapshot_id", b"first_snapshot_id", "last_snapshot_id", b"last_snapshot_id", "row_count", b"row_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "event_count", b"event_count", "first_snapshot_id", b"first_snapshot_id", "last_snapshot_id", b"last_snapshot_id", "row_count", b"row_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

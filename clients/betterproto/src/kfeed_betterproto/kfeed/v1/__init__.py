@@ -1137,6 +1137,13 @@ class DataFingerprint(betterproto2.Message):
     Books and trades read besides the snapshot rows.
     """
 
+    version: "int" = betterproto2.field(6, betterproto2.TYPE_INT32)
+    """
+    The definition content_hash follows: 2 hashes the snapshot columns in a fixed little-endian
+    layout, 1 (runs stored before version 2 existed) a marshal encoding of 4,096-row chunks.
+    Hashes of different versions never match, even over the same data.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "DataFingerprint", DataFingerprint)
 
