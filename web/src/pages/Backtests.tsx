@@ -404,7 +404,7 @@ function BacktestDetail({ backtestId }: { backtestId: string }) {
           <tr><td>window</td><td><TimeCell value={backtest.config?.startTime} /> → <TimeCell value={backtest.config?.endTime} /></td></tr>
           <tr><td>initial cash</td><td>{formatDollars(backtest.config?.initialCash)}</td></tr>
           <tr><td>fees</td><td>{backtest.config?.takerFeeRateTenThousandths.toString()} / 10,000 taker rate</td></tr>
-          <tr><td>data fingerprint</td><td><code>{backtest.dataFingerprint?.contentHash || "—"}</code> ({backtest.dataFingerprint?.rowCount.toString() ?? 0} rows, ids {backtest.dataFingerprint?.firstSnapshotId.toString()}–{backtest.dataFingerprint?.lastSnapshotId.toString()})</td></tr>
+          <tr><td>data fingerprint</td><td><code>{backtest.dataFingerprint?.contentHash || "—"}</code> ({backtest.dataFingerprint?.rowCount.toString() ?? 0} rows, ids {backtest.dataFingerprint?.firstSnapshotId.toString()}–{backtest.dataFingerprint?.lastSnapshotId.toString()}, version {backtest.dataFingerprint?.version ?? "—"})</td></tr>
           <tr><td>code version</td><td><code>{backtest.codeVersion}</code></td></tr>
           <tr><td>created / ran</td><td><TimeCell value={backtest.createTime} /> · <TimeCell value={backtest.runStartTime} /> → <TimeCell value={backtest.runEndTime} /></td></tr>
         </tbody>
