@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kfeed_server.app import KfeedServer, ServerConfig
-from kfeed_server.db import create_engine, upgrade_to_head
+from kfeed_server.db import create_engine, create_writer_engine, upgrade_to_head
 from kfeed_server.db.migrate import MIGRATIONS_DIR
 from kfeed_server.db.repositories import Repositories, build_repositories
 from kfeed_server.logs import JsonFormatter, _RequestIdFilter
@@ -161,9 +161,15 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def repositories(engine: AsyncEngine) -> Repositories:
-    """Every repository, on this test's database."""
-    return build_repositories(engine)
+async def repositories(engine: AsyncEngine, database_url: str) -> AsyncIterator[Repositories]:
+    """Every repository, on this test's database; the ingest writer on its own engine as the
+    server has it (SQLite: statements on the event loop's thread)."""
+    writer = create_writer_engine(database_url)
+    try:
+        yield build_repositories(engine, writer)
+    finally:
+        if writer is not None:
+            await writer.dispose()
 
 
 @pytest.fixture

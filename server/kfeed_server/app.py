@@ -31,6 +31,7 @@ from kfeed_server.backtest.service import BacktestRunner, RunnerConfig
 from kfeed_server.db import (
     DEFAULT_DATABASE_URL,
     create_engine,
+    create_writer_engine,
     normalise_database_url,
     schema_is_current,
     upgrade_to_head,
@@ -180,7 +181,9 @@ class KfeedServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.engine = create_engine(config.database_url)
-        self.repositories = build_repositories(self.engine)
+        # SQLite: ingest batches are written on the event loop's thread (db.engine).
+        self.writer_engine = create_writer_engine(config.database_url)
+        self.repositories = build_repositories(self.engine, self.writer_engine)
         self.hub = SnapshotHub(config.subscriber_queue_capacity)
         self._served = False
         watch_hub(self.hub)
@@ -368,6 +371,8 @@ class KfeedServer:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         await self.engine.dispose()
+        if self.writer_engine is not None:
+            await self.writer_engine.dispose()
         if self._served:  # a start that failed is reported by its error alone
             log.info("kfeed server stopped")
 

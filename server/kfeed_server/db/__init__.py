@@ -3,6 +3,7 @@
 from kfeed_server.db.engine import (
     DEFAULT_DATABASE_URL,
     create_engine,
+    create_writer_engine,
     normalise_database_url,
     session_factory,
 )
@@ -11,6 +12,7 @@ from kfeed_server.db.migrate import downgrade_to_base, schema_is_current, upgrad
 __all__ = [
     "DEFAULT_DATABASE_URL",
     "create_engine",
+    "create_writer_engine",
     "downgrade_to_base",
     "normalise_database_url",
     "schema_is_current",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
@@ -90,11 +93,71 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def _create_sqlite_engine(url: str) -> AsyncEngine:
+class _InlineConnection(aiosqlite.Connection):
+    """aiosqlite's connection with its statements run on the calling thread, the event loop's;
+    its own thread opens, commits and closes it. A commit is where the disk is written (the WAL,
+    and now and then a checkpoint that syncs the database file), which must not stall the loop."""
+
+    async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        return fn(*args, **kwargs)
+
+    async def commit(self) -> None:
+        await super()._execute(self._conn.commit)  # type: ignore[no-untyped-call]
+
+
+def create_writer_engine(url: str) -> AsyncEngine | None:
+    """For a SQLite database file: an engine of one connection whose statements run on the event
+    loop's thread, for the ingest writer (ADR 0019); None for any other database.
+
+    Through aiosqlite each statement is a round trip to its thread and back through the event
+    loop's queue: about a dozen per ingest batch, each waiting behind whatever the loop is doing
+    (live fan-out) and for the GIL, for what is a millisecond of SQLite work. Inline, a batch is
+    one uninterrupted step and its commit one round trip. The connection never waits for
+    SQLite's lock (busy timeout 0: a wait would block the loop); the writer retries its
+    ``BEGIN IMMEDIATE`` instead (``is_sqlite_busy``), and once that holds the lock nothing else
+    in its transaction waits (WAL)."""
+    url = normalise_database_url(url)
+    parsed = make_url(url)
+    database = parsed.database
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")
+    ):
+        return None
+    path = str(Path(database).expanduser())
+
+    async def connect() -> aiosqlite.Connection:
+        connection = _InlineConnection(
+            partial(sqlite3.connect, path, check_same_thread=False), iter_chunk_size=64
+        )
+        connection._thread.daemon = True  # as SQLAlchemy does for its own aiosqlite connections
+        return await connection
+
+    return _create_sqlite_engine(
+        url, busy_timeout_ms=0, async_creator=connect, pool_size=1, max_overflow=0
+    )
+
+
+def is_sqlite_busy(error: BaseException) -> bool:
+    """True when ``error`` is SQLite's "database is locked" (another connection writes)."""
+    original = getattr(error, "orig", error)
+    return (
+        isinstance(original, sqlite3.OperationalError)
+        and getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+    )
+
+
+def _create_sqlite_engine(
+    url: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, **options: Any
+) -> AsyncEngine:
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = _create_async_engine(url)
+    engine = _create_async_engine(url, **options)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
@@ -105,7 +168,7 @@ def _create_sqlite_engine(url: str) -> AsyncEngine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

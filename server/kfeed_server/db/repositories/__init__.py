@@ -37,8 +37,9 @@ class Repositories:
     exports: ArrowExportReader
 
 
-def build_repositories(engine: AsyncEngine) -> Repositories:
-    """All repositories sharing one session factory on ``engine``."""
+def build_repositories(engine: AsyncEngine, writer: AsyncEngine | None = None) -> Repositories:
+    """All repositories sharing one session factory on ``engine``; the ingest writer's on
+    ``writer`` when given (db.engine.create_writer_engine)."""
     sessions = session_factory(engine)
     return Repositories(
         engine=engine,
@@ -47,7 +48,7 @@ def build_repositories(engine: AsyncEngine) -> Repositories:
         snapshots=SnapshotRepository(sessions),
         trades=TradeRepository(sessions),
         feed_gaps=FeedGapRepository(sessions),
-        ingest=IngestWriter(sessions),
+        ingest=IngestWriter(sessions if writer is None else session_factory(writer)),
         backtests=BacktestRepository(sessions),
         candle_sources=CandleSourceRepository(sessions),
         secrets=SecretRepository(sessions),

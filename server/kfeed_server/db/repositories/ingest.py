@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from operator import attrgetter
@@ -25,13 +26,14 @@ from sqlalchemy import (
     text,
     type_coerce,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from kfeed_server.db.commits import CHANNEL, batch_notices
-from kfeed_server.db.engine import SQLITE_BEGIN_MODE
+from kfeed_server.db.engine import SQLITE_BEGIN_MODE, SQLITE_BUSY_TIMEOUT_MS, is_sqlite_busy
 from kfeed_server.db.models import (
     events_table,
     feed_gaps_table,
@@ -69,6 +71,11 @@ COPY_THRESHOLD = 500
 # Held for the rest of a write transaction on PostgreSQL: snapshot ids are then committed in the
 # order they are assigned, so a reader tailing by id never skips a row committed late.
 _WRITE_LOCK_KEY = 0x6B_66_65_65_64_01
+
+# While another connection holds SQLite's write lock, the writer tries again after this long,
+# doubling up to the last pause, for as long as the busy timeout.
+FIRST_BUSY_PAUSE = 0.001
+LAST_BUSY_PAUSE = 0.05
 
 _SNAPSHOT_KEY = ("ticker", "source", "exchange_time", "receive_time")
 # Every field but the id (the last): the columns an insert gives.
@@ -418,6 +425,38 @@ class IngestWriter:
         self._latest: dict[str, SnapshotRecord | None] = {}
         self._latest_as_of_id: int | None = None
 
+    @contextlib.asynccontextmanager
+    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that holds SQLite's write lock from its start (``BEGIN IMMEDIATE``),
+        committed when the block ends. A connection that does not wait for the lock (the inline
+        writer's, db.engine) is told at once that another holds it: it then waits here, without
+        blocking the event loop, and tries again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        pause = FIRST_BUSY_PAUSE
+        while True:
+            session = self._sessions()
+            try:
+                connection = await session.connection(
+                    execution_options={SQLITE_BEGIN_MODE: "IMMEDIATE"}
+                )
+            except OperationalError as error:
+                await session.close()
+                if not is_sqlite_busy(error) or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, LAST_BUSY_PAUSE)
+                continue
+            # Not `async with session`: its exit closes in a shielded task, three turns of the
+            # event loop; the inline writer's statements never wait, so nothing can cancel
+            # them halfway. Closing rolls back what was not committed.
+            try:
+                yield connection
+                await session.commit()
+            finally:
+                await session.close()
+            return
+
     async def _latest_stored(
         self, connection: AsyncConnection, tickers: Sequence[str]
     ) -> tuple[list[SnapshotRecord], int]:
@@ -485,10 +524,7 @@ class IngestWriter:
         book_changes: Sequence[BookChangeRecord],
         book_checkpoints: Sequence[BookCheckpointRecord],
     ) -> _Committed:
-        async with self._sessions.begin() as session:
-            connection = await session.connection(
-                execution_options={SQLITE_BEGIN_MODE: "IMMEDIATE"}
-            )
+        async with self._write_transaction() as connection:
             if is_postgresql(connection):
                 await connection.execute(select(text(f"pg_advisory_xact_lock({_WRITE_LOCK_KEY})")))
             series_count = await upsert_rows(
