@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -124,6 +125,17 @@ def _rss_bytes(pid: int) -> int:
     return total
 
 
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) ``pid`` and its children have used so far: unlike latency,
+    hardly moved by other work sharing the machine."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for process in (pid, *map(int, children)):
+        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.asynccontextmanager
 async def _database(postgres: bool) -> AsyncIterator[str]:
     """A fresh database: SQLite in a temporary folder, or a temporary PostgreSQL database."""
@@ -204,12 +216,14 @@ async def run_case(
             )  # fmt: skip
             setup_seconds = time.perf_counter() - opened
             rss_held = _rss_bytes(server.pid)
+            cpu_before = _cpu_seconds(server.pid)
             published, acks = await _publish_paced(publisher, seconds, rate)
             try:
                 outcome: dict[str, Any] = await asyncio.wait_for(result(), 120)
             except TimeoutError:
                 process.kill()
                 outcome = {"delivered": -1, "seconds": 0, "latencies": [], "gaps": -1}
+            cpu_seconds = _cpu_seconds(server.pid) - cpu_before
             await publisher.close()
     expected = published * (subscribers // MARKET_COUNT)
     summary: dict[str, Any] = {
@@ -232,6 +246,9 @@ async def run_case(
         "ack_p99_ms": _ms(acks, 0.99),
         "ack_p99_ms_no_subscribers": _ms(idle_acks, 0.99),
         "subscribe_seconds": round(setup_seconds, 1),
+        # From the first publish until the subscribers were done: the server's CPU per delivery.
+        "server_cpu_seconds": round(cpu_seconds, 2),
+        "server_cpu_us_per_delivery": round(1e6 * cpu_seconds / max(outcome["delivered"], 1), 2),
         "server_rss_mb_before": round(rss_before / 2**20, 1),
         "server_bytes_per_subscriber": round((rss_held - rss_before) / subscribers),
     }
