@@ -109,7 +109,7 @@ class _InlineConnection(aiosqlite.Connection):
 
 def create_writer_engine(url: str) -> AsyncEngine | None:
     """For a SQLite database file: an engine of one connection whose statements run on the event
-    loop's thread, for the ingest writer (ADR 0019); None for any other database.
+    loop's thread, for the ingest writer (ADR 0020); None for any other database.
 
     Through aiosqlite each statement is a round trip to its thread and back through the event
     loop's queue: about a dozen per ingest batch, each waiting behind whatever the loop is doing
