@@ -117,6 +117,7 @@ async def test_tail_prints_a_resume_hint_that_continues_exactly(
     _, text = await run("tail", TICKER, "--trades", "--server", address,
                         "--from", at(3).isoformat(), "--limit", "1")  # fmt: skip
     shown = trade_prices(text)
+    assert shown == ["0.4003"]  # --limit 1: one trade, though three are ready at once
     hint = capsys.readouterr().err.strip().removeprefix("resume with: ").split()
     late = make_trade(TICKER, 1, trade_id=f"{TICKER}-late")
     await seeded.publish(trades=[late, make_trade(TICKER, 9)])

@@ -31,6 +31,7 @@ from kfeed_client.books import Level, LocalOrderBook, LocalOrderBooks
 from kfeed_client.client import KfeedClient, connect
 from kfeed_client.connection import DEFAULT_ADDRESS, TlsConfig
 from kfeed_client.money import contracts_to_decimal, dollars_to_decimal
+from kfeed_client.streaming import DEFAULT_MAX_BATCH_SIZE
 
 ENV_PREFIX = "KFEED_"
 CONNECT_TIMEOUT = 5.0
@@ -452,10 +453,15 @@ async def tail_trades(options: argparse.Namespace, console: Console) -> int:
         for line in _trade_stream_lines(message, options.verbose):
             console.print(line, soft_wrap=True, highlight=False)
 
+    # With --limit, one trade a message: a batch's token resumes after its last trade only, so
+    # stopping inside a batch would show more than asked or hand out a token past unshown trades.
+    batch = 1 if options.limit is not None else DEFAULT_MAX_BATCH_SIZE
     return await _follow(
         options,
         console,
-        lambda client, common: client.stream_trades(options.tickers, **common),
+        lambda client, common: client.stream_trades(
+            options.tickers, max_batch_size=batch, **common
+        ),
         show,
         lambda message: len(message.trade_batch.trades) + message.HasField("trade"),
     )
