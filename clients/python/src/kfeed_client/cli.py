@@ -596,12 +596,17 @@ async def tail_books(options: argparse.Namespace, console: Console) -> int:
     """`tail --book`: follow the order books until interrupted (or ``--limit`` books and
     changes)."""
     printer = BookPrinter(console, options.depth, options.verbose)
+    batch = 1 if options.limit is not None else DEFAULT_MAX_BATCH_SIZE  # see tail_trades
     return await _follow(
         options,
         console,
-        lambda client, common: client.stream_order_books(options.tickers, **common),
+        lambda client, common: client.stream_order_books(
+            options.tickers, max_batch_size=batch, **common
+        ),
         printer.show,
-        lambda message: message.HasField("book") + message.HasField("change"),
+        lambda message: (
+            len(message.batch.updates) + message.HasField("book") + message.HasField("change")
+        ),
     )
 
 
