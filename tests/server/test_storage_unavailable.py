@@ -15,6 +15,7 @@ from google.rpc import code_pb2
 
 from kfeed_server.app import ServerConfig
 from kfeed_server.db import engine as engine_module
+from kfeed_server.db.repositories import ingest as ingest_writer_module
 from tests.support.factories import make_market, make_snapshot
 from tests.support.servers import PublishSession, serving, status_details
 
@@ -23,6 +24,7 @@ async def test_write_lock_held_elsewhere_is_unavailable_then_the_batch_is_stored
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(ingest_writer_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
     market = make_market("KXLOCK-1")
     async with (
         serving(ServerConfig(listen="127.0.0.1:0", database_url=sqlite_url)) as server,

@@ -33,7 +33,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from kfeed_server.db.commits import CHANNEL, batch_notices
-from kfeed_server.db.engine import SQLITE_BEGIN_MODE, SQLITE_BUSY_TIMEOUT_MS, is_sqlite_busy
+from kfeed_server.db.engine import (
+    SQLITE_BEGIN_MODE,
+    SQLITE_BUSY_TIMEOUT_MS,
+    StorageUnavailable,
+    is_sqlite_busy,
+)
 from kfeed_server.db.models import (
     events_table,
     feed_gaps_table,
@@ -442,8 +447,10 @@ class IngestWriter:
                 )
             except OperationalError as error:
                 await session.close()
-                if not is_sqlite_busy(error) or loop.time() >= deadline:
+                if not is_sqlite_busy(error):
                     raise
+                if loop.time() >= deadline:
+                    raise StorageUnavailable("SQLite's write lock is held elsewhere") from error
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, LAST_BUSY_PAUSE)
                 continue
