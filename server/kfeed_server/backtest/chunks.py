@@ -7,7 +7,7 @@ so the bytes depend only on the values, never on object identity) of the triple
 (snapshot_id, ticker, exchange_sequence, yes_bid, yes_ask, no_bid, no_ask, yes_bid_size,
 yes_ask_size, last_price, volume, volume_24h, open_interest, liquidity) with None for a missing
 value, ``times`` the exchange times as POSIX seconds (float), ``statuses`` the market statuses as
-ints. Version 2 (the current one) hashes the columns themselves instead (ADR 0019).
+ints. Version 2 (the current one) hashes the columns themselves instead (ADR 0021).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Snapshot rows as Arrow record batches: what the service reads, ships to a worker process and
-fingerprints (ADR 0019).
+fingerprints (ADR 0021).
 
 A *replay batch* has the columns of ``db.repositories.export.SNAPSHOT_BACKTEST``, by name:
 snapshot_id, ticker, exchange_time, receive_time, source, the optional fields

@@ -5,7 +5,7 @@ Revises: 0008_event_fee_overrides
 Create Date: 2026-12-06
 
 ``backtests.fingerprint_version`` names the definition of ``content_hash`` (docs/BACKTESTING.md,
-"Fingerprint"; ADR 0019): 2 hashes the snapshot columns, 1 the ``marshal`` encoding of 4,096-row
+"Fingerprint"; ADR 0021): 2 hashes the snapshot columns, 1 the ``marshal`` encoding of 4,096-row
 chunks. Runs stored before this revision were fingerprinted by version 1, hence the default;
 hashes of different versions are not comparable.
 """
