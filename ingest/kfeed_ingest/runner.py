@@ -338,6 +338,15 @@ class Ingestor:
         self._server_had_markets = False  # an earlier process stored data (not a first run)
         # Finalized since the last trade listing: listed once more, for their last trades.
         self._just_final: set[str] = set()
+        # Feed gaps an earlier process left unrecovered (on the server or in the spool), to
+        # repair: order-book ones by this process's first fresh books, the others by the first
+        # pass that reads their markets and trades again without an error (and the trades from
+        # before each gap: ``_gap_read_back``). Only gaps detected before this process started
+        # are an earlier process's.
+        self._started = now_utc()
+        self._open_book_gaps: list[types_pb2.FeedGap] = []
+        self._open_gaps: list[types_pb2.FeedGap] = []
+        self._gap_read_back: dict[str, datetime | None] = {}
 
     # -- reading, with failures logged and skipped --------------------------------------------
 
@@ -527,12 +536,77 @@ class Ingestor:
         for ticker in spooled - set(self._read_back):
             self._to_read.add(ticker)
             self._read_back[ticker] = None
+        await self._learn_open_gaps({market.ticker: market for market in stored}, reread)
         if resumed or spooled:
             logger.info(
                 "resuming %d markets not final on the server (%d more in the spool)",
                 len(resumed),
                 len(spooled - {market.ticker for market in resumed}),
             )
+
+    async def _learn_open_gaps(self, stored: dict[str, StoredMarket], reread: timedelta) -> None:
+        """The feed gaps an earlier process left unrecovered, of the selection: on the server
+        (``ListFeedGaps``) and in the spool's pending batches. The trades of a market a gap
+        concerns are read back from ``reread`` before the gap was detected (the lost frames came
+        just before it) too."""
+        assert self._server_state is not None
+        try:
+            served = await self._server_state.open_feed_gaps(deadline=10.0)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning(
+                "open feed gaps unavailable (%s: %s); those an earlier process left stay open",
+                exc.code().name,
+                exc.details(),
+            )
+            served = []
+        gaps = {
+            _gap_key(gap): gap
+            for gap in [*served, *_spooled_open_gaps(self.publisher.spool.pending())]
+            if gap.detect_time.ToDatetime(UTC) < self._started and self._covers_gap(gap, stored)
+        }
+        for gap in gaps.values():
+            if gap.channel == "orderbook_delta":
+                self._open_book_gaps.append(gap)
+                continue
+            self._open_gaps.append(gap)
+            since = gap.detect_time.ToDatetime(UTC) - reread
+            markets = (
+                [gap.ticker]
+                if gap.ticker
+                else [t for t, m in stored.items() if not m.final and self.selection.covers(m)]
+            )
+            read_back = self._gap_read_back
+            for ticker in markets:
+                read_back[ticker] = _earliest(read_back.get(ticker, since), since)
+        if gaps:
+            logger.info(
+                "repairing %d feed gap(s) an earlier process left unrecovered (%d order-book)",
+                len(gaps),
+                len(self._open_book_gaps),
+            )
+
+    def _covers_gap(self, gap: types_pb2.FeedGap, stored: dict[str, StoredMarket]) -> bool:
+        """Whether ``gap`` concerns the selection (one of no market concerns every market)."""
+        if not gap.ticker or self.selection.is_everything:
+            return True
+        market = stored.get(gap.ticker)
+        return gap.ticker in self.selection.tickers or (
+            market is not None and self.selection.covers(market)
+        )
+
+    async def _recover_gaps(self, gaps: list[types_pb2.FeedGap]) -> None:
+        """Publish ``gaps`` again, recovered now (the server upserts them on their key)."""
+        now = now_utc()
+        for gap in gaps:
+            done = types_pb2.FeedGap()
+            done.CopyFrom(gap)
+            done.gap_id = 0
+            done.recovered = True
+            done.recover_time.FromDatetime(now)
+            await self.sink.add(done)
+        if gaps:
+            logger.info("%d feed gap(s) an earlier process left are repaired", len(gaps))
+        gaps.clear()
 
     async def _read_trades(self) -> None:
         """Trades over REST. First what each resumed market missed, from where the server's
@@ -543,6 +617,8 @@ class Ingestor:
         latest."""
         listed = set(self.followed) | self._just_final
         read_back, self._read_back = self._read_back, {}
+        for ticker, since in self._gap_read_back.items():
+            read_back[ticker] = _earliest(read_back.get(ticker, since), since)
         for ticker, since in sorted(read_back.items()):
             await self._trades_since(ticker, since, listed)
         listings: Sequence[str | None] = [None] if self.selection.is_everything else sorted(listed)
@@ -579,6 +655,7 @@ class Ingestor:
         """One pass: every selected market's and every followed market's metadata and a POLL
         snapshot of each; with ``books``, each open market's REST order book too."""
         await self._resume()
+        errors_before = self.report.read_errors
         markets = await self.discover()
         markets.update(await self._read_followed(markets))
         received = now_utc()
@@ -601,6 +678,13 @@ class Ingestor:
             if books and market_status(market.status) == types_pb2.MARKET_STATUS_OPEN:
                 await self._send_rest_book(market.ticker)
         await self._read_trades()
+        if self.report.read_errors == errors_before:
+            # Every market and its trades read again: what an earlier process's open gaps hid
+            # (statuses, activity, trades) is known again; with books, every open one's too.
+            self._gap_read_back.clear()
+            await self._recover_gaps(self._open_gaps)
+            if books:
+                await self._recover_gaps(self._open_book_gaps)
         await self.sink.flush()
         logger.info("poll pass: %d markets", len(markets))
         return markets
@@ -716,7 +800,9 @@ class Ingestor:
             rest=self.rest,
             known=self._seeds(markets),
             checkpoints=self.options.book_checkpoints,
+            open_book_gaps=self._open_book_gaps,
         )
+        self._open_book_gaps = []  # the client's first fresh books recover them
         client.close_times.update(_close_times(markets))
         return client
 
@@ -869,6 +955,32 @@ class Ingestor:
         self.report.rejected = self.publisher.stats.rejected
         self.report.unacked = self.publisher.pending
         return self.report
+
+
+def _earliest(one: datetime | None, other: datetime | None) -> datetime | None:
+    """The earlier start of two trade read-backs (None: from the market's first trade)."""
+    return None if one is None or other is None else min(one, other)
+
+
+def _gap_key(gap: types_pb2.FeedGap) -> tuple[str, int, int, int]:
+    """What identifies a stored gap (the server's unique key)."""
+    return (
+        gap.channel,
+        gap.subscription_id,
+        gap.expected_sequence,
+        gap.detect_time.ToMicroseconds(),
+    )
+
+
+def _spooled_open_gaps(
+    requests: Iterable[ingest_service_pb2.PublishRequest],
+) -> list[types_pb2.FeedGap]:
+    """The gaps of pending batches that no later pending row reports recovered."""
+    gaps: dict[tuple[str, int, int, int], types_pb2.FeedGap] = {}
+    for request in requests:
+        for gap in request.feed_gaps:
+            gaps[_gap_key(gap)] = gap
+    return [gap for gap in gaps.values() if not gap.recovered]
 
 
 def _close_times(markets: dict[str, KalshiMarket]) -> dict[str, datetime]:

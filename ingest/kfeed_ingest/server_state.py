@@ -1,6 +1,7 @@
 """What the server has stored, as a starting ingest process needs it: the markets that are not
 final yet (and those finalized lately), and where each one's stored trades end
-(``IngestService.ListMarketWatermarks``)."""
+(``IngestService.ListMarketWatermarks``); and the feed gaps an earlier process left unrecovered
+(``MarketService.ListFeedGaps``, which the ``ingest`` role may call), for it to repair."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from datetime import UTC, datetime
 
 import grpc
 
-from kfeed.v1 import ingest_service_pb2, ingest_service_pb2_grpc, types_pb2
+from kfeed.v1 import (
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    market_service_pb2,
+    market_service_pb2_grpc,
+    types_pb2,
+)
 
 _PAGE_SIZE = 1000
 
@@ -47,13 +54,8 @@ class ServerState:
         """Every stored market that is not finalized, and every finalized one whose newest stored
         trade is at or after ``final_since`` (its last trades may still need their exact times);
         each call waits at most ``deadline`` seconds (raises ``grpc.aio.AioRpcError``)."""
-        channel = (
-            grpc.aio.secure_channel(self.target, self._credentials)
-            if self._credentials is not None
-            else grpc.aio.insecure_channel(self.target)
-        )
         found: list[StoredMarket] = []
-        async with channel:
+        async with self._channel() as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             token = ""
             while True:
@@ -74,6 +76,28 @@ class ServerState:
                 token = page.next_page_token
                 if not token:
                     return found
+
+    async def open_feed_gaps(self, deadline: float = 30.0) -> list[types_pb2.FeedGap]:
+        """Every stored feed gap not recovered, oldest first; each call waits at most
+        ``deadline`` seconds (raises ``grpc.aio.AioRpcError``)."""
+        found: list[types_pb2.FeedGap] = []
+        async with self._channel() as channel:
+            stub = market_service_pb2_grpc.MarketServiceStub(channel)
+            request = market_service_pb2.ListFeedGapsRequest(page_size=_PAGE_SIZE)
+            request.start_time.GetCurrentTime()  # gaps still open now (or recovered later)
+            while True:
+                page = await stub.ListFeedGaps(request, metadata=self._metadata, timeout=deadline)
+                found += [gap for gap in page.feed_gaps if not gap.recovered]
+                if not page.next_page_token:
+                    return found[::-1]
+                request.page_token = page.next_page_token
+
+    def _channel(self) -> grpc.aio.Channel:
+        return (
+            grpc.aio.secure_channel(self.target, self._credentials)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(self.target)
+        )
 
 
 def _stored(watermark: ingest_service_pb2.MarketWatermark) -> StoredMarket:

@@ -28,6 +28,15 @@ class FaultFlags(BaseModel):
     sequence_gap_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="lose a data frame but consume its seq"
     )
+    withhold_snapshots: bool = Field(
+        default=False,
+        description="accept get_snapshot but send no book (a fresh book that never comes)",
+    )
+    refuse_sockets: bool = Field(
+        default=False,
+        description="close every WebSocket before its next data frame and answer new handshakes"
+        " HTTP 503 (an exchange outage on the socket; REST keeps serving)",
+    )
 
 
 class FaultConfig(FaultFlags):

@@ -52,6 +52,8 @@ class FaultInjector:
 
     def drop_socket(self, frames_sent: int) -> bool:
         """Close the socket instead of sending the next data frame?"""
+        if self.config.refuse_sockets:
+            return True
         every = self.config.drop_socket_every
         if every is not None and frames_sent >= every:
             return True

@@ -136,6 +136,10 @@ class WebSocketHub:
             body = {"error": {"code": "authentication_error", "message": failure}}
             await websocket.send_denial_response(JSONResponse(body, status_code=401))
             return
+        if self.faults.config.refuse_sockets:
+            body = {"error": {"code": "service_unavailable", "message": "try again later"}}
+            await websocket.send_denial_response(JSONResponse(body, status_code=503))
+            return
         await websocket.accept()
         self.accepted += 1
         connection = Connection(websocket, asyncio.Queue(self.queue_size))
@@ -307,7 +311,7 @@ class WebSocketHub:
                 raise TICKER_REQUIRED
             if subscription.tickers is not None and not tickers <= subscription.tickers:
                 raise INVALID_PARAMETER
-            snapshot_tickers = sorted(tickers)
+            snapshot_tickers = [] if self.faults.config.withhold_snapshots else sorted(tickers)
         elif tickers is None:
             raise TICKER_REQUIRED
         elif subscription.tickers is None:

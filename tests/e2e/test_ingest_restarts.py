@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import KfeedProcess, Server, Simulator, ingest_args, start_kfeed
+from tests.support.processes import (
+    KfeedProcess,
+    Server,
+    Simulator,
+    ingest_args,
+    start_kfeed,
+    stop_once_agreeing,
+)
 from tests.support.truth import (
     Stored,
     assert_snapshots_match_truth,
@@ -79,14 +86,11 @@ async def test_sigkilled_ingest_loses_no_trade_lifecycle_change_or_snapshot(
     # Long enough for every market seen at first to close, be determined and finalized.
     await _step_for(simulator, 130)
 
-    differences: list[str] = []
-
-    async def caught_up() -> bool:
-        ingest.assert_running()
+    async def differences() -> list[str]:
         truth = await simulator.truth()
         stored = await read_everything(server.address)
         trades = await read_trades(server.address, stored.markets)
-        differences[:] = [
+        return [
             *lifecycle_differences(stored, truth),
             *trade_differences(trades, truth, since_us),
             *(
@@ -95,14 +99,8 @@ async def test_sigkilled_ingest_loses_no_trade_lifecycle_change_or_snapshot(
                 if _newest(stored, t) != latest_state(truth, t)
             ),
         ]
-        return not differences
 
-    try:
-        await eventually(caught_up, within=90, what="kfeed holding the exchange's truth")
-    except TimeoutError:
-        raise AssertionError("\n".join(differences[:40])) from None
-    finally:
-        assert await ingest.stop() == 0, ingest.log()
+    await stop_once_agreeing(ingest, differences, within=90)
 
     truth = await simulator.truth()
     stored = await read_everything(server.address)

@@ -107,6 +107,25 @@ async def test_publish_needs_the_ingest_role(
     assert await _publish_one_market(channel, token) == expected
 
 
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (None, Code.UNAUTHENTICATED),
+        (READ_TOKEN, Code.OK),
+        # a starting ingest reads the gaps an earlier one left open, to repair them
+        (INGEST_TOKEN, Code.OK),
+        (ADMIN_TOKEN, Code.OK),
+    ],
+)
+async def test_feed_gaps_are_open_to_readers_and_ingest(
+    channel: grpc.aio.Channel, token: str | None, expected: Code
+) -> None:
+    stub = market_service_pb2_grpc.MarketServiceStub(channel)
+    request = market_service_pb2.ListFeedGapsRequest()
+    metadata = bearer(token) if token is not None else None
+    assert await _code(stub.ListFeedGaps(request, metadata=metadata)) == expected
+
+
 async def test_a_server_stream_is_refused_before_it_starts(channel: grpc.aio.Channel) -> None:
     stub = market_service_pb2_grpc.MarketServiceStub(channel)
     stream = stub.StreamSnapshots(market_service_pb2.StreamSnapshotsRequest())

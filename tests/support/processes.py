@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,12 @@ from typing import Any
 import grpc
 import httpx
 
-from tests.support.waiting import wait_until_answering, wait_until_serving
+from tests.support.waiting import (
+    POLL_INTERVAL,
+    eventually,
+    wait_until_answering,
+    wait_until_serving,
+)
 
 
 def free_port() -> int:
@@ -151,3 +156,29 @@ def ingest_args(simulator: Simulator, server: Server, spool: Path, *extra: str) 
         "--api-key-id", KEY_ID, "--api-private-key-file", str(simulator.private_key_file),
         "--spool-dir", str(spool), "--flush-timeout", "10", *extra,
     ]  # fmt: skip
+
+
+async def stop_once_agreeing(
+    ingest: KfeedProcess,
+    differences: Callable[[], Awaitable[list[str]]],
+    within: float,
+    interval: float = POLL_INTERVAL,
+) -> None:
+    """Wait while ``ingest`` runs until ``differences()`` (what kfeed holds against the
+    exchange's truth) is empty, then stop it gracefully; an AssertionError listing the
+    differences left at the deadline."""
+    left: list[str] = []
+
+    async def agreeing() -> bool:
+        ingest.assert_running()
+        left[:] = await differences()
+        return not left
+
+    try:
+        await eventually(
+            agreeing, within, what="kfeed holding the exchange's truth", interval=interval
+        )
+    except TimeoutError:
+        raise AssertionError("\n".join(left[:40])) from None
+    finally:
+        assert await ingest.stop() == 0, ingest.log()

@@ -494,9 +494,11 @@ class LiveSession:
     def resume(self, previous: LiveSession) -> None:
         """Carry on after ``previous`` lost its socket: everything sent while no socket was open
         is lost without a sequence gap to show it, so every market is read again over REST with
-        the trades since the last one received, and ``previous``'s unfinished repairs go along."""
+        the trades since the last one received, and ``previous``'s unfinished repairs go along:
+        its REST reads, and its order-book gaps, recovered once this session's books are fresh
+        (see :meth:`carry_book_gaps`)."""
         carried = previous.take_resync() or RestResync()
-        carried.gaps += previous.unrecovered_books
+        self.carry_book_gaps(previous.unrecovered_books)
         newest_trade = max(
             (s.last_trade_time for s in previous.subscriptions.values() if s.last_trade_time),
             default=None,
@@ -505,6 +507,12 @@ class LiveSession:
         self._resync().merge(carried)
         self._want_markets(previous.markets, status=True)
         self._advance_clock(previous.clock)
+
+    def carry_book_gaps(self, gaps: Iterable[types_pb2.FeedGap]) -> None:
+        """Order-book gaps an earlier connection (or an earlier process: docs/INGEST_RULES.md,
+        "Feed gaps") left unrecovered: recovered, like this session's own, once every book it
+        follows is fresh — each a full book recorded (START) after the gap."""
+        self.unrecovered_books += gaps
 
     def take_resync(self) -> RestResync | None:
         """The REST reads asked for since the last call, for the client to make."""

@@ -92,6 +92,7 @@ class KalshiWebSocketClient:
         book_retry: float = 2.0,
         backoff: Backoff | None = None,
         checkpoints: CheckpointPolicy | None = None,
+        open_book_gaps: Sequence[types_pb2.FeedGap] = (),
     ) -> None:
         self.url = url
         # None: every market (no order books); a list, even empty: these markets only.
@@ -121,6 +122,12 @@ class KalshiWebSocketClient:
         self._session: LiveSession | None = None
         # A REST repair's items not yet handed out when the stream was closed (finish_repairs).
         self._unyielded: deque[FeedItem] = deque()
+        # The session of the connection last lost, while no new one has taken over its repairs
+        # (in the reconnect backoff, or the handshake after it).
+        self._lost: LiveSession | None = None
+        # Order-book gaps an earlier process left unrecovered: the first connection's fresh
+        # books recover them.
+        self._open_book_gaps = list(open_book_gaps)
 
     def _headers(self) -> dict[str, str]:
         if self._credentials is None:
@@ -146,18 +153,13 @@ class KalshiWebSocketClient:
                 ) as socket:
                     self.stats.connections += 1
                     logger.info("connected to %s", self.url)
-                    session = LiveSession(
-                        self.tickers,
-                        self.channels,
-                        self._known,
-                        self.stats,
-                        close_times=self.close_times,
-                        checkpoints=self._checkpoints,
-                        clock=self.clock,
-                    )
+                    session = self._new_session()
                     if previous is not None:
                         session.resume(previous)
+                    session.carry_book_gaps(self._open_book_gaps)
+                    self._open_book_gaps = []
                     previous = self._session = session
+                    self._lost = None
                     session.subscribe_all()
                     self._socket, self._session = socket, session
                     # Closed before the socket: an unfinished REST repair goes back to the
@@ -182,9 +184,21 @@ class KalshiWebSocketClient:
                 self._socket = None
             for marker in self.lost_books():  # what the socket may have sent since is lost
                 yield marker
+            self._lost = previous
             self._session = None
             failures = 1 if received else failures + 1
             await asyncio.sleep(self._backoff.delay(failures))
+
+    def _new_session(self) -> LiveSession:
+        return LiveSession(
+            self.tickers,
+            self.channels,
+            self._known,
+            self.stats,
+            close_times=self.close_times,
+            checkpoints=self._checkpoints,
+            clock=self.clock,
+        )
 
     async def follow(self, markets: Mapping[str, types_pb2.MarketSnapshot]) -> list[FeedItem]:
         """Follow exactly these markets from now on. New ones (whose live state starts from the
@@ -225,10 +239,17 @@ class KalshiWebSocketClient:
     async def finish_repairs(self, grace: float) -> list[FeedItem]:
         """On a graceful stop, once :meth:`stream` is closed: the REST repairs the connection
         still wanted (in flight or being collected), read and applied now, for at most
-        ``grace`` seconds in all. Their gaps come out recovered; what is unread by then stays
-        unrecovered, the honest state (order-book gaps always do: their repair is a snapshot
-        on the socket)."""
+        ``grace`` seconds in all — in the reconnect backoff, those the next connection would
+        have made (:meth:`LiveSession.resume`: every market, the trades since the last one
+        received, the lost connection's unfinished reads). Their gaps come out recovered; what
+        is unread by then stays unrecovered, the honest state (order-book gaps always do: their
+        repair is a snapshot on the socket), for the next process to repair."""
         session = self._session
+        if session is None and self._lost is not None:
+            logger.info("stopping between two connections: making the lost one's repairs")
+            session = self._new_session()
+            session.resume(self._lost)
+            self._lost = None
         if session is None:
             return []
         items: list[FeedItem] = [*self._unyielded]  # a repair the stream was closed amid

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from kfeed_server.security.policy import required_role
+from kfeed_server.security.policy import allowed_roles
 from kfeed_server.security.rate_limit import RateLimited, RateLimiter
 from kfeed_server.security.tokens import ANONYMOUS, Principal, Role, TokenTable
 from kfeed_server.transport.caller import Caller, set_current_caller
@@ -60,12 +60,13 @@ class AuthInterceptor(BehaviorInterceptor):
 
     def admit(self, method: str, metadata: Metadata | None) -> Principal | None:
         """The caller of ``method`` (None for open methods); raises the refusal otherwise."""
-        role = required_role(method)
-        if role is None:
+        roles = allowed_roles(method)
+        if roles is None:
             return None
         principal = self._authenticate(metadata)
-        if not principal.has_role(role):
-            raise PermissionDenied(f"{principal.name!r} lacks the {role.value!r} role for {method}")
+        if not any(principal.has_role(role) for role in roles):
+            needed = " or ".join(repr(role.value) for role in sorted(roles))
+            raise PermissionDenied(f"{principal.name!r} lacks the {needed} role for {method}")
         if self._rate_limiter is not None:
             retry_after = self._rate_limiter.acquire(principal.name)
             if retry_after > 0:

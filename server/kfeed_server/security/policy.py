@@ -29,6 +29,11 @@ SERVICE_ROLES: dict[str, Role] = {
 # Full method name -> role, for methods that differ from their service's role.
 METHOD_ROLES: dict[str, Role] = {}
 
+# Full method name -> a role that may call it besides the one it needs. A starting ingest
+# process reads the feed gaps an earlier one left unrecovered, to repair them
+# (docs/INGEST_RULES.md, "Feed gaps"); gap metadata is nothing an ingest token must not see.
+ALSO_ALLOWED: dict[str, Role] = {"/kfeed.v1.MarketService/ListFeedGaps": Role.INGEST}
+
 
 def split_method(full_method: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
@@ -44,3 +49,12 @@ def required_role(full_method: str) -> Role | None:
     if service in OPEN_SERVICES:
         return None
     return SERVICE_ROLES.get(service, Role.ADMIN)
+
+
+def allowed_roles(full_method: str) -> frozenset[Role] | None:
+    """The roles any one of which may call ``full_method``, or None when it is open to anyone."""
+    role = required_role(full_method)
+    if role is None:
+        return None
+    also = ALSO_ALLOWED.get(full_method)
+    return frozenset({role} if also is None else {role, also})
