@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import grpc
 import pytest
 
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed_client import KfeedClient, RetryPolicy, connect
+from kfeed_client.books import LocalOrderBooks
+from tests.server.test_order_books import levels
+from tests.server.test_stream_order_books import publish_records
+from tests.support.book_timeline import MARKET as BOOK_MARKET
+from tests.support.book_timeline import Timeline
 from tests.support.clients import MARKETS, SNAPSHOT_COUNT, TICKER, TcpProxy
 from tests.support.factories import at, make_snapshot
 from tests.support.servers import PublishSession
@@ -138,3 +144,37 @@ async def test_batched_history_is_yielded_one_snapshot_each_with_its_own_token(
     await resumed.aclose()
     assert yes_bids([*first_three, *rest]) == [4_000 + i for i in range(SNAPSHOT_COUNT)]
     assert rest[-1].caught_up.replayed_count == SNAPSHOT_COUNT - 3
+
+
+async def test_a_conflated_book_stream_applied_locally_ends_as_get_order_book(
+    client: KfeedClient, publisher: PublishSession
+) -> None:
+    timeline = Timeline(seed=3, steps=200)
+    await publisher.publish(markets=[BOOK_MARKET])
+    await publish_records(publisher, timeline.records[:50], 25)
+    stream = client.stream_order_books(
+        [BOOK_MARKET.ticker], conflation_interval=timedelta(milliseconds=20), max_batch_size=0
+    )
+    books = LocalOrderBooks()
+
+    async def apply_until(expected: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> int:
+        """Apply messages until the local book is ``expected``; how many changes came."""
+        changes = 0
+        async for message in stream:
+            changes += message.HasField("change")
+            book = books.apply(message)
+            if book is not None and (book.yes_bids(), book.no_bids()) == expected:
+                return changes
+        raise AssertionError("the stream ended")
+
+    async def server_book() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        response = await client.markets.GetOrderBook(
+            pb.GetOrderBookRequest(ticker=BOOK_MARKET.ticker)
+        )
+        return levels(response.book)
+
+    await asyncio.wait_for(apply_until(await server_book()), timeout=10)
+    await publish_records(publisher, timeline.records[50:], 10)
+    changes = await asyncio.wait_for(apply_until(await server_book()), timeout=10)
+    assert changes == 0  # live, only whole books: each replaces the local one
+    await stream.aclose()

@@ -172,6 +172,9 @@ class RowRun(Generic[R]):
     # The hub's chunks these rows are, whole and in order, when they are (live, unconflated):
     # transport encodes a shared chunk once for every subscriber it reaches.
     chunks: Sequence[LiveChunk] | None = None
+    # One conflation interval's rows: together they stand for every row up to the last one's
+    # position, so a stream that must resume exactly sends them in one message.
+    conflated: bool = False
 
     def resume_after_id(self, index: int) -> int:
         """Where to resume after the row at ``index`` of this run."""
@@ -216,21 +219,55 @@ class SubscriberOverflowError(Exception):
         self.resume_after_id = resume_after_id
 
 
-@dataclass
-class _Conflator(Generic[R]):
-    """Latest row per market within a window; ``flush`` emits them (with how many each
-    replaced) in id order."""
+class Conflator(Protocol[R]):
+    """What a conflated live feed sends per market per interval, from the rows it took."""
 
-    pending: dict[str, tuple[R, int]] = field(default_factory=dict)
+    @property
+    def pending(self) -> bool:
+        """Whether rows were added since the last flush."""
+        ...
+
+    def observe(self, row: R) -> None:
+        """A row the stream sent as it is (history, starting rows): the state rows fold into."""
 
     def add(self, row: R) -> None:
-        previous = self.pending.get(row.ticker)
-        self.pending[row.ticker] = (row, 0 if previous is None else previous[1] + 1)
+        """A live row, to be sent conflated at the next flush."""
 
     def flush(self) -> list[tuple[R, int]]:
-        rows = sorted(self.pending.values(), key=lambda pending: pending[0].stream_id)
-        self.pending.clear()
+        """The rows to send for what was added since the last flush, each with how many rows
+        it stands for, in position order (each row's ``stream_id``: the last it holds)."""
+        ...
+
+    def forget(self) -> None:
+        """Rows were dropped (the subscriber overflowed): nothing pending is sent, and state
+        built from rows before the drop is not trusted."""
+
+
+@dataclass
+class LatestPerMarket(Generic[R]):
+    """Snapshot conflation: the latest row per market within a window, with how many rows it
+    replaced."""
+
+    rows: dict[str, tuple[R, int]] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.rows)
+
+    def observe(self, row: R) -> None:
+        pass  # each row is whole: nothing is built from earlier ones
+
+    def add(self, row: R) -> None:
+        previous = self.rows.get(row.ticker)
+        self.rows[row.ticker] = (row, 0 if previous is None else previous[1] + 1)
+
+    def flush(self) -> list[tuple[R, int]]:
+        rows = sorted(self.rows.values(), key=lambda pending: pending[0].stream_id)
+        self.rows.clear()
         return rows
+
+    def forget(self) -> None:
+        self.rows.clear()
 
 
 async def _replay(
@@ -276,13 +313,19 @@ async def feed_items(
     hub: SnapshotHub,
     source: RowSource[R],
     columns: ColumnHistory | None = None,
+    conflator: Conflator[R] | None = None,
 ) -> AsyncGenerator[FeedItem[R], None]:
     """The events of one subscription, rows in runs, until the hub closes (shutdown), the hub
     ends the subscription, or the caller stops. ``columns``: long snapshot replays read as
-    columns."""
+    columns. With ``request.conflation_interval``, live rows go through ``conflator`` (default:
+    the latest row per market), which sees every row sent before too."""
+    if request.conflation_interval and conflator is None:
+        conflator = LatestPerMarket()
+    elif not request.conflation_interval:
+        conflator = None
     subscription = hub.subscribe(request.selector, kind=request.kind)
     try:
-        async for item in _history_then_live(request, subscription, source, columns):
+        async for item in _history_then_live(request, subscription, source, columns, conflator):
             yield item
     finally:
         hub.unsubscribe(subscription)
@@ -293,6 +336,7 @@ async def _history_then_live(
     subscription: Subscription,
     source: RowSource[R],
     columns: ColumnHistory | None,
+    conflator: Conflator[R] | None,
 ) -> AsyncIterator[FeedItem[R]]:
     last_id = 0
     replayed = 0
@@ -302,11 +346,19 @@ async def _history_then_live(
         last_id = request.resume_after_id
         if not isinstance(source, StartingPointSource):
             min_time = request.start_time
+        elif conflator is not None:
+            # The subscriber holds what it had at last_id: the conflator starts from the rows
+            # standing for now instead, not sent. Folding the replayed rows after last_id on
+            # top of them again leaves each one as the newest row that touched it: as now.
+            latest, _ = await source.starting_point(request.history_tickers, None)
+            for row in cast(list[R], latest):
+                conflator.observe(row)
     elif isinstance(source, StartingPointSource):
         start = await source.starting_point(request.history_tickers, request.start_time)
         starting_rows, last_id = cast(tuple[list[R], int], start)
         if starting_rows:
             replayed += len(starting_rows)
+            _observe(conflator, starting_rows)
             yield RowRun(starting_rows, fixed_resume_after_id=last_id)
         replay = request.start_time is not None  # else: live from the starting point
     elif request.start_time is not None:
@@ -324,6 +376,7 @@ async def _history_then_live(
             else:
                 last_id = run.rows[-1].stream_id
                 replayed += len(run.rows)
+                _observe(conflator, run.rows)
             yield run
         last_id = max(last_id, floor)
     elif not isinstance(source, StartingPointSource):
@@ -338,9 +391,15 @@ async def _history_then_live(
                 replayed += len(preamble)
                 yield cast(RowRun[R], RowRun(preamble, fixed_resume_after_id=last_id))
     yield Delivery(CaughtUpEvent(replayed), last_id)
-    live: AsyncIterator[FeedItem[R]] = _live(request, subscription, last_id, min_time)
+    live: AsyncIterator[FeedItem[R]] = _live(request, subscription, last_id, min_time, conflator)
     async for item in live:
         yield item
+
+
+def _observe(conflator: Conflator[R] | None, rows: Sequence[R]) -> None:
+    if conflator is not None:
+        for row in rows:
+            conflator.observe(row)
 
 
 class _ReadyItems(Generic[R]):
@@ -369,6 +428,13 @@ class _ReadyItems(Generic[R]):
         self._close_run()
         self.items.append(delivery)
 
+    def conflated(self, rows: list[tuple[R, int]]) -> None:
+        """One flush of the conflator, a run of its own."""
+        self._close_run()
+        self.items.append(
+            RowRun([row for row, _ in rows], [count for _, count in rows], conflated=True)
+        )
+
     def _close_run(self) -> None:
         if self._rows:
             coalesced = self._coalesced if any(self._coalesced) else None
@@ -388,7 +454,11 @@ def _all_from(rows: Sequence[R], min_time: datetime | None) -> bool:
 
 
 async def _live(
-    request: FeedRequest, subscription: Subscription, last_id: int, min_time: datetime | None
+    request: FeedRequest,
+    subscription: Subscription,
+    last_id: int,
+    min_time: datetime | None,
+    conflator: Conflator[R] | None,
 ) -> AsyncIterator[FeedItem[R]]:
     """Live rows after ``last_id``; those older than ``min_time`` are left out as the replay
     leaves them out, so which rows a stream delivers does not depend on whether they committed
@@ -396,7 +466,6 @@ async def _live(
     resumed with the same ``start_time`` leaves it out again)."""
     loop = asyncio.get_running_loop()
     conflation = request.conflation_interval
-    conflator: _Conflator[R] | None = _Conflator() if conflation else None
     next_flush = loop.time()
     last_sent = loop.time()
     while not subscription.closed:
@@ -410,7 +479,7 @@ async def _live(
             if request.overflow_policy == OverflowPolicy.RESOURCE_EXHAUSTED:
                 raise SubscriberOverflowError(dropped, last_id)
             if conflator is not None:
-                conflator.pending.clear()
+                conflator.forget()
             ready.event(Delivery(SubscriberGapEvent(dropped), last_id))
         for chunk in subscription.take_chunks():
             if not chunk.rows:
@@ -434,9 +503,10 @@ async def _live(
                 else:
                     conflator.add(row)
         if conflator is not None and conflator.pending and loop.time() >= next_flush:
-            for conflated, coalesced_count in conflator.flush():
-                last_id = conflated.stream_id
-                ready.row(conflated, coalesced_count)
+            flushed = conflator.flush()
+            if flushed:
+                last_id = flushed[-1][0].stream_id
+                ready.conflated(flushed)
             next_flush = loop.time() + (conflation or 0)
         to_send = ready.take()
         if not to_send and loop.time() >= last_sent + request.heartbeat_interval:

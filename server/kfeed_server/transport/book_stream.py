@@ -7,6 +7,12 @@ The request checks, the per-peer cap, the feed and the slow-consumer policy are 
 with a stream id shared by changes and checkpoints (migration 0006_book_stream_ids), and their
 resume tokens name the "books" stream. ``depth`` trims full books only: every change is sent,
 so a client that applies them keeps the whole book.
+
+With ``conflation_interval``, live rows are folded into each market's book
+(books.conflation.BookConflator) and each interval's changed books go out whole, at ``depth``,
+in one message (a ``batch`` when several), flagged by ``coalesced_count``: its token resumes
+right after every row folded in. The stored history before the caught-up marker is sent as it
+is; feed gaps as they come.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import grpc
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import types_pb2
 from kfeed_server.books import BookAt, BookStream
+from kfeed_server.books.conflation import BookConflator
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.records import (
     BookCheckpointRecord,
@@ -100,6 +107,9 @@ class BookFrames:
             yield message.SerializeToString(), item.resume_after_id
             return
         assert isinstance(item, RowRun)  # order books are never replayed as columns
+        if item.conflated:
+            yield self._conflated(item), item.resume_after_id(len(item.rows) - 1)
+            return
         for run, resume_after_id in item.batches(max_batch_size):
             response = pb.StreamOrderBooksResponse(resume_token=self._token(resume_after_id))
             if len(run) == 1:
@@ -111,6 +121,22 @@ class BookFrames:
             else:
                 response.batch.updates.extend(self._update(row) for row in run)
             yield response.SerializeToString(), resume_after_id
+
+    def _conflated(self, run: RowRun[BookStreamRow]) -> bytes:
+        """One interval's conflated books, in one message: resuming after any but all of them
+        would skip changes folded into the others."""
+        response = pb.StreamOrderBooksResponse(
+            resume_token=self._token(run.resume_after_id(len(run.rows) - 1))
+        )
+        if len(run.rows) == 1:
+            response.book.CopyFrom(self._update(run.rows[0]).book)
+            response.coalesced_count = run.coalesced_count(0)
+        else:
+            for index, row in enumerate(run.rows):
+                update = self._update(row)
+                update.coalesced_count = run.coalesced_count(index)
+                response.batch.updates.append(update)
+        return response.SerializeToString()
 
 
 class BookStreams:
@@ -143,17 +169,13 @@ class BookStreams:
         self, request: pb.StreamOrderBooksRequest, context: Context
     ) -> AsyncIterator[bytes]:
         depth = book_depth(request.depth)
-        if request.HasField("conflation_interval"):
-            raise InvalidArgument.field(
-                "conflation_interval",
-                "not supported by StreamOrderBooks: every change is sent (use max_batch_size)",
-            )
         feed_request = await self._streams.feed_request(request)
         if feed_request.resume_after_id is None:
             await self._check_start(list(request.tickers), feed_request.start_time)
         frames = BookFrames(self._tokens, depth)
         responses = self._streams.serve(
-            feed_request, self._books, frames.frames, request.max_batch_size, context
-        )
+            feed_request, self._books, frames.frames, request.max_batch_size, context,
+            conflator=BookConflator(),
+        )  # fmt: skip
         async for response in responses:
             yield response

@@ -21,6 +21,7 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.streaming.feed import (
     ColumnHistory,
+    Conflator,
     FeedItem,
     FeedRequest,
     OverflowPolicy,
@@ -110,7 +111,7 @@ class SnapshotStreams:
             request, "heartbeat_interval", default=5.0, minimum=0.1, maximum=60.0
         )
         conflation = None
-        if isinstance(request, pb.StreamSnapshotsRequest):
+        if isinstance(request, pb.StreamSnapshotsRequest | pb.StreamOrderBooksRequest):
             conflation = duration_seconds(
                 request, "conflation_interval", default=None, minimum=0.01, maximum=60.0
             )
@@ -178,12 +179,14 @@ class SnapshotStreams:
         max_batch_size: int,
         context: Context,
         columns: ColumnHistory | None = None,
+        conflator: Conflator[R] | None = None,
     ) -> AsyncIterator[bytes]:
         """A validated stream's responses, encoded by ``frames``, until it ends (shutdown,
-        overflow or cancel). ``columns``: long snapshot replays read as columns."""
+        overflow or cancel). ``columns``: long snapshot replays read as columns; ``conflator``:
+        how live rows are conflated, when asked for (default: the latest row per market)."""
         peer = peer_address(context.peer())
         self._admit(peer)
-        items = feed_items(feed_request, self._hub, source, columns)
+        items = feed_items(feed_request, self._hub, source, columns, conflator)
         try:
             async with contextlib.aclosing(items) as feed:
                 async for item in feed:

@@ -413,6 +413,7 @@ class KfeedClient:
         event_ticker: str | None = None,
         series_ticker: str | None = None,
         heartbeat_interval: timedelta | None = None,
+        conflation_interval: timedelta | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ) -> AsyncGenerator[market_service_pb2.StreamOrderBooksResponse, None]:
@@ -421,7 +422,9 @@ class KfeedClient:
         change since, a caught-up marker, then live changes, and a full book again after a feed
         gap — resumed after a disconnect like :meth:`stream_snapshots`. Batches are handed out a
         book or change a message (the batch's token on its last). ``depth`` trims full books
-        only; :class:`kfeed_client.books.LocalOrderBooks` applies the messages."""
+        only; :class:`kfeed_client.books.LocalOrderBooks` applies the messages. With
+        ``conflation_interval``, live changes come as at most one full book per market per
+        interval (``coalesced_count``: the changes it holds), which replaces the local book."""
         request = market_service_pb2.StreamOrderBooksRequest(
             tickers=list(tickers),
             resume_token=resume_token or "",
@@ -434,6 +437,8 @@ class KfeedClient:
             request.start_time.CopyFrom(to_timestamp(start_time))
         if heartbeat_interval is not None:
             request.heartbeat_interval.CopyFrom(to_duration(heartbeat_interval))
+        if conflation_interval is not None:
+            request.conflation_interval.CopyFrom(to_duration(conflation_interval))
         return resumable_stream(self.markets, request, retry=retry)
 
 

@@ -116,7 +116,8 @@ def unbatched(message: pb.StreamSnapshotsResponse) -> list[pb.StreamSnapshotsRes
 
 def unbatched_books(message: pb.StreamOrderBooksResponse) -> list[pb.StreamOrderBooksResponse]:
     """``message`` as one message per book or change (a ``batch`` split, anything else as is);
-    the batch's resume token goes with its last update."""
+    the batch's resume token goes with its last update (the others carry none: with
+    conflation, resuming after only some of an interval's books would skip changes)."""
     if not message.HasField("batch"):
         return [message]
     updates = message.batch.updates
@@ -125,6 +126,7 @@ def unbatched_books(message: pb.StreamOrderBooksResponse) -> list[pb.StreamOrder
             resume_token=message.resume_token if index == len(updates) - 1 else "",
             book=update.book if update.HasField("book") else None,
             change=update.change if update.HasField("change") else None,
+            coalesced_count=update.coalesced_count,
         )
         for index, update in enumerate(updates)
     ]

@@ -936,7 +936,12 @@ class StreamOrderBooksRequest(_message.Message):
 
     @_builtins.property
     def conflation_interval(self) -> _duration_pb2.Duration:
-        """If set, live changes are conflated: at most one full book per market per interval."""
+        """If set, live changes are conflated: at most one full book per market per interval (10 ms to
+        60 s), at `depth`, holding every change up to then and flagged by `coalesced_count`. The
+        books of one interval go out in one message (a `batch` when several markets changed, whatever
+        `max_batch_size`), whose `resume_token` resumes right after every change folded into them.
+        Stored history before `caught_up` is not conflated; feed gaps are sent as they come.
+        """
 
     def __init__(
         self,
@@ -972,8 +977,13 @@ class StreamOrderBooksResponse(_message.Message):
     FEED_GAP_FIELD_NUMBER: _builtins.int
     SUBSCRIBER_GAP_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    COALESCED_COUNT_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
     """Resume from here to continue after this message. Present on every message."""
+    coalesced_count: _builtins.int
+    """With conflation, on a `book`: how many stored order-book rows of its market (changes and
+    full books) it folds in; 0 when not conflated.
+    """
     @_builtins.property
     def book(self) -> _types_pb2.OrderBook:
         """A full book: the first for each market, and again after a feed gap."""
@@ -1005,10 +1015,11 @@ class StreamOrderBooksResponse(_message.Message):
         feed_gap: _types_pb2.FeedGap | None = ...,
         subscriber_gap: Global___SubscriberGap | None = ...,
         batch: Global___OrderBookUpdateBatch | None = ...,
+        coalesced_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "book", b"book", "caught_up", b"caught_up", "change", b"change", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "book", b"book", "caught_up", b"caught_up", "change", b"change", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "book", b"book", "caught_up", b"caught_up", "change", b"change", "coalesced_count", b"coalesced_count", "event", b"event", "feed_gap", b"feed_gap", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "subscriber_gap", b"subscriber_gap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["book", "change", "caught_up", "heartbeat", "feed_gap", "subscriber_gap", "batch"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -1046,6 +1057,11 @@ class OrderBookUpdate(_message.Message):
 
     BOOK_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
+    COALESCED_COUNT_FIELD_NUMBER: _builtins.int
+    coalesced_count: _builtins.int
+    """With conflation, on a `book`: how many stored order-book rows of its market it folds in; 0
+    when not conflated.
+    """
     @_builtins.property
     def book(self) -> _types_pb2.OrderBook: ...
     @_builtins.property
@@ -1055,10 +1071,11 @@ class OrderBookUpdate(_message.Message):
         *,
         book: _types_pb2.OrderBook | None = ...,
         change: _types_pb2.OrderBookChange | None = ...,
+        coalesced_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["book", b"book", "change", b"change", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["book", b"book", "change", b"change", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["book", b"book", "change", b"change", "coalesced_count", b"coalesced_count", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["book", "change"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015

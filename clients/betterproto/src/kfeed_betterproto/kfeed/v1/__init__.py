@@ -2543,6 +2543,12 @@ class OrderBookUpdate(betterproto2.Message):
         2, betterproto2.TYPE_MESSAGE, optional=True, group="update"
     )
 
+    coalesced_count: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
+    """
+    With conflation, on a `book`: how many stored order-book rows of its market it folds in; 0
+    when not conflated.
+    """
+
 
 default_message_pool.register_message("kfeed.v1", "OrderBookUpdate", OrderBookUpdate)
 
@@ -3086,7 +3092,11 @@ class StreamOrderBooksRequest(betterproto2.Message):
         8, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Duration, optional=True
     )
     """
-    If set, live changes are conflated: at most one full book per market per interval.
+    If set, live changes are conflated: at most one full book per market per interval (10 ms to
+    60 s), at `depth`, holding every change up to then and flagged by `coalesced_count`. The
+    books of one interval go out in one message (a `batch` when several markets changed, whatever
+    `max_batch_size`), whose `resume_token` resumes right after every change folded into them.
+    Stored history before `caught_up` is not conflated; feed gaps are sent as they come.
     """
 
     overflow_policy: "OverflowPolicy" = betterproto2.field(
@@ -3153,6 +3163,12 @@ class StreamOrderBooksResponse(betterproto2.Message):
     )
     """
     Consecutive books and changes; `resume_token` resumes after the last of them.
+    """
+
+    coalesced_count: "int" = betterproto2.field(9, betterproto2.TYPE_INT32)
+    """
+    With conflation, on a `book`: how many stored order-book rows of its market (changes and
+    full books) it folds in; 0 when not conflated.
     """
 
 
