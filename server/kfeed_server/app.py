@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -418,6 +419,17 @@ def check_listen_beyond_loopback(config: ServerConfig) -> None:
         )
 
 
+def _warm_up_replay_encoder() -> None:
+    """Loads the compiled replay encoder (numba: seconds) in the background after start-up, so
+    the first long replay does not wait for it; a failure only means that replay waits."""
+    try:
+        from kfeed_server.transport.column_frames import warm_up
+
+        warm_up()
+    except Exception:
+        log.warning("the compiled replay encoder was not warmed up", exc_info=True)
+
+
 async def run_until_signalled(config: ServerConfig) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     check_listen_beyond_loopback(config)
@@ -434,6 +446,7 @@ async def run_until_signalled(config: ServerConfig) -> None:
         await server.stop(grace=0)
         raise
     tune_for_throughput()
+    threading.Thread(target=_warm_up_replay_encoder, name="kfeed-warm-up", daemon=True).start()
     await stop_requested.wait()
     log.info("shutting down")
     await server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,7 +147,18 @@ def test_a_replay_read_as_columns_sends_the_bytes_a_replay_of_rows_sends(
     assert list(from_columns) == list(from_rows)
 
 
-def test_resume_tokens_issued_together_are_the_tokens_issued_one_by_one() -> None:
-    ids = [1, 2, 255, 2**40 + 3, 2**63 - 1]
-    together = TOKENS.encode_resume_tokens(ids, stream="trades")
-    assert together.decode() == "".join(TOKENS.encode_resume_token(i, "trades") for i in ids)
+@settings(max_examples=100, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 2**63 - 1), max_size=20),
+    stream=st.sampled_from(["", "trades", "books"]),
+    key=st.binary(min_size=16, max_size=100),
+)
+def test_resume_tokens_issued_together_are_the_tokens_issued_one_by_one(
+    ids: list[int], stream: str, key: bytes
+) -> None:
+    tokens = RequestTokens(key)
+    together = tokens.resume_token_array(np.array(ids, dtype=np.int64), stream=stream)
+    assert together.shape == (len(ids), 32)
+    one_by_one = [tokens.encode_resume_token(i, stream) for i in ids]
+    assert [bytes(row).decode() for row in together] == one_by_one
+    assert [tokens.decode_resume_token(t, stream=stream) for t in one_by_one] == ids

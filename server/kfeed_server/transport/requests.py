@@ -19,16 +19,20 @@ import re
 import secrets
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.message import Message
 
 from kfeed_server.transport.convert import TimestampOutOfRange, from_timestamp
 from kfeed_server.transport.errors import InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 E = TypeVar("E", bound=IntEnum)
 
@@ -207,8 +211,6 @@ _PAGE_DOMAIN = b"kfeed.page-token.v1:"
 _RESUME_DOMAIN = b"kfeed.resume-token.v1:"
 _SNAPSHOT_ID = struct.Struct(">Q")
 INT64_MAX = 2**63 - 1
-# A resume token: base64 of a 16-byte MAC and an 8-byte id, 24 bytes, so no padding.
-RESUME_TOKEN_LENGTH = 32
 
 
 def new_token_key() -> bytes:
@@ -328,23 +330,17 @@ class RequestTokens:
                 cache.popitem(last=False)
         return token
 
-    def encode_resume_tokens(self, ids: Iterable[int], stream: str = "") -> bytes:
-        """The tokens ``encode_resume_token`` gives each of ``ids``, one after another, each
-        ``RESUME_TOKEN_LENGTH`` ASCII bytes (a column replay's; not cached)."""
+    def resume_token_array(
+        self, ids: npt.NDArray[np.int64], stream: str = ""
+    ) -> npt.NDArray[np.uint8]:
+        """The tokens ``encode_resume_token`` gives each of ``ids`` (a column replay's; not
+        cached), as an n × 32 array of their ASCII characters: computed in compiled code
+        (``resume_macs``), ≈0.3 µs a token instead of ≈1 µs through hashlib."""
+        from kfeed_server.transport.resume_macs import resume_tokens  # numba: off the start-up path
+
         if self._key is None:
             raise Unavailable("the server is starting: try again shortly")
-        # The MAC state after the key and domain, copied per id: ≈0.5 µs a token.
-        keyed = hashlib.blake2b(_resume_domain(stream), key=self._key, digest_size=_MAC_BYTES)
-        pack = _SNAPSHOT_ID.pack
-        raw = bytearray()
-        for snapshot_id in ids:
-            payload = pack(snapshot_id)
-            mac = keyed.copy()
-            mac.update(payload)
-            raw += mac.digest()
-            raw += payload
-        # MAC and id are 24 bytes, a multiple of 3: base64 of the whole is each token's in turn.
-        return base64.urlsafe_b64encode(raw)
+        return resume_tokens(self._key, _resume_domain(stream), ids)
 
     def decode_resume_token(self, token: str, field: str = "resume_token", stream: str = "") -> int:
         """The id in ``token``; INVALID_ARGUMENT unless this server issued it for ``stream``."""

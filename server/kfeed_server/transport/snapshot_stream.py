@@ -9,6 +9,7 @@ by the server's bounded writes (stream_writer).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,6 +22,7 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed_server.db.repositories.markets import MarketRepository
 from kfeed_server.streaming.feed import (
     ColumnHistory,
+    ColumnRun,
     Conflator,
     FeedItem,
     FeedRequest,
@@ -190,7 +192,13 @@ class SnapshotStreams:
         try:
             async with contextlib.aclosing(items) as feed:
                 async for item in feed:
-                    for frame, _ in frames(item, max_batch_size):
+                    encoded = frames(item, max_batch_size)
+                    if isinstance(item, ColumnRun):
+                        # A chunk of history read as columns (up to a million rows) is encoded
+                        # in a worker thread, by compiled code that releases the GIL: the loop
+                        # keeps serving other streams meanwhile.
+                        encoded = iter(await asyncio.to_thread(list, encoded))
+                    for frame, _ in encoded:
                         yield frame
         except SubscriberOverflowError as overflow:
             token = self._tokens.encode_resume_token(

@@ -33,7 +33,6 @@ from kfeed_server.streaming.feed import (
     SubscriberGapEvent,
 )
 from kfeed_server.streaming.hub import LiveChunk
-from kfeed_server.transport.column_frames import column_frames
 from kfeed_server.transport.convert import feed_gap_to_proto, snapshot_fields, timestamp
 from kfeed_server.transport.requests import RequestTokens
 from kfeed_server.transport.wire import (
@@ -150,6 +149,9 @@ class SnapshotFrames:
             yield message.SerializeToString(), item.resume_after_id
             return
         if isinstance(item, ColumnRun):
+            # numba, imported when the first replay is read as columns, not at start-up
+            from kfeed_server.transport.column_frames import column_frames
+
             yield from column_frames(item, self._tokens, max_batch_size)
             return
         count = len(item.rows)
