@@ -24,7 +24,7 @@ import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kfeed_server.app import KfeedServer, ServerConfig
+from kfeed_server.app import KfeedServer, ServerConfig, warm_up_compiled_reads
 from kfeed_server.db import create_engine, create_writer_engine, upgrade_to_head
 from kfeed_server.db.migrate import MIGRATIONS_DIR
 from kfeed_server.db.repositories import Repositories, build_repositories
@@ -83,6 +83,14 @@ async def _ensure_template(name: str) -> None:
     finally:
         await admin.execute("SELECT pg_advisory_unlock($1)", _TEMPLATE_LOCK_KEY)
         await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_reads() -> None:
+    """The numba kernels of columnar reads, compiled (or loaded from numba's cache) once per
+    worker before any test: `kfeed serve` does it after start-up; a first compile inside a test
+    would hold the GIL for seconds and starve the event loop the test is timing."""
+    warm_up_compiled_reads()
 
 
 @pytest.fixture(scope="session")

@@ -419,15 +419,24 @@ def check_listen_beyond_loopback(config: ServerConfig) -> None:
         )
 
 
-def _warm_up_replay_encoder() -> None:
-    """Loads the compiled replay encoder (numba: seconds) in the background after start-up, so
-    the first long replay does not wait for it; a failure only means that replay waits."""
-    try:
-        from kfeed_server.transport.column_frames import warm_up
+def warm_up_compiled_reads() -> None:
+    """Compiles the numba kernels of columnar reads, or loads them from numba's disk cache:
+    PostgreSQL's COPY decoder and the replay encoder (imported here, not at start-up)."""
+    from kfeed_server.db import copy_binary
+    from kfeed_server.transport import column_frames
 
-        warm_up()
+    copy_binary.warm_up()
+    column_frames.warm_up()
+
+
+def _warm_up_compiled_reads() -> None:
+    """Loads the compiled COPY decoder and replay encoder (numba: seconds) in the background
+    after start-up, so the first export or long replay does not wait for them; a failure only
+    means that it waits."""
+    try:
+        warm_up_compiled_reads()
     except Exception:
-        log.warning("the compiled replay encoder was not warmed up", exc_info=True)
+        log.warning("the compiled column readers were not warmed up", exc_info=True)
 
 
 async def run_until_signalled(config: ServerConfig) -> None:
@@ -446,7 +455,7 @@ async def run_until_signalled(config: ServerConfig) -> None:
         await server.stop(grace=0)
         raise
     tune_for_throughput()
-    threading.Thread(target=_warm_up_replay_encoder, name="kfeed-warm-up", daemon=True).start()
+    threading.Thread(target=_warm_up_compiled_reads, name="kfeed-warm-up", daemon=True).start()
     await stop_requested.wait()
     log.info("shutting down")
     await server.stop()

@@ -15,7 +15,6 @@ from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
 from kfeed_server.app import KfeedServer, ServerConfig
 from kfeed_server.streaming import feed as feed_module
-from kfeed_server.transport.column_frames import warm_up
 from kfeed_server.transport.convert import timestamp
 from tests.server.test_stream_snapshots import (
     A,
@@ -112,9 +111,6 @@ async def test_a_long_replay_read_as_columns_sends_what_a_replay_of_rows_sends(
     monkeypatch: pytest.MonkeyPatch,
     max_batch_size: int,
 ) -> None:
-    # The compiled encoder loaded first (`kfeed serve` loads it after start-up): compiling it
-    # the first time takes longer than a read below waits.
-    warm_up()
     request = pb.StreamSnapshotsRequest(start_time=timestamp(at(0)), max_batch_size=max_batch_size)
     of_rows = stub.StreamSnapshots(request)
     expected = await read_until(of_rows, caught_up)

@@ -21,7 +21,6 @@ from kfeed_server.records import SnapshotRecord
 from kfeed_server.streaming import feed as feed_module
 from kfeed_server.streaming.feed import FeedRequest, feed_items
 from kfeed_server.streaming.hub import MarketSelector, SnapshotHub
-from kfeed_server.transport.column_frames import warm_up
 from kfeed_server.transport.requests import RequestTokens, new_token_key
 from kfeed_server.transport.stream_frames import SnapshotFrames
 from tests.support.factories import at, make_snapshot, replay_columns
@@ -122,8 +121,6 @@ def test_no_gap_and_no_duplicate_across_the_switch(
     columns: bool,
 ) -> None:
     """``columns``: history after the first page read as columns, as a snapshot stream does."""
-    if columns:
-        warm_up()  # the compiled encoder, whose first load outlasts the waits below
     asyncio.run(_run(before, schedule, start, frozenset(followed), max_batch_size, columns))
 
 

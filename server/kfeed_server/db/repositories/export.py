@@ -14,6 +14,7 @@ Either way the batches have exactly the spec's schema: prices and counts as int6
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import adbc_driver_postgresql.dbapi as adbc_postgresql
+import asyncpg
 import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import (
@@ -51,12 +52,25 @@ from kfeed_server.db.models import (
 )
 from kfeed_server.records import DataSource, MarketStatus, Side
 
+if TYPE_CHECKING:
+    from kfeed_server.db.copy_binary import CopyType
+
 UTC_MICROS = pa.timestamp("us", tz="UTC")
 PRICE_UNIT = "USD/10000"
 COUNT_UNIT = "contracts/100"
 # Rows per batch read from SQLite (PostgreSQL batches are the driver's, ≈16 MiB).
 SQLITE_BATCH_ROWS = 65_536
 EXPORT_APPLICATION_NAME = "kfeed-export"
+# A columnar read's connection: named in pg_stat_activity, and the literal SQL's strings read
+# with standard quoting.
+_COPY_SETTINGS = {
+    "application_name": EXPORT_APPLICATION_NAME,
+    "standard_conforming_strings": "on",
+}
+# PostgreSQL's COPY stream is decoded in pieces of about this many bytes (≈40,000 snapshots),
+# up to this many received ahead of the decoder.
+COPY_PIECE_BYTES = 8 * 1024 * 1024
+COPY_PIECES_AHEAD = 2
 # Stream replays read as columns at once per server (each on a connection of its own).
 MAX_COLUMN_REPLAYS = 4
 
@@ -301,11 +315,10 @@ def literal_sql(statement: Select[Any] | CompoundSelect[Any], dialect: Dialect) 
     return str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
-def adbc_uri(url: URL) -> str:
-    """The libpq URI of a ``postgresql+asyncpg://`` SQLAlchemy URL; its connections show as
-    ``EXPORT_APPLICATION_NAME`` in pg_stat_activity."""
-    query = {**url.query, "application_name": EXPORT_APPLICATION_NAME}
-    return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+def copy_dsn(url: URL) -> str:
+    """The libpq URI of a ``postgresql+asyncpg://`` SQLAlchemy URL, for a columnar read's own
+    connection."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class ArrowExportReader:
@@ -334,8 +347,7 @@ class ArrowExportReader:
         run first on PostgreSQL's connection (the read's own)."""
         sql = literal_sql(statement, self._engine.dialect)
         if self._engine.dialect.name == "postgresql":
-            uri = adbc_uri(self._engine.url)
-            return _threaded_batches(partial(_AdbcStream.open, uri, sql, spec, settings))
+            return copy_batches(copy_dsn(self._engine.url), sql, spec, settings)
         database = self._engine.url.database
         if database and database != ":memory:" and not database.startswith("file:"):
             return _threaded_batches(partial(_SqliteStream.open, database, sql, spec))
@@ -427,47 +439,89 @@ def _batch_of_rows(spec: ExportSpec, rows: Sequence[Sequence[Any]]) -> pa.Record
     )
 
 
-class _AdbcStream:
-    """The query on its own ADBC PostgreSQL connection (COPY binary, decoded in C)."""
+def _copy_type(column: ExportColumn) -> CopyType:
+    """How ``column`` comes in the binary COPY of ``export_query`` (its stored SQL type)."""
+    from kfeed_server.db.copy_binary import CopyType
 
-    def __init__(self, spec: ExportSpec, connection: Any, cursor: Any) -> None:
-        self._spec = spec
-        self._connection = connection
-        self._cursor = cursor
-        self._reader: pa.RecordBatchReader = cursor.fetch_record_batch()
+    if column.arrow_type == UTC_MICROS:
+        return CopyType.TIMESTAMP
+    raw = column.raw_type()
+    if isinstance(raw, SmallInteger):
+        return CopyType.INT16
+    if isinstance(raw, Text):
+        return CopyType.TEXT
+    if isinstance(raw, Boolean):
+        return CopyType.BOOL
+    return CopyType.INT64
 
-    @classmethod
-    def open(
-        cls, uri: str, sql: str, spec: ExportSpec, settings: Sequence[str] = ()
-    ) -> _AdbcStream:
-        connection = adbc_postgresql.connect(uri)
+
+def _spec_batch(spec: ExportSpec, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of the stored values as the spec's schema: enum numbers become names."""
+    arrays = [
+        column.from_codes(array) if column.enum_type is not None else array
+        for column, array in zip(spec.columns, batch.columns, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=spec.schema)
+
+
+async def copy_batches(
+    dsn: str, sql: str, spec: ExportSpec, settings: Sequence[str] = ()
+) -> AsyncIterator[pa.RecordBatch]:
+    """``sql`` read on a connection of its own (``settings`` run on it first) as
+    ``COPY (sql) TO STDOUT (FORMAT binary)``: asyncpg receives the stream on the event loop, and
+    each piece of about ``COPY_PIECE_BYTES`` is decoded into a record batch of the spec's schema
+    in a worker thread (copy_binary, compiled, without the GIL) while the next piece arrives."""
+    from kfeed_server.db.copy_binary import CopyDecoder, CopyFormatError  # numba: at first use
+
+    decoder = CopyDecoder([_copy_type(c) for c in spec.columns], [c.name for c in spec.columns])
+    connection = await asyncpg.connect(dsn, server_settings=_COPY_SETTINGS)
+    try:
+        for setting in settings:
+            await connection.execute(setting)
+    except BaseException:
+        connection.terminate()
+        raise
+    pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=COPY_PIECES_AHEAD)
+    gathered: list[bytes] = []
+    gathered_bytes = 0
+
+    async def received(data: bytes) -> None:
+        nonlocal gathered_bytes
+        gathered.append(data)
+        gathered_bytes += len(data)
+        if gathered_bytes >= COPY_PIECE_BYTES:
+            piece = b"".join(gathered)
+            gathered.clear()
+            gathered_bytes = 0
+            await pieces.put(piece)
+
+    async def copy() -> None:
         try:
-            cursor = connection.cursor()
-            for setting in ("SET standard_conforming_strings = on", *settings):
-                cursor.execute(setting)
-            cursor.execute(sql)
-            return cls(spec, connection, cursor)
-        except BaseException:
-            connection.close()
-            raise
-
-    def read_next(self) -> pa.RecordBatch | None:
-        try:
-            batch = self._reader.read_next_batch()
-        except StopIteration:
-            return None
-        # Enum numbers become names; the driver's field metadata goes (arrays are reused).
-        arrays = [
-            column.from_codes(array) if column.enum_type is not None else array
-            for column, array in zip(self._spec.columns, batch.columns, strict=True)
-        ]
-        return pa.RecordBatch.from_arrays(arrays, schema=self._spec.schema)
-
-    def close(self) -> None:
-        try:
-            self._cursor.close()
+            await connection.copy_from_query(sql, output=received, format="binary")
+            if gathered:
+                await pieces.put(b"".join(gathered))
         finally:
-            self._connection.close()
+            await pieces.put(None)
+
+    def decode(piece: bytes) -> pa.RecordBatch | None:
+        batch = decoder.feed(piece)
+        return None if batch is None else _spec_batch(spec, batch)
+
+    copying = asyncio.create_task(copy())
+    try:
+        while (piece := await pieces.get()) is not None:
+            batch = await asyncio.to_thread(decode, piece)
+            if batch is not None:
+                yield batch
+        await copying  # its error, if it failed
+        if not decoder.finished:
+            raise CopyFormatError("the binary COPY stream ended before its end marker")
+    finally:
+        if not copying.done():
+            copying.cancel()
+            with contextlib.suppress(BaseException):
+                await copying
+        connection.terminate()
 
 
 class _SqliteStream:
