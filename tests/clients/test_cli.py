@@ -23,11 +23,13 @@ from kfeed_ingest.kalshi.books import START, BookChange, change_columns, checkpo
 from tests.support.clients import MARKETS, SNAPSHOT_COUNT, TICKER
 from tests.support.factories import at, make_snapshot, make_trade
 from tests.support.servers import PublishSession
+from tests.support.waiting import eventually
 
 
-async def run(*argv: str) -> tuple[int, str]:
-    """Run a command in this event loop; its exit status and what it printed."""
-    output = io.StringIO()
+async def run(*argv: str, output: io.StringIO | None = None) -> tuple[int, str]:
+    """Run a command in this event loop; its exit status and what it printed (also into
+    ``output`` as it goes, when given)."""
+    output = output or io.StringIO()
     console = Console(file=output, width=200, color_system=None)
     status = await asyncio.wait_for(execute(build_parser().parse_args(argv), console), 10)
     return status, output.getvalue()
@@ -68,13 +70,23 @@ async def test_tail_json_prints_one_message_per_line(address: str, seeded: Publi
 async def test_tail_shows_history_the_caught_up_marker_then_live(
     address: str, seeded: PublishSession
 ) -> None:
+    printed = io.StringIO()
+
     async def publish_when_caught_up() -> None:
-        await asyncio.sleep(0.3)
+        await eventually(lambda: "caught up" in printed.getvalue(), what="the caught-up line")
         await seeded.publish(snapshots=[make_snapshot(TICKER, SNAPSHOT_COUNT)])
 
     publishing = asyncio.create_task(publish_when_caught_up())
     status, text = await run(
-        "tail", TICKER, "--server", address, "--from", "2025-03-14T15:09:30Z", "--limit", "4"
+        "tail",
+        TICKER,
+        "--server",
+        address,
+        "--from",
+        "2025-03-14T15:09:30Z",
+        "--limit",
+        "4",
+        output=printed,
     )
     await publishing
     lines = text.splitlines()
@@ -89,14 +101,16 @@ async def test_tail_trades_shows_the_tape_the_caught_up_marker_then_live(
 ) -> None:
     await seeded.publish(trades=[make_trade(TICKER, i) for i in range(3)])
 
+    printed = io.StringIO()
+
     async def publish_when_caught_up() -> None:
-        await asyncio.sleep(0.3)
+        await eventually(lambda: "caught up" in printed.getvalue(), what="the caught-up line")
         await seeded.publish(trades=[make_trade(TICKER, 3, count=250)])
 
     publishing = asyncio.create_task(publish_when_caught_up())
     status, text = await run(
         "tail", TICKER, "--trades", "--server", address, "--from", at(1).isoformat(),
-        "--limit", "3",
+        "--limit", "3", output=printed,
     )  # fmt: skip
     await publishing
     lines = text.splitlines()
@@ -242,8 +256,10 @@ async def test_tail_book_shows_a_ladder_the_changes_since_then_live_ones(
     request.book_changes.CopyFrom(change_columns([change]))
     assert (await seeded.send(request)).book_changes_stored == 1
 
+    printed = io.StringIO()
+
     async def publish_when_caught_up() -> None:
-        await asyncio.sleep(0.3)
+        await eventually(lambda: "caught up" in printed.getvalue(), what="the caught-up line")
         live = ingest_service_pb2.PublishRequest(producer="tests")
         gone = change._replace(exchange_time_us=micros(at(6)), sequence=9, price=4200, size=0)
         live.book_changes.CopyFrom(change_columns([gone]))
@@ -252,7 +268,7 @@ async def test_tail_book_shows_a_ladder_the_changes_since_then_live_ones(
     publishing = asyncio.create_task(publish_when_caught_up())
     status, text = await run(
         "tail", TICKER, "--book", "--server", address, "--from", at(1).isoformat(),
-        "--limit", "3",
+        "--limit", "3", output=printed,
     )  # fmt: skip
     await publishing
     lines = text.splitlines()
