@@ -207,18 +207,25 @@ async def test_trades_replay_then_live_while_commits_race_the_switch(
     )
     if rng.random() < 0.6:
         request.start_time.CopyFrom(timestamp(at(rng.randint(0, len(trades) + 5))))
-    # After the writer, one last trade on a followed market, later than every start: the stream
-    # delivers in commit order, so once it arrives everything committed before it has too (a
-    # heartbeat proves nothing here: under load the commit follower can be slower than it).
+    # Once the writer is done and the stream is live, one last trade on a followed market,
+    # later than every start: the stream delivers in commit order, so when it arrives everything
+    # committed before it has too (a heartbeat proves nothing here: under load the commit
+    # follower can be slower than it). Sent before the stream is live, a live-only stream could
+    # miss it.
     last = make_trade(sorted(selected)[0], len(trades) + 10)
-    batches.append(sender([last]))
     in_commit_order.append(last.trade_id)
     stub = pb_grpc.MarketServiceStub(channel)
     stream = stub.StreamTrades(request)
     writing = asyncio.create_task(write(rng, batches[before:]))
     messages: list[pb.StreamTradesResponse] = []
     received: list[str] = []
+    last_sent = False
     while last.trade_id not in received:
+        live = any(m.HasField("caught_up") for m in messages)
+        if live and writing.done() and not last_sent:
+            await writing
+            await sender([last])()
+            last_sent = True
         message = await read_one(stream)
         messages.append(message)
         received += [t.trade_id for t in trade_list(message)]

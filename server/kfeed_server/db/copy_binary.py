@@ -34,8 +34,9 @@ Bytes = npt.NDArray[np.uint8]
 Int64s = npt.NDArray[np.int64]
 
 
-class CopyType(enum.IntEnum):
-    """A column's type in the stream, and so its Arrow type."""
+class CopyType(enum.Enum):
+    """A column's type in the stream, and so its Arrow type (the value: the kernels' code; not
+    an IntEnum, which would stand for a proto enum)."""
 
     INT64 = 0  # bigint → int64
     INT16 = 1  # smallint → int16
@@ -44,7 +45,7 @@ class CopyType(enum.IntEnum):
     TIMESTAMP = 4  # timestamptz → timestamp[us, UTC]
 
 
-_TEXT, _TIMESTAMP = int(CopyType.TEXT), int(CopyType.TIMESTAMP)  # as the kernels see them
+_TEXT, _TIMESTAMP = CopyType.TEXT.value, CopyType.TIMESTAMP.value  # as the kernels see them
 _FIXED_BYTES = np.array([8, 2, -1, 1, 8], dtype=np.int64)  # by CopyType; -1: any length
 _ARROW_TYPES = {
     CopyType.INT64: pa.int64(),
@@ -164,7 +165,7 @@ class CopyDecoder:
     one thread feeds it at a time."""
 
     def __init__(self, types: Sequence[CopyType], names: Sequence[str]) -> None:
-        self._types = np.array([int(t) for t in types], dtype=np.int64)
+        self._types = np.array([t.value for t in types], dtype=np.int64)
         self._copy_types = tuple(types)
         self._names = list(names)
         self._pending = b""
