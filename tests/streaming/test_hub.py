@@ -121,6 +121,24 @@ async def test_fewer_subscribers_take_turns_while_ingest_writes() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 5)  # the rest once the write is done
 
 
+async def test_a_stream_about_to_send_lets_a_write_in_progress_finish_first() -> None:
+    hub = SnapshotHub()
+    await asyncio.wait_for(hub.after_writes(), 1)  # no write: at once
+    with hub.writing():
+        waiting = asyncio.create_task(hub.after_writes())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+    await asyncio.wait_for(waiting, 1)  # the write is done
+
+
+async def test_a_long_write_holds_a_stream_back_only_for_a_while() -> None:
+    hub = SnapshotHub()
+    with hub.writing():
+        # A stuck write (SQLite's lock held elsewhere) must not stop streams and heartbeats.
+        await asyncio.wait_for(hub.after_writes(), hub_module.WRITE_PAUSE_SECONDS + 5)
+
+
 async def test_a_turn_that_runs_too_long_stops_holding_the_others_back() -> None:
     hub = SnapshotHub()
     limit = hub_module.CONCURRENT_TURNS

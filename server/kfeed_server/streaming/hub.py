@@ -60,6 +60,8 @@ CONCURRENT_TURNS = 64
 TURN_SECONDS = 0.05
 # While an ingest batch is being stored: fan-out goes on, at this many turns at once.
 TURNS_WHILE_WRITING = 8
+# A stream about to send waits this long at most for an ingest batch being stored to finish.
+WRITE_PAUSE_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -220,6 +222,8 @@ class SnapshotHub:
         self._retry: asyncio.TimerHandle | None = None
         self._chunk_serials = itertools.count()
         self._writers = 0
+        self._no_writers = asyncio.Event()
+        self._no_writers.set()
         self.closed = False
 
     def remember_markets(self, markets: Iterable[MarketRecord]) -> None:
@@ -394,12 +398,24 @@ class SnapshotHub:
         """Held while ingest stores a batch: fewer subscribers take turns meanwhile, so the
         write's steps wait behind less fan-out work in the event loop."""
         self._writers += 1
+        self._no_writers.clear()
         try:
             yield
         finally:
             self._writers -= 1
-            if not self._writers and self._to_wake:
-                self._grant_turns()
+            if not self._writers:
+                self._no_writers.set()
+                if self._to_wake:
+                    self._grant_turns()
+
+    async def after_writes(self) -> None:
+        """Returns once no ingest batch is being stored, or after ``WRITE_PAUSE_SECONDS``: a
+        stream sending message after message holds the event loop's turns the write needs (its
+        read, its commit's round trip), so it lets the write through first."""
+        if self._writers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WRITE_PAUSE_SECONDS):
+                    await self._no_writers.wait()
 
     def _grant_turns(self) -> None:
         """Wake waiting subscribers while fewer than the limit hold a turn."""
