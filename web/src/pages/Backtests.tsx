@@ -212,7 +212,8 @@ function BacktestForm({ strategies }: { strategies: Strategy[] }) {
       {Object.values(swept).some(Boolean) && (
         <label>rank sweep by <input value={rankBy} onChange={(e) => setRankBy(e.target.value)} aria-label="rank by" /></label>
       )}
-      <button type="submit" disabled={create_.isPending}>Run</button>
+      {/* No market chosen (the list still loading, or all deselected): a Run could only be refused. */}
+      <button type="submit" disabled={create_.isPending || tickers.length === 0} title={tickers.length ? undefined : "choose at least one market"}>Run</button>
       {formError && <p className="notice error">{formError}</p>}
       {create_.error ? <Notice error={create_.error} what="Create backtest" /> : null}
     </form>
