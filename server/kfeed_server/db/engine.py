@@ -83,8 +83,7 @@ def create_engine(url: str) -> AsyncEngine:
 def _transient_as_unavailable(context: ExceptionContext) -> None:
     # SQLAlchemy raises what a "handle_error" listener raises in place of the driver's error.
     original = context.original_exception
-    locked = "database is locked" in str(original) or "database is busy" in str(original)
-    if context.is_disconnect or (context.dialect.name == "sqlite" and locked):
+    if context.is_disconnect or is_sqlite_busy(original):
         raise StorageUnavailable(type(original).__name__) from original
 
 
