@@ -408,6 +408,11 @@ class SnapshotHub:
                 if self._to_wake:
                     self._grant_turns()
 
+    @property
+    def storing(self) -> bool:
+        """Whether an ingest batch is being stored now."""
+        return self._writers > 0
+
     async def after_writes(self) -> None:
         """Returns once no ingest batch is being stored, or after ``WRITE_PAUSE_SECONDS``: a
         stream sending message after message holds the event loop's turns the write needs (its

@@ -199,7 +199,8 @@ class SnapshotStreams:
                         # keeps serving other streams meanwhile.
                         encoded = iter(await asyncio.to_thread(list, encoded))
                     for frame, _ in encoded:
-                        await self._hub.after_writes()
+                        if self._hub.storing:  # no coroutine per frame when nothing is stored
+                            await self._hub.after_writes()
                         yield frame
         except SubscriberOverflowError as overflow:
             token = self._tokens.encode_resume_token(
