@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pyarrow as pa
 import pytest
 
+from kfeed_server.db.models import snapshots_table
 from kfeed_server.db.repositories import Repositories
 from kfeed_server.db.repositories import export as export_module
 from kfeed_server.db.repositories.export import (
@@ -24,24 +25,12 @@ from kfeed_server.db.repositories.export import (
     ExportSpec,
 )
 from kfeed_server.records import DataSource, MarketStatus, SnapshotRecord
-from tests.support.factories import at, make_market, make_snapshot
+from tests.support.factories import at, exported_row, make_market, make_snapshot
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
-NULLABLE = (
-    "exchange_sequence",
-    "yes_bid",
-    "yes_ask",
-    "no_bid",
-    "no_ask",
-    "yes_bid_size",
-    "yes_ask_size",
-    "last_price",
-    "volume",
-    "volume_24h",
-    "open_interest",
-    "liquidity",
-)
+# The snapshot columns that may be NULL (all of them integers).
+NULLABLE = tuple(c.name for c in snapshots_table.c if c.nullable)
 BATCH_ROWS = 4
 
 
@@ -84,13 +73,6 @@ async def _table(batches: AsyncIterator[pa.RecordBatch], spec: ExportSpec) -> pa
     return pa.Table.from_batches(received, spec.schema)
 
 
-def _exported(snapshot: SnapshotRecord) -> dict[str, object]:
-    row: dict[str, object] = snapshot._asdict()
-    row["source"] = snapshot.source.name.lower()
-    row["status"] = snapshot.status.name.lower()
-    return row
-
-
 async def test_a_column_null_throughout_the_first_batch_keeps_every_later_value(
     repositories: Repositories, stored: list[SnapshotRecord], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,7 +80,7 @@ async def test_a_column_null_throughout_the_first_batch_keeps_every_later_value(
     exports = repositories.exports
     assert all(s.yes_bid is None for s in stored[:BATCH_ROWS])
     table = await _table(exports.batches(SNAPSHOT_EXPORT, ExportFilter()), SNAPSHOT_EXPORT)
-    assert table.to_pylist() == [_exported(s) for s in stored]
+    assert table.to_pylist() == [exported_row(s) for s in stored]
     assert table.column("yes_bid").null_count == 2 * BATCH_ROWS
 
 

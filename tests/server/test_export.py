@@ -28,7 +28,7 @@ from kfeed_server.records import (
     TradeRecord,
 )
 from kfeed_server.transport.export import MESSAGE_TARGET_BYTES
-from tests.support.factories import at, make_market, make_snapshot, make_trade
+from tests.support.factories import at, exported_row, make_market, make_snapshot, make_trade
 from tests.support.servers import bad_request_fields
 from tests.support.waiting import eventually
 
@@ -93,13 +93,6 @@ async def _stored_snapshots(server: KfeedServer, ticker: str) -> list[SnapshotRe
     return page.items
 
 
-def _row(snapshot: SnapshotRecord) -> dict[str, object]:
-    row: dict[str, object] = snapshot._asdict()
-    row["source"] = snapshot.source.name.lower()
-    row["status"] = snapshot.status.name.lower()
-    return row
-
-
 async def test_snapshots_export_every_stored_value_exactly(
     client: kfeed_client.KfeedClient, kfeed_server: KfeedServer
 ) -> None:
@@ -110,7 +103,7 @@ async def test_snapshots_export_every_stored_value_exactly(
     assert len(received) > 1  # cut into several messages
     stored.sort(key=lambda s: s.snapshot_id)  # the order they were stored in
     rows = table.to_pylist()
-    assert rows == [_row(s) for s in stored]
+    assert rows == [exported_row(s) for s in stored]
     assert table.schema.field("exchange_time").type == pa.timestamp("us", tz="UTC")
     assert table.schema.field("yes_bid").type == pa.int64()
     assert table.schema.field("yes_bid").metadata == {b"unit": b"USD/10000"}

@@ -114,3 +114,11 @@ def replay_columns(rows: Sequence[SnapshotRecord]) -> pa.RecordBatch:
     for name in ("source", "status"):
         values[name] = [int(v) for v in values[name]]
     return pa.RecordBatch.from_pydict(values, schema=SNAPSHOT_REPLAY.schema)
+
+
+def exported_row(snapshot: SnapshotRecord) -> dict[str, object]:
+    """``snapshot`` as a row of an ExportSnapshots table (enums as their lowercase names)."""
+    row: dict[str, object] = snapshot._asdict()
+    row["source"] = snapshot.source.name.lower()
+    row["status"] = snapshot.status.name.lower()
+    return row
