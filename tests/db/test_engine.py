@@ -9,7 +9,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -116,3 +116,36 @@ def _snapshot(ticker: str) -> SnapshotRecord:
         yes_bid=4000,
         status=MarketStatus.OPEN,
     )
+
+
+async def test_a_statement_cancelled_midway_raises_cancelled_not_an_error(
+    engine: AsyncEngine,
+) -> None:
+    # SQLAlchemy reports a cancellation met inside a statement to the engine's error listener
+    # as a disconnect; the listener must let it through, or a cancelled task would carry on
+    # (a server's stop would wait for it forever).
+    slow = (
+        "SELECT pg_sleep(30)"
+        if engine.dialect.name == "postgresql"
+        else "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000000)"
+        " SELECT count(*) FROM n"
+    )
+    started = asyncio.Event()
+
+    def statement_sent(*_: object) -> None:
+        started.set()  # the driver call follows at once; the test runs again once it waits
+
+    async def run_slow_statement() -> None:
+        async with engine.connect() as connection:
+            event.listen(connection.sync_connection, "before_cursor_execute", statement_sent)
+            await connection.execute(text(slow))
+
+    running = asyncio.create_task(run_slow_statement())
+    await started.wait()
+    running.cancel()
+    done, _ = await asyncio.wait([running], timeout=30)
+    assert done, "the cancelled statement did not end"
+    assert running.cancelled(), running.exception()
+    # The engine still serves statements afterwards.
+    async with engine.connect() as connection:
+        assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1

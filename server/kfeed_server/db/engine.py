@@ -83,6 +83,10 @@ def create_engine(url: str) -> AsyncEngine:
 def _transient_as_unavailable(context: ExceptionContext) -> None:
     # SQLAlchemy raises what a "handle_error" listener raises in place of the driver's error.
     original = context.original_exception
+    if not isinstance(original, Exception):
+        # A cancellation (or an interrupt) met inside a statement, which SQLAlchemy reports as a
+        # disconnect: it must go on as itself, or the cancelled task would carry on.
+        return
     if context.is_disconnect or is_sqlite_busy(original):
         raise StorageUnavailable(type(original).__name__) from original
 
