@@ -18,6 +18,7 @@ from kfeed.v1 import backtest_service_pb2 as bt
 from kfeed.v1 import backtest_service_pb2_grpc as bt_grpc
 from kfeed.v1 import market_service_pb2 as pb
 from kfeed.v1 import market_service_pb2_grpc as pb_grpc
+from kfeed.v1 import types_pb2
 from kfeed_server.records import FeedGapRecord, MarketRecord, MarketStatus
 from kfeed_server.transport.convert import timestamp
 from tests.browser.conftest import VIEWER_TIME_ZONE
@@ -93,15 +94,27 @@ async def test_markets_page_shows_live_prices_and_updates_live(
     await expect(page.locator("[data-testid=market-row]")).to_have_count(1)
 
 
+async def _open_market_closing_last(grpc_address: str) -> str:
+    """The open market that closes last. The sim closes its live markets 15–60 s after they
+    open, and a closed market's book is empty: a test watching one market's page for tens of
+    seconds takes the one with the most time left."""
+    async with grpc.aio.insecure_channel(grpc_address) as channel:
+        stub: pb_grpc.MarketServiceAsyncStub = pb_grpc.MarketServiceStub(channel)
+        response = await stub.ListMarkets(
+            pb.ListMarketsRequest(statuses=[types_pb2.MARKET_STATUS_OPEN])
+        )
+    assert response.markets, "no open market"
+    return max(response.markets, key=lambda m: m.close_time.ToNanoseconds()).ticker
+
+
 async def test_market_page_shows_chart_and_trades(
     live_stack: Dashboard, page: Page, screenshots: Path
 ) -> None:
     await page.goto(live_stack.url)
-    first_link = page.locator("[data-testid=market-row] a").first
-    await expect(first_link).to_be_visible(timeout=15_000)
-    ticker = await first_link.text_content()
-    await first_link.click()
-    await expect(page.get_by_test_id("market-ticker")).to_have_text(ticker or "")
+    await expect(page.locator("[data-testid=market-row] a").first).to_be_visible(timeout=15_000)
+    ticker = await _open_market_closing_last(live_stack.grpc_address)
+    await page.locator(f'[data-testid=market-row][data-ticker="{ticker}"] a').click()
+    await expect(page.get_by_test_id("market-ticker")).to_have_text(ticker)
     chart = page.get_by_test_id("price-chart")
     await expect(chart.locator("canvas").first).to_be_visible()
     # Candles where the server has them; otherwise the stored snapshots (and a notice saying so).
