@@ -8,12 +8,14 @@ NULL throughout the first batch, then values at the edges of int64."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from kfeed_server.db import create_engine, create_writer_engine, upgrade_to_head
 from kfeed_server.db.models import snapshots_table
-from kfeed_server.db.repositories import Repositories
+from kfeed_server.db.repositories import Repositories, build_repositories
 from kfeed_server.db.repositories import export as export_module
 from kfeed_server.db.repositories.export import (
     BOOK_CHANGE_EXPORT,
@@ -117,3 +119,28 @@ def test_every_text_column_read_is_not_null(spec: ExportSpec) -> None:
     for column in spec.columns:
         if column.arrow_type == pa.string() and column.enum_type is None:
             assert getattr(column.source, "nullable", True) is False, column.name
+
+
+async def test_a_database_file_at_an_awkward_path_is_read(tmp_path: Path) -> None:
+    # The columnar read opens the file again by URI: characters a URI gives meaning to must
+    # still name the same file. (A database URL spells "%" and "?" percent-encoded.)
+    folder = tmp_path / "a dir #1 ?mode=rw&x=é 100%"
+    folder.mkdir()
+    path = str(folder / "k feed.db")
+    url = "sqlite+aiosqlite:///" + path.replace("%", "%25").replace("?", "%3F")
+    engine, writer = create_engine(url), create_writer_engine(url)
+    try:
+        await upgrade_to_head(engine)
+        repositories = build_repositories(engine, writer)
+        market = make_market("KXPATH-1")
+        stored = [make_snapshot(market.ticker, i) for i in range(3)]
+        await repositories.ingest.write_batch(markets=[market], snapshots=stored)
+        table = await _table(
+            repositories.exports.batches(SNAPSHOT_EXPORT, ExportFilter()), SNAPSHOT_EXPORT
+        )
+        assert table.column("exchange_time").to_pylist() == [s.exchange_time for s in stored]
+        assert engine.url.database == path
+    finally:
+        await engine.dispose()
+        if writer is not None:
+            await writer.dispose()
