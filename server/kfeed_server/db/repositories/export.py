@@ -458,9 +458,11 @@ def _copy_type(column: ExportColumn) -> CopyType:
 
 
 def _spec_batch(spec: ExportSpec, batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A batch of the stored values as the spec's schema: enum numbers become names."""
+    """A batch of the stored values as the spec's schema: enum numbers become names, and other
+    columns take the spec's type (nothing to do for the COPY decoder's; SQLite's driver gives
+    int64, which becomes a time without a copy)."""
     arrays = [
-        column.from_codes(array) if column.enum_type is not None else array
+        column.from_codes(array) if column.enum_type is not None else array.cast(column.arrow_type)
         for column, array in zip(spec.columns, batch.columns, strict=True)
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=spec.schema)
@@ -530,7 +532,12 @@ class _SqliteStream:
     """The query on its own read-only connection to the database file (WAL: a consistent
     snapshot beside the server's writers), through the ADBC SQLite driver, which steps SQLite
     and fills Arrow arrays in C: no Python object per row (ADR 0023). Every call runs in the
-    export's thread; the driver works without the GIL."""
+    export's thread; the driver works without the GIL.
+
+    The driver types each column from the values of the first batch: integers as int64 (times
+    and enum numbers too), text as strings, a column NULL throughout that batch as int64. Only
+    integer columns of an export may be NULL (every text column is NOT NULL), so the types hold
+    for the whole result; ``_spec_batch`` casts them to the spec's."""
 
     def __init__(
         self, spec: ExportSpec, connection: adbc_sqlite.AdbcSqliteConnection, sql: str
@@ -566,23 +573,8 @@ class _SqliteStream:
             except StopIteration:
                 return None
             if stored.num_rows:
-                return _batch_of_stored(self._spec, stored)
+                return _spec_batch(self._spec, stored)
 
     def close(self) -> None:
         self._cursor.close()
         self._connection.close()
-
-
-def _batch_of_stored(spec: ExportSpec, stored: pa.RecordBatch) -> pa.RecordBatch:
-    """A batch of the driver's columns as the spec's schema. The driver infers each column's
-    type from the first batch's values: integers as int64 (times, enum numbers and all), text
-    as strings, and a column whose values there are all NULL as int64 (only the nullable
-    integer columns can be: every text column of an export is NOT NULL). Casting int64 to an
-    integer or time type is free."""
-    arrays = []
-    for column, array in zip(spec.columns, stored.columns, strict=True):
-        if column.enum_type is not None:
-            arrays.append(column.from_codes(array.cast(pa.int16())))
-        else:
-            arrays.append(array.cast(column.arrow_type))
-    return pa.RecordBatch.from_arrays(arrays, schema=spec.schema)
